@@ -1,0 +1,44 @@
+"""Precision choice: bf16 autocast on capable GPUs, fp32 on CPU, fp16 + GradScaler only when asked."""
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_dtype(device, precision="auto"):
+    """'auto' -> bf16 on a CUDA device that supports it, else fp32.  CPU autocast is slow, so CPU stays fp32."""
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if precision not in _NAMES:
+        raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+    return _NAMES[precision]
+
+
+def autocast(device, dtype):
+    """Autocast context for the trainable forward; a no-op in fp32."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(dtype):
+    """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
+    return torch.amp.GradScaler(enabled=dtype == torch.float16)
+
+
+def frozen_dtype(device, dtype):
+    """dtype to store frozen backbones in: the autocast dtype on GPU (bf16 halves their memory), fp32 on CPU."""
+    return dtype if torch.device(device).type == "cuda" else torch.float32
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

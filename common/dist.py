@@ -1,0 +1,145 @@
+"""Distributed plumbing: one code path for `python x.py` and `torchrun x.py`.
+
+`setup_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and falls back to a single
+process when it is absent.  Backend: nccl on GPU, gloo on CPU.  Model code never calls torch.distributed;
+scripts pass the `Dist` record (rank, world size, device) where it is needed.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _pick_device(device, local_rank):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def setup_distributed(device="auto"):
+    """Initialise the process group when launched by torchrun; otherwise return a one-process `Dist`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world_size > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def cleanup_distributed():
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _active():
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def world_size():
+    return tdist.get_world_size() if _active() else 1
+
+
+def rank():
+    return tdist.get_rank() if _active() else 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of every rank's copy and returns this rank's slice.
+
+    Each rank computes the loss over the whole gathered batch; DDP then averages parameter gradients over ranks.
+    Summing here and averaging there gives exactly the gradient of one process holding the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, x.contiguous())
+        ctx.n = x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        tdist.all_reduce(grad)  # sum over ranks
+        start = tdist.get_rank() * ctx.n  # assumes equal local batch sizes (drop_last / equal shards)
+        return grad[start:start + ctx.n]
+
+
+def all_gather_with_grad(x):
+    """(B, ...) on each rank -> (world*B, ...) in rank order; gradients flow back to the local slice."""
+    return _GatherWithGrad.apply(x) if _active() else x
+
+
+@torch.no_grad()
+def all_gather_no_grad(x):
+    if not _active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
+
+
+def all_reduce_mean(x):
+    """Average a tensor (e.g. a logged loss) over ranks; returns a new tensor."""
+    if not _active():
+        return x
+    x = x.detach().clone()
+    tdist.all_reduce(x)
+    return x / tdist.get_world_size()
+
+
+def all_gather_object(obj):
+    """Gather any picklable object from every rank -> list in rank order (used to merge eval shards)."""
+    if not _active():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    if not _active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier():
+    if _active():
+        tdist.barrier()
+
+
+def shard_indices(n, dist):
+    """This rank's evaluation slice of range(n): contiguous, near-equal, together covering all n exactly once."""
+    per = -(-n // dist.world_size)
+    return list(range(dist.rank * per, min(n, (dist.rank + 1) * per)))
+
+
+def wrap_ddp(module, dist, find_unused_parameters=False):
+    """Wrap the *trainable* module in DDP when there is more than one process; frozen parts stay outside."""
+    if dist.world_size <= 1:
+        return module
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(module):
+    return module.module if isinstance(module, DistributedDataParallel) else module

@@ -1,0 +1,44 @@
+"""Logging: one readable stdout line per log step plus a JSON Lines file, written by rank 0 only."""
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Logger:
+    def __init__(self, run_dir, is_main=True, filename="metrics.jsonl"):
+        self.is_main, self.path = is_main, None
+        if is_main and run_dir:
+            os.makedirs(run_dir, exist_ok=True)
+            self.path = os.path.join(run_dir, filename)
+
+    def log(self, step, **scalars):
+        """`step 120 | loss 2.31 | itc 1.02 | lr 1e-4 | ...` to stdout and one JSON object to metrics.jsonl."""
+        if not self.is_main:
+            return
+        scalars = {k: (float(v) if hasattr(v, "item") else v) for k, v in scalars.items()}
+        print(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+
+    def info(self, msg):
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def progress(iterable, is_main=True, **kw):
+    """tqdm progress bar on rank 0 (to stderr, off when stderr is not a terminal unless forced)."""
+    if not is_main:
+        return iterable
+    kw.setdefault("disable", not sys.stderr.isatty())
+    kw.setdefault("leave", False)
+    return tqdm(iterable, **kw)

@@ -1,0 +1,323 @@
+"""Tests for common/: attention, config, checkpoint resume, distributed gather, readers, transforms, utils."""
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+from common import amp, attention, checkpoint, config, data, dist, image, log, train
+
+
+# ---------------------------------------------------------------- attention
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_sdpa_matches_math(causal, mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+        mask[..., 0] = True  # keep every row attendable under the causal mask too
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, 1, 6, generator=g)
+    a = attention.attention(q, k, v, mask, causal)
+    b = attention.attention_math(q, k, v, mask, causal)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_fully_masked_row_is_finite_and_cross_lengths():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    mask = torch.ones(1, 1, 4, 7, dtype=torch.bool)
+    mask[0, 0, 2] = False  # a query that may attend to nothing
+    out = attention.attention(q, k, v, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attention.attention_math(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    # causal with Lq < Lk aligns to the end of the keys (decoding with a cache)
+    torch.testing.assert_close(attention.attention(q, k, v, causal=True), attention.attention_math(q, k, v, causal=True),
+                               atol=1e-5, rtol=1e-5)
+    # bool mask + causal together: every masked position has zero weight
+    m = torch.ones(1, 1, 4, 7, dtype=torch.bool)
+    m[..., 0] = False
+    out = attention.attention(q, k, v, m, causal=True)
+    v2 = v.clone()
+    v2[:, :, 0] += 100.0  # changing a masked key's value must not change the output
+    torch.testing.assert_close(out, attention.attention(q, k, v2, m, causal=True))
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class _Cfg:
+    preset: str = "toy"
+    lr: float = 1e-3
+    steps: int = 10
+    flag: bool = False
+    name: str = "x"
+    ks: list[int] = field(default_factory=lambda: [1, 5])
+    opt: Optional[str] = None
+
+
+_PRESETS = {"toy": {}, "paper": {"lr": 1e-4, "steps": 1000, "flag": True}}
+
+
+def test_config_presets_and_overrides(tmp_path):
+    c = config.parse_config(_Cfg, _PRESETS, [])
+    assert (c.lr, c.steps, c.flag, c.ks, c.opt) == (1e-3, 10, False, [1, 5], None)
+    c = config.parse_config(_Cfg, _PRESETS, ["--preset", "paper", "--steps", "7", "--ks", "1,2", "--opt", "adam"])
+    assert (c.preset, c.lr, c.steps, c.flag, c.ks, c.opt) == ("paper", 1e-4, 7, True, [1, 2], "adam")
+    c = config.parse_config(_Cfg, _PRESETS, ["--flag", "false", "--preset", "paper"])
+    assert c.flag is False
+    saved = config.save_config(c, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json")) == saved and saved["steps"] == 1000
+
+
+@pytest.mark.parametrize("argv", [["--bogus", "1"], ["--flag", "maybe"], ["--steps", "x"], ["--preset", "nope"]])
+def test_config_rejects_bad_input(argv):
+    with pytest.raises(SystemExit):
+        config.parse_config(_Cfg, _PRESETS, argv)
+
+
+# ---------------------------------------------------------------- checkpoint: exact resume
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 16), torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.relu(self.a(x)), 0.3, self.training))
+
+
+def _train(model, opt, start, stop, losses):
+    for step in range(start, stop):
+        x = torch.randn(8, 4)  # data and dropout both draw from the global RNG
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+
+def test_resume_is_exact(tmp_path):
+    torch.manual_seed(0)
+    ref = _Net()
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    full = []
+    _train(ref, opt, 0, 10, full)
+
+    torch.manual_seed(0)
+    m = _Net()
+    m.load_state_dict(init)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    part = []
+    _train(m, opt, 0, 5, part)
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, {"model": m.state_dict(), "opt": opt.state_dict(), "step": 5,
+                                      "rng": checkpoint.rng_state()})
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the temp file was renamed away
+
+    torch.manual_seed(123)  # a fresh process would have other RNG state
+    state = checkpoint.load_checkpoint(path)
+    m2 = _Net()
+    m2.load_state_dict(state["model"])
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    opt2.load_state_dict(state["opt"])
+    checkpoint.set_rng_state(state["rng"])
+    _train(m2, opt2, state["step"], 10, part)
+    assert part == full
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": _Net()}, path)  # a whole pickled module is not weights-only data
+    with pytest.raises(Exception):
+        checkpoint.load_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------- distributed: gather with gradient
+def _clip_loss(img, txt, scale=10.0):
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    img, txt = dist.all_gather_with_grad(img), dist.all_gather_with_grad(txt)  # (world*B, D)
+    logits = scale * img @ txt.t()
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def _make_model_and_data():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    x_img, x_txt = torch.randn(8, 6), torch.randn(8, 6)
+    return model, x_img, x_txt
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = dist.setup_distributed("cpu")
+    model, x_img, x_txt = _make_model_and_data()
+    ddp = dist.wrap_ddp(model, d)
+    per = x_img.shape[0] // world
+    sl = slice(d.rank * per, (d.rank + 1) * per)
+    loss = _clip_loss(ddp(x_img[sl]), ddp(x_txt[sl]))
+    loss.backward()
+    gathered = dist.all_gather_object(dist.shard_indices(10, d))
+    if d.is_main:
+        torch.save({"grad": model.weight.grad, "loss": loss.detach(), "shards": gathered,
+                    "mean": dist.all_reduce_mean(torch.tensor([float(d.rank)]))}, os.path.join(out_dir, "r0.pt"))
+    else:
+        dist.all_reduce_mean(torch.tensor([float(d.rank)]))
+    dist.cleanup_distributed()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gather_matches_one_process(tmp_path):
+    model, x_img, x_txt = _make_model_and_data()
+    ref_loss = _clip_loss(model(x_img), model(x_txt))
+    ref_loss.backward()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
+    torch.testing.assert_close(r0["loss"], ref_loss.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(r0["grad"], model.weight.grad, atol=1e-6, rtol=1e-5)
+    assert sorted(sum(r0["shards"], [])) == list(range(10))  # eval shards cover every index once
+    assert r0["mean"].item() == 0.5
+
+
+def test_single_process_fallback():
+    d = dist.setup_distributed("cpu")
+    assert (d.rank, d.world_size, d.is_main) == (0, 1, True)
+    x = torch.randn(3, 2, requires_grad=True)
+    assert dist.all_gather_with_grad(x) is x and dist.wrap_ddp(torch.nn.Linear(2, 2), d).__class__ is torch.nn.Linear
+    assert dist.shard_indices(5, d) == list(range(5))
+
+
+# ---------------------------------------------------------------- amp
+def test_pick_dtype_on_cpu():
+    assert amp.pick_dtype("cpu") == torch.float32
+    assert amp.pick_dtype("cpu", "bf16") == torch.bfloat16
+    assert not amp.make_scaler(torch.bfloat16).is_enabled()
+    with pytest.raises(ValueError):
+        amp.pick_dtype("cpu", "int8")
+    with amp.autocast("cpu", torch.bfloat16):
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- images
+def test_image_transforms_and_loading(tmp_path):
+    arr = np.zeros((40, 80, 3), dtype=np.uint8)
+    arr[:, :40] = (255, 0, 0)  # left half red, right half black
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    img = image.load_image(tmp_path / "a.png")
+    assert image.load_image(tmp_path / "bad.jpg") is None and image.load_image(tmp_path / "missing.png") is None
+    x = image.ImageTransform(32)(img)
+    assert x.shape == (3, 32, 32)
+    # centre crop of the 80x40 image resized to 64x32 keeps the middle: left columns red, right columns black
+    red = (1.0 - image.CLIP_MEAN[0]) / image.CLIP_STD[0]
+    black = (0.0 - image.CLIP_MEAN[0]) / image.CLIP_STD[0]
+    assert abs(x[0, :, 0].mean().item() - red) < 1e-3 and abs(x[0, :, -1].mean().item() - black) < 1e-3
+    import random
+    t = image.ImageTransform(16, train=True, hflip=True, rng=random.Random(0))
+    outs = [t(img) for _ in range(8)]
+    assert all(o.shape == (3, 16, 16) for o in outs) and len({o.sum().item() for o in outs}) > 1
+
+
+def test_image_folder_loader_counts_bad(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    loader = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8), max_bad_frac=0.4)
+    assert loader("ok.png").shape == (3, 8, 8) and loader("bad.png") is None
+    assert "1 of 2" in loader.report()
+    with pytest.raises(data.DataError, match="too many unreadable"):
+        loader.check()
+    batch = data.collate_skip_none([torch.ones(2), None, torch.zeros(2)])
+    assert batch.shape == (2, 2)
+
+
+# ---------------------------------------------------------------- readers
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_readers_ok(tmp_path):
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"image": "a.png", "captions": ["x", "y"]})])
+    assert data.read_pairs(p)[0]["captions"] == ["x", "y"]
+    q = _write(tmp_path / "q.jsonl", [json.dumps({"image": "a.png", "question": "q?", "answers": ["a"] * 10,
+                                                  "question_id": 1})])
+    assert data.read_vqa(q)[0]["question_id"] == 1
+    (tmp_path / "clip1").mkdir()
+    for k in (2, 0, 1):
+        Image.new("RGB", (4, 4)).save(tmp_path / "clip1" / f"{k}.png")
+    v = _write(tmp_path / "v.jsonl", [json.dumps({"folder": "clip1", "captions": ["moves"]}),
+                                      json.dumps({"frames": ["a.png"], "captions": ["c"]})])
+    recs = data.read_video(v)
+    assert recs[0]["frames"] == [os.path.join("clip1", f"{k}.png") for k in range(3)]
+
+
+@pytest.mark.parametrize("lines,msg", [
+    ([json.dumps({"image": "a.png"})], r"p.jsonl:1: missing field 'captions'"),
+    ([json.dumps({"image": "a", "captions": ["x"]}), "{oops"], r"p.jsonl:2: invalid JSON"),
+    ([json.dumps({"image": 3, "captions": ["x"]})], r"p.jsonl:1: field 'image' should be str"),
+    ([""], r"no records"),
+])
+def test_reader_errors_name_file_line_field(tmp_path, lines, msg):
+    p = _write(tmp_path / "p.jsonl", lines)
+    with pytest.raises(data.DataError, match=msg):
+        data.read_pairs(p)
+
+
+def test_reader_missing_file(tmp_path):
+    with pytest.raises(data.DataError, match="file not found"):
+        data.read_vqa(str(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------- train utils + logging
+def test_cosine_lr_and_param_groups():
+    assert train.cosine_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert train.cosine_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert train.cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert train.cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    m[0].bias.requires_grad_(False)
+    decay, no_decay = train.param_groups(m, 0.05)
+    assert [p.shape for p in decay["params"]] == [(3, 3)] and len(no_decay["params"]) == 2
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_check_finite_and_clip():
+    train.check_finite(3, {"itc": torch.tensor(1.0)})
+    with pytest.raises(train.NonFiniteLossError, match=r"step 7: itc=1.0, itm=nan"):
+        train.check_finite(7, {"itc": torch.tensor(1.0), "itm": torch.tensor(float("nan"))})
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 2.0)
+    assert train.clip_grad([p], 1.0) == pytest.approx(4.0) and p.grad.norm().item() == pytest.approx(1.0)
+
+
+def test_bench_and_flops_and_logger(tmp_path, capsys):
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    assert train.count_flops(lambda: lin(x)) == 2 * 4 * 16 * 8
+    out = train.run_bench(lambda: lin(x), n=3, samples_per_step=4, device="cpu", warmup=1)
+    assert out["samples_s"] > 0 and "mfu" not in out
+    lg = log.Logger(str(tmp_path), is_main=True)
+    lg.log(5, loss=torch.tensor(1.5), lr=1e-3)
+    assert "step 5 | loss 1.5 | lr 0.001" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["step"] == 5 and rec["loss"] == 1.5
+    log.Logger(str(tmp_path / "other"), is_main=False).log(1, loss=1.0)
+    assert not (tmp_path / "other").exists()
