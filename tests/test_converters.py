@@ -1,0 +1,438 @@
+"""data/convert.py on the real-layout fixtures in ../shared/fixtures (see its README for each quirk).
+
+Each converter is checked for exact counts and contents on the fixture; error messages are checked on
+broken copies written to tmp_path; the CLI is run once through a subprocess.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common.data import read_pairs, read_vqa
+from data.convert import (ConversionError, Report, check_images, convert_blip, convert_coco, convert_gqa,
+                          convert_img2dataset, convert_karpathy, convert_okvqa, convert_vg, convert_vqav2, main,
+                          write_jsonl)
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"dataset-layout fixtures not found at {FIX}")
+
+COCO = FIX / "coco" / "captions_val2017.json"
+VQA_Q = FIX / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json"
+VQA_A = FIX / "vqav2" / "v2_mscoco_val2014_annotations.json"
+OK_Q = FIX / "okvqa" / "OpenEnded_mscoco_train2014_questions.json"
+OK_A = FIX / "okvqa" / "mscoco_train2014_annotations.json"
+GQA = FIX / "gqa" / "questions_sample.json"
+VG = FIX / "visual_genome" / "region_descriptions.json"
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dump(obj, path):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# COCO
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_coco_groups_interleaved_captions_and_strips():
+    report = Report()
+    recs = convert_coco(COCO, "val2017", report)
+    raw = _load(COCO)
+    # one record per image, in the order of the 'images' list (7 images, 37 captions in the excerpt)
+    assert [r["image"] for r in recs] == [f"val2017/{im['file_name']}" for im in raw["images"]]
+    assert len(recs) == 7 and sum(len(r["captions"]) for r in recs) == 37
+    by_image = {r["image"]: r["captions"] for r in recs}
+    assert len(by_image["val2017/000000431896.jpg"]) == 7  # 6-7 caption images keep all
+    assert all(len(c) == 5 for im, c in by_image.items() if im != "val2017/000000431896.jpg")
+    # captions of an image, in annotation order, stripped (ann 2970 ends in a space in the file)
+    expected = [a["caption"].strip() for a in raw["annotations"] if a["image_id"] == 331352]
+    assert by_image["val2017/000000331352.jpg"] == expected
+    assert "Off white toilet with a faucet and controls." in expected
+    assert all(c == c.strip() and c for caps in by_image.values() for c in caps)
+    assert report.total_skipped == 0
+    # the image folder is inferred from coco_url when not given
+    assert convert_coco(COCO) == recs
+
+
+@needs_fixtures
+def test_coco_orphan_annotation_and_errors(tmp_path):
+    data = _load(COCO)
+    data["annotations"].append({"image_id": 999, "id": 1, "caption": "no such image"})
+    report = Report()
+    recs = convert_coco(_dump(data, tmp_path / "orphan.json"), "val2017", report)
+    assert len(recs) == 7 and report.skipped["annotation of an image not listed in 'images'"] == 1
+
+    data = _load(COCO)
+    del data["annotations"][3]["caption"]
+    bad = _dump(data, tmp_path / "captions_bad.json")
+    ann_id = data["annotations"][3]["id"]
+    with pytest.raises(ConversionError) as e:
+        convert_coco(bad, "val2017")
+    msg = str(e.value)
+    assert msg == f"{bad}: annotations[3] (id {ann_id}): missing field 'caption'"
+
+    data = _load(COCO)
+    data["images"][2]["id"] = str(data["images"][2]["id"])
+    bad = _dump(data, tmp_path / "captions_badtype.json")
+    with pytest.raises(ConversionError, match=r"images\[2\]: field 'id' should be an integer, got str"):
+        convert_coco(bad, "val2017")
+    assert "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Karpathy
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_karpathy_coco_and_flickr(tmp_path):
+    kp = FIX / "karpathy"
+    test = convert_karpathy(kp / "dataset_coco.json", "test")
+    assert len(test) == 1
+    assert test[0]["image"] == "val2014/COCO_val2014_000000391895.jpg"  # filepath + filename
+    assert len(test[0]["captions"]) == 5
+    assert test[0]["captions"][0] == "A man with a red helmet on a small moped on a dirt road."  # raw ends in ' '
+    train = convert_karpathy(kp / "dataset_coco.json", "train")
+    assert [r["image"] for r in train] == ["train2014/COCO_train2014_000000537772.jpg"]
+    assert convert_karpathy(kp / "dataset_coco.json", "val") == []
+
+    f30k = convert_karpathy(kp / "dataset_flickr30k.json", "train", image_prefix="flickr30k-images")
+    assert f30k == [{"image": "flickr30k-images/1000092795.jpg", "captions": [
+        "Two young guys with shaggy hair look at their hands while hanging out in the yard.",
+        "Two young, White males are outside near many bushes.",
+        "Two men in green shirts are standing in a yard.",
+        "A man in a blue shirt standing in a garden.",
+        "Two friends enjoy time spent together."]}]
+    f8k = convert_karpathy(kp / "dataset_flickr8k.json", "train", image_prefix="Flicker8k_Dataset")
+    assert [r["image"] for r in f8k] == ["Flicker8k_Dataset/2513260012_03d33305cf.jpg",
+                                         "Flicker8k_Dataset/2903617548_d3e38d7f88.jpg",
+                                         "Flicker8k_Dataset/3338291921_fe7ae0c8f8.jpg"]
+    assert f8k[1]["captions"][0] == "A little baby plays croquet ."  # raw keeps the tokenised " ."
+
+    # restval merges into train only when asked
+    data = _load(kp / "dataset_coco.json")
+    data["images"][0]["split"] = "restval"
+    path = _dump(data, tmp_path / "dataset_coco.json")
+    assert len(convert_karpathy(path, "train")) == 1
+    merged = convert_karpathy(path, "train", merge_restval=True)
+    assert [r["image"] for r in merged] == ["val2014/COCO_val2014_000000391895.jpg",
+                                            "train2014/COCO_train2014_000000537772.jpg"]
+    assert [r["image"] for r in convert_karpathy(path, "restval")] == ["val2014/COCO_val2014_000000391895.jpg"]
+
+
+@needs_fixtures
+def test_karpathy_errors(tmp_path):
+    data = _load(FIX / "karpathy" / "dataset_coco.json")
+    del data["images"][1]["sentences"][2]["raw"]
+    bad = _dump(data, tmp_path / "dataset_coco.json")
+    with pytest.raises(ConversionError) as e:
+        convert_karpathy(bad, "train")
+    assert str(e.value) == f"{bad}: images[1] (imgid 116634) sentences[2]: missing field 'raw'"
+    data = _load(FIX / "karpathy" / "dataset_flickr8k.json")
+    data["images"][0]["filename"] = 12
+    bad = _dump(data, tmp_path / "dataset_flickr8k.json")
+    with pytest.raises(ConversionError, match=r"images\[0\] \(imgid 0\): field 'filename' should be a string"):
+        convert_karpathy(bad, "train")
+
+
+# ---------------------------------------------------------------------------------------------------
+# BLIP / LAVIS
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_blip_train_and_test_layouts(tmp_path):
+    train = convert_blip(FIX / "blip" / "coco_karpathy_train.json")
+    assert train == [
+        {"image": "val2014/COCO_val2014_000000522418.jpg",
+         "captions": ["A woman wearing a net on her head cutting a cake."]},
+        {"image": "val2014/COCO_val2014_000000328757.jpg",
+         "captions": ["A woman eating fresh vegetables from a bowl."]}]
+    # one entry per caption: a second caption of coco_522418 later in the file joins the first record
+    data = _load(FIX / "blip" / "coco_karpathy_train.json")
+    data.append(dict(data[0], caption="A second caption of the cake image "))
+    grouped = convert_blip(_dump(data, tmp_path / "train.json"))
+    assert len(grouped) == 2
+    assert grouped[0]["captions"] == ["A woman wearing a net on her head cutting a cake.",
+                                      "A second caption of the cake image"]
+
+    test = convert_blip(FIX / "blip" / "coco_karpathy_test.json")
+    assert len(test) == 6 and all(len(r["captions"]) == 5 for r in test)
+    assert test[0]["image"] == "val2014/COCO_val2014_000000391895.jpg"
+    assert test[0]["captions"][0] == "A man with a red helmet on a small moped on a dirt road."
+    f30k = convert_blip(FIX / "blip" / "flickr30k_test.json", image_prefix="f30k")
+    assert [r["image"] for r in f30k] == ["f30k/flickr30k-images/1007129816.jpg",
+                                          "f30k/flickr30k-images/1009434119.jpg"]
+
+
+@needs_fixtures
+def test_blip_errors(tmp_path):
+    data = _load(FIX / "blip" / "coco_karpathy_train.json")
+    data.append(dict(data[0], image="val2014/COCO_val2014_000000000001.jpg"))
+    bad = _dump(data, tmp_path / "train.json")
+    with pytest.raises(ConversionError, match=r"\[2\] \(image_id coco_522418\): field 'image' is .*earlier entry"):
+        convert_blip(bad)
+    data = _load(FIX / "blip" / "coco_karpathy_test.json")
+    del data[4]["image"]
+    bad = _dump(data, tmp_path / "test.json")
+    with pytest.raises(ConversionError) as e:
+        convert_blip(bad)
+    assert str(e.value) == f"{bad}: [4]: missing field 'image'"
+
+
+# ---------------------------------------------------------------------------------------------------
+# img2dataset
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_img2dataset_files_folder():
+    report = Report()
+    recs = convert_img2dataset(FIX / "img2dataset", image_prefix="cc3m", report=report)
+    assert recs == [
+        {"image": "cc3m/00000/000000000.jpg",
+         "captions": ["a river has burst it 's banks and has spread out onto arable farmland alongside"]},
+        {"image": "cc3m/00000/000000002.jpg", "captions": ["placeholder caption for a second sample"]}]
+    # key 000000001 failed to download (404 in 00000_stats.json): no files, skipped and named
+    reason = "failed sample: no files in the shard folder (failed_to_download/resize)"
+    assert report.total_skipped == 1 and report.skipped[reason] == 1
+    assert report.examples[reason] == ["000000001"]
+    assert any("HTTP Error 404" in n for n in report.notes)
+
+
+@needs_fixtures
+def test_img2dataset_caption_fallback_status_and_errors(tmp_path):
+    root = tmp_path / "i2d"
+    shutil.copytree(FIX / "img2dataset", root)
+    shard = root / "00000"
+    os.remove(shard / "000000002.txt")  # caption falls back to the .json field
+    Image.new("RGB", (4, 4)).save(shard / "000000002.webp")  # an existing image fixes the extension
+    meta = _load(shard / "000000000.json")
+    meta["status"] = "failed_to_resize"
+    _dump(meta, shard / "000000000.json")
+    report = Report()
+    recs = convert_img2dataset(root, report=report)
+    assert recs == [{"image": "00000/000000002.webp", "captions": ["placeholder caption for a second sample"]}]
+    assert report.skipped["status 'failed_to_resize'"] == 1 and report.total_skipped == 2
+
+    del meta["status"]
+    _dump(meta, shard / "000000000.json")
+    with pytest.raises(ConversionError) as e:
+        convert_img2dataset(root)
+    assert str(e.value) == f"{shard / '000000000.json'}: key 000000000: missing field 'status'"
+    with pytest.raises(ConversionError, match="no shard subfolders"):
+        convert_img2dataset(tmp_path / "i2d" / "00000")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Visual Genome
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_vg_regions(tmp_path):
+    recs = convert_vg(VG)
+    assert recs == [{"image": "VG_100K/1.jpg", "captions": [
+        "the clock is green in colour", "shade is along the street", "man is wearing sneakers",
+        "cars headlights are off", "bicycles are seen in the bckground"]}]
+    # image 1 really is in VG_100K_2: found under --image_root
+    (tmp_path / "VG_100K_2").mkdir()
+    (tmp_path / "VG_100K_2" / "1.jpg").write_bytes(b"")
+    assert convert_vg(VG, image_root=tmp_path)[0]["image"] == "VG_100K_2/1.jpg"
+    # or from image_data.json's url (aligned list keyed by image_id)
+    idata = _dump([{"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg",
+                    "width": 800, "height": 600, "coco_id": None, "flickr_id": None}], tmp_path / "image_data.json")
+    assert convert_vg(VG, image_data_path=idata)[0]["image"] == "VG_100K_2/1.jpg"
+    report = Report()
+    short = convert_vg(VG, max_regions_per_image=2, report=report)
+    assert short[0]["captions"] == ["the clock is green in colour", "shade is along the street"]
+    assert report.total_skipped == 3
+    assert convert_vg(VG, min_words=5)[0]["captions"] == [
+        "the clock is green in colour", "shade is along the street", "bicycles are seen in the bckground"]
+
+
+@needs_fixtures
+def test_vg_errors(tmp_path):
+    data = _load(VG)
+    del data[0]["regions"][1]["phrase"]
+    bad = _dump(data, tmp_path / "region_descriptions.json")
+    with pytest.raises(ConversionError) as e:
+        convert_vg(bad)
+    assert str(e.value) == f"{bad}: [0] (id 1) regions[1] (region_id 1383): missing field 'phrase'"
+    data = _load(VG)
+    data[0]["image_id"] = data[0].pop("id")
+    bad = _dump(data, tmp_path / "region_descriptions2.json")
+    with pytest.raises(ConversionError, match=r"\[0\]: missing field 'id'"):
+        convert_vg(bad)
+    idata = _dump([{"image_id": 2, "url": "x"}], tmp_path / "image_data.json")
+    with pytest.raises(ConversionError, match="aligned index-for-index"):
+        convert_vg(VG, image_data_path=idata)
+
+
+# ---------------------------------------------------------------------------------------------------
+# VQAv2 / OK-VQA / GQA
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_vqav2_join():
+    report = Report()
+    recs = convert_vqav2(VQA_Q, VQA_A, report=report)
+    assert recs == [{"image": "val2014/COCO_val2014_000000262148.jpg", "question": "Where is he looking?",
+                     "answers": ["down", "down", "at table", "skateboard", "down", "table", "down", "down",
+                                 "down", "down"],
+                     "question_id": 262148000}]
+    assert report.skipped["question without annotation"] == 17
+    everything = convert_vqav2(VQA_Q, VQA_A, allow_unanswered=True)
+    assert len(everything) == 18 and sum(1 for r in everything if r["answers"] == []) == 17
+    assert everything[-1]["image"] == "val2014/COCO_val2014_000000131089.jpg"
+    # test questions come without annotations at all
+    assert len(convert_vqav2(VQA_Q, None, allow_unanswered=True)) == 18
+    with pytest.raises(ConversionError, match="no annotations file"):
+        convert_vqav2(VQA_Q, None)
+
+
+@needs_fixtures
+def test_vqav2_test_dev_images_live_in_test2015(tmp_path):
+    data = _load(VQA_Q)
+    data["data_subtype"] = "test-dev2015"
+    recs = convert_vqav2(_dump(data, tmp_path / "q.json"), None, allow_unanswered=True)
+    assert recs[0]["image"] == "test2015/COCO_test2015_000000262148.jpg" and recs[0]["answers"] == []
+
+
+@needs_fixtures
+def test_okvqa_join_uses_answer_not_raw_answer(tmp_path):
+    report = Report()
+    recs = convert_okvqa(OK_Q, OK_A, report=report)
+    assert recs == [{"image": "train2014/COCO_train2014_000000051606.jpg",
+                     "question": "What is the hairstyle of the blond called?",
+                     "answers": ["pony tail"] * 6 + ["ponytail"] * 4, "question_id": 516065}]
+    assert report.skipped["question without annotation"] == 2
+    data = _load(OK_A)
+    data["annotations"][0]["answers"][0]["raw_answer"] = "Pony Tail!"
+    assert convert_okvqa(OK_Q, _dump(data, tmp_path / "a.json"))[0]["answers"][0] == "pony tail"
+
+
+@needs_fixtures
+def test_vqa_errors(tmp_path):
+    data = _load(VQA_A)
+    del data["annotations"][0]["answers"][4]["answer"]
+    bad = _dump(data, tmp_path / "ann.json")
+    with pytest.raises(ConversionError) as e:
+        convert_vqav2(VQA_Q, bad)
+    assert str(e.value) == f"{bad}: annotations[0] (question_id 262148000) answers[4]: missing field 'answer'"
+    data = _load(VQA_A)
+    data["annotations"][0]["image_id"] = 5
+    bad = _dump(data, tmp_path / "ann2.json")
+    with pytest.raises(ConversionError, match="question_id 262148000: field 'image_id' is 5"):
+        convert_vqav2(VQA_Q, bad)
+    data = _load(VQA_Q)
+    data["questions"][7]["question"] = None
+    bad = _dump(data, tmp_path / "q.json")
+    with pytest.raises(ConversionError) as e:
+        convert_vqav2(bad, VQA_A)
+    assert str(e.value) == (f"{bad}: questions[7] (question_id 393226000): field 'question' should be a string, "
+                            f"got null")
+    with pytest.raises(ConversionError) as e:
+        convert_okvqa(tmp_path / "missing.json", OK_A)
+    assert str(e.value) == f"{tmp_path / 'missing.json'}: file not found"
+
+
+@needs_fixtures
+def test_gqa(tmp_path):
+    recs = convert_gqa(GQA)
+    assert recs == [
+        {"image": "images/2375429.jpg", "question": "What is on the white wall?", "answers": ["pipe"] * 10,
+         "question_id": "07333408"},  # string id keeps its leading zero
+        {"image": "images/n250821.jpg", "question": "Which room is it?", "answers": ["bedroom"] * 10,
+         "question_id": "20644644"}]
+    data = _load(GQA)
+    del data["20644644"]["answer"]
+    bad = _dump(data, tmp_path / "q.json")
+    with pytest.raises(ConversionError) as e:
+        convert_gqa(bad)
+    assert str(e.value).startswith(f"{bad}: question '20644644': missing field 'answer'")
+    assert convert_gqa(bad, allow_unanswered=True)[1]["answers"] == []
+    data["07333408"]["imageId"] = 2375429
+    bad = _dump(data, tmp_path / "q2.json")
+    with pytest.raises(ConversionError, match="question '07333408': field 'imageId' should be a string, got int"):
+        convert_gqa(bad, allow_unanswered=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output, images, CLI
+# ---------------------------------------------------------------------------------------------------
+
+@needs_fixtures
+def test_outputs_read_back_with_canonical_readers(tmp_path):
+    n = write_jsonl(convert_coco(COCO), tmp_path / "sub" / "coco.jsonl")
+    pairs = read_pairs(str(tmp_path / "sub" / "coco.jsonl"))
+    assert n == len(pairs) == 7 and pairs[6]["image"] == "val2017/000000431896.jpg"
+    write_jsonl(convert_gqa(GQA), tmp_path / "gqa.jsonl")
+    vqa = read_vqa(str(tmp_path / "gqa.jsonl"))
+    assert vqa[0]["question_id"] == "07333408"
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+@needs_fixtures
+def test_check_images_drops_missing_and_unreadable(tmp_path):
+    recs = convert_coco(COCO, "val2017")
+    (tmp_path / "val2017").mkdir()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "val2017" / "000000397133.jpg")
+    (tmp_path / "val2017" / "000000037777.jpg").write_bytes(b"not a jpeg")
+    report = Report()
+    kept = check_images(recs, tmp_path, report)
+    assert [r["image"] for r in kept] == ["val2017/000000397133.jpg"]
+    assert report.skipped == {"image unreadable": 1, "image file missing": 5}
+
+
+def test_cli_help_for_every_kind(capsys):
+    for kind in ("coco", "karpathy", "blip", "img2dataset", "vg", "vqav2", "okvqa", "gqa"):
+        with pytest.raises(SystemExit) as e:
+            main([kind, "--help"])
+        assert e.value.code == 0
+        assert "--out" in capsys.readouterr().out
+
+
+@needs_fixtures
+def test_cli_subprocess(tmp_path):
+    script = str(REPO / "data" / "convert.py")
+    r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "img2dataset" in r.stdout and "vqav2" in r.stdout
+    out = tmp_path / "vqa.jsonl"
+    r = subprocess.run([sys.executable, script, "vqav2", "--questions", str(VQA_Q), "--annotations", str(VQA_A),
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 17: question without annotation" in r.stdout and "wrote 1 records" in r.stdout
+    assert [json.loads(l)["question_id"] for l in out.read_text().splitlines()] == [262148000]
+    # bad input: one line on stderr, exit status 1, no traceback
+    r = subprocess.run([sys.executable, script, "coco", str(tmp_path / "nope.json"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {tmp_path / 'nope.json'}: file not found"
+
+
+@needs_fixtures
+def test_cli_in_process_errors_and_check_images(tmp_path, capsys):
+    out = tmp_path / "kp.jsonl"
+    # an empty split is an error, not an empty file
+    assert main(["karpathy", str(FIX / "karpathy" / "dataset_coco.json"), "--split", "val", "--out", str(out)]) == 1
+    assert "no records to write" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "val2014").mkdir()
+    Image.new("RGB", (5, 5)).save(tmp_path / "val2014" / "COCO_val2014_000000391895.jpg")
+    assert main(["blip", str(FIX / "blip" / "coco_karpathy_test.json"), "--out", str(out),
+                 "--check_images", "--image_root", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 5: image file missing" in printed and "wrote 1 records (5 captions)" in printed
+    assert len(read_pairs(str(out))) == 1
+    with pytest.raises(SystemExit):
+        main(["karpathy", str(FIX / "karpathy" / "dataset_coco.json"), "--split", "val", "--merge_restval",
+              "--out", str(out)])

@@ -1,0 +1,273 @@
+"""Tests for common/metrics.py: COCO tokenisation against real CoreNLP output, hand-worked BLEU / CIDEr-D / ROUGE-L,
+official VQA accuracy cases, Recall@K against an argsort reference."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from nltk.translate.bleu_score import corpus_bleu
+
+from common.metrics import (bleu, caption_metrics, cider_d, coco_tokenize, normalize_vqa_answer, retrieval_recall,
+                            rouge_l, vqa_accuracy, vqa_score)
+
+# ---------------------------------------------------------------- COCO tokenisation
+# Expected strings = pycocoevalcap's PTBTokenizer output (CoreNLP 3.4.1 jar, `-preserveLines -lowerCase`, then the
+# toolkit's punctuation filter), produced by running the real jar on exactly these lines, in this order.
+PTB_REFERENCE = [
+    ("A man's dog (brown) isn't running.",
+     "a man 's dog -lrb- brown -rrb- is n't running"),
+    ('The colour of the grey T-shirt is black-and-white.',
+     'the colour of the grey t-shirt is black-and-white'),
+    ('"Stop," she said -- it\'s 3.5 inches, 1,000 people at 12:30 p.m. in the U.S.',
+     "stop she said it 's 3.5 inches 1,000 people at 12:30 p.m. in the u.s."),
+    ("I cannot believe they're gonna win... Wow?! Really!!",
+     "i can not believe they 're gon na win wow ?! really !!"),
+    ('Mr. Smith lives on Main St. near the Co. building, etc.',
+     'mr. smith lives on main st. near the co. building etc.'),
+    ("A [red] {blue} sign; a dog's bone: yes/no and/or 5% $10.",
+     "a -lsb- red -rsb- -lcb- blue -rcb- sign a dog 's bone yes/no and/or 5 % $ 10"),
+    ("Two dogs' toys and 'hello' world o'clock rock'n'roll.",
+     "two dogs toys and hello world o'clock rock 'n' roll"),
+    ('A man in a 1960s car with a 2-story house, x-ray of a 3rd floor.',
+     'a man in a 1960s car with a 2-story house x-ray of a 3rd floor'),
+    ("DON'T STOP I'M HE'S YOU'RE",
+     "do n't stop i 'm he 's you 're"),
+    ('an apple \u2014 a pear \u2013 a plum \u2026 and a cat.',
+     'an apple a pear a plum and a cat'),
+    ('She said \u201chello\u201d and \u2018bye\u2019 don\u2019t you\u2019re',
+     "she said hello and bye do n't you 're"),
+    ('A picture of vitamin c.',  # "c." loses its period because the NEXT caption starts with "The"
+     'a picture of vitamin c'),
+    ('The no. 5 bus, ca. 1980, goes to Ga. and la. near a U.S.-based company.',
+     'the no. 5 bus ca. 1980 goes to ga. and la near a u.s.-based company'),
+    ("a dog.,cat and y'all",
+     "a dog. cat and y' all"),
+    ('hello.world www.x.com a@b.com #tag @user \u00bfque?',
+     'hello.world www.x.com a@b.com #tag @user \u00bf que'),
+    ("The 3 boys are playing Xbox 360 at 5:30pm; ca. 1980 e.g. that's it",
+     "the 3 boys are playing xbox 360 at 5:30 pm ca. 1980 e.g. that 's it"),
+]
+
+
+def test_coco_tokenize_matches_corenlp_reference():
+    captions, expected = zip(*PTB_REFERENCE)
+    got = coco_tokenize(list(captions))
+    for c, g, e in zip(captions, got, expected):
+        assert g == e, f"{c!r}: got {g!r}, CoreNLP gives {e!r}"
+
+
+def test_coco_tokenize_context_and_edge_cases():
+    # the same caption tokenises differently depending on the caption after it (the toolkit's joined text)
+    assert coco_tokenize(["vitamin c.", "A dog"]) == ["vitamin c", "a dog"]
+    assert coco_tokenize(["vitamin c.", "a dog"]) == ["vitamin c.", "a dog"]
+    assert coco_tokenize(["two\nlines", "", "  spaced   out  "]) == ["two lines", "", "spaced out"]
+    assert coco_tokenize([]) == []
+    assert coco_tokenize(["A dog."]) == coco_tokenize(["a dog"]) == ["a dog"]
+
+
+# ---------------------------------------------------------------- BLEU
+def test_bleu_hand_worked_matches_coco_formula():
+    gts = {1: ["the cat sat on the mat", "a cat is on the mat"], 2: ["a dog runs fast"]}
+    res = {1: ["the cat is on the mat"], 2: ["dog runs"]}
+    # Hand counts. Image 1 (6 words): clipped matches / n-grams = 6/6, 5/5, 3/4, 2/3; closest ref length 6.
+    # Image 2 (2 words): 2/2, 1/1, no trigram, no 4-gram; ref length 4. Corpus: c = 8, r = 10.
+    correct, total = [8, 6, 3, 2], [8, 6, 4, 3]
+    bp = math.exp(1 - 10 / 8)
+    expected = []
+    for n in range(1, 5):
+        prod = 1.0
+        for k in range(n):
+            prod *= (correct[k] + 1e-15) / (total[k] + 1e-9)  # pycocoevalcap's smoothing constants
+        expected.append(bp * prod ** (1 / n))
+    got = bleu(gts, res)
+    assert got == pytest.approx(expected, rel=1e-9)
+    # plain nltk counts a phantom trigram and 4-gram for the 2-word hypothesis (denominators 5 and 4): different
+    plain = corpus_bleu([[r.split() for r in gts[i]] for i in (1, 2)], [res[i][0].split() for i in (1, 2)],
+                        weights=[(1 / 3,) * 3, (0.25,) * 4])
+    assert plain[0] == pytest.approx(bp * (1 * 1 * 3 / 5) ** (1 / 3))
+    assert abs(plain[0] - got[2]) > 0.01
+
+
+def test_bleu_closest_length_tie_takes_shorter():
+    # hypothesis of 5 words, references of 4 and 6 words, equally close: the toolkit picks 4, so no brevity
+    # penalty (picking 6 would give exp(1 - 6/5) = 0.82); all 5 unigrams match the 6-word reference.
+    gts = {0: ["a b c d", "a b c d e f"]}
+    res = {0: "a b c d e"}
+    assert bleu(gts, res)[0] == pytest.approx(1.0, rel=1e-9)
+
+
+# ---------------------------------------------------------------- CIDEr-D
+def test_cider_d_hand_worked():
+    gts = {"A": ["a b", "a c"], "B": ["d e"]}
+    res = {"A": ["a b"], "B": ["d"]}
+    # 2 images -> every n-gram has df = 1, idf weight = log(2) - log(1) for all, so cosines are count-based.
+    # A vs "a b": unigram 1, bigram 1; vs "a c": unigram (ln2^2) / (sqrt2 ln2 * sqrt2 ln2) = 1/2, bigram 0;
+    # same bigram-count length -> no penalty; mean over n (4 orders) and refs (2), x10.
+    score_a = 10 * ((1 + 1) + (0.5 + 0)) / 4 / 2
+    # B: "d" vs "d e": unigram 1/sqrt2, bigram 0 (hyp has no bigram); length = #bigrams: 0 vs 1 -> penalty.
+    score_b = 10 * (1 / math.sqrt(2)) * math.exp(-1 / (2 * 6.0 ** 2)) / 4 / 1
+    mean, per = cider_d(gts, res)
+    assert per["A"] == pytest.approx(score_a, rel=1e-12)
+    assert per["B"] == pytest.approx(score_b, rel=1e-12)
+    assert mean == pytest.approx((score_a + score_b) / 2, rel=1e-12)
+
+
+def test_cider_d_clips_repeated_words():
+    gts = {0: ["a b"], 1: ["c d"]}
+    res = {0: "a a", 1: "c d"}
+    # hyp weight for "a" is 2 ln2 (tf 2), ref weight ln2: clipped min(2ln2, ln2) * ln2 / (2ln2 * sqrt2 ln2)
+    clipped = 1 / (2 * math.sqrt(2))
+    unclipped = 2 / (2 * math.sqrt(2))
+    _, per = cider_d(gts, res)
+    assert per[0] == pytest.approx(10 * clipped / 4, rel=1e-12)
+    assert per[0] < 10 * unclipped / 4
+    assert per[1] == pytest.approx(10 * 2 / 4, rel=1e-12)  # perfect unigram + bigram, no 3/4-grams
+
+
+def test_cider_d_single_image_is_zero_and_ids_checked():
+    # the toolkit's idf uses log(#images): with one image every weight is 0
+    assert cider_d({0: ["a dog"]}, {0: ["a dog"]})[0] == 0.0
+    with pytest.raises(ValueError):
+        cider_d({0: ["a"], 1: ["b"]}, {0: ["a"]})
+    with pytest.raises(ValueError):
+        cider_d({0: ["a"]}, {0: ["a", "b"]})
+
+
+# ---------------------------------------------------------------- ROUGE-L
+def test_rouge_l_hand_worked_max_p_and_r_from_different_refs():
+    gts = {0: ["a c d e f", "b c"]}
+    res = {0: ["a b c d"]}
+    # ref1: LCS "a c d" = 3 -> P 3/4, R 3/5; ref2: LCS "b c" = 2 -> P 2/4, R 1. Toolkit: max P = 3/4, max R = 1.
+    p, r, b2 = 0.75, 1.0, 1.2 ** 2
+    expected = (1 + b2) * p * r / (r + b2 * p)
+    mean, per = rouge_l(gts, res)
+    assert per[0] == pytest.approx(expected, rel=1e-12)
+    assert mean == pytest.approx(expected, rel=1e-12)
+    assert rouge_l({0: ["x y"]}, {0: ""})[0] == 0.0
+
+
+# ---------------------------------------------------------------- caption_metrics
+def test_caption_metrics_tokenises_then_scores():
+    gts = {1: ["A cat sits on the mat.", "There is a cat on the mat!"], 2: ["A dog (brown) runs fast."]}
+    res = {1: "The cat is on the mat.", 2: ["A dog runs."]}
+    got = caption_metrics(gts, res)
+    tok_gts = {1: ["a cat sits on the mat", "there is a cat on the mat"], 2: ["a dog -lrb- brown -rrb- runs fast"]}
+    tok_res = {1: ["the cat is on the mat"], 2: ["a dog runs"]}
+    b = bleu(tok_gts, tok_res)
+    assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(b, rel=1e-12)
+    assert got["CIDEr"] == pytest.approx(cider_d(tok_gts, tok_res)[0], rel=1e-12)
+    assert got["ROUGE-L"] == pytest.approx(rouge_l(tok_gts, tok_res)[0], rel=1e-12)
+    assert 0 < got["BLEU-4"] < got["BLEU-1"] <= 1
+    perfect = caption_metrics({1: ["a red circle"], 2: ["a blue square"]}, {1: "A red circle.", 2: "a blue square"})
+    assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
+    assert perfect["CIDEr"] > 0
+
+
+# ---------------------------------------------------------------- VQA
+@pytest.mark.parametrize("raw,norm", [
+    ("Two", "2"), ("a dog.", "dog"), ("none", "0"), ("3,000.", "3000"), ("3.5", "3.5"), ("dont", "don't"),
+    ("the man's hat", "man's hat"), ("yes!", "yes"), ("x/y", "x y"), ("Hello, world", "hello world"),
+    (" An\tapple\n", "apple"), ("couldnt've", "couldn't've"),
+])
+def test_normalize_vqa_answer(raw, norm):
+    assert normalize_vqa_answer(raw) == norm
+
+
+def test_vqa_accuracy_leave_one_out():
+    answers = ["2"] * 3 + ["3"] * 7
+    # removing one of the three "2": 2 matches -> 2/3 (x3); removing another: 3 matches -> 1 (x7) => 0.9
+    assert vqa_accuracy("2", answers) == pytest.approx(0.9)
+    assert vqa_accuracy("Two", answers) == pytest.approx(0.9)
+    assert vqa_accuracy("3", answers) == pytest.approx(1.0)
+    assert vqa_accuracy("yes", ["yes"] + ["no"] * 9) == pytest.approx(0.3)  # 9 subsets keep 1 match: 1/3
+    assert vqa_accuracy("a dog.", ["dog"] * 10) == 1.0
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["yes"]) == 1.0  # single answer (GQA-style): exact match
+
+
+def test_vqa_accuracy_official_gt_processing_quirk():
+    # the official code processes human answers only when they disagree
+    assert vqa_accuracy("dog", ["dog."] * 10) == 0.0
+    assert vqa_accuracy("dog", ["dog."] * 9 + ["cat"]) == 1.0
+
+
+def test_vqa_score_mean_and_ids():
+    gts = {1: ["2"] * 10, 2: ["red"] * 10}
+    assert vqa_score({1: "two", 2: "blue"}, gts) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        vqa_score({1: "two"}, gts)
+
+
+# ---------------------------------------------------------------- retrieval
+def _argsort_recall(sim, txt2img, img2txts, ks, txt_order, img_order):
+    """ALBEF/BLIP itm_eval ranking with a given tie-breaking order (candidates visited in that order)."""
+    txt_hits, img_hits = [], []
+    for i, txts in enumerate(img2txts):
+        order = [txt_order[j] for j in np.argsort(-sim[i, txt_order], kind="stable")]
+        rank = min(order.index(t) for t in txts)
+        txt_hits.append([rank < k for k in ks])
+    for j, i in enumerate(txt2img):
+        order = [img_order[r] for r in np.argsort(-sim[img_order, j], kind="stable")]
+        img_hits.append([order.index(i) < k for k in ks])
+    return 100 * np.mean(txt_hits, 0), 100 * np.mean(img_hits, 0)
+
+
+def test_retrieval_recall_hand_worked():
+    sim = np.array([[0.1, 0.9, 0.8, 0.2],
+                    [0.7, 0.3, 0.4, 0.6]])
+    # image 0: its best caption (1) ranks first; image 1: caption 3 (0.6) is behind caption 0 (0.7) -> rank 2.
+    # captions 1 and 3 rank their image first, captions 0 and 2 second.
+    out = retrieval_recall(sim, [0, 0, 1, 1], [[0, 1], [2, 3]], ks=(1, 5, 10))
+    assert out == pytest.approx({"txt_r1": 50.0, "txt_r5": 100.0, "txt_r10": 100.0,
+                                 "img_r1": 50.0, "img_r5": 100.0, "img_r10": 100.0, "r_mean": 500 / 6})
+    same = retrieval_recall(torch.tensor(sim, dtype=torch.bfloat16), [0, 0, 1, 1], [[0, 1], [2, 3]])
+    assert same == pytest.approx(out)
+
+
+def test_retrieval_recall_matches_argsort_without_ties():
+    rng = np.random.default_rng(0)
+    img2txts = [[0, 1], [2], [3, 4, 5], [6, 7], [8], [9, 10], [11], [12, 13]]
+    txt2img = [i for i, ts in enumerate(img2txts) for _ in ts]
+    sim = rng.standard_normal((8, 14))
+    ks = (1, 2, 5)
+    txt, img = _argsort_recall(sim, txt2img, img2txts, ks, list(range(14)), list(range(8)))
+    out = retrieval_recall(sim, txt2img, img2txts, ks=ks, chunk=3)  # chunking must not change anything
+    assert [out[f"txt_r{k}"] for k in ks] == pytest.approx(list(txt))
+    assert [out[f"img_r{k}"] for k in ks] == pytest.approx(list(img))
+
+
+def test_retrieval_recall_ties_are_expected_value_over_orders():
+    sim = np.array([[1, 0, 1, 1, 0],
+                    [0, 0, 1, 0, 1],
+                    [1, 1, 1, 0, 0]], dtype=np.float32)
+    img2txts, txt2img, ks = [[0, 1], [2, 4], [3]], [0, 0, 1, 2, 1], (1, 2, 3)
+    runs = [_argsort_recall(sim, txt2img, img2txts, ks, list(t), list(i))
+            for t in itertools.permutations(range(5)) for i in itertools.permutations(range(3))]
+    txt = np.mean([r[0] for r in runs], 0)
+    img = np.mean([r[1] for r in runs], 0)
+    out = retrieval_recall(sim, txt2img, img2txts, ks=ks)
+    assert [out[f"txt_r{k}"] for k in ks] == pytest.approx(list(txt))
+    assert [out[f"img_r{k}"] for k in ks] == pytest.approx(list(img))
+    const = retrieval_recall(np.zeros((4, 4)), [0, 1, 2, 3], [[0], [1], [2], [3]], ks=(1, 2))
+    assert const["img_r1"] == pytest.approx(25.0) and const["txt_r2"] == pytest.approx(50.0)
+
+
+def test_retrieval_recall_caption_without_image_is_only_a_distractor():
+    sim = np.array([[0.9, 0.1, 0.95],
+                    [0.2, 0.8, 0.1]])
+    # caption 2 (no image) outscores image 0's caption: txt_r1 drops to 50; image retrieval uses captions 0, 1
+    out = retrieval_recall(sim, [0, 1, -1], [[0], [1]], ks=(1, 2))
+    assert out["txt_r1"] == pytest.approx(50.0) and out["txt_r2"] == pytest.approx(100.0)
+    assert out["img_r1"] == pytest.approx(100.0)
+
+
+def test_retrieval_recall_rejects_bad_input():
+    with pytest.raises(ValueError):
+        retrieval_recall(np.zeros((2, 3)), [0, 1], [[0], [1]])
+    with pytest.raises(ValueError):
+        retrieval_recall(np.full((1, 1), np.nan), [0], [[0]])
+    with pytest.raises(ValueError):
+        retrieval_recall(np.zeros((2, 2)), [0, 2], [[0], [1]])
+    with pytest.raises(ValueError):
+        retrieval_recall(np.zeros((2, 2)), [0, 0], [[0, 1], []])

@@ -1,0 +1,322 @@
+"""The toy world: determinism, every file in its native layout, real compositional negatives, backbones that
+load with transformers and carry signal (CLIP retrieval far above chance, LM perplexity far below uniform)."""
+import ast
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from common.data import read_pairs, read_video, read_vqa
+from common.image import ImageTransform, load_image
+from data import toy
+
+MODEL_FILES = ("models", "manifest.json", "models_vocab.txt")
+
+
+def _hashes(root):
+    """sha256 of every data file (backbones and the timing-bearing manifest excluded)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        rel_d = os.path.relpath(d, root)
+        if rel_d.split(os.sep)[0] in MODEL_FILES:
+            continue
+        for f in files:
+            rel = os.path.normpath(os.path.join(rel_d, f))
+            if rel in MODEL_FILES:
+                continue
+            with open(os.path.join(d, f), "rb") as fh:
+                out[rel] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _bag(text):
+    """Bag of words, with 'an' read as 'a' (the article follows the next word, not the meaning)."""
+    return sorted("a" if w == "an" else w for w in text.split())
+
+
+def _scenes(root):
+    with open(os.path.join(root, "scenes.jsonl")) as f:
+        return {s["image_id"]: s for s in map(json.loads, f)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny truth evaluator for the caption forms the benchmarks use, so negatives are checked against the scene.
+# ---------------------------------------------------------------------------------------------------------------
+_REL = sorted(toy.REL_PHRASE.items(), key=lambda kv: -len(kv[1]))
+
+
+def _np(text):
+    words = text.split()
+    assert words[0] in ("a", "an", "the"), text
+    attrs = {"shape": words[-1], "colour": None, "size": None}
+    for w in words[1:-1]:
+        attrs["size" if w in toy.SIZES else "colour"] = w
+    return attrs
+
+
+def _match(m, objs):
+    hits = [o for o in objs if o["shape"] == m["shape"] and m["colour"] in (None, o["colour"])
+            and m["size"] in (None, o["size"])]
+    return hits[0] if hits else None
+
+
+def holds(caption, objs):
+    for rel, phrase in _REL:
+        if f" {phrase} " in f" {caption} ":
+            left, right = caption.split(f" {phrase} ")
+            left = left[:-3] if left.endswith(" is") else left  # "the circle is to the left of the square"
+            a, b = _match(_np(left), objs), _match(_np(right), objs)
+            return a is not None and b is not None and a is not b and toy.relation(a, b) == rel
+    nps = re.split(r", | and ", caption)
+    found = [_match(_np(t), objs) for t in nps]
+    return all(f is not None for f in found) and len({id(f) for f in found}) == len(found)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_cli_help():
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--help"])
+    assert e.value.code == 0
+
+
+def test_deterministic_data(toy_root, tmp_path):
+    """Same seed -> identical bytes for every data file; another seed -> different files."""
+    with open(os.path.join(toy_root, "manifest.json")) as f:
+        man = json.load(f)
+    if man["seed"] == 0 and man["tiny"]:
+        ref = _hashes(toy_root)
+    else:  # a reused world built differently: compare two fresh builds instead
+        toy.build_toy_world(str(tmp_path / "ref"), tiny=True, seed=0, models=False, log=lambda *a: None)
+        ref = _hashes(str(tmp_path / "ref"))
+    toy.build_toy_world(str(tmp_path / "a"), tiny=True, seed=0, models=False, log=lambda *a: None)
+    again = _hashes(str(tmp_path / "a"))
+    assert len(ref) > 500 and again == ref
+    assert not [p for p in os.listdir(tmp_path) if ".building-" in p]  # temp folder renamed away
+    pairs_ref = (tmp_path / "a" / "pairs_train.jsonl").read_text()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "half_built.txt").write_text("x")  # a stale folder without manifest is replaced
+    toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=1, models=False, log=lambda *a: None)
+    assert (tmp_path / "b" / "pairs_train.jsonl").read_text() != pairs_ref
+    assert not (tmp_path / "b" / "half_built.txt").exists()
+    # replace=False (what ensure_toy_world uses) keeps a world that is already complete
+    man = toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=0, models=False, log=lambda *a: None,
+                              replace=False)
+    assert man["seed"] == 1 and (tmp_path / "b" / "pairs_train.jsonl").read_text() != pairs_ref
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no temp or trash folders left behind
+
+
+def test_ensure_reuses_complete_world(toy_root):
+    mtime = os.path.getmtime(os.path.join(toy_root, "manifest.json"))
+    assert toy.ensure_toy_world(toy_root, tiny=True) == toy_root
+    assert os.path.getmtime(os.path.join(toy_root, "manifest.json")) == mtime
+
+
+def test_canonical_files(toy_root):
+    man = json.load(open(os.path.join(toy_root, "manifest.json")))
+    scenes = _scenes(toy_root)
+    qids = set()
+    for split in ("train", "val", "test"):
+        pairs = read_pairs(os.path.join(toy_root, f"pairs_{split}.jsonl"))
+        assert len(pairs) == man["counts"][f"pairs_{split}"] > 0
+        for r in pairs[:40]:
+            assert len(r["captions"]) == 5 == len(set(r["captions"]))
+            im = load_image(os.path.join(toy_root, r["image"]))
+            assert im is not None and im.size == (64, 64)
+            sc = scenes[r["image_id"]]
+            assert 1 <= len(sc["objects"]) <= 3
+            for o in sc["objects"]:  # every caption that names an object names it correctly
+                assert o["shape"] in toy.SHAPES and o["colour"] in toy.COLOURS and o["size"] in toy.SIZES
+        vqa = read_vqa(os.path.join(toy_root, f"vqa_{split}.jsonl"))
+        for q in vqa:
+            assert len(q["answers"]) == 10 and isinstance(q["question_id"], int) and q["question_id"] not in qids
+            qids.add(q["question_id"])
+        assert {q["question_type"] for q in vqa} >= {"colour", "shape", "count", "exist", "relation"}
+        vids = read_video(os.path.join(toy_root, f"video_{split}.jsonl"))
+        for v in vids:
+            assert 4 <= len(v["frames"]) <= 8 and len(v["captions"]) == 5
+            assert all(os.path.isfile(os.path.join(toy_root, p)) for p in v["frames"])
+    # noisy annotators: some questions' answers disagree, most agree with the majority
+    vqa = read_vqa(os.path.join(toy_root, "vqa_train.jsonl"))
+    disagree = sum(len(set(q["answers"])) > 1 for q in vqa) / len(vqa)
+    assert 0.2 < disagree < 0.8
+    assert len({len(v["frames"]) for v in read_video(os.path.join(toy_root, "video_train.jsonl"))}) > 2
+    lines = open(os.path.join(toy_root, "corpus.txt")).read().splitlines()
+    assert len(lines) == man["counts"]["corpus"] >= 2000 and all(lines)
+
+
+def test_sugarcrepe_native_and_negatives_false(toy_root):
+    scenes = _scenes(toy_root)
+    for t in ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"):
+        raw = open(os.path.join(toy_root, "sugarcrepe", f"{t}.json")).read()
+        assert raw.startswith('{\n    "0": {\n        "filename": ') and raw.endswith("\n") == (t == "swap_obj")
+        d = json.loads(raw)
+        assert len(d) >= 30 and all(k.isdigit() for k in d)
+        for rec in d.values():
+            assert set(rec) == {"filename", "caption", "negative_caption"}
+            assert os.path.isfile(os.path.join(toy_root, "sugarcrepe", "val2017", rec["filename"]))
+            objs = scenes[f"{int(rec['filename'][:-4]):06d}"]["objects"]
+            assert holds(rec["caption"], objs), (t, rec)
+            assert not holds(rec["negative_caption"], objs), (t, rec)
+            if t.startswith("swap"):  # a bag-of-words model cannot tell these apart
+                assert _bag(rec["caption"]) == _bag(rec["negative_caption"])
+
+
+def test_aro_crepe_svo_winoground_blip(toy_root):
+    scenes = _scenes(toy_root)
+    rel = json.load(open(os.path.join(toy_root, "aro", "visual_genome_relation.json")))
+    att = json.load(open(os.path.join(toy_root, "aro", "visual_genome_attribution.json")))
+    for r in rel:
+        assert isinstance(r["image_id"], str) and isinstance(r["relation_info"]["object"], str)
+        assert _bag(r["true_caption"]) == _bag(r["false_caption"])
+        objs = scenes[f"{int(r['image_id']) - 2400000:06d}"]["objects"]
+        assert holds(r["true_caption"], objs) and not holds(r["false_caption"], objs)
+        assert os.path.isfile(os.path.join(toy_root, "aro", "images", r["image_path"]))
+    for r in att:
+        assert len(r["attributes"]) == 2 and {"bbox_x", "bbox_y", "bbox_w", "bbox_h"} <= set(r)
+        objs = scenes[f"{int(r['image_id']) - 2400000:06d}"]["objects"]
+        assert holds(r["true_caption"], objs) and not holds(r["false_caption"], objs)
+    # CREPE: exact header, hard_negs as a Python list (or set) string of 5, float boxes
+    header = "image_id,caption,n,n_objects,n_relations,n_attributes,n_connected_components,hard_negs,x,y,width,height"
+    files = json.load(open(os.path.join(toy_root, "manifest.json")))["crepe_files"]
+    assert {f.split("/")[2] for f in files} == {"atom", "swap", "negate"}
+    for rel_path in files:
+        with open(os.path.join(toy_root, rel_path)) as f:
+            assert f.readline().strip() == header
+        for row in csv.DictReader(open(os.path.join(toy_root, rel_path))):
+            negs = ast.literal_eval(row["hard_negs"])
+            assert isinstance(negs, (list, set)) and len(negs) == 5 and row["caption"] not in negs
+            assert int(row["n"]) == int(row["n_objects"]) + int(row["n_relations"]) + int(row["n_attributes"])
+            assert float(row["width"]) == 64.0 and "." in row["x"]
+            assert os.path.isfile(os.path.join(toy_root, "crepe", "VG_100K", f"{row['image_id']}.jpg"))
+    # SVO-Probes: exactly one negated slot; the negative image does not show the sentence
+    rows = list(csv.DictReader(open(os.path.join(toy_root, "svo_probes", "svo_probes.csv"))))
+    assert list(rows[0]) == ["sentence", "pos_triplet", "neg_triplet", "pos_url", "neg_url", "pos_image_id",
+                             "neg_image_id", "subj_neg", "verb_neg", "obj_neg"]
+    assert any(r["neg_triplet"].startswith("[") for r in rows)
+    for r in rows:
+        assert [r[k] for k in ("subj_neg", "verb_neg", "obj_neg")].count("True") == 1
+        neg = r["neg_triplet"]
+        neg = ast.literal_eval(neg)[0] if neg.startswith("[") else neg
+        s, v, o = r["pos_triplet"].split(",")
+        pos_objs = scenes[f"{int(r['pos_image_id']):06d}"]["objects"]
+        neg_objs = scenes[f"{int(r['neg_image_id']):06d}"]["objects"]
+        cap = f"{toy._article(s)} {toy.REL_PHRASE[v]} {toy._article(o)}"
+        assert holds(cap, pos_objs) and not holds(cap, neg_objs)
+        ns, nv, no = neg.split(",")
+        assert holds(f"{toy._article(ns)} {toy.REL_PHRASE[nv]} {toy._article(no)}", neg_objs)
+        for k in ("pos_image_id", "neg_image_id"):
+            assert os.path.isfile(os.path.join(toy_root, "svo_probes", "images", f"{r[k]}.jpg"))
+    # Winoground: two PNGs per example, captions with the same words
+    wg = [json.loads(line) for line in open(os.path.join(toy_root, "winoground", "examples.jsonl"))]
+    assert len(wg) >= 20 and {w["collapsed_tag"] for w in wg} == {"Object", "Relation"}
+    for w in wg:
+        assert _bag(w["caption_0"]) == _bag(w["caption_1"]) and w["caption_0"] != w["caption_1"]
+        for k in (0, 1):
+            assert w[f"image_{k}"] == f"ex_{w['id']}_img_{k}"
+            assert load_image(os.path.join(toy_root, "winoground", "images", w[f"image_{k}"] + ".png")) is not None
+    blip = json.load(open(os.path.join(toy_root, "blip", "coco_karpathy_test.json")))
+    assert all(isinstance(b["caption"], list) and len(b["caption"]) == 5 for b in blip)
+    assert os.path.isfile(os.path.join(toy_root, blip[0]["image"]))
+
+
+def test_image_chat_layout(toy_root):
+    d = os.path.join(toy_root, "image_chat")
+    pers = json.load(open(os.path.join(d, "personalities.json")))
+    assert set(pers) == {"positive", "neutral", "negative"}
+    styles = {s for v in pers.values() for s in v}
+    for split in ("train", "valid", "test"):
+        eps = json.load(open(os.path.join(d, f"{split}.json")))
+        assert isinstance(eps, list) and eps
+        for e in eps:
+            assert re.fullmatch(r"[0-9a-f]{32}", e["image_hash"])
+            assert os.path.isfile(os.path.join(d, "images", e["image_hash"] + ".jpg"))
+            assert len(e["dialog"]) == 3 and all(len(t) == 2 and t[0] in styles for t in e["dialog"])
+            if split != "train":
+                for t, c in zip(e["dialog"], e["candidates"]):
+                    assert set(c) == {"100", "1000"} and len(c["100"]) == 100 and t[1] in c["100"]
+                    assert t[1] in c["1000"]
+    # utterances name the image's content: turn 2 names an object's colour and shape
+    scenes = [s for s in _scenes(toy_root).values() if s["split"] == "val"]
+    eps = json.load(open(os.path.join(d, "valid.json")))
+    for s, e in zip(scenes, eps):
+        names = {f"{o['colour']} {o['shape']}" for o in s["objects"]}
+        assert any(n in e["dialog"][1][1] for n in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _tok(root, name):
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(os.path.join(root, "models", name))
+    assert t.is_fast
+    text = ["a red circle to the left of a blue square", "there is a green star"]
+    enc = t(text, padding=True)
+    assert len(set(map(len, enc["input_ids"]))) == 1 and enc["attention_mask"][1][-1] == 0
+    assert t.batch_decode(enc["input_ids"], skip_special_tokens=True) == text  # lossless round trip
+    return t, t(text[0])["input_ids"]
+
+
+def test_tokenizer_conventions(toy_root):
+    t, ids = _tok(toy_root, "bert")
+    assert t.convert_ids_to_tokens([ids[0], ids[-1]]) == ["[CLS]", "[SEP]"] and t.pad_token_id == 0
+    t, ids = _tok(toy_root, "clip")
+    assert t.convert_ids_to_tokens([ids[0], ids[-1]]) == ["<|startoftext|>", "<|endoftext|>"]
+    assert ids[-1] == max(t.get_vocab().values())  # eot is the top id, as in CLIP
+    t, ids = _tok(toy_root, "opt")
+    assert t.convert_ids_to_tokens(ids[:1]) == ["</s>"] and t("x\n")["input_ids"][-1] == t.convert_tokens_to_ids("\n")
+    t, ids = _tok(toy_root, "gpt2")
+    assert t.eos_token == t.pad_token == "<|endoftext|>" and t.eos_token_id not in ids
+    t, ids = _tok(toy_root, "t5")
+    assert t.convert_ids_to_tokens(ids[-1:]) == ["</s>"] and t.pad_token_id == 0
+    assert t("a <extra_id_0> circle")["input_ids"][1] == t.convert_tokens_to_ids("<extra_id_0>") != t.unk_token_id
+
+
+def test_clip_retrieval_far_above_chance(toy_root):
+    from transformers import AutoTokenizer, CLIPModel
+    path = os.path.join(toy_root, "models", "clip")
+    model, tok = CLIPModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    pairs = read_pairs(os.path.join(toy_root, "pairs_val.jsonl"))
+    tf = ImageTransform(64)
+    with torch.no_grad():
+        px = torch.stack([tf(load_image(os.path.join(toy_root, r["image"]))) for r in pairs])
+        im = toy._features(model.get_image_features(pixel_values=px))
+        enc = tok([r["captions"][0] for r in pairs], padding=True, return_tensors="pt")
+        tx = toy._features(model.get_text_features(**enc))
+        sim = torch.nn.functional.normalize(im, dim=-1) @ torch.nn.functional.normalize(tx, dim=-1).T  # (N, N)
+    r1 = float((sim.argmax(1) == torch.arange(len(pairs))).float().mean())
+    assert r1 > 10 / len(pairs), r1  # chance is 1/N
+
+
+def test_language_models_perplexity(toy_root):
+    from transformers import (AutoTokenizer, BertForMaskedLM, BertModel, GPT2LMHeadModel, OPTForCausalLM,
+                              T5ForConditionalGeneration)
+    caps = [r["captions"][1] for r in read_pairs(os.path.join(toy_root, "pairs_val.jsonl"))]
+    for name, cls in (("gpt2", GPT2LMHeadModel), ("opt", OPTForCausalLM)):
+        path = os.path.join(toy_root, "models", name)
+        model, tok = cls.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+        enc = tok([c + "\n" if name == "opt" else tok.eos_token + c + tok.eos_token for c in caps],
+                  padding=True, return_tensors="pt")
+        with torch.no_grad():
+            loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
+        assert math.exp(float(loss)) < len(tok) / 10, (name, math.exp(float(loss)), len(tok))
+    path = os.path.join(toy_root, "models", "t5")
+    model, tok = T5ForConditionalGeneration.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    src = tok([" ".join(c.split()[:3]) for c in caps], padding=True, return_tensors="pt")
+    tgt = tok([" ".join(c.split()[3:]) for c in caps], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**src, labels=tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)).loss
+    assert math.exp(float(loss)) < len(tok) / 5
+    path = os.path.join(toy_root, "models", "bert")
+    mlm, tok = BertForMaskedLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    enc = tok(caps, padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    sel = (torch.rand(enc.input_ids.shape, generator=g) < 0.15) & (enc.input_ids > 4)  # 15% of real words
+    with torch.no_grad():
+        logits = mlm(input_ids=enc.input_ids.masked_fill(sel, tok.mask_token_id), attention_mask=enc.attention_mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[sel], enc.input_ids[sel])
+    assert math.exp(float(loss)) < len(tok) / 5
+    assert BertModel.from_pretrained(path).pooler is not None
