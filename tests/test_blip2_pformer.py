@@ -1,0 +1,364 @@
+"""blip2_pformer.py: masks, hard negatives, parameter counts, transformers equivalence (import + export), every
+stage on the tiny toy world, exact resume, and 2-process gloo DDP == 1 process at the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import blip2_pformer as bp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The CI box has 2 shared cores; intra-op threads fighting over them make tiny models ~50x slower.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def metrics_log(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def fell(run_dir, key="loss"):
+    rows = metrics_log(run_dir)
+    k = max(1, len(rows) // 3)
+    first = sum(r[key] for r in rows[:k]) / k
+    last = sum(r[key] for r in rows[-k:]) / k
+    return first, last
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_qformer_masks_three_modes():
+    text_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    nq = 3
+    itm = bp.qformer_mask(nq, text_mask, causal=False)
+    itg = bp.qformer_mask(nq, text_mask, causal=True)
+    assert itm.shape == itg.shape == (2, 1, 7, 7)
+    # ITM: every row sees all queries and the non-pad text, never pads
+    assert itm[0, 0, :, :6].all() and not itm[0, 0, :, 6].any() and not itm[1, 0, :, 5:].any()
+    # ITG: queries never see text; text row i sees queries and text <= i
+    assert itg[:, 0, :nq, :nq].all() and not itg[:, 0, :nq, nq:].any()
+    assert itg[0, 0, nq + 1, :nq].all() and itg[0, 0, nq + 1, nq:nq + 2].all() and not itg[0, 0, nq + 1, nq + 2:].any()
+    # ITC text side: padding mask only (encode_text); query side: no mask at all
+
+
+def test_hard_negative_sampler_never_picks_positive():
+    g = torch.Generator().manual_seed(0)
+    B = 8
+    img_ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])  # images 0 and 3 appear twice
+    txt = torch.randint(5, 50, (B, 6), generator=g)
+    txt[4] = txt[1]  # a duplicate caption on a different image
+    pos = bp.positive_mask(img_ids, txt, img_ids, txt)
+    assert pos[0, 1] and pos[1, 4] and pos[4, 1] and pos.diagonal().all()
+    sim = torch.randn(B, B, generator=g) * 5
+    sim[pos] += 100.0  # positives are by far the most similar: a sampler that ignored the mask would pick them
+    sim[2, 6] = float("inf")  # an overflowed similarity must not crash it (LAVIS #107)
+    for seed in range(50):
+        idx = bp.sample_hard_negatives(sim, pos, bp.gumbel_noise(seed, B, B, 0, "cpu"))
+        assert not pos[torch.arange(B), idx].any()
+    # the draw follows softmax(sim) over the negatives: the most similar negative wins most often
+    s = torch.zeros(1, 4)
+    s[0, 1] = 3.0
+    picks = torch.stack([bp.sample_hard_negatives(s, torch.tensor([[True, False, False, False]]),
+                                                  bp.gumbel_noise(k, 1, 4, 0, "cpu")) for k in range(300)])
+    assert (picks == 1).float().mean() > 0.7 and (picks == 0).sum() == 0
+
+
+def test_gumbel_noise_independent_of_process_split():
+    full = bp.gumbel_noise(7, 4, 8, 0, "cpu")  # one process: all 4 rows
+    both = torch.cat([bp.gumbel_noise(7, 2, 8, r, "cpu") for r in (0, 1)])
+    assert torch.equal(full, both)
+
+
+def test_paper_sizes_match_the_logged_parameter_counts():
+    # Stage 1 (BERT-base Q-Former, 32 queries, ViT-g width 1408): 186,705,470 trainable in the BLIP-2 log,
+    # + 1,968,640 for the P-Former run's llm_proj to OPT-2.7B (2560); stage 2: 107,133,696.
+    with torch.device("meta"):
+        s1 = bp.Blip2Trainable(bp.QFormer(768, 12, 12, 3072, 1408, 32, 30523, 512), 1408, 0)
+        s1p = bp.Blip2Trainable(bp.QFormer(768, 12, 12, 3072, 1408, 32, 30523, 512), 1408, 2560)
+        s2 = bp.Blip2Trainable(bp.QFormer(768, 12, 12, 3072, 1408, 32, 30523, 512, text=False), 1408, 2560)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(s1) == 186_705_470
+    assert count(s1p) == 186_705_470 + 1_968_640
+    assert count(s2) == 107_133_696
+
+
+def test_losses_alone():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    loss, i2t, t2i = bp.itc_loss(img, txt, torch.tensor(0.07), 0)
+    assert i2t.shape == t2i.shape == (4, 4) and torch.isfinite(loss)
+    # matched features -> lower ITC than random ones
+    img_m = txt[:, None, :].expand(4, 3, 8)
+    assert bp.itc_loss(img_m, txt, torch.tensor(0.07), 0)[0] < loss
+    emb = torch.randn(20, 8)
+    p = emb[torch.tensor([[1, 2], [3, 4]])] + 0.01
+    assert bp.vq_loss(p, emb) < 1e-3 < bp.vq_loss(torch.randn(2, 2, 8), emb)
+    ids = torch.tensor([[2, 7, 8, 9, 3, 0, 0]])
+    noisy = bp.mask_tokens(ids, 4, keep=[0, 2], p=1.0)
+    assert noisy.tolist() == [[2, 4, 4, 4, 4, 0, 0]]  # [CLS] and [PAD] kept, [SEP] may be masked
+    assert bp.split_prefix("a", __import__("random").Random(0)) == ("", "a")
+    pre, suf = bp.split_prefix("a red circle on the left", __import__("random").Random(0))
+    assert pre and suf and f"{pre} {suf}" == "a red circle on the left" and len(pre.split()) <= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers equivalence: a random Blip2ForConditionalGeneration -> our model -> export -> transformers
+# ---------------------------------------------------------------------------------------------------------------
+
+WORDS = "a red green blue circle square left right of the is question short answer photo what".split()
+
+
+def word_tokenizer(specials, template, **kw):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=kw["unk_token"]))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+        (t, vocab[t]) for t in specials if t in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    from transformers import (BertConfig, BertForMaskedLM, Blip2Config, Blip2ForConditionalGeneration,
+                              Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config)
+    root = tmp_path_factory.mktemp("hf")
+    bert_tok = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", unk_token="[UNK]",
+                              pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    BertForMaskedLM(BertConfig(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "bert")
+    bert_tok.save_pretrained(root / "bert")
+    out = {"bert": str(root / "bert")}
+    for kind in ("opt", "t5"):
+        torch.manual_seed(0)
+        if kind == "opt":
+            tok = word_tokenizer(["<pad>", "</s>", "<unk>"], "</s> $A", unk_token="<unk>", pad_token="<pad>",
+                                 bos_token="</s>", eos_token="</s>")
+            tc = OPTConfig(vocab_size=len(tok) + 1, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           ffn_dim=96, max_position_embeddings=64, word_embed_proj_dim=48, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=1)
+        else:
+            tok = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", unk_token="<unk>", pad_token="<pad>",
+                                 eos_token="</s>")
+            tc = T5Config(vocab_size=len(tok) + 1, d_model=48, d_kv=12, d_ff=96, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        vc = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8)
+        qc = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=64)
+        conf = Blip2Config(vision_config=vc.to_dict(), qformer_config=qc.to_dict(), text_config=tc.to_dict(),
+                           num_query_tokens=4, image_token_index=len(tok))
+        m = Blip2ForConditionalGeneration(conf)
+        with torch.no_grad():  # HF zero-inits queries and biases: make every weight count
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        m.save_pretrained(root / kind)
+        tok.save_pretrained(root / kind)
+        out[kind] = str(root / kind)
+    return out
+
+
+def hf_inputs(model, kind):
+    torch.manual_seed(1)
+    px = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 11, 12]])
+    placeholders = torch.full((2, model.config.num_query_tokens), model.config.image_token_index)
+    extra = {} if kind == "opt" else {"decoder_input_ids": torch.tensor([[0, 5, 6], [0, 7, 8]])}
+    return px, ids, dict(pixel_values=px, input_ids=torch.cat([placeholders, ids], 1), **extra)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_hf_import_matches_transformers(hf_folders, kind, tmp_path):
+    from common.config import parse_config
+    from common.dist import Dist
+    from transformers import Blip2ForConditionalGeneration
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, [
+        "--stage", "eval", "--hf_import", hf_folders[kind], "--bert_path", hf_folders["bert"], "--eval_tasks",
+        "caption", "--image_size", "32", "--out_dir", str(tmp_path)]))
+    model, frozen, toks, meta = bp.build(cfg, Dist())
+    model.eval()
+    ref = Blip2ForConditionalGeneration.from_pretrained(hf_folders[kind]).eval()
+    px, ids, inputs = hf_inputs(ref, kind)
+    with torch.no_grad():
+        q, prompts = model.prompts(px, frozen)
+        r = ref.get_image_features(px, return_dict=True)
+        assert torch.allclose(q, r.qformer_outputs.last_hidden_state, atol=1e-4)
+        assert torch.allclose(prompts, r.pooler_output, atol=1e-4)
+        x = torch.cat([prompts, frozen.llm.get_input_embeddings()(ids)], 1)  # [P; E(text)] as in training
+        ours = frozen.llm(inputs_embeds=x, decoder_input_ids=inputs.get("decoder_input_ids")).logits \
+            if kind == "t5" else frozen.llm(inputs_embeds=x).logits
+        theirs = ref(**inputs).logits
+    assert theirs.abs().mean() > 1e-2 and torch.allclose(ours, theirs, atol=1e-4)
+    assert meta["hf_loaded"] > 40  # every Q-Former tensor came from the file, none from the BERT init
+
+
+def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+    out = tmp_path / "export"
+    bp.main(["--stage", "eval", "--hf_import", hf_folders["opt"], "--bert_path", hf_folders["bert"],
+             "--eval_tasks", "", "--image_size", "32", "--out_dir", str(tmp_path / "run"), "--hf_export", str(out)])
+    a = Blip2ForConditionalGeneration.from_pretrained(hf_folders["opt"]).eval()
+    b = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    _, _, inputs = hf_inputs(a, "opt")
+    with torch.no_grad():
+        la, lb = a(**inputs).logits, b(**inputs).logits
+    assert torch.allclose(la, lb, atol=1e-4)
+    with torch.no_grad():
+        b.qformer.encoder.layer[0].crossattention.attention.query.weight.add_(0.1)
+        assert not torch.allclose(la, b(**inputs).logits, atol=1e-4)  # the comparison can fail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every stage on the tiny toy world
+# ---------------------------------------------------------------------------------------------------------------
+
+def common_args(toy_root, out):
+    return ["--toy_root", toy_root, "--out_dir", str(out), "--num_workers", "0", "--log_every", "1",
+            "--num_query", "8", "--eval_max", "16", "--eval_batch", "16"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(toy_root, tmp_path_factory):
+    """Stage 0 -> 1 -> 2 -> caption on the tiny world, few steps each; stage 1's checkpoint also evaluated on
+    blank images (the no-image baseline).  Stages 0, 2 and caption fit a small subset (a few hundred steps of the
+    full data would be needed before their LM losses move beyond batch-to-batch noise)."""
+    root = tmp_path_factory.mktemp("bp")
+    with open(os.path.join(toy_root, "corpus.txt")) as f:
+        (root / "sentences.txt").write_text("".join(f.readlines()[:64]))
+    with open(os.path.join(toy_root, "pairs_train.jsonl")) as f:  # 4 images x 4 captions = one global batch
+        recs = [json.loads(line) for line in f.readlines()[:4]]
+    (root / "pairs_small.jsonl").write_text("".join(json.dumps({**r, "captions": r["captions"][:4]}) + "\n"
+                                                    for r in recs))
+    small = ["--train_file", str(root / "pairs_small.jsonl"), "--epochs", "100"]
+    run = lambda name, *a: (bp.main(common_args(toy_root, root / name) + list(a)), root / name)
+    res = {}
+    s0_args = ["--stage", "0", "--max_steps", "12", "--global_batch", "32", "--micro_batch", "32", "--lr", "1e-3",
+               "--warmup_steps", "2", "--text_file", str(root / "sentences.txt"), "--epochs", "100"]
+    res["0"] = run("s0", *s0_args, "--llm_path", os.path.join(toy_root, "models", "opt"))  # OPT: + L_vq, masking
+    res["0t5"] = run("s0t5", *s0_args)  # the toy default LLM (T5): prefix/suffix split; used by stages 2 and caption
+    s0 = str(root / "s0t5" / "checkpoint.pt")
+    # plain BLIP-2 stage 1 (no --pformer_ckpt): with a P-Former from 12 steps the alignment target is nearly
+    # constant and slows the toy ITC down; stage 1 + alignment is exercised by the resume test below
+    # (the toy ITC sits at log(batch) until the features stop collapsing, 25-60 steps at batch 32)
+    res["1"] = run("s1", "--stage", "1", "--max_steps", "80", "--global_batch", "32", "--micro_batch", "32",
+                   "--lr", "2e-3", "--warmup_steps", "3", "--eval_max", "50")
+    res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
+                        "retrieval", "--blank_images", "true", "--eval_max", "50")
+    res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
+                   "--lr", "1e-3", "--warmup_steps", "2", "--init", str(root / "s1" / "checkpoint.pt"),
+                   "--pformer_ckpt", s0, "--eval_max", "6", *small)
+    res["cap"] = run("cap", "--stage", "caption", "--max_steps", "8", "--global_batch", "16", "--micro_batch", "16",
+                     "--lr", "3e-4", "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"),
+                     "--pformer_ckpt", s0, "--eval_max", "4", *small)
+    return res
+
+
+def test_stage0_pformer_learns(pipeline):
+    metrics, run_dir = pipeline["0"]
+    first, last = fell(run_dir, "lm")
+    assert last < first
+    assert {"final_lm", "final_contrast", "final_vq"} <= set(metrics)
+    t5, t5_dir = pipeline["0t5"]
+    assert "final_vq" not in t5 and fell(t5_dir, "lm")[1] < fell(t5_dir, "lm")[0]
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["stage"] == "0" and "cls_proj.weight" in ck["model"]
+    assert json.load(open(run_dir / "config.json"))["stage"] == "0"
+
+
+def test_stage1_losses_fall_and_retrieval_beats_blank(pipeline):
+    metrics, run_dir = pipeline["1"]
+    for key in ("itc", "itg"):  # ITM only moves once ITC supplies hard negatives (it sits at H(1/3) first)
+        first, last = fell(run_dir, key)
+        assert last < first, key
+    blank = pipeline["1blank"][0]
+    # with blank images every image looks the same: retrieval sits at chance (R@1 = 2% of 50); the trained
+    # Q-Former is far above it
+    assert blank["img_r1"] == pytest.approx(2.0) and blank["txt_r1"] == pytest.approx(2.0)
+    # 80 steps only just get the toy ITC out of its collapsed start (the README's longer runs reach R@1 ~20-40);
+    # random features would give r_mean 10 +- ~2 here
+    assert metrics["r_mean"] > blank["r_mean"] + 5 and metrics["txt_r10"] + metrics["img_r10"] > 50, (metrics, blank)
+
+
+def test_stage2_and_caption_run_and_write_predictions(pipeline):
+    metrics, run_dir = pipeline["2"]
+    # stage 2's objective LM + 100 * align falls; its T5 LM term alone is noisy here (a fresh random
+    # prefix/suffix split every step) -- the caption stage below checks that the LM term itself falls
+    for key in ("loss", "align"):
+        first, last = fell(run_dir, key)
+        assert last < first, key
+    assert {"CIDEr", "BLEU-4", "vqa_acc"} <= set(metrics)
+    caps = json.load(open(run_dir / "captions.json"))
+    assert len(caps) == 6 and all(isinstance(c["caption"], str) for c in caps)
+    assert len(json.load(open(run_dir / "vqa.json"))) == 6
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert "llm_proj.weight" in ck["model"] and not any("word_embeddings" in k for k in ck["model"])
+    metrics, run_dir = pipeline["cap"]
+    first, last = fell(run_dir, "lm")
+    assert last < first
+    assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
+
+
+def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
+    s1 = str(pipeline["1"][1] / "checkpoint.pt")
+    m = bp.main(["--stage", "eval", "--init", s1, "--eval_tasks", "retrieval"] + common_args(toy_root, tmp_path)
+                + ["--eval_max", "50"])
+    assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])  # same checkpoint, same numbers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume and DDP
+# ---------------------------------------------------------------------------------------------------------------
+
+def stage1_args(toy_root, out, steps, *extra):
+    return ["--stage", "1", "--max_steps", str(steps), "--global_batch", "16", "--micro_batch", "16",
+            "--warmup_steps", "1", *extra] + common_args(toy_root, out) + ["--eval_tasks", ""]
+
+
+def test_resume_continues_exactly(pipeline, toy_root, tmp_path):
+    # stage 1 with the P-Former alignment term and dropout on (the restored RNG state matters)
+    drop = ("--qformer_dropout", "0.1", "--pformer_ckpt", str(pipeline["0"][1] / "checkpoint.pt"))
+    full = bp.main(stage1_args(toy_root, tmp_path / "a", 2, *drop))
+    bp.main(stage1_args(toy_root, tmp_path / "b", 1, *drop))
+    resumed = bp.main(stage1_args(toy_root, tmp_path / "b", 2, *drop, "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    assert resumed["final_loss"] == full["final_loss"]  # bit-exact, dropout included
+    assert resumed["final_itm"] == full["final_itm"] and "final_align" in full
+
+
+def test_ddp_two_processes_match_one(toy_root, tmp_path):
+    args = stage1_args(toy_root, tmp_path / "one", 2, "--qformer_dropout", "0", "--device", "cpu")
+    one = bp.main(args)
+    two_dir = tmp_path / "two"
+    args2 = stage1_args(toy_root, two_dir, 2, "--qformer_dropout", "0", "--device", "cpu", "--micro_batch", "8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(REPO, "blip2_pformer.py")] + args2, check=True, env=env, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    two = json.load(open(two_dir / "metrics.json"))
+    for key in ("final_itc", "final_itm", "final_itg", "final_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+
+
+def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):
+    from common.train import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: itc=.*itm=.*itg="):
+        bp.main(stage1_args(toy_root, tmp_path, 20, "--lr", "1e4", "--warmup_steps", "0", "--save_every", "1"))
+    last_good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    logged = metrics_log(tmp_path)
+    assert last_good["step"] == logged[-1]["step"] < 20  # nothing saved for the failing step
+    assert all(torch.isfinite(v).all() for v in last_good["model"].values())
