@@ -1,0 +1,329 @@
+"""perceiver_caption.py: gate identity against transformers' GPT-2, parameter counts at paper sizes, masking of
+padded frames, loss masking, decoding, and train/test/caption/params through main() on the tiny toy world
+(losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import perceiver_caption as pc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ tiny random backbones (no toy world needed)
+def _tiny_backbones(path):
+    """A random tiny CLIP (vision width 32) and GPT-2 (width 32, 3 layers) + word-level tokenizer, saved in HF format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    torch.manual_seed(0)
+    words = ["<pad>", "<unk>", "<bos>", "<eos>"] + "a red blue green circle square moves left right of the".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=32, n_layer=3, n_head=2,
+                                     bos_token_id=2, eos_token_id=3, pad_token_id=0))
+    clip = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(words)), projection_dim=16))
+    gpt.save_pretrained(path / "gpt2")
+    tok.save_pretrained(path / "gpt2")
+    clip.save_pretrained(path / "clip")
+    return path / "clip", path / "gpt2"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import CLIPVisionModel, GPT2LMHeadModel, AutoTokenizer
+    clip_dir, gpt_dir = _tiny_backbones(tmp_path_factory.mktemp("pc_backbones"))
+    clip = CLIPVisionModel.from_pretrained(clip_dir).eval().requires_grad_(False)
+    lm = GPT2LMHeadModel.from_pretrained(gpt_dir).eval().requires_grad_(False)
+    return {"clip": clip, "lm": lm, "tok": AutoTokenizer.from_pretrained(gpt_dir), "gpt_dir": gpt_dir}
+
+
+def _cfg(**kw):
+    base = dict(pc.PRESETS["toy"])
+    base.update(resampler_depth=1, resampler_heads=2, resampler_dim_head=8, num_latents=4, mapper_hidden=16,
+                xattn_heads=2, xattn_dim_head=8)
+    base.update(kw)
+    return pc.Config(**base)
+
+
+def _feats(b, t, s=5, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, s, d, generator=g)
+
+
+# ------------------------------------------------------------------ model
+def test_gate_identity_equals_transformers_gpt2(tiny):
+    """Gates at 0 and no prefix: logits are exactly those of transformers' own GPT-2 loaded from the same folder."""
+    from transformers import GPT2LMHeadModel
+    ref = GPT2LMHeadModel.from_pretrained(tiny["gpt_dir"]).eval()
+    bridge = pc.Bridge(_cfg(bridge="xattn", xattn_prefix="none"), 32, 32, 3).eval()
+    tokens = torch.tensor([[2, 4, 5, 8, 3, 0], [2, 6, 7, 3, 0, 0]])
+    mask = tokens != 0
+    mask[:, 0] = True
+    fm = torch.ones(2, 1, dtype=torch.bool)
+    out = bridge(tiny["lm"], _feats(2, 1), fm, tokens, mask)
+    want = ref(input_ids=tokens, attention_mask=mask.long()).logits
+    assert out.shape == want.shape == (2, 6, 15)
+    assert torch.allclose(out[mask], want[mask], atol=1e-5, rtol=0)
+    # the hooks are gone afterwards: plain GPT-2 calls are untouched and the side channel is cleared
+    assert bridge._z is None and all(not b._forward_pre_hooks for b in pc.lm_blocks(tiny["lm"]))
+    # with nonzero gates the visual tokens do change the logits (the xattn path is live)
+    with torch.no_grad():
+        for x in bridge.xattn:
+            x.attn_gate.fill_(0.5)
+    assert not torch.allclose(bridge(tiny["lm"], _feats(2, 1), fm, tokens, mask)[mask], want[mask], atol=1e-3)
+
+
+def test_one_step_changes_only_trainable_and_gates_get_grad_first(tiny):
+    bridge = pc.Bridge(_cfg(bridge="both"), 32, 32, 3)
+    frozen = {k: v.clone() for k, v in tiny["lm"].state_dict().items()}
+    tokens = torch.tensor([[2, 4, 5, 3], [2, 6, 3, 0]])
+    mask = tokens != 0
+    logits = bridge(tiny["lm"], _feats(2, 1), torch.ones(2, 1, dtype=torch.bool), tokens, mask)
+    labels = pc.caption_labels(tokens, mask, 1)
+    pc.caption_loss(logits, labels, float((labels[:, 1:] != -100).sum())).backward()
+    x0 = bridge.xattn[0]
+    assert x0.attn_gate.grad.abs().item() > 0 and x0.ff_gate.grad.abs().item() > 0
+    assert x0.to_q.weight.grad.abs().max().item() == 0  # multiplied by tanh(0) = 0 at initialisation
+    assert all(p.grad is None for p in tiny["lm"].parameters())
+    before = {k: v.clone() for k, v in bridge.state_dict().items()}
+    torch.optim.AdamW(bridge.parameters(), lr=1e-2).step()
+    assert not torch.equal(before["xattn.0.attn_gate"], bridge.xattn[0].attn_gate)
+    assert all(torch.equal(v, tiny["lm"].state_dict()[k]) for k, v in frozen.items())
+
+
+def test_paper_param_counts_match_spec():
+    """Trainable counts per ablation at ViT-B/32 + GPT-2 small sizes equal the seed's model summary (spec 1.7)."""
+    from transformers import CLIPVisionConfig, GPT2Config
+    cfg = pc.Config(**pc.PRESETS["paper"])
+    rows = pc.param_counts(cfg, CLIPVisionConfig(), GPT2Config())  # transformers' defaults = these two checkpoints
+    assert rows["mapper"]["trainable"] == 787_712
+    assert rows["xattn"]["trainable"] == 38_238_744
+    assert rows["both"]["trainable"] == 39_026_456
+    assert rows["both"]["resampler"] == 9_890_304 and rows["both"]["xattn"] == 28_348_440
+    assert rows["frozen_clip"] == 87_456_000 and rows["frozen_lm"] == 124_439_808
+
+
+def test_padded_frames_change_nothing(tiny):
+    """A 2-frame clip alone and padded to 4 frames in a batch: same Z and same text logits (key mask + positions)."""
+    torch.manual_seed(1)
+    bridge = pc.Bridge(_cfg(bridge="both"), 32, 32, 3).eval()
+    with torch.no_grad():
+        for x in bridge.xattn:
+            x.attn_gate.fill_(0.7)
+            x.ff_gate.fill_(0.7)
+    long, short = _feats(1, 4, seed=1), _feats(1, 2, seed=2)
+    batch = torch.cat([long, torch.cat([short, torch.zeros_like(short)], 1)])
+    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    tokens = torch.tensor([[2, 4, 5, 3]] * 2)
+    tm = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        z_alone = bridge.resampler(short, fm[1:, :2])
+        z_batch = bridge.resampler(batch, fm)[1:]
+        alone = bridge(tiny["lm"], short, fm[1:, :2], tokens[:1], tm[:1])[:, 2:]
+        batched = bridge(tiny["lm"], batch, fm, tokens, tm)[1:, 4:]
+    assert torch.allclose(z_alone, z_batch, atol=1e-5)
+    assert torch.allclose(alone, batched, atol=1e-4)
+    # seed behaviour (no key mask): padded frames leak into Z
+    seedish = pc.Bridge(_cfg(bridge="both", frame_key_mask=False), 32, 32, 3).eval()
+    seedish.load_state_dict(bridge.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(seedish.resampler(short, fm[1:, :2]), seedish.resampler(batch, fm)[1:], atol=1e-3)
+
+
+def test_labels_ignore_prefix_and_padding_not_token_zero():
+    tokens = torch.tensor([[2, 0, 5, 3], [2, 6, 3, 0]])   # a real token with id 0 in row 0
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    lab = pc.caption_labels(tokens, mask, prefix_len=2)
+    assert lab.tolist() == [[-100, -100, 2, 0, 5, 3], [-100, -100, 2, 6, 3, -100]]
+    assert pc.caption_labels(tokens, mask, 0, bos_target=False)[:, 0].tolist() == [-100, -100]
+    logits = torch.randn(2, 6, 10)
+    want = torch.nn.functional.cross_entropy(logits[0, 1:5], torch.tensor([2, 0, 5, 3]), reduction="sum")
+    want = want + torch.nn.functional.cross_entropy(logits[1, 1:4], torch.tensor([2, 6, 3]), reduction="sum")
+    assert torch.allclose(pc.caption_loss(logits, lab, 7.0), want / 7)
+
+
+def test_decoding_batched_equals_unbatched_and_stops_at_eos(tiny):
+    torch.manual_seed(3)
+    bridge = pc.Bridge(_cfg(bridge="both"), 32, 32, 3).eval()
+    with torch.no_grad():
+        for x in bridge.xattn:
+            x.attn_gate.fill_(0.5)
+    feats = torch.cat([_feats(1, 3, seed=4), torch.cat([_feats(1, 1, seed=5), torch.zeros(1, 2, 5, 32)], 1)])
+    fm = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    for beams in (1, 3):
+        both = bridge.generate(tiny["lm"], feats, fm, 2, 3, 0, num_beams=beams, max_new_tokens=6)
+        one = bridge.generate(tiny["lm"], feats[1:, :1], fm[1:, :1], 2, 3, 0, num_beams=beams, max_new_tokens=6)
+        n = one.shape[1]
+        assert torch.equal(both[1, :n], one[0]) and (both[1, n:] == 0).all()
+    # greedy picks the argmax of the teacher-forced logits at every step
+    g = bridge.generate(tiny["lm"], feats[:1], fm[:1], 2, 3, 0, num_beams=1, max_new_tokens=4)[0]
+    seq = torch.tensor([[2] + g.tolist()])
+    logits = bridge(tiny["lm"], feats[:1], fm[:1], seq, torch.ones_like(seq, dtype=torch.bool))
+    assert torch.equal(logits[0, 3:3 + len(g)].argmax(-1), g)
+    # EOS stops generation: add a large bias to the EOS logit of the LM head for the duration of one call
+    lm = tiny["lm"]
+    head = lm.lm_head
+    bias = torch.zeros(15)
+    bias[3] = 100.0
+    lm.lm_head = torch.nn.Sequential(head, _AddBias(bias))
+    try:
+        out = bridge.generate(lm, feats, fm, 2, 3, 0, num_beams=1, max_new_tokens=6)
+    finally:
+        lm.lm_head = head
+    assert out.tolist() == [[3], [3]]
+
+
+class _AddBias(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def test_step_sampler_splits_global_batch_over_ranks():
+    one = pc.StepSampler(10, 4, 0, 1, seed=0, start=0, total=5)
+    two = [pc.StepSampler(10, 4, r, 2, seed=0, start=0, total=5) for r in range(2)]
+    for s in range(5):
+        assert one.keys(s) == two[0].keys(s) + two[1].keys(s)
+    firsts = [k[0] for s in range(2) for k in one.keys(s)] + [one.keys(2)[0][0], one.keys(2)[1][0]]
+    assert sorted(firsts) == list(range(10))  # one epoch covers every record once
+    assert pc.sample_frames(10, 4) == [1, 3, 6, 8] and pc.sample_frames(3, 4) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ main() on the tiny toy world
+@pytest.fixture(scope="module")
+def world(toy_root):
+    return toy_root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = ["--resampler_depth", "1", "--num_latents", "8", "--resampler_heads", "2", "--resampler_dim_head", "16",
+         "--xattn_heads", "2", "--xattn_dim_head", "16", "--mapper_hidden", "64"]
+
+
+def _run(world, out, *extra):
+    argv = ["--toy_root", str(world), "--out_dir", str(out), "--log_every", "1", *SMALL, *extra]
+    return pc.main([str(a) for a in argv])
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_caption_cider_beats_blank_baseline_and_test_mode(world, tmp_path):
+    """Same recipe twice: real images vs blank images (the no-image baseline); then --mode test reloads best.pt.
+    Pure Flamingo (--xattn_prefix none): everything the LM learns about the image passes the tanh gates."""
+    recipe = ["--bridge", "xattn", "--xattn_prefix", "none", "--steps", "200", "--global_batch", "16",
+              "--micro_batch", "16", "--lr", "3e-3", "--eval_every", "100", "--log_every", "10", "--decode", "greedy",
+              "--max_new_tokens", "24"]
+    m = _run(world, tmp_path / "img", *recipe)
+    blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true")
+    assert m["val_loss"] < blank["val_loss"]  # the image lowers the caption loss ...
+    assert {"CIDEr", "BLEU-4", "ROUGE-L", "val_loss"} <= set(m) and m["n"] == 50
+    assert m["CIDEr"] > blank["CIDEr"] + 10, (m, blank)  # ... and the captions name what is in it
+    assert json.load(open(tmp_path / "img" / "config.json"))["bridge"] == "xattn"
+    ck = torch.load(tmp_path / "img" / "best.pt", weights_only=True)
+    assert ck["config"]["steps"] == 200 and all(not k.startswith("transformer") for k in ck["bridge"])
+    t = pc.main(["--mode", "test", "--ckpt", str(tmp_path / "img" / "best.pt"), "--out_dir", str(tmp_path / "t"),
+                 "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24"])
+    assert t["CIDEr"] == pytest.approx(m["CIDEr"])  # same weights, same decoding
+    rows = json.load(open(tmp_path / "t" / "predictions_test.json"))
+    assert len(rows) == 50 and {"sample_path", "prediction", "target"} <= set(rows[0])
+
+
+def test_resume_equals_unbroken_run(world, tmp_path):
+    common = ["--steps", "6", "--global_batch", "8", "--micro_batch", "4", "--eval_every", "100",
+              "--test_after_train", "false", "--save_every", "3"]
+    full = _run(world, tmp_path / "full", *common)
+    _run(world, tmp_path / "half", *common, "--stop_at", "3")
+    part = _run(world, tmp_path / "resumed", *common, "--resume", tmp_path / "half" / "last.pt")
+    assert part["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6, abs=1e-7)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["bridge"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["bridge"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one(world, tmp_path):
+    """torchrun with 2 CPU processes (gloo), micro batch 4 each = 1 process with 2 micro batches of 4."""
+    common = ["--toy_root", world, "--steps", "3", "--global_batch", "8", "--micro_batch", "4", "--eval_every",
+              "100", "--test_after_train", "false", "--log_every", "1", "--device", "cpu", *SMALL]
+    pc.main([str(a) for a in common + ["--out_dir", tmp_path / "one"]])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), os.path.join(ROOT, "perceiver_caption.py")] + [str(a) for a in common] + \
+          ["--out_dir", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra", [["--bridge", "mapper"], ["--bridge", "xattn", "--xattn_prefix", "none"],
+                                   ["--task", "video", "--cache_feats", "false", "--num_frames", "3"]])
+def test_ablations_and_video_train(world, tmp_path, extra):
+    m = _run(world, tmp_path, "--steps", "8", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "100",
+             "--max_eval", "4", "--decode", "greedy", "--max_new_tokens", "6", "--lr", "3e-3", *extra)
+    losses = _losses(tmp_path)
+    assert m["n"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    if "mapper" in extra:  # a random prefix starts far off: the loss must fall at once
+        assert m["xattn"] == 0 and m["resampler"] == 0 and m["trainable"] == m["mapper"]
+        assert losses[8] < losses[1]
+    else:  # gates opened from exactly 0
+        with open(tmp_path / "metrics.jsonl") as f:
+            gates = [json.loads(line).get("gate_attn") for line in f]
+        assert gates[0] > 0 and gates[-2] > gates[0]
+
+
+def test_non_finite_loss_stops_without_saving(world, tmp_path):
+    with pytest.raises(Exception, match=r"non-finite loss at step \d+: loss="):
+        _run(world, tmp_path, "--steps", "4", "--global_batch", "8", "--micro_batch", "8", "--lr", "1e30",
+             "--clip_grad", "0", "--schedule", "constant", "--warmup_frac", "0", "--save_every", "1",
+             "--eval_every", "100")
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved["bridge"].values())
+
+
+def test_bad_input_and_caption_mode(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "images/x.png", "captions": ["a"]}\n{"image": "images/y.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'captions'"):
+        _run(world, tmp_path / "r", "--train_file", bad, "--steps", "1")
+    _run(world, tmp_path / "r", "--steps", "1", "--global_batch", "4", "--micro_batch", "4",
+         "--test_after_train", "false")
+    first = json.loads(open(os.path.join(world, "pairs_test.jsonl")).readline())["image"]
+    out = pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "r" / "best.pt"), "--toy_root", str(world),
+                   "--inputs", os.path.join(world, first), "--decode", "beam", "--beams", "3", "--num_return", "2",
+                   "--max_new_tokens", "5"])
+    caps = out[os.path.join(world, first)]
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
