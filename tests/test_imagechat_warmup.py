@@ -1,0 +1,444 @@
+"""Tests for imagechat_warmup.py (CPU, tiny random transformers models + the tiny toy world).
+
+Model-level checks use tiny random BlenderBot / T5 / CLIP / BLIP-2 folders written with save_pretrained; the
+stages run through main([...]) on the toy world's Image-Chat dialogues and backbones.
+"""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagechat_warmup as icw
+from common.data import DataError
+
+FIXTURES = "/work/shared/fixtures/image_chat"
+WORDS = ("a the red blue green circle square triangle i love this it is so nice hate boring what happy sad curious "
+         "why there are two one").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when the machine's cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------- tiny assets
+def make_tokenizer(out, bos):
+    """A word-level fast tokenizer (BlenderBot-like ids when bos: pad 0, <s> 1, </s> 2)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] if bos else ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.normalizer = normalizers.Lowercase()
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    kw = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>", **({"bos_token": "<s>"} if bos else {}))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, **kw)
+    tok.save_pretrained(out)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from transformers import (BartConfig, BartForConditionalGeneration, BlenderbotConfig, BlenderbotForConditionalGeneration, Blip2Config,
+                              Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, CLIPConfig,
+                              CLIPModel, OPTConfig, T5Config, T5ForConditionalGeneration)
+    root = tmp_path_factory.mktemp("icw_assets")
+    torch.manual_seed(0)
+    tok = make_tokenizer(root / "bb", bos=True)
+    BlenderbotForConditionalGeneration(BlenderbotConfig(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, init_std=0.5)).save_pretrained(root / "bb")
+    make_tokenizer(root / "bart", bos=True)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, init_std=0.5)).save_pretrained(root / "bart")
+    tok5 = make_tokenizer(root / "t5", bos=False)
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tok5), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(root / "t5")
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8), projection_dim=12)).save_pretrained(root / "clip")
+    # BLIP-2 captioner: random weights, real transformers classes and processor
+    tok_b = make_tokenizer(root / "blip2", bos=True)
+    tok_b.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    proc = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tok_b,
+                          num_query_tokens=4)
+    text = OPTConfig(vocab_size=len(tok_b), hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                     word_embed_proj_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        qformer_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, encoder_hidden_size=16),
+        text_config=text.to_dict(), num_query_tokens=4,
+        image_token_index=tok_b.convert_tokens_to_ids("<image>"))).save_pretrained(root / "blip2")
+    proc.save_pretrained(root / "blip2")
+    return root
+
+
+def toy_subset(toy_root, out, n_train=48, n_eval=8):
+    """The first episodes of the tiny toy world's Image-Chat files (published layout), images left in place."""
+    os.makedirs(out, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
+        with open(os.path.join(toy_root, "image_chat", f"{split}.json")) as f:
+            eps = json.load(f)[:n]
+        with open(os.path.join(out, f"{split}.json"), "w") as f:
+            json.dump(eps, f)
+    return out
+
+
+def run(args, tmp, **paths):
+    argv = [a for kv in ({**paths}).items() for a in (f"--{kv[0]}", str(kv[1]))]
+    return icw.main([*args, *argv, "--out_dir", str(tmp)])
+
+
+# ---------------------------------------------------------------------------- data
+def test_reader_on_published_fixture(tmp_path):
+    train = icw.read_image_chat(f"{FIXTURES}/train.json", keep_candidates=False)
+    assert train[0]["hash"] == "5eaa7034d31688ef1f9bed67f1f04f49" and len(train[0]["dialog"]) == 3
+    assert train[0]["dialog"][0] == ("Appreciative (Grateful)", "home sweet home") and train[0]["candidates"] is None
+    test = icw.read_image_chat(f"{FIXTURES}/test.json")
+    for ep in test:
+        for (style, utt), cands in zip(ep["dialog"], ep["candidates"]):
+            assert len(cands["100"]) == 100 and len(cands["1000"]) == 1000 and utt in cands["100"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["s", "u"]]}, {"image_hash": "cd"}]))
+    with pytest.raises(DataError, match=r"bad.json: episode 1: missing field 'dialog'"):
+        icw.read_image_chat(str(bad))
+    bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["only style"]]}]))
+    with pytest.raises(DataError, match=r"episode 0: field 'dialog' turn 0"):
+        icw.read_image_chat(str(bad))
+
+
+def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_path):
+    """Published-layout fixture files + images for only some hashes: features/captions skip and count the missing
+    ones, and an interrupted run resumes without recomputing finished images."""
+    data = tmp_path / "image_chat"
+    shutil.copytree(FIXTURES, data)
+    hashes = icw.all_image_hashes(icw.Config(data_dir=str(data)))
+    assert len(hashes) == 3
+    os.makedirs(data / "images")
+    for h in hashes[:2]:  # the third image is gone, as ~55 YFCC images are (ParlAI #4571)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
+            data / "images" / f"{h}.jpg")
+    common = ["--data_dir", str(data), "--cache_dir", str(tmp_path / "cache"), "--max_missing_frac", "0.5"]
+    first = icw.main(["--mode", "features", "--clip", str(assets / "clip"), "--stop_after", "1", *common,
+                      "--out_dir", str(tmp_path / "f1")])
+    assert first["computed"] == 1
+    second = icw.main(["--mode", "features", "--clip", str(assets / "clip"), *common, "--out_dir", str(tmp_path / "f2")])
+    assert second == {"images": 3, "cached_before": 1, "computed": 1, "unreadable": 1}
+    index, feats = icw.load_features(str(tmp_path / "cache"))
+    assert sorted(index) == sorted(hashes[:2]) and feats.shape == (2, 9, 12)
+    # the resumed cache equals a one-shot run
+    one = icw.main(["--mode", "features", "--clip", str(assets / "clip"), *common[:2], "--cache_dir",
+                    str(tmp_path / "c1"), "--max_missing_frac", "0.5", "--out_dir", str(tmp_path / "f3")])
+    assert one["computed"] == 2
+    index1, feats1 = icw.load_features(str(tmp_path / "c1"))
+    for h in index:
+        torch.testing.assert_close(feats[index[h]], feats1[index1[h]])
+    # too many unreadable images is an error, not a silent zero feature (ParlAI #2394)
+    with pytest.raises(DataError, match="unreadable"):
+        icw.main(["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data), "--cache_dir",
+                  str(tmp_path / "c2"), "--out_dir", str(tmp_path / "f4")])
+    # captions: resumable JSONL + the release layout {"<hash>.jpg": [c1, c2, c3]}
+    cap = ["--mode", "captions", "--captioner", str(assets / "blip2"), *common]
+    assert icw.main([*cap, "--stop_after", "1", "--out_dir", str(tmp_path / "c_a")])["computed"] == 1
+    again = icw.main([*cap, "--out_dir", str(tmp_path / "c_b")])
+    assert again["cached_before"] == 1 and again["computed"] == 1 and again["unreadable"] == 1
+    with open(tmp_path / "cache" / "captions.json") as f:
+        caps = json.load(f)
+    assert sorted(caps) == sorted(h + ".jpg" for h in hashes[:2]) and all(len(c) == 3 for c in caps.values())
+
+
+def test_grid_crops_row_major():
+    cols = np.arange(6, dtype=np.uint8) * 40  # brightness grows left to right, constant down the columns
+    img = Image.fromarray(np.broadcast_to(cols[None, :, None], (6, 6, 3)).copy())
+    crops = icw.grid_crops(img, crop=2, grid=3, mean=(0, 0, 0), std=(1, 1, 1))  # (9, 3, 2, 2)
+    assert crops.shape == (9, 3, 2, 2)
+    # columns carry increasing brightness: crop r1, r2, r3 of a row go left to right; rows repeat
+    col_means = crops.mean(dim=(1, 2, 3)).reshape(3, 3)
+    assert torch.all(col_means[:, 0] < col_means[:, 1]) and torch.all(col_means[:, 1] < col_means[:, 2])
+    torch.testing.assert_close(col_means[0], col_means[2])
+
+
+# ---------------------------------------------------------------------------- model
+def tiny_model(assets, kind, **kw):
+    cfg = icw.Config(backbone=str(assets / kind), max_positions=32, **kw)
+    torch.manual_seed(0)
+    model, tok, vocab = icw.build_model(cfg, feat_dim=12, n_patches=9)
+    return model.eval(), tok, vocab
+
+
+@pytest.mark.parametrize("kind", ["bb", "bart", "t5"])
+def test_encoder_layout_and_text_equivalence(assets, kind):
+    """Encoder output = 11 + L; with the image slots masked and segments zeroed, the text part equals the
+    transformers encoder run on the text alone (positions restart at 0 for the text, embeddings scaled)."""
+    from transformers import AutoModelForSeq2SeqLM
+    model, tok, vocab = tiny_model(assets, kind)
+    src = torch.tensor([tok.encode("i love this red circle", add_special_tokens=False) + [vocab.eos],
+                        tok.encode("so boring", add_special_tokens=False) + [vocab.eos] + [vocab.pad] * 3])
+    mask = (src != vocab.pad).long()
+    feats = torch.randn(2, 9, 12)
+    with torch.no_grad():
+        enc, m = model.encode(src, mask, feats)
+        assert enc.last_hidden_state.shape == (2, 11 + src.shape[1], 32) and m[:, :11].all()
+        model.segment.weight.zero_()
+        x, m = model.embed(src, mask, feats)
+        m[:, :11] = 0
+        ours = model.lm.get_encoder()(inputs_embeds=x, attention_mask=m).last_hidden_state[:, 11:]
+        ref = AutoModelForSeq2SeqLM.from_pretrained(assets / kind).eval()
+        ref.resize_token_embeddings(len(tok))
+        ref.get_input_embeddings().weight.copy_(model.lm.get_input_embeddings().weight)
+        want = ref.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_position_table_extension(assets):
+    from transformers import AutoModelForSeq2SeqLM
+    model, _, _ = tiny_model(assets, "bb")
+    ref = AutoModelForSeq2SeqLM.from_pretrained(assets / "bb")
+    for part in ("get_encoder", "get_decoder"):
+        table, orig = getattr(model.lm, part)().embed_positions.weight, getattr(ref, part)().embed_positions.weight
+        assert table.shape == (32, 32)
+        torch.testing.assert_close(table[:16], orig)
+        torch.testing.assert_close(table[16:], (orig[15] + orig[0]).expand(16, -1))  # release rule
+    assert model.lm.get_encoder().embed_positions.weight is not model.lm.get_decoder().embed_positions.weight
+    shared, _, _ = tiny_model(assets, "bb", share_pos=True)
+    assert shared.lm.get_encoder().embed_positions.weight is shared.lm.get_decoder().embed_positions.weight
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        model.encode(torch.ones(1, 40, dtype=torch.long), torch.ones(1, 40, dtype=torch.long), torch.zeros(1, 9, 12))
+
+
+@pytest.mark.parametrize("kind", ["bb", "bart", "t5"])
+def test_generate_from_encoder_states_matches_inputs_embeds(assets, kind):
+    """Beams from precomputed encoder states (the script's design) = transformers running the encoder itself."""
+    model, tok, vocab = tiny_model(assets, kind)
+    src = torch.tensor([tok.encode("happy i love this red circle", add_special_tokens=False) + [vocab.eos],
+                        tok.encode("sad so boring", add_special_tokens=False) + [vocab.eos] + [vocab.pad] * 3])
+    mask, feats = (src != vocab.pad).long(), torch.randn(2, 9, 12)
+    kw = dict(num_beams=3, min_length=3, max_length=8, early_stopping=True, do_sample=False, length_penalty=0.65,
+              no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0)
+    ours = icw.generate(model, src, mask, feats, kw)
+    x, m = model.embed(src, mask, feats)
+    with torch.no_grad():
+        ref = model.lm.generate(inputs_embeds=x, attention_mask=m, **kw)
+    assert ours.tolist() == ref.tolist() and ours.shape[1] > 3
+    # encoder n-gram blocking sees the text ids: no encoder bigram reappears in the output
+    blocked = icw.generate(model, src, mask, feats, dict(kw, encoder_no_repeat_ngram_size=2))
+    for row, s in zip(blocked.tolist(), src.tolist()):
+        src_bigrams = {tuple(s[i:i + 2]) for i in range(len(s) - 1)}
+        assert not {tuple(row[i:i + 2]) for i in range(1, len(row) - 1)} & src_bigrams - {(vocab.eos, vocab.pad)}
+
+
+def test_untied_head_option(assets):
+    tied, _, _ = tiny_model(assets, "bb")
+    assert tied.lm.lm_head.weight.data_ptr() == tied.lm.get_input_embeddings().weight.data_ptr()
+    untied, _, _ = tiny_model(assets, "bb", untied_head=True)
+    assert untied.lm.lm_head.weight.data_ptr() != untied.lm.get_input_embeddings().weight.data_ptr()
+
+
+# ---------------------------------------------------------------------------- losses
+def test_unlikelihood_hand_computed():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[5, 6, 5], [6, 0, 0]])  # pad = 0
+    p = logits.softmax(-1)
+    ul = lambda t, c: -math.log(max(1 - float(p.reshape(6, 7)[t, c]), 1e-5))  # noqa: E731
+    mle_want = -sum(math.log(float(p[b, t, labels[b, t]])) for b, t in [(0, 0), (0, 1), (0, 2), (1, 0)])
+    # release (flattened batch 5 6 5 6 0 0): C_1={5}, C_2={6}, C_3={5}, C_4={5,6}, C_5={5,6}; pads included
+    ul_flat = ul(1, 5) + ul(2, 6) + ul(3, 5) + ul(4, 5) + ul(4, 6) + ul(5, 5) + ul(5, 6)
+    mle, ul_got = icw.mle_ul_loss(logits, labels, pad=0)
+    assert mle.item() == pytest.approx(mle_want, rel=1e-5) and ul_got.item() == pytest.approx(ul_flat, rel=1e-5)
+    # per sequence: row 0 C_1={5}, C_2={6}; row 1 has only pad after its first token
+    _, ul_seq = icw.mle_ul_loss(logits, labels, pad=0, per_sequence=True)
+    assert ul_seq.item() == pytest.approx(ul(1, 5) + ul(2, 6), rel=1e-5)
+
+
+def test_mrm_kl_and_isp_ce():
+    torch.manual_seed(0)
+    pred, target = torch.randn(4, 12), torch.randn(4, 12)
+    P, Q = target.softmax(-1), pred.softmax(-1)
+    assert icw.mrm_kl_loss(pred, target).item() == pytest.approx(float((P * (P / Q).log()).sum(-1).mean()), rel=1e-5)
+    assert icw.mrm_kl_loss(target, target).item() == pytest.approx(0.0, abs=1e-7)
+    logits, labels = torch.randn(2, 3, 5), torch.tensor([[1, 2, 0], [3, 0, 0]])
+    want = -(logits.log_softmax(-1)[0, 0, 1] + logits.log_softmax(-1)[0, 1, 2] + logits.log_softmax(-1)[1, 0, 3]) / 3
+    assert icw.token_ce(logits, labels, 0).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- batches
+def episode(vocab):
+    return {"caption": [10, 11], "styles": [[20], [21], [22]], "utts": [[4, 5, 6, 7, 8], [12, 13], [14]],
+            "texts": ["u1", "u2", "u3"], "row": 0, "hash": "h", "candidates": None}
+
+
+def test_finetune_contexts_match_spec(assets):
+    _, _, V = tiny_model(assets, "bb")
+    cfg, ep = icw.Config(), episode(V)
+    assert icw.dialogue_context(ep, 1, V, cfg) == [10, 11, V.eos, 20, V.sty, V.eos]
+    assert icw.dialogue_context(ep, 2, V, cfg) == [10, 11, V.eos, 20, V.sty, 4, 5, 6, 7, 8, V.eos, 21, V.sty, V.eos]
+    assert icw.dialogue_context(ep, 3, V, cfg) == [10, 11, V.eos, 20, V.sty, 4, 5, 6, 7, 8, V.eos,
+                                                   21, V.sty, 12, 13, V.eos, 22, V.sty, V.eos]
+    assert icw.dialogue_context(ep, 2, V, icw.Config(use_caption=False))[:2] == [20, V.sty]
+    b = icw.finetune_batch([ep, ep], [1, 2], torch.zeros(2, 9, 12), V, cfg)
+    assert b["labels"][0].tolist() == [4, 5, 6, 7, 8, V.eos] and b["labels"][1].tolist()[:3] == [12, 13, V.eos]
+    assert b["dec_in"][0].tolist() == [V.start, 4, 5, 6, 7, 8]  # single </s>, shifted behind the start id
+    g = torch.Generator().manual_seed(0)
+    turns = icw.draw_turns([ep, {**ep, "utts": ep["utts"][:2]}] * 20, g)
+    assert set(turns[0::2]) == {1, 2, 3} and set(turns[1::2]) == {1}  # 2-turn dialogues always give turn 1
+
+
+def test_warmup_batches_alignment(assets):
+    _, _, V = tiny_model(assets, "bb")
+    cfg = icw.Config()
+    eps = [episode(V) for _ in range(4)]
+    feats = torch.randn(4, 9, 12)
+    out = icw.warmup_batch(eps, feats, V, cfg, torch.Generator().manual_seed(0))
+    dialogue = [20, V.sty, 4, 5, 6, 7, 8, V.eos, 21, V.sty, 12, 13, V.eos, 22, V.sty, 14, V.eos]
+    # MLM: floor(0.2 * 5) = 1 token of utterance 1 masked, none of the shorter ones; target = clean dialogue
+    src = out["mlm"]["src"][0].tolist()
+    assert src[:4] == [V.bos, 10, 11, V.eos] and src.count(V.mask) == 1 and src.index(V.mask) in range(6, 11)
+    assert out["mlm"]["labels"][0].tolist() == [V.task["mlm"]] + dialogue
+    assert out["mlm"]["dec_in"][0].tolist() == [V.start, V.task["mlm"]] + dialogue[:-1]
+    # ISP: floor(B/2) swapped, each labelled negative; the answer is predicted from <start> <cid> (not leaked)
+    lab, dec = out["isp"]["labels"], out["isp"]["dec_in"]
+    neg = [r.tolist() == [V.task["isp"], *V.negative, V.eos] for r in lab]
+    assert sum(neg) == 2 and all(r.tolist() == [V.task["isp"], *V.positive, V.eos] for r, n in zip(lab, neg) if not n)
+    assert dec[:, :2].tolist() == [[V.start, V.task["isp"]]] * 4 and lab[:, 0].tolist() == [V.task["isp"]] * 4
+    for i, n in enumerate(neg):
+        same = any(torch.equal(out["isp"]["feats"][i], feats[j]) for j in range(4) if j != i)
+        assert same if n else torch.equal(out["isp"]["feats"][i], feats[i])
+    # MRM: one patch zeroed for the whole batch; markers say which; target = that patch's original feature
+    f = out["mrm"]["feats"]
+    zeroed = (f.abs().sum(-1) == 0)
+    assert zeroed.sum(1).tolist() == [1] * 4 and (zeroed == zeroed[0]).all()
+    p = int(zeroed[0].nonzero())
+    markers = out["mrm"]["labels"][0].tolist()
+    assert markers == [V.task["mrm"]] + [V.zero if i == p else V.feat for i in range(9)] + [V.eos]
+    torch.testing.assert_close(out["mrm"]["mrm_target"], feats[:, p])
+    # GCD: caption tokens masked (length kept, its </s> kept), target = caption </s>
+    assert out["gcd"]["src"][0].tolist()[:4] == [V.bos, V.mask, V.mask, V.eos]
+    assert out["gcd"]["labels"][0].tolist() == [V.task["gcd"], 10, 11, V.eos]
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_metrics_hand_pairs():
+    assert icw.f1_counts([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert icw.f1_counts([], []) == 1.0 and icw.f1_counts([1], [2]) == 0.0
+    assert icw.rouge_l("The cat, sat on it", "the cat is on it") == pytest.approx(0.8)  # LCS 4 of 5 and 5
+    assert icw.bleu4(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
+    # one 4-gram matches of 2, trigrams 2/3, bigrams 3/4, unigrams 4/5; hypothesis shorter than reference (5 < 6)
+    want = math.exp(1 - 6 / 5) * math.exp((math.log(4 / 5) + math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4)
+    assert icw.bleu4(["a b c d x"], ["a b c d y z"]) == pytest.approx(want)
+    assert icw.bleu4(["a b c"], ["x y z"]) == 0.0
+    assert icw.word_f1("The dog!", "a dog") == 1.0
+    assert icw.normalize("  It's NOT what I'd say, won't  ") == "it is not what i would say, will not"
+
+
+# ---------------------------------------------------------------------------- stages via main()
+@pytest.fixture(scope="module")
+def cached(assets, toy_root, tmp_path_factory):
+    """A slice of the toy world's dialogues with features (toy CLIP) and captions (random tiny BLIP-2) cached
+    through main(); training then uses the toy world's pretrained T5."""
+    root = tmp_path_factory.mktemp("icw_toy")
+    paths = dict(toy_root=toy_root, data_dir=toy_subset(toy_root, root / "image_chat"),
+                 image_root=os.path.join(toy_root, "image_chat", "images"), cache_dir=root / "cache")
+    feats = run(["--mode", "features"], root / "runs_f", **paths)
+    assert feats == {"images": 64, "cached_before": 0, "computed": 64, "unreadable": 0}
+    run(["--mode", "captions"], root / "runs_c", captioner=assets / "blip2", **paths)
+    return root, paths
+
+
+def train_args(assets, mode, steps, **extra):
+    args = ["--mode", mode, "--max_steps", str(steps), "--log_every", "1",
+            "--warmup_batch", "8", "--warmup_micro", "4", "--ft_batch", "8", "--ft_micro", "4", "--eval_max", "4",
+            "--eval_batch", "4", "--num_beams", "2", "--max_length", "8", "--min_length", "1"]
+    return args + [a for k, v in extra.items() for a in (f"--{k}", str(v))]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path):
+    root, paths = cached
+    run(train_args(assets, "warmup", 8), tmp_path / "wu", **paths)
+    logs = [r for r in read_log(tmp_path / "wu") if "mlm" in r]
+    assert {"mlm", "isp", "mrm", "gcd", "lr", "grad_norm", "samples_s"} <= set(logs[0])
+    assert np.mean([r["loss"] for r in logs[-2:]]) < np.mean([r["loss"] for r in logs[:2]])
+    assert os.path.isfile(tmp_path / "wu" / "best.pt")
+    ft = run(train_args(assets, "finetune", 4, init=tmp_path / "wu" / "last.pt"), tmp_path / "ft", **paths)
+    for key in ("IC/F1", "IC/BLEU-4", "IC/ROUGE-L", "turn3/F1", "turn1/R@1/100", "IC/PPL"):
+        assert key in ft and math.isfinite(ft[key])
+    assert ft["turn1/n"] == 4
+    with open(tmp_path / "ft" / "predictions_test_turn2.jsonl") as f:
+        assert {"hash", "context", "reference", "prediction"} == set(json.loads(f.readline()))
+    ev = run(train_args(assets, "eval", 0, init=tmp_path / "ft" / "last.pt"), tmp_path / "ev", **paths)
+    assert ev["IC/F1"] == pytest.approx(ft["IC/F1"])
+    ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert ck["config"]["mode"] == "finetune" and ck["step"] == 4
+    # the no-image, no-caption model has no image block
+    noimg = run(train_args(assets, "finetune", 2, use_image="false", use_caption="false"), tmp_path / "ni", **paths)
+    assert math.isfinite(noimg["final_loss"])
+
+
+def test_resume_equals_unbroken_run(assets, cached, tmp_path):
+    _, paths = cached
+    a = run(train_args(assets, "warmup", 4), tmp_path / "a", **paths)
+    run(train_args(assets, "warmup", 4, stop_after=2), tmp_path / "b", **paths)
+    b = run(train_args(assets, "warmup", 4, resume=tmp_path / "b" / "last.pt"), tmp_path / "b2", **paths)
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
+    _, paths = cached
+    run(train_args(assets, "finetune", 1, final_eval="false"), tmp_path / "ok", **paths)
+    ck = torch.load(tmp_path / "ok" / "last.pt", weights_only=True)
+    ck["model"]["img_proj.weight"].fill_(float("nan"))
+    torch.save(ck, tmp_path / "nan.pt")
+    from common.train import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match="step 0.*ft"):
+        run(train_args(assets, "finetune", 2, init=tmp_path / "nan.pt"), tmp_path / "bad", **paths)
+    assert not os.path.exists(tmp_path / "bad" / "last.pt")
+
+
+def _ddp_worker(rank, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    res = icw.main(argv)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+
+
+def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    _, paths = cached
+    one = run(train_args(assets, "warmup", 2), tmp_path / "one", **paths)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = train_args(assets, "warmup", 2) + [a for k, v in paths.items() for a in (f"--{k}", str(v))]
+    argv += ["--out_dir", str(tmp_path / "two")]
+    mp.spawn(_ddp_worker, args=(port, argv, str(tmp_path / "two.json")), nprocs=2, join=True)
+    with open(tmp_path / "two.json") as f:
+        two = json.load(f)
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    for k in ("mlm", "isp", "mrm", "gcd"):
+        assert two[f"train/{k}"] == pytest.approx(one[f"train/{k}"], rel=1e-4)
