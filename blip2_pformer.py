@@ -58,7 +58,7 @@ from common.attention import attention
 from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.config import format_config, parse_config, save_config
 from common.data import read_pairs, read_vqa
-from common.image import ImageTransform, load_image
+from common.image import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 from common.log import Logger, progress
 from common.train import StepTimer, check_finite, clip_grad, count_flops, param_groups, run_bench, set_lr
 
@@ -178,10 +178,12 @@ STAGE_RECIPES = {
                      caption_prompt="", eval_tasks="caption,vqa"),
     },
 }
-# The toy LLM default is the T5: the toy OPT, pretrained on single captions, cannot be steered by a soft prefix at
-# all (even a prompt optimised for one caption leaves its loss at the unconditional level), so --llm_path
-# data/toy/models/opt runs every OPT code path but learns nothing from images through the LLM.
-TOY_FILES = dict(vision_path="models/clip", bert_path="models/bert", llm_path="models/t5",
+# The toy world mirrors the paper preset: a BLIP-2-format vision tower (Blip2VisionModel, so --hf_export works;
+# --vision_path data/toy/models/clip runs the CLIP-tower path) and the T5 as LLM, pretrained like a tiny Flan-T5
+# (it answers questions about a caption and paraphrases).  The toy OPT, pretrained on single captions, cannot be
+# steered by a soft prefix at all (even a prompt optimised for one caption leaves its loss at the unconditional
+# level), so --llm_path data/toy/models/opt runs every OPT code path but learns nothing from images through the LLM.
+TOY_FILES = dict(vision_path="models/blip2_vision", bert_path="models/bert", llm_path="models/t5",
                  train_file="pairs_train.jsonl", val_file="pairs_val.jsonl", vqa_file="vqa_val.jsonl",
                  text_file="corpus.txt", image_root=".")
 
@@ -486,7 +488,8 @@ def read_hf_weights(folder, prefix):
 
 
 def load_vision(path):
-    """CLIP vision tower, or the BLIP-2 vision tower (+ its post_layernorm, i.e. ln_vision) from a BLIP-2 folder."""
+    """CLIP vision tower, or a BLIP-2 vision tower (+ its post_layernorm, i.e. ln_vision), from a BLIP-2 folder or
+    a Blip2VisionModel folder."""
     from transformers import AutoConfig, Blip2VisionModel, CLIPModel, CLIPVisionModel
     path = local_folder(path)
     conf = AutoConfig.from_pretrained(path)
@@ -494,6 +497,10 @@ def load_vision(path):
         return VisionTower(CLIPModel.from_pretrained(path).vision_model, "clip"), None
     if conf.model_type == "clip_vision_model":
         return VisionTower(CLIPVisionModel.from_pretrained(path), "clip"), None
+    if conf.model_type == "blip_2_vision_model":  # a BLIP-2 vision tower saved on its own (the toy world's)
+        vm = Blip2VisionModel.from_pretrained(path)
+        ln = {k: v.detach().clone() for k, v in vm.post_layernorm.state_dict().items()}
+        return VisionTower(vm, "blip2"), ln
     if conf.model_type == "blip-2":
         with torch.device("meta"):  # 1B params: build empty, then take the stored tensors
             vm = Blip2VisionModel(conf.vision_config)
@@ -634,17 +641,24 @@ def load_hf_llm(folder, dtype):
     return llm.to(dtype), AutoTokenizer.from_pretrained(folder), conf
 
 
-def export_hf(out, model, vision, llm, llm_tok, num_query, image_token_index=None):
-    """Write a Blip2ForConditionalGeneration folder that transformers loads with from_pretrained.  Needs a
-    BLIP-2 (EVA-style) vision tower: CLIP's pre-LayerNorm has no place in Blip2VisionModel."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig
+def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_token_index=None):
+    """Write a Blip2ForConditionalGeneration folder + its Blip2Processor, which transformers loads with
+    from_pretrained and captions with generate().  Needs a BLIP-2 (EVA-style) vision tower: CLIP's pre-LayerNorm
+    has no place in Blip2VisionModel (the toy world has one: data/toy/models/blip2_vision)."""
+    import copy
+    from transformers import (AddedToken, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              Blip2QFormerConfig, BlipImageProcessor)
     if vision.kind != "blip2":
-        raise ValueError("--hf_export needs a BLIP-2 vision tower (Blip2VisionModel); this model uses CLIP")
+        raise ValueError("--hf_export needs a BLIP-2 vision tower (Blip2VisionModel); this model uses CLIP "
+                         "(toy world: --vision_path data/toy/models/blip2_vision)")
     qf = model.qformer
     C = qf.query_tokens.shape[-1]
     l0 = qf.layers[0]
-    if image_token_index is None:  # first spare embedding row (OPT-2.7B: 50265, as on the hub) or a new one
-        image_token_index = len(llm_tok)
+    tok = copy.deepcopy(llm_tok)  # transformers' processor expands an "<image>" token into the query slots
+    if "<image>" not in tok.get_vocab():
+        tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    if image_token_index is None:  # the first spare embedding row (OPT-2.7B: 50265, as on the hub)
+        image_token_index = tok.convert_tokens_to_ids("<image>")
     if image_token_index >= llm.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"no spare LLM embedding row for the image token (vocab {len(llm_tok)}); "
                          "pass an image_token_index")
@@ -667,7 +681,10 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_token_index=Non
     if unexpected or [k for k in missing if "lm_head" not in k and "embed_tokens" not in k]:
         raise ValueError(f"export mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
     hf.save_pretrained(out)
-    llm_tok.save_pretrained(out)
+    # The image transform every stage here uses: bicubic resize to the square size, CLIP's mean/std (as BLIP-2's).
+    ip = BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN),
+                            image_std=list(CLIP_STD), resample=3)
+    Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=num_query).save_pretrained(out)
     return out
 
 
@@ -1402,7 +1419,7 @@ def main(argv=None):
         metrics.update(run_evals(model, frozen, toks, cfg, dist, logger))
         if cfg.hf_export and dist.is_main:
             export_hf(cfg.hf_export, model, frozen.vision_tower, frozen.llm, frozen.llm_tok, cfg.num_query,
-                      meta.get("image_token_index"))
+                      cfg.image_size, meta.get("image_token_index"))
             logger.info(f"exported Blip2ForConditionalGeneration to {cfg.hf_export}")
         if dist.is_main:
             with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:

@@ -4,6 +4,7 @@
 process when it is absent.  Backend: nccl on GPU, gloo on CPU.  Model code never calls torch.distributed;
 scripts pass the `Dist` record (rank, world size, device) where it is needed.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -44,7 +45,15 @@ def setup_distributed(device="auto"):
 
 
 def cleanup_distributed():
+    """Leave the process group.  On gloo, ranks first wait for each other: a rank that tears its connections down
+    while a peer still finishes its last collective aborts the peer ("terminate called without an active
+    exception").  The wait is bounded, so a run whose other rank failed still exits."""
     if tdist.is_initialized():
+        if tdist.get_backend() == "gloo" and tdist.get_world_size() > 1:
+            try:
+                tdist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            except RuntimeError:
+                pass  # a peer is gone: nothing left to wait for
         tdist.destroy_process_group()
 
 

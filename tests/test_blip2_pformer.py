@@ -256,8 +256,8 @@ def pipeline(toy_root, tmp_path_factory):
     # plain BLIP-2 stage 1 (no --pformer_ckpt): with a P-Former from 12 steps the alignment target is nearly
     # constant and slows the toy ITC down; stage 1 + alignment is exercised by the resume test below
     # (the toy ITC sits at log(batch) until the features stop collapsing, 25-60 steps at batch 32)
-    res["1"] = run("s1", "--stage", "1", "--max_steps", "80", "--global_batch", "32", "--micro_batch", "32",
-                   "--lr", "2e-3", "--warmup_steps", "3", "--eval_max", "50")
+    res["1"] = run("s1", "--stage", "1", "--max_steps", "80", "--epochs", "3", "--global_batch", "32",
+                   "--micro_batch", "32", "--lr", "2e-3", "--warmup_steps", "3", "--eval_max", "50")
     res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
                         "retrieval", "--blank_images", "true", "--eval_max", "50")
     res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
@@ -290,7 +290,8 @@ def test_stage1_losses_fall_and_retrieval_beats_blank(pipeline):
     # with blank images every image looks the same: retrieval sits at chance (R@1 = 2% of 50); the trained
     # Q-Former is far above it
     assert blank["img_r1"] == pytest.approx(2.0) and blank["txt_r1"] == pytest.approx(2.0)
-    # 80 steps only just get the toy ITC out of its collapsed start (the README's longer runs reach R@1 ~20-40);
+    # 80 steps (1.7 epochs of the tiny world) just get the toy ITC out of its collapsed start (the README's
+    # longer runs reach R@1 ~20-40);
     # random features would give r_mean 10 +- ~2 here
     assert metrics["r_mean"] > blank["r_mean"] + 5 and metrics["txt_r10"] + metrics["img_r10"] > 50, (metrics, blank)
 
@@ -312,6 +313,30 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     first, last = fell(run_dir, "lm")
     assert last < first
     assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
+
+
+def test_toy_blip2_tower_export_captions_like_transformers(pipeline, toy_root, tmp_path):
+    """Stage 2 on the toy world (its BLIP-2-format vision tower), exported: transformers' own Blip2Processor +
+    Blip2ForConditionalGeneration.generate give the script's beam-search captions word for word."""
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    out = tmp_path / "export"
+    m = bp.main(["--stage", "2", "--max_steps", "6", "--global_batch", "16", "--micro_batch", "16", "--lr", "1e-3",
+                 "--warmup_steps", "1", "--eval_tasks", "caption", "--hf_export", str(out)]
+                + common_args(toy_root, tmp_path / "run")
+                + ["--eval_max", "6"])
+    assert "CIDEr" in m
+    ours = json.load(open(tmp_path / "run" / "captions.json"))
+    proc = Blip2Processor.from_pretrained(out)
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    images = [Image.open(os.path.join(toy_root, c["image"])).convert("RGB") for c in ours]
+    inputs = proc(images=images, text=[""] * len(images), return_tensors="pt")
+    cfg = json.load(open(tmp_path / "run" / "config.json"))
+    with torch.no_grad():
+        gen = hf.generate(**inputs, num_beams=cfg["num_beams"], max_new_tokens=cfg["max_new_tokens"],
+                          min_new_tokens=cfg["min_new_tokens"], do_sample=False)
+    theirs = [t.strip() for t in proc.batch_decode(gen, skip_special_tokens=True)]
+    assert theirs == [c["caption"] for c in ours] and any(theirs)
 
 
 def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
@@ -341,10 +366,11 @@ def test_resume_continues_exactly(pipeline, toy_root, tmp_path):
 
 
 def test_ddp_two_processes_match_one(toy_root, tmp_path):
-    args = stage1_args(toy_root, tmp_path / "one", 2, "--qformer_dropout", "0", "--device", "cpu")
+    clip = ("--vision_path", os.path.join(toy_root, "models", "clip"))  # the CLIP-tower path (default: BLIP-2's)
+    args = stage1_args(toy_root, tmp_path / "one", 2, "--qformer_dropout", "0", "--device", "cpu", *clip)
     one = bp.main(args)
     two_dir = tmp_path / "two"
-    args2 = stage1_args(toy_root, two_dir, 2, "--qformer_dropout", "0", "--device", "cpu", "--micro_batch", "8")
+    args2 = stage1_args(toy_root, two_dir, 2, "--qformer_dropout", "0", "--device", "cpu", "--micro_batch", "8", *clip)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     os.path.join(REPO, "blip2_pformer.py")] + args2, check=True, env=env, cwd=REPO,

@@ -320,3 +320,45 @@ def test_language_models_perplexity(toy_root):
     loss = torch.nn.functional.cross_entropy(logits[sel], enc.input_ids[sel])
     assert math.exp(float(loss)) < len(tok) / 5
     assert BertModel.from_pretrained(path).pooler is not None
+
+
+def test_blip2_vision_tower_reproduces_clip_penultimate_tokens(toy_root):
+    """The BLIP-2-format tower (Blip2VisionModel, one block fewer than CLIP) gives CLIP's penultimate tokens."""
+    from transformers import Blip2VisionModel, CLIPVisionModel
+    clip = CLIPVisionModel.from_pretrained(os.path.join(toy_root, "models", "clip")).eval()
+    ours = Blip2VisionModel.from_pretrained(os.path.join(toy_root, "models", "blip2_vision")).eval()
+    assert ours.config.num_hidden_layers == clip.config.num_hidden_layers - 1
+    tf = ImageTransform(64)
+    pairs = read_pairs(os.path.join(toy_root, "pairs_test.jsonl"))[:32]
+    px = torch.stack([tf(load_image(os.path.join(toy_root, r["image"]))) for r in pairs])
+    with torch.no_grad():
+        target = clip(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+        got = ours.encoder(inputs_embeds=ours.embeddings(px)).last_hidden_state
+    rel = float(((got - target) ** 2).mean() / target.var())
+    assert rel < 0.05, rel  # copied weights alone (no pre-LayerNorm) are far off: ~0.15
+
+
+def test_t5_answers_questions_from_a_caption_and_llms_have_spare_rows(toy_root):
+    """The toy Flan-T5 reads its input: questions are answered better with the right caption than with another
+    scene's; OPT and T5 embeddings keep spare rows for BLIP-2's <image> token, as the real checkpoints do."""
+    from transformers import AutoTokenizer, OPTForCausalLM, T5ForConditionalGeneration
+    path = os.path.join(toy_root, "models", "t5")
+    model, tok = T5ForConditionalGeneration.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    pairs = {r["image"]: r["captions"] for r in read_pairs(os.path.join(toy_root, "pairs_val.jsonl"))}
+    qs = [json.loads(line) for line in open(os.path.join(toy_root, "vqa_val.jsonl"))][:150]
+    images = list(pairs)
+
+    def accuracy(shift):
+        src = [toy.QA_PROMPT.format(pairs[images[(images.index(q["image"]) + shift) % len(images)]][0],
+                                    q["question"]) for q in qs]
+        enc = tok(src, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = tok.batch_decode(model.generate(**enc, max_new_tokens=4, do_sample=False), skip_special_tokens=True)
+        return sum(a == max(set(q["answers"]), key=q["answers"].count) for a, q in zip(out, qs)) / len(qs)
+
+    right, wrong = accuracy(0), accuracy(7)
+    assert right > wrong + 0.08, (right, wrong)
+    assert model.get_input_embeddings().weight.shape[0] > len(tok)
+    opt = OPTForCausalLM.from_pretrained(os.path.join(toy_root, "models", "opt"))
+    assert opt.get_input_embeddings().weight.shape[0] > len(AutoTokenizer.from_pretrained(
+        os.path.join(toy_root, "models", "opt")))
