@@ -666,9 +666,13 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_tok
                                intermediate_size=l0.ffn_query.fc1.out_features,
                                layer_norm_eps=qf.embed_norm.eps, cross_attention_frequency=qf.cross_freq,
                                encoder_hidden_size=vision.width)
+    text_conf = llm.config.to_dict()
+    if llm.config.is_encoder_decoder and getattr(llm.config, "bos_token_id", None) is None:
+        # transformers' Blip2 generate() without text starts the LLM input with bos_token_id, which T5 configs
+        # lack; T5 never reads it otherwise.  "</s>" makes that input [P; </s>], what "" tokenises to here.
+        text_conf["bos_token_id"] = llm.config.eos_token_id
     conf = Blip2Config(vision_config=vision.model.config.to_dict(), qformer_config=qconf.to_dict(),
-                       text_config=llm.config.to_dict(), num_query_tokens=num_query,
-                       image_token_index=image_token_index)
+                       text_config=text_conf, num_query_tokens=num_query, image_token_index=image_token_index)
     hf = Blip2ForConditionalGeneration(conf)
     sd = {}
     ours = model.state_dict()

@@ -335,8 +335,12 @@ def test_toy_blip2_tower_export_captions_like_transformers(pipeline, toy_root, t
     with torch.no_grad():
         gen = hf.generate(**inputs, num_beams=cfg["num_beams"], max_new_tokens=cfg["max_new_tokens"],
                           min_new_tokens=cfg["min_new_tokens"], do_sample=False)
+        image_only = hf.generate(**proc(images=images, return_tensors="pt"), num_beams=cfg["num_beams"],
+                                 max_new_tokens=cfg["max_new_tokens"], min_new_tokens=cfg["min_new_tokens"])
     theirs = [t.strip() for t in proc.batch_decode(gen, skip_special_tokens=True)]
     assert theirs == [c["caption"] for c in ours] and any(theirs)
+    # captioning without a text prompt (how imagechat_warmup.py --mode captions calls it) gives the same
+    assert [t.strip() for t in proc.batch_decode(image_only, skip_special_tokens=True)] == theirs
 
 
 def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
