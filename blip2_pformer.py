@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from common import dist as D
 from common.amp import autocast, frozen_dtype, make_scaler, pick_dtype, seed_everything
 from common.attention import attention
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from common.config import format_config, parse_config, save_config
 from common.data import read_pairs, read_vqa
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
@@ -1285,10 +1285,7 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
                 f"accumulation {accum}, trainable params {n_train:,}")
     start = 0
     if cfg.resume:
-        ck = load_checkpoint(cfg.resume)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        ck = restore(cfg.resume, model, opt, scaler)
         start = ck["step"]
         set_rng_state(ck["rng"])
         logger.info(f"resumed from {cfg.resume} at step {start}")

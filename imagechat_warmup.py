@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.amp import autocast, frozen_dtype, make_scaler, pick_dtype, seed_everything
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state
 from common.config import asdict_config, format_config, parse_config, save_config
 from common.data import DataError
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed, setup_distributed,
@@ -1089,10 +1089,7 @@ def run_training(cfg, dist, log, dtype):
 
     start, best, epoch_sum, epoch_n = 0, None, 0.0, 0
     if cfg.resume:
-        ck = load_checkpoint(cfg.resume)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        ck = restore(cfg.resume, model, opt, scaler)
         set_rng_state(ck["rng"])
         start, best = ck["step"], ck.get("best")
         epoch_sum, epoch_n = ck["data_position"]["epoch_sum"], ck["data_position"]["epoch_n"]

@@ -52,3 +52,14 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def restore(path, model, optimizer, scaler, strict=True):
+    """Load a training checkpoint into the model, optimizer and grad scaler; return the whole dict, from which the
+    caller takes its step, RNG state and data position."""
+    ck = load_checkpoint(path)
+    model.load_state_dict(ck["model"], strict=strict)
+    optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    return ck
