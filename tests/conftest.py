@@ -16,3 +16,15 @@ def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy") / "world"
     build_toy_world(str(root), tiny=True, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs: the models are tiny, and on a shared 2-core machine OpenMP threads
+    spin-waiting on each other make them many times slower.  Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

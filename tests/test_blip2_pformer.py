@@ -13,13 +13,7 @@ import blip2_pformer as bp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI box has 2 shared cores; intra-op threads fighting over them make tiny models ~50x slower.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics_log(run_dir):

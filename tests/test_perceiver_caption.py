@@ -12,6 +12,8 @@ import torch
 
 import perceiver_caption as pc
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -207,15 +209,6 @@ def test_step_sampler_splits_global_batch_over_ranks():
 @pytest.fixture(scope="module")
 def world(toy_root):
     return toy_root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SMALL = ["--resampler_depth", "1", "--num_latents", "8", "--resampler_heads", "2", "--resampler_dim_head", "16",
