@@ -36,8 +36,9 @@ Multi-node (same code path; global batch fixed, gradient accumulation = global /
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 dlip.py --preset paper ...
 
 What it reproduces: the DLIP recipe (V2 replication's loss set and schedule, its defects fixed, see the spec): on the
-toy world the distilled student, a fraction of the teacher's parameters, approaches the teacher's retrieval R@1 and
-caption CIDEr and beats the same student trained without distillation for the same steps (README table).
+toy world the distilled student, a third of the teacher's parameters, comes within 2 points of the teacher's
+retrieval R-mean and beats the same student trained without distillation for the same steps (README table); its
+caption CIDEr is within 9 points of the teacher's but not above the undistilled student's.
 Teachers in transformers' format (BlipForImageTextRetrieval / BlipForConditionalGeneration folders) load into the
 in-file model with every weight accounted for; tests check ITM scores, ITC similarities and decoder logits against
 transformers to 1e-4.
@@ -173,9 +174,12 @@ PRESETS = {
     # Toy student: the CLIP tower's width with half its layers (1 and 3 of 4) and a random 2 x 64 text stack.
     "toy": dict(TOY, vit_width=128, vit_layers=2, vit_heads=4, vit_mlp=512, text_width=64, text_layers=2,
                 text_heads=4, text_ffn=256, teacher="runs/dlip_toy_teacher/last.pt", out_dir="runs/dlip_toy"),
-    # Toy teacher: plain BLIP pretraining (no teacher) from the full 4-layer CLIP tower and 4 x 128 BERT.
-    "toy_teacher": dict(TOY, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128, text_layers=4,
-                        text_heads=4, text_ffn=512, init_text="toy:models/bert", teacher="",
+    # Toy teacher: plain BLIP pretraining (no teacher) from the full 4-layer CLIP tower and 4 x 128 BERT, trained
+    # 3x longer than the student, as DLIP's teacher saw far more than its student (129M vs 4M images). Measured
+    # (test, after retrieval fine-tuning, ITM R@1 text/image): a 10-epoch teacher 26.0/24.7 and its KD student
+    # 24.6/23.9; the 30-epoch teacher 35.0/30.4 and its KD student 29.4/27.7 (3 seeds).
+    "toy_teacher": dict(TOY, epochs=30, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128,
+                        text_layers=4, text_heads=4, text_ffn=512, init_text="toy:models/bert", teacher="",
                         out_dir="runs/dlip_toy_teacher"),
     # DLIP V2 recipe (spec 4.3/4.6): ViT-S/16 from DeiT-S + 6x384 text stack with 12 heads, 224 px, 20 epochs,
     # global batch 1152 (288 x 4 GPUs), AdamW wd 0.02, lr 5e-4, 3000 warm-up steps from 1e-6, x0.9 per epoch.
