@@ -1,4 +1,4 @@
-"""data/convert.py on the real-layout fixtures in ../shared/fixtures (see its README for each quirk).
+"""data/convert.py on the real-layout fixtures in tests/fixtures (see its README for each quirk).
 
 Each converter is checked for exact counts and contents on the fixture; error messages are checked on
 broken copies written to tmp_path; the CLI is run once through a subprocess.
@@ -19,8 +19,7 @@ from data.convert import (ConversionError, Report, check_images, convert_blip, c
                           write_jsonl)
 
 REPO = Path(__file__).resolve().parents[1]
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"dataset-layout fixtures not found at {FIX}")
+FIX = REPO / "tests" / "fixtures"  # copies of the project's shared dataset-layout fixtures (README there)
 
 COCO = FIX / "coco" / "captions_val2017.json"
 VQA_Q = FIX / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json"
@@ -46,7 +45,6 @@ def _dump(obj, path):
 # COCO
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_coco_groups_interleaved_captions_and_strips():
     report = Report()
     recs = convert_coco(COCO, "val2017", report)
@@ -67,7 +65,6 @@ def test_coco_groups_interleaved_captions_and_strips():
     assert convert_coco(COCO) == recs
 
 
-@needs_fixtures
 def test_coco_orphan_annotation_and_errors(tmp_path):
     data = _load(COCO)
     data["annotations"].append({"image_id": 999, "id": 1, "caption": "no such image"})
@@ -96,7 +93,6 @@ def test_coco_orphan_annotation_and_errors(tmp_path):
 # Karpathy
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_karpathy_coco_and_flickr(tmp_path):
     kp = FIX / "karpathy"
     test = convert_karpathy(kp / "dataset_coco.json", "test")
@@ -132,7 +128,6 @@ def test_karpathy_coco_and_flickr(tmp_path):
     assert [r["image"] for r in convert_karpathy(path, "restval")] == ["val2014/COCO_val2014_000000391895.jpg"]
 
 
-@needs_fixtures
 def test_karpathy_errors(tmp_path):
     data = _load(FIX / "karpathy" / "dataset_coco.json")
     del data["images"][1]["sentences"][2]["raw"]
@@ -151,7 +146,6 @@ def test_karpathy_errors(tmp_path):
 # BLIP / LAVIS
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_blip_train_and_test_layouts(tmp_path):
     train = convert_blip(FIX / "blip" / "coco_karpathy_train.json")
     assert train == [
@@ -176,7 +170,6 @@ def test_blip_train_and_test_layouts(tmp_path):
                                           "f30k/flickr30k-images/1009434119.jpg"]
 
 
-@needs_fixtures
 def test_blip_errors(tmp_path):
     data = _load(FIX / "blip" / "coco_karpathy_train.json")
     data.append(dict(data[0], image="val2014/COCO_val2014_000000000001.jpg"))
@@ -195,7 +188,6 @@ def test_blip_errors(tmp_path):
 # img2dataset
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_img2dataset_files_folder():
     report = Report()
     recs = convert_img2dataset(FIX / "img2dataset", image_prefix="cc3m", report=report)
@@ -210,7 +202,6 @@ def test_img2dataset_files_folder():
     assert any("HTTP Error 404" in n for n in report.notes)
 
 
-@needs_fixtures
 def test_img2dataset_caption_fallback_status_and_errors(tmp_path):
     root = tmp_path / "i2d"
     shutil.copytree(FIX / "img2dataset", root)
@@ -238,7 +229,6 @@ def test_img2dataset_caption_fallback_status_and_errors(tmp_path):
 # Visual Genome
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_vg_regions(tmp_path):
     recs = convert_vg(VG)
     assert recs == [{"image": "VG_100K/1.jpg", "captions": [
@@ -260,7 +250,6 @@ def test_vg_regions(tmp_path):
         "the clock is green in colour", "shade is along the street", "bicycles are seen in the bckground"]
 
 
-@needs_fixtures
 def test_vg_errors(tmp_path):
     data = _load(VG)
     del data[0]["regions"][1]["phrase"]
@@ -282,7 +271,6 @@ def test_vg_errors(tmp_path):
 # VQAv2 / OK-VQA / GQA
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_vqav2_join():
     report = Report()
     recs = convert_vqav2(VQA_Q, VQA_A, report=report)
@@ -300,7 +288,6 @@ def test_vqav2_join():
         convert_vqav2(VQA_Q, None)
 
 
-@needs_fixtures
 def test_vqav2_test_dev_images_live_in_test2015(tmp_path):
     data = _load(VQA_Q)
     data["data_subtype"] = "test-dev2015"
@@ -308,7 +295,6 @@ def test_vqav2_test_dev_images_live_in_test2015(tmp_path):
     assert recs[0]["image"] == "test2015/COCO_test2015_000000262148.jpg" and recs[0]["answers"] == []
 
 
-@needs_fixtures
 def test_okvqa_join_uses_answer_not_raw_answer(tmp_path):
     report = Report()
     recs = convert_okvqa(OK_Q, OK_A, report=report)
@@ -321,7 +307,6 @@ def test_okvqa_join_uses_answer_not_raw_answer(tmp_path):
     assert convert_okvqa(OK_Q, _dump(data, tmp_path / "a.json"))[0]["answers"][0] == "pony tail"
 
 
-@needs_fixtures
 def test_vqa_errors(tmp_path):
     data = _load(VQA_A)
     del data["annotations"][0]["answers"][4]["answer"]
@@ -346,7 +331,6 @@ def test_vqa_errors(tmp_path):
     assert str(e.value) == f"{tmp_path / 'missing.json'}: file not found"
 
 
-@needs_fixtures
 def test_gqa(tmp_path):
     recs = convert_gqa(GQA)
     assert recs == [
@@ -371,7 +355,6 @@ def test_gqa(tmp_path):
 # Output, images, CLI
 # ---------------------------------------------------------------------------------------------------
 
-@needs_fixtures
 def test_outputs_read_back_with_canonical_readers(tmp_path):
     n = write_jsonl(convert_coco(COCO), tmp_path / "sub" / "coco.jsonl")
     pairs = read_pairs(str(tmp_path / "sub" / "coco.jsonl"))
@@ -382,7 +365,6 @@ def test_outputs_read_back_with_canonical_readers(tmp_path):
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
-@needs_fixtures
 def test_check_images_drops_missing_and_unreadable(tmp_path):
     recs = convert_coco(COCO, "val2017")
     (tmp_path / "val2017").mkdir()
@@ -402,7 +384,6 @@ def test_cli_help_for_every_kind(capsys):
         assert "--out" in capsys.readouterr().out
 
 
-@needs_fixtures
 def test_cli_subprocess(tmp_path):
     script = str(REPO / "data" / "convert.py")
     r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=tmp_path)
@@ -420,7 +401,6 @@ def test_cli_subprocess(tmp_path):
     assert r.stderr.strip() == f"error: {tmp_path / 'nope.json'}: file not found"
 
 
-@needs_fixtures
 def test_cli_in_process_errors_and_check_images(tmp_path, capsys):
     out = tmp_path / "kp.jsonl"
     # an empty split is an error, not an empty file

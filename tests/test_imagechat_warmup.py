@@ -16,7 +16,7 @@ from PIL import Image
 import imagechat_warmup as icw
 from common.data import DataError
 
-FIXTURES = "/work/shared/fixtures/image_chat"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "image_chat")
 WORDS = ("a the red blue green circle square triangle i love this it is so nice hate boring what happy sad curious "
          "why there are two one").split()
 

@@ -15,10 +15,8 @@ import torch.nn as nn
 
 import negclip as N
 
-FIX = "/work/shared/fixtures"
 HERE = os.path.dirname(os.path.abspath(__file__))
-if not os.path.isdir(FIX):
-    FIX = os.path.join(HERE, "fixtures")
+FIX = os.path.join(HERE, "fixtures")  # the dataset-layout fixtures, published formats (fixtures/README.md)
 
 
 
