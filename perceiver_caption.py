@@ -38,8 +38,8 @@ Commands
 Reproduces: the seed's COCO results table (BLEU-4 / ROUGE-L for the three ablation rows, sec. 3.3 of the spec)
 with `--preset paper`. On the toy world (README) `xattn`, `both` and video captions score far above the same
 recipe trained on blank images (test CIDEr 107 / 104 / 191 vs 70 / 71 / 41); `mapper` alone does not reliably
-move the tiny frozen toy GPT-2 (47.0 / 47.1 / 42.0 over three seeds vs 45.2), the seed's ordering made sharper. Trainable parameters at paper sizes: mapper 787,712;
-xattn 38,238,744; both 39,026,456 (`--mode params`).
+move the tiny frozen toy GPT-2 (47.0 / 47.1 / 42.0 over three seeds vs 45.2), the seed's ordering made sharper.
+Trainable parameters at paper sizes: mapper 787,712; xattn 38,238,744; both 39,026,456 (`--mode params`).
 
 Deviations from the seed, each a flag whose seed value is available: `--frame_key_mask` (padded frames get no
 keys in the resampler), `--position_fix` (text positions do not depend on the batch's longest clip),
