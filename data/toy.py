@@ -1024,9 +1024,9 @@ def _model_sizes(tiny):
                                                                               t5_layers=2)
 
 
-TRAIN_STEPS_FULL = dict(clip=200, blip2_vision=60, bert=250, gpt2=150, opt=150, t5=400)
+TRAIN_STEPS_FULL = dict(clip=200, blip2_vision=60, bert=250, gpt2=500, opt=150, t5=400)
 CLIP_BATCH_FULL, CLIP_BATCH_TINY = 64, 128
-TRAIN_STEPS_TINY = dict(clip=120, blip2_vision=40, bert=150, gpt2=100, opt=100, t5=400)
+TRAIN_STEPS_TINY = dict(clip=120, blip2_vision=40, bert=150, gpt2=600, opt=100, t5=400)
 TEXT_MAX = 48
 
 
@@ -1197,6 +1197,18 @@ def train_blip2_vision(root, pairs_tr, pairs_va, steps, seed, log):
 
 def _lm_texts(pairs_tr, corpus):
     return [c for r in pairs_tr for c in r["captions"]] + corpus
+
+
+def _scene_documents(groups, seed, per_scene=2):
+    """Two captions of one scene joined by GPT-2's end-of-text token: a toy stand-in for web documents.
+
+    Real GPT-2 learns from documents whose earlier text predicts later text, which is why a prefix (ClipCap's
+    mapper, perceiver_caption.py --bridge mapper) can steer it. A toy GPT-2 trained only on isolated captions
+    always starts from the same token and learns to ignore what precedes a caption: a mapped prefix then scored
+    47 test CIDEr against 45 for blank images; with these documents added, 67 against 40 (README).
+    """
+    rng = _rng(seed, "gpt2-documents")
+    return [" <|endoftext|> ".join(rng.sample(g, 2)) for g in groups for _ in range(per_scene) if len(g) > 1]
 
 
 def _causal_eval(model, seqs, pad_id):
@@ -1436,8 +1448,8 @@ def build_models(root, texts, tiny, seed, log):
                 ("clip", lambda: train_clip(root, words, tr, va, sizes, steps["clip"], seed, log)),
                 ("blip2_vision", lambda: train_blip2_vision(root, tr, va, steps["blip2_vision"], seed + 5, log)),
                 ("bert", lambda: train_bert(root, words, lm_texts, val_texts, sizes, steps["bert"], seed + 1, log)),
-                ("gpt2", lambda: train_causal("gpt2", root, words, lm_texts, val_texts, sizes, steps["gpt2"],
-                                              seed + 2, log)),
+                ("gpt2", lambda: train_causal("gpt2", root, words, lm_texts + _scene_documents(groups, seed), val_texts,
+                                              sizes, steps["gpt2"], seed + 2, log)),
                 ("opt", lambda: train_causal("opt", root, words, lm_texts, val_texts, sizes, steps["opt"], seed + 3,
                                              log)),
                 ("t5", lambda: train_t5(root, words, lm_texts, val_texts, groups, qa, val_qa, sizes, steps["t5"],

@@ -291,6 +291,28 @@ def test_clip_retrieval_far_above_chance(toy_root):
     assert r1 > 10 / len(pairs), r1  # chance is 1/N
 
 
+def test_gpt2_reads_context(toy_root):
+    """An earlier caption of the same scene lowers GPT-2's loss on the next one (it was trained on such documents,
+    as real GPT-2 on web text), which is what lets a visual prefix steer it (perceiver_caption --bridge mapper)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    path = os.path.join(toy_root, "models", "gpt2")
+    model, tok = GPT2LMHeadModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    eot = tok.eos_token_id
+
+    def loss(context, target):  # mean next-token loss on `target` only
+        ids = torch.tensor([context + target])
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=torch.tensor([[-100] * len(context) + target])).loss)
+
+    alone, after = [], []
+    for r in read_pairs(os.path.join(toy_root, "pairs_val.jsonl"))[:100]:
+        a, b = (tok(c)["input_ids"] for c in r["captions"][:2])
+        alone.append(loss([eot], b + [eot]))
+        after.append(loss([eot] + a + [eot], b + [eot]))
+    alone, after = sum(alone) / len(alone), sum(after) / len(after)
+    assert after < alone - 0.03, (after, alone)  # a captions-only GPT-2 gave 2.48 vs 1.20: context hurt it
+
+
 def test_language_models_perplexity(toy_root):
     from transformers import (AutoTokenizer, BertForMaskedLM, BertModel, GPT2LMHeadModel, OPTForCausalLM,
                               T5ForConditionalGeneration)
