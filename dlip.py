@@ -36,9 +36,10 @@ Multi-node (same code path; global batch fixed, gradient accumulation = global /
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 dlip.py --preset paper ...
 
 What it reproduces: the DLIP recipe (V2 replication's loss set and schedule, its defects fixed, see the spec): on the
-toy world the distilled student, a third of the teacher's parameters, comes within 2 points of the teacher's
-retrieval R-mean and beats the same student trained without distillation for the same steps (README table); its
-caption CIDEr is within 9 points of the teacher's but not above the undistilled student's.
+toy world the distilled student, a third of the teacher's parameters pretrained on a quarter of its images, comes
+within 2.1 points of the teacher's fine-tuned retrieval R-mean and 2.2 of its pretrain caption CIDEr, and beats the
+same student trained without distillation for the same steps by 6.1 and 19.7 (README table, 3 seeds); after
+caption fine-tuning on all images the three models caption alike (the toy captions saturate).
 Teachers in transformers' format (BlipForImageTextRetrieval / BlipForConditionalGeneration folders) load into the
 in-file model with every weight accounted for; tests check ITM scores, ITC similarities and decoder logits against
 transformers to 1e-4.
@@ -93,6 +94,7 @@ class Config:
     num_workers: int = 0
     max_bad_frac: float = 0.05         # stop when more unreadable images than this
     max_eval_images: int = 0           # 0 = all (tests use a few)
+    train_limit: int = 0               # train on the first N pairs only (0 = all)
     # ---- student shape (the teacher's shape comes from its own checkpoint / config.json)
     image_size: int = 64
     patch_size: int = 8
@@ -171,14 +173,19 @@ TOY = dict(image_size=64, patch_size=8, max_len=24, global_batch=32, micro_batch
            lr=1e-3, warmup_steps=20, lr_decay=0.95, momentum=0.99, k_test=16, tokenizer="toy:models/bert",
            init_vit="toy:models/clip")
 PRESETS = {
-    # Toy student: the CLIP tower's width with half its layers (1 and 3 of 4) and a random 2 x 64 text stack.
+    # Toy student: the CLIP tower's width with half its layers (1 and 3 of 4) and a random 2 x 64 text stack. It
+    # pretrains on 500 of the 2000 training scenes (DLIP's student saw 4M images, its teacher 129M) for the steps
+    # of 10 epochs over all 2000 (40 x 15); lr decay and alpha ramp rescaled to those epochs. Measured (test, seed
+    # 0, pretrain CIDEr teacher / KD / no KD): on all 2000 scenes 165.3 / 168.1 / 168.5, every model saturates the
+    # toy captions; on 500, 165.3 / 161.4 / 140.5, the teacher's decoder has something to teach.
     "toy": dict(TOY, vit_width=128, vit_layers=2, vit_heads=4, vit_mlp=512, text_width=64, text_layers=2,
-                text_heads=4, text_ffn=256, teacher="runs/dlip_toy_teacher/last.pt", out_dir="runs/dlip_toy"),
+                text_heads=4, text_ffn=256, train_limit=500, epochs=40, lr_decay=0.987, alpha_ramp_epochs=8.0,
+                teacher="runs/dlip_toy_teacher/last.pt", out_dir="runs/dlip_toy"),
     # Toy teacher: plain BLIP pretraining (no teacher) from the full 4-layer CLIP tower and 4 x 128 BERT, trained
     # 3x longer than the student, as DLIP's teacher saw far more than its student (129M vs 4M images). Measured
-    # (test, after retrieval fine-tuning, ITM R@1 text/image): a 10-epoch teacher 26.0/24.7 and its KD student
-    # 24.6/23.9; the 30-epoch teacher 35.0/30.4 and its KD student 29.4/27.7 (3 seeds).
-    "toy_teacher": dict(TOY, epochs=30, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128,
+    # (test, after retrieval fine-tuning, ITM R@1 text/image, students on all 2000 scenes): a 10-epoch teacher
+    # 26.0/24.7 and its KD student 24.6/23.9; the 30-epoch teacher 35.0/30.4 and its KD student 29.4/27.7 (3 seeds).
+    "toy_teacher": dict(TOY, epochs=30, train_limit=0, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128,
                         text_layers=4, text_heads=4, text_ffn=512, init_text="toy:models/bert", teacher="",
                         out_dir="runs/dlip_toy_teacher"),
     # DLIP V2 recipe (spec 4.3/4.6): ViT-S/16 from DeiT-S + 6x384 text stack with 12 heads, 224 px, 20 epochs,
@@ -195,8 +202,10 @@ PRESETS = {
 # Fine-tuning recipes (spec 5.1/5.2: BLIP configs, V2's student lr), applied by main() for --mode retrieval|caption
 # on top of the preset, except for keys given on the command line.
 FINETUNE = {
-    "toy": {"retrieval": dict(epochs=1, lr=1e-4, lr_schedule="cosine", warmup_steps=0, alpha_ramp_epochs=1.0),
-            "caption": dict(epochs=1, lr=1e-4, lr_schedule="cosine", warmup_steps=0)},
+    # toy: every model fine-tunes on all 2000 training scenes (as teacher and student both fine-tune on COCO)
+    "toy": {"retrieval": dict(epochs=1, lr=1e-4, lr_schedule="cosine", warmup_steps=0, alpha_ramp_epochs=1.0,
+                              train_limit=0),
+            "caption": dict(epochs=1, lr=1e-4, lr_schedule="cosine", warmup_steps=0, train_limit=0)},
     "paper": {"retrieval": dict(image_size=384, max_len=35, global_batch=256, micro_batch=32, lr=5e-5,
                                 weight_decay=0.05, epochs=6, lr_schedule="cosine", warmup_steps=0,
                                 alpha_ramp_epochs=1.0, k_test=128, grad_ckpt=True),
@@ -1406,6 +1415,7 @@ def train(cfg, dist, device, dtype, log):
 
     # data
     records = [r for f in cfg.train_files for r in read_pairs(f)]
+    records = records[:cfg.train_limit] if cfg.train_limit > 0 else records
     size = model.s["image_size"]
     scale = (0.2, 1.0) if cfg.mode == "pretrain" else (0.5, 1.0)
     data = PairsDataset(records, cfg.image_root, ImageTransform(size, train=True, scale=scale), cfg.mode != "pretrain",

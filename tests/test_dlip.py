@@ -406,3 +406,14 @@ def test_two_process_gloo_matches_one_process(world, teacher_ckpt):
     w2 = torch.load(d / "two" / "last.pt", weights_only=True)["model"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3)
+
+
+def test_toy_student_pretrains_on_a_subset_and_fine_tunes_on_all(toy_root):
+    """The toy student sees 500 scenes in pretraining (DLIP's student sees far less data than its teacher); the
+    fine-tuning recipes reset that, so teacher and students fine-tune on the same images."""
+    from common.config import parse_config
+    base = ["--toy_root", str(toy_root)]
+    cfg = lambda *a: dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, [*base, *a]), [*base, *a])  # noqa: E731
+    assert cfg().train_limit == 500 and cfg("--preset", "toy_teacher").train_limit == 0
+    assert cfg("--mode", "retrieval").train_limit == 0 == cfg("--mode", "caption").train_limit
+    assert cfg("--mode", "caption", "--train_limit", "7").train_limit == 7  # the command line still wins
