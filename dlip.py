@@ -185,7 +185,7 @@ PRESETS = {
     # 3x longer than the student, as DLIP's teacher saw far more than its student (129M vs 4M images). Measured
     # (test, after retrieval fine-tuning, ITM R@1 text/image, students on all 2000 scenes): a 10-epoch teacher
     # 26.0/24.7 and its KD student 24.6/23.9; the 30-epoch teacher 35.0/30.4 and its KD student 29.4/27.7 (3 seeds).
-    "toy_teacher": dict(TOY, epochs=30, train_limit=0, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128,
+    "toy_teacher": dict(TOY, epochs=30, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512, text_width=128,
                         text_layers=4, text_heads=4, text_ffn=512, init_text="toy:models/bert", teacher="",
                         out_dir="runs/dlip_toy_teacher"),
     # DLIP V2 recipe (spec 4.3/4.6): ViT-S/16 from DeiT-S + 6x384 text stack with 12 heads, 224 px, 20 epochs,
