@@ -174,10 +174,10 @@ TOY = dict(image_size=64, patch_size=8, max_len=24, global_batch=32, micro_batch
            init_vit="toy:models/clip")
 PRESETS = {
     # Toy student: the CLIP tower's width with half its layers (1 and 3 of 4) and a random 2 x 64 text stack. It
-    # pretrains on 500 of the 2000 training scenes (DLIP's student saw 4M images, its teacher 129M) for the steps
-    # of 10 epochs over all 2000 (40 x 15); lr decay and alpha ramp rescaled to those epochs. Measured (test, seed
-    # 0, pretrain CIDEr teacher / KD / no KD): on all 2000 scenes 165.3 / 168.1 / 168.5, every model saturates the
-    # toy captions; on 500, 165.3 / 161.4 / 140.5, the teacher's decoder has something to teach.
+    # pretrains on 500 of the 2000 training scenes (DLIP's student saw 4M images, its teacher 129M) for 600 steps
+    # (40 x 15), about the 620 of 10 epochs over all 2000; lr decay and alpha ramp rescaled to match. Measured
+    # (test, seed 0, pretrain CIDEr teacher / KD / no KD): on all 2000 scenes 165.3 / 168.1 / 168.5, every model
+    # saturates the toy captions; on 500, 165.3 / 161.4 / 140.5, the teacher's decoder has something to teach.
     "toy": dict(TOY, vit_width=128, vit_layers=2, vit_heads=4, vit_mlp=512, text_width=64, text_layers=2,
                 text_heads=4, text_ffn=256, train_limit=500, epochs=40, lr_decay=0.987, alpha_ramp_epochs=8.0,
                 teacher="runs/dlip_toy_teacher/last.pt", out_dir="runs/dlip_toy"),

@@ -417,3 +417,11 @@ def test_toy_student_pretrains_on_a_subset_and_fine_tunes_on_all(toy_root):
     assert cfg().train_limit == 500 and cfg("--preset", "toy_teacher").train_limit == 0
     assert cfg("--mode", "retrieval").train_limit == 0 == cfg("--mode", "caption").train_limit
     assert cfg("--mode", "caption", "--train_limit", "7").train_limit == 7  # the command line still wins
+
+
+def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
+    d, base, root = world
+    full = os.path.join(root, "pairs_train.jsonl")  # 300 pairs in the tiny world
+    dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--train_files", full, "--train_limit", "16",
+               "--teacher", "", "--max_steps", "1", "--out_dir", str(tmp_path / "limited")])
+    assert "16 samples, 2 steps/epoch" in capsys.readouterr().out
