@@ -23,6 +23,8 @@ Toy world (CPU, minutes each; builds data/toy on first use):
     python dlip.py --teacher "" --out_dir runs/dlip_toy_nokd           # the same student without a teacher
     python dlip.py --mode retrieval --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_ret
     python dlip.py --mode caption --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_cap
+    python dlip.py --mode caption --init runs/dlip_toy/last.pt --ft_distill true \
+        --teacher runs/dlip_toy_teacher_cap/last.pt --out_dir runs/dlip_toy_cap_kd  # + the teacher decoder's KL
     python dlip.py --mode eval --ckpt runs/dlip_toy/last.pt --teacher runs/dlip_toy_teacher/last.pt --out_dir runs/eval
     python dlip.py --bench 20                                          # samples/s (and MFU on GPU)
 
@@ -39,7 +41,8 @@ What it reproduces: the DLIP recipe (V2 replication's loss set and schedule, its
 toy world the distilled student, a third of the teacher's parameters pretrained on a quarter of its images, comes
 within 2.1 points of the teacher's fine-tuned retrieval R-mean and 2.2 of its pretrain caption CIDEr, and beats the
 same student trained without distillation for the same steps by 6.1 and 19.7 (README table, 3 seeds); after
-caption fine-tuning on all images the three models caption alike (the toy captions saturate).
+caption fine-tuning on all images the three models caption alike (the toy captions saturate: no model here tells
+the toy shapes apart), with or without the teacher decoder distilled during fine-tuning (--ft_distill).
 Teachers in transformers' format (BlipForImageTextRetrieval / BlipForConditionalGeneration folders) load into the
 in-file model with every weight accounted for; tests check ITM scores, ITC similarities and decoder logits against
 transformers to 1e-4.
@@ -133,6 +136,7 @@ class Config:
     w_attn_ca: float = 1.0
     w_attn_dec: float = 1.0
     w_itm_kd: float = 0.0              # not in V2; needs one more teacher fusion pass on the 2B negatives
+    ft_distill: bool = False           # caption mode: also distil a teacher decoder (w_lm_kd, w_attn_dec) [ours]
     # ---- fine-tuning / evaluation inputs
     init: str = ""                     # checkpoint to start fine-tuning from (a pretrain run's last.pt)
     ckpt: str = ""                     # eval mode: model to evaluate (dlip checkpoint or HF folder)
@@ -547,8 +551,15 @@ class BLIP(nn.Module):
         image_embeds = self.visual_encoder(image)  # (B, Nv, Dv)
         out = {}
         if task == "caption":
-            logits, _, _ = self.decode(ids, mask, image_embeds)
-            out["lm"] = lm_loss(logits, lm_labels(ids, mask, prompt_len), label_smoothing)
+            need_dec_attn = teacher is not None and w.get("attn_dec", 0) > 0
+            logits, _, dec_attn = self.decode(ids, mask, image_embeds, need_attn=need_dec_attn)
+            labels = lm_labels(ids, mask, prompt_len)
+            out["lm"] = lm_loss(logits, labels, label_smoothing)
+            if teacher is not None:  # --ft_distill: the teacher decoder reads the same prompted caption
+                if w.get("lm_kd", 0) > 0:
+                    out["lm_kd"] = lm_kd_loss(logits, teacher["logits"], labels)
+                if w.get("attn_dec", 0) > 0:
+                    out["attn_dec"] = attn_kd_loss(teacher["dsa"], dec_attn["sa"], mask)
             return out
         need_attn = teacher is not None and (w.get("attn_sa", 0) > 0 or w.get("attn_ca", 0) > 0)
         B = image.shape[0]
@@ -632,23 +643,27 @@ class BLIP(nn.Module):
 @torch.no_grad()
 def teacher_outputs(ret, cap, image, ids, mask, w):
     """Frozen teacher on the student's batch: everything the distillation losses read (spec 4.4). `ret` has the
-    text encoder and heads, `cap` the decoder (the same model for a dlip checkpoint; two for split HF folders)."""
+    text encoder and heads, `cap` the decoder (the same model for a dlip checkpoint; two for split HF folders).
+    ret=None (caption fine-tuning with --ft_distill): the decoder's outputs only."""
     t = {"model": ret}
-    emb = ret.visual_encoder(image)  # (B, Nv, Dv_T)
-    t["image_embeds"] = emb
-    t["img_proj"] = ret.vision_proj(emb[:, 0])  # (B, E)
-    txt_h, _ = ret.text_encoder(ids, mask)
-    t["txt_proj"] = ret.text_proj(txt_h[:, 0])
-    t["img_feat"], t["txt_feat"] = F.normalize(t["img_proj"], dim=-1), F.normalize(t["txt_proj"], dim=-1)
-    t["temp"] = ret.temp
-    fus, attn = ret.fuse(ids, mask, emb, need_attn=True)
-    t["fus_proj"], t["sa"], t["ca"] = ret.text_proj(fus[:, 0]), attn["sa"], attn["ca"]
-    if w.get("itm_kd", 0) > 0:
-        t["itm_pos"] = ret.itm_head(fus[:, 0])
+    if ret is not None:
+        emb = ret.visual_encoder(image)  # (B, Nv, Dv_T)
+        t["image_embeds"] = emb
+        t["img_proj"] = ret.vision_proj(emb[:, 0])  # (B, E)
+        txt_h, _ = ret.text_encoder(ids, mask)
+        t["txt_proj"] = ret.text_proj(txt_h[:, 0])
+        t["img_feat"], t["txt_feat"] = F.normalize(t["img_proj"], dim=-1), F.normalize(t["txt_proj"], dim=-1)
+        t["temp"] = ret.temp
+        fus, attn = ret.fuse(ids, mask, emb, need_attn=True)
+        t["fus_proj"], t["sa"], t["ca"] = ret.text_proj(fus[:, 0]), attn["sa"], attn["ca"]
+        if w.get("itm_kd", 0) > 0:
+            t["itm_pos"] = ret.itm_head(fus[:, 0])
     if any(w.get(k, 0) > 0 for k in ("lm_kd", "rep_dec", "attn_dec")):
         emb_c = emb if cap is ret else cap.visual_encoder(image)
         logits, dec_h, dattn = cap.decode(ids, mask, emb_c, need_attn=True)
-        t["logits"], t["dec_proj"], t["dsa"] = logits, ret.text_proj(dec_h[:, 0]), dattn["sa"]
+        t["logits"], t["dsa"] = logits, dattn["sa"]
+        if ret is not None:
+            t["dec_proj"] = ret.text_proj(dec_h[:, 0])
     return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in t.items()}
 
 
@@ -790,18 +805,27 @@ def load_dlip(path, parts=None, image_size=None, queue_size=None):
     return model
 
 
-def load_teacher(cfg, special, device, dtype):
-    """(ret, cap): the frozen teacher's retrieval part and decoder part, in eval mode, without gradients."""
-    if cfg.teacher.endswith((".pt", ".pth")):
-        if not os.path.isfile(cfg.teacher):
-            raise FileNotFoundError(f"teacher checkpoint {cfg.teacher} not found; train one first: "
-                                    f"python dlip.py --preset toy_teacher --out_dir {os.path.dirname(cfg.teacher)}")
-        ret = load_dlip(cfg.teacher, parts=dict(momentum=False, dropout=0.0), image_size=cfg.image_size)
+def load_teacher(cfg, special, device, dtype, decoder_only=False):
+    """(ret, cap): the frozen teacher's retrieval part and decoder part, in eval mode, without gradients.
+    decoder_only (caption fine-tuning with --ft_distill): (None, the decoder of --teacher_caption or --teacher)."""
+    path = (cfg.teacher_caption or cfg.teacher) if decoder_only else cfg.teacher
+    if path.endswith((".pt", ".pth")) and not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint {path} not found; train one first: "
+                                f"python dlip.py --preset toy_teacher --out_dir {os.path.dirname(path)}")
+    if decoder_only:
+        if path.endswith((".pt", ".pth")):  # a pretrain or a caption checkpoint: the untied decoder loads from both
+            cap = load_dlip(path, parts=dict(has_encoder=False, has_decoder=True, tie_decoder=False, momentum=False,
+                                             dropout=0.0), image_size=cfg.image_size)
+        else:
+            cap = load_hf_blip(path, special, cfg.image_size)
+        ret = None
+    elif path.endswith((".pt", ".pth")):
+        ret = load_dlip(path, parts=dict(momentum=False, dropout=0.0), image_size=cfg.image_size)
         cap = ret
     else:
-        ret = load_hf_blip(cfg.teacher, special, cfg.image_size, cfg.teacher_temp)
+        ret = load_hf_blip(path, special, cfg.image_size, cfg.teacher_temp)
         cap = load_hf_blip(cfg.teacher_caption, special, cfg.image_size) if cfg.teacher_caption else None
-    if not ret.s["has_encoder"]:
+    if ret is not None and not ret.s["has_encoder"]:
         raise ValueError(f"{cfg.teacher}: the teacher must have the text encoder and heads (a retrieval model)")
     if cap is not None and not cap.s["has_decoder"]:
         raise ValueError(f"{cfg.teacher_caption or cfg.teacher}: has no decoder")
@@ -1412,6 +1436,11 @@ def train(cfg, dist, device, dtype, log):
         log.info(f"teacher retrieval model {n_t / 1e6:.2f}M params, student {n_s / 1e6:.2f}M ({100 * n_s / n_t:.1f}%)")
     elif cfg.mode == "pretrain":
         log.info("no teacher: plain BLIP pretraining (ITC + ITM + LM)")
+    if cfg.mode == "caption" and cfg.ft_distill:  # DLIP finding 2: the decoder needs its own distillation
+        teacher = load_teacher(cfg, special, device, dtype, decoder_only=True)
+        w = {"lm_kd": cfg.w_lm_kd, "attn_dec": cfg.w_attn_dec}
+        log.info(f"caption fine-tuning distils the decoder of {cfg.teacher_caption or cfg.teacher} "
+                 f"(w_lm_kd {cfg.w_lm_kd}, w_attn_dec {cfg.w_attn_dec})")
 
     # data
     records = [r for f in cfg.train_files for r in read_pairs(f)]

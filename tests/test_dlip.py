@@ -373,6 +373,26 @@ def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
     assert e["teacher_images_s"] > 0 and "test_txt_r1" in e and "test_CIDEr" in e
 
 
+def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teacher_ckpt):
+    """--ft_distill: caption fine-tuning also matches a frozen teacher decoder (logit KL and last-layer decoder
+    attention KL on the prompted caption). Against itself both terms are 0; against the teacher they fall."""
+    import json
+    d, base, _ = world
+    dlip.main(["--mode", "caption", *base, *TINY, "--init", teacher_ckpt, "--max_steps", "2",
+               "--out_dir", str(d / "t_cap")])
+    t_cap = str(d / "t_cap" / "last.pt")
+    same = dlip.main(["--mode", "caption", *base, *TINY, "--init", t_cap, "--ft_distill", "true", "--teacher", t_cap,
+                      "--max_steps", "1", "--out_dir", str(d / "self_kd")])
+    assert abs(same["first_lm_kd"]) < 1e-6 and abs(same["first_attn_dec"]) < 1e-6, same
+    dlip.main(["--mode", "caption", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"),
+               "--ft_distill", "true", "--teacher", t_cap, "--max_steps", "10", "--lr", "2e-3",
+               "--out_dir", str(d / "ft_kd")])
+    rows = [json.loads(line) for line in open(d / "ft_kd" / "metrics.jsonl")]
+    for k in ("lm", "lm_kd", "attn_dec"):
+        first, last = sum(r[k] for r in rows[:3]) / 3, sum(r[k] for r in rows[-3:]) / 3
+        assert last < first, (k, first, last)
+
+
 def test_resume_continues_exactly(world, teacher_ckpt):
     d, base, _ = world
     args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--lr", "1e-3",
