@@ -810,8 +810,9 @@ def load_teacher(cfg, special, device, dtype, decoder_only=False):
     decoder_only (caption fine-tuning with --ft_distill): (None, the decoder of --teacher_caption or --teacher)."""
     path = (cfg.teacher_caption or cfg.teacher) if decoder_only else cfg.teacher
     if path.endswith((".pt", ".pth")) and not os.path.isfile(path):
+        how = "--mode caption --init runs/dlip_toy_teacher/last.pt" if decoder_only else "--preset toy_teacher"
         raise FileNotFoundError(f"teacher checkpoint {path} not found; train one first: "
-                                f"python dlip.py --preset toy_teacher --out_dir {os.path.dirname(path)}")
+                                f"python dlip.py {how} --out_dir {os.path.dirname(path)}")
     if decoder_only:
         if path.endswith((".pt", ".pth")):  # a pretrain or a caption checkpoint: the untied decoder loads from both
             cap = load_dlip(path, parts=dict(has_encoder=False, has_decoder=True, tie_decoder=False, momentum=False,
@@ -1416,6 +1417,8 @@ def build_model(cfg, special):
 
 
 def train(cfg, dist, device, dtype, log):
+    if cfg.ft_distill and cfg.mode != "caption":
+        raise ValueError("--ft_distill is for --mode caption (retrieval fine-tuning trains ITC + ITM only)")
     tok, special = load_tokenizer(cfg.tokenizer)
     model = build_model(cfg, special).to(device)
     if model.s["vocab_size"] != special["vocab_size"]:
@@ -1436,7 +1439,7 @@ def train(cfg, dist, device, dtype, log):
         log.info(f"teacher retrieval model {n_t / 1e6:.2f}M params, student {n_s / 1e6:.2f}M ({100 * n_s / n_t:.1f}%)")
     elif cfg.mode == "pretrain":
         log.info("no teacher: plain BLIP pretraining (ITC + ITM + LM)")
-    if cfg.mode == "caption" and cfg.ft_distill:  # DLIP finding 2: the decoder needs its own distillation
+    if cfg.ft_distill:  # DLIP finding 2: the decoder needs its own distillation
         teacher = load_teacher(cfg, special, device, dtype, decoder_only=True)
         w = {"lm_kd": cfg.w_lm_kd, "attn_dec": cfg.w_attn_dec}
         log.info(f"caption fine-tuning distils the decoder of {cfg.teacher_caption or cfg.teacher} "

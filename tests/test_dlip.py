@@ -391,6 +391,10 @@ def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teach
     for k in ("lm", "lm_kd", "attn_dec"):
         first, last = sum(r[k] for r in rows[:3]) / 3, sum(r[k] for r in rows[-3:]) / 3
         assert last < first, (k, first, last)
+    with pytest.raises(ValueError, match="ft_distill"):
+        dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"),
+                   "--ft_distill", "true", "--max_steps", "1",
+                   "--out_dir", str(d / "ret_kd")])
 
 
 def test_resume_continues_exactly(world, teacher_ckpt):
