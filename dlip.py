@@ -9,6 +9,8 @@ batch, distillation losses from a frozen BLIP teacher: ITC logit distillation, r
 text, fused and decoder features (through the projection heads, which absorb the width difference), decoder logit KL
 and KL between the teacher's and the student's last-layer attention maps (text self-attention, cross-attention,
 decoder self-attention). Each term has its own weight flag. Padding is masked out of every distillation loss.
+`--rep_loss mse --rep_layers last|uniform` switches the representation terms to the paper's form: MSE between
+fresh linear maps of the student's hidden states and the teacher's, layer by layer (image CLS, text tokens).
 
 Modes:
     --mode pretrain   student + frozen teacher (teacher "" = plain BLIP pretraining, used for the toy teacher)
@@ -123,6 +125,8 @@ class Config:
     teacher_caption: str = ""          # HF BlipForConditionalGeneration folder when the teacher comes split in two
     teacher_temp: float = 0.07         # ITC temperature for an HF teacher (its folder does not store one)
     itc_kd: str = "v2"                 # v2: teacher feats vs student queue/temp; kl: in-batch KL of similarity rows
+    rep_loss: str = "cos"              # cos: 1 - cos of the 256-d heads (V2); mse: W_s-mapped hidden states (paper)
+    rep_layers: str = "last"           # rep_loss mse: last (last layers) | uniform (student k -> teacher kN_T/N_S)
     w_itc: float = 1.0
     w_itm: float = 1.0
     w_lm: float = 1.0
@@ -286,7 +290,8 @@ class ViT(nn.Module):
         # CLIP-style towers (used to initialise the toy models) have a LayerNorm before the blocks; BLIP's ViT not
         self.norm_pre = nn.LayerNorm(d, eps=s["vit_eps"]) if s.get("vit_pre_norm") else nn.Identity()
 
-    def forward(self, image):  # (B, 3, S, S) -> (B, 1+N, D)
+    def forward(self, image, hidden=None):  # (B, 3, S, S) -> (B, 1+N, D)
+        """hidden: a list that receives every block's output (B, 1+N, D) (--rep_loss mse)."""
         x = self.patch_embed.proj(image).flatten(2).transpose(1, 2)  # (B, N, D)
         x = self.norm_pre(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed)
         for blk in self.blocks:
@@ -294,6 +299,8 @@ class ViT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
+            if hidden is not None:
+                hidden.append(x)
         return self.norm(x)
 
 
@@ -398,9 +405,10 @@ class TextModel(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList([BertLayer(s) for _ in range(s["text_layers"])])
 
-    def forward(self, ids, mask, image=None, causal=False, need_attn=False, cache=None):
+    def forward(self, ids, mask, image=None, causal=False, need_attn=False, cache=None, hidden=None):
         """ids, mask (B, L) [mask covers cached + new tokens]; image (B, Nv, Dv) or None.
-        Returns hidden (B, L, D) and the last layer's attention maps {"sa": (B,H,L,L+past), "ca": (B,H,L,Nv)}."""
+        Returns hidden (B, L, D) and the last layer's attention maps {"sa": (B,H,L,L+past), "ca": (B,H,L,Nv)}.
+        hidden: a list that receives every layer's output (B, L, D) (--rep_loss mse)."""
         past = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
         x = self.embeddings(ids, past)
         m = mask[:, None, None, :].bool()  # (B, 1, 1, Lk): True = may attend
@@ -412,6 +420,8 @@ class TextModel(nn.Module):
         for i, layer in enumerate(layers):
             last = need_attn and i == len(layers) - 1
             x, sa, ca = layer(x, m, image, cache[i] if cache else None, last)
+            if hidden is not None:
+                hidden.append(x)
             if last:
                 attn = {"sa": sa, "ca": ca}
         return x, attn
@@ -431,8 +441,8 @@ class TextDecoder(nn.Module):
         self.cls.predictions.transform.LayerNorm = nn.LayerNorm(d, eps=s["text_eps"])
         self.cls.predictions.bias = nn.Parameter(torch.zeros(s["vocab_size"]))
 
-    def forward(self, ids, mask, image, need_attn=False, cache=None):
-        h, attn = self.bert(ids, mask, image, causal=True, need_attn=need_attn, cache=cache)
+    def forward(self, ids, mask, image, need_attn=False, cache=None, hidden=None):
+        h, attn = self.bert(ids, mask, image, causal=True, need_attn=need_attn, cache=cache, hidden=hidden)
         t = self.cls.predictions.transform
         z = t.LayerNorm(F.gelu(t.dense(h)))
         logits = F.linear(z, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)  # (B, L, V)
@@ -517,28 +527,44 @@ class BLIP(nn.Module):
         self.idx_queue[p:p + g] = idx
         self.queue_ptr.fill_((p + g) % q)
 
+    def add_rep_maps(self, t_shape, t_dec_shape, layers, w):
+        """--rep_loss mse (DLIP Sec. 3: L_rep = sum over layers of d(H_S W_s, H_T W_t)): one fresh linear map
+        W_s (student width -> teacher width; W_t = identity) per distilled layer of each part whose weight is > 0.
+        Training-only parameters, saved with the run (resume) and ignored by fine-tuning and evaluation."""
+        maps = nn.ModuleDict()
+        for part, n_s, n_t, d_s, d_t in (("img", self.s["vit_layers"], t_shape["vit_layers"], self.s["vit_width"],
+                                          t_shape["vit_width"]),
+                                         *[(p, self.s["text_layers"], t["text_layers"], self.s["text_width"],
+                                            t["text_width"]) for p, t in (("txt", t_shape), ("fus", t_shape),
+                                                                          ("dec", t_dec_shape))]):
+            if w.get("rep_" + part, 0) > 0:
+                maps[part] = nn.ModuleList([nn.Linear(d_s, d_t) for _ in rep_pairs(n_s, n_t, layers)])
+        self.rep_maps = maps.to(next(self.parameters()).device)
+        self.rep_layers = layers
+
     # ---- the three uses of the text stack
     def image_features(self, image):
         emb = self.visual_encoder(image)  # (B, Nv, Dv)
         return emb, F.normalize(self.vision_proj(emb[:, 0]), dim=-1)
 
-    def text_features(self, ids, mask):
-        h, _ = self.text_encoder(ids, mask)  # (B, L, Dt)
+    def text_features(self, ids, mask, hidden=None):
+        h, _ = self.text_encoder(ids, mask, hidden=hidden)  # (B, L, Dt)
         return h, F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
-    def fuse(self, ids, mask, image_embeds, need_attn=False):
+    def fuse(self, ids, mask, image_embeds, need_attn=False, hidden=None):
         """Image-grounded encoder on [ENC]-led ids: hidden (B, L, Dt) and last-layer attention maps."""
-        return self.text_encoder(with_first(ids, self.s["enc_id"]), mask, image_embeds, need_attn=need_attn)
+        return self.text_encoder(with_first(ids, self.s["enc_id"]), mask, image_embeds, need_attn=need_attn,
+                                 hidden=hidden)
 
     def itm_logits(self, ids, mask, image_embeds):  # -> (B, 2)
         return self.itm_head(self.fuse(ids, mask, image_embeds)[0][:, 0])
 
-    def decode(self, ids, mask, image_embeds, need_attn=False, cache=None):
+    def decode(self, ids, mask, image_embeds, need_attn=False, cache=None, hidden=None):
         """Decoder on [DEC]-led ids -> logits (B, L, V), hidden (B, L, Dt), attention maps. With a filled `cache`
         (decoding), `ids` are only the new tokens and position 0 is already in the cache."""
         if not (cache and "k" in cache[0]["self"]):
             ids = with_first(ids, self.s["dec_id"])
-        return self.text_decoder(ids, mask, image_embeds, need_attn, cache)
+        return self.text_decoder(ids, mask, image_embeds, need_attn, cache, hidden)
 
     # ---- training forward: everything DDP must see happens here
     def forward(self, image, ids, mask, idx, alpha=0.4, sample_seed=0, rank=0, task="pretrain", teacher=None,
@@ -548,7 +574,9 @@ class BLIP(nn.Module):
         task: pretrain (ITC + ITM + LM, plus distillation when `teacher` outputs are given), retrieval (ITC + ITM),
         caption (LM). `w` holds the distillation weights: a term whose weight is 0 is not computed."""
         w = w or {}
-        image_embeds = self.visual_encoder(image)  # (B, Nv, Dv)
+        mse = teacher is not None and w.get("rep_kind") == "mse"
+        hid = {k: [] if mse else None for k in ("img", "txt", "fus", "dec")}  # per-layer states for --rep_loss mse
+        image_embeds = self.visual_encoder(image, hidden=hid["img"])  # (B, Nv, Dv)
         out = {}
         if task == "caption":
             need_dec_attn = teacher is not None and w.get("attn_dec", 0) > 0
@@ -564,7 +592,7 @@ class BLIP(nn.Module):
         need_attn = teacher is not None and (w.get("attn_sa", 0) > 0 or w.get("attn_ca", 0) > 0)
         B = image.shape[0]
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
-        text_h, text_feat = self.text_features(ids, mask)
+        text_h, text_feat = self.text_features(ids, mask, hidden=hid["txt"])
 
         # ITC (Sec. 3.2): online features against [momentum features of the global batch ; queue]
         with torch.no_grad():
@@ -584,7 +612,7 @@ class BLIP(nn.Module):
 
         # ITM (Sec. 3.2): positives + one hard negative image per text and one hard negative text per image,
         # sampled over the global batch with a generator every rank seeds alike (so N ranks = 1 process)
-        pos_h, pos_attn = self.fuse(ids, mask, image_embeds, need_attn=need_attn)
+        pos_h, pos_attn = self.fuse(ids, mask, image_embeds, need_attn=need_attn, hidden=hid["fus"])
         with torch.no_grad():
             img_feat_g, txt_feat_g = cdist.all_gather_no_grad(image_feat), cdist.all_gather_no_grad(text_feat)
             sim_t2i = txt_feat_g @ img_feat_g.T / self.temp  # (G, G)
@@ -605,21 +633,29 @@ class BLIP(nn.Module):
         if task == "pretrain":  # LM (Sec. 3.2): the decoder generates the caption given the image
             labels = lm_labels(ids, mask, 1)
             need_dec_attn = teacher is not None and w.get("attn_dec", 0) > 0
-            logits, dec_h, dec_attn = self.decode(ids, mask, image_embeds, need_attn=need_dec_attn)
+            logits, dec_h, dec_attn = self.decode(ids, mask, image_embeds, need_attn=need_dec_attn, hidden=hid["dec"])
             out["lm"] = lm_loss(logits, labels, label_smoothing)
 
         if teacher is not None:  # DLIP distillation terms (spec 4.4), on the same batch
             t = teacher
             if w.get("itc_kd", 0) > 0:
                 out["itc_kd"] = itc_kd_loss(image_feat, text_feat, t, self, pos, alpha, w.get("itc_kd_kind", "v2"))
-            if w.get("rep_img", 0) > 0:
-                out["rep_img"] = rep_loss(self.vision_proj(image_embeds[:, 0]), t["img_proj"])
-            if w.get("rep_txt", 0) > 0:
-                out["rep_txt"] = rep_loss(self.text_proj(text_h[:, 0]), t["txt_proj"])
-            if w.get("rep_fus", 0) > 0:
-                out["rep_fus"] = rep_loss(self.text_proj(pos_h[:, 0]), t["fus_proj"])
-            if w.get("rep_dec", 0) > 0:
-                out["rep_dec"] = rep_loss(self.text_proj(dec_h[:, 0]), t["dec_proj"])
+            if mse:  # paper-style: mapped hidden states of the paired layers (CLS only for the image)
+                for part in ("img", "txt", "fus", "dec"):
+                    if w.get("rep_" + part, 0) > 0:
+                        s_h, t_h = hid[part], t[part + "_layers"]
+                        pairs = rep_pairs(len(s_h), len(t_h), self.rep_layers)
+                        out["rep_" + part] = rep_mse_loss(self.rep_maps[part], [s_h[i] for i, _ in pairs],
+                                                          [t_h[j] for _, j in pairs], None if part == "img" else mask)
+            else:
+                if w.get("rep_img", 0) > 0:
+                    out["rep_img"] = rep_loss(self.vision_proj(image_embeds[:, 0]), t["img_proj"])
+                if w.get("rep_txt", 0) > 0:
+                    out["rep_txt"] = rep_loss(self.text_proj(text_h[:, 0]), t["txt_proj"])
+                if w.get("rep_fus", 0) > 0:
+                    out["rep_fus"] = rep_loss(self.text_proj(pos_h[:, 0]), t["fus_proj"])
+                if w.get("rep_dec", 0) > 0:
+                    out["rep_dec"] = rep_loss(self.text_proj(dec_h[:, 0]), t["dec_proj"])
             if w.get("lm_kd", 0) > 0:
                 out["lm_kd"] = lm_kd_loss(logits, t["logits"], labels)
             if w.get("attn_sa", 0) > 0:
@@ -646,24 +682,28 @@ def teacher_outputs(ret, cap, image, ids, mask, w):
     text encoder and heads, `cap` the decoder (the same model for a dlip checkpoint; two for split HF folders).
     ret=None (caption fine-tuning with --ft_distill): the decoder's outputs only."""
     t = {"model": ret}
+    mse = w.get("rep_kind") == "mse"
+    hid = {k: [] if mse else None for k in ("img", "txt", "fus", "dec")}
     if ret is not None:
-        emb = ret.visual_encoder(image)  # (B, Nv, Dv_T)
+        emb = ret.visual_encoder(image, hidden=hid["img"])  # (B, Nv, Dv_T)
         t["image_embeds"] = emb
         t["img_proj"] = ret.vision_proj(emb[:, 0])  # (B, E)
-        txt_h, _ = ret.text_encoder(ids, mask)
+        txt_h, _ = ret.text_encoder(ids, mask, hidden=hid["txt"])
         t["txt_proj"] = ret.text_proj(txt_h[:, 0])
         t["img_feat"], t["txt_feat"] = F.normalize(t["img_proj"], dim=-1), F.normalize(t["txt_proj"], dim=-1)
         t["temp"] = ret.temp
-        fus, attn = ret.fuse(ids, mask, emb, need_attn=True)
+        fus, attn = ret.fuse(ids, mask, emb, need_attn=True, hidden=hid["fus"])
         t["fus_proj"], t["sa"], t["ca"] = ret.text_proj(fus[:, 0]), attn["sa"], attn["ca"]
         if w.get("itm_kd", 0) > 0:
             t["itm_pos"] = ret.itm_head(fus[:, 0])
     if any(w.get(k, 0) > 0 for k in ("lm_kd", "rep_dec", "attn_dec")):
         emb_c = emb if cap is ret else cap.visual_encoder(image)
-        logits, dec_h, dattn = cap.decode(ids, mask, emb_c, need_attn=True)
+        logits, dec_h, dattn = cap.decode(ids, mask, emb_c, need_attn=True, hidden=hid["dec"])
         t["logits"], t["dsa"] = logits, dattn["sa"]
         if ret is not None:
             t["dec_proj"] = ret.text_proj(dec_h[:, 0])
+    if mse:
+        t.update({k + "_layers": [h[:, 0] if k == "img" else h for h in v] for k, v in hid.items() if v})
     return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in t.items()}
 
 
@@ -975,6 +1015,28 @@ def rep_loss(a, b):
     """Representation distillation (V2: CosineEmbeddingLoss, target +1): mean over batch of 1 - cos(a, b).
     a (B, E) student projection, b (B, E) teacher projection (the 256-d heads absorb the width difference)."""
     return (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+def rep_pairs(n_s, n_t, layers):
+    """(student layer, teacher layer) index pairs, 0-based. last: the last layers; uniform: student layer k
+    (1..n_s) -> teacher layer round(k * n_t / n_s) (spec 4.4.2), so the last layers always pair."""
+    if layers == "last":
+        return [(n_s - 1, n_t - 1)]
+    if layers == "uniform":
+        return [(k - 1, max(1, round(k * n_t / n_s)) - 1) for k in range(1, n_s + 1)]
+    raise ValueError(f"--rep_layers {layers!r}: expected last or uniform")
+
+
+def rep_mse_loss(maps, s_layers, t_layers, mask=None):
+    """Paper-style representation distillation: sum over paired layers of MSE(W_s h_S, h_T), per feature, averaged
+    over the batch (image CLS states (B, D)) or over non-padding tokens (text states (B, L, D), mask (B, L))."""
+    total = 0.0
+    for W, hs, ht in zip(maps, s_layers, t_layers):
+        if mask is None:
+            hs = hs[:, 0] if hs.dim() == 3 else hs  # image: CLS state only
+        d = (W(hs.float()) - ht.float()).pow(2).mean(-1)  # (B,) or (B, L)
+        total = total + (d.mean() if mask is None else token_mean((d * mask).sum(), mask.sum()))
+    return total
 
 
 def lm_kd_loss(s_logits, t_logits, labels, T=1.0):
@@ -1384,7 +1446,7 @@ def lr_at(cfg, step, total, steps_per_epoch):
 def kd_weights(cfg):
     return {"itc_kd": cfg.w_itc_kd, "rep_img": cfg.w_rep_img, "rep_txt": cfg.w_rep_txt, "rep_fus": cfg.w_rep_fus,
             "rep_dec": cfg.w_rep_dec, "lm_kd": cfg.w_lm_kd, "attn_sa": cfg.w_attn_sa, "attn_ca": cfg.w_attn_ca,
-            "attn_dec": cfg.w_attn_dec, "itm_kd": cfg.w_itm_kd, "itc_kd_kind": cfg.itc_kd}
+            "attn_dec": cfg.w_attn_dec, "itm_kd": cfg.w_itm_kd, "itc_kd_kind": cfg.itc_kd, "rep_kind": cfg.rep_loss}
 
 
 def build_model(cfg, special):
@@ -1434,6 +1496,10 @@ def train(cfg, dist, device, dtype, log):
         if t_ret.s["embed_dim"] != model.s["embed_dim"]:
             raise ValueError(f"teacher projection width {t_ret.s['embed_dim']} != student embed_dim")
         teacher = (t_ret, t_cap)
+        if cfg.rep_loss == "mse":
+            model.add_rep_maps(t_ret.s, (t_cap or t_ret).s, cfg.rep_layers, w)
+        elif cfg.rep_loss != "cos":
+            raise ValueError(f"--rep_loss {cfg.rep_loss!r}: expected cos or mse")
         n_t = count_params(t_ret, ["visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head"])
         n_s = count_params(model, ["visual_encoder", "text_encoder", "vision_proj", "text_proj", "itm_head"])
         log.info(f"teacher retrieval model {n_t / 1e6:.2f}M params, student {n_s / 1e6:.2f}M ({100 * n_s / n_t:.1f}%)")

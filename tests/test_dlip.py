@@ -284,6 +284,50 @@ def test_pretrain_step_teacher_frozen_and_self_distillation_zero():
         assert terms[k].item() == pytest.approx(0.0, abs=1e-5), k
 
 
+def test_paper_style_rep_loss_pairs_layers_masks_padding_and_is_zero_for_a_twin():
+    assert dlip.rep_pairs(2, 4, "uniform") == [(0, 1), (1, 3)] and dlip.rep_pairs(2, 4, "last") == [(1, 3)]
+    assert dlip.rep_pairs(4, 2, "uniform") == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    with pytest.raises(ValueError, match="rep_layers"):
+        dlip.rep_pairs(2, 4, "every")
+    torch.manual_seed(0)
+    maps = torch.nn.ModuleList([torch.nn.Linear(8, 12)])
+    hs, ht = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    ref = dlip.rep_mse_loss(maps, [hs], [ht], mask)
+    hs2 = hs.clone()
+    hs2[1, 3:] = 100.0  # padded positions differ: not counted
+    assert dlip.rep_mse_loss(maps, [hs2], [ht], mask).item() == pytest.approx(ref.item(), rel=1e-6)
+    by_hand = ((maps[0](hs) - ht).pow(2).mean(-1) * mask).sum() / mask.sum()
+    assert ref.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+    # a student that is the teacher's exact copy, with identity maps, has every mse term at 0; its maps get gradients
+    teacher = dlip.BLIP(_shape(width=32, layers=2, momentum=False)).requires_grad_(False).eval()
+    twin = dlip.BLIP(dict(teacher.s, momentum=True, queue_size=16))
+    twin.load_state_dict(teacher.state_dict(), strict=False)
+    twin.eval()
+    w = dict(_kd_w(), rep_kind="mse")
+    twin.add_rep_maps(teacher.s, teacher.s, "uniform", w)
+    assert set(twin.rep_maps) == {"img", "txt", "fus", "dec"} and len(twin.rep_maps["txt"]) == 2
+    with torch.no_grad():
+        for m in twin.rep_maps.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.eye(32))
+                m.bias.zero_()
+    image, ids, mask, idx = _batch()
+    t = dlip.teacher_outputs(teacher, teacher, image, ids, mask, w)
+    assert len(t["img_layers"]) == 2 and t["img_layers"][0].shape == (4, 32) and t["txt_layers"][0].shape == (4, 8, 32)
+    terms = twin(image, ids, mask, idx, sample_seed=1, teacher=t, w=w)
+    for k in ("rep_img", "rep_txt", "rep_fus", "rep_dec"):
+        assert terms[k].item() == pytest.approx(0.0, abs=1e-8), k
+    student = dlip.BLIP(_shape(width=16, layers=1, heads=2))
+    student.add_rep_maps(teacher.s, teacher.s, "uniform", w)  # 1 student layer -> teacher layer 2
+    terms = student(image, ids, mask, idx, sample_seed=1, teacher=t, w=w)
+    assert all(terms[k].item() > 0 for k in ("rep_img", "rep_txt", "rep_fus", "rep_dec"))
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.rep_maps.parameters())
+
+
 # ------------------------------------------------------------------ every mode through main() on the tiny toy world
 TINY = ["--image_size", "32", "--patch_size", "8", "--vit_layers", "1", "--text_layers", "1", "--vit_heads", "2",
         "--text_heads", "2", "--global_batch", "8", "--micro_batch", "8", "--queue_size", "16", "--max_len", "16",
@@ -349,6 +393,23 @@ def test_pretrain_distillation_every_term_logged_and_falls(student_run):
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert ck["step"] == 12 and ck["config"]["teacher"].endswith("last.pt") and "optimizer" in ck
     assert os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_pretrain_with_paper_style_rep_loss(world, teacher_ckpt):
+    import json
+    d, base, _ = world
+    out = str(d / "student_mse")
+    dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--max_steps", "12",
+               "--lr", "2e-3", "--rep_loss", "mse", "--rep_layers", "uniform", "--out_dir", out])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    for k in ("rep_img", "rep_txt", "rep_fus", "rep_dec"):
+        first, last = sum(r[k] for r in rows[:3]) / 3, sum(r[k] for r in rows[-3:]) / 3
+        assert last < first, (k, first, last)
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert any(k.startswith("rep_maps.img.0.") for k in ck["model"])  # saved for --resume
+    ret = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(out, "last.pt"), "--max_steps", "1",
+                     "--out_dir", str(d / "mse_ret")])  # fine-tuning leaves the maps behind
+    assert ret["final_itc"] > 0
 
 
 def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
