@@ -502,6 +502,8 @@ def test_toy_student_pretrains_on_a_subset_and_fine_tunes_on_all(toy_root):
     assert cfg().train_limit == 500 and cfg("--preset", "toy_teacher").train_limit == 0
     assert cfg("--mode", "retrieval").train_limit == 0 == cfg("--mode", "caption").train_limit
     assert cfg("--mode", "caption", "--train_limit", "7").train_limit == 7  # the command line still wins
+    assert cfg("--mode", "retrieval").epochs == 0.2 == cfg("--mode", "caption").epochs  # 62 of the 312 steps/epoch
+    assert cfg("--mode", "caption", "--epochs", "1").epochs == 1
 
 
 def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
