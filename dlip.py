@@ -649,6 +649,8 @@ class BLIP(nn.Module):
                 for part in ("img", "txt", "fus", "dec"):
                     if w.get("rep_" + part, 0) > 0:
                         s_h, t_h = hid[part], t[part + "_layers"]
+                        if part == "img":
+                            s_h = [h[:, 0] for h in s_h]  # (B, D): the CLS state (spec 4.4.2)
                         pairs = rep_pairs(len(s_h), len(t_h), self.rep_layers)
                         out["rep_" + part] = rep_mse_loss(self.rep_maps[part], [s_h[i] for i, _ in pairs],
                                                           [t_h[j] for _, j in pairs], None if part == "img" else mask)
@@ -1034,11 +1036,10 @@ def rep_pairs(n_s, n_t, layers):
 
 def rep_mse_loss(maps, s_layers, t_layers, mask=None):
     """Paper-style representation distillation: sum over paired layers of MSE(W_s h_S, h_T), per feature, averaged
-    over the batch (image CLS states (B, D)) or over non-padding tokens (text states (B, L, D), mask (B, L))."""
+    over the batch (image CLS states (B, D), mask None) or over non-padding tokens (text states (B, L, D), mask
+    (B, L))."""
     total = 0.0
     for W, hs, ht in zip(maps, s_layers, t_layers):
-        if mask is None:
-            hs = hs[:, 0] if hs.dim() == 3 else hs  # image: CLS state only
         d = (W(hs.float()) - ht.float()).pow(2).mean(-1)  # (B,) or (B, L)
         total = total + (d.mean() if mask is None else token_mean((d * mask).sum(), mask.sum()))
     return total

@@ -408,8 +408,10 @@ def test_pretrain_with_paper_style_rep_loss(world, teacher_ckpt):
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert any(k.startswith("rep_maps.img.0.") for k in ck["model"])  # saved for --resume
     ret = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(out, "last.pt"), "--max_steps", "1",
-                     "--out_dir", str(d / "mse_ret")])  # fine-tuning leaves the maps behind
+                     "--out_dir", str(d / "mse_ret")])
     assert ret["final_itc"] > 0
+    ft = torch.load(os.path.join(d, "mse_ret", "last.pt"), weights_only=True)
+    assert not any(k.startswith("rep_maps.") for k in ft["model"])  # fine-tuning leaves the maps behind
 
 
 def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
