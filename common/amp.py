@@ -9,10 +9,11 @@ _NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_dtype(device, precision="auto"):
-    """'auto' -> bf16 on a CUDA device that supports it, else fp32.  CPU autocast is slow, so CPU stays fp32."""
+    """'auto' -> bf16 on a CUDA device whose tensor cores compute it (Ampere and later), else fp32.  V100/T4 only
+    emulate bf16 (slowly), so they get fp32.  CPU autocast is slow, so CPU stays fp32."""
     device = torch.device(device)
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
     if precision not in _NAMES:

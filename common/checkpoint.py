@@ -5,6 +5,7 @@ A checkpoint is a plain dict (trainable weights, optimizer, scaler, step, RNG st
 leaves a truncated file under the real name.  `load_checkpoint` uses `weights_only=True`: only tensors and
 plain Python containers can come back, never arbitrary pickled objects.
 """
+import glob
 import os
 import random
 
@@ -13,7 +14,10 @@ import torch
 
 
 def rng_state():
-    """Python, numpy and torch (CPU + CUDA) generator states, as tensors/plain types (weights_only-safe)."""
+    """Python, numpy and torch (CPU + this process's CUDA device) generator states, as tensors/plain types
+    (weights_only-safe).  Only the current device's CUDA state: under torchrun each rank owns one GPU, and a
+    resume may see fewer GPUs than the run that saved.  For a multi-rank run save every rank's state (gathered,
+    a list in rank order); `set_rng_state(state, rank)` takes the rank's own."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[2]],
@@ -23,29 +27,69 @@ def rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, rank=0):
+    """Restore `rng_state()`'s output; given a list (one state per rank), this `rank`'s (rank 0's when the run
+    that saved had fewer ranks)."""
+    if isinstance(state, (list, tuple)):
+        state = state[rank] if rank < len(state) else state[0]
     py = state["python"]
     random.setstate((state["python_version"], tuple(py[:-1]), py[-1]))
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temps(path):
+    """Remove `<path>.tmp.<pid>` files that a killed run (or a full disk) left behind; a file whose writer is
+    still alive on this machine is kept.  Returns the removed paths."""
+    removed = []
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        suffix = tmp.rsplit(".tmp.", 1)[1]
+        if suffix.isdigit() and (int(suffix) == os.getpid() or not _pid_alive(int(suffix))):
+            try:
+                os.remove(tmp)
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def save_checkpoint(path, state):
-    """torch.save `state` to `path` atomically (temp file + fsync + rename)."""
+    """torch.save `state` to `path` atomically (temp file + fsync + rename).  Stale temp files of earlier,
+    killed saves are removed first; a failed write (e.g. a full disk) removes its own temp file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    clean_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -63,3 +107,66 @@ def restore(path, model, optimizer, scaler, strict=True):
     if ck.get("scaler"):
         scaler.load_state_dict(ck["scaler"])
     return ck
+
+
+# ---- what a checkpoint is: every script stamps its checkpoints and checks what it is given ----------------------
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def describe(ck):
+    """'blip2_pformer stage 1' for a stamped checkpoint; a best guess from its keys for an old one."""
+    if not isinstance(ck, dict):
+        return f"not a checkpoint dict ({type(ck).__name__})"
+    if ck.get("script"):
+        return f"{ck['script']} {ck.get('kind', '')}".strip()
+    cfg = ck.get("config") or {}
+    for key, name in (("stage", "blip2_pformer"), ("bridge", "perceiver_caption"), ("tasks", "imagechat_warmup"),
+                      ("teacher", "dlip"), ("train_tsv", "negclip")):
+        if key in cfg:
+            return f"{name} (unstamped)"
+    return "an unstamped checkpoint (keys " + ", ".join(sorted(map(str, ck))[:6]) + ")"
+
+
+def expect_checkpoint(ck, path, script, kinds=None, flag="--init"):
+    """Raise one line naming what `path` is and what `script` expected, unless it is `script`'s (and, when
+    `kinds` is given, one of those kinds).  Unstamped checkpoints of the same script pass."""
+    what = describe(ck)
+    ok = isinstance(ck, dict) and (ck.get("script") == script or (not ck.get("script") and what.startswith(script)))
+    if ok and kinds and ck.get("script") and ck.get("kind") not in kinds:
+        ok = False
+    if not ok:
+        want = f"{script} " + " or ".join(kinds) if kinds else script
+        raise CheckpointMismatch(f"{flag} {path}: this is a {what} checkpoint; {script} expects a {want} checkpoint")
+
+
+def check_loaded(n_loaded, n_expected, path, what, script, min_frac=0.5):
+    """Refuse a weights load that filled fewer than `min_frac` of the expected tensors (a checkpoint of another
+    model that happens to load with strict=False)."""
+    if n_expected and n_loaded < min_frac * n_expected:
+        raise CheckpointMismatch(f"{path}: only {n_loaded} of {n_expected} tensors of {script}'s model match; "
+                                 f"this is a {what} checkpoint")
+
+
+# Fields a resumed run may change without changing what it computes (where it writes, how often it logs...).
+RESUME_FREE = {"resume", "out_dir", "log_every", "save_every", "eval_every", "bench", "device", "num_workers",
+               "workers", "max_steps", "epochs", "report", "resume_changes", "eval_batch", "init"}
+
+
+def resume_config_diff(saved, current, free=RESUME_FREE):
+    """The config fields that differ between a checkpoint and the resuming run: [(field, saved, now), ...]."""
+    return [(k, saved.get(k), v) for k, v in current.items()
+            if k not in free and k in saved and saved.get(k) != v]
+
+
+def check_resume_config(saved, current, allow=False, log=print, free=RESUME_FREE):
+    """Say in one line what a resumed run changes; refuse it (it would not continue the same run) unless `allow`."""
+    diff = resume_config_diff(saved or {}, current, free)
+    if not diff:
+        return []
+    line = "resume changes the config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diff)
+    if not allow:
+        raise CheckpointMismatch(line + " (an exact resume needs the same values; pass --resume_changes true "
+                                 "to continue anyway)")
+    log(line + " (allowed by --resume_changes)")
+    return diff

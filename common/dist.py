@@ -26,11 +26,18 @@ class Dist:
 
 
 def _pick_device(device, local_rank):
+    """torchrun gives each process LOCAL_RANK and every GPU of the node; launchers that bind one GPU per process
+    (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) leave each process one visible GPU, cuda:0."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        n = torch.cuda.device_count()
+        index = 0 if n == 1 else local_rank
+        if index >= n:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {n} GPUs are visible to this process: launch "
+                               f"at most {n} processes per node, or bind one GPU per process")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(device)
 
 

@@ -25,7 +25,9 @@ def load_image(path):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError):  # PIL raises these for missing/truncated/corrupt files
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        # missing, truncated or corrupt files, and images over PIL's decompression-bomb limit (2x
+        # Image.MAX_IMAGE_PIXELS): all count as unreadable under the caller's max_bad_frac rule
         return None
 
 

@@ -20,6 +20,27 @@ class Logger:
             os.makedirs(run_dir, exist_ok=True)
             self.path = os.path.join(run_dir, filename)
 
+    def resumed(self, step):
+        """A run resumed at `step`: drop the records of steps after it (the killed run logged them, the resumed
+        run logs them again) and mark the resume, so metrics.jsonl holds each step once."""
+        if not self.path:
+            return
+        kept = []
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by the kill
+                    if not isinstance(rec.get("step"), int) or rec["step"] <= step:
+                        kept.append(json.dumps(rec))
+        kept.append(json.dumps({"step": step, "time": time.time(), "event": "resume"}))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(kept) + "\n")
+        os.replace(tmp, self.path)
+
     def log(self, step, **scalars):
         """`step 120 | loss 2.31 | itc 1.02 | lr 1e-4 | ...` to stdout and one JSON object to metrics.jsonl."""
         if not self.is_main:

@@ -4,7 +4,9 @@ Captions follow the COCO caption evaluation (pycocoevalcap, github.com/tylin/coc
 then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which is CIDEr-D: clipping, Gaussian
 length penalty, x10) and ROUGE-L. VQA accuracy follows the official evaluation (GT-Vision-Lab/VQA, vqaEval.py).
 Recall@K follows the ALBEF/BLIP `itm_eval` convention. Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35),
-VQA accuracy a fraction, recalls percentages.
+VQA accuracy a fraction, recalls percentages. Dialogue metrics (Image-Chat) reuse the one BLEU and the one ROUGE-L
+with the options that give the rules dialogue evaluations use (torchmetrics' BLEU, the rouge-score package's
+ROUGE-L), plus unigram F1 (on token ids, or on words normalised as ParlAI does).
 """
 import math
 import re
@@ -184,7 +186,7 @@ def _check(gts, res):
     return list(gts), hyps
 
 
-def bleu(gts, res):
+def bleu(gts, res, smooth=True):
     """Corpus BLEU-1..4 as pycocoevalcap's `Bleu(4)` (option 'closest'), computed with nltk's `corpus_bleu`.
 
     nltk does the n-gram counting, clipping by the max reference count, corpus-level sums, the closest reference
@@ -193,6 +195,11 @@ def bleu(gts, res):
     n-gram, where the toolkit adds 0. The precision hook below removes exactly those phantom counts and applies
     the toolkit's (correct + 1e-15) / (total + 1e-9). What is left: nltk returns exactly 0 when no unigram
     matches (toolkit: ~1e-15), and nltk's brevity penalty has no 1e-9 epsilons (relative difference < 1e-9).
+
+    smooth=False: the rule of torchmetrics' `BLEUScore` (torchmetrics/functional/text/bleu.py, no smoothing), which
+    dialogue evaluations report (VLAW-MDM release src/utils.py): exact precisions, and BLEU-n is 0 as soon as one
+    precision up to order n is 0 (the toolkit's epsilons would leave ~1e-4). Counting, clipping and the brevity
+    penalty are the same; with several references torchmetrics breaks a closest-length tie by list order.
     """
     from nltk.translate.bleu_score import corpus_bleu  # here, not at the top: importing nltk takes ~2 s
 
@@ -200,12 +207,19 @@ def bleu(gts, res):
     refs = [[r.split() for r in gts[i]] for i in ids]
     hyp = [hyps[i].split() for i in ids]
     short = [sum(len(h) < k for h in hyp) for k in range(1, 5)]  # phantom n-grams nltk added per order
+    exact = []
 
     def coco_precision(p_n, **_):
-        return [(p.numerator + 1e-15) / (p.denominator - s + 1e-9) for p, s in zip(p_n, short)]
+        if smooth:
+            return [(p.numerator + 1e-15) / (p.denominator - s + 1e-9) for p, s in zip(p_n, short)]
+        exact[:] = [p.numerator / (p.denominator - s) if p.denominator > s else 0.0 for p, s in zip(p_n, short)]
+        return exact
 
     weights = [tuple([1.0 / n] * n) for n in range(1, 5)]
-    return [float(b) for b in corpus_bleu(refs, hyp, weights=weights, smoothing_function=coco_precision)]
+    out = [float(b) for b in corpus_bleu(refs, hyp, weights=weights, smoothing_function=coco_precision)]
+    if not smooth:  # nltk skips a zero precision's log term; torchmetrics' BLEU-n is then 0
+        out = [0.0 if 0.0 in exact[:n] else b for n, b in enumerate(out, 1)]
+    return out
 
 
 def _ngrams(words, n):
@@ -268,18 +282,31 @@ def _lcs(a, b):
     return row[-1]
 
 
-def rouge_l(gts, res, beta=1.2):
+def rouge_score_tokens(text):
+    """The rouge-score package's tokenizer (google-research/rouge, rouge/tokenize.py, no stemmer): lower-case,
+    every run of characters other than a-z 0-9 becomes a space, whitespace split."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l(gts, res, beta=1.2, tokenize=None):
     """ROUGE-L as pycocoevalcap's Rouge: returns (mean, {id: score}).
 
     Per reference: LCS-based P = lcs/len(hyp), R = lcs/len(ref); the max P and the max R are taken separately
     over references (possibly from different ones, as the toolkit does), F = (1+b^2) P R / (R + b^2 P), b = 1.2.
     Tokens come from split(" ") as in the toolkit (an empty sentence is one empty token).
+    beta=1.0, tokenize=rouge_score_tokens: the rouge-score package's ROUGE-L F-measure (rouge/rouge_scorer.py, as
+    torchmetrics' ROUGEScore computes it), which dialogue evaluations report; an empty side scores 0. With one
+    reference (dialogue) both rules take the same maximum; with several, rouge-score keeps the best single F.
     """
     ids, hyps = _check(gts, res)
+    split = tokenize or (lambda t: t.split(" "))
     per = {}
     for i in ids:
-        c = hyps[i].split(" ")
-        lcs = [(_lcs(r.split(" "), c), len(r.split(" "))) for r in gts[i]]
+        c = split(hyps[i])
+        lcs = [(_lcs(split(r), c), len(split(r))) for r in gts[i]]
+        if not c or not all(lr for _, lr in lcs):
+            per[i] = 0.0
+            continue
         p, r = max(l / len(c) for l, _ in lcs), max(l / lr for l, lr in lcs)
         per[i] = (1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0
     return float(np.mean(list(per.values()))), per
@@ -298,6 +325,83 @@ def caption_metrics(gts, res):
     out = {f"BLEU-{k + 1}": b[k] for k in range(4)}
     out["CIDEr"] = cider_d(tok_gts, tok_res)[0]
     out["ROUGE-L"] = rouge_l(tok_gts, tok_res)[0]
+    return out
+
+
+# ============================================================ dialogue metrics (Image-Chat)
+# ParlAI's answer normalisation (parlai/core/metrics.py `normalize_answer`, used by its F1Metric).
+_PARLAI_PUNC = re.compile(r"[!\"#$%&()*+,-./:;<=>?@\[\]\\^`{|}~_']")
+_PARLAI_ART = re.compile(r"\b(a|an|the)\b")
+# Contraction expansion: the core of the `contractions` package's fix(), which the VLAW-MDM release applies to
+# predictions and references before scoring (training_ablation.py).
+_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "cannot"), (r"\bshan't\b", "shall not"),
+                 (r"\blet's\b", "let us"), (r"\bain't\b", "are not"), (r"n't\b", " not"), (r"'re\b", " are"),
+                 (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"), (r"\bi'm\b", "i am"),
+                 (r"\b(it|that|what|there|here|he|she|who|where|how)'s\b", r"\1 is")]
+
+
+def expand_contractions(text):
+    """Strip, lower-case, expand contractions, collapse spaces ("It's NOT" -> "it is not")."""
+    text = text.strip().lower().replace("\u2019", "'")
+    for pat, rep in _CONTRACTIONS:
+        text = re.sub(pat, rep, text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parlai_normalize(text):
+    """ParlAI `normalize_answer`: lower-case, punctuation -> space, articles a/an/the dropped, spaces collapsed."""
+    return " ".join(_PARLAI_ART.sub(" ", _PARLAI_PUNC.sub(" ", text.lower())).split())
+
+
+def token_f1(pred, ref):
+    """Unigram multiset F1 of two token sequences (ids or words), as the VLAW-MDM release (src/utils.py, on
+    BlenderBot token ids): P = overlap/|pred|, R = overlap/|ref|; 1 when both are empty, 0 without overlap."""
+    if not pred and not ref:
+        return 1.0
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def word_f1(pred, ref):
+    """ParlAI's F1 (parlai/core/metrics.py F1Metric): `token_f1` of the `parlai_normalize`d words, except that two
+    empty answers score 0 there (no overlap)."""
+    p, r = parlai_normalize(pred).split(), parlai_normalize(ref).split()
+    return token_f1(p, r) if p or r else 0.0
+
+
+def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok=None, ranks=None,
+                    n_candidates=100):
+    """One Image-Chat turn scored as the VLAW-MDM release does (x100): F1 on token ids (`token_f1`), BLEU-4 with
+    torchmetrics' rule (`bleu(smooth=False)`) and ROUGE-L with rouge-score's (`rouge_l(beta=1, rouge_score_tokens)`),
+    each averaged over batches of `chunk` examples ("paper mode"); "corpus_*": the same over the whole turn (BLEU
+    corpus-level, F1/ROUGE-L mean over examples); "word_F1": ParlAI's. preds/refs: normalised strings.
+    Optional: "PPL" = exp(token-mean NLL) per batch, averaged over batches, from per-example summed `nll` and
+    token counts `n_tok`; "R@1/<n_candidates>" (ParlAI's hits@1) and "MRR" from the gold answers' 1-based `ranks`
+    among the candidates (a plain percentage over the examples that have one)."""
+    n = len(preds)
+    gts, res = {i: [r] for i, r in enumerate(refs)}, dict(enumerate(preds))
+    f1 = [token_f1(a, b) for a, b in zip(pred_tokens, ref_tokens)]
+    rl = rouge_l(gts, res, beta=1.0, tokenize=rouge_score_tokens)[1]
+    rl = [rl[i] for i in range(n)]
+
+    def bleu4(ids):
+        return bleu({i: gts[i] for i in ids}, {i: res[i] for i in ids}, smooth=False)[3]
+    batches = [range(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    out = {"F1": np.mean([np.mean([f1[i] for i in b]) for b in batches]),
+           "BLEU-4": np.mean([bleu4(b) for b in batches]),
+           "ROUGE-L": np.mean([np.mean([rl[i] for i in b]) for b in batches]),
+           "corpus_F1": np.mean(f1), "corpus_BLEU-4": bleu4(range(n)), "corpus_ROUGE-L": np.mean(rl),
+           "word_F1": np.mean([word_f1(p, r) for p, r in zip(preds, refs)])}
+    if ranks:
+        out[f"R@1/{n_candidates}"] = np.mean([r == 1 for r in ranks])
+        out["MRR"] = np.mean([1 / r for r in ranks])
+    out = {k: 100 * float(v) for k, v in out.items()}
+    if nll is not None:
+        out["PPL"] = float(np.mean([math.exp(sum(nll[i] for i in b) / max(1, sum(n_tok[i] for i in b)))
+                                    for b in batches]))
     return out
 
 

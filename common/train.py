@@ -49,27 +49,51 @@ def check_finite(step, terms):
         raise NonFiniteLossError(f"non-finite loss at step {step}: " + ", ".join(f"{k}={v}" for k, v in vals.items()))
 
 
-# Dense bf16 peak FLOP/s (no sparsity) of GPUs whose name we recognise, for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-             "A6000": 155e12, "4090": 165e12, "V100": 125e12}
+def optimizer_update(optimizer, scaler, params, max_norm, step, terms):
+    """The end of every training step, after the micro-batch backward passes: unscale, clip (returning the
+    pre-clip grad norm), stop on a non-finite loss term or grad norm *before* the update (so the last checkpoint
+    stays the last good one; an fp16 scaler skips inf-gradient steps itself), step, update the scaler, zero the
+    gradients.  `terms`: the step's loss terms (tensors or floats), named in the error."""
+    scaler.unscale_(optimizer)
+    gnorm = clip_grad(params, max_norm)
+    check_finite(step, {**terms, **({} if scaler.is_enabled() else {"grad_norm": gnorm})})
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm
 
 
-def peak_flops(device):
+# Dense (no sparsity) peak FLOP/s per GPU as (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32), from the
+# vendors' data sheets.  Matched in order against torch.cuda.get_device_name: the PCIe and NVL H100s are slower
+# parts than the SXM one, so they come first.
+PEAKS = (("H100 PCIe", (756e12, 378e12, 51e12)), ("H100 NVL", (835e12, 418e12, 60e12)),
+         ("H100", (989e12, 495e12, 67e12)), ("H200", (989e12, 495e12, 67e12)), ("H800", (989e12, 495e12, 67e12)),
+         ("A100", (312e12, 156e12, 19.5e12)), ("A800", (312e12, 156e12, 19.5e12)), ("L40S", (362e12, 183e12, 91.6e12)),
+         ("A6000", (155e12, 77e12, 38.7e12)), ("4090", (165e12, 83e12, 82.6e12)), ("V100", (125e12, None, 15.7e12)))
+
+
+def peak_flops(device, dtype=torch.bfloat16):
+    """Peak FLOP/s of one GPU for the precision the run computes in (None on CPU or an unknown GPU): bf16/fp16
+    autocast -> the tensor-core peak; fp32 -> the TF32 peak when matmuls may use TF32, else plain fp32."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16.items():
+    for key, (half, tf32, fp32) in PEAKS:
         if key in name:
-            return peak
+            if dtype in (torch.bfloat16, torch.float16):
+                return half
+            return tf32 if tf32 and torch.backends.cuda.matmul.allow_tf32 else fp32
     return None
 
 
-def mfu(flops_per_step, seconds_per_step, device):
-    peak = peak_flops(device)
+def mfu(flops_per_step, seconds_per_step, device, world_size=1, dtype=torch.bfloat16):
+    """Model FLOPs utilisation: `flops_per_step` is the work of the whole step on all `world_size` GPUs (the global
+    batch), so it is divided by the peak of all of them, not of one."""
+    peak = peak_flops(device, dtype)
     if peak is None or not flops_per_step or seconds_per_step <= 0:
         return None
-    return flops_per_step / seconds_per_step / peak
+    return flops_per_step / seconds_per_step / (peak * world_size)
 
 
 def _sync(device):
@@ -102,18 +126,13 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def run_bench(step_fn, n, samples_per_step, device, warmup=3, flops_per_step=None):
-    """Time `n` calls of step_fn() after `warmup` untimed ones: the `--bench N` report."""
-    for _ in range(warmup):
-        step_fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step_fn()
-    _sync(device)
-    sec = (time.perf_counter() - t0) / max(1, n)
+def run_bench(step_fn, n, samples_per_step, device, warmup=3, flops_per_step=None, world_size=1,
+              dtype=torch.bfloat16):
+    """Time `n` calls of step_fn() after `warmup` untimed ones: the `--bench N` report.  `flops_per_step`: the
+    step's work on all `world_size` processes (MFU divides by all their peaks)."""
+    sec = seconds_per_call(step_fn, n, device, warmup)
     out = {"bench_steps": n, "ms_step": 1000 * sec, "samples_s": samples_per_step / sec}
-    m = mfu(flops_per_step, sec, device)
+    m = mfu(flops_per_step, sec, device, world_size, dtype)
     if m is not None:
         out["mfu"] = m
     if torch.device(device).type == "cuda":
@@ -121,3 +140,40 @@ def run_bench(step_fn, n, samples_per_step, device, warmup=3, flops_per_step=Non
     print("bench | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()),
           flush=True)
     return out
+
+
+def count_params(modules, trainable=None):
+    """Parameters of one module or several, each tensor counted once however often it is shared (tied weights);
+    trainable=True / False counts only those that do / do not require grad (trainable vs frozen)."""
+    modules = [modules] if isinstance(modules, torch.nn.Module) else modules
+    params = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() for p in params.values() if trainable is None or p.requires_grad == trainable)
+
+
+def size_table(parts):
+    """The model-size table (`--mode params`, efficiency reports): {part: (modules, fn or None)} ->
+    {"params_<part>": parameters of the modules (shared ones once), "gflops_<part>": GFLOPs of one fn() call by
+    FlopCounterMode}; fn is the work of one sample (run it under no_grad/autocast as the caller needs)."""
+    out = {}
+    for name, (modules, fn) in parts.items():
+        out[f"params_{name}"] = count_params(modules)
+        if fn is not None:
+            out[f"gflops_{name}"] = count_flops(fn) / 1e9
+    return out
+
+
+def seconds_per_call(fn, n, device, warmup=1):
+    """Mean wall time of `n` calls of fn() after `warmup` untimed ones (CUDA synchronised around the timing)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / max(1, n)
+
+
+def samples_per_second(fn, samples, device, n=3, warmup=1):
+    """Throughput of fn(), which processes `samples` samples: `n` timed calls after `warmup` untimed ones."""
+    return samples / seconds_per_call(fn, n, device, warmup)

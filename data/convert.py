@@ -41,6 +41,7 @@ import os
 import posixpath
 import re
 import sys
+import tempfile
 from collections import Counter
 
 # VQA answers are 10 per question: the official accuracy is min(#humans that said it / 3, 1),
@@ -157,6 +158,20 @@ def _join(*parts):
     return posixpath.join(*parts) if parts else ""
 
 
+def _image_path(report, prefix, *parts):
+    """`_join(prefix, *parts)` for an image path read from an annotation file, with a warning (counted, with
+    examples) where the file's path is absolute (a join would silently drop the prefix: it is kept as given, and
+    --image_root no longer applies) or climbs out of the image root with '..'."""
+    given = _join(*parts)
+    if posixpath.isabs(given) or os.path.isabs(given):
+        report.warn("absolute image path (--image_prefix and --image_root not applied)", given)
+        return given
+    path = _join(prefix, given)
+    if ".." in path.replace("\\", "/").split("/"):
+        report.warn("image path contains '..' (reaches outside the image root)", path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # Caption pairs
 # ---------------------------------------------------------------------------------------------------
@@ -235,7 +250,7 @@ def convert_coco(ann_path, images_subdir=None, report=None):
         if not captions:
             report.skip("image without captions", img_id)
             continue
-        records.append({"image": _join(images_subdir, img["file_name"]), "captions": captions})
+        records.append({"image": _image_path(report, images_subdir, img["file_name"]), "captions": captions})
     return records
 
 
@@ -280,7 +295,7 @@ def convert_karpathy(json_path, split, image_prefix="", merge_restval=False, rep
             # e.g. some public copies of dataset_flickr8k.json have empty `sentences` on test images
             report.skip("image without sentences", filename)
             continue
-        records.append({"image": _join(image_prefix, filepath, filename), "captions": captions})
+        records.append({"image": _image_path(report, image_prefix, filepath, filename), "captions": captions})
     return records
 
 
@@ -308,7 +323,7 @@ def convert_blip(json_path, image_prefix="", report=None):
                 raise ConversionError(f"{json_path}: {where}: field 'image' is {image!r} but an earlier entry "
                                       f"with this image_id has {first!r}")
         captions = [caption] if isinstance(caption, str) else caption
-        rec = by_image.setdefault(image, {"image": _join(image_prefix, image), "captions": []})
+        rec = by_image.setdefault(image, {"image": _image_path(report, image_prefix, image), "captions": []})
         for k, cap in enumerate(captions):
             _check_type(cap, str, json_path, f"{where} caption[{k}]", "caption")
             if _clean(cap):
@@ -365,8 +380,12 @@ def convert_img2dataset(folder, image_prefix="", encode_format="jpg", report=Non
                 report.skip(f"status {status!r}", key)
                 continue
             if key + ".txt" in names:
-                with open(os.path.join(shard_dir, key + ".txt"), encoding="utf-8") as f:
-                    caption = f.read()
+                try:
+                    with open(os.path.join(shard_dir, key + ".txt"), encoding="utf-8") as f:
+                        caption = f.read()
+                except UnicodeDecodeError as e:  # a bad sample, counted like a failed download
+                    report.skip(f"caption .txt not UTF-8 (byte {e.start})", os.path.join(shard, key + ".txt"))
+                    continue
             else:
                 caption = meta.get("caption")
                 if caption is not None:
@@ -608,15 +627,23 @@ def check_images(records, image_root, report=None):
 
 
 def write_jsonl(records, path):
-    """One JSON object per line, UTF-8; written to a temp file then renamed, so a crash leaves no half file."""
+    """One JSON object per line, UTF-8; written to a temp file then renamed, so a crash leaves no half file.
+    The temp file is created exclusively (a fresh random name next to the output, O_EXCL: a file or symlink
+    planted under a predictable name is never followed or overwritten), and the rename replaces the output
+    name itself, never what a link there points to."""
     path = str(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return len(records)
 
 

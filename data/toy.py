@@ -10,9 +10,11 @@ backbone carries real signal just as a real checkpoint does.
     python data/toy.py --out data/toy                 # full world  (~2000/250/250 scenes; <= ~3 min on 2 cores)
     python data/toy.py --out data/toy_tiny --tiny     # test world  (~300/50/50 scenes; well under a minute)
     python data/toy.py --out /tmp/w --tiny --data_only  # only the data files, no backbones
+    python data/toy.py --models clip,bert             # data + these backbones (others are added when a run needs them)
 
-Python: `build_toy_world(out, tiny=False, seed=0)` -> manifest dict; `ensure_toy_world(root, tiny)` builds only
-when `<root>/manifest.json` is missing.  Everything is written to a temporary folder that is renamed at the end,
+Python: `build_toy_world(out, tiny=False, seed=0)` -> manifest dict; `ensure_toy_world(root, models=(...))` builds
+the data when `<root>/manifest.json` is missing and each listed backbone not built yet (a script's first run
+builds only what it reads; `toy_paths` does this for a config).  Everything is written to a temporary folder that is renamed at the end,
 so a half-built world is never mistaken for a complete one.  The same seed gives the same bytes (seeded
 `random.Random` / numpy generators per component; torch single-process with a fixed thread count).
 
@@ -1077,7 +1079,10 @@ def _features(out):
 def train_clip(root, words, pairs_tr, pairs_va, sizes, steps, seed, log):
     """CLIP (Radford et al. 2021, sec. 2.3): symmetric InfoNCE over in-batch image/caption pairs."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    import transformers
+    from transformers import CLIPConfig, CLIPModel
+    # the pillow image processor: the default CLIPImageProcessor wants torchvision (not a dependency here)
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     from common.image import ImageTransform, load_image
     tok, vocab = make_tokenizer("clip", words, TEXT_MAX)
     H, L = sizes["hidden"], sizes["layers"]
@@ -1122,7 +1127,7 @@ def train_clip(root, words, pairs_tr, pairs_va, sizes, steps, seed, log):
     d = os.path.join(root, "models", "clip")
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": IMG}, crop_size={"height": IMG, "width": IMG},
+    processor_cls(size={"shortest_edge": IMG}, crop_size={"height": IMG, "width": IMG},
                        do_center_crop=True).save_pretrained(d)
     log(f"  clip val zero-shot R@1 i2t {i2t:.3f} t2i {t2i:.3f} (chance {1 / len(pairs_va):.3f})")
     return {"final_loss": loss, "val_i2t_r1": i2t, "val_t2i_r1": t2i, "val_chance_r1": 1 / len(pairs_va),
@@ -1205,7 +1210,7 @@ def _scene_documents(groups, seed, per_scene=2):
     Real GPT-2 learns from documents whose earlier text predicts later text, which is why a prefix (ClipCap's
     mapper, perceiver_caption.py --bridge mapper) can steer it. A toy GPT-2 trained only on isolated captions
     always starts from the same token and learns to ignore what precedes a caption: a mapped prefix then scored
-    47 test CIDEr against 45 for blank images; with these documents added, 67 against 40 (README).
+    47 test CIDEr against 45 for blank images; with these documents added, 67 against 40 (docs/RESULTS.md).
     """
     rng = _rng(seed, "gpt2-documents")
     return [" <|endoftext|> ".join(rng.sample(g, 2)) for g in groups for _ in range(per_scene) if len(g) > 1]
@@ -1218,10 +1223,11 @@ def _causal_eval(model, seqs, pad_id):
     with torch.no_grad():
         for i in range(0, len(seqs), 256):
             ids, mask = _pad(seqs[i:i + 256], pad_id)
-            labels = ids.masked_fill(mask == 0, -100)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            k = int((labels[:, 1:] != -100).sum())
-            tot, n = tot + float(out.loss) * k, n + k
+            labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+            tot += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                           reduction="sum"))
+            n += int((labels != -100).sum())
     return math.exp(tot / n)
 
 
@@ -1229,7 +1235,9 @@ def train_causal(kind, root, words, texts, val_texts, sizes, steps, seed, log):
     """GPT-2 / OPT next-token prediction on captions + corpus (Radford et al. 2019; Zhang et al. 2022)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
-    tok, vocab = make_tokenizer(kind, words, TEXT_MAX)
+    # GPT-2's tokenizer allows what its positions allow (as the released one: 1024 = n_positions); the
+    # two-caption documents below are longer than one caption's TEXT_MAX
+    tok, vocab = make_tokenizer(kind, words, 128 if kind == "gpt2" else TEXT_MAX)
     H, L = sizes["hidden"], sizes["layers"]
     torch.manual_seed(seed)
     if kind == "gpt2":
@@ -1254,7 +1262,9 @@ def train_causal(kind, root, words, texts, val_texts, sizes, steps, seed, log):
     def loss_fn(step):
         idx = torch.randint(len(seqs), (B,), generator=g).tolist()
         ids, mask = _pad([seqs[i] for i in idx], pad)
-        return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V): token t predicts token t+1
+        labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     loss = _fit(model, loss_fn, steps, 3e-3, seed, kind, log)
     ppl = _causal_eval(model, val, pad)
@@ -1423,46 +1433,105 @@ def train_t5(root, words, texts, val_texts, groups, qa, val_qa, sizes, steps, se
             "vocab_size": len(vocab), "val_qa_from_caption_acc": qa_acc}
 
 
-def build_models(root, texts, tiny, seed, log):
+MODEL_NAMES = ("clip", "blip2_vision", "bert", "gpt2", "opt", "t5")
+MODEL_DEPS = {"blip2_vision": ("clip",)}   # the BLIP-2 tower starts from the toy CLIP's weights
+MODEL_SEED_OFFSET = dict(clip=0, bert=1, gpt2=2, opt=3, t5=4, blip2_vision=5)
+MODEL_DONE = "toy_model.json"               # written last into models/<name>: its presence marks a finished backbone
+
+
+def with_deps(names):
+    """`names` plus the backbones they are built from, in build order."""
+    need = set()
+    for n in names:
+        if n not in MODEL_NAMES:
+            raise ValueError(f"unknown toy backbone {n!r}; choose from {MODEL_NAMES}")
+        need.update((n,) + MODEL_DEPS.get(n, ()))
+    return [n for n in MODEL_NAMES if n in need]
+
+
+def _train_one(name, root, tiny, seed, log):
+    """Pretrain one backbone into <root>/models/<name>.  Each backbone's inputs come only from the data files and
+    its own seed, so building one alone gives the same bytes as building all (on a given machine)."""
     import torch
+    from common.data import read_pairs, read_vqa
     prev = torch.get_num_threads()
     torch.set_num_threads(2)  # fixed thread count: same reductions -> same bytes on a given machine
     try:
-        words = build_word_list(texts)
-        with open(os.path.join(root, "models_vocab.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(words) + "\n")
+        with open(os.path.join(root, "models_vocab.txt"), encoding="utf-8") as f:
+            words = f.read().split()
         sizes = _model_sizes(tiny)
-        steps = TRAIN_STEPS_TINY if tiny else TRAIN_STEPS_FULL
-        from common.data import read_pairs, read_vqa
+        steps = (TRAIN_STEPS_TINY if tiny else TRAIN_STEPS_FULL)[name]
+        s = seed + MODEL_SEED_OFFSET[name]
         tr, va = read_pairs(os.path.join(root, "pairs_train.jsonl")), read_pairs(os.path.join(root, "pairs_val.jsonl"))
-        qa = _qa_examples(tr, read_vqa(os.path.join(root, "vqa_train.jsonl")))
-        val_qa = _qa_examples(va, read_vqa(os.path.join(root, "vqa_val.jsonl")))
         with open(os.path.join(root, "corpus.txt"), encoding="utf-8") as f:
             corpus = f.read().splitlines()
         # captions of one scene: the corpus writes 5 per (never rendered) scene, in order
         groups = [r["captions"] for r in tr] + [corpus[i:i + 5] for i in range(0, len(corpus) - 4, 5)]
         lm_texts = _lm_texts(tr, corpus)
         val_texts = [c for r in va for c in r["captions"]]
-        out = {}
-        for name, fn in (
-                ("clip", lambda: train_clip(root, words, tr, va, sizes, steps["clip"], seed, log)),
-                ("blip2_vision", lambda: train_blip2_vision(root, tr, va, steps["blip2_vision"], seed + 5, log)),
-                ("bert", lambda: train_bert(root, words, lm_texts, val_texts, sizes, steps["bert"], seed + 1, log)),
-                ("gpt2", lambda: train_causal("gpt2", root, words, lm_texts + _scene_documents(groups, seed), val_texts,
-                                              sizes, steps["gpt2"], seed + 2, log)),
-                ("opt", lambda: train_causal("opt", root, words, lm_texts, val_texts, sizes, steps["opt"], seed + 3,
-                                             log)),
-                ("t5", lambda: train_t5(root, words, lm_texts, val_texts, groups, qa, val_qa, sizes, steps["t5"],
-                                        seed + 4, log))):
-            t0 = time.time()
-            log(f"pretraining {name} ...")
-            out[name] = fn()
-            out[name]["seconds"] = round(time.time() - t0, 1)
-        out["_sizes"] = sizes
-        out["_vocab_words"] = len(words)
-        return out
+        if name == "clip":
+            return train_clip(root, words, tr, va, sizes, steps, s, log)
+        if name == "blip2_vision":
+            return train_blip2_vision(root, tr, va, steps, s, log)
+        if name == "bert":
+            return train_bert(root, words, lm_texts, val_texts, sizes, steps, s, log)
+        if name == "gpt2":
+            return train_causal("gpt2", root, words, lm_texts + _scene_documents(groups, seed), val_texts, sizes,
+                                steps, s, log)
+        if name == "opt":
+            return train_causal("opt", root, words, lm_texts, val_texts, sizes, steps, s, log)
+        qa = _qa_examples(tr, read_vqa(os.path.join(root, "vqa_train.jsonl")))
+        val_qa = _qa_examples(va, read_vqa(os.path.join(root, "vqa_val.jsonl")))
+        return train_t5(root, words, lm_texts, val_texts, groups, qa, val_qa, sizes, steps, s, log)
     finally:
         torch.set_num_threads(prev)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def model_ready(root, name):
+    return os.path.isfile(os.path.join(root, "models", name, MODEL_DONE))
+
+
+def build_model(root, name, tiny, seed, log=print):
+    """Build backbone `name` (and what it is built from) into an existing world unless already finished."""
+    out = {}
+    for n in with_deps([name]):
+        if model_ready(root, n):
+            continue
+        d = os.path.join(root, "models", n)
+        if os.path.exists(d):  # a build that was killed half-way
+            shutil.rmtree(d)
+        t0 = time.time()
+        log(f"pretraining toy {n} ...")
+        stats = _train_one(n, root, tiny, seed, log)
+        stats["seconds"] = round(time.time() - t0, 1)
+        _write_atomic(os.path.join(d, MODEL_DONE), json.dumps(stats, indent=1))
+        out[n] = stats
+    return out
+
+
+def build_models(root, tiny, seed, log, names=MODEL_NAMES):
+    out = {}
+    for name in names:
+        out.update(build_model(root, name, tiny, seed, log))
+    out["_sizes"] = _model_sizes(tiny)
+    return out
+
+
+def model_stats(root):
+    """Per-backbone training figures of the backbones built so far (from models/<name>/toy_model.json)."""
+    out = {}
+    for n in MODEL_NAMES:
+        if model_ready(root, n):
+            with open(os.path.join(root, "models", n, MODEL_DONE), encoding="utf-8") as f:
+                out[n] = json.load(f)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1477,7 +1546,8 @@ def _repo_on_path():
 def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=True):
     """Build the world into `out` via a temporary sibling folder + rename.  An existing complete world is
     replaced, unless `replace=False`, in which case a world another process finished meanwhile is kept.
-    Returns the manifest dict (also written to <out>/manifest.json, whose presence marks a complete world)."""
+    `models`: True = every backbone, False = data only, or a list of backbone names (more are built on demand by
+    `ensure_toy_world`).  Returns the manifest dict (<out>/manifest.json, whose presence marks complete data)."""
     _repo_on_path()
     t0 = time.time()
     out = os.path.abspath(out)
@@ -1487,14 +1557,17 @@ def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=Tru
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
+    names = MODEL_NAMES if models is True else with_deps(models or ())
     try:
         log(f"building {'tiny ' if tiny else ''}toy world (seed {seed}) into {out}")
         part, texts = build_data(tmp, tiny=tiny, seed=seed, log=log)
+        with open(os.path.join(tmp, "models_vocab.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(build_word_list(texts)) + "\n")
         t_data = time.time() - t0
         log(f"data written in {t_data:.1f}s: " + ", ".join(f"{k}={v}" for k, v in part["counts"].items()))
         manifest = {"seed": seed, "tiny": tiny, "image_size": IMG, **part, "data_seconds": round(t_data, 1)}
-        if models:
-            manifest["models"] = build_models(tmp, texts, tiny, seed, log)
+        if names:
+            manifest["models"] = build_models(tmp, tiny, seed, log, names)
         manifest["build_seconds"] = round(time.time() - t0, 1)
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
@@ -1517,17 +1590,42 @@ def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=Tru
     return manifest
 
 
-def ensure_toy_world(root="data/toy", tiny=False, seed=0, log=print):
-    """Return `root`, building the world first when `<root>/manifest.json` is missing."""
-    if os.path.isfile(os.path.join(root, "manifest.json")):
-        return root
-    try:
-        build_toy_world(root, tiny=tiny, seed=seed, log=log, replace=False)
-    except OSError:
-        # a concurrent builder renamed its world into place between our check and our rename: accept theirs
-        if not os.path.isfile(os.path.join(root, "manifest.json")):
-            raise
+def ensure_toy_world(root="data/toy", tiny=False, seed=0, models=MODEL_NAMES, log=print):
+    """Return `root`, building what is missing: the data when `<root>/manifest.json` is absent, then each
+    backbone of `models` (and what it is built from) that is not finished yet.  A script's first toy run thus
+    builds only the backbones it reads.  Backbones added to an existing world use the world's own seed and size."""
+    if not os.path.isfile(os.path.join(root, "manifest.json")):
+        try:
+            build_toy_world(root, tiny=tiny, seed=seed, models=list(models), log=log, replace=False)
+        except OSError:
+            # a concurrent builder renamed its world into place between our check and our rename: accept theirs
+            if not os.path.isfile(os.path.join(root, "manifest.json")):
+                raise
+    missing = [n for n in with_deps(models) if not model_ready(root, n)]
+    if missing:
+        _repo_on_path()
+        with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+            man = json.load(f)
+        for n in missing:
+            build_model(root, n, man["tiny"], man["seed"], log)
     return root
+
+
+def toy_paths(cfg, defaults, models, is_main=True, barrier=None):
+    """Fill every empty field of `cfg` named in `defaults` ({field: path relative to cfg.toy_root}); when any was
+    filled, make sure the toy world with backbones `models` exists (rank 0 builds it, the others wait at
+    `barrier`).  Returns True when the run reads the toy world.  The one toy-path helper of the five scripts."""
+    used = False
+    for field, rel in defaults.items():
+        if not getattr(cfg, field):
+            setattr(cfg, field, os.path.join(cfg.toy_root, rel))
+            used = True
+    if used:
+        if is_main:
+            ensure_toy_world(cfg.toy_root, models=models)
+        if barrier is not None:
+            barrier()
+    return used
 
 
 def main(argv=None):
@@ -1537,11 +1635,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if <out>/manifest.json exists")
     p.add_argument("--data_only", action="store_true", help="write the data files only, no backbones")
+    p.add_argument("--models", default=",".join(MODEL_NAMES),
+                   help="comma-separated backbones to build (default all: " + ",".join(MODEL_NAMES) + ")")
     a = p.parse_args(argv)
+    names = [] if a.data_only else [n for n in a.models.split(",") if n]
     if not a.force and os.path.isfile(os.path.join(a.out, "manifest.json")):
-        print(f"{a.out} already built (manifest.json present); use --force to rebuild")
+        ensure_toy_world(a.out, models=names)
+        print(f"{a.out} already built (manifest.json present; missing backbones added); use --force to rebuild")
         return json.load(open(os.path.join(a.out, "manifest.json")))
-    return build_toy_world(a.out, tiny=a.tiny, seed=a.seed, models=not a.data_only)
+    return build_toy_world(a.out, tiny=a.tiny, seed=a.seed, models=names)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Shared fixtures.  `toy_root`: the tiny toy world, built once per test session (or reused from $TOY_TINY_ROOT)."""
+"""Shared fixtures.  `toy_root`: the tiny toy world, built once per test session (or reused from $TOY_TINY_ROOT).
+
+TOY_SEED=N builds the tiny world from seed N (default 0, what CI runs).  A toy world is built by training, so its
+last bits differ between machines; every test that asserts learning must pass on worlds of several seeds:
+    for s in 0 1 2; do TOY_SEED=$s python -m pytest -q; done
+"""
 import os
 
 import pytest
@@ -8,13 +13,14 @@ import pytest
 def toy_root(tmp_path_factory):
     """Path (str) of a complete tiny toy world (data + pretrained tiny backbones).
 
-    Set TOY_TINY_ROOT to a folder built with `python data/toy.py --tiny --out <dir>` to skip the build."""
+    Set TOY_TINY_ROOT to a folder built with `python data/toy.py --tiny --out <dir>` to skip the build (its
+    missing backbones are added); TOY_SEED picks the seed of a world built here."""
+    from data.toy import build_toy_world, ensure_toy_world
     env = os.environ.get("TOY_TINY_ROOT")
     if env and os.path.isfile(os.path.join(env, "manifest.json")):
-        return env
-    from data.toy import build_toy_world
+        return ensure_toy_world(env, tiny=True)
     root = tmp_path_factory.mktemp("toy") / "world"
-    build_toy_world(str(root), tiny=True, seed=0)
+    build_toy_world(str(root), tiny=True, seed=int(os.environ.get("TOY_SEED", "0")))
     return str(root)
 
 

@@ -22,11 +22,19 @@ def metrics_log(run_dir):
 
 
 def fell(run_dir, key="loss"):
-    rows = metrics_log(run_dir)
+    """Mean of the first third of the logged steps and of the last third (never two single steps)."""
+    rows = [r for r in metrics_log(run_dir) if key in r]
     k = max(1, len(rows) // 3)
     first = sum(r[key] for r in rows[:k]) / k
     last = sum(r[key] for r in rows[-k:]) / k
     return first, last
+
+
+def assert_fell(run_dir, key, ratio):
+    """The last third's mean is below `ratio` x the first third's: a margin checked on tiny worlds of seeds 0,
+    1 and 2 (docs/blip2_pformer.md has the values)."""
+    first, last = fell(run_dir, key)
+    assert last < ratio * first, (key, first, last)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,34 +250,38 @@ def pipeline(toy_root, tmp_path_factory):
     small = ["--train_file", str(root / "pairs_small.jsonl"), "--epochs", "100"]
     run = lambda name, *a: (bp.main(common_args(toy_root, root / name) + list(a)), root / name)
     res = {}
-    s0_args = ["--stage", "0", "--max_steps", "12", "--global_batch", "32", "--micro_batch", "32", "--lr", "1e-3",
+    s0_args = ["--stage", "0", "--max_steps", "24", "--global_batch", "32", "--micro_batch", "32", "--lr", "1e-3",
                "--warmup_steps", "2", "--text_file", str(root / "sentences.txt"), "--epochs", "100"]
-    res["0"] = run("s0", *s0_args, "--llm_path", os.path.join(toy_root, "models", "opt"))  # OPT: + L_vq, masking
-    res["0t5"] = run("s0t5", *s0_args)  # the toy default LLM (T5): prefix/suffix split; used by stages 2 and caption
+    opt = ("--llm_path", os.path.join(toy_root, "models", "opt"))  # OPT: + L_vq, masking
+    frozen = ("--lr", "0", "--min_lr", "0", "--warmup_lr", "0")  # control: the same batches, no update
+    res["0"], res["0ctrl"] = run("s0", *s0_args, *opt), run("s0ctrl", *s0_args, *opt, *frozen)
+    # the toy default LLM (T5): prefix/suffix split; its P-Former serves stages 2 and caption
+    res["0t5"], res["0t5ctrl"] = run("s0t5", *s0_args), run("s0t5ctrl", *s0_args, *frozen)
     s0 = str(root / "s0t5" / "checkpoint.pt")
-    # plain BLIP-2 stage 1 (no --pformer_ckpt): with a P-Former from 12 steps the alignment target is nearly
-    # constant and slows the toy ITC down; stage 1 + alignment is exercised by the resume test below
-    # (the toy ITC sits at log(batch) until the features stop collapsing, 25-60 steps at batch 32)
-    res["1"] = run("s1", "--stage", "1", "--max_steps", "80", "--epochs", "3", "--global_batch", "32",
-                   "--micro_batch", "32", "--lr", "2e-3", "--warmup_steps", "3", "--eval_max", "50")
+    # plain BLIP-2 stage 1 (no --pformer_ckpt; stage 1 + alignment is exercised by the resume test below)
+    # (the toy ITC sits at log(batch) until the features stop collapsing: 40-100 steps, seed-dependent)
+    res["1"] = run("s1", "--stage", "1", "--max_steps", "120", "--epochs", "5", "--global_batch", "32",
+                   "--micro_batch", "32", "--lr", "1e-3", "--warmup_steps", "3", "--eval_max", "50")
     res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
                         "retrieval", "--blank_images", "true", "--eval_max", "50")
     res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
                    "--lr", "1e-3", "--warmup_steps", "2", "--init", str(root / "s1" / "checkpoint.pt"),
                    "--pformer_ckpt", s0, "--eval_max", "6", *small)
-    res["cap"] = run("cap", "--stage", "caption", "--max_steps", "8", "--global_batch", "16", "--micro_batch", "16",
-                     "--lr", "3e-4", "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"),
+    res["cap"] = run("cap", "--stage", "caption", "--max_steps", "16", "--global_batch", "16", "--micro_batch", "16",
+                     "--lr", "1e-3", "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"),
                      "--pformer_ckpt", s0, "--eval_max", "4", *small)
     return res
 
 
 def test_stage0_pformer_learns(pipeline):
+    # The LM loss of the frozen LLM prompted by P*: the last third of the 24 steps against a control run that
+    # sees the same batches (same masks and prefix splits) without updates; batch-to-batch noise cancels.
+    for name in ("0", "0t5"):
+        trained, control = fell(pipeline[name][1], "lm")[1], fell(pipeline[name + "ctrl"][1], "lm")[1]
+        assert trained < 0.95 * control, (name, trained, control)
     metrics, run_dir = pipeline["0"]
-    first, last = fell(run_dir, "lm")
-    assert last < first
     assert {"final_lm", "final_contrast", "final_vq"} <= set(metrics)
-    t5, t5_dir = pipeline["0t5"]
-    assert "final_vq" not in t5 and fell(t5_dir, "lm")[1] < fell(t5_dir, "lm")[0]
+    assert "final_vq" not in pipeline["0t5"][0]
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ck["config"]["stage"] == "0" and "cls_proj.weight" in ck["model"]
     assert json.load(open(run_dir / "config.json"))["stage"] == "0"
@@ -277,17 +289,16 @@ def test_stage0_pformer_learns(pipeline):
 
 def test_stage1_losses_fall_and_retrieval_beats_blank(pipeline):
     metrics, run_dir = pipeline["1"]
-    for key in ("itc", "itg"):  # ITM only moves once ITC supplies hard negatives (it sits at H(1/3) first)
-        first, last = fell(run_dir, key)
-        assert last < first, key
+    assert_fell(run_dir, "itc", 0.9)  # ITM only moves once ITC supplies hard negatives (H(1/3) first)
+    assert_fell(run_dir, "itg", 0.85)
     blank = pipeline["1blank"][0]
     # with blank images every image looks the same: retrieval sits at chance (R@1 = 2% of 50); the trained
     # Q-Former is far above it
     assert blank["img_r1"] == pytest.approx(2.0) and blank["txt_r1"] == pytest.approx(2.0)
-    # 80 steps (1.7 epochs of the tiny world) just get the toy ITC out of its collapsed start (the README's
-    # longer runs reach R@1 ~20-40);
-    # random features would give r_mean 10 +- ~2 here
-    assert metrics["r_mean"] > blank["r_mean"] + 5 and metrics["txt_r10"] + metrics["img_r10"] > 50, (metrics, blank)
+    # 120 steps (2.6 epochs of the tiny world) get the toy ITC out of its collapsed start; random
+    # features would give r_mean 10 +- ~2 here
+    gap = metrics["r_mean"] - blank["r_mean"]
+    assert gap > 15 and metrics["txt_r10"] + metrics["img_r10"] > 80, (metrics, blank)
 
 
 def test_stage2_and_caption_run_and_write_predictions(pipeline):
@@ -295,8 +306,7 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     # stage 2's objective LM + 100 * align falls; its T5 LM term alone is noisy here (a fresh random
     # prefix/suffix split every step) -- the caption stage below checks that the LM term itself falls
     for key in ("loss", "align"):
-        first, last = fell(run_dir, key)
-        assert last < first, key
+        assert_fell(run_dir, key, 0.5)
     assert {"CIDEr", "BLEU-4", "vqa_acc"} <= set(metrics)
     caps = json.load(open(run_dir / "captions.json"))
     assert len(caps) == 6 and all(isinstance(c["caption"], str) for c in caps)
@@ -304,8 +314,7 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert "llm_proj.weight" in ck["model"] and not any("word_embeddings" in k for k in ck["model"])
     metrics, run_dir = pipeline["cap"]
-    first, last = fell(run_dir, "lm")
-    assert last < first
+    assert_fell(run_dir, "lm", 0.95)  # 16 steps on the same 16 pairs: a smooth fall
     assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
 
 
@@ -386,3 +395,121 @@ def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):
     logged = metrics_log(tmp_path)
     assert last_good["step"] == logged[-1]["step"] < 20  # nothing saved for the failing step
     assert all(torch.isfinite(v).all() for v in last_good["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: stamped, checked before use; bad images counted once per image; resume config; first toy run
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_checkpoints_are_stamped_and_checked(pipeline, toy_root, tmp_path):
+    from common.checkpoint import CheckpointMismatch
+    kinds = {"0": "stage 0", "1": "stage 1", "2": "stage 2", "cap": "caption"}
+    for name, kind in kinds.items():
+        ck = torch.load(pipeline[name][1] / "checkpoint.pt", weights_only=True)
+        assert (ck["script"], ck["kind"]) == ("blip2_pformer", kind)
+    s0, s1 = (str(pipeline[k][1] / "checkpoint.pt") for k in ("0t5", "1"))
+    args = lambda *a: stage1_args(toy_root, tmp_path, 1, *a)  # noqa: E731
+    # another script's checkpoint: before, 0 of its tensors loaded and stage 2 trained from scratch
+    other = tmp_path / "imagechat.pt"
+    torch.save({"script": "imagechat_warmup", "kind": "finetune", "model": {"w": torch.zeros(2)},
+                "config": {"tasks": "all"}}, other)
+    with pytest.raises(CheckpointMismatch, match=r"--init .*imagechat_warmup finetune checkpoint"):
+        bp.main(args("--stage", "2", "--init", str(other)))
+    with pytest.raises(CheckpointMismatch, match="stage 0 checkpoint"):  # a P-Former is no --init
+        bp.main(args("--stage", "2", "--init", s0))
+    with pytest.raises(CheckpointMismatch, match=r"--pformer_ckpt .*stage 1 checkpoint"):
+        bp.main(args("--pformer_ckpt", s1))
+    # this script's stamp on weights of something else: refused because (almost) nothing loads
+    ck = torch.load(s1, weights_only=True)
+    ck["model"] = {"other." + k: v for k, v in ck["model"].items()}
+    torch.save(ck, tmp_path / "renamed.pt")
+    with pytest.raises(CheckpointMismatch, match=r"only 0 of \d+ tensors"):
+        bp.main(args("--stage", "2", "--init", str(tmp_path / "renamed.pt")))
+    # an unstamped checkpoint of this script still loads, its kind read from its config
+    ck = torch.load(s1, weights_only=True)
+    del ck["script"], ck["kind"]
+    torch.save(ck, tmp_path / "old.pt")
+    m = bp.main(["--stage", "eval", "--init", str(tmp_path / "old.pt"), "--eval_tasks", "retrieval"]
+                + common_args(toy_root, tmp_path / "ev") + ["--eval_max", "50"])
+    assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])
+
+
+def corrupt_world(toy_root, root, n_images, n_bad):
+    """A pairs file of `n_images` toy images (5 captions each) of which the first `n_bad` are corrupt."""
+    import shutil
+    with open(os.path.join(toy_root, "pairs_train.jsonl")) as f:
+        recs = [json.loads(line) for line in f.readlines()[:n_images]]
+    (root / "images").mkdir(parents=True)
+    for i, r in enumerate(recs):
+        dst = root / "images" / os.path.basename(r["image"])
+        if i < n_bad:
+            dst.write_bytes(b"not a png")
+        else:
+            shutil.copy(os.path.join(toy_root, r["image"]), dst)
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return ["--train_file", str(root / "pairs.jsonl"), "--image_root", str(root)]
+
+
+def test_bad_images_counted_once_per_image(toy_root, tmp_path, capsys):
+    from common.data import DataError
+    # 1 corrupt image of 34 (3%), 5 captions each: before, each draw of its captions counted again (up to 15
+    # per epoch), and max_bad_frac 0.05 aborted the run; DataLoader workers must report their counts too
+    files = corrupt_world(toy_root, tmp_path / "w3", 34, 1)
+    m = bp.main(stage1_args(toy_root, tmp_path / "r3", 10, "--epochs", "2", *files, "--num_workers", "2"))
+    assert "final_loss" in m
+    assert "training images: 1 of 34 images unreadable" in capsys.readouterr().out
+    files = corrupt_world(toy_root, tmp_path / "w20", 34, 7)  # 20%: stops with one line naming the root
+    with pytest.raises(DataError, match="too many unreadable images under") as e:
+        bp.main(stage1_args(toy_root, tmp_path / "r20", 10, "--epochs", "2", *files))
+    assert "\n" not in str(e.value)
+    files = corrupt_world(toy_root, tmp_path / "w100", 12, 12)  # no readable image, found by a worker
+    with pytest.raises(DataError, match="no readable image under") as e:
+        bp.main(stage1_args(toy_root, tmp_path / "r100", 2, *files, "--num_workers", "1"))
+    assert "\n" not in str(e.value)
+
+
+def test_resume_checks_config_and_logs_each_step_once(pipeline, toy_root, tmp_path):
+    import shutil
+    from common.checkpoint import CheckpointMismatch
+    run = tmp_path / "run"
+    bp.main(stage1_args(toy_root, run, 1))
+    shutil.copy(run / "checkpoint.pt", tmp_path / "step1.pt")
+    bp.main(stage1_args(toy_root, run, 3, "--resume", str(run / "checkpoint.pt")))
+    # as after a kill at step 3 with the step-1 checkpoint: steps 2 and 3 are logged again, once each
+    again = bp.main(stage1_args(toy_root, run, 3, "--resume", str(tmp_path / "step1.pt")))
+    steps = [r["step"] for r in metrics_log(run) if "loss" in r]
+    assert steps == [1, 2, 3] and again["final_loss"] == metrics_log(run)[-1]["loss"]
+    with pytest.raises(CheckpointMismatch, match=r"lr .*-> 0\.005.*--resume_changes"):
+        bp.main(stage1_args(toy_root, run, 2, "--lr", "5e-3", "--resume", str(tmp_path / "step1.pt")))
+    bp.main(stage1_args(toy_root, run, 2, "--lr", "5e-3", "--resume", str(tmp_path / "step1.pt"),
+                        "--resume_changes", "true"))
+    with pytest.raises(CheckpointMismatch, match="stage 1 checkpoint"):  # a stage-2 run resumes stage 2 only
+        bp.main(stage1_args(toy_root, tmp_path / "s2", 2, "--stage", "2", "--resume", str(tmp_path / "step1.pt")))
+
+
+def test_toy_files_name_only_the_backbones_a_stage_reads():
+    from common.config import parse_config
+    cfg = lambda *a: bp.resolve_config(parse_config(bp.Config, bp.PRESETS, list(a)))  # noqa: E731
+    assert bp.toy_files(cfg("--stage", "0"))[1] == ["bert", "t5"]
+    assert bp.toy_files(cfg("--stage", "1"))[1] == ["blip2_vision", "bert"]
+    assert bp.toy_files(cfg("--stage", "1", "--pformer_ckpt", "s0.pt"))[1] == ["blip2_vision", "bert"]
+    assert bp.toy_files(cfg("--stage", "2", "--llm_path", "data/toy/models/opt"))[1] == [
+        "blip2_vision", "bert", "opt"]
+    assert bp.toy_files(cfg("--stage", "eval", "--eval_tasks", "retrieval"))[1] == ["blip2_vision", "bert"]
+
+
+def test_first_stage1_run_builds_only_its_backbones_quietly(toy_root, tmp_path):
+    """`python blip2_pformer.py --stage 1` on a world without the LLMs: it neither builds nor reads them, and
+    its console has no transformers load report (BERT loaded as the class it was saved as) nor warning about
+    image processors."""
+    import shutil
+    world = tmp_path / "world"
+    shutil.copytree(toy_root, world, ignore=lambda d, names: [n for n in names if n in ("gpt2", "opt", "t5")])
+    out = subprocess.run([sys.executable, os.path.join(REPO, "blip2_pformer.py"), "--stage", "1", "--toy_root",
+                          str(world), "--max_steps", "1", "--global_batch", "8", "--micro_batch", "8",
+                          "--num_workers", "0", "--eval_tasks", "", "--out_dir", str(tmp_path / "run")],
+                         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-2000:]
+    assert sorted(os.listdir(world / "models")) == ["bert", "blip2_vision", "clip"]
+    assert "LOAD REPORT" not in log and "UNEXPECTED" not in log and "torchvision" not in log, log[-2000:]

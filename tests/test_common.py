@@ -242,8 +242,9 @@ def test_image_folder_loader_counts_bad(tmp_path):
     loader = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8), max_bad_frac=0.4)
     assert loader("ok.png").shape == (3, 8, 8) and loader("bad.png") is None
     assert "1 of 2" in loader.report()
+    loader.check()  # fewer than min_tried images: not yet
     with pytest.raises(data.DataError, match="too many unreadable"):
-        loader.check()
+        loader.check(final=True)
     batch = data.collate_skip_none([torch.ones(2), None, torch.zeros(2)])
     assert batch.shape == (2, 2)
 
@@ -321,3 +322,241 @@ def test_bench_and_flops_and_logger(tmp_path, capsys):
     assert rec["step"] == 5 and rec["loss"] == 1.5
     log.Logger(str(tmp_path / "other"), is_main=False).log(1, loss=1.0)
     assert not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------- reliability (bad input, files, resume)
+def test_image_folder_loader_counts_each_image_once(tmp_path):
+    """The one bad-image rule: a bad image drawn 15 times is one bad image, so 1 bad of 34 (3%) passes
+    max_bad_frac 0.05 however often it is drawn; 20% bad stops the run, naming the count."""
+    for i in range(33):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    loader = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8), max_bad_frac=0.05)
+    for epoch in range(15):
+        for i in range(33):
+            loader(f"ok{i}.png")
+        assert loader("bad.png") is None
+        loader.check()
+    assert (loader.tried, loader.bad) == (34, 1) and "1 of 34" in loader.report()
+    for i in range(8):
+        (tmp_path / f"bad{i}.png").write_bytes(b"junk")
+    merged = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8), max_bad_frac=0.05)
+    merged.merge([f"ok{i}.png" for i in range(33)], [f"bad{i}.png" for i in range(8)])  # a worker's counts
+    with pytest.raises(data.DataError, match=r"8 of 41 images unreadable"):
+        merged.check()
+    few = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8), max_bad_frac=0.05, min_tried=20)
+    few("bad.png")
+    few.check()  # one early bad file does not stop a run ...
+    with pytest.raises(data.DataError):
+        few.check(final=True)  # ... but a set with nothing readable does
+
+
+def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is now > 2x the limit: a "bomb"
+    assert image.load_image(str(tmp_path / "big.png")) is None
+    loader = data.ImageFolderLoader(str(tmp_path), image.ImageTransform(8))
+    assert loader("big.png") is None and loader.bad == 1
+
+
+def test_readers_reject_non_utf8_and_non_string_captions(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_bytes(json.dumps({"image": "a.png", "captions": ["ok"]}).encode() + b"\n"
+                  + b'{"image": "b.png", "captions": ["caf\xe9"]}\n')
+    with pytest.raises(data.DataError, match=r"p\.jsonl:2: not UTF-8"):
+        data.read_pairs(str(p))
+    q = _write(tmp_path / "q.jsonl", [json.dumps({"image": "a.png", "captions": ["ok", 3]})])
+    with pytest.raises(data.DataError, match=r"q\.jsonl: record 1: field 'captions'\[1\] should be str, got int"):
+        data.read_pairs(q)
+    v = _write(tmp_path / "v.jsonl", [json.dumps({"frames": ["f.png"], "captions": [None]})])
+    with pytest.raises(data.DataError, match=r"field 'captions'\[0\] should be str"):
+        data.read_video(v)
+
+
+def test_save_checkpoint_removes_stale_temp_files(tmp_path):
+    path = tmp_path / "last.pt"
+    dead = tmp_path / "last.pt.tmp.999999999"  # a save killed mid-write (pid long gone)
+    dead.write_bytes(b"half a checkpoint")
+    mine = tmp_path / f"last.pt.tmp.{os.getpid()}"
+    mine.write_bytes(b"x")
+    other = tmp_path / "other.pt.tmp.999999999"  # another checkpoint's temp file is not ours to remove
+    other.write_bytes(b"x")
+    checkpoint.save_checkpoint(str(path), {"step": 1})
+    assert checkpoint.load_checkpoint(str(path))["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "other.pt.tmp.999999999"]
+
+    class Boom:
+        def __reduce__(self):
+            raise OSError("No space left on device")
+    with pytest.raises(Exception):
+        checkpoint.save_checkpoint(str(path), {"step": 2, "x": Boom()})  # a failed write leaves no temp file
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "other.pt.tmp.999999999"]
+    assert checkpoint.load_checkpoint(str(path))["step"] == 1
+
+
+def test_checkpoint_identity_and_resume_config(tmp_path):
+    ck = {"script": "imagechat_warmup", "kind": "finetune", "model": {}}
+    assert checkpoint.describe(ck) == "imagechat_warmup finetune"
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=r"--init x\.pt: this is a imagechat_warmup finetune checkpoint; blip2_pformer expects "
+                             r"a blip2_pformer stage 1 or stage 2 checkpoint"):
+        checkpoint.expect_checkpoint(ck, "x.pt", "blip2_pformer", kinds=("stage 1", "stage 2"))
+    checkpoint.expect_checkpoint({"script": "blip2_pformer", "kind": "stage 1"}, "x.pt", "blip2_pformer",
+                                 kinds=("stage 1", "stage 2"))
+    assert checkpoint.describe({"config": {"bridge": "xattn"}}) == "perceiver_caption (unstamped)"
+    with pytest.raises(checkpoint.CheckpointMismatch, match="only 0 of 49 tensors"):
+        checkpoint.check_loaded(0, 49, "x.pt", "imagechat_warmup finetune", "blip2_pformer")
+    checkpoint.check_loaded(49, 49, "x.pt", "blip2_pformer stage 1", "blip2_pformer")
+
+    saved = {"lr": 1e-4, "global_batch": 32, "out_dir": "a", "dropout": 0.1}
+    assert checkpoint.check_resume_config(saved, dict(saved, out_dir="b")) == []
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"lr 0\.0001 -> 0\.001, global_batch 32 -> 64"):
+        checkpoint.check_resume_config(saved, dict(saved, lr=1e-3, global_batch=64))
+    said = []
+    diff = checkpoint.check_resume_config(saved, dict(saved, dropout=0.0), allow=True, log=said.append)
+    assert diff == [("dropout", 0.1, 0.0)] and "dropout 0.1 -> 0.0" in said[0]
+
+
+def test_logger_resume_truncates_metrics(tmp_path):
+    lg = log.Logger(str(tmp_path))
+    for s in range(1, 7):
+        lg.log(s, loss=1.0 / s)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss"')  # the line the kill cut
+    lg.resumed(4)
+    for s in range(5, 8):
+        lg.log(s, loss=2.0)
+    recs = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    steps = [r["step"] for r in recs if "event" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7] and [r["step"] for r in recs if r.get("event") == "resume"] == [4]
+
+
+def test_step_sampler_global_batch_is_rank_and_accumulation_invariant():
+    """One process and 2 ranks x 2 micro steps see the same global batch at every step; resume = the step."""
+    one = data.StepSampler(50, 8, 8, world=1, rank=0, seed=3, start_step=0, total_steps=9)
+    steps = list(one)
+    assert len(steps) == 9 and one.steps_per_epoch == 6
+    assert sorted(i for _, i in steps[0] + steps[1] + steps[2] + steps[3] + steps[4] + steps[5]) != list(range(48))
+    epoch0 = [i for b in steps[:6] for _, i in b]
+    assert len(set(epoch0)) == 48 and {e for b in steps[6:] for e, _ in b} == {1}  # drop_last, then epoch 1
+    for world in (2, 4):
+        ranks = [list(data.StepSampler(50, 8, 2, world=world, rank=r, seed=3, total_steps=9)) for r in range(world)]
+        accum = 8 // (2 * world)
+        for s in range(9):
+            got = sorted(x for r in range(world) for m in ranks[r][s * accum:(s + 1) * accum] for x in m)
+            assert got == sorted(steps[s])
+    tail = list(data.StepSampler(50, 8, 8, seed=3, start_step=5, total_steps=9))
+    assert tail == steps[5:]
+    assert data.draw(3, 1, 17, 5) == data.draw(3, 1, 17, 5) and {data.draw(3, e, 17, 5) for e in range(30)} == set(
+        range(5))
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        data.StepSampler(50, 8, 3)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        data.StepSampler(5, 8, 8)
+
+
+def test_make_loader_ignores_global_rng():
+    """A plain DataLoader draws its base seed from the global RNG (so a resumed run, whose global RNG was restored,
+    draws something else than the unbroken run did); make_loader's loaders never touch it."""
+    ds, sampler = list(range(20)), [[0, 1], [2, 3]]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert [b.tolist() for b in data.make_loader(ds, sampler, seed=1)] == [[0, 1], [2, 3]]
+    assert torch.equal(torch.get_rng_state(), state)
+    list(torch.utils.data.DataLoader(ds, batch_sampler=sampler))
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert data.pre_caption("A  man (left)!  rides; a horse.", 4) == "a man left rides"
+
+
+def test_optimizer_update_stops_before_a_nonfinite_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    (w * torch.tensor([1.0, 2.0, 2.0])).sum().backward()
+    gnorm = train.optimizer_update(opt, scaler, [w], 1.0, 1, {"loss": torch.tensor(0.5)})
+    assert abs(gnorm - 3.0) < 1e-6 and w.grad is None and torch.allclose(w, 1 - 0.1 * torch.tensor([1, 2, 2.]) / 3)
+    before = w.detach().clone()
+    (w * float("nan")).sum().backward()
+    with pytest.raises(train.NonFiniteLossError, match=r"step 2: .*grad_norm=nan"):
+        train.optimizer_update(opt, scaler, [w], 1.0, 2, {"loss": torch.tensor(0.5)})
+    assert torch.equal(w.detach(), before)
+
+
+# ---------------------------------------------------------------- multi-GPU bookkeeping (faked devices)
+def test_peak_table_mfu_and_world_size(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert train.peak_flops("cuda:0") == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert train.peak_flops("cuda:0") == 989e12 and train.peak_flops("cpu") is None
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert train.peak_flops("cuda:0", torch.float32) == 67e12  # fp32 is not measured against bf16's peak
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert train.peak_flops("cuda:0", torch.float32) == 495e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    one = train.mfu(100e12, 1.0, "cuda:0")
+    assert abs(one - 100 / 989) < 1e-9
+    assert abs(train.mfu(8 * 100e12, 1.0, "cuda:0", world_size=8) - one) < 1e-12  # global FLOPs over 8 GPUs
+
+
+def test_bf16_only_where_it_is_not_emulated(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp.pick_dtype("cuda:0") == torch.float32  # V100/T4: emulated bf16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp.pick_dtype("cuda:0") == torch.bfloat16
+
+
+def test_device_from_local_rank_with_one_gpu_per_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist._pick_device("cuda", 3) == torch.device("cuda", 0)  # SLURM --gpus-per-task=1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert dist._pick_device("cuda", 3) == torch.device("cuda", 3)  # torchrun: every GPU visible
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 3 but only 2 GPUs"):
+        dist._pick_device("cuda", 3)
+
+
+def test_rng_state_holds_this_device_only_and_restores_per_rank(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: restored.append(int(s[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    torch.manual_seed(1)
+    states = [checkpoint.rng_state()]
+    torch.manual_seed(2)
+    states.append(dict(checkpoint.rng_state(), cuda=torch.tensor([9], dtype=torch.uint8)))
+    a = torch.rand(3)
+    checkpoint.set_rng_state(states, rank=1)
+    assert torch.equal(torch.rand(3), a) and restored == [9]  # rank 1 gets rank 1's generators
+    checkpoint.set_rng_state(states, rank=5)  # a resume with more ranks than saved falls back to rank 0's
+    checkpoint.set_rng_state(dict(states[0], cuda=[torch.tensor([4], dtype=torch.uint8)] * 8))  # old format
+    assert restored == [9, 7, 4]
+
+
+# ---------------------------------------------------------------- model size: parameters, FLOPs, throughput
+def test_count_params_counts_shared_tensors_once_and_splits_trainable_from_frozen():
+    emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as a language model's output layer
+    frozen = torch.nn.Linear(4, 2).requires_grad_(False)
+    assert train.count_params(emb) == 40 and train.count_params([emb, head]) == 40
+    assert train.count_params([emb, head, frozen]) == 50
+    assert train.count_params([emb, frozen], trainable=True) == 40
+    assert train.count_params([emb, frozen], trainable=False) == 10
+
+
+def test_size_table_reports_params_and_flops_per_part():
+    enc, dec = torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)
+    x = torch.randn(1, 8)
+    out = train.size_table({"encoder": ([enc], None), "both": ([enc, dec], lambda: dec(enc(x)))})
+    assert out == {"params_encoder": 36, "params_both": 51, "gflops_both": pytest.approx(2 * (8 * 4 + 4 * 3) / 1e9)}
+
+
+def test_samples_per_second_runs_warmup_and_timed_calls():
+    calls = []
+    rate = train.samples_per_second(lambda: calls.append(1), 16, "cpu", n=3, warmup=2)
+    assert len(calls) == 5 and rate > 0

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from common.data import read_pairs, read_vqa
-from data.convert import (ConversionError, Report, check_images, convert_blip, convert_coco, convert_gqa,
+from data.convert import (ConversionError, Report, build_parser, check_images, convert_blip, convert_coco, convert_gqa,
                           convert_img2dataset, convert_karpathy, convert_okvqa, convert_vg, convert_vqav2, main,
                           write_jsonl)
 
@@ -416,3 +416,66 @@ def test_cli_in_process_errors_and_check_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["karpathy", str(FIX / "karpathy" / "dataset_coco.json"), "--split", "val", "--merge_restval",
               "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reliability: odd paths, bad bytes, safe output files
+# ---------------------------------------------------------------------------------------------------
+
+def test_parent_and_absolute_image_paths_are_counted(tmp_path):
+    data = _load(FIX / "blip" / "coco_karpathy_test.json")
+    data[0]["image"] = "../secret/x.jpg"
+    data[1]["image"] = "/abs/y.jpg"
+    report = Report()
+    recs = convert_blip(_dump(data, tmp_path / "test.json"), image_prefix="coco", report=report)
+    assert recs[0]["image"] == "coco/../secret/x.jpg" and recs[1]["image"] == "/abs/y.jpg"
+    assert report.warnings["image path contains '..' (reaches outside the image root)"] == 1
+    assert report.warnings["absolute image path (--image_prefix and --image_root not applied)"] == 1
+    assert report.examples["absolute image path (--image_prefix and --image_root not applied)"] == ["/abs/y.jpg"]
+    clean = Report()
+    convert_blip(FIX / "blip" / "coco_karpathy_test.json", image_prefix="coco", report=clean)
+    assert not clean.warnings
+    kp = _load(FIX / "karpathy" / "dataset_flickr30k.json")
+    kp["images"][0]["filename"] = "/data/f30k/1000092795.jpg"
+    report = Report()
+    recs = convert_karpathy(_dump(kp, tmp_path / "f30k.json"), "train", image_prefix="flickr30k-images",
+                            report=report)
+    assert recs[0]["image"] == "/data/f30k/1000092795.jpg" and sum(report.warnings.values()) == 1
+
+
+def test_img2dataset_non_utf8_caption_is_a_counted_bad_sample(tmp_path):
+    root = tmp_path / "i2d"
+    shutil.copytree(FIX / "img2dataset", root)
+    (root / "00000" / "000000002.txt").write_bytes(b"caf\xe9 au lait")
+    report = Report()
+    recs = convert_img2dataset(root, report=report)
+    assert [r["image"] for r in recs] == ["00000/000000000.jpg"]
+    reason = "caption .txt not UTF-8 (byte 3)"
+    assert report.skipped[reason] == 1 and report.examples[reason] == [os.path.join("00000", "000000002.txt")]
+
+
+def test_write_jsonl_never_follows_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out" / "pairs.jsonl"
+    out.parent.mkdir()
+    os.symlink(victim, str(out) + ".tmp")  # the old fixed temp name, planted as a link
+    write_jsonl([{"image": "a.jpg", "captions": ["x"]}], out)
+    assert victim.read_text() == "precious"
+    assert read_pairs(str(out))[0]["image"] == "a.jpg"
+    assert sorted(os.listdir(out.parent)) == ["pairs.jsonl", "pairs.jsonl.tmp"]  # only the planted link is left
+    os.remove(str(out) + ".tmp")
+    os.remove(out)
+    os.symlink(victim, out)  # a link at the output name is replaced, not written through
+    write_jsonl([{"image": "b.jpg", "captions": ["y"]}], out)
+    assert victim.read_text() == "precious" and not os.path.islink(out)
+
+
+def test_readme_lists_exactly_the_converter_kinds(capsys):
+    kinds = set(build_parser()._subparsers._group_actions[0].choices)
+    readme = (REPO / "data" / "README.md").read_text() + (REPO / "README.md").read_text()
+    import re
+    listed = set()
+    for m in re.finditer(r"data/convert\.py \{([a-z0-9_,]+)\}", readme):
+        listed |= set(m.group(1).split(","))
+    assert listed == kinds, (listed, kinds)

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 import imagechat_warmup as icw
+from common.checkpoint import CheckpointMismatch
 from common.data import DataError
+from data import imagechat as ic
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "image_chat")
 WORDS = ("a the red blue green circle square triangle i love this it is so nice hate boring what happy sad curious "
@@ -102,50 +104,64 @@ def run(args, tmp, **paths):
 
 # ---------------------------------------------------------------------------- data
 def test_reader_on_published_fixture(tmp_path):
-    train = icw.read_image_chat(f"{FIXTURES}/train.json", keep_candidates=False)
+    train = ic.read_image_chat(f"{FIXTURES}/train.json", keep_candidates=False)
     assert train[0]["hash"] == "5eaa7034d31688ef1f9bed67f1f04f49" and len(train[0]["dialog"]) == 3
     assert train[0]["dialog"][0] == ("Appreciative (Grateful)", "home sweet home") and train[0]["candidates"] is None
-    test = icw.read_image_chat(f"{FIXTURES}/test.json")
+    test = ic.read_image_chat(f"{FIXTURES}/test.json")
     for ep in test:
         for (style, utt), cands in zip(ep["dialog"], ep["candidates"]):
             assert len(cands["100"]) == 100 and len(cands["1000"]) == 1000 and utt in cands["100"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["s", "u"]]}, {"image_hash": "cd"}]))
     with pytest.raises(DataError, match=r"bad.json: episode 1: missing field 'dialog'"):
-        icw.read_image_chat(str(bad))
+        ic.read_image_chat(str(bad))
     bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["only style"]]}]))
     with pytest.raises(DataError, match=r"episode 0: field 'dialog' turn 0"):
-        icw.read_image_chat(str(bad))
+        ic.read_image_chat(str(bad))
+    bad.write_bytes(b'[{"image_hash": "ab", "dialog": [["s", "caf\xe9"]]}]')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"bad.json: not UTF-8 \(byte offset 43\)"):
+        ic.read_image_chat(str(bad))
 
 
-def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_path):
+def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
+    calls = []
+    monkeypatch.setattr(icw, "toy_paths", lambda cfg, reads, models, *a: calls.append((sorted(reads), models)))
+    for mode in ("features", "captions", "warmup", "finetune", "eval"):
+        icw.resolve_paths(icw.Config(mode=mode))
+    assert calls == [(["clip", "data_dir"], ["clip"]), (["data_dir"], []), (["backbone", "data_dir"], ["t5"]),
+                     (["backbone", "data_dir"], ["t5"]), (["backbone", "data_dir"], ["t5"])]
+
+
+def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_path, capsys):
     """Published-layout fixture files + images for only some hashes: features/captions skip and count the missing
     ones, and an interrupted run resumes without recomputing finished images."""
     data = tmp_path / "image_chat"
     shutil.copytree(FIXTURES, data)
-    hashes = icw.all_image_hashes(icw.Config(data_dir=str(data)))
+    hashes = ic.all_image_hashes(str(data))
     assert len(hashes) == 3
     os.makedirs(data / "images")
     for h in hashes[:2]:  # the third image is gone, as ~55 YFCC images are (ParlAI #4571)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
             data / "images" / f"{h}.jpg")
-    common = ["--data_dir", str(data), "--cache_dir", str(tmp_path / "cache"), "--max_missing_frac", "0.5"]
+    common = ["--data_dir", str(data), "--cache_dir", str(tmp_path / "cache"), "--max_bad_frac", "0.5"]
     first = icw.main(["--mode", "features", "--clip", str(assets / "clip"), "--stop_after", "1", *common,
                       "--out_dir", str(tmp_path / "f1")])
     assert first["computed"] == 1
+    capsys.readouterr()
     second = icw.main(["--mode", "features", "--clip", str(assets / "clip"), *common, "--out_dir", str(tmp_path / "f2")])
     assert second == {"images": 3, "cached_before": 1, "computed": 1, "unreadable": 1}
-    index, feats = icw.load_features(str(tmp_path / "cache"))
+    assert f"features: computed 1, 1 of 2 images unreadable (e.g. ['{hashes[2]}.jpg'])" in capsys.readouterr().out
+    index, feats = ic.load_features(str(tmp_path / "cache"))
     assert sorted(index) == sorted(hashes[:2]) and feats.shape == (2, 9, 12)
     # the resumed cache equals a one-shot run
     one = icw.main(["--mode", "features", "--clip", str(assets / "clip"), *common[:2], "--cache_dir",
-                    str(tmp_path / "c1"), "--max_missing_frac", "0.5", "--out_dir", str(tmp_path / "f3")])
+                    str(tmp_path / "c1"), "--max_bad_frac", "0.5", "--out_dir", str(tmp_path / "f3")])
     assert one["computed"] == 2
-    index1, feats1 = icw.load_features(str(tmp_path / "c1"))
+    index1, feats1 = ic.load_features(str(tmp_path / "c1"))
     for h in index:
         torch.testing.assert_close(feats[index[h]], feats1[index1[h]])
-    # too many unreadable images is an error, not a silent zero feature (ParlAI #2394)
-    with pytest.raises(DataError, match="unreadable"):
+    # too many unreadable images is an error, not a silent zero feature (ParlAI #2394): the one bad-image rule
+    with pytest.raises(DataError, match=r"1 of 3 images unreadable .*\(max_bad_frac 0.05\)"):
         icw.main(["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data), "--cache_dir",
                   str(tmp_path / "c2"), "--out_dir", str(tmp_path / "f4")])
     # captions: resumable JSONL + the release layout {"<hash>.jpg": [c1, c2, c3]}
@@ -161,7 +177,7 @@ def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_pa
 def test_grid_crops_row_major():
     cols = np.arange(6, dtype=np.uint8) * 40  # brightness grows left to right, constant down the columns
     img = Image.fromarray(np.broadcast_to(cols[None, :, None], (6, 6, 3)).copy())
-    crops = icw.grid_crops(img, crop=2, grid=3, mean=(0, 0, 0), std=(1, 1, 1))  # (9, 3, 2, 2)
+    crops = ic.grid_crops(img, crop=2, grid=3, mean=(0, 0, 0), std=(1, 1, 1))  # (9, 3, 2, 2)
     assert crops.shape == (9, 3, 2, 2)
     # columns carry increasing brightness: crop r1, r2, r3 of a row go left to right; rows repeat
     col_means = crops.mean(dim=(1, 2, 3)).reshape(3, 3)
@@ -328,20 +344,6 @@ def test_warmup_batches_alignment(assets):
     assert out["gcd"]["labels"][0].tolist() == [V.task["gcd"], 10, 11, V.eos]
 
 
-# ---------------------------------------------------------------------------- metrics
-def test_metrics_hand_pairs():
-    assert icw.f1_counts([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert icw.f1_counts([], []) == 1.0 and icw.f1_counts([1], [2]) == 0.0
-    assert icw.rouge_l("The cat, sat on it", "the cat is on it") == pytest.approx(0.8)  # LCS 4 of 5 and 5
-    assert icw.bleu4(["a b c d e"], ["a b c d e"]) == pytest.approx(1.0)
-    # one 4-gram matches of 2, trigrams 2/3, bigrams 3/4, unigrams 4/5; hypothesis shorter than reference (5 < 6)
-    want = math.exp(1 - 6 / 5) * math.exp((math.log(4 / 5) + math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4)
-    assert icw.bleu4(["a b c d x"], ["a b c d y z"]) == pytest.approx(want)
-    assert icw.bleu4(["a b c"], ["x y z"]) == 0.0
-    assert icw.word_f1("The dog!", "a dog") == 1.0
-    assert icw.normalize("  It's NOT what I'd say, won't  ") == "it is not what i would say, will not"
-
-
 # ---------------------------------------------------------------------------- stages via main()
 @pytest.fixture(scope="module")
 def cached(assets, toy_root, tmp_path_factory):
@@ -370,11 +372,16 @@ def read_log(run_dir):
 
 def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path):
     root, paths = cached
-    run(train_args(assets, "warmup", 8), tmp_path / "wu", **paths)
+    run(train_args(assets, "warmup", 9), tmp_path / "wu", **paths)
     logs = [r for r in read_log(tmp_path / "wu") if "mlm" in r]
     assert {"mlm", "isp", "mrm", "gcd", "lr", "grad_norm", "samples_s"} <= set(logs[0])
-    assert np.mean([r["loss"] for r in logs[-2:]]) < np.mean([r["loss"] for r in logs[:2]])
+    # learning, with margin on tiny worlds of any seed: the last third of the steps averages at most 85% of the
+    # first third's loss (tiny worlds of seeds 0/1/2 give 0.725/0.727/0.755; docs/imagechat_warmup.md)
+    loss = [r["loss"] for r in logs]
+    assert len(loss) == 9 and np.mean(loss[-3:]) < 0.85 * np.mean(loss[:3])
     assert os.path.isfile(tmp_path / "wu" / "best.pt")
+    wu = torch.load(tmp_path / "wu" / "last.pt", weights_only=True)
+    assert (wu["script"], wu["kind"]) == ("imagechat_warmup", "warmup")
     ft = run(train_args(assets, "finetune", 4, init=tmp_path / "wu" / "last.pt"), tmp_path / "ft", **paths)
     for key in ("IC/F1", "IC/BLEU-4", "IC/ROUGE-L", "turn3/F1", "turn1/R@1/100", "IC/PPL"):
         assert key in ft and math.isfinite(ft[key])
@@ -385,17 +392,59 @@ def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path):
     assert ev["IC/F1"] == pytest.approx(ft["IC/F1"])
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert ck["config"]["mode"] == "finetune" and ck["step"] == 4
+    assert (ck["script"], ck["kind"]) == ("imagechat_warmup", "finetune")
     # the no-image, no-caption model has no image block
     noimg = run(train_args(assets, "finetune", 2, use_image="false", use_caption="false"), tmp_path / "ni", **paths)
     assert math.isfinite(noimg["final_loss"])
 
 
-def test_resume_equals_unbroken_run(assets, cached, tmp_path):
+def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):
     _, paths = cached
     a = run(train_args(assets, "warmup", 4), tmp_path / "a", **paths)
     run(train_args(assets, "warmup", 4, stop_after=2), tmp_path / "b", **paths)
-    b = run(train_args(assets, "warmup", 4, resume=tmp_path / "b" / "last.pt"), tmp_path / "b2", **paths)
+    ck = tmp_path / "b" / "last.pt"
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step the killed run logged after its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1e9}) + "\n")
+    # a changed config is named in one line and refused, unless --resume_changes true
+    with pytest.raises(CheckpointMismatch, match=r"resume changes the config: lr 0.001 -> 0.002 \(an exact"):
+        run(train_args(assets, "warmup", 4, resume=ck, lr=0.002), tmp_path / "b", **paths)
+    with pytest.raises(CheckpointMismatch, match=r"this is a imagechat_warmup warmup checkpoint; .* finetune"):
+        run(train_args(assets, "finetune", 4, resume=ck), tmp_path / "b", **paths)
+    capsys.readouterr()
+    run(train_args(assets, "warmup", 4, resume=ck, lr=0.002, resume_changes="true", stop_after=1), tmp_path / "c",
+        **paths)
+    assert "resume changes the config: lr 0.001 -> 0.002 (allowed by --resume_changes)" in capsys.readouterr().out
+    b = run(train_args(assets, "warmup", 4, resume=ck), tmp_path / "b", **paths)
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-6)
+    # metrics.jsonl holds each step once: the stale step 3 is gone, the resume is marked
+    log = read_log(tmp_path / "b")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and max(r["loss"] for r in log if "loss" in r) < 1e9
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
+
+
+def test_checkpoints_of_other_scripts_are_named(assets, cached, tmp_path):
+    """--init / --resume with another script's checkpoint: one line naming what it is, before any key is read."""
+    _, paths = cached
+    stamped, old = tmp_path / "bp.pt", tmp_path / "old.pt"
+    torch.save({"script": "blip2_pformer", "kind": "stage 1", "model": {}}, stamped)
+    torch.save({"model": {}, "config": {"bridge": "xattn"}}, old)  # unstamped, from perceiver_caption
+    want = r"--init .*bp.pt: this is a blip2_pformer stage 1 checkpoint; imagechat_warmup expects"
+    with pytest.raises(CheckpointMismatch, match=want):
+        run(train_args(assets, "finetune", 1, init=stamped), tmp_path / "x", **paths)
+    with pytest.raises(CheckpointMismatch, match=r"--init .*old.pt: this is a perceiver_caption \(unstamped\)"):
+        run(train_args(assets, "eval", 0, init=old), tmp_path / "y", **paths)
+    with pytest.raises(CheckpointMismatch, match=r"--resume .*bp.pt: this is a blip2_pformer stage 1"):
+        run(train_args(assets, "warmup", 2, resume=stamped), tmp_path / "z", **paths)
+
+
+def test_wrong_image_root_stops_early(assets, cached, tmp_path):
+    """No readable image: the bad-image rule stops the stage after min_tried images with one line."""
+    _, paths = cached
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"too many unreadable images under .*empty: 24 of 24 images unreadable"):
+        run(["--mode", "features", "--feat_batch", "8"], tmp_path / "f", **{**paths, "image_root": tmp_path / "empty",
+                                                                           "cache_dir": tmp_path / "cache"})
+    assert not os.path.isdir(tmp_path / "cache" / "features") or not os.listdir(tmp_path / "cache" / "features")
 
 
 def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from nltk.translate.bleu_score import corpus_bleu
 
-from common.metrics import (bleu, caption_metrics, cider_d, coco_tokenize, normalize_vqa_answer, retrieval_recall,
-                            rouge_l, vqa_accuracy, vqa_score)
+from common.metrics import (bleu, caption_metrics, cider_d, coco_tokenize, dialogue_scores, expand_contractions,
+                            normalize_vqa_answer, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens,
+                            token_f1, vqa_accuracy, vqa_score, word_f1)
 
 # ---------------------------------------------------------------- COCO tokenisation
 # Expected strings = pycocoevalcap's PTBTokenizer output (CoreNLP 3.4.1 jar, `-preserveLines -lowerCase`, then the
@@ -145,6 +146,58 @@ def test_rouge_l_hand_worked_max_p_and_r_from_different_refs():
     assert per[0] == pytest.approx(expected, rel=1e-12)
     assert mean == pytest.approx(expected, rel=1e-12)
     assert rouge_l({0: ["x y"]}, {0: ""})[0] == 0.0
+
+
+# ---------------------------------------------------------------- dialogue rules (Image-Chat)
+def test_bleu_torchmetrics_rule_is_exact_and_zero_without_ngram_matches():
+    gts, res = {0: ["a b c d y z"]}, {0: "a b c d x"}
+    # unigrams 4/5, bigrams 3/4, trigrams 2/3, 4-grams 1/2; hypothesis shorter than the reference (5 < 6)
+    bp = math.exp(1 - 6 / 5)
+    want = bp * math.exp((math.log(4 / 5) + math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4)
+    assert bleu(gts, res, smooth=False)[3] == pytest.approx(want, rel=1e-12)
+    assert bleu({0: ["a b c d e"]}, {0: "a b c d e"}, smooth=False)[3] == pytest.approx(1.0)
+    # no 4-gram match: torchmetrics gives exactly 0, the COCO toolkit's epsilons leave a small positive number
+    gts, res = {0: ["a b c x e"]}, {0: "a b c d e"}
+    assert bleu(gts, res, smooth=False)[3] == 0.0 and bleu(gts, res, smooth=False)[2] > 0.3
+    assert 0.0 < bleu(gts, res)[3] < 0.01
+    assert bleu({0: ["x y z"]}, {0: "a b c"}, smooth=False) == [0.0] * 4
+    # a hypothesis shorter than n: no phantom n-gram (as torchmetrics); BLEU-4 is 0, BLEU-2 exact
+    two = bleu({0: ["a b c"]}, {0: "a b"}, smooth=False)
+    assert two[3] == 0.0 and two[1] == pytest.approx(math.exp(1 - 3 / 2))
+
+
+def test_rouge_l_rouge_score_rule_beside_the_toolkit_rule():
+    gts, res = {0: ["the cat is on it"]}, {0: "The cat, sat on it"}
+    assert rouge_score_tokens("The cat, sat on-it!") == ["the", "cat", "sat", "on", "it"]
+    # rouge-score: LCS 4 of 5 and 5 -> F1 0.8; the toolkit's split(" ") keeps "The" and "cat," apart -> LCS 2
+    assert rouge_l(gts, res, beta=1.0, tokenize=rouge_score_tokens)[0] == pytest.approx(0.8)
+    p, r, b2 = 2 / 5, 2 / 5, 1.2 ** 2
+    assert rouge_l(gts, res)[0] == pytest.approx((1 + b2) * p * r / (r + b2 * p))
+    assert rouge_l({0: ["a b"]}, {0: "!!"}, beta=1.0, tokenize=rouge_score_tokens)[0] == 0.0
+
+
+def test_f1_and_normalisations():
+    assert token_f1([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert token_f1([], []) == 1.0 and token_f1([1], [2]) == 0.0
+    assert parlai_normalize("The dog's ball, a_b!") == "dog s ball b"
+    assert word_f1("The dog!", "a dog") == 1.0 and word_f1("the", "a") == 0.0  # ParlAI: no overlap -> 0
+    assert expand_contractions("  It's NOT what I'd say, won't  ") == "it is not what i would say, will not"
+
+
+def test_dialogue_scores_batch_means_and_corpus():
+    preds, refs = ["a b c d e", "x y", "a b"], ["a b c d e", "x z", "a b"]
+    toks = [p.split() for p in preds], [r.split() for r in refs]
+    s = dialogue_scores(preds, refs, *toks, chunk=2)
+    f1 = [1.0, 0.5, 1.0]
+    assert s["F1"] == pytest.approx(100 * np.mean([np.mean(f1[:2]), f1[2]]))
+    assert s["corpus_F1"] == pytest.approx(100 * np.mean(f1))
+    b1 = bleu({0: [refs[0]], 1: [refs[1]]}, {0: preds[0], 1: preds[1]}, smooth=False)[3]
+    b2 = bleu({0: [refs[2]]}, {0: preds[2]}, smooth=False)[3]
+    assert s["BLEU-4"] == pytest.approx(100 * (b1 + b2) / 2) and b2 == 0.0  # 2 words: no 4-gram
+    assert s["corpus_BLEU-4"] == pytest.approx(100 * bleu({i: [r] for i, r in enumerate(refs)},
+                                                          dict(enumerate(preds)), smooth=False)[3])
+    assert s["ROUGE-L"] == pytest.approx(100 * np.mean([np.mean([1.0, 0.5]), 1.0]))
+    assert s["word_F1"] == pytest.approx(100 * np.mean([1.0, 0.5, 1.0]))
 
 
 # ---------------------------------------------------------------- caption_metrics

@@ -1,9 +1,9 @@
-"""Tests for negclip.py: losses, negatives, tagger, mining, LoRA, HF equivalence, benchmark readers on fixtures in
-their published layouts, scoring rules on hand-computed cases, and every mode through main() on the tiny world."""
+"""Tests for negclip.py: the loss and batch layout, LoRA, equivalence with transformers, and every mode through main()
+on the tiny toy world (mining, training, resume, DDP, eval, export, bad inputs).  The tagger, negatives and mining
+helpers are tested in test_negatives.py, the benchmark readers and scoring rules in test_benchmarks.py."""
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data.benchmarks as B
+import data.negatives as NG
 import negclip as N
+from common.checkpoint import CheckpointMismatch, save_checkpoint
+from common.data import DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "fixtures")  # the dataset-layout fixtures, published formats (fixtures/README.md)
-
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +30,6 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(n)
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------------
 
 def _unit(x):
     return torch.nn.functional.normalize(x, dim=-1)
@@ -73,434 +71,6 @@ def test_duplicate_mask():
     assert torch.isfinite(loss)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tagger and hard negative captions
-# ---------------------------------------------------------------------------------------------------------
-
-# COCO / BLIP captions from the fixtures, hand-tagged with universal coarse tags.  Convention of the spec
-# (3.3): multiword prepositions ("next to") are ADP throughout; forms of have/be/do are AUX.
-HAND_TAGGED = [
-    ("A small closed toilet in a cramped space.", "DET ADJ ADJ NOUN ADP DET ADJ NOUN PUNCT"),
-    ("A tan toilet and sink combination in a small room.", "DET ADJ NOUN CCONJ NOUN NOUN ADP DET ADJ NOUN PUNCT"),
-    ("This is an advanced toilet with a sink and control panel.",
-     "PRON AUX DET ADJ NOUN ADP DET NOUN CCONJ NOUN NOUN PUNCT"),
-    ("A close-up picture of a toilet with a fountain.", "DET ADJ NOUN ADP DET NOUN ADP DET NOUN PUNCT"),
-    ("a person with a shopping cart on a city street", "DET NOUN ADP DET NOUN NOUN ADP DET NOUN NOUN"),
-    ("City dwellers walk by as a homeless man begs for cash.",
-     "NOUN NOUN VERB ADV SCONJ DET ADJ NOUN VERB ADP NOUN PUNCT"),
-    ("People walking past a homeless man begging on a city street",
-     "NOUN VERB ADP DET ADJ NOUN VERB ADP DET NOUN NOUN"),
-    ("a homeless man holding a cup and standing next to a shopping cart on a street",
-     "DET ADJ NOUN VERB DET NOUN CCONJ VERB ADP ADP DET NOUN NOUN ADP DET NOUN"),
-    ("People are walking on the street by a homeless person.", "NOUN AUX VERB ADP DET NOUN ADP DET ADJ NOUN PUNCT"),
-    ("A man is in a kitchen making pizzas.", "DET NOUN AUX ADP DET NOUN VERB NOUN PUNCT"),
-    ("Man in apron standing on front of oven with pans and bakeware",
-     "NOUN ADP NOUN VERB ADP NOUN ADP NOUN ADP NOUN CCONJ NOUN"),
-    ("A baker is working in the kitchen rolling dough.", "DET NOUN AUX VERB ADP DET NOUN VERB NOUN PUNCT"),
-    ("A person standing by a stove in a kitchen.", "DET NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
-    ("a blue bike parked on a side walk", "DET ADJ NOUN VERB ADP DET NOUN NOUN"),
-    ("A bicycle is chained to a fixture on a city street", "DET NOUN AUX VERB ADP DET NOUN ADP DET NOUN NOUN"),
-    ("A blue bicycle sits on a sidewalk near a street.", "DET ADJ NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
-    ("A bicycle is locked up to a post", "DET NOUN AUX VERB ADP ADP DET NOUN"),
-    ("a bike sits parked next to a street", "DET NOUN VERB VERB ADP ADP DET NOUN"),
-    ("The dining table near the kitchen has a bowl of fruit on it.",
-     "DET NOUN NOUN ADP DET NOUN VERB DET NOUN ADP NOUN ADP PRON PUNCT"),
-    ("A small kitchen has various appliances and a table.", "DET ADJ NOUN VERB ADJ NOUN CCONJ DET NOUN PUNCT"),
-    ("The kitchen is clean and ready for us to see.", "DET NOUN AUX ADJ CCONJ ADJ SCONJ PRON PART VERB PUNCT"),
-    ("A kitchen and dining area decorated in white.", "DET NOUN CCONJ NOUN NOUN VERB ADP NOUN PUNCT"),
-    ("A person on a skateboard and bike at a skate park.", "DET NOUN ADP DET NOUN CCONJ NOUN ADP DET NOUN NOUN PUNCT"),
-    ("A man on a skateboard performs a trick at the skate park",
-     "DET NOUN ADP DET NOUN VERB DET NOUN ADP DET NOUN NOUN"),
-    ("A skateboarder jumps into the air as he performs a skateboard trick.",
-     "DET NOUN VERB ADP DET NOUN SCONJ PRON VERB DET NOUN NOUN PUNCT"),
-    ("Athletes performing tricks on a BMX bicycle and a skateboard.",
-     "NOUN VERB NOUN ADP DET NOUN NOUN CCONJ DET NOUN PUNCT"),
-    ("a man falls off his skateboard in a skate park.", "DET NOUN VERB ADP PRON NOUN ADP DET NOUN NOUN PUNCT"),
-    ("A yellow and red train traveling down train tracks.", "DET ADJ CCONJ ADJ NOUN VERB ADP NOUN NOUN PUNCT"),
-    ("A train parked at a waiting station where passengers board.",
-     "DET NOUN VERB ADP DET NOUN NOUN ADV NOUN VERB PUNCT"),
-    ("a brown and yellow commuter train with headlights on", "DET ADJ CCONJ ADJ NOUN NOUN ADP NOUN ADV"),
-    ("A passanger train stopped on the railroad tracks at a station.",
-     "DET NOUN NOUN VERB ADP DET NOUN NOUN ADP DET NOUN PUNCT"),
-    ("A man with a red helmet on a small moped on a dirt road.",
-     "DET NOUN ADP DET ADJ NOUN ADP DET ADJ NOUN ADP DET NOUN NOUN PUNCT"),
-    ("Man riding a motor bike on a dirt road on the countryside.",
-     "NOUN VERB DET NOUN NOUN ADP DET NOUN NOUN ADP DET NOUN PUNCT"),
-    ("A man riding on the back of a motorcycle.", "DET NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
-    ("A young girl inhales with the intent of blowing out a candle.",
-     "DET ADJ NOUN VERB ADP DET NOUN ADP VERB ADP DET NOUN PUNCT"),
-    ("A young girl is preparing to blow out her candle.", "DET ADJ NOUN AUX VERB PART VERB ADP PRON NOUN PUNCT"),
-    ("A little girl is getting ready to blow out a candle on a small dessert.",
-     "DET ADJ NOUN AUX VERB ADJ PART VERB ADP DET NOUN ADP DET ADJ NOUN PUNCT"),
-    ("A woman wearing a net on her head cutting a cake.", "DET NOUN VERB DET NOUN ADP PRON NOUN VERB DET NOUN PUNCT"),
-    ("A woman eating fresh vegetables from a bowl.", "DET NOUN VERB ADJ NOUN ADP DET NOUN PUNCT"),
-    ("A child holding a flowered umbrella and petting a yak.", "DET NOUN VERB DET ADJ NOUN CCONJ VERB DET NOUN PUNCT"),
-]
-
-
-def test_rule_tagger_agreement_on_hand_tagged_captions():
-    tagger, agree, total = N.RuleTagger(), 0, 0
-    for cap, gold in HAND_TAGGED:
-        toks = N.tokenize(cap)
-        gold = gold.split()
-        assert len(toks) == len(gold), (cap, toks)
-        pred = [N.coarse(t, g) for t, g in zip(toks, tagger.tag(toks))]
-        agree += sum(p == g for p, g in zip(pred, gold))
-        total += len(gold)
-    assert agree / total >= 0.90, agree / total
-
-
-def test_tokenizer_clitics_and_hyphens():
-    assert N.tokenize("The dog's toy isn't a close-up, o'clock.") == [
-        "The", "dog", "'s", "toy", "is", "n't", "a", "close-up", ",", "o'clock", "."]
-
-
-def test_hard_negative_swap_types_on_hand_written_examples():
-    tagger = N.RuleTagger()
-    negs = dict(N.hard_negatives("a large red circle to the left of a small blue square", tagger, seed=0))
-    # noun chunks of > 2 words swap as a whole: the relation negative of ARO
-    assert negs["noun_chunk"] == "a small blue square to the left of a large red circle"
-    assert negs["NN"] == "a large red square to the left of a small blue circle"
-    adj = negs["ADJ"].split()  # two of the four adjectives exchanged, everything else in place
-    assert sorted(adj) == sorted("a large red circle to the left of a small blue square".split())
-    assert adj != "a large red circle to the left of a small blue square".split()
-    assert [w for w in adj if w not in ("large", "red", "small", "blue")] == \
-        "a circle to the left of a square".split()
-    # plural nouns and verb phrases
-    negs = dict(N.hard_negatives("Two dogs are chasing cats while a man is reading books", tagger, seed=0))
-    assert sorted(negs["NNS"].split()) == sorted("Two dogs are chasing cats while a man is reading books".split())
-    assert negs["NNS"] != "Two dogs are chasing cats while a man is reading books"
-    assert negs["verb_phrase"] == "two dogs is reading cats while a man are chasing books"
-    # the released file's example (spaCy tags it the same way): swapping the two verbs
-    negs = dict(N.hard_negatives("A child holding a flowered umbrella and petting a yak.", tagger, seed=0))
-    assert negs["verb_phrase"] == "a child petting a flowered umbrella and holding a yak ."
-    assert set(negs["NN"].split()) == set("A child holding a flowered umbrella and petting a yak .".split())
-    # adverbs
-    negs = dict(N.hard_negatives("a man slowly walks while a dog quickly runs", tagger, seed=0))
-    assert negs["ADV"] == "a man quickly walks while a dog slowly runs"
-
-
-def test_hard_negatives_deterministic_and_filtered():
-    tagger = N.RuleTagger()
-    cap = "A man with a red helmet on a small moped on a dirt road."
-    a = N.hard_negatives(cap, tagger, seed=3)
-    assert a == N.hard_negatives(cap, tagger, seed=3)
-    assert all(N._norm_caption(n) != N._norm_caption(cap) for _, n in a)
-    assert len({N._norm_caption(n) for _, n in a}) == len(a)
-    # identical words are never swapped; a caption with nothing to swap yields no negative
-    assert N.hard_negatives("a dog and a dog", tagger) == []
-    assert N.hard_negatives("dog", tagger) == []
-    seeds = {tuple(N.hard_negatives("a red circle, a blue square, a green star and a pink heart", tagger, seed=s))
-             for s in range(6)}
-    assert len(seeds) > 1  # the random pair depends on the seed
-
-
-def test_make_tagger_falls_back_to_rules_without_nltk_data():
-    import nltk
-    try:
-        nltk.data.find("taggers/averaged_perceptron_tagger_eng")
-        has = True
-    except LookupError:
-        has = False
-    assert N.make_tagger("auto").name == ("nltk" if has else "rule")
-    assert N.make_tagger("rule").name == "rule"
-    if not has:
-        with pytest.raises(RuntimeError, match="averaged_perceptron_tagger_eng"):
-            N.make_tagger("nltk")
-
-
-def test_order_perturbations():
-    tagger, cap = N.RuleTagger(), "a large red circle to the left of a small blue square"
-    toks = N.tokenize(cap)
-    for f in N.ORDER_PERTURBATIONS:
-        out = f(cap, tagger, random.Random(1))
-        assert sorted(out.split()) == sorted(toks)  # a permutation of the tokens
-        assert out == f(cap, tagger, random.Random(1))
-    out = N.shuffle_nouns_and_adj(cap, tagger, random.Random(0)).split()
-    tags = tagger.tag(toks)
-    for i, g in enumerate(tags):  # only nouns/adjectives move, and only among themselves
-        if not g.startswith(("NN", "JJ")):
-            assert out[i] == toks[i]
-        else:
-            assert tagger.tag(out)[i][:2] == g[:2] or out[i] in toks
-    out = N.shuffle_within_trigrams(cap, tagger, random.Random(0)).split()
-    for s in range(0, len(toks), 3):
-        assert sorted(out[s:s + 3]) == sorted(toks[s:s + 3])
-    out = N.shuffle_trigrams(cap, tagger, random.Random(5)).split()
-    tris = [toks[s:s + 3] for s in range(0, len(toks), 3)]
-    assert sorted(tuple(out[s:s + len(t)]) for s, t in zip(range(0, len(out), 3), tris)) or True
-    assert N.pre_caption('A "Man"; riding (a) bike!  ') == "a man riding a bike"
-    assert len(N.pre_caption(" ".join(["w"] * 40)).split()) == 30
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Mining
-# ---------------------------------------------------------------------------------------------------------
-
-def test_nearest_neighbours_excludes_self_and_duplicates_and_matches_brute_force():
-    torch.manual_seed(0)
-    x = _unit(torch.randn(40, 16))
-    x[7] = x[3]                       # planted duplicate image under another caption (same image id)
-    x[20] = x[11] + 1e-4              # near-identical but a different image: must be found
-    x = _unit(x)
-    img_id = torch.arange(40)
-    img_id[7] = 3
-    nb = N.nearest_neighbours(x, img_id, k=3, chunk=8)  # chunks smaller than N: global indices matter
-    assert nb.shape == (40, 3) and nb.dtype == torch.int32
-    sim = x @ x.t()
-    for i in range(40):
-        s = sim[i].clone()
-        s[img_id == img_id[i]] = -float("inf")
-        assert nb[i].tolist() == s.topk(3).indices.tolist()
-        assert i not in nb[i].tolist()
-    assert 7 not in nb[3].tolist() and 3 not in nb[7].tolist()
-    assert nb[11, 0] == 20
-
-
-def test_negclip_tsv_roundtrip_and_filter(tmp_path):
-    for name in ("a.png", "b.png", "c.png"):
-        (tmp_path / name).write_bytes(b"")
-    rows = [{"caption": 'a "quoted"\tcap', "image": "a.png", "negs": ["x y", "it's"], "nbrs": [1, 3], "image_id": "1"},
-            {"caption": "b", "image": "b.png", "negs": ["n"], "nbrs": [0], "image_id": "2"},
-            {"caption": "c", "image": "c.png", "negs": [], "nbrs": [0], "image_id": "3"},
-            {"caption": "d", "image": "missing.png", "negs": ["n"], "nbrs": [0], "image_id": "4"}]
-    path = str(tmp_path / "t.tsv")
-    N.write_negclip_tsv(path, rows)
-    header = open(path).readline().rstrip("\n").split("\t")
-    assert header[:5] == ["", "title", "filepath", "neg_caption", "neg_image"]
-    back = N.read_negclip_tsv(path)
-    assert [r["caption"] for r in back] == [r["caption"] for r in rows] and back[0]["negs"] == ["x y", "it's"]
-    kept, dropped = N.filter_rows(back, str(tmp_path), max_bad_frac=0.5)
-    assert dropped == 2 and [r["caption"] for r in kept] == [rows[0]["caption"], "b"]
-    assert kept[0]["nbrs"] == [1] and kept[1]["nbrs"] == [0]  # index 3 (dropped) removed, others remapped
-    with pytest.raises(N.DataError, match="missing"):
-        N.filter_rows(back, str(tmp_path), max_bad_frac=0.1)
-
-
-def test_released_tsv_layout_is_read(tmp_path):
-    # pandas-style row as in vinid/neg_clip's train_neg_clip.tsv (index column, list literals, no image_id)
-    p = tmp_path / "train_neg_clip.tsv"
-    p.write_text("\ttitle\tfilepath\tneg_caption\tneg_image\n"
-                 "0\tA child holding a flowered umbrella and petting a yak.\tcoco/val2014/COCO_val2014_000000000042.jpg"
-                 "\t['A umbrella holding a flowered child and petting a yak .', 'a child petting a flowered umbrella "
-                 "and holding a yak .']\t[5, 9, 2]\n")
-    r = N.read_negclip_tsv(str(p))[0]
-    assert r["negs"][1].startswith("a child petting") and r["nbrs"] == [5, 9, 2]
-    assert r["image_id"] == "coco/val2014/COCO_val2014_000000000042.jpg"
-
-
-def test_read_training_records_formats():
-    recs = N.read_training_records(f"{FIX}/blip/coco_karpathy_train.json")
-    assert recs[0] == {"image": "val2014/COCO_val2014_000000522418.jpg",
-                       "caption": "A woman wearing a net on her head cutting a cake.", "image_id": "coco_522418"}
-    recs = N.read_training_records(f"{FIX}/karpathy/dataset_coco.json", all_captions=True)
-    assert all(r["image"].startswith("train2014/") for r in recs)  # only train/restval splits
-    assert len({r["image_id"] for r in recs}) == 1 and len(recs) >= 5
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring rules on hand-computed cases
-# ---------------------------------------------------------------------------------------------------------
-
-def test_score_vg_macro_exclusion_and_min_count():
-    pos = [0.9, 0.2, 0.5, 0.7, 0.3, 0.5]
-    neg = [0.1, 0.4, 0.5, 0.6, 0.1, 0.1]   # case 2 is a tie: wrong (strict >)
-    rel = ["on", "on", "on", "wearing", "next to", "next to"]
-    r = N.score_vg(pos, neg, rel, exclude=N.VG_R_EXCLUDED)
-    assert "next to" in N.VG_R_EXCLUDED and "on" not in N.VG_R_EXCLUDED
-    assert math.isclose(r["macro"], (1 / 3 + 1.0) / 2) and math.isclose(r["micro"], 4 / 6) and r["groups"] == 2
-    r = N.score_vg(pos, neg, ["a_b"] * 3 + ["c_d"] * 3, min_count=3)
-    assert math.isclose(r["macro"], (1 / 3 + 1) / 2)
-    r = N.score_vg(pos, neg, ["a_b"] * 2 + ["c_d"] * 4, min_count=3)
-    assert math.isclose(r["macro"], 3 / 4) and r["groups"] == 1
-    assert len(N.VG_R_EXCLUDED) == 157
-
-
-def test_score_order_ties_count_right_for_the_first_option():
-    s = np.array([[0.5, 0.5, 0.1, 0.1, 0.1], [0.1, 0.9, 0, 0, 0], [0.3, 0.1, 0.2, 0.2, 0.2]])
-    assert math.isclose(N.score_order(s), 2 / 3)
-
-
-def test_score_sugarcrepe_micro_and_macro():
-    per = {"replace_obj": ([1, 1, 0, 1], [0, 0, 1, 1]), "replace_att": ([1], [0]), "swap_att": ([0, 1], [1, 0])}
-    r = N.score_sugarcrepe(per)
-    assert r["replace_obj"] == 0.5 and r["replace_att"] == 1.0 and r["swap_att"] == 0.5
-    assert math.isclose(r["REPLACE_micro"], 3 / 5) and math.isclose(r["macro"], (0.5 + 1 + 0.5) / 3)
-
-
-def test_crepe_ranks_and_metrics():
-    ranks = N.crepe_ranks([0.5, 0.2, 0.9], [[0.1, 0.6, 0.5], [0.3, 0.4, 0.1], [0.1, 0.2, 0.3]])
-    assert ranks.tolist() == [2, 2, 0]  # the tie with 0.5 counts against the true caption
-    m = N.score_crepe(ranks)
-    assert math.isclose(m["R@1"], 1 / 3) and m["R@3"] == 1.0 and math.isclose(m["mean_rank"], 7 / 3)
-    assert m["median_rank"] == 3
-
-
-def test_score_svo_and_winoground():
-    r = N.score_svo([0.5, 0.1, 0.4, 0.3], [0.2, 0.3, 0.4, 0.1], ["subj", "verb", "obj", "obj"])
-    assert r["pairwise"] == 0.5 and r["subj"] == 1 and r["verb"] == 0 and r["obj"] == 0.5
-    # s[n, caption, image]
-    s = np.array([[[0.9, 0.1], [0.2, 0.8]],    # all right
-                  [[0.9, 0.3], [0.7, 0.5]],    # text right, image wrong (c1 prefers i0)
-                  [[0.5, 0.1], [0.5, 0.8]],    # tie s(c0,i0) = s(c1,i0): text wrong; image right
-                  [[0.1, 0.9], [0.8, 0.2]]])   # all wrong
-    r = N.score_winoground(s)
-    assert r["text"] == 0.5 and r["image"] == 0.5 and r["group"] == 0.25
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Benchmark readers on fixtures in their published layouts
-# ---------------------------------------------------------------------------------------------------------
-
-def test_read_aro_vg_fixtures():
-    rel = N.read_aro_vg(f"{FIX}/aro/visual_genome_relation.json")
-    assert len(rel) == 12 and rel[0]["true_caption"] == "the door is to the left of the shirt"
-    assert rel[0]["relation_name"] == "to the left of" and rel[0]["image_path"] == "2410049.jpg"
-    att = N.read_aro_vg(f"{FIX}/aro/visual_genome_attribution.json")
-    assert att[0]["attributes"] == ["white", "open"]
-
-
-def test_read_sugarcrepe_fixture_keeps_gapped_keys():
-    d = N.read_sugarcrepe(f"{FIX}/sugarcrepe")
-    assert set(d) == {"replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"}
-    assert all(len(v) == 10 for v in d.values())  # swap_obj has keys 0..5, 106, 107, 109, 110
-    assert d["swap_att"][0] == ("000000565045.jpg", "Blue bathroom with two white towels hanging by the shower.",
-                                "White bathroom with two blue towels hanging by the shower.")
-
-
-def test_read_crepe_fixture_lists_and_sets():
-    d = N.read_crepe(f"{FIX}/crepe")
-    assert set(d) == {("atom", 4), ("atom", 12), ("negate", 4), ("swap", 4)}
-    assert len(d[("atom", 4)]) == 16 and len(d[("negate", 4)]) == 10
-    r = d[("atom", 4)][0]
-    assert r["image_id"] == "13" and r["box"] == (237.0, 391.0, 402.0, 208.0) and len(r["negs"]) == 5
-    neg0 = d[("negate", 4)][0]["negs"]  # a set literal: sorted for a defined order
-    assert neg0 == sorted(neg0) and "Lamp not next to bed. There is an end table." in neg0
-
-
-def test_read_svo_fixture():
-    rows = N.read_svo(f"{FIX}/svo_probes/svo_probes.csv")
-    assert len(rows) == 10
-    assert rows[0] == {"sentence": "A woman lies on a beach.", "pos_image_id": "2", "neg_image_id": "3",
-                       "kind": "verb"}
-    assert rows[3]["kind"] == "obj"  # neg_triplet given as a list literal
-
-
-def test_read_winoground_and_retrieval_fixtures():
-    w = N.read_winoground(f"{FIX}/winoground/examples.jsonl")
-    assert len(w) == 12 and w[0]["image_0"] == "ex_0_img_0"
-    images, texts, t2i, i2t = N.read_retrieval(f"{FIX}/blip/coco_karpathy_test.json")
-    assert len(images) == 6 and images[0] == "val2014/COCO_val2014_000000391895.jpg"
-    assert texts[0] == "a man with a red helmet on a small moped on a dirt road"  # ARO/BLIP normalisation
-    assert len(texts) == len(t2i) == sum(len(x) for x in i2t) and t2i[i2t[2][0]] == 2
-
-
-def _png(path, color, size=(48, 40)):
-    from PIL import Image
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-class _ColourModel(nn.Module):
-    """Stand-in encoder for the runner tests: image embedding = mean colour, text embedding from colour words.
-    Lets the benchmark runners be checked end to end against hand-derived answers."""
-    COLOURS = {"red": (1.0, 0, 0), "green": (0, 1.0, 0), "blue": (0, 0, 1.0)}
-
-    def encode_image(self, pixels):
-        return torch.nn.functional.normalize(pixels.mean((2, 3)) + 3, dim=-1)
-
-    def encode_text(self, ids, mask):
-        return torch.nn.functional.normalize(ids[:, :3].float() + 3, dim=-1)
-
-
-class _ColourTok:
-    def __call__(self, texts, **kw):
-        ids = torch.tensor([[(w in t.lower().split()) * 1.0 for w in ("red", "green", "blue")] for t in texts])
-        z = (ids - torch.tensor(N.CLIP_MEAN)) / torch.tensor(N.CLIP_STD)
-        return {"input_ids": z, "attention_mask": torch.ones(len(texts), 3)}
-
-
-def test_benchmark_runners_on_fixture_layouts(tmp_path):
-    """SugarCREPE / ARO / Winoground / SVO / CREPE runners read the published layouts with images at their
-    conventional paths and score with the rules above (colour-world stand-in model, hand-derived answers)."""
-    root = tmp_path
-    shutil.copytree(f"{FIX}/sugarcrepe", root / "sugarcrepe")
-    for name in {r[0] for v in N.read_sugarcrepe(str(root / "sugarcrepe")).values() for r in v}:
-        _png(str(root / "sugarcrepe" / "val2017" / name), (255, 0, 0))
-    # every caption of the fixture lacks colour words except those saying red/blue/green
-    cfg = N.Config(eval_batch=4, max_text_len=8, aro_min_pair_count=1)
-    dist = N.D.Dist()
-    sc = N.Scorer(_ColourModel(), _ColourTok(), 16, N.CLIP_MEAN, N.CLIP_STD, cfg, dist, torch.float32)
-    r = N.eval_sugarcrepe(sc, str(root))
-    # swap_att item 0: "Blue bathroom with two white towels" vs "White bathroom with two blue towels": both
-    # mention blue, neither red -> equal scores -> wrong by the strict rule
-    assert 0 <= r["macro"] <= 1 and set(N.read_sugarcrepe(str(root / "sugarcrepe"))) <= set(r)
-
-    # ARO: records point into aro/images/<image_path>, boxes crop; image red on the left, blue on the right
-    os.makedirs(root / "aro")
-    recs = [{"image_id": "1", "true_caption": "the red box", "false_caption": "the blue box",
-             "relation_name": "on", "bbox_x": 0, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"},
-            {"image_id": "1", "true_caption": "the blue box", "false_caption": "the red box",
-             "relation_name": "on", "bbox_x": 30, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"},
-            {"image_id": "1", "true_caption": "the blue box", "false_caption": "the red box",
-             "relation_name": "next to", "bbox_x": 0, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"}]
-    from PIL import Image
-    im = Image.new("RGB", (40, 20), (0, 0, 255))
-    im.paste((255, 0, 0), (0, 0, 20, 20))
-    os.makedirs(root / "aro" / "images")
-    im.save(root / "aro" / "images" / "1.jpg")
-    json.dump(recs, open(root / "aro" / "visual_genome_relation.json", "w"))
-    att = [dict(r, attributes=["red", "blue"]) for r in recs]
-    json.dump(att, open(root / "aro" / "visual_genome_attribution.json", "w"))
-    r = N.eval_aro(sc, str(root), cfg)
-    assert r["vg_relation_micro"] == pytest.approx(2 / 3) and r["vg_relation_macro"] == 1.0  # "next to" excluded
-    assert r["vg_attribution_macro"] == pytest.approx(2 / 3)
-
-    # Winoground: images/ex_<id>_img_<k>.png, captions by colour
-    os.makedirs(root / "winoground")
-    with open(root / "winoground" / "examples.jsonl", "w") as f:
-        f.write(json.dumps({"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "a red one",
-                            "caption_1": "a blue one", "tag": "x", "secondary_tag": "", "num_main_preds": 1,
-                            "collapsed_tag": "Object"}) + "\n")
-    _png(str(root / "winoground" / "images" / "ex_0_img_0.png"), (255, 0, 0))
-    _png(str(root / "winoground" / "images" / "ex_0_img_1.png"), (0, 0, 255))
-    r = N.eval_winoground(sc, str(root))
-    assert r["text"] == r["image"] == r["group"] == 1.0 and r["Object_group"] == 1.0
-
-    # SVO: images/<image_id>.jpg; a missing image drops its row (coverage)
-    os.makedirs(root / "svo_probes")
-    with open(root / "svo_probes" / "svo_probes.csv", "w") as f:
-        f.write("sentence,pos_triplet,neg_triplet,pos_url,neg_url,pos_image_id,neg_image_id,subj_neg,verb_neg,"
-                "obj_neg\nA red car.,\"car,be,red\",\"car,be,blue\",u,v,1,2,False,False,True\n"
-                "A blue car.,\"car,be,blue\",\"car,be,red\",u,v,2,3,True,False,False\n")
-    _png(str(root / "svo_probes" / "images" / "1.jpg"), (255, 0, 0))
-    _png(str(root / "svo_probes" / "images" / "2.jpg"), (0, 0, 255))
-    r = N.eval_svo(sc, str(root))
-    assert r["pairwise"] == 1.0 and r["coverage"] == 0.5 and r["n"] == 1
-
-    # COCO-Order from BLIP's coco_karpathy_test.json: the colour model scores all 5 options of a caption alike
-    # (perturbations keep the words), and a tie counts as right for the order sets (original is first)
-    for image, _ in N.read_caption_sets(f"{FIX}/blip/coco_karpathy_test.json"):
-        _png(str(root / "coco" / image), (255, 0, 0))
-    r = N.eval_order(sc, f"{FIX}/blip/coco_karpathy_test.json", str(root / "coco"),
-                     N.Config(order_seeds=2, eval_batch=8), N.RuleTagger())
-    n_caps = sum(len(c) for _, c in N.read_caption_sets(f"{FIX}/blip/coco_karpathy_test.json"))
-    assert r == {"coco_order_p1": 1.0, "coco_order_p1_std": 0.0, "coco_order_n": n_caps}
-
-    # CREPE: VG_100K_2 is searched too; boxes crop
-    shutil.copytree(f"{FIX}/crepe", root / "crepe")
-    for (typ, n), rows in N.read_crepe(str(root / "crepe")).items():
-        for row in rows:
-            _png(str(root / "crepe" / "VG_100K_2" / f"{row['image_id']}.jpg"), (0, 255, 0), (700, 700))
-    r = N.eval_crepe(sc, str(root))
-    assert {"atom_c4_R@1", "negate_c4_R@3", "swap_c4_mean_rank", "atom_R@1"} <= set(r)
-    assert r["atom_c4_n"] == 16
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LoRA
-# ---------------------------------------------------------------------------------------------------------
-
 def test_lora_counts_and_merge_equals_unmerged():
     torch.manual_seed(0)
     net = nn.Sequential()
@@ -527,10 +97,6 @@ def test_lora_counts_and_merge_equals_unmerged():
     with pytest.raises(ValueError, match="no Linear"):
         N.add_lora(nn.Sequential(nn.Linear(2, 2)), ["q_proj"], 2, 4, 0.0)
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Equivalence with transformers (random tiny checkpoints saved with save_pretrained)
-# ---------------------------------------------------------------------------------------------------------
 
 WORDS = "a an the red blue green circle square left right of to is on small large".split()
 
@@ -564,10 +130,10 @@ def _tiny_clip(path):
 def test_clip_folder_gives_transformers_embeddings(tmp_path):
     from transformers import AutoTokenizer, CLIPModel
     path = _tiny_clip(tmp_path / "clip")
-    model, tok, mean, std, size = N.build_model(N.Config(init="clip", clip=path))
+    model, tok = N.build_model(N.Config(init="clip", clip=path))
     model.eval()
     ref = CLIPModel.from_pretrained(path).eval()
-    assert size == 32 and mean == N.CLIP_MEAN
+    assert model.image_size == 32 and model.image_mean == N.CLIP_MEAN
     pixels = torch.randn(3, 3, 32, 32)
     t = AutoTokenizer.from_pretrained(path)(["a red circle", "the small blue square left of a circle", "a"],
                                              padding=True, return_tensors="pt")
@@ -593,7 +159,8 @@ def test_unimodal_towers_load_with_fresh_heads(tmp_path):
     path = _tiny_clip(tmp_path / "clip")
     for vision, dv, pooled_ref in (("vit", 20, None), ("clip", 32, "clip")):
         cfg = N.Config(init="unimodal", vision=str(tmp_path / vision), text=str(tmp_path / "bert"), embed_dim=12)
-        model, tok, mean, std, size = N.build_model(cfg)
+        model, tok = N.build_model(cfg)
+        mean, size = model.image_mean, model.image_size
         model.eval()
         assert model.visual_projection.weight.shape == (12, dv) and model.text_projection.weight.shape == (12, 24)
         assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
@@ -621,9 +188,8 @@ def test_unimodal_towers_load_with_fresh_heads(tmp_path):
     assert "logit_scale" in names and "visual_projection.weight" in names
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Every mode through main() on the tiny toy world
-# ---------------------------------------------------------------------------------------------------------
+MARGIN_FIXED_LOSS = 0.03
+
 
 def _args(toy_root, out, *extra):
     return ["--toy_root", toy_root, "--out_dir", str(out), "--device", "cpu", "--tagger", "rule",
@@ -643,29 +209,56 @@ def mined(toy_root, tmp_path_factory):
 
 def test_mine_writes_negclip_tsv(mined, toy_root):
     tsv, res = mined
-    rows = N.read_negclip_tsv(tsv)
+    rows = NG.read_negclip_tsv(tsv)
     assert res["rows"] == len(rows) > 100
     assert res["neg_noun_chunk"] > 0 and res["neg_ADJ"] > 0 and res["neg_NN"] > 0
     for i, r in enumerate(rows):
         assert len(r["nbrs"]) == 3 and i not in r["nbrs"] and r["negs"]
-        assert all(N._norm_caption(n) != N._norm_caption(r["caption"]) for n in r["negs"])
+        assert all(NG.norm_caption(n) != NG.norm_caption(r["caption"]) for n in r["negs"])
     summary = json.load(open(tsv + ".summary.json"))
     assert summary["tagger"] == "rule" and summary["rows"] == len(rows)
+    key = json.load(open(tsv + ".key.json"))  # what the TSV was mined from
+    assert key["train_file"] == os.path.abspath(os.path.join(toy_root, "pairs_train.jsonl"))
+    assert (key["k"], key["tagger"], key["seed"]) == (3, "rule", 0) and len(key["sha256"]) == 64
+
+
+def _fixed_set_loss(tsv, toy_root, ckpt=None):
+    """Mean NegCLIP loss (batches of 16 rows) over every training row, each drawn as in epoch 0 (same negatives,
+    neighbours and crops for any model), in eval mode: the init model's or a checkpoint's.  Unlike the training
+    losses, which come from different batches step by step, this compares two models on identical inputs."""
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--ckpt", str(ckpt or "")])
+    N.resolve_paths(cfg)
+    model, tok = N.load_for_eval(cfg, N.Logger(None, False))
+    rows, _ = NG.filter_rows(NG.read_negclip_tsv(tsv), toy_root, N.ImageFolderLoader(toy_root, None))
+    data = N.NegCLIPRows(rows, toy_root, model, cfg, hn_start=0)
+    losses = []
+    with torch.no_grad():
+        for s in range(0, len(rows) - 15, 16):
+            batch = N.collate([data[(0, 0, i)] for i in range(s, s + 16)], tok, cfg.max_text_len)
+            losses.append(float(N.forward_loss(model.eval(), model, batch, cfg, torch.device("cpu"),
+                                               torch.float32)[0]))
+    return float(np.mean(losses))
 
 
 def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
     tsv, _ = mined
     out = tmp_path / "train"
-    res = N.main(["--mode", "train", *_args(toy_root, out, "--train_tsv", tsv, "--max_steps", 6, "--global_batch", 16,
-                                             "--micro_batch", 8, "--lr", 1e-4, "--warmup", 1, "--val_every", 3,
+    res = N.main(["--mode", "train", *_args(toy_root, out, "--train_tsv", tsv, "--max_steps", 48, "--global_batch",
+                                             16, "--micro_batch", 8, "--lr", 2e-4, "--warmup", 1, "--val_every", 24,
                                              "--benchmarks", "retrieval")])
-    losses = res["train/losses"]
-    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert len(res["train/losses"]) == 48
+    # learning: the trained model fits the training rows better than the init model, on the same inputs
+    # (it drops by 0.091 / 0.119 / 0.114 on the tiny worlds of seeds 0 / 1 / 2, docs/negclip.md; the margin is
+    # a third of the smallest drop)
+    before, after = _fixed_set_loss(tsv, toy_root), _fixed_set_loss(tsv, toy_root, out / "last.pt")
+    print(f"fixed-set loss: before {before:.4f}, after {after:.4f}")  # per-seed figures: pytest -s
+    assert after < before - MARGIN_FIXED_LOSS, (before, after)
     for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl", "results.json"):
         assert (out / name).is_file(), name
-    assert json.load(open(out / "config.json"))["max_steps"] == 6
+    assert json.load(open(out / "config.json"))["max_steps"] == 48
     ck = N.load_checkpoint(str(out / "last.pt"))
-    assert ck["step"] == 6 and ck["config"]["lr"] == 1e-4 and "optimizer" in ck and "rng" in ck
+    assert ck["step"] == 48 and ck["config"]["lr"] == 2e-4 and "optimizer" in ck and "rng" in ck
+    assert (ck["script"], ck["kind"], ck["model_config"]["init"]) == ("negclip", "negclip", "clip")
     assert res["retrieval/r_mean"] > 0
     # eval from the checkpoint: every benchmark, one table
     ev = N.main(["--mode", "eval", *_args(toy_root, tmp_path / "eval", "--ckpt", out / "last.pt", "--order_seeds", 1,
@@ -677,7 +270,7 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
     assert ev["retrieval/r_mean"] == pytest.approx(res["retrieval/r_mean"], abs=1e-6)
     assert json.load(open(tmp_path / "eval" / "results.json"))["winoground/text"] == ev["winoground/text"]
     # the toy CLIP reads the images: image retrieval far above chance (chance R@1 = 100 / N_images)
-    n_img = len(N.read_retrieval(os.path.join(toy_root, "pairs_test.jsonl"))[0])
+    n_img = len(B.read_retrieval(os.path.join(toy_root, "pairs_test.jsonl"))[0])
     assert ev["retrieval/img_r1"] > 3 * 100 / n_img
 
 
@@ -695,7 +288,7 @@ def test_lora_lock_vision_train_and_export_equals_transformers(mined, toy_root, 
                                              "--export_dir", tmp_path / "exported")])
     cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--ckpt", str(out / "last.pt")])
     N.resolve_paths(cfg)
-    ours = N.merge_lora(N._load_for_eval(cfg, N.Logger(None, False))[0]).eval()
+    ours = N.merge_lora(N.load_for_eval(cfg, N.Logger(None, False))[0]).eval()
     ref = CLIPModel.from_pretrained(exp["export_dir"]).eval()
     tok = AutoTokenizer.from_pretrained(exp["export_dir"])
     t = tok(["a red circle above a blue square", "a small green star"], padding=True, return_tensors="pt")
@@ -719,6 +312,91 @@ def test_resume_equals_unbroken_run(mined, toy_root, tmp_path):
     a, b, c = _losses(tmp_path / "a"), _losses(tmp_path / "b"), _losses(tmp_path / "c")
     assert len(a) == 4 and len(b) == 2 and len(c) == 2
     assert b == a[:2] and np.allclose(c, a[2:], rtol=0, atol=1e-6)
+    # resuming into a run directory that logged past the checkpoint: each step is logged once
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common, "--resume", tmp_path / "b" / "last.pt")])
+    recs = [json.loads(s) for s in open(tmp_path / "a" / "metrics.jsonl")]
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == [1, 2, 3, 4] and [r["step"] for r in recs if r.get("event") == "resume"] == [2]
+    assert np.allclose([r["loss"] for r in recs if "loss" in r], a, rtol=0, atol=1e-6)
+
+
+def test_resume_checks_checkpoint_and_config(mined, toy_root, tmp_path, capsys):
+    tsv, _ = mined
+    common = ["--train_tsv", tsv, "--max_steps", 3, "--global_batch", 8, "--micro_batch", 8, "--warmup", 1,
+              "--val_file", "none", "--eval_after_train", "false"]
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common, "--lr", 1e-4, "--stop_after", 1)])
+    resume = ["--resume", tmp_path / "a" / "last.pt"]
+    with pytest.raises(CheckpointMismatch, match=r"^resume changes the config: lr 0.0001 -> 0.0002 \(an exact"):
+        N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--lr", 2e-4, *resume)])
+    capsys.readouterr()
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common, "--lr", 2e-4, *resume,
+                                            "--resume_changes", "true")])
+    assert res["train/steps"] == 3
+    assert "resume changes the config: lr 0.0001 -> 0.0002 (allowed by --resume_changes)" in capsys.readouterr().out
+    # a checkpoint of another script, stamped or not, is named in one line (before any key is read)
+    other = tmp_path / "dlip.pt"
+    save_checkpoint(str(other), {"script": "dlip", "kind": "pretrain", "model": {}, "step": 5})
+    with pytest.raises(CheckpointMismatch, match="^--resume .*dlip.pt: this is a dlip pretrain checkpoint; negclip"):
+        N.main(["--mode", "train", *_args(toy_root, tmp_path / "d", *common, "--resume", other)])
+    save_checkpoint(str(other), {"model": {}, "config": {"stage": 1}})
+    with pytest.raises(CheckpointMismatch, match=r"^--ckpt .*: this is a blip2_pformer \(unstamped\) checkpoint"):
+        N.main(["--mode", "eval", *_args(toy_root, tmp_path / "e", "--ckpt", other, "--benchmarks", "retrieval")])
+
+
+def test_cached_tsv_is_keyed_by_train_file(toy_root, tmp_path):
+    """A TSV mined into out_dir is reused only for the train file (and settings) it was mined from."""
+    out = tmp_path / "run"
+    common = ["--max_steps", 1, "--global_batch", 8, "--micro_batch", 8, "--val_file", "none",
+              "--eval_after_train", "false"]
+    N.main(["--mode", "train", *_args(toy_root, out, *common)])
+    full = json.load(open(out / "train_neg_clip.tsv.summary.json"))["rows"]
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(open(os.path.join(toy_root, "pairs_train.jsonl")).readlines()[:40]))
+    N.main(["--mode", "train", *_args(toy_root, out, *common, "--train_file", subset)])
+    assert json.load(open(out / "train_neg_clip.tsv.summary.json"))["rows"] <= 40 < full
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"^\S*empty.jsonl: no records \(empty dataset\)$"):
+        N.main(["--mode", "train", *_args(toy_root, out, *common, "--train_file", empty)])
+
+
+def _image_copy(toy_root, tmp_path, rows, every):
+    """An image root holding the toy images of `rows`, every `every`-th one corrupt; a released-style TSV (no key
+    sidecar: used as is) pointing into it."""
+    root = tmp_path / "images"
+    for k, name in enumerate(sorted({r["image"] for r in rows})):
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        if k % every == 0:
+            (root / name).write_bytes(b"corrupt")
+        else:
+            shutil.copy(os.path.join(toy_root, name), root / name)
+    tsv = tmp_path / "released.tsv"
+    NG.write_negclip_tsv(str(tsv), rows)
+    return root, tsv
+
+
+def test_unreadable_training_images_are_counted_reported_and_enforced(mined, toy_root, tmp_path, capsys):
+    tsv, _ = mined
+    rows = NG.read_negclip_tsv(tsv)
+    n = len({r["image"] for r in rows})
+    root, released = _image_copy(toy_root, tmp_path, rows, 5)  # 20% of the images corrupt
+    common = ["--train_tsv", released, "--image_root", root, "--max_steps", 3, "--global_batch", 16,
+              "--micro_batch", 16, "--val_file", "none", "--eval_after_train", "false"]
+    with pytest.raises(DataError, match=r"^too many unreadable images under .*images: \d+ of \d+ images unreadable"):
+        N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common)])
+    # allowed: a corrupt image is never trained on (its row is replaced by the next readable one), and each is
+    # counted once however often drawn, in the log lines and the result
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--max_bad_frac", 0.5)])
+    bad = res["train/unreadable_images"]
+    assert 0 < bad <= -(-n // 5) and f"train: {bad} of " in capsys.readouterr().out
+    assert [json.loads(s)["bad_images"] for s in open(tmp_path / "b" / "metrics.jsonl")][-1] <= bad
+    # none readable: one line, not an IndexError
+    root, released = _image_copy(toy_root, tmp_path / "none", rows, 1)
+    with pytest.raises(DataError, match="unreadable"):
+        N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common[4:], "--train_tsv", released,
+                                          "--image_root", root, "--max_bad_frac", 1.0)])
+    with pytest.raises(DataError, match="no readable image"):  # mining from that image root
+        N.main(["--mode", "mine", *_args(toy_root, tmp_path / "d", "--image_root", root, "--max_bad_frac", 1.0)])
 
 
 def test_two_process_gloo_matches_one_process(mined, toy_root, tmp_path):
@@ -757,3 +435,21 @@ def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path):
                                           "--val_file", "none", "--ckpt_every", 1)])
     last = N.load_checkpoint(str(tmp_path / "nan" / "last.pt"))  # the last good step's checkpoint is kept
     assert 1 <= last["step"] < 6 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_teaching_edition_layout():
+    """Line budget, line lengths, banners in reading order, no references to documents readers do not have;
+    data/ holds the preparation and the benchmarks and imports no method script."""
+    import re
+    root = os.path.dirname(HERE)
+    text = open(os.path.join(root, "negclip.py")).read()
+    lines = text.splitlines()
+    assert len(lines) <= 800 and sum(len(x) > 100 for x in lines) < 0.05 * len(lines)
+    assert not re.search(r"\bspec\b", text, re.IGNORECASE)
+    banners = [x[99:] for x in lines if x.startswith("# " + "=" * 96 + " ")]
+    assert banners == ["Config", "Model", "Losses", "Data", "Eval", "Train", "transformers export", "main"]
+    for name in ("negatives.py", "benchmarks.py"):
+        code = re.sub(r'""".*?"""', "", open(os.path.join(root, "data", name)).read(), flags=re.S)
+        assert not re.search(r"^\s*(from|import) (negclip|blip2_pformer|dlip|perceiver_caption|imagechat_warmup)\b",
+                             code, re.M), name
+        assert not re.search(r"\bspec\b", code, re.IGNORECASE), name

@@ -1,6 +1,8 @@
 """perceiver_caption.py: gate identity against transformers' GPT-2, parameter counts at paper sizes, masking of
 padded frames, loss masking, decoding, and train/test/caption/params through main() on the tiny toy world
-(losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process)."""
+(losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process), the
+bad-image rule, checkpoint identity and resume-config checks."""
+import dataclasses
 import json
 import os
 import socket
@@ -104,8 +106,8 @@ def test_one_step_changes_only_trainable_and_gates_get_grad_first(tiny):
     assert all(torch.equal(v, tiny["lm"].state_dict()[k]) for k, v in frozen.items())
 
 
-def test_paper_param_counts_match_spec():
-    """Trainable counts per ablation at ViT-B/32 + GPT-2 small sizes equal the seed's model summary (spec 1.7)."""
+def test_paper_param_counts_match_seed():
+    """Trainable counts per ablation at ViT-B/32 + GPT-2 small sizes equal the seed's model summary."""
     from transformers import CLIPVisionConfig, GPT2Config
     cfg = pc.Config(**pc.PRESETS["paper"])
     rows = pc.param_counts(cfg, CLIPVisionConfig(), GPT2Config())  # transformers' defaults = these two checkpoints
@@ -195,13 +197,19 @@ class _AddBias(torch.nn.Module):
         return x + self.bias
 
 
-def test_step_sampler_splits_global_batch_over_ranks():
-    one = pc.StepSampler(10, 4, 0, 1, seed=0, start=0, total=5)
-    two = [pc.StepSampler(10, 4, r, 2, seed=0, start=0, total=5) for r in range(2)]
-    for s in range(5):
-        assert one.keys(s) == two[0].keys(s) + two[1].keys(s)
-    firsts = [k[0] for s in range(2) for k in one.keys(s)] + [one.keys(2)[0][0], one.keys(2)[1][0]]
-    assert sorted(firsts) == list(range(10))  # one epoch covers every record once
+def test_caption_draws_follow_common_sampler_and_are_reproducible():
+    """Training keys: common StepSampler's (epoch, index) with one caption drawn per image and epoch; one process
+    with two micro batches sees what two ranks see, and the draw does not depend on where it is made."""
+    from common.data import StepSampler
+    recs = [{"captions": [f"c{j}" for j in range(5)]} for _ in range(10)]
+    one = list(pc.caption_draws(StepSampler(10, 4, 2, 1, 0, seed=3, start_step=0, total_steps=5), recs, 3))
+    two = [list(pc.caption_draws(StepSampler(10, 4, 2, 2, r, seed=3, start_step=0, total_steps=5), recs, 3))
+           for r in range(2)]
+    assert one == [mb for pair in zip(*two) for mb in pair]
+    assert len({i for mb in one[:4] for i, _ in mb}) == 8  # the 2 steps of an epoch: 8 distinct images
+    assert len({c for mb in one for _, c in mb}) > 1 and all(0 <= c < 5 for mb in one for _, c in mb)
+    late = list(pc.caption_draws(StepSampler(10, 4, 2, 1, 0, seed=3, start_step=3, total_steps=5), recs, 3))
+    assert late == one[6:]  # a resumed sampler continues the same stream
     assert pc.sample_frames(10, 4) == [1, 3, 6, 8] and pc.sample_frames(3, 4) == [0, 1, 2]
 
 
@@ -226,38 +234,146 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_caption_cider_beats_blank_baseline_and_test_mode(world, tmp_path):
+def _shuffled_cider(rows):
+    """Mean CIDEr of the run's own captions given to the wrong images (every rotation of the test split): the
+    score of captions that ignore the image, with the run's caption distribution."""
+    from common.metrics import caption_metrics
+    gts = {i: r["target"] for i, r in enumerate(rows)}
+    scores = [caption_metrics(gts, {i: [rows[(i + k) % len(rows)]["prediction"]] for i in gts})["CIDEr"]
+              for k in range(1, len(rows))]
+    return 100 * sum(scores) / len(scores)
+
+
+def test_caption_beats_blank_baseline_and_test_mode(world, tmp_path):
     """Same recipe twice: real images vs blank images (the no-image baseline); then --mode test reloads best.pt.
-    The default bridge (mapper prefix + resampler + gated xattn). Pure Flamingo (--xattn_prefix none) no longer
-    makes this cut in 200 steps: its blank model's one caption scores 69 CIDEr on the tiny world, itself 71."""
-    recipe = ["--bridge", "both", "--steps", "200", "--global_batch", "16",
-              "--micro_batch", "16", "--lr", "3e-3", "--eval_every", "100", "--log_every", "10", "--decode", "greedy",
-              "--max_new_tokens", "24"]
+    Margins checked on tiny worlds of seeds 0-2 (docs/perceiver_caption.md): the image lowers the val loss by
+    0.03-0.075 nats, and the captions score 24-35 CIDEr higher on their own images than on other images. CIDEr
+    against the blank model is no test at this size: its one caption scores 55-71, about where the image model
+    lands."""
+    recipe = ["--bridge", "both", "--steps", "400", "--global_batch", "16", "--micro_batch", "16", "--lr", "3e-3",
+              "--eval_every", "100", "--log_every", "20", "--decode", "greedy", "--max_new_tokens", "24"]
     m = _run(world, tmp_path / "img", *recipe)
-    blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true")
-    assert m["val_loss"] < blank["val_loss"]  # the image lowers the caption loss ...
+    blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true", "--test_after_train", "false")
+    assert m["val_loss"] < blank["val_loss"] - 0.015, (m["val_loss"], blank["val_loss"])  # the image helps ...
     assert {"CIDEr", "BLEU-4", "ROUGE-L", "val_loss"} <= set(m) and m["n"] == 50
-    assert m["CIDEr"] > blank["CIDEr"] + 10, (m, blank)  # ... and the captions name what is in it
+    rows = json.load(open(tmp_path / "img" / "predictions_test.json"))
+    control = _shuffled_cider(rows)
+    assert m["CIDEr"] > control + 10, (m["CIDEr"], control)  # ... and the captions name what is in it
     assert json.load(open(tmp_path / "img" / "config.json"))["bridge"] == "both"
     ck = torch.load(tmp_path / "img" / "best.pt", weights_only=True)
-    assert ck["config"]["steps"] == 200 and all(not k.startswith("transformer") for k in ck["bridge"])
+    assert ck["config"]["steps"] == 400 and all(not k.startswith("transformer") for k in ck["bridge"])
+    assert ck["script"] == "perceiver_caption" and ck["kind"] == "train"
+    assert ck["model_config"] == dataclasses.asdict(pc.model_config(pc.Config(**ck["config"])))
+    assert ck["model_config"]["bridge"] == "both" and "lr" not in ck["model_config"]
     t = pc.main(["--mode", "test", "--ckpt", str(tmp_path / "img" / "best.pt"), "--out_dir", str(tmp_path / "t"),
-                 "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24"])
+                 "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24",
+                 "--bridge", "mapper", "--num_latents", "3"])  # the model comes from the checkpoint
     assert t["CIDEr"] == pytest.approx(m["CIDEr"])  # same weights, same decoding
     rows = json.load(open(tmp_path / "t" / "predictions_test.json"))
     assert len(rows) == 50 and {"sample_path", "prediction", "target"} <= set(rows[0])
+    # a checkpoint written before checkpoints were stamped (no script, kind, model_config) still tests the same
+    old = {k: v for k, v in ck.items() if k not in ("script", "kind", "model_config")}
+    torch.save(old, tmp_path / "old.pt")
+    t2 = pc.main(["--mode", "test", "--ckpt", str(tmp_path / "old.pt"), "--out_dir", str(tmp_path / "t2"),
+                  "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24", "--max_eval", "8"])
+    assert t2["n"] == 8
 
 
-def test_resume_equals_unbroken_run(world, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--frozen_eval", "false"]])
+def test_resume_equals_unbroken_run(world, tmp_path, extra):
+    """Also with GPT-2 dropout on (--frozen_eval false), where any draw from the global RNG between the
+    checkpoint and the next step (a DataLoader without its own generator) changes the resumed losses."""
     common = ["--steps", "6", "--global_batch", "8", "--micro_batch", "4", "--eval_every", "100",
-              "--test_after_train", "false", "--save_every", "3"]
+              "--test_after_train", "false", "--save_every", "3", *extra]
     full = _run(world, tmp_path / "full", *common)
     _run(world, tmp_path / "half", *common, "--stop_at", "3")
-    part = _run(world, tmp_path / "resumed", *common, "--resume", tmp_path / "half" / "last.pt")
+    # the killed run had logged a step past its last checkpoint: the resumed run must log each step once
+    with open(tmp_path / "half" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
+    part = _run(world, tmp_path / "half", *common, "--resume", tmp_path / "half" / "last.pt")
     assert part["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6, abs=1e-7)
+    assert _losses(tmp_path / "half") == pytest.approx(_losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
+    rows = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r.get("event") == "resume"] == [3]
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["bridge"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["bridge"]
+    b = torch.load(tmp_path / "half" / "last.pt", weights_only=True)["bridge"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_a_changed_config_unless_asked(world, tmp_path, capsys):
+    common = ["--steps", "4", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "2",
+              "--test_after_train", "false", "--save_every", "2"]
+    _run(world, tmp_path / "a", *common, "--stop_at", "2")
+    ck = tmp_path / "a" / "last.pt"
+    with pytest.raises(ValueError, match=r"resume changes the config: lr 0\.003 -> 0\.001.*--resume_changes"):
+        _run(world, tmp_path / "b", *common, "--resume", ck, "--lr", "1e-3")
+    m = _run(world, tmp_path / "c", *common, "--resume", ck, "--lr", "1e-3", "--resume_changes", "true")
+    assert m["steps"] == 4 and "lr 0.003 -> 0.001 (allowed by --resume_changes)" in capsys.readouterr().out
+    # best.pt keeps weights only: resuming from it is refused in one line, not with a KeyError
+    with pytest.raises(ValueError, match=r"best\.pt has no optimizer state"):
+        _run(world, tmp_path / "d", *common, "--resume", tmp_path / "a" / "best.pt")
+
+
+def test_checkpoints_of_other_scripts_are_named(world, tmp_path):
+    """A checkpoint of another script fails in one line naming what it is and what was expected (it used to
+    fail with KeyError or blame --task, a flag the user never set)."""
+    torch.save({"script": "dlip", "kind": "pretrain", "config": {"teacher": "x"}, "model": {}},
+               tmp_path / "dlip.pt")
+    torch.save({"config": {"stage": 1, "task": "caption"}, "qformer": {}}, tmp_path / "bp.pt")
+    with pytest.raises(ValueError, match=r"--ckpt .*dlip\.pt: this is a dlip pretrain checkpoint; "
+                                         r"perceiver_caption expects a perceiver_caption checkpoint"):
+        pc.main(["--mode", "test", "--ckpt", str(tmp_path / "dlip.pt"), "--toy_root", str(world)])
+    with pytest.raises(ValueError, match=r"--ckpt .*: this is a blip2_pformer \(unstamped\) checkpoint"):
+        pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "bp.pt"), "--toy_root", str(world)])
+    with pytest.raises(ValueError, match=r"--resume .*: this is a dlip pretrain checkpoint; .*perceiver_caption "
+                                         r"train checkpoint"):
+        _run(world, tmp_path / "r", "--steps", "2", "--resume", tmp_path / "dlip.pt")
+
+
+def _train_file(world, path, n, bad_every=0):
+    """The first n toy training pairs; every bad_every-th one points at an image that does not exist."""
+    rows = [json.loads(line) for line in open(os.path.join(world, "pairs_train.jsonl"))][:n]
+    with open(path, "w") as f:
+        for i, r in enumerate(rows):
+            if bad_every and i % bad_every == 0:
+                r = {**r, "image": f"missing/{i}.png"}
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def test_bad_image_rule(world, tmp_path, capsys):
+    """Each unreadable image counted once and reported; under max_bad_frac the run trains on the rest, above it
+    (also when counted in DataLoader workers) or with no readable image it stops with a one-line DataError."""
+    from common.data import DataError
+    short = ["--steps", "3", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "100",
+             "--test_after_train", "false"]
+    few = _train_file(world, tmp_path / "few.jsonl", 300, bad_every=50)  # 6 of 300: 2 %
+    m = _run(world, tmp_path / "few", *short, "--train_file", few)
+    assert m["unreadable_images"] == 6 and m["steps"] == 3
+    assert "train: 6 of 300 images unreadable" in capsys.readouterr().out
+    many = _train_file(world, tmp_path / "many.jsonl", 300, bad_every=10)  # 30 of 300: 10 %
+    with pytest.raises(DataError, match=r"too many unreadable images .*30 of 300"):
+        _run(world, tmp_path / "many", *short, "--train_file", many)
+    workers = _train_file(world, tmp_path / "w.jsonl", 40, bad_every=3)  # 14 of 40, drawn in a worker
+    with pytest.raises(DataError, match=r"too many unreadable images"):
+        _run(world, tmp_path / "w", *short, "--train_file", workers, "--cache_feats", "false", "--workers", "1")
+    with pytest.raises(DataError) as e:
+        _run(world, tmp_path / "none", *short, "--image_root", tmp_path / "empty")
+    assert "unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_first_toy_run_builds_only_clip_and_gpt2(tmp_path, monkeypatch):
+    import data.toy
+    asked = []
+
+    def fake(root, models=(), **kw):
+        asked.append((root, list(models)))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(data.toy, "ensure_toy_world", fake)
+    with pytest.raises(RuntimeError, match="stop here"):
+        pc.main(["--toy_root", str(tmp_path / "toy"), "--out_dir", str(tmp_path / "run")])
+    assert asked == [(str(tmp_path / "toy"), ["clip", "gpt2"])]
 
 
 def _free_port():
@@ -292,11 +408,14 @@ def test_ablations_and_video_train(world, tmp_path, extra):
     assert m["n"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     if "mapper" in extra:  # a random prefix starts far off: the loss must fall at once
         assert m["xattn"] == 0 and m["resampler"] == 0 and m["trainable"] == m["mapper"]
-        assert losses[8] < losses[1]
-    else:  # gates opened from exactly 0
+        first, last = (sum(losses[s] for s in steps) / 3 for steps in ((1, 2, 3), (6, 7, 8)))
+        assert last < first - 0.1, losses  # worlds 0-2: falls by 0.34-0.53 (0.16-0.86 over sampling seeds)
+    else:  # gates opened from exactly 0 and stay open
         with open(tmp_path / "metrics.jsonl") as f:
-            gates = [json.loads(line).get("gate_attn") for line in f]
-        assert gates[0] > 0 and gates[-2] > gates[0]
+            gates = [r["gate_attn"] for r in map(json.loads, f) if "gate_attn" in r]
+        assert gates[0] > 0 and min(gates) > 0, gates
+        if "video" in extra:  # with the mapper prefix they keep opening (x2.6-3.9 by step 8, worlds 0-2)
+            assert gates[-1] > 1.5 * gates[0], gates
 
 
 def test_non_finite_loss_stops_without_saving(world, tmp_path):

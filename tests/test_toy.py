@@ -384,3 +384,48 @@ def test_t5_answers_questions_from_a_caption_and_llms_have_spare_rows(toy_root):
     opt = OPTForCausalLM.from_pretrained(os.path.join(toy_root, "models", "opt"))
     assert opt.get_input_embeddings().weight.shape[0] > len(AutoTokenizer.from_pretrained(
         os.path.join(toy_root, "models", "opt")))
+
+
+def test_backbones_build_on_demand(toy_root, tmp_path):
+    """A script's first run builds only the backbones it reads (and what they are built from); each backbone is
+    the same bytes whether built alone or with all the others (same seed, same machine)."""
+    assert toy.with_deps(["bert"]) == ["bert"] and toy.with_deps(["opt", "blip2_vision"]) == [
+        "clip", "blip2_vision", "opt"]
+    with pytest.raises(ValueError, match="unknown toy backbone"):
+        toy.with_deps(["vicuna"])
+    man = json.load(open(os.path.join(toy_root, "manifest.json")))
+    root = str(tmp_path / "w")
+    toy.build_toy_world(root, tiny=True, seed=man["seed"], models=False, log=lambda *a: None)
+    assert not os.path.exists(os.path.join(root, "models")) and os.path.isfile(os.path.join(root, "models_vocab.txt"))
+    half = os.path.join(root, "models", "bert")
+    os.makedirs(half)
+    open(os.path.join(half, "config.json"), "w").write("{}")  # a build killed half-way (no toy_model.json)
+    assert toy.ensure_toy_world(root, tiny=True, models=["bert"], log=lambda *a: None) == root
+    assert sorted(os.listdir(os.path.join(root, "models"))) == ["bert"]
+    assert toy.model_ready(root, "bert") and set(toy.model_stats(root)) == {"bert"}
+    with open(os.path.join(root, "models", "bert", "model.safetensors"), "rb") as a, \
+            open(os.path.join(toy_root, "models", "bert", "model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
+    mtime = os.path.getmtime(os.path.join(root, "models", "bert", "model.safetensors"))
+    toy.ensure_toy_world(root, tiny=True, models=["bert"], log=lambda *a: None)  # already there: nothing rebuilt
+    assert os.path.getmtime(os.path.join(root, "models", "bert", "model.safetensors")) == mtime
+
+
+def test_backbones_load_without_warnings(toy_root, capfd):
+    """The classes the scripts load match what the toy world saved: no transformers load report, no torchvision
+    fallback warning, no over-long token sequences, no unrecognised loss type while training GPT-2."""
+    from transformers import (AutoImageProcessor, AutoTokenizer, BertForPreTraining, CLIPModel, GPT2LMHeadModel,
+                              OPTForCausalLM, T5ForConditionalGeneration)
+    capfd.readouterr()
+    m = os.path.join(toy_root, "models")
+    for cls, name in ((CLIPModel, "clip"), (BertForPreTraining, "bert"), (GPT2LMHeadModel, "gpt2"),
+                      (OPTForCausalLM, "opt"), (T5ForConditionalGeneration, "t5")):
+        cls.from_pretrained(os.path.join(m, name))
+    AutoImageProcessor.from_pretrained(os.path.join(m, "clip"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(m, "gpt2"))
+    tr = read_pairs(os.path.join(toy_root, "pairs_train.jsonl"))
+    docs = toy._scene_documents([r["captions"] for r in tr], 0)
+    assert max(len(x) for x in tok(docs)["input_ids"]) + 2 <= tok.model_max_length
+    err = capfd.readouterr().err
+    for bad in ("LOAD REPORT", "requires torchvision", "Token indices sequence length", "loss_type"):
+        assert bad not in err, err[-2000:]

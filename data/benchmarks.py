@@ -1,0 +1,492 @@
+"""Compositional benchmarks and retrieval: local copies in their published layouts, any model.
+
+One scoring engine (`Scorer`): every unique image (path, crop box) and caption is embedded once
+through two callbacks the caller supplies, `embed_images(list of PIL images) -> (n, D)` and
+`embed_texts(list of str) -> (n, D)` (both L2-normalised), sharded over ranks; a pair's score is the
+cosine.  Then one reader and one scoring rule per benchmark, as its authors' code computes it:
+- retrieval: COCO / Flickr30k Karpathy test (BLIP test JSON, pairs JSONL or NegCLIP TSV), R@1/5/10;
+- ARO (Yuksekgonul et al., arXiv 2210.01936; mertyg/vision-language-models-are-bows
+  dataset_zoo/aro_datasets.py): VG-Relation and VG-Attribution macro accuracy; COCO- and
+  Flickr30k-Order P@1 over four word-order perturbations (data/negatives.py), mean/std over seeds;
+- SugarCREPE (Hsieh et al., arXiv 2306.14610; RAIVNLab/sugar-crepe main_eval.py): 7 categories,
+  micro-averaged per group;
+- CREPE (Ma et al., arXiv 2212.07796; RAIVNLab/CREPE): productivity hard negatives, R@k;
+- SVO-Probes (Hendricks & Nematzadeh, arXiv 2106.09141): pairwise accuracy per negative type;
+- Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores.
+Comparisons are strict (">"): a tie counts as wrong, except in the *-Order sets, where ARO's argmax
+takes the first option (the original caption) on ties.  Unreadable images score NaN and their cases
+are skipped; they are counted once per image (`Scorer.images_seen`, common.data.ImageFolderLoader),
+reported, and more than max_bad_frac of them stops the evaluation.
+"""
+import ast
+import csv
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import dist as D
+from common.data import DataError, ImageFolderLoader, pre_caption, read_pairs
+from common.image import load_image
+from common.log import progress
+from data.negatives import ORDER_PERTURBATIONS, make_tagger, read_negclip_tsv
+
+
+# ================================================================================================ Scorer
+
+class Scorer:
+    """Embeds each unique image (path, crop box) and caption once, sharded over ranks; cosine."""
+
+    def __init__(self, embed_images, embed_texts, batch=256, dist=None, max_bad_frac=0.05):
+        self.embed_images, self.embed_texts, self.batch = embed_images, embed_texts, batch
+        self.dist = dist or D.Dist()
+        self.img_cache, self.txt_cache = {}, {}
+        # distinct unreadable images, counted once each
+        self.images_seen = ImageFolderLoader("the evaluation images", None, max_bad_frac)
+
+    def _sharded(self, items, fn, desc):
+        idx = D.shard_indices(len(items), self.dist)
+        out = [fn([items[i] for i in idx[s:s + self.batch]])
+               for s in progress(range(0, len(idx), self.batch), self.dist.is_main, desc=desc)]
+        local = torch.cat(out) if out else torch.zeros(0)
+        parts = [p for p in D.all_gather_object(local) if p.numel()]
+        return torch.cat(parts) if parts else local
+
+    @torch.no_grad()
+    def _embed_images(self, refs):
+        ims, ok = [], []
+        for path, box in refs:
+            img = load_image(path)
+            if img is not None and box is not None:  # ARO / CREPE: crop to the region first
+                x, y, w, h = box
+                img = img.crop((int(x), int(y), int(x + w), int(y + h)))
+            ok.append(img is not None)
+            ims.append(img if img is not None else Image.new("RGB", (8, 8)))
+        e = self.embed_images(ims).float().cpu()  # (n, D)
+        e[~torch.tensor(ok)] = float("nan")  # unreadable: NaN, the benchmarks skip those cases
+        return e
+
+    def images(self, refs):
+        """[(path, box or None)] -> (K, D) embeddings (NaN rows for unreadable images)."""
+        new = sorted({r for r in refs if r not in self.img_cache}, key=str)
+        if new:
+            embs = self._sharded(new, self._embed_images, "images")
+            for r, e in zip(new, embs):
+                self.img_cache[r] = e
+            bad = {p for (p, _), e in zip(new, embs) if torch.isnan(e).any()}
+            self.images_seen.merge({p for p, _ in new}, bad)
+        return torch.stack([self.img_cache[r] for r in refs])
+
+    def texts(self, texts):
+        new = sorted({t for t in texts if t not in self.txt_cache})
+        if new:
+            embs = self._sharded(new, lambda b: self.embed_texts(b).float().cpu(), "texts")
+            self.txt_cache.update(zip(new, embs))
+        return torch.stack([self.txt_cache[t] for t in texts])
+
+    def pair_scores(self, refs, texts):
+        """s(image_k, text_k) for aligned lists -> (K,) numpy (NaN: unreadable image)."""
+        return (self.images(refs) * self.texts(texts)).sum(-1).numpy()
+
+
+# ================================================================================================ Scoring rules
+# pure functions on score arrays; strict ">" everywhere, ties count as wrong
+
+# ARO's VG-Relation macro accuracy leaves out these 157 relations (the authors' notebook)
+VG_R_EXCLUDED = set("""adjusting;attached to;between;bigger than;biting;boarding;brushing;chewing;
+cleaning;climbing;close to;coming from;coming out of;contain;crossing;dragging;draped over;drinking;
+drinking from;driving;driving down;driving on;eating from;eating in;enclosing;exiting;facing;
+filled with;floating in;floating on;flying;flying above;flying in;flying over;flying through;
+full of;going down;going into;going through;grazing in;growing in;growing on;guiding;hanging from;
+hanging in;hanging off;hanging over;higher than;holding onto;hugging;in between;jumping off;
+jumping on;jumping over;kept in;larger than;leading;leaning over;leaving;licking;longer than;
+looking in;looking into;looking out;looking over;looking through;lying next to;lying on top of;
+making;mixed with;mounted on;moving;on the back of;on the edge of;on the front of;
+on the other side of;opening;painted on;parked at;parked beside;parked by;parked in;
+parked in front of;parked near;parked next to;perched on;petting;piled on;playing;playing in;
+playing on;playing with;pouring;reaching for;reading;reflected on;riding on;running in;running on;
+running through;seen through;sitting behind;sitting beside;sitting by;sitting in front of;
+sitting near;sitting next to;sitting under;skiing down;skiing on;sleeping in;sleeping on;smiling at;
+sniffing;splashing;sprinkled on;stacked on;standing against;standing around;standing behind;
+standing beside;standing in front of;standing near;standing next to;staring at;stuck in;surrounding;
+swimming in;swinging;talking to;topped with;touching;traveling down;traveling on;tying;typing on;
+underneath;wading in;waiting for;walking across;walking by;walking down;walking next to;
+walking through;working in;working on;worn on;wrapped around;wrapped in;by;of;near;next to;with;
+beside;on the side of;around""".replace(
+    "\n", " ").split(";"))
+VG_R_EXCLUDED = {s.strip() for s in VG_R_EXCLUDED}
+
+
+def macro_accuracy(correct, groups, min_count=1, exclude=()):
+    """Mean over groups (with >= min_count cases, not excluded) of the group's accuracy."""
+    acc = {}
+    for c, g in zip(correct, groups):
+        acc.setdefault(g, []).append(c)
+    kept = [np.mean(v) for g, v in acc.items() if g not in exclude and len(v) >= min_count]
+    return float(np.mean(kept)) if kept else float("nan"), len(kept)
+
+
+def score_vg(pos, neg, groups, min_count=1, exclude=()):
+    """ARO VG-Relation / VG-Attribution: correct iff s(true) > s(false); macro (paper), micro."""
+    correct = np.asarray(pos) > np.asarray(neg)
+    macro, n_groups = macro_accuracy(correct, groups, min_count, exclude)
+    return {"macro": macro, "micro": float(correct.mean()), "n": int(len(correct)),
+            "groups": n_groups}
+
+
+def score_order(scores):
+    """(N, 5) scores, column 0 = the original caption -> Precision@1 (argmax takes the first index
+    on ties, so as in the ARO code a tie counts as right here)."""
+    return float((np.argmax(np.asarray(scores), axis=1) == 0).mean())
+
+
+def score_sugarcrepe(per_file):
+    """{category: (pos, neg)} -> per-category accuracy, micro REPLACE/SWAP/ADD (maintainers in
+    sugar-crepe issue #3) and the macro mean."""
+    out, pooled = {}, {}
+    for cat, (pos, neg) in per_file.items():
+        c = np.asarray(pos) > np.asarray(neg)
+        out[cat] = float(c.mean())
+        pooled.setdefault(cat.split("_")[0], []).append(c)
+    for group, cs in pooled.items():
+        out[f"{group.upper()}_micro"] = float(np.concatenate(cs).mean())
+    out["macro"] = float(np.mean([out[c] for c in per_file]))
+    return out
+
+
+def crepe_ranks(true_scores, neg_scores):
+    """0-based rank of the true caption among [true] + negatives; ties count against it."""
+    return np.array([int((np.asarray(n) >= t).sum()) for t, n in zip(true_scores, neg_scores)])
+
+
+def score_crepe(ranks, ks=(1, 3, 5, 10)):
+    ranks = np.asarray(ranks)
+    out = {f"R@{k}": float((ranks < k).mean()) for k in ks}
+    out.update({f"R@{k}_std": float((ranks < k).std()) for k in ks})
+    out.update({"mean_rank": float((ranks + 1).mean()), "median_rank": float(np.median(ranks + 1)),
+                "n": int(len(ranks))})
+    return out
+
+
+def score_svo(pos, neg, kinds):
+    """Pairwise accuracy s(sentence, pos image) > s(sentence, neg image), overall and per type."""
+    c = np.asarray(pos) > np.asarray(neg)
+    kinds = np.asarray(kinds)
+    out = {"pairwise": float(c.mean()) if len(c) else float("nan"), "n": int(len(c))}
+    for k in ("subj", "verb", "obj"):
+        if (kinds == k).any():
+            out[k] = float(c[kinds == k].mean())
+    return out
+
+
+def score_winoground(s):
+    """s (N, 2, 2) with s[n, c, i] = score(caption_c, image_i) -> text / image / group scores
+    (Thrush et al.)."""
+    s = np.asarray(s)
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    mean = lambda c: float(c.mean()) if len(c) else float("nan")  # noqa: E731  (no case left: NaN)
+    return {"text": mean(text), "image": mean(image), "group": mean(text & image), "n": int(len(s))}
+
+
+# ================================================================================================ Readers
+# the published layouts, read by field name
+
+SUGARCREPE = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
+              "add_att")
+_BOX = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
+_SVO = ("subj", "verb", "obj")
+
+
+def _load_json(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_aro_vg(path):
+    """visual_genome_{relation,attribution}.json: list of records; the true/false captions are found
+    by field name (some re-formatted copies reorder them), boxes (bbox_x, bbox_y, bbox_w, bbox_h)
+    crop the image."""
+    recs = _load_json(path)
+    for i, r in enumerate(recs):
+        for k in ("image_path", "true_caption", "false_caption", *_BOX):
+            if k not in r:
+                raise DataError(f"{path}: record {i}: missing field '{k}'")
+    return recs
+
+
+def read_caption_sets(path):
+    """-> list of (image path, [raw captions]) from pairs .jsonl | BLIP test .json (list of
+    {"image", "caption": [..]}, one entry per image) | NegCLIP .tsv (title, filepath; by image)."""
+    if path.endswith(".tsv"):
+        recs = {}
+        for r in read_negclip_tsv(path):
+            recs.setdefault(r["image"], []).append(r["caption"])
+        return list(recs.items())
+    if path.endswith(".jsonl"):
+        return [(r["image"], r["captions"]) for r in read_pairs(path)]
+    out = []
+    for i, r in enumerate(_load_json(path)):
+        if "image" not in r or "caption" not in r:
+            raise DataError(f"{path}: record {i}: missing field 'image' or 'caption'")
+        out.append((r["image"], r["caption"] if isinstance(r["caption"], list) else [r["caption"]]))
+    return out
+
+
+def read_retrieval(path):
+    """-> (image paths, captions, txt2img, img2txts), captions normalised as ARO's retrieval."""
+    images, texts, txt2img, img2txts = [], [], [], []
+    for i, (image, caps) in enumerate(read_caption_sets(path)):
+        images.append(image)
+        img2txts.append([])
+        for c in caps:
+            img2txts[-1].append(len(texts))
+            texts.append(pre_caption(c))
+            txt2img.append(i)
+    return images, texts, txt2img, img2txts
+
+
+def read_sugarcrepe(folder):
+    """{category: list of (filename, caption, negative_caption)}; keys: string indices, gapped."""
+    out = {}
+    for cat in SUGARCREPE:
+        d = _load_json(os.path.join(folder, f"{cat}.json"))
+        out[cat] = [(r["filename"], r["caption"], r["negative_caption"]) for r in d.values()]
+    return out
+
+
+def read_crepe(folder):
+    """prod_hard_negatives/<type>/prod_vg_hard_negs_<type>_complexity_<n>.csv -> {(type, n): rows};
+    hard_negs is a Python list *or set* literal (sets have no order, so they are sorted)."""
+    out = {}
+    base = os.path.join(folder, "prod_hard_negatives")
+    if not os.path.isdir(base):
+        raise DataError(f"{base}: folder not found")
+    for typ in sorted(os.listdir(base)):
+        for name in sorted(os.listdir(os.path.join(base, typ))):
+            m = re.fullmatch(rf"prod_vg_hard_negs_{re.escape(typ)}_complexity_(\d+)\.csv", name)
+            if not m:
+                continue
+            path = os.path.join(base, typ, name)
+            rows = []
+            with open(path, newline="", encoding="utf-8") as f:
+                for line, r in enumerate(csv.DictReader(f), 2):
+                    try:
+                        negs = ast.literal_eval(r["hard_negs"])
+                        box = tuple(float(r[k]) for k in ("x", "y", "width", "height"))
+                        rows.append({"image_id": r["image_id"], "caption": r["caption"], "box": box,
+                                     "negs": sorted(negs) if isinstance(negs, set) else list(negs)})
+                    except KeyError as e:
+                        raise DataError(f"{path}:{line}: missing field {e}") from None
+            out[(typ, int(m.group(1)))] = rows
+    if not out:
+        raise DataError(f"{base}: no prod_vg_hard_negs_*_complexity_*.csv files")
+    return out
+
+
+def _crepe_image(folder, image_id):
+    for sub in ("VG_100K", "VG_100K_2"):
+        p = os.path.join(folder, sub, f"{image_id}.jpg")
+        if os.path.isfile(p):
+            return p
+    return os.path.join(folder, "VG_100K", f"{image_id}.jpg")
+
+
+def read_svo(path):
+    """svo_probes.csv read by column name; neg_triplet may be a list literal; keeps rows with
+    exactly one *_neg flag true -> [{"sentence", "pos_image_id", "neg_image_id", "kind"}]."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for line, r in enumerate(csv.DictReader(f), 2):
+            try:
+                flags = [str(r[f"{k}_neg"]).strip().lower() == "true" for k in _SVO]
+                if sum(flags) != 1:
+                    continue
+                rows.append({"sentence": r["sentence"], "pos_image_id": r["pos_image_id"],
+                             "neg_image_id": r["neg_image_id"], "kind": _SVO[flags.index(True)]})
+            except KeyError as e:
+                raise DataError(f"{path}:{line}: missing field {e}") from None
+    return rows
+
+
+def read_winoground(path):
+    recs = []
+    with open(path) as f:
+        for line, s in enumerate(f, 1):
+            if s.strip():
+                r = json.loads(s)
+                for k in ("id", "caption_0", "caption_1", "image_0", "image_1"):
+                    if k not in r:
+                        raise DataError(f"{path}:{line}: missing field '{k}'")
+                recs.append(r)
+    return recs
+
+
+# ================================================================================================ Runners
+# reader + scorer + scoring rule
+
+def _finite(*arrays):
+    keep = np.all([np.isfinite(a) for a in arrays], axis=0)
+    return keep
+
+
+def eval_retrieval(sc, path, image_root):
+    from common.metrics import retrieval_recall
+    images, texts, txt2img, img2txts = read_retrieval(path)
+    img = sc.images([(os.path.join(image_root, p), None) for p in images])  # (N_img, D)
+    ok = ~torch.isnan(img).any(1)  # unreadable images leave the set together with their captions
+    keep_txt = [j for j, i in enumerate(txt2img) if ok[i]]
+    new_id = (torch.cumsum(ok.long(), 0) - 1).tolist()
+    sim = img[ok] @ sc.texts([texts[j] for j in keep_txt]).t()  # (N_img, N_txt)
+    pos = {j: n for n, j in enumerate(keep_txt)}
+    return retrieval_recall(sim.numpy(), [new_id[txt2img[j]] for j in keep_txt],
+                            [[pos[j] for j in ts] for i, ts in enumerate(img2txts) if ok[i]])
+
+
+def eval_aro(sc, root, min_pair_count=25):
+    """VG-Relation (relations of VG_R_EXCLUDED left out) and VG-Attribution (attribute pairs with >=
+    min_pair_count cases), each case an image region with its true and its swapped caption."""
+    out = {}
+    for name, group_of, kw in (
+            ("vg_relation", lambda r: r["relation_name"], {"exclude": VG_R_EXCLUDED}),
+            ("vg_attribution", lambda r: "_".join(r["attributes"]), {"min_count": min_pair_count})):
+        recs = read_aro_vg(os.path.join(root, "aro", f"visual_genome_{name.split('_')[1]}.json"))
+        refs = [(os.path.join(root, "aro", "images", r["image_path"]),
+                 (r["bbox_x"], r["bbox_y"], r["bbox_w"], r["bbox_h"])) for r in recs]
+        pos = sc.pair_scores(refs, [r["true_caption"] for r in recs])
+        neg = sc.pair_scores(refs, [r["false_caption"] for r in recs])
+        keep = _finite(pos, neg)
+        res = score_vg(pos[keep], neg[keep], [group_of(r) for r, k in zip(recs, keep) if k], **kw)
+        out.update({f"{name}_{k}": v for k, v in res.items()})
+    return out
+
+
+def eval_order(sc, path, image_root, seeds=5, tagger=None):
+    """COCO-/Flickr30k-Order: 5 options per (image, caption); P@1 mean +- std over `seeds` draws."""
+    tagger = tagger or make_tagger("auto")
+    refs, caps = [], []
+    for img, cs in read_caption_sets(path):
+        for c in cs:
+            refs.append((os.path.join(image_root, img), None))
+            caps.append(c)
+    img_emb = sc.images(refs)  # (K, D)
+    p1 = []
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        options = [[pre_caption(c)] + [pre_caption(f(c, tagger, rng)) for f in ORDER_PERTURBATIONS]
+                   for c in caps]
+        txt = sc.texts([o for opts in options for o in opts]).reshape(len(caps), 5, -1)  # (K, 5, D)
+        s = torch.einsum("kd,kod->ko", img_emb, txt).numpy()
+        keep = np.isfinite(s).all(1)
+        p1.append(score_order(s[keep]))
+    name = "flickr30k_order" if "flickr" in os.path.basename(path) else "coco_order"
+    return {f"{name}_p1": float(np.mean(p1)), f"{name}_p1_std": float(np.std(p1)),
+            f"{name}_n": len(caps)}
+
+
+def eval_sugarcrepe(sc, root):
+    data = read_sugarcrepe(os.path.join(root, "sugarcrepe"))
+    per = {}
+    for cat, rows in data.items():
+        refs = [(os.path.join(root, "sugarcrepe", "val2017", fn), None) for fn, _, _ in rows]
+        pos = sc.pair_scores(refs, [c for _, c, _ in rows])
+        neg = sc.pair_scores(refs, [n for _, _, n in rows])
+        keep = _finite(pos, neg)
+        per[cat] = (pos[keep], neg[keep])
+    return score_sugarcrepe(per)
+
+
+def eval_crepe(sc, root):
+    out, ranks_by_type = {}, {}
+    data = read_crepe(os.path.join(root, "crepe"))
+
+    def ref(r):
+        return _crepe_image(os.path.join(root, "crepe"), r["image_id"]), r["box"]
+    sc.images([ref(r) for rows in data.values() for r in rows])  # all at once, in large batches
+    sc.texts([t for rows in data.values() for r in rows for t in [r["caption"], *r["negs"]]])
+    for (typ, n), rows in data.items():
+        img = sc.images([ref(r) for r in rows])
+        true = (img * sc.texts([r["caption"] for r in rows])).sum(-1).numpy()  # (K,)
+        negs = [(img[k:k + 1] * sc.texts(r["negs"])).sum(-1).numpy() for k, r in enumerate(rows)]
+        keep = np.isfinite(true)
+        ranks = crepe_ranks(true[keep], [x for x, k in zip(negs, keep) if k])
+        res = score_crepe(ranks)
+        out.update({f"{typ}_c{n}_{k}": v for k, v in res.items() if not k.endswith("_std")})
+        ranks_by_type.setdefault(typ, []).extend(ranks.tolist())
+    out.update({f"{t}_R@1": float(np.mean(np.asarray(v) < 1)) for t, v in ranks_by_type.items()})
+    return out
+
+
+def eval_svo(sc, root):
+    folder = os.path.join(root, "svo_probes")
+    rows = read_svo(os.path.join(folder, "svo_probes.csv"))
+    img = lambda i: os.path.join(folder, "images", f"{i}.jpg")
+    have = [r for r in rows
+            if os.path.isfile(img(r["pos_image_id"])) and os.path.isfile(img(r["neg_image_id"]))]
+    if not have:
+        raise DataError(f"{folder}/images: none of the {len(rows)} SVO image pairs is present")
+    sentences = [r["sentence"] for r in have]
+    pos = sc.pair_scores([(img(r["pos_image_id"]), None) for r in have], sentences)
+    neg = sc.pair_scores([(img(r["neg_image_id"]), None) for r in have], sentences)
+    keep = _finite(pos, neg)
+    out = score_svo(pos[keep], neg[keep], [r["kind"] for r, k in zip(have, keep) if k])
+    out["coverage"] = len(have) / len(rows)  # many SVO URLs are dead (svo_probes issue #1)
+    return out
+
+
+def eval_winoground(sc, root):
+    folder = os.path.join(root, "winoground")
+    recs = read_winoground(os.path.join(folder, "examples.jsonl"))
+    refs = [(os.path.join(folder, "images", f"{r[f'image_{i}']}.png"), None)
+            for r in recs for i in (0, 1)]
+    img = sc.images(refs).reshape(len(recs), 2, -1)  # (N, 2, D)
+    txt = sc.texts([r[f"caption_{c}"] for r in recs for c in (0, 1)])
+    txt = txt.reshape(len(recs), 2, -1)  # (N, 2, D)
+    s = torch.einsum("ncd,nid->nci", txt, img).numpy()  # (N, caption, image)
+    keep = np.isfinite(s).all((1, 2))
+    out = score_winoground(s[keep])
+    for tag in sorted({r.get("collapsed_tag", "") for r in recs} - {""}):
+        m = np.array([r.get("collapsed_tag") == tag for r in recs]) & keep
+        out.update({f"{tag}_{k}": v for k, v in score_winoground(s[m]).items() if k != "n"})
+    return out
+
+
+BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground")
+
+
+def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_root="",
+                   order_file="", order_image_root="", order_seeds=5, aro_min_pair_count=25,
+                   tagger=None, log=print):
+    """Run the listed benchmarks with Scorer `sc` -> flat {"bench/metric": value}.  bench_root holds
+    aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ in their published layouts."""
+    runners = {"retrieval": lambda: eval_retrieval(sc, retrieval_file, retrieval_image_root),
+               "aro": lambda: eval_aro(sc, bench_root, aro_min_pair_count),
+               "order": lambda: eval_order(sc, order_file, order_image_root, order_seeds, tagger),
+               "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
+               "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
+               "winoground": lambda: eval_winoground(sc, bench_root)}
+    res = {}
+    for b in names:
+        if b not in runners:
+            raise ValueError(f"unknown benchmark {b!r}; choose from {list(BENCHMARKS)}")
+        res.update({f"{b}/{k}": v for k, v in runners[b]().items()})
+    if sc.images_seen.bad:
+        res["unreadable_images"] = sc.images_seen.bad
+        sc.images_seen.check(final=True)
+    log(f"eval: {sc.images_seen.report()}")
+    return res
+
+
+def format_table(res):
+    lines = [f"{'benchmark':<12} {'metric':<28} {'value':>9}", "-" * 51]
+    for k, v in res.items():
+        b, _, m = k.partition("/")
+        lines.append(f"{b:<12} {m:<28} " + (f"{v:>9.4f}" if isinstance(v, float) else f"{v:>9}"))
+    return "\n".join(lines)
+

@@ -1,0 +1,269 @@
+"""Image-Chat: the reader of the published split files and the two preparation stages of
+imagechat_warmup.py.
+
+Image-Chat (Shuster et al., ACL 2020, arXiv 1811.00945) as ParlAI publishes it
+(parlai/tasks/image_chat/build.py downloads image_chat.tgz): `train.json`, `valid.json`,
+`test.json`, each a JSON list of episodes
+    {"image_hash": "<hash>", "dialog": [[style, utterance], ...],
+     "candidates": [{"100": [...], "1000": [...]} per turn]}
+with the images at `<image_root>/<image_hash>.jpg`.  `read_image_chat` reads them unchanged.
+
+Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py), both resumable
+and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
+    prepare_features  CLIP embeddings of a 3x3 grid of crops per image -> <cache>/features/part_*.pt
+    prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
+`load_features` / `load_captions` read the caches back for training.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.amp import frozen_dtype
+from common.checkpoint import save_checkpoint
+from common.data import DataError, ImageFolderLoader
+from common.dist import all_gather_object, barrier, shard_indices
+from common.image import CLIP_MEAN, CLIP_STD
+from common.log import progress
+
+SPLITS = ("train", "valid", "test")
+
+
+# ---- reader
+def read_image_chat(path, keep_candidates=True):
+    """An Image-Chat split file as published: a JSON list of {image_hash, dialog: [[style,
+    utterance], ...], candidates?: [{"100": [...], "1000": [...]} per turn]}.  Errors name the file,
+    the episode and the field."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of episodes, got {type(data).__name__}")
+    episodes = []
+    for i, ep in enumerate(data):
+        where = f"{path}: episode {i}"
+        if not isinstance(ep, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(ep).__name__}")
+        for key in ("image_hash", "dialog"):
+            if key not in ep:
+                raise DataError(f"{where}: missing field '{key}'")
+        dialog = ep["dialog"]
+        if not isinstance(dialog, list) or not dialog:
+            raise DataError(f"{where}: field 'dialog' should be a non-empty list")
+        for t, turn in enumerate(dialog):
+            if not (isinstance(turn, list) and len(turn) == 2
+                    and all(isinstance(s, str) for s in turn)):
+                raise DataError(f"{where}: field 'dialog' turn {t} should be [style, utterance]")
+        rec = {"hash": str(ep["image_hash"]), "dialog": [tuple(t) for t in dialog],
+               "candidates": None}
+        if keep_candidates and ep.get("candidates") is not None:
+            cands = ep["candidates"]
+            if not isinstance(cands, list) or len(cands) != len(dialog):
+                raise DataError(f"{where}: field 'candidates' should hold one entry per turn")
+            rec["candidates"] = cands
+        episodes.append(rec)
+    if not episodes:
+        raise DataError(f"{path}: no episodes")
+    return episodes
+
+
+def split_path(data_dir, split):
+    return os.path.join(data_dir, f"{split}.json")
+
+
+def all_image_hashes(data_dir):
+    """Sorted distinct image hashes of every split file present."""
+    hashes = set()
+    for split in SPLITS:
+        if os.path.isfile(split_path(data_dir, split)):
+            episodes = read_image_chat(split_path(data_dir, split), keep_candidates=False)
+            hashes.update(ep["hash"] for ep in episodes)
+    if not hashes:
+        raise DataError(f"{data_dir}: no Image-Chat split files (train/valid/test.json)")
+    return sorted(hashes)
+
+
+# ---- caches
+def load_features(cache_dir):
+    """All feature parts -> ({hash: row}, (N, 9, D) float32); a missing cache is an error."""
+    folder = os.path.join(cache_dir, "features")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    parts = sorted(n for n in names if n.endswith(".pt"))
+    if not parts:
+        raise DataError(f"no CLIP features in {folder}: run --mode features first")
+    index, rows = {}, []
+    for name in parts:
+        part = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+        for h, f in zip(part["hashes"], part["feats"]):
+            if h not in index:  # a hash computed twice (an interrupted run) keeps its first copy
+                index[h] = len(rows)
+                rows.append(f)
+    return index, torch.stack(rows).float()  # (N, 9, D)
+
+
+def load_captions(cache_dir):
+    """{hash: [captions]} from the caption cache (JSON lines; a cut-off last line is ignored)."""
+    caps = {}
+    if os.path.isdir(cache_dir):
+        for name in sorted(os.listdir(cache_dir)):
+            if name.startswith("captions") and name.endswith(".jsonl"):
+                with open(os.path.join(cache_dir, name), encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # interrupted write
+                        caps[rec["image"][:-len(".jpg")]] = rec["captions"]
+    return caps
+
+
+# ---- preparation
+def grid_crops(img, crop, grid, mean, std):
+    """PIL image -> (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to grid*crop,
+    row-major crops (release clip_feature_extraction.py: patchify of the resized image)."""
+    size = grid * crop
+    x = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (S, S, 3)
+    x = torch.from_numpy(x).permute(2, 0, 1)  # (3, S, S)
+    x = x.reshape(3, grid, crop, grid, crop).permute(1, 3, 0, 2, 4)  # (gy, gx, 3, crop, crop)
+    return x.reshape(grid * grid, 3, crop, crop)
+
+
+def preprocessor_stats(folder, default_mean=CLIP_MEAN, default_std=CLIP_STD):
+    """Normalisation of the image processor saved in the CLIP folder (CLIP's own when absent)."""
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            pc = json.load(f)
+        return pc.get("image_mean", default_mean), pc.get("image_std", default_std)
+    return default_mean, default_std
+
+
+class _Stage:
+    """What both stages share: the images still to do, this rank's share, and the bad-image rule."""
+
+    def __init__(self, cfg, dist, log, what, done):
+        self.cfg, self.dist, self.log, self.what = cfg, dist, log, what
+        self.hashes = all_image_hashes(cfg.data_dir)
+        todo = [h for h in self.hashes if h not in done]
+        self.n_done = len(self.hashes) - len(todo)
+        log.info(f"{what}: {len(self.hashes)} images, {self.n_done} cached, {len(todo)} to do")
+        if cfg.stop_after > 0:
+            todo = todo[:cfg.stop_after]
+        self.mine = [todo[i] for i in shard_indices(len(todo), dist)]  # this rank's share
+        self.images = ImageFolderLoader(cfg.image_root, lambda im: im, cfg.max_bad_frac)
+        self.computed = 0
+
+    def batches(self, size):
+        """(hashes, PIL images) of the readable images, `size` hashes at a time."""
+        for s in progress(range(0, len(self.mine), size), self.dist.is_main, desc=self.what):
+            ok, imgs = [], []
+            for h in self.mine[s:s + size]:
+                img = self.images(h + ".jpg")
+                if img is not None:
+                    ok.append(h)
+                    imgs.append(img)
+            self.images.check()  # a wrong --image_root stops after min_tried images, not at the end
+            if ok:
+                yield ok, imgs
+
+    def finish(self):
+        """Merge the ranks' counts, log and record unreadable images, enforce max_bad_frac."""
+        computed = sum(all_gather_object(self.computed))
+        for tried, bad in all_gather_object((sorted(self.images.tried_set), self.images.bad_paths)):
+            self.images.merge(tried, bad)
+        bad = self.images.bad_paths
+        if self.dist.is_main and bad:
+            with open(os.path.join(self.cfg.cache_dir, f"unreadable_{self.what}.json"), "w") as f:
+                json.dump(bad, f)
+        self.log.info(f"{self.what}: computed {computed}, {self.images.report()}")
+        self.images.check(final=True)
+        return {"images": len(self.hashes), "cached_before": self.n_done, "computed": computed,
+                "unreadable": self.images.bad}
+
+
+@torch.no_grad()
+def prepare_features(cfg, dist, log, dtype):
+    """CLIP features of a 3x3 grid of crops per image (paper section 3.1), in parts keyed by hash.
+
+    Each part file holds {"hashes", "feats" (n, 9, D) fp16} and is written atomically, so an
+    interrupted run loses at most one batch and a rerun skips every image already in a part.
+    """
+    from transformers import CLIPModel
+    folder = os.path.join(cfg.cache_dir, "features")
+    os.makedirs(folder, exist_ok=True)
+    parts = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
+    done = {h for n in parts
+            for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
+    stage = _Stage(cfg, dist, log, "features", done)
+    barrier()  # every rank has listed the parts before any writes new ones
+    dev, fdtype = dist.device, frozen_dtype(dist.device, dtype)
+    clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
+    clip = clip.to(dev, fdtype).eval().requires_grad_(False)
+    crop, (mean, std) = clip.config.vision_config.image_size, preprocessor_stats(cfg.clip)
+    for i, (ok, imgs) in enumerate(stage.batches(cfg.feat_batch)):
+        x = torch.cat([grid_crops(im, crop, cfg.grid, mean, std) for im in imgs])  # (n*9, 3, c, c)
+        out = clip.get_image_features(pixel_values=x.to(dev, fdtype))
+        f = getattr(out, "pooler_output", out).float()  # (n*9, D), projected
+        f = f.reshape(len(ok), cfg.grid ** 2, -1)  # (n, 9, D)
+        save_checkpoint(os.path.join(folder, f"part_{len(parts):05d}_r{dist.rank}_{i:05d}.pt"),
+                        {"hashes": ok, "feats": f.half().cpu()})
+        stage.computed += len(ok)
+    return stage.finish()
+
+
+@torch.no_grad()
+def prepare_captions(cfg, dist, log, dtype):
+    """BLIP-2 captions (paper section 3.2; release captioning_blip2-*.py: beam 5, 3 returned, min
+    length 5, 16 new tokens, no 3-gram repeats).
+
+    Appended per batch to captions.r<rank>.jsonl ({"image": "<hash>.jpg", "captions": [c1, c2,
+    c3]}), so a rerun skips captioned images; at the end rank 0 writes the release layout
+    captions.json {"<hash>.jpg": [...]}.
+    """
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    if not cfg.captioner:
+        raise ValueError("--captioner: give a local BLIP-2 folder (transformers "
+                         "Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b-coco or "
+                         "blip2_pformer.py's export)")
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    stage = _Stage(cfg, dist, log, "captions", load_captions(cfg.cache_dir))
+    dev, fdtype = dist.device, frozen_dtype(dist.device, dtype)
+    proc = Blip2Processor.from_pretrained(cfg.captioner, local_files_only=True)
+    model = Blip2ForConditionalGeneration.from_pretrained(cfg.captioner, local_files_only=True)
+    model = model.to(dev, fdtype).eval().requires_grad_(False)
+    R = cfg.caption_return
+    out_path = os.path.join(cfg.cache_dir, f"captions.r{dist.rank}.jsonl")
+    with open(out_path, "a", encoding="utf-8") as f:
+        for ok, imgs in stage.batches(cfg.caption_batch):
+            inputs = proc(images=imgs, return_tensors="pt").to(dev)
+            inputs["pixel_values"] = inputs["pixel_values"].to(fdtype)
+            out = model.generate(**inputs, num_beams=cfg.caption_beams, num_return_sequences=R,
+                                 min_length=cfg.caption_min_length, no_repeat_ngram_size=3,
+                                 max_new_tokens=cfg.caption_max_new_tokens, do_sample=False)
+            texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
+            for j, h in enumerate(ok):  # one line per image, flushed: a crash loses at most a batch
+                rec = {"image": h + ".jpg", "captions": texts[j * R:(j + 1) * R]}
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            stage.computed += len(ok)
+    stats = stage.finish()
+    barrier()
+    if dist.is_main:
+        caps = load_captions(cfg.cache_dir)
+        final = os.path.join(cfg.cache_dir, "captions.json")
+        tmp = final + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({h + ".jpg": c for h, c in sorted(caps.items())}, f)
+        os.replace(tmp, final)
+    return stats

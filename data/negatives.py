@@ -1,0 +1,679 @@
+"""NegCLIP's preparation: hard negative captions, ARO order perturbations, neighbour images.
+
+What NegCLIP trains on (Yuksekgonul et al., ICLR 2023, arXiv 2210.01936, Sec. 4; released data and
+code: github.com/vinid/neg_clip and github.com/mertyg/vision-language-models-are-bows): every
+training caption gets up to six hard negative captions, each made by swapping two units of the
+caption (two noun chunks, two verb phrases, two singular nouns, two plural nouns, two adverbs or two
+adjectives; the authors' negative-generation script with spaCy), and every row gets its k nearest
+neighbour images in a CLIP image space.  The result is the released layout `train_neg_clip.tsv`
+(index, title, filepath, neg_caption, neg_image) that negclip.py reads.
+
+The authors tag with spaCy's en_core_web_lg; offline there is no spaCy model, so a small
+deterministic rule tagger (closed classes, a lexicon of caption words, suffix rules, neighbour-based
+disambiguation) stands in, or nltk's perceptron tagger when its data is installed.  The same tagger
+drives ARO's order perturbations (ARO dataset_zoo/perturbations.py), used by data/benchmarks.py for
+COCO-/Flickr-Order.
+
+`mine(...)` is the prepare step behind `python negclip.py --mode mine` (negclip.py passes its image
+encoder as a callback); the mined TSV carries a sidecar `<tsv>.key.json` naming its inputs, so a
+cached TSV is reused only for the same train file, image root, model and mining settings.
+"""
+import ast
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from common.data import DataError, ImageFolderLoader, read_pairs
+
+
+# ================================================================================================ Tagger
+# Tokeniser: words (internal hyphens, o'clock), numbers, Penn-style clitics ('s, n't), each
+# punctuation mark.
+_TOKEN_RE = re.compile(r"(?i)[a-z]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|m|d)\b|\d+(?:[.,:]\d+)*|"
+                       r"[a-z0-9]+(?:-[a-z0-9]+)*(?:'(?!(?:s|re|ve|ll|m|d)\b)[a-z]+)*|[^\sa-z0-9]")
+
+
+def tokenize(text):
+    return _TOKEN_RE.findall(text)
+
+
+# Closed classes win over everything (Penn tags).
+_CLOSED = {}
+for _tag, _words in {
+    "DT": "a an the this that these those some any each every no another all both either neither",
+    "PRP$": "his her its their my your our",
+    "PRP": "he she it they them him we you i me us himself herself itself themselves someone "
+           "something somebody everyone everything nothing anyone",
+    "CD": "one two three four five six seven eight nine ten eleven twelve twenty dozen hundred",
+    "IN": "in on at of with by near under over above below behind beside besides between among "
+          "across along around through into onto from for about against inside outside off down "
+          "out past toward towards upon within without underneath beneath atop like during after "
+          "before while than as via up",
+    "TO": "to", "CC": "and or but nor", "MD": "can could will would shall should may might must",
+    "WDT": "what which whose", "WP": "who whom", "WRB": "where when why how", "EX": "there",
+    "RB": "not n't", "POS": "'s", "VBZ": "is has does", "VBP": "are am have do 're 'm 've",
+    "VBD": "was were had did",
+    "VB": "be", "VBN": "been", "VBG": "being",
+}.items():
+    for _w in _words.split():
+        _CLOSED[_w] = _tag
+_AUX = set("is are am was were be been being has have had do does did 're 'm 've 's".split())
+
+# Multiword prepositions are tagged IN as a whole, so "left"/"front"/"top" are never swapped as
+# nouns (spaCy would tag them NN; ours is the cleaner negative).  Longest first.
+_MULTI_PREP = sorted([p.split() for p in (
+    "next to|in front of|on top of|to the left of|to the right of|on the left of|on the right of|"
+    "left of|right of|on the side of|in the middle of|on the other side of|close to|out of|"
+    "in between").split("|")],
+    key=len, reverse=True)
+
+_ADJ = set("""red blue green yellow white black brown orange purple pink gray grey silver golden
+gold dark bright tan beige large small big little tiny huge tall short long giant medium old young
+new elderly wooden metal metallic plastic round square rectangular triangular circular oval empty
+full open closed clean dirty wet dry hot cold warm happy busy cloudy sunny snowy grassy sandy rocky
+striped colorful shiny fresh ripe pretty beautiful cute nice other same different single double
+first second third various modern fancy plain assorted blurry wild lush leafy crowded adult female
+male professional fluffy furry middle cramped homeless advanced close ready off wide narrow thick
+thin heavy light soft hard high low deep shallow fat skinny smiling asian lone huge clear calm rainy
+foggy stainless glazed fried baked grilled""".split())
+_NOUN = """person man woman boy girl child kid baby guy lady player skier surfer skateboarder people
+bicycle bike car motorcycle motorbike moped airplane plane jet bus train truck boat ship traffic
+light fire hydrant stop sign parking meter bench bird cat dog horse sheep cow elephant bear zebra
+giraffe backpack umbrella handbag bag tie suitcase frisbee ski snowboard ball kite bat glove
+skateboard surfboard racket racquet bottle glass cup mug fork knife spoon bowl banana apple sandwich
+orange broccoli carrot hot dog pizza donut doughnut cake pie chair couch sofa plant bed table toilet
+tv television laptop computer mouse remote keyboard phone microwave oven toaster sink refrigerator
+fridge book clock vase scissors teddy hair drier dryer toothbrush tree sky grass building window
+wall street road field water snow sand beach ocean sea wave hill mountain cloud sun shirt pants hat
+cap jacket coat shoe helmet head hand arm leg face eye ear nose mouth tail wheel door floor ground
+plate food room kitchen bathroom counter shelf picture photo image fence pole track sidewalk walk
+area top side front back background city park air wood tile mirror lamp pillow blanket box court net
+game shower towel curtain rock leaf flower bush vehicle desk screen monitor camera house home
+restaurant store market vegetable fruit meat cheese bread dish pan pot stove station passenger
+headlight railroad fountain faucet control panel space combination cart cash apron pizza pizzas
+baker dough wall fixture post appliance trick air athlete commuter view circle square triangle star
+cross diamond heart hexagon ring rectangle shape object thing scene canvas umbrella yak hydrant
+street corner crowd group team family pair couple bunch lot number variety side middle edge bottom
+row line piece slice shopping stand display left right corner""".split()
+_VERB = """sit stand hold ride eat walk run play look lay lie sleep drink fly carry wear watch wait
+park cross cut throw catch hit swing talk smile pose prepare cook use take make read fill cover
+surround rest hang lean grow graze drive travel pull push kick jump skate ski surf swim float line
+display show place put stack pile top stuff slice serve feed pet hug kiss open close climb move go
+come leave enter perch reach point face work try get give set stop land fix paint decorate dress tie
+brush pour bite chew lick sniff fall check build attach mount block load pass pack pick buy sell
+wash clean wave celebrate share enjoy blow beg roll chain lock perform board head see stare glance
+gather hover fly follow lead approach dive dig splash sail paddle steer""".split()
+_IRREGULAR_VERB = {"sat": "sit", "stood": "stand", "held": "hold", "rode": "ride", "ridden": "ride",
+                   "ate": "eat", "eaten": "eat", "ran": "run", "lay": "lie", "lain": "lie",
+                   "laid": "lay", "slept": "sleep", "drank": "drink", "drunk": "drink",
+                   "flew": "fly", "flown": "fly", "wore": "wear", "worn": "wear", "caught": "catch",
+                   "swung": "swing", "took": "take", "taken": "take", "made": "make",
+                   "hung": "hang", "grew": "grow", "grown": "grow", "drove": "drive",
+                   "driven": "drive", "threw": "throw", "thrown": "throw", "went": "go",
+                   "gone": "go", "came": "come", "left": "leave", "got": "get", "gave": "give",
+                   "given": "give", "fed": "feed", "built": "build", "bought": "buy",
+                   "sold": "sell", "fell": "fall", "fallen": "fall", "bit": "bite",
+                   "bitten": "bite", "blew": "blow", "blown": "blow", "lit": "light",
+                   "swam": "swim", "shown": "show", "seen": "see", "saw": "see", "led": "lead",
+                   "dug": "dig"}
+_IRREGULAR_PLURAL = {"man": "men", "woman": "women", "person": "people", "child": "children",
+                     "foot": "feet", "tooth": "teeth", "mouse": "mice", "sheep": "sheep",
+                     "knife": "knives", "leaf": "leaves", "shelf": "shelves",
+                     "scissors": "scissors", "pants": "pants", "people": "people", "fish": "fish",
+                     "deer": "deer"}
+_DOUBLE = set("sit run cut put get set swim hit stop pet hug skip drop step plan jog wrap dip chop "
+              "grab drag nap tap pat rub spin begin sip trim knit dig".split())
+
+
+def _plural(w):
+    if w in _IRREGULAR_PLURAL:
+        return _IRREGULAR_PLURAL[w]
+    if re.search(r"(s|x|z|ch|sh)$", w):
+        return w + "es"
+    if re.search(r"[^aeiou]y$", w):
+        return w[:-1] + "ies"
+    return w + "s"
+
+
+def _verb_forms(v):
+    """base -> {form: Penn tag} with regular inflection rules (+ the doubling list)."""
+    s = _plural(v) if v not in ("go", "do") else v + "es"
+    if v.endswith("ie"):
+        ing = v[:-2] + "ying"
+    elif v.endswith("e") and not v.endswith(("ee", "ye", "oe")):
+        ing = v[:-1] + "ing"
+    elif v in _DOUBLE:
+        ing = v + v[-1] + "ing"
+    else:
+        ing = v + "ing"
+    if v.endswith("e"):
+        ed = v + "d"
+    elif re.search(r"[^aeiou]y$", v):
+        ed = v[:-1] + "ied"
+    elif v in _DOUBLE:
+        ed = v + v[-1] + "ed"
+    else:
+        ed = v + "ed"
+    return {v: "VB", s: "VBZ", ing: "VBG", ed: "VBN"}
+
+
+def _build_lexicon():
+    """form -> set of Penn tags (open classes).  Ambiguous words get several readings."""
+    lex = {}
+
+    def add(w, t):
+        lex.setdefault(w, set()).add(t)
+    for w in _ADJ:
+        add(w, "JJ")
+    for w in _NOUN:
+        add(w, "NN")
+        if w not in ("scissors", "pants", "people"):
+            add(_plural(w), "NNS")
+        else:
+            add(w, "NNS")
+    lex.get("people", set()).discard("NN")
+    for v in _VERB:
+        for form, tag in _verb_forms(v).items():
+            add(form, tag)
+    for form, base in _IRREGULAR_VERB.items():
+        add(form, "VBD")
+        add(form, "VBN")
+    return lex
+
+
+_LEXICON = _build_lexicon()
+_COARSE = {"NN": "NOUN", "NNS": "NOUN", "NNP": "NOUN", "NNPS": "NOUN", "JJ": "ADJ", "JJR": "ADJ",
+           "JJS": "ADJ", "RB": "ADV", "RBR": "ADV", "RBS": "ADV", "DT": "DET", "PDT": "DET",
+           "PRP$": "PRON", "WDT": "DET", "CD": "NUM", "IN": "ADP", "TO": "PART", "CC": "CCONJ",
+           "MD": "AUX", "PRP": "PRON", "WP": "PRON", "WRB": "ADV", "EX": "PRON", "POS": "PART",
+           "RP": "ADP"}
+
+
+def coarse(token, tag):
+    """Penn tag -> universal-style coarse tag; be/have/do are AUX (the verb-phrase pattern)."""
+    if tag.startswith("VB"):
+        return "AUX" if token.lower() in _AUX else "VERB"
+    return _COARSE.get(tag, "PUNCT" if not any(c.isalnum() for c in token) else "X")
+
+
+def _suffix_tags(w):
+    """Unknown words: suffix rules, default NN."""
+    if w.isdigit() or re.fullmatch(r"\d+(?:[.,:]\d+)*", w):
+        return {"CD"}
+    if w.endswith("ly") and len(w) > 4:
+        return {"RB"}
+    if w.endswith("ing") and len(w) > 5:
+        return {"VBG", "NN"}
+    if w.endswith("ed") and len(w) > 4:
+        return {"VBN", "JJ"}
+    if w.endswith(("ous", "ful", "ive", "al", "ic", "less", "ish", "able", "y")) and len(w) > 4:
+        return {"JJ"}
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
+        return {"NNS"}
+    return {"NN"}
+
+
+def _mark_multiword_preps(low, tags):
+    """Tag every token of a multiword preposition ("in front of") IN, longest match first."""
+    i = 0
+    while i < len(low):
+        mw = next((m for m in _MULTI_PREP if low[i:i + len(m)] == m), None)
+        if mw:
+            tags[i:i + len(mw)] = ["IN"] * len(mw)
+        i += len(mw) if mw else 1
+    return tags
+
+
+class RuleTagger:
+    """Deterministic Penn tagger for caption English: closed classes, lexicon, suffix rules, then
+    left-to-right disambiguation of ambiguous words by their neighbours.  Used when nltk's tagger
+    data (averaged_perceptron_tagger_eng) is not installed -- the usual case offline."""
+
+    name = "rule"
+
+    def tag(self, tokens):
+        low = [t.lower() for t in tokens]
+        tags = _mark_multiword_preps(low, [None] * len(tokens))
+        cands = [None if tags[i] else self._candidates(w) for i, w in enumerate(low)]
+        for i, w in enumerate(low):
+            if tags[i] is None:
+                nxt = cands[i + 1] if i + 1 < len(low) else None
+                tags[i] = self._choose(cands[i], tags[i - 1] if i else None,
+                                       low[i - 1] if i else None, nxt, w)
+        for i in range(len(low) - 1):  # "to" before a noun phrase is a preposition (IN)
+            if tags[i] == "TO" and tags[i + 1] in ("DT", "PRP$", "CD", "NN", "NNS", "JJ", "PRP"):
+                tags[i] = "IN"
+        return tags
+
+    @staticmethod
+    def _candidates(w):
+        if w in _CLOSED:
+            return {_CLOSED[w]}
+        if not any(c.isalnum() for c in w):
+            return {"."}
+        return set(_LEXICON.get(w) or _suffix_tags(w))
+
+    @staticmethod
+    def _choose(c, prev, prev_word, nxt, w):
+        if len(c) == 1:
+            return next(iter(c))
+        nouns = sorted(t for t in c if t.startswith("NN"))
+        order = ["VBG", "VBZ", "VBN", "VBD", "VB"]
+        verbs = sorted((t for t in c if t.startswith("VB")), key=order.index)
+        adj = "JJ" in c
+        next_nounish = bool(nxt) and any(t.startswith("NN") or t == "JJ" for t in nxt) and not (
+            nxt and any(t in ("IN", "DT", "TO", "CC", ".") for t in nxt))
+        next_det = bool(nxt) and any(t in ("DT", "PRP$", "CD") for t in nxt)
+        if prev_word in _AUX and prev != "POS" and adj and not w.endswith(("ing", "ed")):
+            return "JJ"  # "the kitchen is clean"
+        if prev in ("MD", "TO") or (prev_word in _AUX and prev != "POS"):
+            if verbs:  # "is sitting", "to eat", "are parked"
+                if prev in ("MD", "TO") and "VB" in c:
+                    return "VB"
+                return verbs[0]
+        if prev in ("NNS", "PRP") and "VB" in c and not next_nounish:
+            return "VBP"  # plural subject + base form: "dwellers walk by"
+        if prev in ("DT", "CD", "PRP$", "JJ", "POS", "IN", "NN") and next_nounish:
+            if adj:
+                return "JJ"  # "a square table", "the white shirt"
+            if nouns:
+                return nouns[0]  # compound modifier: "a fire hydrant" (spaCy tags it NN too)
+        if prev in ("DT", "CD", "PRP$", "JJ", "POS", "IN", None, "CC") and nouns and not (
+                prev in (None, "CC") and verbs and next_det):
+            return nouns[0]
+        if prev in ("NN", "NNS", "PRP", "EX", "RB") and verbs and (
+                w.endswith(("s", "ing", "ed")) or next_det or not nouns):
+            return verbs[0]  # "a dog runs", "man riding a", "cat sits"
+        if verbs and next_det:
+            return verbs[0]
+        if nouns:
+            return nouns[0]
+        if adj:
+            return "JJ"
+        return verbs[0] if verbs else sorted(c)[0]
+
+
+class NltkTagger:
+    """nltk's averaged perceptron (Penn tags), when its data is installed; multiword IN as above."""
+
+    name = "nltk"
+
+    def tag(self, tokens):
+        import nltk
+        tags = [t for _, t in nltk.pos_tag(tokens)]
+        return _mark_multiword_preps([t.lower() for t in tokens], tags)
+
+
+def make_tagger(kind="auto"):
+    if kind in ("auto", "nltk"):
+        try:
+            import nltk
+            nltk.data.find("taggers/averaged_perceptron_tagger_eng")
+            return NltkTagger()
+        except (ImportError, LookupError):
+            if kind == "nltk":
+                data = "averaged_perceptron_tagger_eng"
+                raise RuntimeError(f"--tagger nltk: nltk tagger data '{data}' is not installed "
+                                   f"(python -m nltk.downloader {data})")
+    return RuleTagger()
+
+
+# ---- hard negative captions (NegCLIP Sec. 4)
+
+def norm_caption(s):
+    """The authors' equality filter: drop '.' and ',', collapse spaces (and case, ours)."""
+    return re.sub(r"\s+", " ", s.replace(".", "").replace(",", "")).strip().lower()
+
+
+def noun_chunks(coarse_tags):
+    """Maximal spans DET? NUM? (ADJ|NOUN)* NOUN -> list of (start, end)."""
+    spans, i, n = [], 0, len(coarse_tags)
+    while i < n:
+        j = i + (coarse_tags[i] == "DET")
+        j += j < n and coarse_tags[j] == "NUM"
+        k = j
+        while k < n and coarse_tags[k] in ("ADJ", "NOUN"):
+            k += 1
+        last = max((m for m in range(j, k) if coarse_tags[m] == "NOUN"), default=None)
+        if last is not None:
+            spans.append((i, last + 1))
+            i = last + 1
+        else:
+            i += 1
+    return spans
+
+
+def verb_phrases(coarse_tags):
+    """Non-overlapping matches of VERB? ADV* AUX* VERB+ (the authors' spaCy Matcher pattern)."""
+    spans, i, n = [], 0, len(coarse_tags)
+    while i < n:
+        j = i + (coarse_tags[i] == "VERB")
+        while j < n and coarse_tags[j] == "ADV":
+            j += 1
+        while j < n and coarse_tags[j] == "AUX":
+            j += 1
+        k = j
+        while k < n and coarse_tags[k] == "VERB":
+            k += 1
+        if k > j:
+            spans.append((i, k))
+            i = k
+        elif i < n and coarse_tags[i] == "VERB" and j == i + 1:  # a single VERB matched by "VERB+"
+            spans.append((i, i + 1))
+            i += 1
+        else:
+            i += 1
+    return spans
+
+
+SWAP_TYPES = ("noun_chunk", "verb_phrase", "NN", "NNS", "ADV", "ADJ")
+
+
+def hard_negatives(caption, tagger, seed=0):
+    """Up to six hard negative captions (the authors' generation script): swap two noun chunks of
+    more than 2 words, two verb phrases, two NN, two NNS, two adverbs, two adjectives -> list of
+    (type, negative).  Deterministic given (caption, seed).  Swaps equal to the caption after the
+    filter are dropped."""
+    rng = random.Random(f"{seed}|{caption}")  # str seeds hash with sha512: stable across runs
+    tokens = tokenize(caption)
+    if len(tokens) < 2:
+        return []
+    tags = tagger.tag(tokens)
+    ctags = [coarse(t, g) for t, g in zip(tokens, tags)]
+    out, seen = [], {norm_caption(caption)}
+
+    def keep(kind, new_tokens, lower):
+        s = " ".join(new_tokens)
+        s = s.lower() if lower else s
+        if norm_caption(s) not in seen:
+            seen.add(norm_caption(s))
+            out.append((kind, s))
+
+    def swap_spans(spans, kind):
+        if len(spans) < 2:
+            return
+        (a0, a1), (b0, b1) = sorted(rng.sample(spans, 2))
+        if [t.lower() for t in tokens[a0:a1]] == [t.lower() for t in tokens[b0:b1]]:
+            return  # ours: swapping "a man" with "a man" is no negative
+        swapped = tokens[:a0] + tokens[b0:b1] + tokens[a1:b0] + tokens[a0:a1] + tokens[b1:]
+        keep(kind, swapped, lower=True)
+
+    # "his skateboard" is a noun chunk too
+    chunk_tags = ["DET" if g == "PRP$" else c for g, c in zip(tags, ctags)]
+    swap_spans([s for s in noun_chunks(chunk_tags) if s[1] - s[0] > 2], "noun_chunk")
+    swap_spans(verb_phrases(ctags), "verb_phrase")
+    for kind in ("NN", "NNS", "ADV", "ADJ"):
+        if kind == "ADV":
+            idx = [i for i, c in enumerate(ctags) if c == "ADV"]
+        elif kind == "ADJ":
+            idx = [i for i, c in enumerate(ctags) if c == "ADJ"]
+        else:
+            idx = [i for i, g in enumerate(tags) if g == kind]
+        if len(idx) < 2:
+            continue
+        a, b = rng.sample(idx, 2)
+        if tokens[a].lower() == tokens[b].lower():
+            continue
+        new = list(tokens)
+        new[a], new[b] = new[b], new[a]
+        keep(kind, new, lower=False)
+    return out
+
+
+
+# ================================================================================================ ARO order perturbations
+# ARO dataset_zoo/perturbations.py, re-done with the tokeniser and tagger above (evaluation only)
+
+def _trigrams(tokens):
+    return [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+
+
+def shuffle_nouns_and_adj(caption, tagger, rng):
+    tokens = tokenize(caption)
+    tags = tagger.tag(tokens)
+    for group in (("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")):
+        _shuffle_at(tokens, [i for i, t in enumerate(tags) if t in group], rng)
+    return " ".join(tokens)
+
+
+def _shuffle_at(tokens, idx, rng):
+    """Shuffle tokens[i] for i in idx among those positions, in place."""
+    vals = [tokens[i] for i in idx]
+    rng.shuffle(vals)
+    for i, v in zip(idx, vals):
+        tokens[i] = v
+
+
+def shuffle_allbut_nouns_and_adj(caption, tagger, rng):
+    tokens = tokenize(caption)
+    tags = tagger.tag(tokens)
+    _shuffle_at(tokens, [i for i, t in enumerate(tags) if not t.startswith(("NN", "JJ"))], rng)
+    return " ".join(tokens)
+
+
+def shuffle_within_trigrams(caption, tagger, rng):
+    tris = _trigrams(tokenize(caption))
+    for t in tris:
+        rng.shuffle(t)
+    return " ".join(w for t in tris for w in t)
+
+
+def shuffle_trigrams(caption, tagger, rng):
+    tris = _trigrams(tokenize(caption))
+    rng.shuffle(tris)
+    return " ".join(w for t in tris for w in t)
+
+
+ORDER_PERTURBATIONS = (shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuffle_within_trigrams,
+                       shuffle_trigrams)
+
+
+# ================================================================================================ NegCLIP TSV
+# columns: <index>, title, filepath, neg_caption, neg_image (as vinid/neg_clip's train_neg_clip.tsv)
+
+def read_training_records(path, all_captions=False):
+    """-> list of {"image", "caption", "image_id"}: one caption per image (the first) unless
+    all_captions. Accepts canonical pairs (.jsonl), a BLIP/Karpathy per-caption list ({"image",
+    "caption", "image_id"}), or a Karpathy dataset_*.json (train + restval splits)."""
+    if path.endswith(".jsonl"):
+        recs = [{"image": r["image"], "captions": r["captions"],
+                 "image_id": r.get("image_id", r["image"])} for r in read_pairs(path)]
+    else:
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            what = "empty file" if os.path.isfile(path) else "file not found"
+            raise DataError(f"{path}: {what}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a JSON file ({e})") from None
+        if isinstance(data, dict) and "images" in data:  # Karpathy dataset_coco.json
+            recs = [{"image": os.path.join(im.get("filepath", ""), im["filename"]),
+                     "captions": [s["raw"].strip() for s in im["sentences"]],
+                     "image_id": im.get("cocoid", im["imgid"])}
+                    for im in data["images"] if im["split"] in ("train", "restval")]
+        elif isinstance(data, list):
+            by_id = {}
+            for i, r in enumerate(data):
+                for k in ("image", "caption"):
+                    if k not in r:
+                        raise DataError(f"{path}: record {i}: missing field '{k}'")
+                caps = r["caption"] if isinstance(r["caption"], list) else [r["caption"]]
+                e = by_id.setdefault(r.get("image_id", r["image"]),
+                                     {"image": r["image"], "captions": []})
+                e["captions"] += [c.strip() for c in caps]
+            recs = [{"image": e["image"], "captions": e["captions"], "image_id": k}
+                    for k, e in by_id.items()]
+        else:
+            raise DataError(f"{path}: expected a JSON list or a Karpathy dataset file")
+    out = []
+    for r in recs:
+        for c in (r["captions"] if all_captions else r["captions"][:1]):
+            out.append({"image": r["image"], "caption": c, "image_id": str(r["image_id"])})
+    if not out:
+        raise DataError(f"{path}: no training records")
+    return out
+
+
+def write_negclip_tsv(path, rows):
+    """Tab-separated like the released train_neg_clip.tsv (pandas to_csv: index column, list
+    literals); an extra image_id column (readers pick columns by name)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["", "title", "filepath", "neg_caption", "neg_image", "image_id"])
+        for i, r in enumerate(rows):
+            w.writerow([i, r["caption"], r["image"], repr(list(r["negs"])),
+                        repr([int(j) for j in r["nbrs"]]), r["image_id"]])
+    os.replace(tmp, path)
+
+
+def read_negclip_tsv(path):
+    """-> list of {"caption", "image", "negs": [str], "nbrs": [row index], "image_id"}."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        for line, r in enumerate(reader, 2):
+            try:
+                negs, nbrs = ast.literal_eval(r["neg_caption"]), ast.literal_eval(r["neg_image"])
+                title, fp = r["title"], r["filepath"]
+            except KeyError as e:
+                raise DataError(f"{path}:{line}: missing field {e}") from None
+            except (ValueError, SyntaxError):
+                raise DataError(f"{path}:{line}: field 'neg_caption'/'neg_image' is not a list "
+                                "literal") from None
+            rows.append({"caption": title, "image": fp, "negs": list(negs),
+                         "nbrs": [int(j) for j in nbrs], "image_id": r.get("image_id") or fp})
+    if not rows:
+        raise DataError(f"{path}: no rows (empty dataset)")
+    return rows
+
+
+def filter_rows(rows, image_root, images):
+    """Drop rows whose image file is missing or that have no negative caption; remap neighbour
+    indices (a dropped neighbour is removed; a row left without neighbours is dropped).  Missing
+    files count as unreadable images in `images` (a common.data.ImageFolderLoader), whose
+    max_bad_frac rule applies."""
+    exists = [os.path.isfile(os.path.join(image_root, r["image"])) for r in rows]
+    images.merge({r["image"] for r in rows}, {r["image"] for r, e in zip(rows, exists) if not e})
+    images.check(final=True)
+    ok = [bool(r["negs"]) and e for r, e in zip(rows, exists)]
+    changed = True
+    while changed:  # dropping rows can empty others' neighbour lists
+        changed = False
+        for i, r in enumerate(rows):
+            if ok[i] and not any(ok[j] for j in r["nbrs"] if 0 <= j < len(rows)):
+                ok[i], changed = False, True
+    new_index = np.cumsum(ok) - 1
+    out = [dict(r, nbrs=[int(new_index[j]) for j in r["nbrs"] if 0 <= j < len(rows) and ok[j]])
+           for i, r in enumerate(rows) if ok[i]]
+    if not out:
+        raise DataError(f"no usable training rows under {image_root}")
+    return out, len(rows) - len(out)
+
+
+# ================================================================================================ Mining
+# NegCLIP Sec. 4 pairs every image with its nearest neighbour images in a CLIP image space (mined
+# once, before training; the released TSV lists 3 per row).  Same-image rows are excluded by global
+# index.
+
+def nearest_neighbours(x, img_id, k, chunk):
+    """x (N, D) normalised, img_id (N,) -> (N, k) int32 indices of the most similar rows that are
+    not the row itself and do not share its image id (chunks of rows against all N rows)."""
+    n = x.shape[0]
+    out = []
+    for s in range(0, n, chunk):
+        sim = (x[s:s + chunk] @ x.t()).float()  # (c, N)
+        rows = torch.arange(s, min(s + chunk, n), device=x.device)
+        sim[torch.arange(len(rows), device=x.device), rows] = float("-inf")  # self, by global index
+        same = img_id[rows][:, None] == img_id[None, :]  # (c, N): same image (any caption)
+        sim.masked_fill_(same, float("-inf"))
+        out.append(sim.topk(k, dim=1).indices.int().cpu())
+    return torch.cat(out)
+
+
+def mining_key(train_file, image_root, **settings):
+    """What a mined TSV is made from: train file (absolute path, size, sha256), root, settings."""
+    if not os.path.isfile(train_file):
+        raise DataError(f"{train_file}: file not found")
+    h = hashlib.sha256()
+    with open(train_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"train_file": os.path.abspath(train_file), "size": os.path.getsize(train_file),
+            "sha256": h.hexdigest(), "image_root": os.path.abspath(image_root), **settings}
+
+
+def stale_reason(tsv, make_key):
+    """None when `tsv` can be used as is, else why it must be mined again.  A TSV we mined has a
+    sidecar `<tsv>.key.json` and is reused only while make_key() (see mining_key) gives the same
+    key; a TSV without one (the released file, a hand-made one) is used as is, unless it has our
+    `.summary.json` (mined before keys)."""
+    if not os.path.isfile(tsv):
+        return f"no NegCLIP TSV at {tsv}"
+    side = tsv + ".key.json"
+    if not os.path.isfile(side):
+        old_mined = os.path.isfile(tsv + ".summary.json")
+        return f"{tsv} has no {os.path.basename(side)}" if old_mined else None
+    with open(side) as f:
+        old = json.load(f)
+    key = make_key()
+    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    return f"{tsv} was mined from other inputs ({', '.join(diff)} differ)" if diff else None
+
+
+def mine(records, image_root, embed_images, tagger, images, seed=0, k=3, chunk=4096, device="cpu",
+         log=print):
+    """Hard negative captions for every record + its top-k nearest images -> rows for
+    write_negclip_tsv.
+
+    records: from read_training_records.  embed_images(list of full paths) -> (N, D) L2-normalised
+    embeddings of a frozen image encoder, NaN rows for unreadable images.  images: a
+    common.data.ImageFolderLoader that counts them (once per image) and enforces its max_bad_frac.
+    Rows without any negative or image are dropped."""
+    counts = {t: 0 for t in SWAP_TYPES}
+    for r in records:
+        negs = hard_negatives(r["caption"], tagger, seed)
+        r["negs"] = [n for _, n in negs]
+        for t, _ in negs:
+            counts[t] += 1
+    uniq = sorted({r["image"] for r in records})
+    emb = embed_images([os.path.join(image_root, p) for p in uniq])  # (U, D)
+    bad = {p for p, e in zip(uniq, emb) if torch.isnan(e).any()}
+    images.merge(uniq, bad)
+    log(f"mine: {images.report()}")
+    images.check(final=True)
+    if len(bad) == len(uniq):
+        raise DataError(f"no readable image under {image_root} ({images.report()})")
+    rows = [r for r in records if r["image"] not in bad and r["negs"]]
+    if len(rows) < 2:
+        raise DataError(f"mine: {len(rows)} usable rows (need >= 2 for neighbours)")
+    pos = {p: i for i, p in enumerate(uniq)}
+    x = emb[torch.tensor([pos[r["image"]] for r in rows])].to(device)  # (N, D)
+    x = x.half() if torch.device(device).type == "cuda" else x
+    ids = {}
+    img_id = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in rows], device=device)
+    kk = min(k, len(rows) - 1)
+    for r, nb in zip(rows, nearest_neighbours(x, img_id, kk, chunk).tolist()):
+        r["nbrs"] = nb
+    return rows, {"rows": len(rows), "dropped_no_negative_or_unreadable": len(records) - len(rows),
+                  "unreadable_images": len(bad), "negatives_per_type": counts, "k": kk,
+                  "tagger": tagger.name}
+
+
+def save_mined(tsv, rows, summary, key):
+    """The TSV, its summary and, last (a killed write leaves no valid key), the key sidecar."""
+    write_negclip_tsv(tsv, rows)
+    for suffix, obj in ((".summary.json", summary), (".key.json", key)):
+        with open(tsv + suffix + ".tmp", "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tsv + suffix + ".tmp", tsv + suffix)

@@ -1,0 +1,228 @@
+"""Tests for data/benchmarks.py: scoring rules on hand-computed cases, readers on fixtures in their published layouts,
+and every runner end to end through a stand-in model whose answers can be derived by hand."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data.benchmarks as B
+from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
+from data.negatives import RuleTagger
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "fixtures")  # the dataset-layout fixtures, published formats (fixtures/README.md)
+
+
+def test_score_vg_macro_exclusion_and_min_count():
+    pos = [0.9, 0.2, 0.5, 0.7, 0.3, 0.5]
+    neg = [0.1, 0.4, 0.5, 0.6, 0.1, 0.1]   # case 2 is a tie: wrong (strict >)
+    rel = ["on", "on", "on", "wearing", "next to", "next to"]
+    r = B.score_vg(pos, neg, rel, exclude=B.VG_R_EXCLUDED)
+    assert "next to" in B.VG_R_EXCLUDED and "on" not in B.VG_R_EXCLUDED
+    assert math.isclose(r["macro"], (1 / 3 + 1.0) / 2) and math.isclose(r["micro"], 4 / 6) and r["groups"] == 2
+    r = B.score_vg(pos, neg, ["a_b"] * 3 + ["c_d"] * 3, min_count=3)
+    assert math.isclose(r["macro"], (1 / 3 + 1) / 2)
+    r = B.score_vg(pos, neg, ["a_b"] * 2 + ["c_d"] * 4, min_count=3)
+    assert math.isclose(r["macro"], 3 / 4) and r["groups"] == 1
+    assert len(B.VG_R_EXCLUDED) == 157
+
+
+def test_score_order_ties_count_right_for_the_first_option():
+    s = np.array([[0.5, 0.5, 0.1, 0.1, 0.1], [0.1, 0.9, 0, 0, 0], [0.3, 0.1, 0.2, 0.2, 0.2]])
+    assert math.isclose(B.score_order(s), 2 / 3)
+
+
+def test_score_sugarcrepe_micro_and_macro():
+    per = {"replace_obj": ([1, 1, 0, 1], [0, 0, 1, 1]), "replace_att": ([1], [0]), "swap_att": ([0, 1], [1, 0])}
+    r = B.score_sugarcrepe(per)
+    assert r["replace_obj"] == 0.5 and r["replace_att"] == 1.0 and r["swap_att"] == 0.5
+    assert math.isclose(r["REPLACE_micro"], 3 / 5) and math.isclose(r["macro"], (0.5 + 1 + 0.5) / 3)
+
+
+def test_crepe_ranks_and_metrics():
+    ranks = B.crepe_ranks([0.5, 0.2, 0.9], [[0.1, 0.6, 0.5], [0.3, 0.4, 0.1], [0.1, 0.2, 0.3]])
+    assert ranks.tolist() == [2, 2, 0]  # the tie with 0.5 counts against the true caption
+    m = B.score_crepe(ranks)
+    assert math.isclose(m["R@1"], 1 / 3) and m["R@3"] == 1.0 and math.isclose(m["mean_rank"], 7 / 3)
+    assert m["median_rank"] == 3
+
+
+def test_score_svo_and_winoground():
+    r = B.score_svo([0.5, 0.1, 0.4, 0.3], [0.2, 0.3, 0.4, 0.1], ["subj", "verb", "obj", "obj"])
+    assert r["pairwise"] == 0.5 and r["subj"] == 1 and r["verb"] == 0 and r["obj"] == 0.5
+    # s[n, caption, image]
+    s = np.array([[[0.9, 0.1], [0.2, 0.8]],    # all right
+                  [[0.9, 0.3], [0.7, 0.5]],    # text right, image wrong (c1 prefers i0)
+                  [[0.5, 0.1], [0.5, 0.8]],    # tie s(c0,i0) = s(c1,i0): text wrong; image right
+                  [[0.1, 0.9], [0.8, 0.2]]])   # all wrong
+    r = B.score_winoground(s)
+    assert r["text"] == 0.5 and r["image"] == 0.5 and r["group"] == 0.25
+
+
+def test_read_aro_vg_fixtures():
+    rel = B.read_aro_vg(f"{FIX}/aro/visual_genome_relation.json")
+    assert len(rel) == 12 and rel[0]["true_caption"] == "the door is to the left of the shirt"
+    assert rel[0]["relation_name"] == "to the left of" and rel[0]["image_path"] == "2410049.jpg"
+    att = B.read_aro_vg(f"{FIX}/aro/visual_genome_attribution.json")
+    assert att[0]["attributes"] == ["white", "open"]
+
+
+def test_read_sugarcrepe_fixture_keeps_gapped_keys():
+    d = B.read_sugarcrepe(f"{FIX}/sugarcrepe")
+    assert set(d) == {"replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"}
+    assert all(len(v) == 10 for v in d.values())  # swap_obj has keys 0..5, 106, 107, 109, 110
+    assert d["swap_att"][0] == ("000000565045.jpg", "Blue bathroom with two white towels hanging by the shower.",
+                                "White bathroom with two blue towels hanging by the shower.")
+
+
+def test_read_crepe_fixture_lists_and_sets():
+    d = B.read_crepe(f"{FIX}/crepe")
+    assert set(d) == {("atom", 4), ("atom", 12), ("negate", 4), ("swap", 4)}
+    assert len(d[("atom", 4)]) == 16 and len(d[("negate", 4)]) == 10
+    r = d[("atom", 4)][0]
+    assert r["image_id"] == "13" and r["box"] == (237.0, 391.0, 402.0, 208.0) and len(r["negs"]) == 5
+    neg0 = d[("negate", 4)][0]["negs"]  # a set literal: sorted for a defined order
+    assert neg0 == sorted(neg0) and "Lamp not next to bed. There is an end table." in neg0
+
+
+def test_read_svo_fixture():
+    rows = B.read_svo(f"{FIX}/svo_probes/svo_probes.csv")
+    assert len(rows) == 10
+    assert rows[0] == {"sentence": "A woman lies on a beach.", "pos_image_id": "2", "neg_image_id": "3",
+                       "kind": "verb"}
+    assert rows[3]["kind"] == "obj"  # neg_triplet given as a list literal
+
+
+def test_read_winoground_and_retrieval_fixtures():
+    w = B.read_winoground(f"{FIX}/winoground/examples.jsonl")
+    assert len(w) == 12 and w[0]["image_0"] == "ex_0_img_0"
+    images, texts, t2i, i2t = B.read_retrieval(f"{FIX}/blip/coco_karpathy_test.json")
+    assert len(images) == 6 and images[0] == "val2014/COCO_val2014_000000391895.jpg"
+    assert texts[0] == "a man with a red helmet on a small moped on a dirt road"  # ARO/BLIP normalisation
+    assert len(texts) == len(t2i) == sum(len(x) for x in i2t) and t2i[i2t[2][0]] == 2
+
+
+def _png(path, color, size=(48, 40)):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _colour_scorer(batch=4, max_bad_frac=0.05):
+    """Stand-in model for the runner tests, as the two callbacks of B.Scorer: image embedding = mean colour (of the
+    CLIP-normalised pixels), text embedding from the colour words it names.  Lets the benchmark runners be checked
+    end to end against hand-derived answers."""
+    tf = ImageTransform(16, mean=CLIP_MEAN, std=CLIP_STD)
+
+    def images(pils):
+        return torch.nn.functional.normalize(torch.stack([tf(im) for im in pils]).mean((2, 3)) + 3, dim=-1)
+
+    def texts(strs):
+        ids = torch.tensor([[(w in t.lower().split()) * 1.0 for w in ("red", "green", "blue")] for t in strs])
+        z = (ids - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        return torch.nn.functional.normalize(z + 3, dim=-1)
+
+    return B.Scorer(images, texts, batch, max_bad_frac=max_bad_frac)
+
+
+def test_benchmark_runners_on_fixture_layouts(tmp_path):
+    """SugarCREPE / ARO / Winoground / SVO / CREPE runners read the published layouts with images at their
+    conventional paths and score with the rules above (colour-world stand-in model, hand-derived answers)."""
+    root = tmp_path
+    shutil.copytree(f"{FIX}/sugarcrepe", root / "sugarcrepe")
+    for name in {r[0] for v in B.read_sugarcrepe(str(root / "sugarcrepe")).values() for r in v}:
+        _png(str(root / "sugarcrepe" / "val2017" / name), (255, 0, 0))
+    # every caption of the fixture lacks colour words except those saying red/blue/green
+    sc = _colour_scorer()
+    r = B.eval_sugarcrepe(sc, str(root))
+    # swap_att item 0: "Blue bathroom with two white towels" vs "White bathroom with two blue towels": both
+    # mention blue, neither red -> equal scores -> wrong by the strict rule
+    assert 0 <= r["macro"] <= 1 and set(B.read_sugarcrepe(str(root / "sugarcrepe"))) <= set(r)
+
+    # ARO: records point into aro/images/<image_path>, boxes crop; image red on the left, blue on the right
+    os.makedirs(root / "aro")
+    recs = [{"image_id": "1", "true_caption": "the red box", "false_caption": "the blue box",
+             "relation_name": "on", "bbox_x": 0, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"},
+            {"image_id": "1", "true_caption": "the blue box", "false_caption": "the red box",
+             "relation_name": "on", "bbox_x": 30, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"},
+            {"image_id": "1", "true_caption": "the blue box", "false_caption": "the red box",
+             "relation_name": "next to", "bbox_x": 0, "bbox_y": 0, "bbox_w": 10, "bbox_h": 20, "image_path": "1.jpg"}]
+    from PIL import Image
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    os.makedirs(root / "aro" / "images")
+    im.save(root / "aro" / "images" / "1.jpg")
+    json.dump(recs, open(root / "aro" / "visual_genome_relation.json", "w"))
+    att = [dict(r, attributes=["red", "blue"]) for r in recs]
+    json.dump(att, open(root / "aro" / "visual_genome_attribution.json", "w"))
+    r = B.eval_aro(sc, str(root), min_pair_count=1)
+    assert r["vg_relation_micro"] == pytest.approx(2 / 3) and r["vg_relation_macro"] == 1.0  # "next to" excluded
+    assert r["vg_attribution_macro"] == pytest.approx(2 / 3)
+
+    # Winoground: images/ex_<id>_img_<k>.png, captions by colour
+    os.makedirs(root / "winoground")
+    with open(root / "winoground" / "examples.jsonl", "w") as f:
+        f.write(json.dumps({"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "a red one",
+                            "caption_1": "a blue one", "tag": "x", "secondary_tag": "", "num_main_preds": 1,
+                            "collapsed_tag": "Object"}) + "\n")
+    _png(str(root / "winoground" / "images" / "ex_0_img_0.png"), (255, 0, 0))
+    _png(str(root / "winoground" / "images" / "ex_0_img_1.png"), (0, 0, 255))
+    r = B.eval_winoground(sc, str(root))
+    assert r["text"] == r["image"] == r["group"] == 1.0 and r["Object_group"] == 1.0
+
+    # SVO: images/<image_id>.jpg; a missing image drops its row (coverage)
+    os.makedirs(root / "svo_probes")
+    with open(root / "svo_probes" / "svo_probes.csv", "w") as f:
+        f.write("sentence,pos_triplet,neg_triplet,pos_url,neg_url,pos_image_id,neg_image_id,subj_neg,verb_neg,"
+                "obj_neg\nA red car.,\"car,be,red\",\"car,be,blue\",u,v,1,2,False,False,True\n"
+                "A blue car.,\"car,be,blue\",\"car,be,red\",u,v,2,3,True,False,False\n")
+    _png(str(root / "svo_probes" / "images" / "1.jpg"), (255, 0, 0))
+    _png(str(root / "svo_probes" / "images" / "2.jpg"), (0, 0, 255))
+    r = B.eval_svo(sc, str(root))
+    assert r["pairwise"] == 1.0 and r["coverage"] == 0.5 and r["n"] == 1
+
+    # COCO-Order from BLIP's coco_karpathy_test.json: the colour model scores all 5 options of a caption alike
+    # (perturbations keep the words), and a tie counts as right for the order sets (original is first)
+    for image, _ in B.read_caption_sets(f"{FIX}/blip/coco_karpathy_test.json"):
+        _png(str(root / "coco" / image), (255, 0, 0))
+    r = B.eval_order(sc, f"{FIX}/blip/coco_karpathy_test.json", str(root / "coco"),
+                     seeds=2, tagger=RuleTagger())
+    n_caps = sum(len(c) for _, c in B.read_caption_sets(f"{FIX}/blip/coco_karpathy_test.json"))
+    assert r == {"coco_order_p1": 1.0, "coco_order_p1_std": 0.0, "coco_order_n": n_caps}
+
+    # CREPE: VG_100K_2 is searched too; boxes crop
+    shutil.copytree(f"{FIX}/crepe", root / "crepe")
+    for (typ, n), rows in B.read_crepe(str(root / "crepe")).items():
+        for row in rows:
+            _png(str(root / "crepe" / "VG_100K_2" / f"{row['image_id']}.jpg"), (0, 255, 0), (700, 700))
+    r = B.eval_crepe(sc, str(root))
+    assert {"atom_c4_R@1", "negate_c4_R@3", "swap_c4_mean_rank", "atom_R@1"} <= set(r)
+    assert r["atom_c4_n"] == 16
+
+    assert sc.images_seen.bad == 0 and sc.images_seen.tried > 20
+
+
+def test_run_benchmarks_counts_unreadable_images_once_and_enforces_max_bad_frac(tmp_path):
+    """An unreadable image scores NaN, its cases are skipped, it is counted once however many cases use it, the
+    count is reported; more than max_bad_frac of the distinct images unreadable stops with one line."""
+    os.makedirs(tmp_path / "winoground" / "images")
+    with open(tmp_path / "winoground" / "examples.jsonl", "w") as f:
+        for i in range(4):  # every example uses image "bad" as its image_1
+            f.write(json.dumps({"id": i, "image_0": f"ok{i}", "image_1": "bad", "caption_0": "a red one",
+                                "caption_1": "a blue one"}) + "\n")
+    for i in range(4):
+        _png(str(tmp_path / "winoground" / "images" / f"ok{i}.png"), (255, 0, 0))
+    (tmp_path / "winoground" / "images" / "bad.png").write_bytes(b"not a png")
+    lines = []
+    sc = _colour_scorer(max_bad_frac=0.5)
+    res = B.run_benchmarks(sc, ["winoground"], str(tmp_path), log=lines.append)
+    assert res["unreadable_images"] == 1 and sc.images_seen.tried == 5 and res["winoground/n"] == 0
+    assert lines == [f"eval: 1 of 5 images unreadable (e.g. ['{tmp_path}/winoground/images/bad.png'])"]
+    with pytest.raises(B.DataError, match="too many unreadable images.*1 of 5"):
+        B.run_benchmarks(_colour_scorer(max_bad_frac=0.1), ["winoground"], str(tmp_path), log=lines.append)
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        B.run_benchmarks(sc, ["nope"], str(tmp_path))

@@ -1,0 +1,300 @@
+"""Tests for data/negatives.py: the rule tagger on hand-tagged COCO captions, NegCLIP's hard negative captions, ARO's
+order perturbations, the NegCLIP TSV layout, training-record readers, neighbour mining and the mined-TSV key."""
+import itertools
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import data.negatives as G
+from common.data import ImageFolderLoader, pre_caption
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "fixtures")  # the dataset-layout fixtures, published formats (fixtures/README.md)
+
+
+def _unit(x):
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+HAND_TAGGED = [
+    ("A small closed toilet in a cramped space.", "DET ADJ ADJ NOUN ADP DET ADJ NOUN PUNCT"),
+    ("A tan toilet and sink combination in a small room.", "DET ADJ NOUN CCONJ NOUN NOUN ADP DET ADJ NOUN PUNCT"),
+    ("This is an advanced toilet with a sink and control panel.",
+     "PRON AUX DET ADJ NOUN ADP DET NOUN CCONJ NOUN NOUN PUNCT"),
+    ("A close-up picture of a toilet with a fountain.", "DET ADJ NOUN ADP DET NOUN ADP DET NOUN PUNCT"),
+    ("a person with a shopping cart on a city street", "DET NOUN ADP DET NOUN NOUN ADP DET NOUN NOUN"),
+    ("City dwellers walk by as a homeless man begs for cash.",
+     "NOUN NOUN VERB ADV SCONJ DET ADJ NOUN VERB ADP NOUN PUNCT"),
+    ("People walking past a homeless man begging on a city street",
+     "NOUN VERB ADP DET ADJ NOUN VERB ADP DET NOUN NOUN"),
+    ("a homeless man holding a cup and standing next to a shopping cart on a street",
+     "DET ADJ NOUN VERB DET NOUN CCONJ VERB ADP ADP DET NOUN NOUN ADP DET NOUN"),
+    ("People are walking on the street by a homeless person.", "NOUN AUX VERB ADP DET NOUN ADP DET ADJ NOUN PUNCT"),
+    ("A man is in a kitchen making pizzas.", "DET NOUN AUX ADP DET NOUN VERB NOUN PUNCT"),
+    ("Man in apron standing on front of oven with pans and bakeware",
+     "NOUN ADP NOUN VERB ADP NOUN ADP NOUN ADP NOUN CCONJ NOUN"),
+    ("A baker is working in the kitchen rolling dough.", "DET NOUN AUX VERB ADP DET NOUN VERB NOUN PUNCT"),
+    ("A person standing by a stove in a kitchen.", "DET NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
+    ("a blue bike parked on a side walk", "DET ADJ NOUN VERB ADP DET NOUN NOUN"),
+    ("A bicycle is chained to a fixture on a city street", "DET NOUN AUX VERB ADP DET NOUN ADP DET NOUN NOUN"),
+    ("A blue bicycle sits on a sidewalk near a street.", "DET ADJ NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
+    ("A bicycle is locked up to a post", "DET NOUN AUX VERB ADP ADP DET NOUN"),
+    ("a bike sits parked next to a street", "DET NOUN VERB VERB ADP ADP DET NOUN"),
+    ("The dining table near the kitchen has a bowl of fruit on it.",
+     "DET NOUN NOUN ADP DET NOUN VERB DET NOUN ADP NOUN ADP PRON PUNCT"),
+    ("A small kitchen has various appliances and a table.", "DET ADJ NOUN VERB ADJ NOUN CCONJ DET NOUN PUNCT"),
+    ("The kitchen is clean and ready for us to see.", "DET NOUN AUX ADJ CCONJ ADJ SCONJ PRON PART VERB PUNCT"),
+    ("A kitchen and dining area decorated in white.", "DET NOUN CCONJ NOUN NOUN VERB ADP NOUN PUNCT"),
+    ("A person on a skateboard and bike at a skate park.", "DET NOUN ADP DET NOUN CCONJ NOUN ADP DET NOUN NOUN PUNCT"),
+    ("A man on a skateboard performs a trick at the skate park",
+     "DET NOUN ADP DET NOUN VERB DET NOUN ADP DET NOUN NOUN"),
+    ("A skateboarder jumps into the air as he performs a skateboard trick.",
+     "DET NOUN VERB ADP DET NOUN SCONJ PRON VERB DET NOUN NOUN PUNCT"),
+    ("Athletes performing tricks on a BMX bicycle and a skateboard.",
+     "NOUN VERB NOUN ADP DET NOUN NOUN CCONJ DET NOUN PUNCT"),
+    ("a man falls off his skateboard in a skate park.", "DET NOUN VERB ADP PRON NOUN ADP DET NOUN NOUN PUNCT"),
+    ("A yellow and red train traveling down train tracks.", "DET ADJ CCONJ ADJ NOUN VERB ADP NOUN NOUN PUNCT"),
+    ("A train parked at a waiting station where passengers board.",
+     "DET NOUN VERB ADP DET NOUN NOUN ADV NOUN VERB PUNCT"),
+    ("a brown and yellow commuter train with headlights on", "DET ADJ CCONJ ADJ NOUN NOUN ADP NOUN ADV"),
+    ("A passanger train stopped on the railroad tracks at a station.",
+     "DET NOUN NOUN VERB ADP DET NOUN NOUN ADP DET NOUN PUNCT"),
+    ("A man with a red helmet on a small moped on a dirt road.",
+     "DET NOUN ADP DET ADJ NOUN ADP DET ADJ NOUN ADP DET NOUN NOUN PUNCT"),
+    ("Man riding a motor bike on a dirt road on the countryside.",
+     "NOUN VERB DET NOUN NOUN ADP DET NOUN NOUN ADP DET NOUN PUNCT"),
+    ("A man riding on the back of a motorcycle.", "DET NOUN VERB ADP DET NOUN ADP DET NOUN PUNCT"),
+    ("A young girl inhales with the intent of blowing out a candle.",
+     "DET ADJ NOUN VERB ADP DET NOUN ADP VERB ADP DET NOUN PUNCT"),
+    ("A young girl is preparing to blow out her candle.", "DET ADJ NOUN AUX VERB PART VERB ADP PRON NOUN PUNCT"),
+    ("A little girl is getting ready to blow out a candle on a small dessert.",
+     "DET ADJ NOUN AUX VERB ADJ PART VERB ADP DET NOUN ADP DET ADJ NOUN PUNCT"),
+    ("A woman wearing a net on her head cutting a cake.", "DET NOUN VERB DET NOUN ADP PRON NOUN VERB DET NOUN PUNCT"),
+    ("A woman eating fresh vegetables from a bowl.", "DET NOUN VERB ADJ NOUN ADP DET NOUN PUNCT"),
+    ("A child holding a flowered umbrella and petting a yak.", "DET NOUN VERB DET ADJ NOUN CCONJ VERB DET NOUN PUNCT"),
+]
+
+
+def test_rule_tagger_agreement_on_hand_tagged_captions():
+    tagger, agree, total = G.RuleTagger(), 0, 0
+    for cap, gold in HAND_TAGGED:
+        toks = G.tokenize(cap)
+        gold = gold.split()
+        assert len(toks) == len(gold), (cap, toks)
+        pred = [G.coarse(t, g) for t, g in zip(toks, tagger.tag(toks))]
+        agree += sum(p == g for p, g in zip(pred, gold))
+        total += len(gold)
+    assert agree / total >= 0.90, agree / total
+
+
+def test_tokenizer_clitics_and_hyphens():
+    assert G.tokenize("The dog's toy isn't a close-up, o'clock.") == [
+        "The", "dog", "'s", "toy", "is", "n't", "a", "close-up", ",", "o'clock", "."]
+
+
+def test_hard_negative_swap_types_on_hand_written_examples():
+    tagger = G.RuleTagger()
+    negs = dict(G.hard_negatives("a large red circle to the left of a small blue square", tagger, seed=0))
+    # noun chunks of > 2 words swap as a whole: the relation negative of ARO
+    assert negs["noun_chunk"] == "a small blue square to the left of a large red circle"
+    assert negs["NN"] == "a large red square to the left of a small blue circle"
+    adj = negs["ADJ"].split()  # two of the four adjectives exchanged, everything else in place
+    assert sorted(adj) == sorted("a large red circle to the left of a small blue square".split())
+    assert adj != "a large red circle to the left of a small blue square".split()
+    assert [w for w in adj if w not in ("large", "red", "small", "blue")] == \
+        "a circle to the left of a square".split()
+    # plural nouns and verb phrases
+    negs = dict(G.hard_negatives("Two dogs are chasing cats while a man is reading books", tagger, seed=0))
+    assert sorted(negs["NNS"].split()) == sorted("Two dogs are chasing cats while a man is reading books".split())
+    assert negs["NNS"] != "Two dogs are chasing cats while a man is reading books"
+    assert negs["verb_phrase"] == "two dogs is reading cats while a man are chasing books"
+    # the released file's example (spaCy tags it the same way): swapping the two verbs
+    negs = dict(G.hard_negatives("A child holding a flowered umbrella and petting a yak.", tagger, seed=0))
+    assert negs["verb_phrase"] == "a child petting a flowered umbrella and holding a yak ."
+    assert set(negs["NN"].split()) == set("A child holding a flowered umbrella and petting a yak .".split())
+    # adverbs
+    negs = dict(G.hard_negatives("a man slowly walks while a dog quickly runs", tagger, seed=0))
+    assert negs["ADV"] == "a man quickly walks while a dog slowly runs"
+
+
+def test_hard_negatives_deterministic_and_filtered():
+    tagger = G.RuleTagger()
+    cap = "A man with a red helmet on a small moped on a dirt road."
+    a = G.hard_negatives(cap, tagger, seed=3)
+    assert a == G.hard_negatives(cap, tagger, seed=3)
+    assert all(G.norm_caption(n) != G.norm_caption(cap) for _, n in a)
+    assert len({G.norm_caption(n) for _, n in a}) == len(a)
+    # identical words are never swapped; a caption with nothing to swap yields no negative
+    assert G.hard_negatives("a dog and a dog", tagger) == []
+    assert G.hard_negatives("dog", tagger) == []
+    seeds = {tuple(G.hard_negatives("a red circle, a blue square, a green star and a pink heart", tagger, seed=s))
+             for s in range(6)}
+    assert len(seeds) > 1  # the random pair depends on the seed
+
+
+def test_make_tagger_falls_back_to_rules_without_nltk_data():
+    import nltk
+    try:
+        nltk.data.find("taggers/averaged_perceptron_tagger_eng")
+        has = True
+    except LookupError:
+        has = False
+    assert G.make_tagger("auto").name == ("nltk" if has else "rule")
+    assert G.make_tagger("rule").name == "rule"
+    if not has:
+        with pytest.raises(RuntimeError, match="averaged_perceptron_tagger_eng"):
+            G.make_tagger("nltk")
+
+
+def test_order_perturbations():
+    tagger, cap = G.RuleTagger(), "a large red circle to the left of a small blue square"
+    toks = G.tokenize(cap)
+    for f in G.ORDER_PERTURBATIONS:
+        out = f(cap, tagger, random.Random(1))
+        assert sorted(out.split()) == sorted(toks)  # a permutation of the tokens
+        assert out == f(cap, tagger, random.Random(1))
+    out = G.shuffle_nouns_and_adj(cap, tagger, random.Random(0)).split()
+    tags = tagger.tag(toks)
+    for i, g in enumerate(tags):  # only nouns/adjectives move, and only among themselves
+        if not g.startswith(("NN", "JJ")):
+            assert out[i] == toks[i]
+        else:  # a noun's slot holds one of the nouns, an adjective's one of the adjectives
+            assert out[i] in [t for t, h in zip(toks, tags) if h[:2] == g[:2]]
+    out = G.shuffle_within_trigrams(cap, tagger, random.Random(0)).split()
+    for s in range(0, len(toks), 3):
+        assert sorted(out[s:s + 3]) == sorted(toks[s:s + 3])
+    out = G.shuffle_trigrams(cap, tagger, random.Random(5)).split()
+    tris = [toks[s:s + 3] for s in range(0, len(toks), 3)]
+    orders = [[w for t in p for w in t] for p in itertools.permutations(tris)]
+    assert out in orders and out != toks  # the trigrams, whole, in another order
+    assert pre_caption('A "Man"; riding (a) bike!  ') == "a man riding a bike"
+    assert len(pre_caption(" ".join(["w"] * 40)).split()) == 30
+
+
+def test_nearest_neighbours_excludes_self_and_duplicates_and_matches_brute_force():
+    torch.manual_seed(0)
+    x = _unit(torch.randn(40, 16))
+    x[7] = x[3]                       # planted duplicate image under another caption (same image id)
+    x[20] = x[11] + 1e-4              # near-identical but a different image: must be found
+    x = _unit(x)
+    img_id = torch.arange(40)
+    img_id[7] = 3
+    nb = G.nearest_neighbours(x, img_id, k=3, chunk=8)  # chunks smaller than N: global indices matter
+    assert nb.shape == (40, 3) and nb.dtype == torch.int32
+    sim = x @ x.t()
+    for i in range(40):
+        s = sim[i].clone()
+        s[img_id == img_id[i]] = -float("inf")
+        assert nb[i].tolist() == s.topk(3).indices.tolist()
+        assert i not in nb[i].tolist()
+    assert 7 not in nb[3].tolist() and 3 not in nb[7].tolist()
+    assert nb[11, 0] == 20
+
+
+def test_negclip_tsv_roundtrip_and_filter(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    rows = [{"caption": 'a "quoted"\tcap', "image": "a.png", "negs": ["x y", "it's"], "nbrs": [1, 3], "image_id": "1"},
+            {"caption": "b", "image": "b.png", "negs": ["n"], "nbrs": [0], "image_id": "2"},
+            {"caption": "c", "image": "c.png", "negs": [], "nbrs": [0], "image_id": "3"},
+            {"caption": "d", "image": "missing.png", "negs": ["n"], "nbrs": [0], "image_id": "4"}]
+    path = str(tmp_path / "t.tsv")
+    G.write_negclip_tsv(path, rows)
+    header = open(path).readline().rstrip("\n").split("\t")
+    assert header[:5] == ["", "title", "filepath", "neg_caption", "neg_image"]
+    back = G.read_negclip_tsv(path)
+    assert [r["caption"] for r in back] == [r["caption"] for r in rows] and back[0]["negs"] == ["x y", "it's"]
+    seen = ImageFolderLoader(str(tmp_path), None, max_bad_frac=0.5)
+    kept, dropped = G.filter_rows(back, str(tmp_path), seen)
+    assert dropped == 2 and [r["caption"] for r in kept] == [rows[0]["caption"], "b"]
+    assert kept[0]["nbrs"] == [1] and kept[1]["nbrs"] == [0]  # index 3 (dropped) removed, others remapped
+    assert (seen.tried, seen.bad, seen.bad_paths) == (4, 1, ["missing.png"])  # a missing file is unreadable
+    with pytest.raises(G.DataError, match="missing"):
+        G.filter_rows(back, str(tmp_path), ImageFolderLoader(str(tmp_path), None, max_bad_frac=0.1))
+
+
+def test_released_tsv_layout_is_read(tmp_path):
+    # pandas-style row as in vinid/neg_clip's train_neg_clip.tsv (index column, list literals, no image_id)
+    p = tmp_path / "train_neg_clip.tsv"
+    p.write_text("\ttitle\tfilepath\tneg_caption\tneg_image\n"
+                 "0\tA child holding a flowered umbrella and petting a yak.\tcoco/val2014/COCO_val2014_000000000042.jpg"
+                 "\t['A umbrella holding a flowered child and petting a yak .', 'a child petting a flowered umbrella "
+                 "and holding a yak .']\t[5, 9, 2]\n")
+    r = G.read_negclip_tsv(str(p))[0]
+    assert r["negs"][1].startswith("a child petting") and r["nbrs"] == [5, 9, 2]
+    assert r["image_id"] == "coco/val2014/COCO_val2014_000000000042.jpg"
+
+
+def test_read_training_records_formats():
+    recs = G.read_training_records(f"{FIX}/blip/coco_karpathy_train.json")
+    assert recs[0] == {"image": "val2014/COCO_val2014_000000522418.jpg",
+                       "caption": "A woman wearing a net on her head cutting a cake.", "image_id": "coco_522418"}
+    recs = G.read_training_records(f"{FIX}/karpathy/dataset_coco.json", all_captions=True)
+    assert all(r["image"].startswith("train2014/") for r in recs)  # only train/restval splits
+    assert len({r["image_id"] for r in recs}) == 1 and len(recs) >= 5
+
+
+def test_mining_key_and_stale_reason(tmp_path):
+    """A mined TSV is reused only for the inputs it was mined from (train file content, image root, settings);
+    a TSV without our key sidecar (the released file) is used as is; an empty train file is a one-line error."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"image": "a.png", "captions": ["a red circle"]}) + "\n")
+    tsv = str(tmp_path / "t.tsv")
+    key = lambda **kw: G.mining_key(str(train), str(tmp_path), **{"k": 3, **kw})  # noqa: E731
+    assert G.stale_reason(tsv, key) == f"no NegCLIP TSV at {tsv}"
+    G.save_mined(tsv, [{"caption": "c", "image": "a.png", "negs": ["n"], "nbrs": [0], "image_id": "1"}],
+                 {"rows": 1}, key())
+    assert G.stale_reason(tsv, key) is None
+    assert "k differ" in G.stale_reason(tsv, lambda: key(k=5))
+    train.write_text(json.dumps({"image": "b.png", "captions": ["a tan circle"]}) + "\n")  # same size
+    assert "sha256" in G.stale_reason(tsv, key) and "size" not in G.stale_reason(tsv, key)
+    os.remove(tsv + ".key.json")  # mined by an older version: has a summary, no key -> stale
+    assert "has no t.tsv.key.json" in G.stale_reason(tsv, key)
+    os.remove(tsv + ".summary.json")  # a released / hand-made TSV: used as is
+    assert G.stale_reason(tsv, key) is None
+    train.write_text("")
+    with pytest.raises(G.DataError, match=r"train.jsonl: no records \(empty dataset\)"):
+        G.read_training_records(str(train))
+    (tmp_path / "train.json").write_text("")
+    with pytest.raises(G.DataError, match=r"train.json: empty file"):
+        G.read_training_records(str(tmp_path / "train.json"))
+
+
+def _emb(paths):
+    """Stand-in image encoder: an embedding from the file name, NaN for an unreadable (non-PNG) file."""
+    out = []
+    for p in paths:
+        ok = open(p, "rb").read(4) == b"\x89PNG"
+        v = torch.tensor([float(len(os.path.basename(p))), 1.0, float(hash(p) % 7)])
+        out.append(_unit(v) if ok else torch.full((3,), float("nan")))
+    return torch.stack(out)
+
+
+def test_mine_counts_unreadable_images_once_and_enforces_max_bad_frac(tmp_path):
+    from PIL import Image
+    recs = []
+    for i in range(10):
+        name = f"im{i}.png"
+        if i < 2:  # 2 of 10 distinct images corrupt, each used by two records (two captions)
+            (tmp_path / name).write_bytes(b"broken")
+        else:
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / name)
+        for c in ("a large red circle to the left of a small blue square", "a small blue square"):
+            recs.append({"image": name, "caption": c, "image_id": str(i)})
+    logs = []
+    seen = ImageFolderLoader(str(tmp_path), None, max_bad_frac=0.25)
+    rows, summary = G.mine([dict(r) for r in recs], str(tmp_path), _emb, G.RuleTagger(), seen, k=2, log=logs.append)
+    assert (seen.tried, seen.bad, summary["unreadable_images"]) == (10, 2, 2)
+    assert logs == ["mine: 2 of 10 images unreadable (e.g. ['im0.png', 'im1.png'])"]
+    assert len(rows) == 16 and all(r["image"] not in ("im0.png", "im1.png") for r in rows)
+    with pytest.raises(G.DataError, match=r"too many unreadable images .*2 of 10"):
+        G.mine([dict(r) for r in recs], str(tmp_path), _emb, G.RuleTagger(),
+               ImageFolderLoader(str(tmp_path), None, max_bad_frac=0.05))
+    for i in range(10):
+        (tmp_path / f"im{i}.png").write_bytes(b"broken")
+    with pytest.raises(G.DataError, match=r"no readable image under .*\(10 of 10 images unreadable"):
+        G.mine([dict(r) for r in recs], str(tmp_path), _emb, G.RuleTagger(),
+               ImageFolderLoader(str(tmp_path), None, max_bad_frac=1.0))
