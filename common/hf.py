@@ -1,5 +1,5 @@
 """Reading Hugging Face model folders without transformers' model classes: a folder or a hub name (from the
-local cache only, never a download) -> {key: tensor}, from safetensors or .bin, single file or sharded."""
+local cache, or downloaded into it) -> {key: tensor}, from safetensors or .bin, single file or sharded."""
 import json
 import os
 
@@ -10,15 +10,19 @@ SINGLE = ("model.safetensors", "pytorch_model.bin")
 
 
 def resolve_local(name):
-    """A local folder/file as given, else the hub name's snapshot in the local Hugging Face cache."""
+    """A local folder/file as given, else the hub name's snapshot folder: from the local Hugging Face cache, or
+    downloaded into it as transformers' from_pretrained would (config, tokenizer and weight files only;
+    HF_HUB_OFFLINE=1 keeps it to the cache).  One-line error when neither works."""
     if not name or os.path.exists(name):
         return name
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id=name, local_files_only=True)
-    except Exception:
-        raise FileNotFoundError(f"{name}: not a local path and not in the Hugging Face cache; "
-                                f"run huggingface-cli download {name} or pass a folder") from None
+        return snapshot_download(repo_id=name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
+                                                               "*.txt"])
+    except Exception as e:
+        raise FileNotFoundError(f"{name}: not a local path, and not in the Hugging Face cache nor downloadable "
+                                f"({type(e).__name__}); pass a local folder or run huggingface-cli download "
+                                f"{name}") from None
 
 
 def _strip(key, prefixes):

@@ -1,4 +1,4 @@
-"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), local-only hub names."""
+"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), hub names from the cache or a download."""
 import json
 
 import pytest
@@ -63,8 +63,8 @@ def test_unnamed_safetensors_files_without_an_index_are_all_read(tmp_path):
         read_hf_weights(str(tmp_path / "empty"))
 
 
-def test_hub_names_resolve_only_from_the_local_cache(tmp_path):
+def test_hub_names_that_cannot_be_had_fail_in_one_line(tmp_path):
     assert resolve_local(str(tmp_path)) == str(tmp_path) and resolve_local("") == ""
-    with pytest.raises(FileNotFoundError, match="not a local path and not in the Hugging Face cache") as e:
+    with pytest.raises(FileNotFoundError, match="not a local path, and not in the Hugging Face cache nor downloadable") as e:
         resolve_local("someone/not-downloaded-model")
     assert "\n" not in str(e.value)
