@@ -44,7 +44,7 @@ from common.data import DataError, StepSampler
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
-from common.metrics import dialogue_scores, expand_contractions
+from common.metrics import dialogue_scores, expand_contractions, gold_rank
 from common.train import StepTimer, mfu, optimizer_update, param_groups, run_bench, set_lr
 from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
                             read_image_chat, split_path)
@@ -566,7 +566,8 @@ def generate(model, src, src_mask, feats, gen_kw):
 
 @torch.no_grad()
 def candidate_scores(model, enc, mask, cands, tok, vocab, cfg):
-    """Summed log-likelihood of each candidate (ParlAI's generator ranking); one example."""
+    """Mean per-token log-likelihood of each candidate (one example), as ParlAI's generator ranks
+    (torch_generator_agent.py, rank_eval_label_candidates); a sum would favour short replies."""
     labels = [tok.encode(c, add_special_tokens=False)[:cfg.max_tgt_len - 1] + [vocab.eos]
               for c in cands]
     dec_in, lab = target_batch(labels, vocab)
@@ -578,7 +579,7 @@ def candidate_scores(model, enc, mask, cands, tok, vocab, cfg):
                       decoder_input_ids=dec_in.to(hidden.device)).logits.float()  # (C, T, V)
     lab = lab.to(hidden.device)
     lp = logits.log_softmax(-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)  # (C, T)
-    return (lp * (lab != vocab.pad)).sum(1)
+    return (lp * (lab != vocab.pad)).sum(1) / (lab != vocab.pad).sum(1)
 
 
 @torch.no_grad()
@@ -605,7 +606,7 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
             one = type(enc)(last_hidden_state=enc.last_hidden_state[j:j + 1])
             with autocast(dev, dtype):
                 sc = candidate_scores(model, one, mask[j:j + 1], cands, tok, vocab, cfg)
-            row["rank"] = int((sc > sc[cands.index(ref)]).sum()) + 1
+            row["rank"] = gold_rank(sc, cands.index(ref))
         rows.append(row)
     return rows
 

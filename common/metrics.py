@@ -13,6 +13,7 @@ import re
 from collections import Counter
 
 import numpy as np
+import torch
 
 # ============================================================ COCO tokenisation (PTB rules)
 # pycocoevalcap joins all captions with "\n" (newlines inside a caption become spaces), runs Stanford CoreNLP 3.4.1
@@ -370,6 +371,13 @@ def word_f1(pred, ref):
     empty answers score 0 there (no overlap)."""
     p, r = parlai_normalize(pred).split(), parlai_normalize(ref).split()
     return token_f1(p, r) if p or r else 0.0
+
+
+def gold_rank(scores, gold):
+    """1-based rank of candidate `gold` among `scores` (higher is better), with ties counted against the gold:
+    a model that scores every candidate alike ranks the gold last, not first."""
+    scores = torch.as_tensor(scores)
+    return int((scores >= scores[gold]).sum())  # the gold itself counts once: rank 1 = strictly best
 
 
 def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok=None, ranks=None,

@@ -485,3 +485,27 @@ def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
     for k in ("mlm", "isp", "mrm", "gcd"):
         assert two[f"train/{k}"] == pytest.approx(one[f"train/{k}"], rel=1e-4)
+
+
+def test_candidates_rank_by_mean_token_likelihood_and_ties_do_not_favour_the_gold():
+    """ParlAI ranks label candidates by mean per-token loss: under a model that gives every token the same
+    probability, a one-word and a four-word candidate score alike (a sum would rank the short one first), and
+    a tie ranks the gold behind the candidates it ties with."""
+    import types
+    from transformers.modeling_outputs import BaseModelOutput
+    V = 12
+    vocab = icw.Vocab(pad=0, eos=1, bos=None, start=2, mask=3, img=4, img_end=5, task={}, sty=6, feat=7,
+                      zero=8, positive=[], negative=[])
+    words = {"a": 9, "b": 10, "c": 11}
+    tok = types.SimpleNamespace(encode=lambda text, add_special_tokens=False: [words[w] for w in text.split()])
+    lm = lambda encoder_outputs, attention_mask, decoder_input_ids: types.SimpleNamespace(  # noqa: E731
+        logits=torch.zeros(*decoder_input_ids.shape, V))  # uniform: every token has probability 1/V
+    model = types.SimpleNamespace(lm=lm)
+    enc = BaseModelOutput(last_hidden_state=torch.zeros(1, 3, 4))
+    cfg = types.SimpleNamespace(max_tgt_len=16)
+    sc = icw.candidate_scores(model, enc, torch.ones(1, 3, dtype=torch.long), ["a", "a b c a"], tok, vocab, cfg)
+    assert torch.allclose(sc, torch.full((2,), -math.log(V)))
+    assert icw.gold_rank(sc, 0) == 2 and icw.gold_rank(sc, 1) == 2
+    assert icw.gold_rank(torch.tensor([0.5, 0.1, 0.5, 0.9]), 0) == 3
+    assert icw.gold_rank(torch.tensor([0.5, 0.1, 0.2]), 0) == 1
+    assert icw.gold_rank(torch.zeros(100), 7) == 100
