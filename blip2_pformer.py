@@ -1162,7 +1162,7 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start = ck["step"]
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], dist.rank)
         logger.resumed(start)
         logger.info(f"resumed from {cfg.resume} at step {start}")
     mask_id, keep = toks.bert.mask_token_id, [toks.bert.pad_token_id, toks.bert.cls_token_id]
@@ -1227,12 +1227,13 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
 
 
 def save(cfg, dist, model, opt, scaler, step, meta):
+    rngs = D.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
     if not dist.is_main:
         return
     meta = {k: v for k, v in meta.items() if k == "image_token_index" and v is not None}
     state = {"script": SCRIPT, "kind": KINDS[cfg.stage], "model": model.state_dict(),
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-             "rng": rng_state(), "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta}
+             "rng": rngs, "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta}
     save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), state)
 
 

@@ -1107,7 +1107,7 @@ def train(cfg, dist, device, dtype, log):
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step = ck["step"]
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed {cfg.resume} at step {step}")
     total = max(total, step + cfg.bench + 3) if cfg.bench else total
@@ -1200,11 +1200,12 @@ def train(cfg, dist, device, dtype, log):
 
 
 def save(cfg, model, opt, scaler, step, metrics, dist):
+    rngs = cdist.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
     if dist.is_main:
         save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), {
             "script": "dlip", "kind": kind(cfg), "config": vars(cfg).copy(),
             "model_config": asdict(model.c), "model": model.state_dict(), "step": step,
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
             "metrics": metrics})
     cdist.barrier()
 

@@ -593,7 +593,7 @@ def train(cfg, model, tok, dist, dtype, log):
                             log.info, RESUME_FREE_NEGCLIP)
         restore(cfg.resume, model, opt, scaler, strict=False)
         step, best = ck["step"], ck.get("best", -1.0)
-        set_rng_state(ck["rng"][dist.rank] if dist.rank < len(ck["rng"]) else ck["rng"][0])
+        set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed from {cfg.resume} at step {step}")
 

@@ -385,6 +385,8 @@ def test_ddp_two_processes_match_one(toy_root, tmp_path):
     two = json.load(open(two_dir / "metrics.json"))
     for key in ("final_itc", "final_itm", "final_itg", "final_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    rngs = torch.load(two_dir / "checkpoint.pt", weights_only=True)["rng"]  # each rank's own generators
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):

@@ -622,7 +622,9 @@ def test_two_process_gloo_matches_one_process(world, teacher_ckpt):
     for k in ("first_itc", "first_itm", "first_lm", "first_lm_kd", "first_attn_dec", "final_loss", "final_itm_kd"):
         assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (k, one[k], two[k])
     w1 = torch.load(d / "one" / "last.pt", weights_only=True)["model"]
-    w2 = torch.load(d / "two" / "last.pt", weights_only=True)["model"]
+    two_ck = torch.load(d / "two" / "last.pt", weights_only=True)
+    w2 = two_ck["model"]
+    assert len(two_ck["rng"]) == 2 and not torch.equal(two_ck["rng"][0]["torch"], two_ck["rng"][1]["torch"])
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3)
 
