@@ -253,6 +253,11 @@ class FFN(nn.Module):
         return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))  # BERT's exact (erf) GELU
 
 
+# Q-Former parameters that only the text side uses (stage 1's ITC/ITM/ITG); stage 2 reads the queries only.
+TEXT_ONLY = {"word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "temp",
+             "lm_dense", "lm_norm", "lm_bias"}
+
+
 class QFormerLayer(nn.Module):
     """Self-attention shared by [queries; text]; cross-attention to the image (queries only) on
     every `freq`-th layer; separate query and text FFNs (BLIP-2 Sec. 3.1, LAVIS Qformer.py)."""
@@ -1090,6 +1095,10 @@ def build(cfg, dist):
                            vision if cfg.train_vision else None)
     if stage == "1" and pck is None and model.llm_proj is not None:
         model.llm_proj.requires_grad_(False)  # imported, unused by plain stage 1: out of DDP/AdamW
+    if stage != "1" and text:  # text parts kept for retrieval eval get no gradient in stage 2: freeze
+        for name, p in qf.named_parameters():  # them, or DDP stops at step 2 on unused parameters
+            if name.split(".")[0] in TEXT_ONLY or ".ffn_text." in name:
+                p.requires_grad_(False)
     if ln is not None and not (stage == "1" and cfg.reset_ln_vision and not cfg.hf_import):
         model.ln_vision.load_state_dict(ln)
     if cfg.hf_import:

@@ -389,6 +389,20 @@ def test_ddp_two_processes_match_one(toy_root, tmp_path):
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
+def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
+    """Stage 2 with retrieval among its evals builds the Q-Former's text parts, which no stage-2 loss uses: they
+    must be frozen before DDP, or its unused-parameter check stops the second step."""
+    args = ["--stage", "2", "--max_steps", "3", "--global_batch", "8", "--micro_batch", "4", "--warmup_steps", "1",
+            "--device", "cpu", "--eval_tasks", "retrieval", "--eval_max", "4"] + common_args(toy_root, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(REPO, "blip2_pformer.py")] + args, env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 3 and any(k.startswith("qformer.itm_head") for k in ck["model"])
+
+
 def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):
     from common.train import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match=r"step \d+: itc=.*itm=.*itg="):
