@@ -19,9 +19,8 @@ layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HOST:29500 \\
         negclip.py --preset paper --mode train --micro_batch 16 --out_dir runs/negclip_b32_ddp
 
-Reproduces the paper's recipe with `--preset paper` (ViT-B/32, COCO with the released TSV, 5
-epochs, batch 256, lr 1e-6; the paper reports ARO VG-R 0.59 -> 0.81, VG-A 0.62 -> 0.71); on the
-toy world, the swap and relation accuracies of the toy CLIP before and after NegCLIP (README).
+`--preset paper` is the paper's recipe (ViT-B/32, COCO with the released TSV, 5 epochs, batch 256,
+lr 1e-6; ARO VG-R 0.59 -> 0.81, VG-A 0.62 -> 0.71 in the paper). Toy figures: docs/RESULTS.md.
 """
 import contextlib
 import dataclasses
@@ -333,8 +332,11 @@ def build_model(mc):
         nn.init.normal_(vp.weight, std=dv ** -0.5)
         nn.init.normal_(tp.weight, std=dt ** -0.5)
         size = vision.config.image_size
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        image = (size, *_image_stats(mc.vision, vision.config.model_type))
+        image = (size[0] if isinstance(size, (list, tuple)) else size,
+                 *_image_stats(mc.vision, vision.config.model_type))
+        for n, p in vision.named_parameters():  # no loss reaches these: DDP would stop at step 2
+            if n.endswith("mask_token") or (mc.vision_pool == "mean" and "post_layernorm" in n):
+                p.requires_grad_(False)  # DINOv2's mask token; a mean-pooled CLIP tower's pooled LN
         # fresh heads: temperature 0.07 as in CLIP's own initialisation
         model = DualEncoder(vision, text, vp, tp, math.log(1 / 0.07), "towers", mc.vision_pool,
                             mc.text_pool, image)
@@ -705,8 +707,7 @@ def train(cfg, model, tok, dist, dtype, log):
 # ================================================================================================ transformers export
 
 def export_model(model, cfg, out):
-    """Merge LoRA and write a transformers folder: CLIPModel for --init clip, else vision/, text/
-    and heads.safetensors."""
+    """Merge LoRA; write CLIPModel (--init clip), else vision/, text/ and heads (transformers)."""
     from transformers import AutoTokenizer, CLIPModel
     merge_lora(model)
     os.makedirs(out, exist_ok=True)
@@ -736,8 +737,7 @@ def export_model(model, cfg, out):
 # ================================================================================================ main
 
 def load_for_eval(cfg, log):
-    """The model to evaluate/export: the init model, or a checkpoint's (its ModelConfig rebuilds
-    the same towers and LoRA, then its trained tensors are loaded)."""
+    """The model to eval/export: the init model or a checkpoint's, rebuilt by its ModelConfig."""
     if not cfg.ckpt:
         return build_model(model_config(cfg))
     ck = load_checkpoint(cfg.ckpt)

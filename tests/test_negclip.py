@@ -412,6 +412,13 @@ def test_two_process_gloo_matches_one_process(mined, toy_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 2 and np.allclose(one, two, rtol=0, atol=1e-5)
+    # uni-modal towers whose mean-pooled CLIP tower leaves its post-LayerNorm unused: frozen before DDP, or
+    # DDP's unused-parameter check stops the second step
+    cmd[-len(_args(toy_root, tmp_path / "two", "--micro_batch", 4)):] = _args(
+        toy_root, tmp_path / "uni", "--micro_batch", 4, "--init", "unimodal", "--vision_pool", "mean")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(tmp_path / "uni")) == 2
 
 
 def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path):
