@@ -412,21 +412,45 @@ def test_backbones_build_on_demand(toy_root, tmp_path):
     assert os.path.getmtime(os.path.join(root, "models", "bert", "model.safetensors")) == mtime
 
 
-def test_backbones_load_without_warnings(toy_root, capfd):
+def test_backbones_load_without_warnings(toy_root):
     """The classes the scripts load match what the toy world saved: no transformers load report, no torchvision
     fallback warning, no over-long token sequences, no unrecognised loss type while training GPT-2."""
+    import io
+    import logging
+
+    import transformers.utils.logging as hf_logging
     from transformers import (AutoImageProcessor, AutoTokenizer, BertForPreTraining, CLIPModel, GPT2LMHeadModel,
                               OPTForCausalLM, T5ForConditionalGeneration)
-    capfd.readouterr()
-    m = os.path.join(toy_root, "models")
-    for cls, name in ((CLIPModel, "clip"), (BertForPreTraining, "bert"), (GPT2LMHeadModel, "gpt2"),
-                      (OPTForCausalLM, "opt"), (T5ForConditionalGeneration, "t5")):
-        cls.from_pretrained(os.path.join(m, name))
-    AutoImageProcessor.from_pretrained(os.path.join(m, "clip"))
-    tok = AutoTokenizer.from_pretrained(os.path.join(m, "gpt2"))
-    tr = read_pairs(os.path.join(toy_root, "pairs_train.jsonl"))
-    docs = toy._scene_documents([r["captions"] for r in tr], 0)
-    assert max(len(x) for x in tok(docs)["input_ids"]) + 2 <= tok.model_max_length
-    err = capfd.readouterr().err
-    for bad in ("LOAD REPORT", "requires torchvision", "Token indices sequence length", "loss_type"):
-        assert bad not in err, err[-2000:]
+    said = io.StringIO()  # transformers' own handler keeps the stderr of its import time: listen directly
+    handler = logging.StreamHandler(said)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # a script run earlier in this process may have lowered it
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        m = os.path.join(toy_root, "models")
+        for cls, name in ((CLIPModel, "clip"), (BertForPreTraining, "bert"), (GPT2LMHeadModel, "gpt2"),
+                          (OPTForCausalLM, "opt"), (T5ForConditionalGeneration, "t5")):
+            cls.from_pretrained(os.path.join(m, name))
+        AutoImageProcessor.from_pretrained(os.path.join(m, "clip"))
+        tok = AutoTokenizer.from_pretrained(os.path.join(m, "gpt2"))
+        tr = read_pairs(os.path.join(toy_root, "pairs_train.jsonl"))
+        docs = toy._scene_documents([r["captions"] for r in tr], 0)
+        assert max(len(x) for x in tok(docs)["input_ids"]) + 2 <= tok.model_max_length
+        for bad in ("LOAD REPORT", "requires torchvision", "Token indices sequence length"):
+            assert bad not in said.getvalue(), said.getvalue()[-2000:]
+        # GPT-2's loss is computed by the toy code, not through `labels=` (whose class-name lookup warns
+        # "loss_type=None"): the same perplexity as transformers' own labels loss, and no such warning
+        hf_logging.warning_once.cache_clear()  # a warning given earlier in this process would hide a new one
+        gpt2 = GPT2LMHeadModel.from_pretrained(os.path.join(m, "gpt2")).eval()
+        eot = tok.convert_tokens_to_ids("<|endoftext|>")
+        seqs = [[eot] + s + [eot] for s in tok([c for r in tr[:20] for c in r["captions"]])["input_ids"]]
+        ppl = toy._causal_eval(gpt2, seqs, eot)
+        assert "loss_type" not in said.getvalue()
+        ids, mask = toy._pad(seqs, eot)
+        with torch.no_grad():
+            ref = gpt2(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        assert ppl == pytest.approx(math.exp(float(ref)), rel=1e-4)
+        assert "loss_type" in said.getvalue()  # the check above can fail: labels= does warn
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
