@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import dist as D
-from common.amp import autocast, frozen_dtype, make_scaler, pick_dtype, seed_everything
+from common.amp import autocast, fp32, frozen_dtype, make_scaler, pick_dtype, seed_everything
 from common.attention import attention
 from common.checkpoint import (RESUME_FREE, CheckpointMismatch, check_loaded, check_resume_config,
                                describe, expect_checkpoint, load_checkpoint, rng_state,
@@ -65,6 +65,7 @@ class Config:
     device: str = "auto"
     precision: str = "auto"      # bf16 autocast on GPU; frozen backbones stored in bf16 there
     bench: int = 0
+    compile: bool = False        # torch.compile the trained module (a GPU's speed-up; tests keep it off)
     resume: str = ""
     resume_changes: bool = False  # continue a --resume whose config differs from the checkpoint's
     # --- models ("" = the toy world's backbone) ---
@@ -234,13 +235,23 @@ class Attention(nn.Module):
         self.dense, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, kv, mask=None):
+    def split(self, t):
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, L, C/H)
+
+    def keys_values(self, kv):
+        return self.split(self.key(kv)), self.split(self.value(kv))
+
+    def forward(self, x, kv, mask=None, past=None):
+        """`kv`: the (B, L, W) sequence attended to, or its (keys, values) made earlier; `past`: keys and
+        values prepended to them (the query rows' of the query pass, read by ITG's text rows).  Returns the
+        output and this call's (keys, values), so that later passes can reuse them."""
         B, Lq, C = x.shape
-        split = lambda t: t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, L, C/H)
-        q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
-        o = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B,H,Lq,C/H)
+        k, v = kv if isinstance(kv, tuple) else self.keys_values(kv)
+        ka, va = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        o = attention(self.split(self.query(x)), ka, va, mask,
+                      dropout_p=self.dropout if self.training else 0.0)  # (B, H, Lq, C/H)
         o = o.transpose(1, 2).reshape(B, Lq, C)  # (B, Lq, C)
-        return self.norm(x + self.drop(self.dense(o)))
+        return self.norm(x + self.drop(self.dense(o))), (k, v)
 
 
 class FFN(nn.Module):
@@ -269,15 +280,18 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FFN(dim, ffn, dropout, eps)
         self.ffn_text = FFN(dim, ffn, dropout, eps) if text else None
 
-    def forward(self, x, mask, n_query, image):
-        x = self.self_attn(x, x, mask)
+    def forward(self, x, mask, n_query, image, past=None):
+        """-> x, the self-attention (keys, values) of x, the cross-attention (keys, values) of the image
+        (`image` may be those already, `past` the query rows' self-attention ones: Attention.forward)."""
+        x, self_kv = self.self_attn(x, x, mask, past)
         q, t = x[:, :n_query], x[:, n_query:]
+        cross_kv = None
         if n_query and self.cross_attn is not None:
-            q = self.cross_attn(q, image)  # only the queries see the image
+            q, cross_kv = self.cross_attn(q, image)  # only the queries see the image
         parts = [self.ffn_query(q)] if n_query else []
         if t.shape[1]:
             parts.append(self.ffn_text(t))
-        return torch.cat(parts, 1)
+        return torch.cat(parts, 1), self_kv, cross_kv
 
 
 def qformer_mask(n_query, text_mask, causal):
@@ -319,30 +333,42 @@ class QFormer(nn.Module):
             self.lm_dense, self.lm_norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
             self.lm_bias = nn.Parameter(torch.zeros(vocab))
 
-    def _run(self, x, mask, n_query, image):
-        x = self.embed_drop(self.embed_norm(x))
-        for layer in self.layers:
-            x = layer(x, mask, n_query, image)
-        return x
+    def _run(self, x, mask, n_query, image, past=None):
+        """Every layer; `image`/`past` per layer where given as lists.  -> output, per-layer caches."""
+        x, cache = self.embed_drop(self.embed_norm(x)), []
+        for i, layer in enumerate(self.layers):
+            x, self_kv, cross_kv = layer(x, mask, n_query, image[i] if isinstance(image, list) else image,
+                                         past[i] if past else None)
+            cache.append((self_kv, cross_kv))
+        return x, cache
 
     def _text_embed(self, ids):
         pos = torch.arange(ids.shape[1], device=ids.device)
         return self.word_embeddings(ids) + self.position_embeddings(pos)[None]  # (B, L, C)
 
-    def query(self, image):
-        """Query-only pass (ITC image side, stage 2): (B, N, W) image tokens -> (B, Nq, C)."""
+    def query(self, image, with_cache=False):
+        """Query-only pass (ITC image side, stage 2): (B, N, W) image tokens -> (B, Nq, C); with_cache also
+        returns each layer's (self-attention, cross-attention) keys/values, which ITG and ITM reuse."""
         queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (B, Nq, C)
-        return self._run(queries, None, self.num_query, image)
-
+        out, cache = self._run(queries, None, self.num_query, image)
+        return (out, cache) if with_cache else out
 
     def encode_text(self, ids, mask):
         """Text-only pass (ITC text side): (B, L) -> (B, L, C); no cross-attention, text FFNs."""
-        return self._run(self._text_embed(ids), mask[:, None, None, :].bool(), 0, None)
+        return self._run(self._text_embed(ids), mask[:, None, None, :].bool(), 0, None)[0]
 
     def joint(self, image, ids, mask, causal=False):
-        """[queries; text] under the ITM (bi-directional) or ITG (causal) mask -> (B, Nq+L, C)."""
+        """[queries; text] under the ITM (bi-directional) or ITG (causal) mask -> (B, Nq+L, C).
+        `image`: (B, N, W) features, or per layer the cross-attention (keys, values) (itm_loss)."""
         x = torch.cat([self.query_tokens.expand(ids.shape[0], -1, -1), self._text_embed(ids)], 1)
-        return self._run(x, qformer_mask(self.num_query, mask, causal), self.num_query, image)
+        return self._run(x, qformer_mask(self.num_query, mask, causal), self.num_query, image)[0]
+
+    def decode(self, ids, mask, cache):
+        """The text rows of the ITG pass -> (B, L, C).  Under the causal mask the query rows see only queries,
+        so they equal the query pass: its per-layer query keys/values (`cache`) are read instead of
+        recomputed, and the text rows never cross-attend (LAVIS blip2_qformer.py: past_key_values)."""
+        rows = qformer_mask(self.num_query, mask, causal=True)[:, :, self.num_query:]  # (B,1,L,Nq+L)
+        return self._run(self._text_embed(ids), rows, 0, None, [c[0] for c in cache])[0]
 
     def lm_logits(self, h):
         h = self.lm_norm(F.gelu(self.lm_dense(h)))
@@ -436,7 +462,7 @@ def build_pformer(bert_path, num_query, d_llm, embed_dim, from_config=False):
     else:  # the pretrained BERT encoder (a fresh copy, not the Q-Former's), without its pooler
         bert = load_bert(bert_path).bert
         bert.pooler = None
-    return PFormer(bert, num_query, d_llm, embed_dim)
+    return PFormer(bert, num_query, d_llm, embed_dim).float()  # fp32 master weights whatever the file's dtype
 
 
 class VisionTower(nn.Module):
@@ -555,10 +581,12 @@ def itc_loss(img_feat, txt_feat, temp, rank):
     txt_feat (B, E), both L2-normalised, local.  Features are gathered WITH gradient, so N processes
     compute exactly what one process with the global batch would.  Returns the loss and the (B, G)
     similarity logits i2t, t2i of the local rows against the global batch."""
+    img_feat, txt_feat = img_feat.float(), txt_feat.float()
     img_all = D.all_gather_with_grad(img_feat)  # (G, Nq, E)
     txt_all = D.all_gather_with_grad(txt_feat)  # (G, E)
-    sim_i2t = torch.einsum("bqe,ge->bqg", img_feat, txt_all).amax(1) / temp  # (B, G)
-    sim_t2i = torch.einsum("be,gqe->bgq", txt_feat, img_all).amax(-1) / temp  # (B, G)
+    with fp32(img_feat.device):  # logits in fp32 under bf16 autocast too
+        sim_i2t = torch.einsum("bqe,ge->bqg", img_feat, txt_all).amax(1) / temp  # (B, G)
+        sim_t2i = torch.einsum("be,gqe->bgq", txt_feat, img_all).amax(-1) / temp  # (B, G)
     target = rank * img_feat.shape[0] + torch.arange(img_feat.shape[0], device=img_feat.device)
     loss = (F.cross_entropy(sim_i2t, target, label_smoothing=0.1) +
             F.cross_entropy(sim_t2i, target, label_smoothing=0.1)) / 2
@@ -589,11 +617,11 @@ def sample_hard_negatives(sim, positive, gumbel):
 
 
 def gumbel_noise(seed, rows, cols, rank, device):
-    """Gumbel noise for the global (G, G) matrix from a step-seeded generator, sliced to this rank's
-    rows, so the sampled negatives do not depend on how the batch is split over processes."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(rows * (rank + 1), cols, generator=g)[rows * rank:].clamp_(1e-9, 1 - 1e-9)
-    return (-torch.log(-torch.log(u))).to(device)
+    """Gumbel noise for the global (G, G) matrix from a step-seeded generator on the device, sliced to this
+    rank's rows, so the sampled negatives do not depend on how the batch is split over processes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(rows * (rank + 1), cols, generator=g, device=device)[rows * rank:]
+    return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
 
 
 def token_ce(logits, labels, label_smoothing=0.0):
@@ -608,24 +636,44 @@ def token_ce(logits, labels, label_smoothing=0.0):
     return total / count.clamp(min=1)
 
 
-def itm_loss(qf, image, image_neg, ids, mask, ids_neg, mask_neg):
-    """3B pairs (T_i, I_i)=1, (T_i, I_neg)=0, (T_neg, I_i)=0; bi-directional [Q;T] pass; logits =
-    itm_head averaged over the Nq query outputs."""
+def itm_cross_kv(qf, cache, image_all, neg_img, rank):
+    """Per layer, the cross-attention (keys, values) of the 3B ITM rows [positive; negative; positive]
+    images, each distinct image projected once per step: the positives' and a negative drawn from this
+    rank's own images come from the ITC query pass (`cache`); only other ranks' images are projected here
+    (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
+    B = neg_img.shape[0]
+    local = neg_img - rank * B
+    remote = ((local < 0) | (local >= B)).nonzero()[:, 0]
+    out = []
+    for (_, kv), layer in zip(cache, qf.layers):
+        if kv is None:
+            out.append(None)
+            continue
+        neg = [t[local.clamp(0, B - 1)] for t in kv]  # (B, H, N, C/H) each
+        if len(remote):
+            made = layer.cross_attn.keys_values(image_all[neg_img[remote]])
+            neg = [n.index_put((remote,), m) for n, m in zip(neg, made)]
+        out.append(tuple(torch.cat([t, n, t]) for t, n in zip(kv, neg)))  # (3B, H, N, C/H)
+    return out
+
+
+def itm_loss(qf, cross_kv, ids, mask, ids_neg, mask_neg):
+    """3B pairs (T_i, I_i)=1, (T_i, I_neg)=0, (T_neg, I_i)=0; bi-directional [Q;T] pass over the rows'
+    image keys/values (itm_cross_kv); logits = itm_head averaged over the Nq query outputs."""
     B, Nq = ids.shape[0], qf.num_query
-    images = torch.cat([image, image_neg, image], 0)  # (3B, N, W)
     texts, masks = torch.cat([ids, ids, ids_neg]), torch.cat([mask, mask, mask_neg])  # (3B, L)
-    h = qf.joint(images, texts, masks)  # (3B, Nq+L, C)
+    h = qf.joint(cross_kv, texts, masks)  # (3B, Nq+L, C)
     logits = qf.itm_head(h[:, :Nq]).mean(1)  # (3B, 2)
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
     return F.cross_entropy(logits, labels)
 
 
-def itg_loss(qf, image, ids, mask, dec_id, pad_id):
-    """Image-grounded generation: [DEC] replaces [CLS]; causal text rows see all queries; next-token
-    CE with label smoothing 0.1 (BLIP-2 Sec. 3.2)."""
+def itg_loss(qf, cache, ids, mask, dec_id, pad_id):
+    """Image-grounded generation: [DEC] replaces [CLS]; causal text rows see all queries (their keys and
+    values from the query pass, `cache`); next-token CE with label smoothing 0.1 (BLIP-2 Sec. 3.2)."""
     dec = ids.clone()
     dec[:, 0] = dec_id
-    h = qf.joint(image, dec, mask, causal=True)[:, qf.num_query:]  # (B, L, C)
+    h = qf.decode(dec, mask, cache)  # (B, L, C)
     logits = qf.lm_logits(h)[:, :-1]  # (B, L-1, V): position t predicts token t+1
     labels = dec[:, 1:].masked_fill(dec[:, 1:] == pad_id, -100)
     return token_ce(logits, labels, label_smoothing=0.1)
@@ -664,8 +712,10 @@ def instance_contrastive_loss(z, temp, rank):
     """Stage-0 L_c as released: z (B, E) normalised against the detached, all-gathered (no grad)
     batch of itself, target = own global index, label smoothing 0.1 -- an instance-discrimination /
     uniformity regulariser."""
+    z = z.float()
     keys = D.all_gather_no_grad(z.detach())  # (G, E)
-    logits = z @ keys.t() / temp  # (B, G)
+    with fp32(z.device):
+        logits = z @ keys.t() / temp  # (B, G)
     target = rank * z.shape[0] + torch.arange(z.shape[0], device=z.device)
     return F.cross_entropy(logits, target, label_smoothing=0.1)
 
@@ -675,7 +725,7 @@ def vq_loss(prompts, embeddings, chunk=4096):
     (stop-grad), pulling prompts towards the word-embedding manifold; nearest by ||e||^2 - 2 p.e."""
     p = prompts.reshape(-1, prompts.shape[-1]).float()  # (B*Nq, D)
     e = embeddings.float()  # (V, D)
-    with torch.no_grad():
+    with torch.no_grad(), fp32(p.device):  # the nearest row in fp32, also under bf16 autocast
         e2 = (e * e).sum(1)
         idx = torch.cat([(e2[None] - 2 * p[i:i + chunk] @ e.t()).argmin(1)
                          for i in range(0, len(p), chunk)])  # (B*Nq,)
@@ -699,7 +749,7 @@ def stage1_losses(m, b, frozen):
     """ITC + ITM + ITG (BLIP-2 Sec. 3.2) + w1 * alignment with the frozen P-Former."""
     qf = m.qformer
     image = m.encode_image(b["pixels"], frozen)  # (B, N, W)
-    q = qf.query(image)  # (B, Nq, C)
+    q, cache = qf.query(image, with_cache=True)  # (B, Nq, C), per-layer keys/values for ITM/ITG
     img_feat = F.normalize(qf.vision_proj(q), dim=-1)  # (B, Nq, E)
     cls = qf.encode_text(b["ids"], b["mask"])[:, 0]  # (B, C) [CLS]
     txt_feat = F.normalize(qf.text_proj(cls), dim=-1)  # (B, E)
@@ -714,9 +764,9 @@ def stage1_losses(m, b, frozen):
         noise = lambda k: gumbel_noise(b["noise_seed"] + k, B, G, frozen.rank, image.device)  # noqa
         neg_img = sample_hard_negatives(sim_t2i.detach(), pos, noise(0))  # (B,) image per text
         neg_txt = sample_hard_negatives(sim_i2t.detach(), pos, noise(1))  # (B,) text per image
-    losses["itm"] = itm_loss(qf, image, image_all[neg_img], b["ids"], b["mask"], ids_all[neg_txt],
-                             mask_all[neg_txt])
-    losses["itg"] = itg_loss(qf, image, b["ids"], b["mask"], b["dec_id"], b["pad_id"])
+    cross_kv = itm_cross_kv(qf, cache, image_all, neg_img, frozen.rank)
+    losses["itm"] = itm_loss(qf, cross_kv, b["ids"], b["mask"], ids_all[neg_txt], mask_all[neg_txt])
+    losses["itg"] = itg_loss(qf, cache, b["ids"], b["mask"], b["dec_id"], b["pad_id"])
     if frozen.pformer is not None:
         losses["align"] = frozen.align_weight * align_loss(m.llm_proj(q), b["pstar"])
     return losses
@@ -927,9 +977,10 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist):
         txt_feats.update({i: f[k].cpu() for k, i in enumerate(chunk)})
     img_feats, txt_feats = gather_dict(img_feats), gather_dict(txt_feats)
     keep = sorted(img_feats)
-    I = torch.stack([img_feats[i] for i in keep])  # (N_img, Nq, E)
-    T = torch.stack([txt_feats[i] for i in range(len(texts))])  # (N_txt, E)
-    sim = torch.einsum("iqe,te->iqt", I, T).amax(1)  # (N_img, N_txt)
+    I = torch.stack([img_feats[i] for i in keep]).to(dist.device)  # (N_img, Nq, E)
+    T = torch.stack([txt_feats[i] for i in range(len(texts))]).to(dist.device)  # (N_txt, E)
+    sim = torch.cat([torch.einsum("iqe,te->iqt", I[c:c + 64], T).amax(1)  # 64 images at a time: never
+                     for c in range(0, len(I), 64)]).cpu()  # (N_img, Nq, N_txt) at once; (N_img, N_txt)
     pos = {i: k for k, i in enumerate(keep)}
     return retrieval_recall(sim, [pos.get(i, -1) for i in txt2img], [img2txts[i] for i in keep])
 
@@ -1091,8 +1142,8 @@ def build(cfg, dist):
     else:
         qf = qformer_from_bert(bert, vision.width, cfg, len(bert_tok), text)
     use_proj = stage != "1" or pck is not None or bool(cfg.hf_import)
-    model = Blip2Trainable(qf, vision.width, d_llm if use_proj else 0,
-                           vision if cfg.train_vision else None)
+    model = Blip2Trainable(qf, vision.width, d_llm if use_proj else 0,  # trained weights in fp32, even
+                           vision.float() if cfg.train_vision else None)  # from an fp16 folder
     if stage == "1" and pck is None and model.llm_proj is not None:
         model.llm_proj.requires_grad_(False)  # imported, unused by plain stage 1: out of DDP/AdamW
     if stage != "1" and text:  # text parts kept for retrieval eval get no gradient in stage 2: freeze
@@ -1155,7 +1206,7 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
                           cfg.seed)
     per_epoch = sampler.steps_per_epoch
     total = min(cfg.max_steps or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
-    ddp = D.wrap_ddp(model, dist)
+    ddp = D.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model` keeps plain names
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = make_scaler(frozen.dtype)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

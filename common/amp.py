@@ -29,6 +29,12 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def fp32(device):
+    """Autocast off for a block: contrastive logits and nearest-neighbour searches are computed from fp32 inputs
+    in fp32 (bf16's spacing at logits of 8-16 is 0.0625, enough to reorder near neighbours)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 def make_scaler(dtype):
     """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
     return torch.amp.GradScaler(enabled=dtype == torch.float16)

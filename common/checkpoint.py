@@ -150,7 +150,7 @@ def check_loaded(n_loaded, n_expected, path, what, script, min_frac=0.5):
 
 # Fields a resumed run may change without changing what it computes (where it writes, how often it logs...).
 RESUME_FREE = {"resume", "out_dir", "log_every", "save_every", "eval_every", "bench", "device", "num_workers",
-               "workers", "max_steps", "epochs", "report", "resume_changes", "eval_batch", "init"}
+               "workers", "max_steps", "epochs", "report", "resume_changes", "eval_batch", "init", "compile"}
 
 
 def resume_config_diff(saved, current, free=RESUME_FREE):

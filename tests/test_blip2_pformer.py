@@ -3,6 +3,7 @@ stage on the tiny toy world, exact resume, and 2-process gloo DDP == 1 process a
 import json
 import os
 import subprocess
+import shutil
 import sys
 
 import pytest
@@ -81,6 +82,71 @@ def test_gumbel_noise_independent_of_process_split():
     full = bp.gumbel_noise(7, 4, 8, 0, "cpu")  # one process: all 4 rows
     both = torch.cat([bp.gumbel_noise(7, 2, 8, r, "cpu") for r in (0, 1)])
     assert torch.equal(full, both)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_stage1_reuse_equals_full_passes(rank):
+    """ITM/ITG read the query pass's keys/values (issue 19): losses and gradients equal the full [Q; T] passes
+    over every row's image (the previous code) with dropout off.  rank 1 of 2: negatives drawn from the other
+    rank's images are projected, this rank's reuse the query pass."""
+    torch.manual_seed(0)
+    B, L = 3, 6
+    qf = bp.QFormer(32, 3, 4, 64, 24, 4, 50, 16, embed_dim=8, cross_freq=2, dropout=0.0)
+    image = torch.randn(B, 5, 24, requires_grad=True)
+    image_all = torch.cat([torch.randn(B, 5, 24), image] if rank else [image, torch.randn(B, 5, 24)])
+    ids = torch.randint(5, 50, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 4:] = 0
+    neg_img = torch.tensor([0, 4, 5]) if rank else torch.tensor([1, 4, 0])  # local and remote rows
+    ids_neg, mask_neg = ids.flip(0), mask.flip(0)
+
+    def old():  # the full passes: the ITM rows' images projected per row, ITG's query rows recomputed
+        images = torch.cat([image, image_all[neg_img], image])
+        h = qf.joint(images, torch.cat([ids, ids, ids_neg]), torch.cat([mask, mask, mask_neg]))
+        itm = torch.nn.functional.cross_entropy(qf.itm_head(h[:, :4]).mean(1), torch.tensor([1] * B + [0] * 2 * B))
+        dec = ids.clone()
+        dec[:, 0] = 1
+        logits = qf.lm_logits(qf.joint(image, dec, mask, causal=True)[:, 4:])[:, :-1]
+        return itm, bp.token_ce(logits, dec[:, 1:].masked_fill(dec[:, 1:] == 0, -100), label_smoothing=0.1)
+
+    def new():
+        _, cache = qf.query(image, with_cache=True)
+        kv = bp.itm_cross_kv(qf, cache, image_all, neg_img, rank)
+        return bp.itm_loss(qf, kv, ids, mask, ids_neg, mask_neg), bp.itg_loss(qf, cache, ids, mask, 1, 0)
+
+    grads = []
+    for fn in (old, new):
+        qf.zero_grad()
+        image.grad = None
+        itm, itg = fn()
+        (itm + itg).backward()
+        grads.append(([itm.item(), itg.item()], [p.grad.clone() for p in qf.parameters() if p.grad is not None] +
+                      [image.grad.clone()]))
+    (lo, go), (ln, gn) = grads
+    assert ln == pytest.approx(lo, abs=1e-5) and len(go) == len(gn)
+    for a, b in zip(go, gn):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_contrastive_logits_and_nearest_search_stay_fp32_under_bf16_autocast():
+    """Issue 18.6: ITC / instance-contrastive logits and vq_loss's nearest-embedding search in fp32 under autocast."""
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(16, 4, 32), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    ref = bp.itc_loss(img, txt, torch.tensor(0.07), 0)
+    emb = torch.randn(64, 48, generator=torch.Generator().manual_seed(1)) * 4
+    emb[1] = emb[0] + 0.05  # two near rows: a bf16 search picks row 0 here (on the machine this was written on)
+    p = (emb[1] + 0.01).reshape(1, 1, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bp.itc_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(0.07), 0)
+        naive = (txt @ img.flatten(0, 1).t()).dtype  # what autocast does to a plain matmul
+        vq = bp.vq_loss(p, emb)
+        ic = bp.instance_contrastive_loss(txt, torch.tensor(0.07), 0)
+    assert naive == torch.bfloat16 and got[1].dtype == got[2].dtype == torch.float32
+    img16, txt16 = img.bfloat16().float(), txt.bfloat16().float()  # the inputs as autocast's caller had them
+    assert torch.equal(got[1], bp.itc_loss(img16, txt16, torch.tensor(0.07), 0)[1])
+    assert vq.item() == pytest.approx(bp.vq_loss(p, emb).item()) and vq.item() < ((p - emb[0]) ** 2).mean()
+    assert ic.item() == pytest.approx(bp.instance_contrastive_loss(txt, torch.tensor(0.07), 0).item(), abs=1e-6)
 
 
 def test_paper_sizes_match_the_logged_parameter_counts():
@@ -208,6 +274,25 @@ def test_hf_import_matches_transformers(hf_folders, kind, tmp_path):
         theirs = ref(**inputs).logits
     assert theirs.abs().mean() > 1e-2 and torch.allclose(ours, theirs, atol=1e-4)
     assert meta["hf_loaded"] > 40  # every Q-Former tensor came from the file, none from the BERT init
+
+
+def test_trained_weights_are_fp32_from_an_fp16_folder(hf_folders, tmp_path):
+    """Issue 18.6: caption fine-tuning trains the ViT; loaded from an fp16 BLIP-2 folder it keeps fp32 weights."""
+    from common.config import parse_config
+    from common.dist import Dist
+    from transformers import Blip2ForConditionalGeneration
+    half = tmp_path / "fp16"
+    Blip2ForConditionalGeneration.from_pretrained(hf_folders["opt"]).half().save_pretrained(half)
+    for f in os.listdir(hf_folders["opt"]):
+        if "token" in f:
+            shutil.copy(os.path.join(hf_folders["opt"], f), half)
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, [
+        "--stage", "caption", "--hf_import", str(half), "--bert_path", hf_folders["bert"], "--train_vision", "true",
+        "--image_size", "32", "--out_dir", str(tmp_path / "run")]))
+    model = bp.build(cfg, Dist())[0]
+    assert model.vision is not None and {p.dtype for p in model.vision.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert bp.build_pformer(hf_folders["bert"], 4, 48, 8).bert.embeddings.word_embeddings.weight.dtype == torch.float32
 
 
 def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
