@@ -5,6 +5,11 @@ weights and inputs.
     python bench/blip2_stage1.py --old 12c4d55                  # paper size: BERT-base Q-Former, 32 queries,
                                                                 # 257 x 1408 features, batch 8, 32 text tokens
     python bench/blip2_stage1.py --old 12c4d55 --size tiny      # seconds; what tests/ can afford
+    python bench/blip2_stage1.py --old 12c4d55 --size tiny --dropout 0.1 --draws 300   # dropout on
+
+With dropout on the new ITG reuses the query pass's dropout draw for the query rows (as LAVIS does) instead of a
+fresh one, so single losses differ; `--draws N` compares the two sides' loss distributions over N dropout draws
+(means, standard deviations, the two-sample Kolmogorov-Smirnov statistic and its 5% critical value).
 
 `--old REV`: the git revision whose blip2_pformer.py is the "old" side (12c4d55 = before ITG/ITM reused the query
 pass); the "new" side is the working tree.  Time is the median of `--reps` interleaved old/new steps.
@@ -39,10 +44,10 @@ def load(rev):
     return mod
 
 
-def setup(bp, size, state=None):
+def setup(bp, size, state=None, dropout=0.0):
     C, n_layers, heads, ffn, W, N, Nq, V, B, L = SIZES[size]
     torch.manual_seed(0)
-    qf = bp.QFormer(C, n_layers, heads, ffn, W, Nq, V, 512, dropout=0.0)
+    qf = bp.QFormer(C, n_layers, heads, ffn, W, Nq, V, 512, dropout=dropout)
     model = bp.Blip2Trainable(qf, W, 0)
     if state is not None:
         model.load_state_dict(state)
@@ -68,15 +73,19 @@ def main():
     ap.add_argument("--old", default="12c4d55")
     ap.add_argument("--size", default="paper", choices=sorted(SIZES))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--draws", type=int, default=0)
     args = ap.parse_args()
     from torch.utils.flop_counter import FlopCounterMode
     sides = {"old": load(args.old), "new": load(None)}
     runs = {}
     state = None
     for name, bp in sides.items():
-        model, batch, frozen = setup(bp, args.size, state)
+        model, batch, frozen = setup(bp, args.size, state, args.dropout)
         state = model.state_dict()  # the new side gets the old side's weights
         runs[name] = (bp, model, batch, frozen)
+    if args.draws:
+        return compare_distributions(runs, args.draws)
     out = {}
     for name, (bp, model, batch, frozen) in runs.items():
         counter = FlopCounterMode(display=False)
@@ -106,6 +115,28 @@ def main():
           f"{med(o['sec']) / med(n['sec']):.3f}; max |loss diff| {diff:.2e}; max |grad diff| {gdiff:.2e}; "
           f"same parameters receive gradients: {same_keys}")
     return out
+
+
+def compare_distributions(runs, draws):
+    """Each side's losses over `draws` dropout draws (seeds 0..draws-1, forward only)."""
+    vals = {name: {} for name in runs}
+    for name, (bp, model, batch, frozen) in runs.items():
+        model.train()
+        for seed in range(draws):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for k, v in bp.stage1_losses(model, batch, frozen).items():
+                    vals[name].setdefault(k, []).append(v.item())
+    crit = 1.358 * (2 / draws) ** 0.5  # two-sample KS, alpha 0.05, equal sizes
+    print(f"{draws} dropout draws per side; KS 5% critical value {crit:.3f}")
+    print("| loss | old mean (sd) | new mean (sd) | KS statistic |")
+    print("|---|---|---|---|")
+    for k in ("itc", "itm", "itg"):
+        a, b = torch.tensor(vals["old"][k]), torch.tensor(vals["new"][k])
+        grid = torch.cat([a, b]).sort().values
+        ks = ((a[None] <= grid[:, None]).float().mean(1) - (b[None] <= grid[:, None]).float().mean(1)).abs().max()
+        print(f"| {k} | {a.mean():.4f} ({a.std():.4f}) | {b.mean():.4f} ({b.std():.4f}) | {ks:.3f} |")
+    return vals
 
 
 if __name__ == "__main__":
