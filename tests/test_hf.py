@@ -1,10 +1,11 @@
-"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), hub names from the cache or a download."""
+"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), hub names from the cache or a download; the published architectures (--mode params) and their parameter counts."""
 import json
 
 import pytest
 import torch
+import transformers
 
-from common.hf import read_hf_weights, resolve_local
+from common.hf import PUBLISHED, meta_model, published_config, read_hf_weights, resolve_local
 
 SD = {"vision_model.embeddings.w": torch.arange(4.0), "vision_model.post_layernorm.bias": torch.ones(2),
       "text_model.embeddings.w": torch.zeros(3), "logit_scale": torch.tensor(2.0)}
@@ -68,3 +69,56 @@ def test_hub_names_that_cannot_be_had_fail_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local path, and not in the Hugging Face cache nor downloadable") as e:
         resolve_local("someone/not-downloaded-model")
     assert "\n" not in str(e.value)
+
+
+# ---- published_config: the released architectures, offline, checked against published parameter counts
+def _count(name, model_class):
+    return sum(p.numel() for p in meta_model(getattr(transformers, model_class), published_config(name)).parameters())
+
+EXACT = [  # the released checkpoints' own counts (issue 19 quotes them; each is the hub model's tensor total)
+    ("gpt2", "GPT2Model", 124_439_808),  # GPT-2 small, "124M" in openai/gpt-2's download script
+    ("openai/clip-vit-base-patch32", "CLIPModel", 151_277_313),  # open_clip docs/model_profile.csv: 151.28M
+    ("bert-base-uncased", "BertModel", 109_482_240),  # BERT-base, "110M" (arXiv 1810.04805 Sec. 3)
+    ("facebook/opt-2.7b", "OPTForCausalLM", 2_651_596_800),  # "2.7B" (arXiv 2205.01068 Table 1)
+    ("google/flan-t5-xl", "T5ForConditionalGeneration", 2_849_757_184),  # "3B" (arXiv 2210.11416); own LM head
+]
+
+
+@pytest.mark.parametrize("name,model_class,n", EXACT, ids=[e[0] for e in EXACT])
+def test_published_configs_give_the_released_parameter_counts(name, model_class, n):
+    assert _count(name, model_class) == n
+
+
+def test_published_counts_of_the_vision_language_models():
+    # DeiT-S: 22M (arXiv 2012.12877 Table 1); timm results/results-imagenet.csv, deit_small_patch16_224: 22.05M
+    assert round(_count("facebook/deit-small-patch16-224", "ViTForImageClassification") / 1e4) == 2205
+    # BLIP ViT-B: no exact published count was found (DLIP's abstract, arXiv 2308.12956, rounds BLIP to 213M by
+    # another count); this anchors transformers' models of the released configs (checked against dlip.py's own)
+    assert _count("Salesforce/blip-itm-base-coco", "BlipForImageTextRetrieval") == 223_744_258
+    assert _count("Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration") == 223_971_644
+    # BlenderBot 400M-distill: the hub's fp16 pytorch_model.bin (commit 3800f67) is 730 MB = 2 bytes/param
+    assert round(2 * _count("facebook/blenderbot-400M-distill", "BlenderbotForConditionalGeneration") / 1e6) == 730
+    # BLIP-2 ViT-g + OPT-2.7B: 107M trainable (Q-Former, queries, LLM projection) and "3.8B" in all
+    # (arXiv 2301.12597 Table 2), the sum of nominal sizes: ViT-g without its last layer ~1.0B + OPT 2.7B
+    m = meta_model(transformers.Blip2ForConditionalGeneration, published_config("Salesforce/blip2-opt-2.7b"))
+    trainable = sum(p.numel() for p in [*m.qformer.parameters(), m.query_tokens, *m.language_projection.parameters()])
+    vision = sum(p.numel() for p in m.vision_model.parameters())
+    assert round(trainable / 1e6) == 107 and round(vision / 1e8) == 10
+    assert sum(p.numel() for p in m.parameters()) == vision + trainable + 2_651_596_800 + (50304 - 50272) * 2560
+    assert m.config.image_token_index == 50265 and m.config.vision_config.hidden_size == 1408
+    # the COCO fine-tune reads 364 px: 26x26 + 1 positions instead of 16x16 + 1, nothing else differs
+    coco = _count("Salesforce/blip2-opt-2.7b-coco", "Blip2ForConditionalGeneration")
+    assert coco - sum(p.numel() for p in m.parameters()) == (26 * 26 - 16 * 16) * 1408
+
+
+def test_flan_t5_keeps_its_own_lm_head_and_t5_ties_it():
+    flan = meta_model(transformers.T5ForConditionalGeneration, published_config("google/flan-t5-xl"))
+    assert flan.lm_head.weight is not flan.shared.weight and flan.config.d_ff == 5120
+    t5 = meta_model(transformers.T5ForConditionalGeneration, transformers.T5Config())  # t5-small: tied
+    assert t5.lm_head.weight is t5.shared.weight
+
+
+def test_a_local_folder_wins_over_the_table(tmp_path):
+    transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path)
+    assert published_config(str(tmp_path)).n_layer == 2
+    assert published_config("gpt2").n_layer == 12 and set(PUBLISHED) >= {"gpt2", "bert-base-uncased"}
