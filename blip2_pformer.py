@@ -59,6 +59,7 @@ SCRIPT = "blip2_pformer"
 class Config:
     preset: str = "toy"
     stage: str = "1"             # 0 | 1 | 2 | caption | eval
+    mode: str = "run"            # run the stage | params: its paper-size parameter counts and FLOPs, offline
     out_dir: str = "runs/blip2_pformer"
     toy_root: str = "data/toy"
     seed: int = 42
@@ -619,6 +620,8 @@ def sample_hard_negatives(sim, positive, gumbel):
 def gumbel_noise(seed, rows, cols, rank, device):
     """Gumbel noise for the global (G, G) matrix from a step-seeded generator on the device, sliced to this
     rank's rows, so the sampled negatives do not depend on how the batch is split over processes."""
+    if torch.device(device).type == "meta":  # --mode params counts FLOPs on shapes alone
+        return torch.zeros(rows, cols, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     u = torch.rand(rows * (rank + 1), cols, generator=g, device=device)[rows * rank:]
     return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
@@ -643,14 +646,15 @@ def itm_cross_kv(qf, cache, image_all, neg_img, rank):
     (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
     B = neg_img.shape[0]
     local = neg_img - rank * B
-    remote = ((local < 0) | (local >= B)).nonzero()[:, 0]
+    one_process = image_all.shape[0] == B  # every image is this rank's: nothing to project
+    remote = None if one_process else ((local < 0) | (local >= B)).nonzero()[:, 0]  # (R,) rows
     out = []
     for (_, kv), layer in zip(cache, qf.layers):
         if kv is None:
             out.append(None)
             continue
         neg = [t[local.clamp(0, B - 1)] for t in kv]  # (B, H, N, C/H) each
-        if len(remote):
+        if remote is not None and len(remote):
             made = layer.cross_attn.keys_values(image_all[neg_img[remote]])
             neg = [n.index_put((remote,), m) for n, m in zip(neg, made)]
         out.append(tuple(torch.cat([t, n, t]) for t, n in zip(kv, neg)))  # (3B, H, N, C/H)
@@ -689,9 +693,9 @@ def llm_lm_loss(llm, prompts, t):
     E(prefix)], decoder predicts the suffix.  CE in fp32 over the LLM's logits; gradients flow
     through the frozen LLM into the prompts."""
     prompts = prompts.to(llm.get_input_embeddings().weight.dtype)
-    ones = t["enc_mask"].new_ones(prompts.shape[:2])
     x = torch.cat([prompts, llm_embed(llm, t["enc_ids"])], 1)  # (B, Nq+L, D)
-    att = torch.cat([ones, t["enc_mask"]], 1)
+    m = t["enc_mask"]  # None = every token (--mode params: masks on the meta device have no values)
+    att = None if m is None else torch.cat([m.new_ones(prompts.shape[:2]), m], 1)
     if llm.config.is_encoder_decoder:
         logits = llm(inputs_embeds=x, attention_mask=att, labels=t["labels"],
                      decoder_attention_mask=t["dec_mask"]).logits  # (B, Ld, V)
@@ -1456,9 +1460,59 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_tok
     return out
 
 
+# ---- --mode params: what a stage trains and runs at the sizes of its model names, without weights
+def param_counts(cfg, batch=2, text_len=32):
+    """Trainable and frozen parameters of cfg.stage and its FLOPs per sample (forward + backward of the
+    stage's losses, plus the frozen ViT's forward), on the meta device: common.hf.published_config gives
+    the released architectures offline, so nothing is read or downloaded."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BertModel, Blip2VisionModel,
+                              CLIPVisionModel)
+    from common.hf import published_config
+    from common.train import count_flops, count_params
+    vc, bc, lc = (published_config(p) for p in (cfg.vision_path, cfg.bert_path, cfg.llm_path))
+    kind = "clip" if vc.model_type.startswith("clip") else "blip2"
+    vc = getattr(vc, "vision_config", vc)  # (BLIP-2 / CLIP folders hold the vision tower's config)
+    stage, d_llm, B, L, Nq = cfg.stage, llm_embed_dim(lc), batch, text_len, cfg.num_query
+    text, pstar = stage == "1" or "retrieval" in tasks_of(cfg), bool(cfg.pformer_ckpt)
+    with torch.device("meta"):
+        vision = VisionTower((CLIPVisionModel if kind == "clip" else Blip2VisionModel)(vc), kind)
+        qf = QFormer(bc.hidden_size, bc.num_hidden_layers, bc.num_attention_heads, bc.intermediate_size,
+                     vc.hidden_size, Nq, bc.vocab_size + 1, bc.max_position_embeddings, cfg.embed_dim,
+                     cfg.cross_attention_freq, 0.0, bc.layer_norm_eps, text)  # + [DEC]
+        model = Blip2Trainable(qf, vc.hidden_size, d_llm if stage != "1" or pstar else 0,
+                               vision if cfg.train_vision and stage in ("2", "caption") else None)
+        pformer = PFormer(BertModel(bc, add_pooling_layer=False), Nq, d_llm, cfg.embed_dim)
+        llm = (AutoModelForSeq2SeqLM if lc.is_encoder_decoder else AutoModelForCausalLM).from_config(lc)
+        for name, p in qf.named_parameters():  # as build(): text parts kept for eval only, frozen
+            p.requires_grad_(stage == "1" or not (name.split(".")[0] in TEXT_ONLY or ".ffn_text." in name))
+        ids, ones = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
+        t = dict(enc_ids=ids, enc_mask=None, labels=ids, dec_mask=None)  # transformers' masks: no values
+        b = dict(pixels=torch.zeros(B, 3, vc.image_size, vc.image_size), ids=ids, mask=ones,
+                 image_ids=torch.arange(B), dec_id=1, pad_id=0, noise_seed=0, llm=t,
+                 pstar=torch.zeros(B, Nq, d_llm), bert_ids=ids, bert_mask=None)
+        frozen = Frozen(torch.float32, vision=vision, llm=llm, pformer=pformer if pstar else None)
+        losses = (lambda: stage0_losses(pformer, {**b, **t}, llm, 0, 0.0, 103, [0])) if stage == "0" else \
+            (lambda: model("1" if stage == "1" else "2", b, frozen))
+        flops = count_flops(lambda: sum(losses().values()).backward()) / B if stage != "eval" else 0.0
+        vit = count_flops(lambda: vision(b["pixels"])) / B
+    trained = [pformer] if stage == "0" else [model]
+    frozen_parts = ([llm] if stage == "0" else [vision] * (model.vision is None) + [llm] * needs_llm(cfg) +
+                    [pformer] * pstar)
+    out = {"trainable": count_params(trained, trainable=True),
+           "frozen": count_params(trained, trainable=False) + count_params(frozen_parts),
+           "vision": count_params(vision), "qformer": count_params(model) - count_params(model.vision or []),
+           "pformer": count_params(pformer), "llm": count_params(llm), "gflops_per_sample": flops / 1e9,
+           "gflops_vit_forward": vit / 1e9}
+    print(f"stage {stage} ({cfg.vision_path} | {cfg.bert_path} | {cfg.llm_path}): " +
+          ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in out.items()))
+    return out
+
+
 # ================================================================================================ main
 def main(argv=None):
     cfg = resolve_config(parse_config(Config, PRESETS, argv))
+    if cfg.mode == "params":
+        return param_counts(cfg)
     dist = D.setup_distributed(cfg.device)
     try:
         seed_everything(cfg.seed + dist.rank)

@@ -31,8 +31,10 @@ def autocast(device, dtype):
 
 def fp32(device):
     """Autocast off for a block: contrastive logits and nearest-neighbour searches are computed from fp32 inputs
-    in fp32 (bf16's spacing at logits of 8-16 is 0.0625, enough to reorder near neighbours)."""
-    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    in fp32 (bf16's spacing at logits of 8-16 is 0.0625, enough to reorder near neighbours).  A no-op where
+    there is no autocast (the meta device of --mode params)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 def make_scaler(dtype):

@@ -162,6 +162,23 @@ def test_paper_sizes_match_the_logged_parameter_counts():
     assert count(s2) == 107_133_696
 
 
+def test_mode_params_counts_the_paper_models_offline(monkeypatch):
+    """--mode params (issue 19.3): the paper preset's models from their published configs on the meta device.
+    Trainable counts: the BLIP-2 log's (above); OPT-2.7B 2,651,596,800 (its model card's 2.7B, exact from the
+    released config); EVA ViT-g/14 as BLIP-2 uses it, 39 of 40 blocks (arXiv 2301.12597 Sec. 3.1) without the
+    final LayerNorm that is BLIP-2's trainable ln_vision."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s1 = bp.main(["--preset", "paper", "--mode", "params", "--stage", "1"])
+    s2 = bp.main(["--preset", "paper", "--mode", "params", "--stage", "2"])
+    assert s1["trainable"] == 186_705_470
+    assert s2["trainable"] == 107_133_696 and s2["llm"] == 2_651_596_800
+    assert s1["vision"] == s2["vision"] == 985_952_256 - 2 * 1408 and s1["frozen"] == s1["vision"]
+    assert s2["frozen"] == s2["vision"] + s2["llm"]  # (no --pformer_ckpt: no frozen P-Former)
+    # the stage-1 Q-Former step at 2 samples (bench/blip2_stage1.py counts 176.9 at batch 8): 180.5 GFLOP each
+    assert s1["gflops_per_sample"] - s1["gflops_vit_forward"] == pytest.approx(180.5, rel=0.01)
+    assert s2["gflops_per_sample"] > s1["gflops_per_sample"]  # + the frozen OPT-2.7B forward and backward
+
+
 def test_losses_alone():
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1)
