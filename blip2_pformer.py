@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -115,14 +116,18 @@ class Config:
     eval_tasks: Optional[str] = None  # comma list of retrieval, caption, vqa ("" = none)
     eval_max: int = 0            # > 0: evaluate on the first N images / questions only
     eval_batch: int = 32
+    report: bool = True          # <out_dir>/report.html: curves, captions, answers, retrievals, attention
     caption_prompt: Optional[str] = None
     num_beams: Optional[int] = None
     max_new_tokens: Optional[int] = None
     min_new_tokens: Optional[int] = None
+    min_length: Optional[int] = None  # LAVIS's count (paper: 8), prompt or decoder-start tokens included
     vqa_prompt: str = "Question: {} Short answer:"  # LAVIS configs; the BLIP-2 paper: "Answer:"
     vqa_num_beams: int = 5
     vqa_max_new_tokens: int = 10
     vqa_length_penalty: float = -1.0
+    vqa_rule: str = "lavis2017"  # VQA accuracy rule (common.metrics.vqa_accuracy): lavis2017 | official
+    vqa_lemmatize: Optional[bool] = None  # OK-VQA's answer lemmatisation; None: on for "okvqa" records
 
 
 PRESETS = {
@@ -140,7 +145,7 @@ PRESETS = {
 # Per-stage recipes (BLIText / LAVIS configs).  Stage 1/2 "epochs" are over COCO+VG+CC3M+SBU (4.6M
 # pairs), stage 0 over ~12M sentences.  Linear warm-up from warmup_lr inside epoch 0, then a
 # per-epoch cosine to min_lr.
-_PAPER_GEN = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8, caption_prompt="a photo of",
+_PAPER_GEN = dict(num_beams=5, max_new_tokens=30, min_length=8, caption_prompt="a photo of",
                   eval_tasks="caption,vqa")
 _TOY_GEN = dict(image_size=64, train_vision=False, num_beams=3, max_new_tokens=20, min_new_tokens=1)
 STAGE_RECIPES = {
@@ -184,9 +189,18 @@ def resolve_config(cfg):
     fallback = {"train_vision": False, "caption_prompt": "", "align_weight": 1.0, "eval_tasks": "",
                 "image_size": 224, "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 1}
     for f in dataclasses.fields(cfg):  # still None: harmless values for stages that do not use it
+        if f.name == "image_size" and cfg.stage == "eval" and cfg.init or f.name == "vqa_lemmatize":
+            continue  # eval_image_size() reads it from the checkpoint; lemmatize_vqa() from the records
         if getattr(cfg, f.name) is None:
             setattr(cfg, f.name, recipe.get(f.name, fallback.get(f.name, 0)))
     return cfg
+
+
+def eval_image_size(cfg, init):
+    """--stage eval without --image_size: the size the --init checkpoint trained at (LAVIS evaluates
+    a COCO fine-tuned BLIP-2 at its 364 px, caption_coco_opt2.7b_eval.yaml), else the recipe's."""
+    recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])["eval"]["image_size"]
+    return cfg.image_size or ((init or {}).get("config") or {}).get("image_size") or recipe
 
 
 def tasks_of(cfg):
@@ -199,11 +213,11 @@ def needs_llm(cfg):
 
 
 def toy_files(cfg):
-    """{field: path under toy_root} of what this run reads, and the toy backbones among them: a first
-    run builds only those (stage 1: BERT and the vision tower; stage 0: BERT and the LLM).  The toy
-    world mirrors the paper preset: a BLIP-2-format vision tower (so --hf_export works; --vision_path
-    data/toy/models/clip runs the CLIP-tower path) and a T5 pretrained like a tiny Flan-T5 as the
-    LLM (--llm_path data/toy/models/opt runs the OPT code paths)."""
+    """{field: path under toy_root} of what this run reads, and the toy backbones among them: a
+    first run builds only those (stage 1: BERT and the vision tower; stage 0: BERT and the LLM). The
+    toy world mirrors the paper preset: a BLIP-2-format vision tower (so --hf_export works;
+    --vision_path data/toy/models/clip runs the CLIP-tower path) and a T5 pretrained like a tiny
+    Flan-T5 as the LLM (--llm_path data/toy/models/opt runs the OPT code paths)."""
     stage, evals = cfg.stage, set(tasks_of(cfg)) if cfg.stage != "0" else set()
     need = {"bert_path": "models/bert"}
     if not cfg.hf_import and stage != "0":
@@ -243,9 +257,10 @@ class Attention(nn.Module):
         return self.split(self.key(kv)), self.split(self.value(kv))
 
     def forward(self, x, kv, mask=None, past=None):
-        """`kv`: the (B, L, W) sequence attended to, or its (keys, values) made earlier; `past`: keys and
-        values prepended to them (the query rows' of the query pass, read by ITG's text rows).  Returns the
-        output and this call's (keys, values), so that later passes can reuse them."""
+        """`kv`: the (B, L, W) sequence attended to, or its (keys, values) made earlier; `past`:
+        keys and values prepended to them (the query rows' of the query pass, read by ITG's text
+        rows). Returns the output and this call's (keys, values), so that later passes can reuse
+        them."""
         B, Lq, C = x.shape
         k, v = kv if isinstance(kv, tuple) else self.keys_values(kv)
         ka, va = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
@@ -282,8 +297,9 @@ class QFormerLayer(nn.Module):
         self.ffn_text = FFN(dim, ffn, dropout, eps) if text else None
 
     def forward(self, x, mask, n_query, image, past=None):
-        """-> x, the self-attention (keys, values) of x, the cross-attention (keys, values) of the image
-        (`image` may be those already, `past` the query rows' self-attention ones: Attention.forward)."""
+        """-> x, the self-attention (keys, values) of x, the cross-attention (keys, values) of the
+        image (`image` may be those already, `past` the query rows' self-attention ones:
+        Attention.forward)."""
         x, self_kv = self.self_attn(x, x, mask, past)
         q, t = x[:, :n_query], x[:, n_query:]
         cross_kv = None
@@ -335,7 +351,7 @@ class QFormer(nn.Module):
             self.lm_bias = nn.Parameter(torch.zeros(vocab))
 
     def _run(self, x, mask, n_query, image, past=None):
-        """Every layer; `image`/`past` per layer where given as lists.  -> output, per-layer caches."""
+        """Every layer (`image`, `past`: per layer when lists) -> output, per-layer caches."""
         x, cache = self.embed_drop(self.embed_norm(x)), []
         for i, layer in enumerate(self.layers):
             x, self_kv, cross_kv = layer(x, mask, n_query, image[i] if isinstance(image, list) else image,
@@ -348,8 +364,9 @@ class QFormer(nn.Module):
         return self.word_embeddings(ids) + self.position_embeddings(pos)[None]  # (B, L, C)
 
     def query(self, image, with_cache=False):
-        """Query-only pass (ITC image side, stage 2): (B, N, W) image tokens -> (B, Nq, C); with_cache also
-        returns each layer's (self-attention, cross-attention) keys/values, which ITG and ITM reuse."""
+        """Query-only pass (ITC image side, stage 2): (B, N, W) image tokens -> (B, Nq, C);
+        with_cache also returns each layer's (self-attention, cross-attention) keys/values, which
+        ITG and ITM reuse."""
         queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (B, Nq, C)
         out, cache = self._run(queries, None, self.num_query, image)
         return (out, cache) if with_cache else out
@@ -365,9 +382,10 @@ class QFormer(nn.Module):
         return self._run(x, qformer_mask(self.num_query, mask, causal), self.num_query, image)[0]
 
     def decode(self, ids, mask, cache):
-        """The text rows of the ITG pass -> (B, L, C).  Under the causal mask the query rows see only queries,
-        so they equal the query pass: its per-layer query keys/values (`cache`) are read instead of
-        recomputed, and the text rows never cross-attend (LAVIS blip2_qformer.py: past_key_values)."""
+        """The text rows of the ITG pass -> (B, L, C). Under the causal mask the query rows see only
+        queries, so they equal the query pass: its per-layer query keys/values (`cache`) are read
+        instead of recomputed, and the text rows never cross-attend (LAVIS blip2_qformer.py:
+        past_key_values)."""
         rows = qformer_mask(self.num_query, mask, causal=True)[:, :, self.num_query:]  # (B,1,L,Nq+L)
         return self._run(self._text_embed(ids), rows, 0, None, [c[0] for c in cache])[0]
 
@@ -618,8 +636,9 @@ def sample_hard_negatives(sim, positive, gumbel):
 
 
 def gumbel_noise(seed, rows, cols, rank, device):
-    """Gumbel noise for the global (G, G) matrix from a step-seeded generator on the device, sliced to this
-    rank's rows, so the sampled negatives do not depend on how the batch is split over processes."""
+    """Gumbel noise for the global (G, G) matrix from a step-seeded generator on the device, sliced
+    to this rank's rows, so the sampled negatives do not depend on how the batch is split over
+    processes."""
     if torch.device(device).type == "meta":  # --mode params counts FLOPs on shapes alone
         return torch.zeros(rows, cols, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -640,10 +659,11 @@ def token_ce(logits, labels, label_smoothing=0.0):
 
 
 def itm_cross_kv(qf, cache, image_all, neg_img, rank):
-    """Per layer, the cross-attention (keys, values) of the 3B ITM rows [positive; negative; positive]
-    images, each distinct image projected once per step: the positives' and a negative drawn from this
-    rank's own images come from the ITC query pass (`cache`); only other ranks' images are projected here
-    (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
+    """Per layer, the cross-attention (keys, values) of the 3B ITM rows [positive; negative;
+    positive] images, each distinct image projected once per step: the positives' and a negative
+    drawn from this rank's own images come from the ITC query pass (`cache`); only other ranks'
+    images are projected here (LAVIS blip2_qformer.py projects all 3B rows, the positive image
+    twice)."""
     B = neg_img.shape[0]
     local = neg_img - rank * B
     one_process = image_all.shape[0] == B  # every image is this rank's: nothing to project
@@ -662,8 +682,8 @@ def itm_cross_kv(qf, cache, image_all, neg_img, rank):
 
 
 def itm_loss(qf, cross_kv, ids, mask, ids_neg, mask_neg):
-    """3B pairs (T_i, I_i)=1, (T_i, I_neg)=0, (T_neg, I_i)=0; bi-directional [Q;T] pass over the rows'
-    image keys/values (itm_cross_kv); logits = itm_head averaged over the Nq query outputs."""
+    """3B pairs (T_i, I_i)=1, (T_i, I_neg)=0, (T_neg, I_i)=0; bi-directional [Q;T] pass over the
+    rows' image keys/values (itm_cross_kv); logits = itm_head averaged over the Nq query outputs."""
     B, Nq = ids.shape[0], qf.num_query
     texts, masks = torch.cat([ids, ids, ids_neg]), torch.cat([mask, mask, mask_neg])  # (3B, L)
     h = qf.joint(cross_kv, texts, masks)  # (3B, Nq+L, C)
@@ -673,8 +693,9 @@ def itm_loss(qf, cross_kv, ids, mask, ids_neg, mask_neg):
 
 
 def itg_loss(qf, cache, ids, mask, dec_id, pad_id):
-    """Image-grounded generation: [DEC] replaces [CLS]; causal text rows see all queries (their keys and
-    values from the query pass, `cache`); next-token CE with label smoothing 0.1 (BLIP-2 Sec. 3.2)."""
+    """Image-grounded generation: [DEC] replaces [CLS]; causal text rows see all queries (their keys
+    and values from the query pass, `cache`); next-token CE with label smoothing 0.1 (BLIP-2 Sec.
+    3.2)."""
     dec = ids.clone()
     dec[:, 0] = dec_id
     h = qf.decode(dec, mask, cache)  # (B, L, C)
@@ -957,7 +978,7 @@ def gather_dict(d):
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, frozen, toks, records, cfg, dist):
+def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
     """Image<->text retrieval by the Q-Former's ITC score (max over queries), R@1/5/10."""
     from common.metrics import retrieval_recall
     qf = model.qformer
@@ -986,6 +1007,8 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist):
     sim = torch.cat([torch.einsum("iqe,te->iqt", I[c:c + 64], T).amax(1)  # 64 images at a time: never
                      for c in range(0, len(I), 64)]).cpu()  # (N_img, Nq, N_txt) at once; (N_img, N_txt)
     pos = {i: k for k, i in enumerate(keep)}
+    shown["retrieval"] = [(texts[t], [keep[k] for k in sim[:, t].topk(min(5, len(keep))).indices.tolist()])
+                          for t in range(0, len(texts), max(1, len(texts) // 4))][:4]  # for the report
     return retrieval_recall(sim, [pos.get(i, -1) for i in txt2img], [img2txts[i] for i in keep])
 
 
@@ -1007,13 +1030,22 @@ def generate(model, frozen, toks, pixels, prompts, num_beams, max_new, min_new, 
     return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
 
 
+def min_new(cfg, tok, is_encdec, prompt):
+    """New tokens at least: LAVIS hands min_length to generate() with the prompt as input_ids (OPT),
+    or with the decoder's start token counted (T5); only new tokens are generated here, so those are
+    subtracted."""
+    if not cfg.min_length:
+        return cfg.min_new_tokens
+    return max(0, cfg.min_length - (1 if is_encdec else len(tok(prompt).input_ids)))
+
+
 def evaluate_caption(model, frozen, toks, records, cfg, dist, out_path):
     """Beam-search captions -> BLEU/CIDEr-D/ROUGE-L against all references; predictions -> JSON."""
     from common.metrics import caption_metrics
-    preds = {}
+    preds, least = {}, min_new(cfg, toks.llm, toks.is_encdec, cfg.caption_prompt)
     for idx, px in image_batches([r["image"] for r in records], cfg, dist, "captioning"):
         caps = generate(model, frozen, toks, px, [cfg.caption_prompt] * len(idx), cfg.num_beams,
-                        cfg.max_new_tokens, cfg.min_new_tokens)
+                        cfg.max_new_tokens, least)
         preds.update(dict(zip(idx, caps)))
     preds = gather_dict(preds)
     metrics = caption_metrics({i: records[i]["captions"] for i in preds},
@@ -1025,17 +1057,28 @@ def evaluate_caption(model, frozen, toks, records, cfg, dist, out_path):
     return metrics
 
 
+def lemmatize_vqa(cfg, records):
+    """--vqa_lemmatize, or by default for OK-VQA (data/convert.py okvqa marks its records), as the
+    published OK-VQA numbers were scored (LAVIS blip2_opt.py _lemmatize)."""
+    auto = any(r.get("dataset") == "okvqa" for r in records[:1])
+    return cfg.vqa_lemmatize if cfg.vqa_lemmatize is not None else auto
+
+
 def evaluate_vqa(model, frozen, toks, records, cfg, dist, out_path):
     """Zero-shot VQA (LAVIS blip2_opt.py predict_answers): prompt.format(question) after the soft
     prompts, beam 5, <= 10 new tokens, length penalty -1; VQA accuracy (official normalisation)."""
-    from common.metrics import vqa_accuracy
+    from common.metrics import okvqa_lemmatize, vqa_accuracy
     preds = {}
+    if lemmatize_vqa(cfg, records):
+        okvqa_lemmatize([])  # no WordNet / tagger data: one line saying how to get it, before decoding
     for idx, px in image_batches([r["image"] for r in records], cfg, dist, "vqa"):
         prompts = [cfg.vqa_prompt.format(clean_question(records[i]["question"])) for i in idx]
         preds.update(zip(idx, generate(model, frozen, toks, px, prompts, cfg.vqa_num_beams,
                                        cfg.vqa_max_new_tokens, 1, cfg.vqa_length_penalty)))
     preds = gather_dict(preds)
-    acc = [vqa_accuracy(preds[i], records[i]["answers"]) for i in sorted(preds)]
+    if lemmatize_vqa(cfg, records):  # LAVIS/BLIText OK-VQA: nouns and verbs of the answer -> lemmas
+        preds = dict(zip(sorted(preds), okvqa_lemmatize([preds[i] for i in sorted(preds)])))
+    acc = [vqa_accuracy(preds[i], records[i]["answers"], cfg.vqa_rule) for i in sorted(preds)]
     if dist.is_main:
         with open(out_path, "w") as f:
             json.dump([{"question_id": records[i]["question_id"], "answer": preds[i]}
@@ -1043,22 +1086,78 @@ def evaluate_vqa(model, frozen, toks, records, cfg, dist, out_path):
     return {"vqa_acc": 100.0 * sum(acc) / max(1, len(acc))}
 
 
-def run_evals(model, frozen, toks, cfg, dist, logger):
+def run_evals(model, frozen, toks, cfg, dist, logger, shown):
     tasks, metrics, out = tasks_of(cfg), {}, lambda name: os.path.join(cfg.out_dir, name)
     model.eval()
     if "retrieval" in tasks or "caption" in tasks:
         records = read_pairs(cfg.val_file)[:cfg.eval_max or None]
     if "retrieval" in tasks:
-        metrics.update(evaluate_retrieval(model, frozen, toks, records, cfg, dist))
+        metrics.update(evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown))
+    if "retrieval" in tasks or "caption" in tasks:
+        shown["pairs"] = records
     if "caption" in tasks:
         metrics.update(evaluate_caption(model, frozen, toks, records, cfg, dist,
                                         out("captions.json")))
     if "vqa" in tasks:
-        records = read_vqa(cfg.vqa_file)[:cfg.eval_max or None]
+        shown["vqa"] = records = read_vqa(cfg.vqa_file)[:cfg.eval_max or None]
         metrics.update(evaluate_vqa(model, frozen, toks, records, cfg, dist, out("vqa.json")))
     if metrics:
         logger.info("eval | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
+
+
+@torch.no_grad()
+def query_attention(qf, image):
+    """(B, Nq, N): each query's cross-attention over the image tokens in the last cross-attention
+    layer, averaged over heads (the report's heat maps)."""
+    x, probs = qf.embed_norm(qf.query_tokens.expand(image.shape[0], -1, -1)), None
+    for layer in qf.layers:
+        if layer.cross_attn is not None:
+            a, h = layer.cross_attn, layer.self_attn(x, x)[0]
+            scores = a.split(a.query(h)) @ a.keys_values(image)[0].transpose(-1, -2)  # (B, H, Nq, N)
+            probs = (scores / math.sqrt(h.shape[-1] // a.heads)).softmax(-1).mean(1)
+        x = layer(x, None, qf.num_query, image)[0]
+    return probs
+
+
+def write_report(model, frozen, cfg, shown, metrics):
+    """<out_dir>/report.html (common/report.py): curves; val captions with their references; VQA
+    answers with the ten human ones; text -> top-5 images; four queries' cross-attention over each
+    image."""
+    from common.report import Report, card, grid, heatmap, table, thumb, training_plots
+    rep, images = Report(f"blip2_pformer.py --stage {cfg.stage}"), open_images(cfg)
+    pic = lambda rel: load_pixels(images, rel, cfg.image_size)  # noqa: E731  (None when unreadable)
+    show = lambda x, size=128: thumb(x, size, CLIP_MEAN, CLIP_STD) if x is not None else None  # noqa
+    out = lambda name: os.path.join(cfg.out_dir, name)  # noqa: E731
+    with rep.timed():
+        rep.section("Training", training_plots(out("metrics.jsonl")), table(metrics))
+        pairs = shown.get("pairs", [])
+        if os.path.isfile(out("captions.json")):
+            caps = json.load(open(out("captions.json")))[:12]
+            refs = {r["image"]: r["captions"] for r in pairs}
+            rep.section("Captions (val)", grid(card(show(pic(c["image"])), ("generated", c["caption"]),
+                                                    ("references", refs.get(c["image"], []))) for c in caps))
+        if os.path.isfile(out("vqa.json")):
+            qs = {r["question_id"]: r for r in shown.get("vqa", [])}
+            rep.section("Zero-shot VQA", grid(card(show(pic(qs[a["question_id"]]["image"])),
+                                                   ("question", qs[a["question_id"]]["question"]),
+                                                   ("answer", a["answer"]),
+                                                   ("ten answers", qs[a["question_id"]]["answers"]))
+                                              for a in json.load(open(out("vqa.json")))[:8]))
+        for query, top in shown.get("retrieval", []):
+            rep.section(f"Text -> image: {query}", grid(card(show(pic(pairs[i]["image"]), 96), f"#{n + 1}")
+                                                        for n, i in enumerate(top)))
+        px = [x for x in (pic(r["image"]) for r in pairs[:4]) if x is not None]
+        if px and cfg.stage != "0":
+            feats = torch.stack(px).to(next(model.parameters()).device)
+            with autocast(feats.device, frozen.dtype):
+                att = query_attention(model.qformer, model.encode_image(feats, frozen)).float().cpu()
+            g = math.isqrt(att.shape[-1] - 1)  # [CLS] + g x g patches
+            rows = [[thumb(heatmap(x, a[q, -g * g:], mean=CLIP_MEAN, std=CLIP_STD), 96) for q in range(4)]
+                    for x, a in zip(px, att)]
+            rep.section("Q-Former cross-attention: queries 0-3 over the image patches", table(rows))
+        rep.write(cfg.out_dir)
+    return rep.seconds
 
 
 # ================================================================================================ Train
@@ -1110,6 +1209,7 @@ def build(cfg, dist):
     init = None
     if cfg.init and stage != "0":
         init = load_own(cfg.init, "--init", ["stage 1", "stage 2", "caption"])
+    cfg.image_size = eval_image_size(cfg, init) if stage == "eval" else cfg.image_size
     bert_tok = AutoTokenizer.from_pretrained(resolve_local(cfg.bert_path))
     llm = llm_tok = None
     if needs_llm(cfg) and cfg.hf_import:
@@ -1196,7 +1296,7 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
 # Besides common.checkpoint's, fields that only change what is evaluated or exported after training
 RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "hf_export", "vqa_prompt", "vqa_num_beams",
                                   "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
-                                  "max_new_tokens", "min_new_tokens"}
+                                  "max_new_tokens", "min_new_tokens", "min_length"}
 
 
 def train(cfg, dist, model, frozen, toks, meta, logger):
@@ -1462,9 +1562,10 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_tok
 
 # ---- --mode params: what a stage trains and runs at the sizes of its model names, without weights
 def param_counts(cfg, batch=2, text_len=32):
-    """Trainable and frozen parameters of cfg.stage and its FLOPs per sample (forward + backward of the
-    stage's losses, plus the frozen ViT's forward), on the meta device: common.hf.published_config gives
-    the released architectures offline, so nothing is read or downloaded."""
+    """Trainable and frozen parameters of cfg.stage and its FLOPs per sample (forward + backward of
+    the stage's losses, plus the frozen ViT's forward), on the meta device:
+    common.hf.published_config gives the released architectures offline, so nothing is read or
+    downloaded."""
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BertModel, Blip2VisionModel,
                               CLIPVisionModel)
     from common.hf import published_config
@@ -1533,16 +1634,22 @@ def main(argv=None):
         metrics = {}
         if cfg.stage != "eval":
             metrics.update(train(cfg, dist, model, frozen, toks, meta, logger))
-        if cfg.bench or cfg.stage == "0":
+        if cfg.bench:
             return metrics
-        metrics.update(run_evals(model, frozen, toks, cfg, dist, logger))
-        if cfg.hf_export and dist.is_main:
+        shown, start = {}, time.time()
+        if cfg.stage != "0":
+            metrics.update(run_evals(model, frozen, toks, cfg, dist, logger, shown))
+        took_eval = time.time() - start
+        if cfg.hf_export and dist.is_main and cfg.stage != "0":
             export_hf(cfg.hf_export, model, frozen.vision_tower, frozen.llm, frozen.llm_tok,
                       cfg.num_query, cfg.image_size, meta.get("image_token_index"))
             logger.info(f"exported Blip2ForConditionalGeneration to {cfg.hf_export}")
         if dist.is_main:
             with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
+        if cfg.report and dist.is_main:
+            took = write_report(model, frozen, cfg, shown, metrics)
+            logger.info(f"report: {os.path.join(cfg.out_dir, 'report.html')} ({took:.2f} s; eval {took_eval:.1f} s)")
         return metrics
     finally:
         D.cleanup_distributed()

@@ -10,7 +10,8 @@ and ClipCap (arXiv 2111.09734):
 `--bridge mapper|xattn|both` gives the seed's three ablations. Only the bridge trains: CLIP runs
 under no_grad; GPT-2 is frozen, but the loss gradient flows through its blocks to the xattn blocks
 and the prefix. An image is a one-frame video. Loss: next-token cross-entropy on caption tokens;
-decoding with transformers' `generate`; BLEU, CIDEr-D, ROUGE-L from common.metrics.
+decoding with transformers' `generate`; COCO-toolkit BLEU, CIDEr-D, ROUGE-L and the seed's
+Hugging Face `evaluate` BLEU / ROUGE-L (hf_*) from common.metrics.
 
     python perceiver_caption.py --bridge both      # toy world (built on first use), train + test
     python perceiver_caption.py --mode caption --ckpt runs/perceiver_caption/best.pt --inputs a.png
@@ -19,7 +20,7 @@ decoding with transformers' `generate`; BLEU, CIDEr-D, ROUGE-L from common.metri
         --train_file coco_train2017.jsonl --val_file coco_val2017.jsonl \\
         --test_file coco_val2017.jsonl --image_root /data/coco
 
---preset paper is the seed's COCO recipe (its BLEU-4 / ROUGE-L table of the three ablations).
+--preset paper is the seed's COCO recipe (its table of the three ablations: hf_BLEU-4 / hf_ROUGE-L).
 docs/perceiver_caption.md has the toy results, the video, blank-image and --mode test|params
 commands, and the deviations from the seed (each a flag that can take the seed's value).
 """
@@ -89,6 +90,7 @@ class Config(ModelConfig):
     device: str = "auto"
     precision: str = "auto"        # auto = bf16 on GPU, fp32 on CPU
     bench: int = 0                 # >0: time this many training steps and exit
+    compile: bool = False          # torch.compile the trained bridge (train, --bench: see train())
     resume: str = ""               # checkpoint to continue training from
     resume_changes: bool = False   # continue a resume whose config differs from the checkpoint's
     stop_at: int = 0               # end this run after this step (schedule unchanged)
@@ -247,11 +249,6 @@ class GatedXAttnDense(nn.Module):
         return y + self.ff_gate.tanh() * self.ff(y)
 
 
-def lm_blocks(lm):
-    """The list of decoder blocks of a HF GPT-2 (GPT2LMHeadModel.transformer.h)."""
-    return lm.transformer.h
-
-
 class Bridge(nn.Module):
     """Everything trainable: mapper (prefix), resampler and xattn blocks, per `--bridge`.
 
@@ -309,7 +306,7 @@ class Bridge(nn.Module):
         if not self.use_xattn:
             yield
             return
-        blocks = lm_blocks(lm)
+        blocks = lm.transformer.h  # GPT2LMHeadModel's decoder blocks
         handles = [blocks[i].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
                    for i, layer in zip(self.layer_ids, self.xattn)]
         self._z = z
@@ -355,10 +352,9 @@ class Bridge(nn.Module):
         embeds, mask, pos = self.lm_inputs(lm, prefix, pmask, bos, torch.ones_like(bos))
         with self.conditioned(lm, z):
             return lm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                               do_sample=False, num_beams=num_beams,
-                               num_return_sequences=num_return,
-                               max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                               pad_token_id=pad_id, bos_token_id=bos_id, use_cache=True)
+                               do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                               num_return_sequences=num_return, eos_token_id=eos_id, use_cache=True,
+                               pad_token_id=pad_id, bos_token_id=bos_id)
 
 
 def position_ids(mask, fix):
@@ -577,7 +573,7 @@ def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_
 
 def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
     """Caption the split (sharded over ranks), score, log, write <out_dir>/predictions_test.json."""
-    from common.metrics import caption_metrics
+    from common.metrics import caption_metrics, hf_caption_metrics
     n = len(ds) if cfg.max_eval <= 0 else min(cfg.max_eval, len(ds))
     mine = caption_records(bridge, lm, clip, ds, cdist.shard_indices(n, d), cfg, ctok, dtype,
                            d.device, d.is_main)
@@ -586,7 +582,8 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
     if d.is_main:
         gts = {i: ds.records[i]["captions"] for i in preds}
         res = {i: preds[i][:1] for i in preds}
-        metrics = {k: 100.0 * v for k, v in caption_metrics(gts, res).items()}  # x100 like the seed
+        scores = {**caption_metrics(gts, res), **hf_caption_metrics(gts, res)}  # COCO; seed's HF
+        metrics = {k: 100.0 * v for k, v in scores.items()}  # x100 like the seed
         metrics["n"] = len(preds)
         rows = [{"sample_path": r["frames"] if cfg.task == "video" else r["frames"][0],
                  "prediction": preds[i][0] if cfg.num_return == 1 else preds[i],
@@ -717,7 +714,10 @@ def train(cfg, d, dtype, clip, lm, tok, bridge, logger):
     groups = (param_groups(bridge, cfg.weight_decay) if not cfg.decay_all else  # seed: decay all
               [{"params": list(bridge.parameters()), "weight_decay": cfg.weight_decay}])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    model, scaler = cdist.wrap_ddp(bridge, d), amp.make_scaler(dtype)
+    # --compile wraps the trained bridge for training and --bench; `bridge` keeps plain state-dict
+    # names, and validation and decoding run it uncompiled
+    model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
+    scaler = amp.make_scaler(dtype)
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
     ctok = CaptionTokenizer(tok, cfg.max_len)
     sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task), cfg.image_root,

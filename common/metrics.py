@@ -2,7 +2,9 @@
 
 Captions follow the COCO caption evaluation (pycocoevalcap, github.com/tylin/coco-caption): PTB tokenisation,
 then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which is CIDEr-D: clipping, Gaussian
-length penalty, x10) and ROUGE-L. VQA accuracy follows the official evaluation (GT-Vision-Lab/VQA, vqaEval.py).
+length penalty, x10) and ROUGE-L; `hf_bleu` / `hf_rouge` give the Hugging Face `evaluate` bleu and rouge metrics
+that some papers report instead. VQA accuracy follows GT-Vision-Lab/VQA's vqaEval.py in either of its two
+versions (`VQA_RULES`; default: the 2017 one that LAVIS uses), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
 Recall@K follows the ALBEF/BLIP `itm_eval` convention. Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35),
 VQA accuracy a fraction, recalls percentages. Dialogue metrics (Image-Chat) reuse the one BLEU and the one ROUGE-L
 with the options that give the rules dialogue evaluations use (torchmetrics' BLEU, the rouge-score package's
@@ -329,6 +331,150 @@ def caption_metrics(gts, res):
     return out
 
 
+# ============================================================ Hugging Face `evaluate` "bleu" and "rouge"
+# Some papers report captions with these instead of the COCO toolkit; their tokenisation and BLEU rules differ
+# (no PTB tokenisation, shortest-reference brevity penalty, no smoothing), often by several points.
+# mteval-v13a tokenisation (evaluate's metrics/bleu/tokenizer_13a.py, as sacrebleu's "13a"): case kept, these
+# symbols split off, periods and commas split off unless between digits, a dash split off after a digit.
+_13A_SYMBOLS = re.compile(r"([!-&(-+/:-@\[-`{-~])")   # ASCII punctuation except ' , - .
+_13A_RULES = [(_13A_SYMBOLS, r" \1 "), (re.compile(r"([^0-9])([.,])"), r"\1 \2 "),
+              (re.compile(r"([.,])([^0-9])"), r" \1 \2"), (re.compile(r"([0-9])(-)"), r"\1 \2 ")]
+
+
+def tokenize_13a(line):
+    """mteval-v13a tokens of one line, the default tokenizer of `evaluate`'s bleu."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for esc, ch in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        line = line.replace(esc, ch)
+    line = f" {line} "
+    for rx, rep in _13A_RULES:  # applied in this order, each over the whole line
+        line = rx.sub(rep, line)
+    return line.split()
+
+
+def hf_bleu(predictions, references, max_order=4, smooth=False, tokenize=tokenize_13a):
+    """BLEU as `evaluate.load("bleu")` computes it (tensorflow/nmt nmt/scripts/bleu.py `compute_bleu` on
+    `tokenize_13a` tokens): corpus n-gram matches clipped by the max count over a prediction's references; the
+    brevity penalty uses the SHORTEST reference (not the closest, as the COCO toolkit); smooth=False: a zero
+    precision makes BLEU 0; smooth=True: Lin & Och 2004 add-one on every order. references: one string or a
+    list of strings per prediction. Returns evaluate's dict: bleu, precisions, brevity_penalty, length_ratio,
+    translation_length, reference_length (fractions)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
+    refs = [[r] if isinstance(r, str) else r for r in references]
+    matches, possible, ref_len, hyp_len = [0] * max_order, [0] * max_order, 0, 0
+    for pred, rs in zip(predictions, refs):
+        hyp, rs = tokenize(pred), [tokenize(r) for r in rs]
+        ref_len += min(len(r) for r in rs)
+        hyp_len += len(hyp)
+        max_ref = Counter()
+        for r in rs:
+            max_ref |= _ngrams(r, max_order)  # | keeps each n-gram's max count over the references
+        for g, c in (_ngrams(hyp, max_order) & max_ref).items():
+            matches[len(g) - 1] += c
+        for k in range(max_order):
+            possible[k] += max(0, len(hyp) - k)
+    if smooth:
+        prec = [(m + 1.0) / (p + 1.0) for m, p in zip(matches, possible)]
+    else:
+        prec = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    geo = math.exp(sum(math.log(p) for p in prec) / max_order) if min(prec) > 0 else 0.0
+    ratio = hyp_len / ref_len if ref_len and hyp_len else 0.0
+    bp = 0.0 if ratio == 0.0 else 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
+    return {"bleu": geo * bp, "precisions": prec, "brevity_penalty": bp, "length_ratio": ratio,
+            "translation_length": hyp_len, "reference_length": ref_len}
+
+
+def _f(p, r):
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def _lcs_indices(a, b):
+    """Indices into `a` of one longest common subsequence of a and b (rouge-score's table and backtrack)."""
+    t = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a, 1):
+        for j, y in enumerate(b, 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if x == y else max(t[i - 1][j], t[i][j - 1])
+    out, i, j = [], len(a), len(b)
+    while i > 0 and j > 0:
+        if a[i - 1] == b[j - 1]:
+            out.append(i - 1)
+            i, j = i - 1, j - 1
+        elif t[i][j - 1] > t[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return out[::-1]
+
+
+def _rouge_lsum(ref, pred, tokenize):
+    """rouge-score's rougeLsum F: summary-level union LCS over newline-separated sentences (Lin 2004, Sec. 3.2),
+    each token counted at most as often as it occurs on both sides (as ROUGE-1.5.5)."""
+    rs = [tokenize(x) for x in ref.split("\n") if x]
+    ps = [tokenize(x) for x in pred.split("\n") if x]
+    m, n = sum(map(len, rs)), sum(map(len, ps))
+    if not m or not n:
+        return 0.0
+    left_r, left_p = Counter(t for s in rs for t in s), Counter(t for s in ps for t in s)
+    hits = 0
+    for r in rs:
+        for t in (r[i] for i in sorted(set().union(*[_lcs_indices(r, p) for p in ps]))):
+            if left_r[t] > 0 and left_p[t] > 0:
+                hits, left_r[t], left_p[t] = hits + 1, left_r[t] - 1, left_p[t] - 1
+    return _f(hits / n, hits / m)
+
+
+def hf_rouge(predictions, references, use_stemmer=False):
+    """ROUGE as `evaluate.load("rouge")` computes it (google-research rouge-score's RougeScorer with its default
+    tokenizer, `rouge_score_tokens`; use_stemmer: nltk's Porter stemmer on tokens longer than 3 characters, as
+    rouge-score): per example the F-measure of rouge1, rouge2 (n-gram overlap clipped by counts), rougeL (LCS)
+    and rougeLsum (`_rouge_lsum`); with several references the best F per type (`score_multi`); an empty side
+    scores 0. Aggregated by the mean over examples: evaluate reports the median of 1000 bootstrap means
+    (unseeded numpy), which scatters around this mean by a small fraction of its standard error."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
+    if use_stemmer:
+        from nltk.stem.porter import PorterStemmer
+        stem = PorterStemmer().stem
+
+        def tokenize(t):
+            return [stem(w) if len(w) > 3 else w for w in rouge_score_tokens(t)]
+    else:
+        tokenize = rouge_score_tokens
+    keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    per = []
+    for pred, rs in zip(predictions, references):
+        p = tokenize(pred)
+        best = dict.fromkeys(keys, 0.0)
+        for ref in [rs] if isinstance(rs, str) else rs:
+            r, f = tokenize(ref), {}
+            for n in (1, 2):
+                gp, gr = Counter(zip(*[p[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
+                hit = sum((gp & gr).values())
+                f[f"rouge{n}"] = _f(hit / max(1, sum(gp.values())), hit / max(1, sum(gr.values())))
+            f["rougeL"] = _f(_lcs(r, p) / len(p), _lcs(r, p) / len(r)) if r and p else 0.0
+            f["rougeLsum"] = _rouge_lsum(ref, pred, tokenize)
+            best = {k: max(best[k], f[k]) for k in keys}
+        per.append(best)
+    return {k: float(np.mean([x[k] for x in per])) for k in keys}
+
+
+def hf_caption_metrics(gts, res):
+    """Caption scores as the perceiver seed reports them (shan18/Perceiver-Resampler-XAttn-Captioning,
+    engine.py `_compute_metrics`): `hf_bleu` with max_order 1 and 4 and `hf_rouge`'s rougeL against all
+    references of each item, on stripped strings; empty predictions are dropped and every score is scaled by
+    the fraction of non-empty ones. {id: [refs]}, {id: str or [str]} -> hf_BLEU-1, hf_BLEU-4, hf_ROUGE-L
+    (fractions), keys distinct from `caption_metrics`' COCO-toolkit BLEU / ROUGE-L."""
+    ids, hyps = _check(gts, res)
+    keep = [i for i in ids if hyps[i].strip()]
+    if not keep:
+        return {"hf_BLEU-1": 0.0, "hf_BLEU-4": 0.0, "hf_ROUGE-L": 0.0}
+    preds, refs = [hyps[i].strip() for i in keep], [[r.strip() for r in gts[i]] for i in keep]
+    frac = len(keep) / len(ids)
+    return {"hf_BLEU-1": frac * hf_bleu(preds, refs, max_order=1)["bleu"],
+            "hf_BLEU-4": frac * hf_bleu(preds, refs)["bleu"], "hf_ROUGE-L": frac * hf_rouge(preds, refs)["rougeL"]}
+
+
 # ============================================================ dialogue metrics (Image-Chat)
 # ParlAI's answer normalisation (parlai/core/metrics.py `normalize_answer`, used by its F1Metric).
 _PARLAI_PUNC = re.compile(r"[!\"#$%&()*+,-./:;<=>?@\[\]\\^`{|}~_']")
@@ -413,8 +559,8 @@ def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok
     return out
 
 
-# ============================================================ VQA accuracy (official vqaEval.py)
-# Official lists (current master of GT-Vision-Lab/VQA). Note "'" and ":" are not punctuation there.
+# ============================================================ VQA accuracy (GT-Vision-Lab/VQA vqaEval.py)
+# Lists of the official code (unchanged since 2016). Note "'" and ":" are not punctuation there.
 _VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -452,38 +598,95 @@ def _vqa_punctuation(text):
 
 
 def normalize_vqa_answer(s):
-    """The official evaluation's processing of a predicted answer: newlines/tabs to spaces, strip, punctuation
-    rules, lowercase, number words to digits ("two" -> "2", "none" -> "0"), articles dropped, contractions."""
+    """The evaluation code's full processing of an answer: newlines/tabs to spaces, strip, punctuation rules,
+    lowercase, number words to digits ("two" -> "2", "none" -> "0"), articles dropped, contractions."""
     s = s.replace("\n", " ").replace("\t", " ").strip()
     words = [_VQA_NUMBERS.get(w, w) for w in _vqa_punctuation(s).lower().split()]
     return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
 
-def vqa_accuracy(pred, answers):
-    """VQA accuracy of one prediction as the current official vqaEval.py: the prediction is normalised with
-    `normalize_vqa_answer`; the human answers get only the punctuation step, and only when they disagree (as the
-    official code does: annotation answers are already normalised); then the mean over the leave-one-out subsets
-    of min(1, #matches / 3) (10 subsets for the 10 VQA answers). Not in the official code: a single answer
-    (GQA-style) is scored by exact match, since leave-one-out would always give 0."""
+# Two versions of vqaEval.py give different numbers:
+# "lavis2017": GT-Vision-Lab/VQA as of 2016-10 (commit 458a8b2), copied into LAVIS as
+#   lavis/common/vqa_tools/vqa_eval.py: the prediction always gets the full processing; the human answers get
+#   only the punctuation step, and only when the ten disagree (unstripped, compared as written).
+# "official": the current code (commit a013f00, 2021-03): both sides are stripped; when the ten answers
+#   disagree, prediction and answers both get the full processing; when all ten agree, nothing more is done
+#   and the stripped strings are compared as they are ("Two" does not match ten "2").
+# Default "lavis2017": the published zero-shot VQAv2 / OK-VQA / GQA numbers of BLIP-2 (arXiv 2301.12597) and
+# P-Former (arXiv 2307.07063) were computed by LAVIS (and BLIText, its fork) with that copy: only it gives them.
+VQA_RULES = ("lavis2017", "official")
+
+
+def vqa_accuracy(pred, answers, rule="lavis2017"):
+    """VQA accuracy of one prediction under `rule` (see VQA_RULES above): process the prediction and the human
+    answers as that version of vqaEval.py does, then the mean over the leave-one-out subsets of
+    min(1, #matches / 3) (10 subsets for the 10 VQA answers). Not in vqaEval.py: a single answer (GQA-style) is
+    scored by exact match with the same processing (for "lavis2017" that is LAVIS's GQA task: normalised
+    prediction == raw answer), since leave-one-out would always give 0."""
+    if rule not in VQA_RULES:
+        raise ValueError(f"unknown VQA rule {rule!r}; one of {VQA_RULES}")
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    pred = normalize_vqa_answer(pred)
+    if rule == "lavis2017":
+        pred = normalize_vqa_answer(pred)
+        if len(set(answers)) > 1:
+            answers = [_vqa_punctuation(a) for a in answers]
+    else:
+        pred = pred.replace("\n", " ").replace("\t", " ").strip()
+        answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+        if len(set(answers)) > 1:
+            pred, answers = normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in answers]
     if len(answers) == 1:
         return float(pred == answers[0])
-    if len(set(answers)) > 1:
-        answers = [_vqa_punctuation(a) for a in answers]
     hits = sum(a == pred for a in answers)
     # leaving out a matching answer leaves hits - 1 matches, leaving out another leaves hits
     return sum(min(1.0, (hits - (a == pred)) / 3.0) for a in answers) / len(answers)
 
 
-def vqa_score(preds, gts):
-    """Mean `vqa_accuracy` (a fraction; x100 for paper tables) over question ids; both dicts must have the
-    same ids, as the official loader asserts."""
+def vqa_score(preds, gts, rule="lavis2017"):
+    """Mean `vqa_accuracy` under `rule` (a fraction; x100 for paper tables) over question ids; both dicts must
+    have the same ids, as the official loader asserts."""
     if set(preds) != set(gts) or not gts:
         raise ValueError(f"preds and gts must have the same non-empty question ids "
                          f"({len(set(preds) ^ set(gts))} differ)")
-    return float(np.mean([vqa_accuracy(preds[q], gts[q]) for q in gts]))
+    return float(np.mean([vqa_accuracy(preds[q], gts[q], rule) for q in gts]))
+
+
+# ============================================================ OK-VQA answer lemmatiser
+# OK-VQA's answers are lemmatised, so LAVIS and BLIText lemmatise each predicted answer before VQA accuracy
+# (lavis/models/blip2_models/blip2_opt.py and blip2_t5.py `_lemmatize`, on through `apply_lemmatizer` in their
+# OK-VQA configs): spaCy en_core_web_sm tokens whose coarse tag is NOUN or VERB become their lemma, every other
+# token stays as written, tokens joined by single spaces. Here the same rule with nltk (spaCy is no dependency):
+# Treebank tokens, the averaged-perceptron Penn tags NN/NNS (spaCy's NOUN; NNP/NNPS are spaCy's PROPN and stay)
+# and VB* (VERB), the lemma from WordNetLemmatizer; forms of "be" stay, as spaCy tags them AUX (copula or
+# auxiliary). Known differences: auxiliary have/do (AUX there, lemmatised here); spaCy's tagger and lemmatiser.
+_LEMMA_POS = {"NN": "n", "NNS": "n", "VB": "v", "VBD": "v", "VBG": "v", "VBN": "v", "VBP": "v", "VBZ": "v"}
+_TAGGERS = {}
+
+
+def okvqa_lemmatize(answers):
+    """Lemmatise predicted answers (list of str -> list of str) as LAVIS's OK-VQA evaluation, before
+    `vqa_accuracy`. Needs nltk's "wordnet" and "averaged_perceptron_tagger_eng" data on nltk.data.path."""
+    import nltk
+    from nltk.stem import WordNetLemmatizer
+    from nltk.tag.perceptron import PerceptronTagger
+    from nltk.tokenize import TreebankWordTokenizer
+    try:
+        nltk.data.find("corpora/wordnet")  # also finds corpora/wordnet.zip, as the downloader leaves it
+        where = nltk.data.find("taggers/averaged_perceptron_tagger_eng/")
+    except LookupError:
+        raise LookupError("the OK-VQA lemmatiser needs nltk data: python -m nltk.downloader wordnet "
+                          "averaged_perceptron_tagger_eng (or copy them under one of nltk.data.path: "
+                          f"{', '.join(nltk.data.path)})") from None
+    if str(where) not in _TAGGERS:
+        _TAGGERS[str(where)] = tagger = PerceptronTagger(load=False)
+        tagger.load_from_json("eng", where)
+    tagger, wnl, tok = _TAGGERS[str(where)], WordNetLemmatizer(), TreebankWordTokenizer()
+
+    def lemma(word, tag):
+        out = wnl.lemmatize(word.lower(), _LEMMA_POS[tag]) if tag in _LEMMA_POS else word
+        return word if out == "be" else out
+    return [" ".join(lemma(w, t) for w, t in tagger.tag(tok.tokenize(a))) for a in answers]
 
 
 # ============================================================ retrieval Recall@K

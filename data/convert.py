@@ -1,19 +1,22 @@
 """Converters from published dataset layouts to the project's canonical JSON Lines formats.
 
-The five method scripts read only two record shapes (DESIGN.md, "Canonical formats"):
+The five method scripts read three record shapes (DESIGN.md, "Canonical formats"):
 
     pairs  {"image": "<path relative to --image_root>", "captions": [str, ...]}
     vqa    {"image": ..., "question": str, "answers": [10 str], "question_id": int | str}
+    video  {"frames": ["<path relative to --image_root>", ...], "captions": [str, ...]}
 
 This file turns the layouts the papers actually train and evaluate on into those records:
 
-    coco         official caption annotations (captions_{train,val}{2014,2017}.json), via pycocotools' COCO
-    karpathy     Karpathy split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json)
-    blip         BLIP / LAVIS annotation files (coco_karpathy_*.json, flickr30k_*.json)
-    img2dataset  an img2dataset `--output_format files` folder (CC3M, SBU, LAION-style web pairs)
-    vg           Visual Genome region_descriptions.json (region phrases paired with the whole image)
-    vqav2/okvqa  VQA-style questions JSON + annotations JSON, joined on question_id
-    gqa          GQA {train,val,testdev}_balanced_questions.json
+    coco          official caption annotations (captions_{train,val}{2014,2017}.json), via pycocotools' COCO
+    karpathy      Karpathy split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json)
+    blip          BLIP / LAVIS annotation files (coco_karpathy_*.json, flickr30k_*.json)
+    flickr30k_csv the Kaggle Flickr30K copy's results.csv, optionally cut to a Karpathy split
+    img2dataset   an img2dataset output folder, `--output_format files` or `webdataset` (.tar shards)
+    vg            Visual Genome region_descriptions.json (region phrases paired with the whole image)
+    vqav2/okvqa   VQA-style questions JSON + annotations JSON, joined on question_id
+    gqa           GQA {train,val,testdev}_balanced_questions.json
+    mlslt         MLSLT sign-language videos, frames extracted by the ffmpeg command-line tool
 
 Examples (run from the repository root):
 
@@ -21,12 +24,17 @@ Examples (run from the repository root):
     python data/convert.py karpathy dataset_coco.json --split train --merge_restval --out coco_kp_train.jsonl
     python data/convert.py karpathy dataset_flickr30k.json --split test --image_prefix flickr30k-images \
         --out f30k_test.jsonl
+    python data/convert.py flickr30k_csv flickr30k_images/results.csv --karpathy dataset_flickr30k.json \
+        --split test --out f30k_test.jsonl        # then --image_root flickr30k_images (the csv's folder)
     python data/convert.py blip coco_karpathy_test.json --out coco_kp_test.jsonl
-    python data/convert.py img2dataset cc3m/ --image_prefix cc3m --out cc3m.jsonl --check_images --image_root /data
+    python data/convert.py img2dataset cc3m/ --image_prefix cc3m --out cc3m.jsonl --check_images
+    python data/convert.py img2dataset laion_wds/ --check_images       # .tar shards: count and check only
+    python data/convert.py img2dataset laion_wds/ --extract_to laion_files --out laion.jsonl
     python data/convert.py vg region_descriptions.json --image_root /data/vg --max_regions_per_image 10 --out vg.jsonl
     python data/convert.py vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json \
         --annotations v2_mscoco_val2014_annotations.json --out vqav2_val.jsonl
     python data/convert.py gqa testdev_balanced_questions.json --out gqa_testdev.jsonl
+    python data/convert.py mlslt MLSLT/ --split train --frames_dir mlslt_frames --out mlslt_train.jsonl
 
 Every converter is also a function returning the records (`convert_coco`, `convert_karpathy`, ...);
 skipped records are counted by reason in a `Report`.  Bad input (missing file, missing or wrong-typed
@@ -40,9 +48,13 @@ import json
 import os
 import posixpath
 import re
+import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 # VQA answers are 10 per question: the official accuracy is min(#humans that said it / 3, 1),
 # averaged over the 10 leave-one-out subsets (Antol et al. 2015, Sec. 2; VQAv2, Goyal et al. 2017).
@@ -80,6 +92,15 @@ class Report:
 
     def note(self, text):
         self.notes.append(text)
+
+    def merge(self, other):
+        """Add another Report's counts, examples and notes (one per worker process)."""
+        self.skipped.update(other.skipped)
+        self.warnings.update(other.warnings)
+        for reason, examples in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(examples[:max(0, self.max_examples - len(mine))])
+        self.notes.extend(other.notes)
 
     @property
     def total_skipped(self):
@@ -339,91 +360,352 @@ def convert_blip(json_path, image_prefix="", report=None):
     return records
 
 
+_F30K_HEADER = ["image_name", "comment_number", "comment"]
+_F30K_NUMBER_THEN_COMMENT = re.compile(r"(\d+)\s+(\S.*)")
+
+
+def convert_flickr30k_csv(csv_path, karpathy_json=None, split=None, image_prefix="flickr30k_images", report=None):
+    """The Kaggle copy of Flickr30K (flickr30k_images/results.csv) -> pairs, one record per image.
+
+    Lines read 'image_name| comment_number| comment' (the header too), with a space after each '|'.  It is
+    not CSV: captions are tokenised ('... in the yard .') and hold bare '"' that a CSV reader would pair
+    across lines, so each line is split at its first two '|' and quotes are kept as text.  Quirks, each
+    counted: the row of 2199200615.jpg comment 4 has no second '|' ('2199200615.jpg| 4   A dog runs ...'):
+    the number and the comment are split at the first space; runs of spaces are collapsed; rows without a
+    comment or not UTF-8 are skipped.  Captions keep file order.  Images: <image_prefix>/<image_name> (the
+    Kaggle zip holds flickr30k_images/results.csv next to flickr30k_images/flickr30k_images/*.jpg, so the
+    default prefix makes paths relative to the csv's folder).  With a Karpathy split file
+    (dataset_flickr30k.json), only the images of `split` are kept; rows of images it does not list are
+    counted, and so are images of the split without rows.
+    """
+    report = report if report is not None else Report()
+    csv_path = str(csv_path)
+    if (karpathy_json is None) != (split is None):
+        raise ValueError("a Karpathy split file and a split go together")
+    if split is not None and split not in KARPATHY_SPLITS:
+        raise ValueError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
+    split_of = None
+    if karpathy_json is not None:
+        karpathy_json = str(karpathy_json)
+        images = _get(_load_json(karpathy_json, dict), "images", list, karpathy_json, "top level")
+        split_of = {}
+        for i, img in enumerate(images):
+            filename = _get(img, "filename", str, karpathy_json, f"images[{i}]")
+            split_of[filename] = _get(img, "split", str, karpathy_json, f"images[{i}] ({filename})")
+    if not os.path.isfile(csv_path):
+        raise ConversionError(f"{csv_path}: file not found")
+    by_image, unlisted = {}, set()
+    header_checked = False
+    with open(csv_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                report.skip(f"line not UTF-8 (byte {e.start})", f"line {lineno}")
+                continue
+            if not line.strip():
+                continue
+            fields = line.split("|", 2)
+            if not header_checked:
+                header_checked = True
+                if [x.strip() for x in fields] == _F30K_HEADER:
+                    continue
+                if not fields[0].strip().lower().endswith((".jpg", ".jpeg", ".png")):
+                    raise ConversionError(f"{csv_path}: line {lineno}: expected the header "
+                                          f"'image_name| comment_number| comment', got {line[:60]!r}")
+                report.warn("no header line (the first line is read as a row)")
+            name = fields[0].strip()
+            where = f"line {lineno} ({name})"
+            number_comment = _F30K_NUMBER_THEN_COMMENT.fullmatch(fields[1].strip()) if len(fields) == 2 else None
+            if len(fields) == 3:
+                number, comment = fields[1].strip(), fields[2]
+            elif number_comment:
+                number, comment = number_comment.groups()
+                report.warn("row without its second '|' (number and comment split at the first space)", where)
+            else:
+                report.skip("row without a comment", where)
+                continue
+            comment = " ".join(comment.split())
+            if not name or not comment:
+                report.skip("row with an empty image name or comment", where)
+                continue
+            if not number.isdigit():
+                report.warn("comment_number not a number (row kept)", where)
+            if split_of is not None:
+                if name not in split_of:
+                    report.skip("row of an image not in the split file", None if name in unlisted else name)
+                    unlisted.add(name)
+                    continue
+                if split_of[name] != split:
+                    continue
+            by_image.setdefault(name, []).append(comment)
+    if not header_checked:
+        raise ConversionError(f"{csv_path}: no rows (empty file)")
+    if split_of is not None:
+        for name, s in split_of.items():
+            if s == split and name not in by_image:
+                report.warn(f"image of split {split!r} without rows in the csv", name)
+    return [{"image": _image_path(report, image_prefix, name), "captions": caps} for name, caps in by_image.items()]
+
+
 _IMG2DATASET_IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def convert_img2dataset(folder, image_prefix="", encode_format="jpg", report=None):
-    """An img2dataset `--output_format files` folder -> pairs with one caption each.
+def _load_image(path_or_file):
+    """common.image.load_image, imported on first use: it brings torch, which counting samples does not need."""
+    from common.image import load_image
 
-    Layout: <folder>/<shard>/<key>.{jpg,txt,json} with key = shard_id * 10**ceil(log10(per_shard)) + index.
-    Only samples whose sidecar .json says status == "success" are kept.  Failed downloads/resizes get no
-    files at all (they live only in the shard's parquet), so they show up as gaps in the keys; they are
-    counted against `<shard>_stats.json` "count".  The caption is the .txt (img2dataset writes str(caption)),
-    else the .json "caption" field.  The image is <key>.<ext> for whichever ext exists, else
-    <key>.<encode_format> (annotation-only copies; use --check_images to drop records without pixels).
+    return load_image(path_or_file)
+
+
+def _img2dataset_layout(folder, layout="auto"):
+    """('files' | 'webdataset', shard names): img2dataset writes <shard>/ subfolders for --output_format files and
+    <shard>.tar files for --output_format webdataset, next to <shard>.parquet and <shard>_stats.json."""
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{folder}: folder not found")
+    names = os.listdir(folder)
+    dirs = sorted(n for n in names if n.isdigit() and os.path.isdir(os.path.join(folder, n)))
+    tars = sorted(n[:-4] for n in names if n.endswith(".tar") and n[:-4].isdigit()
+                  and os.path.isfile(os.path.join(folder, n)))
+    if layout == "auto":
+        if dirs and tars:
+            raise ConversionError(f"{folder}: holds both shard subfolders and .tar shards; pass --layout files "
+                                  f"or --layout webdataset")
+        layout = "webdataset" if tars else "files"
+    shards = tars if layout == "webdataset" else dirs
+    if not shards:
+        raise ConversionError(f"{folder}: no shard subfolders or .tar shards (expected 00000/ or 00000.tar, ... "
+                              f"from img2dataset)")
+    return layout, shards
+
+
+def _img2dataset_caption(report, key, txt, meta, path, where, txt_example):
+    """The caption of one sample with sidecar `meta`, or None when the sample is skipped (counted): the .txt
+    bytes (img2dataset writes str(caption), no newline), else the .json "caption" field."""
+    status = _get(meta, "status", str, path, where)
+    if status != "success":
+        report.skip(f"status {status!r}", key)
+        return None
+    if txt is not None:
+        try:
+            caption = txt.decode("utf-8")
+        except UnicodeDecodeError as e:  # a bad sample, counted like a failed download
+            report.skip(f"caption .txt not UTF-8 (byte {e.start})", txt_example)
+            return None
+    else:
+        caption = meta.get("caption")
+        if caption is not None:
+            _check_type(caption, str, path, where, "caption")
+    caption = _clean(caption or "")
+    if not caption:
+        report.skip("no caption (.txt absent and no 'caption' in .json)", key)
+        return None
+    return caption
+
+
+def _img2dataset_failed(report, folder, shard, keys, container, count_gaps=True):
+    """Count the failed samples of a shard; returns its _stats.json (or None).
+
+    img2dataset writes nothing for a failed download/resize in the shard (folder or .tar), only a parquet
+    row (img2dataset/writer.py), so failures are the keys missing under <shard>_stats.json "count" (without
+    the stats file, the gaps before the last key).  A key is shard_id * 10**digits + index in the shard."""
+    reason = f"failed sample: no files in the {container} (failed_to_download/resize)"
+    keys = [k for k in keys if k.isdigit() and len(k) > len(shard)]
+    found_idx = {int(k) - int(shard) * 10 ** (len(k) - len(shard)) for k in keys}
+    stats_path = os.path.join(folder, f"{shard}_stats.json")
+    stats, count = None, None
+    if os.path.isfile(stats_path):
+        stats = _load_json(stats_path, dict)
+        count = _get(stats, "count", int, stats_path, "top level")
+        status_dict = stats.get("status_dict")
+        if isinstance(status_dict, dict):
+            fails = {k: v for k, v in status_dict.items() if k != "success"}
+            if fails:
+                report.note(f"{shard}_stats.json failures: " + ", ".join(f"{k}: {v}" for k, v in fails.items()))
+    elif found_idx:
+        count = max(found_idx) + 1
+    if not count_gaps:
+        return stats
+    if count is not None and keys:
+        digits = len(keys[0]) - len(shard)
+        for idx in range(count):
+            if idx not in found_idx:
+                report.skip(reason, f"{int(shard) * 10 ** digits + idx:0{len(keys[0])}d}")
+    elif count:
+        report.skip(reason, n=count)
+    return stats
+
+
+def convert_img2dataset(folder, image_prefix="", encode_format="jpg", report=None, layout="auto",
+                        check_images=False, extract_to=None, jobs=1):
+    """An img2dataset output folder -> pairs with one caption each; `--output_format files` or `webdataset`.
+
+    files: <folder>/<shard>/<key>.{jpg,txt,json}.  Only samples whose sidecar .json says status == "success"
+    are kept.  The caption is the .txt, else the .json "caption" field.  The image is <key>.<ext> for
+    whichever ext exists, else <key>.<encode_format> (annotation-only copies; `check_images` drops records
+    whose image is missing or unreadable).  webdataset: <folder>/<shard>.tar holding the same three members
+    per key: see `_img2dataset_tar`.  Failed samples are counted per shard (`_img2dataset_failed`).
+    `layout` 'auto' tells the two apart.  Image paths are <image_prefix>/<shard>/<key>.<ext>: in the folder
+    itself (files) or under `extract_to` (webdataset), where the kept samples are written in the files layout.
+    `jobs` > 1 reads that many .tar shards at once in worker processes (tar headers are parsed in Python).
     """
     report = report if report is not None else Report()
     folder = str(folder)
-    if not os.path.isdir(folder):
-        raise ConversionError(f"{folder}: folder not found")
-    shards = sorted(d for d in os.listdir(folder) if d.isdigit() and os.path.isdir(os.path.join(folder, d)))
-    if not shards:
-        raise ConversionError(f"{folder}: no shard subfolders (expected 00000/, 00001/, ... from img2dataset)")
+    layout, shards = _img2dataset_layout(folder, layout)
+    if layout == "webdataset":
+        records = []
+        tasks = [(folder, shard, image_prefix, check_images, extract_to) for shard in shards]
+        with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+            for shard_records, shard_report in (pool.map if pool else map)(_img2dataset_tar_job, tasks):
+                records += shard_records
+                report.merge(shard_report)
+        return records
     records = []
     n_missing_images = 0
     for shard in shards:
         shard_dir = os.path.join(folder, shard)
         names = set(os.listdir(shard_dir))
         keys = sorted({os.path.splitext(n)[0] for n in names if os.path.splitext(n)[0].isdigit()})
-        found_idx = set()
         for key in keys:
             meta_path = os.path.join(shard_dir, key + ".json")
-            where = f"key {key}"
-            if len(key) > len(shard):  # index inside the shard, to find the keys of failed samples below
-                found_idx.add(int(key) - int(shard) * 10 ** (len(key) - len(shard)))
             if key + ".json" not in names:
                 report.skip("no .json sidecar (status unknown)", key)
                 continue
-            meta = _load_json(meta_path, dict)
-            status = _get(meta, "status", str, meta_path, where)
-            if status != "success":
-                report.skip(f"status {status!r}", key)
-                continue
+            txt = None
             if key + ".txt" in names:
-                try:
-                    with open(os.path.join(shard_dir, key + ".txt"), encoding="utf-8") as f:
-                        caption = f.read()
-                except UnicodeDecodeError as e:  # a bad sample, counted like a failed download
-                    report.skip(f"caption .txt not UTF-8 (byte {e.start})", os.path.join(shard, key + ".txt"))
-                    continue
-            else:
-                caption = meta.get("caption")
-                if caption is not None:
-                    _check_type(caption, str, meta_path, where, "caption")
-            caption = _clean(caption or "")
-            if not caption:
-                report.skip("no caption (.txt absent and no 'caption' in .json)", key)
+                with open(os.path.join(shard_dir, key + ".txt"), "rb") as f:
+                    txt = f.read()
+            caption = _img2dataset_caption(report, key, txt, _load_json(meta_path, dict), meta_path, f"key {key}",
+                                           os.path.join(shard, key + ".txt"))
+            if caption is None:
                 continue
             ext = next((e for e in (encode_format,) + _IMG2DATASET_IMAGE_EXTS if f"{key}.{e}" in names), None)
             if ext is None:
                 n_missing_images += 1
                 ext = encode_format
+            if check_images:
+                image_path = os.path.join(shard_dir, f"{key}.{ext}")
+                if not os.path.isfile(image_path):
+                    report.skip("image file missing", os.path.join(shard, f"{key}.{ext}"))
+                    continue
+                if _load_image(image_path) is None:
+                    report.skip("image unreadable", os.path.join(shard, f"{key}.{ext}"))
+                    continue
             records.append({"image": _join(image_prefix, shard, f"{key}.{ext}"), "captions": [caption]})
-
-        # Failed samples: img2dataset writes nothing for them in the shard folder.
-        stats_path = os.path.join(folder, f"{shard}_stats.json")
-        count = None
-        if os.path.isfile(stats_path):
-            stats = _load_json(stats_path, dict)
-            count = _get(stats, "count", int, stats_path, "top level")
-            status_dict = stats.get("status_dict")
-            if isinstance(status_dict, dict):
-                fails = {k: v for k, v in status_dict.items() if k != "success"}
-                if fails:
-                    report.note(f"{shard}_stats.json failures: " + ", ".join(f"{k}: {v}" for k, v in fails.items()))
-        elif found_idx:
-            count = max(found_idx) + 1  # without stats, only gaps before the last key are visible
-        if count is not None and keys and len(keys[0]) > len(shard):
-            digits = len(keys[0]) - len(shard)
-            for idx in range(count):
-                if idx not in found_idx:
-                    missing_key = f"{int(shard) * 10 ** digits + idx:0{len(keys[0])}d}"
-                    report.skip("failed sample: no files in the shard folder (failed_to_download/resize)",
-                                missing_key)
-        elif count and not keys:
-            report.skip("failed sample: no files in the shard folder (failed_to_download/resize)", n=count)
-    if n_missing_images:
+        _img2dataset_failed(report, folder, shard, keys, "shard folder")
+    if n_missing_images and not check_images:
         report.warn(f"image file not present; path assumes .{encode_format}", n=n_missing_images)
+    return records
+
+
+def _tar_samples(tar_path, shard, report, state):
+    """Yield (key, {ext: bytes}) per sample of one shard, in file order, one sample in memory at a time.
+
+    Members are grouped as webdataset does: key = the name up to its first '.', ext = the rest, a sample's
+    members next to each other.  A corrupt header in the middle of a tar ends Python's tarfile iteration
+    silently, so the bytes after the last member must be the end-of-archive zero blocks (two of 512 bytes,
+    POSIX ustar); state["broken"] says why the read stopped early (None when it did not)."""
+    group, key, parts, seen = None, None, {}, set()
+    state["broken"] = None
+    with open(tar_path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            for m in tar:
+                example = f"{shard}.tar:{m.name}"
+                name_key, _, ext = m.name.partition(".")
+                if not m.isfile():
+                    report.warn("tar member that is not a regular file (ignored)", example)
+                    continue
+                if not _SAFE_KEY.fullmatch(name_key) or not ext:
+                    report.warn("tar member named otherwise than <key>.<ext> (ignored)", example)
+                    continue
+                if name_key != group:  # a new sample begins
+                    if key is not None:
+                        yield key, parts
+                    group, key, parts = name_key, (None if name_key in seen else name_key), {}
+                    if key is None:
+                        report.skip("key repeated apart from its first members (ignored)", example)
+                    seen.add(name_key)
+                if key is None:
+                    continue
+                if ext.lower() in parts:
+                    report.skip("repeated tar member (the first is kept)", example)
+                    continue
+                parts[ext.lower()] = tar.extractfile(m).read()
+            f.seek(tar.offset)
+            tail = f.read(20480)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                state["broken"] = f"no end-of-archive blocks after byte {tar.offset}: corrupt or truncated"
+        except (tarfile.TarError, OSError, EOFError) as e:
+            state["broken"] = f"{type(e).__name__}: {e}"
+            key = None  # the sample being read is cut: it counts as lost, not as a sample with a missing member
+    if key is not None:
+        yield key, parts
+
+
+def _img2dataset_tar_job(task):
+    """One shard with its own Report, so that shards can be read in worker processes."""
+    report = Report()
+    return _img2dataset_tar(*task[:3], report, *task[3:]), report
+
+
+def _img2dataset_tar(folder, shard, image_prefix, report, check_images, extract_to):
+    """Pairs of one img2dataset webdataset shard <folder>/<shard>.tar (members <key>.<jpg|png|webp>,
+    <key>.txt, <key>.json: img2dataset/writer.py WebDatasetSampleWriter).  Unreadable members (a .json that
+    is not UTF-8 JSON, a .txt that is not UTF-8, an image that does not decode under `check_images`) and
+    orphans (a key without its image or its .json) are skipped and counted; a shard whose read stops early
+    is counted, and so are the samples its _stats.json says it holds beyond what could be read."""
+    tar_path = os.path.join(folder, f"{shard}.tar")
+    if extract_to:
+        os.makedirs(os.path.join(extract_to, shard), exist_ok=True)
+    records, keys, state = [], [], {}
+    for key, parts in _tar_samples(tar_path, shard, report, state):
+        keys.append(key)
+        example = f"{shard}.tar:{key}"
+        for ext in parts:
+            if ext not in ("txt", "json") + _IMG2DATASET_IMAGE_EXTS:
+                report.warn("tar member of another kind (ignored)", f"{example}.{ext}")
+        img_ext = next((e for e in _IMG2DATASET_IMAGE_EXTS if e in parts), None)
+        if "json" not in parts:
+            report.skip("no .json member (status unknown)", example)
+            continue
+        try:
+            meta = json.loads(parts["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as e:
+            report.skip(f"unreadable .json member ({type(e).__name__})", f"{example}.json")
+            continue
+        caption = _img2dataset_caption(report, key, parts.get("txt"), meta, tar_path, f"member {key}.json",
+                                       f"{example}.txt")
+        if caption is None:
+            continue
+        if img_ext is None:
+            report.skip("no image member (orphan .txt/.json)", example)
+            continue
+        if check_images and _load_image(io.BytesIO(parts[img_ext])) is None:
+            report.skip("image unreadable", f"{example}.{img_ext}")
+            continue
+        if extract_to:
+            for ext in (img_ext, "txt", "json"):
+                if ext in parts:
+                    _write_bytes(os.path.join(extract_to, shard, f"{key}.{ext}"), parts[ext])
+        records.append({"image": _join(image_prefix, shard, f"{key}.{img_ext}"), "captions": [caption]})
+    broken = state["broken"]
+    if broken:
+        report.skip(f"corrupt .tar shard, read stopped early ({broken})", f"{shard}.tar")
+    stats = _img2dataset_failed(report, folder, shard, keys, ".tar shard", count_gaps=not broken)
+    if stats is not None and extract_to:  # the files layout keeps it: converting the extraction counts the same
+        with open(os.path.join(folder, f"{shard}_stats.json"), "rb") as f:
+            _write_bytes(os.path.join(extract_to, f"{shard}_stats.json"), f.read())
+    if broken and stats is not None and isinstance(stats.get("successes"), int):
+        lost = stats["successes"] - len(keys)  # img2dataset puts only successes in the tar
+        if lost > 0:
+            report.skip("sample lost in a corrupt .tar shard (a success in _stats.json, not readable)", n=lost)
+        failed = stats.get("count", 0) - stats["successes"]
+        if failed > 0:
+            report.skip("failed sample: no files in the .tar shard (failed_to_download/resize)", n=failed)
     return records
 
 
@@ -572,9 +854,11 @@ def convert_okvqa(questions_path, annotations_path=None, allow_unanswered=False,
     """OK-VQA OpenEnded_mscoco_<subtype>_questions.json + mscoco_<subtype>_annotations.json -> vqa.
 
     Same layout as VQAv2 minus `multiple_choice_answer`; each answer has `raw_answer` and the normalised
-    `answer`, and `answer` is the one used.  Images are COCO 2014.
+    `answer`, and `answer` is the one used.  Images are COCO 2014.  Records carry "dataset": "okvqa", so
+    an evaluation can apply OK-VQA's answer lemmatisation (blip2_pformer.py --vqa_lemmatize).
     """
-    return _convert_vqa_json(questions_path, annotations_path, allow_unanswered, report)
+    recs = _convert_vqa_json(questions_path, annotations_path, allow_unanswered, report)
+    return [{**r, "dataset": "okvqa"} for r in recs]
 
 
 def convert_gqa(questions_path, image_dir="images", allow_unanswered=False, report=None):
@@ -606,6 +890,130 @@ def convert_gqa(questions_path, image_dir="images", allow_unanswered=False, repo
 
 
 # ---------------------------------------------------------------------------------------------------
+# Video
+# ---------------------------------------------------------------------------------------------------
+
+FFMPEG_INSTALL = ("install the ffmpeg command-line tool (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew "
+                  "install ffmpeg; conda: conda install -c conda-forge ffmpeg) or pass --ffmpeg /path/to/ffmpeg")
+_FRAME_NAME = re.compile(r"\d{5}\.jpg")
+
+
+def find_ffmpeg(ffmpeg="ffmpeg"):
+    """The ffmpeg executable's path; a one-line ConversionError that says how to install it when missing."""
+    path = shutil.which(str(ffmpeg))
+    if path is None:
+        raise ConversionError(f"{ffmpeg}: command not found; the video converters extract frames with it: "
+                              f"{FFMPEG_INSTALL}")
+    return path
+
+
+def extract_frames(video, out_dir, fps, max_frames, ffmpeg="ffmpeg"):
+    """Frames of `video` at `fps` as out_dir/00000.jpg, 00001.jpg, ... by the ffmpeg command-line tool.
+
+    A clip longer than max_frames / fps keeps max_frames of them at the centres of equal segments, so the
+    frames span the whole clip (a sign-language sentence ends where its meaning often lands).  Written in a
+    fresh temporary folder renamed into place: a crash leaves no half folder.  A folder already there is
+    replaced when it holds only frames.  Returns the frame names, or raises RuntimeError with ffmpeg's last
+    message when it decodes nothing."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out_dir) + ".", suffix=".tmp")
+    try:
+        raw = os.path.join(tmp, "raw")
+        os.mkdir(raw)
+        cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(video), "-vf", f"fps={fps}", "-q:v", "2",
+               os.path.join(raw, "%05d.jpg")]
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        names = sorted(os.listdir(raw))
+        if r.returncode != 0 or not names:
+            lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}, no frames"]
+            raise RuntimeError(lines[-1])
+        if len(names) > max_frames:  # segment centres, as perceiver_caption.py samples a clip's frames
+            names = [names[int((i + 0.5) * len(names) / max_frames)] for i in range(max_frames)]
+        kept = [f"{j:05d}.jpg" for j in range(len(names))]
+        for name, new in zip(names, kept):
+            os.replace(os.path.join(raw, name), os.path.join(tmp, new))
+        shutil.rmtree(raw)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; frame folders are data like the images they sit with
+        if os.path.islink(out_dir):
+            os.remove(out_dir)
+        elif os.path.isdir(out_dir):
+            if not all(_FRAME_NAME.fullmatch(n) for n in os.listdir(out_dir)):
+                raise ConversionError(f"{out_dir}: exists and holds other files than frames; move it away")
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return kept
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+def convert_mlslt(root, split, frames_dir, lang="en", sign_langs=("en",), fps=5.0, max_frames=32,
+                  image_prefix="", ffmpeg="ffmpeg", jobs=1, report=None):
+    """MLSLT sign-language videos -> video records {"frames": [...], "captions": [the `lang` text]}.
+
+    Layout of SP-10, the data of MLSLT (Yin et al., CVPR 2022; github.com/MLSLT/SP-10): <root>/<split>.json,
+    a list of {"id", "sign_list": [{"lang", "text", "video_url"}, ...]}, and <root>/<split>/<id>/<lang>.mp4
+    as its video_downloader.py writes them.  One record per (id, signing language in `sign_langs`) with a
+    video, captioned with the `lang` text whatever the signing language (sign-to-text translation).  Frames
+    are extracted by ffmpeg (`extract_frames`) into <frames_dir>/<split>/<id>/<sign lang>/; frame paths are
+    <image_prefix>/<split>/<id>/<sign lang>/NNNNN.jpg, relative to frames_dir as the image root.  Entries
+    without a `lang` text, languages without a video and videos ffmpeg cannot decode are skipped and counted.
+    """
+    report = report if report is not None else Report()
+    root, frames_dir = str(root), str(frames_dir)
+    ffmpeg = find_ffmpeg(ffmpeg)
+    json_path = os.path.join(root, f"{split}.json")
+    data = _load_json(json_path, list)
+    tasks = []  # (video path, frame folder, frame path prefix, caption)
+    for i, entry in enumerate(data):
+        vid = str(_get(entry, "id", (str, int), json_path, f"[{i}]"))
+        where = f"[{i}] (id {vid})"
+        if vid in ("", ".", "..") or "/" in vid or "\\" in vid:
+            raise ConversionError(f"{json_path}: {where}: field 'id' cannot name a folder")
+        texts, urls = {}, {}
+        for k, sign in enumerate(_get(entry, "sign_list", list, json_path, where)):
+            sign_lang = _get(sign, "lang", str, json_path, f"{where} sign_list[{k}]")
+            texts.setdefault(sign_lang, _get(sign, "text", str, json_path, f"{where} sign_list[{k}]"))
+            urls.setdefault(sign_lang, sign.get("video_url", ""))
+        caption = _clean(texts.get(lang, ""))
+        if not caption:
+            report.skip(f"no {lang!r} text in sign_list", vid)
+            continue
+        for sign_lang in sign_langs:
+            if sign_lang not in urls:  # the test split lists 7-10 of the 10 signing languages per sentence
+                report.skip("signing language not in sign_list", f"{vid}/{sign_lang}")
+                continue
+            if urls[sign_lang] is None:  # SP-10's video_downloader.py skips these: no video was released
+                report.skip("no video (video_url null)", f"{vid}/{sign_lang}")
+                continue
+            video = os.path.join(root, split, vid, f"{sign_lang}.mp4")
+            if not os.path.isfile(video):
+                report.skip("video file missing", os.path.join(split, vid, f"{sign_lang}.mp4"))
+                continue
+            tasks.append((video, os.path.join(frames_dir, split, vid, sign_lang),
+                          _join(image_prefix, split, vid, sign_lang), caption))
+
+    def run(task):
+        try:
+            return extract_frames(task[0], task[1], fps, max_frames, ffmpeg)
+        except RuntimeError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # ffmpeg runs as a process: threads overlap them
+        results = list(pool.map(run, tasks))
+    records = []
+    for (video, _, prefix, caption), frames in zip(tasks, results):
+        if isinstance(frames, RuntimeError):
+            report.skip("video ffmpeg cannot decode", os.path.relpath(video, root))
+            if not any(n.startswith("ffmpeg:") for n in report.notes):
+                report.note(f"ffmpeg: {video}: {frames}")
+            continue
+        records.append({"frames": [_join(prefix, n) for n in frames], "captions": [caption]})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
 # Images and output
 # ---------------------------------------------------------------------------------------------------
 
@@ -624,6 +1032,21 @@ def check_images(records, image_root, report=None):
         else:
             kept.append(rec)
     return kept
+
+
+def _write_bytes(path, data):
+    """`data` to `path` through an exclusively created temp file renamed into place, as `write_jsonl` does."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; extracted samples are data others read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_jsonl(records, path):
@@ -654,12 +1077,13 @@ def write_jsonl(records, path):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="convert.py",
-        description="Convert a published dataset layout to the canonical pairs/vqa JSON Lines format.")
+        description="Convert a published dataset layout to the canonical pairs/vqa/video JSON Lines format.")
     sub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
 
-    def add(name, help_text):
+    def add(name, help_text, out_required=True):
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("--out", required=True, help="output .jsonl file")
+        sp.add_argument("--out", required=out_required,
+                        help="output .jsonl file" + ("" if out_required else " (omit to count and check only)"))
         sp.add_argument("--check_images", action="store_true",
                         help="drop (and count) records whose image is missing or unreadable under --image_root")
         sp.add_argument("--image_root", default=None,
@@ -682,10 +1106,26 @@ def build_parser():
     sp.add_argument("json")
     sp.add_argument("--image_prefix", default="", help="prefix for the file's image paths")
 
-    sp = add("img2dataset", "img2dataset --output_format files folder -> pairs (one caption each)")
+    sp = add("flickr30k_csv", "the Kaggle Flickr30K copy's results.csv ('image_name| comment_number| comment') "
+                              "-> pairs, all images or one Karpathy split")
+    sp.add_argument("csv", help="flickr30k_images/results.csv")
+    sp.add_argument("--karpathy", default=None, help="dataset_flickr30k.json: keep only the images of --split")
+    sp.add_argument("--split", default=None, choices=KARPATHY_SPLITS, help="with --karpathy")
+    sp.add_argument("--image_prefix", default="flickr30k_images",
+                    help="prefix for image names (default flickr30k_images: paths relative to the csv's folder)")
+
+    sp = add("img2dataset", "img2dataset output folder, --output_format files (<shard>/ folders) or webdataset "
+                            "(<shard>.tar) -> pairs (one caption each); images are checked in place",
+             out_required=False)
     sp.add_argument("folder")
     sp.add_argument("--image_prefix", default="", help="prefix for image paths (e.g. the folder's name)")
     sp.add_argument("--encode_format", default="jpg", help="image extension img2dataset wrote (default jpg)")
+    sp.add_argument("--layout", default="auto", choices=("auto", "files", "webdataset"),
+                    help="auto: whichever the folder holds")
+    sp.add_argument("--extract_to", default=None,
+                    help="webdataset: write the kept samples here in the files layout; the pairs' image paths "
+                         "are relative to it (needed for --out)")
+    sp.add_argument("--jobs", type=int, default=1, help="webdataset: .tar shards read at once (processes)")
 
     sp = add("vg", "Visual Genome region_descriptions.json -> pairs (region phrases per image)")
     sp.add_argument("regions", help="region_descriptions.json")
@@ -705,6 +1145,20 @@ def build_parser():
     sp.add_argument("questions")
     sp.add_argument("--image_dir", default="images", help="folder of the GQA images (default images)")
     sp.add_argument("--allow_unanswered", action="store_true", help="questions without 'answer' get answers []")
+
+    sp = add("mlslt", "MLSLT sign-language videos (<split>.json + <split>/<id>/<lang>.mp4) -> video records, "
+                      "frames extracted by the ffmpeg command-line tool")
+    sp.add_argument("root", help="folder holding <split>.json and <split>/")
+    sp.add_argument("--split", required=True, help="train, dev or test")
+    sp.add_argument("--frames_dir", required=True, help="frame folders go to <frames_dir>/<split>/<id>/<lang>/")
+    sp.add_argument("--lang", default="en", help="language of the caption text (default en)")
+    sp.add_argument("--sign_langs", default="en", help="comma-separated signing languages whose videos are read")
+    sp.add_argument("--fps", type=float, default=5.0, help="frames per second extracted (default 5)")
+    sp.add_argument("--max_frames", type=int, default=32,
+                    help="cap per video; longer clips keep evenly spaced frames (default 32)")
+    sp.add_argument("--image_prefix", default="", help="prefix for frame paths (relative to --frames_dir)")
+    sp.add_argument("--ffmpeg", default="ffmpeg", help="the ffmpeg executable (default: found on PATH)")
+    sp.add_argument("--jobs", type=int, default=1, help="ffmpeg processes at once")
     return p
 
 
@@ -716,8 +1170,17 @@ def _convert(args, report):
         return convert_karpathy(args.json, args.split, args.image_prefix, args.merge_restval, report), args.json
     if args.kind == "blip":
         return convert_blip(args.json, args.image_prefix, report), args.json
+    if args.kind == "flickr30k_csv":
+        return convert_flickr30k_csv(args.csv, args.karpathy, args.split, args.image_prefix, report), args.csv
     if args.kind == "img2dataset":
-        return convert_img2dataset(args.folder, args.image_prefix, args.encode_format, report), args.folder
+        layout, _ = _img2dataset_layout(args.folder, args.layout)
+        if layout == "webdataset" and args.out and not args.extract_to:
+            raise ConversionError(f"{args.folder}: .tar shards: pass --extract_to DIR to write the images the "
+                                  f"pairs point to, or leave out --out to count and check only")
+        if layout == "files" and args.extract_to:
+            raise ConversionError(f"{args.folder}: --extract_to applies to .tar shards; this is a files folder")
+        return convert_img2dataset(args.folder, args.image_prefix, args.encode_format, report, layout,
+                                   args.check_images, args.extract_to, args.jobs), args.folder
     if args.kind == "vg":
         return convert_vg(args.regions, args.image_root, args.image_data, args.max_regions_per_image,
                           args.min_words, report), args.regions
@@ -727,6 +1190,10 @@ def _convert(args, report):
         return convert_okvqa(args.questions, args.annotations, args.allow_unanswered, report), args.questions
     if args.kind == "gqa":
         return convert_gqa(args.questions, args.image_dir, args.allow_unanswered, report), args.questions
+    if args.kind == "mlslt":
+        langs = tuple(s.strip() for s in args.sign_langs.split(",") if s.strip())
+        return convert_mlslt(args.root, args.split, args.frames_dir, args.lang, langs, args.fps, args.max_frames,
+                             args.image_prefix, args.ffmpeg, args.jobs, report), args.root
     raise AssertionError(args.kind)  # argparse restricts the choices
 
 
@@ -735,14 +1202,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.kind == "karpathy" and args.merge_restval and args.split != "train":
         parser.error("--merge_restval only applies to --split train")
-    if args.check_images and not args.image_root:
+    if args.kind == "flickr30k_csv" and (args.karpathy is None) != (args.split is None):
+        parser.error("--karpathy and --split go together")
+    if args.kind == "mlslt" and (args.check_images or args.fps <= 0 or args.max_frames < 1):
+        parser.error("mlslt needs --fps > 0 and --max_frames >= 1, and takes no --check_images")
+    # img2dataset checks its images in place (files) or in the shards (webdataset): no image root needed
+    if args.check_images and not args.image_root and args.kind != "img2dataset":
         parser.error("--check_images needs --image_root")
     report = Report()
     try:
         records, source = _convert(args, report)
         n_converted = len(records)
-        if args.check_images:
+        if args.check_images and args.kind != "img2dataset":
             records = check_images(records, args.image_root, report)
+        if args.out is None:
+            for line in report.lines():
+                print(line)
+            print(f"checked {len(records)} usable records in {source} ({report.total_skipped} skipped); "
+                  f"no --out, nothing written")
+            return 0
         if not records:
             raise ConversionError(f"{source}: no records to write ({n_converted} converted, "
                                   f"{report.total_skipped} skipped)")

@@ -312,6 +312,37 @@ def test_trained_weights_are_fp32_from_an_fp16_folder(hf_folders, tmp_path):
     assert bp.build_pformer(hf_folders["bert"], 4, 48, 8).bert.embeddings.word_embeddings.weight.dtype == torch.float32
 
 
+def test_paper_eval_settings_as_lavis(hf_folders):
+    """Issue 17.10: the paper's caption min_length 8 counts the prompt (OPT) or the decoder start (T5), as LAVIS
+    hands it to generate(); --stage eval of a caption fine-tuned checkpoint evaluates at its 364 px."""
+    from transformers import AutoTokenizer
+    from common.config import parse_config
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", "eval"]))
+    assert cfg.min_length == 8 and cfg.caption_prompt == "a photo of" and cfg.image_size == 224
+    opt = AutoTokenizer.from_pretrained(hf_folders["opt"])  # "</s> $A": "</s> a photo" is 3 tokens
+    assert bp.min_new(cfg, opt, False, "a photo") == 5 and bp.min_new(cfg, opt, True, "a photo") == 7
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", "eval",
+                                                                  "--init", "caption.pt"]))
+    assert bp.eval_image_size(cfg, {"config": {"image_size": 364}}) == 364  # the checkpoint's training size
+    assert bp.eval_image_size(cfg, {"config": {}}) == 224
+    cfg.image_size = 300  # given on the command line: kept
+    assert bp.eval_image_size(cfg, {"config": {"image_size": 364}}) == 300
+    toy = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", "caption"]))
+    assert bp.min_new(toy, opt, False, "a photo") == toy.min_new_tokens == 1  # toy: counts new tokens only
+
+
+def test_vqa_rule_and_okvqa_lemmatisation_settings():
+    """Issue 17.3/17.4: the VQA rule reaches vqa_accuracy; OK-VQA records (data/convert.py okvqa) are lemmatised
+    unless --vqa_lemmatize false; without WordNet the evaluation stops with one line before decoding."""
+    from common.config import parse_config
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", "eval"]))
+    assert cfg.vqa_rule == "lavis2017" and cfg.vqa_lemmatize is None
+    ok, v2 = [{"dataset": "okvqa"}], [{"question_id": 1}]
+    assert bp.lemmatize_vqa(cfg, ok) and not bp.lemmatize_vqa(cfg, v2)
+    cfg.vqa_lemmatize = False
+    assert not bp.lemmatize_vqa(cfg, ok)
+
+
 def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
     from transformers import Blip2ForConditionalGeneration
     out = tmp_path / "export"
@@ -365,7 +396,7 @@ def pipeline(toy_root, tmp_path_factory):
     res["1"] = run("s1", "--stage", "1", "--max_steps", "120", "--epochs", "5", "--global_batch", "32",
                    "--micro_batch", "32", "--lr", "1e-3", "--warmup_steps", "3", "--eval_max", "50")
     res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
-                        "retrieval", "--blank_images", "true", "--eval_max", "50")
+                        "retrieval", "--blank_images", "true", "--eval_max", "50", "--report", "false")
     res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
                    "--lr", "1e-3", "--warmup_steps", "2", "--init", str(root / "s1" / "checkpoint.pt"),
                    "--pformer_ckpt", s0, "--eval_max", "6", *small)
@@ -373,6 +404,19 @@ def pipeline(toy_root, tmp_path_factory):
                      "--lr", "1e-3", "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"),
                      "--pformer_ckpt", s0, "--eval_max", "4", *small)
     return res
+
+
+def test_every_stage_writes_a_report(pipeline):
+    """Issue 21: report.html per run, parsed; its images decode and its SVGs parse (read_report raises if not)."""
+    from common.report import read_report
+    want = {"0": {"Training"}, "1": {"Training", "Q-Former cross-attention: queries 0-3 over the image patches"},
+            "2": {"Captions (val)", "Zero-shot VQA"}, "cap": {"Captions (val)"}}
+    for stage, sections in want.items():
+        info = read_report(pipeline[stage][1] / "report.html")
+        assert sections <= set(info["sections"]), (stage, info["sections"])
+        assert stage == "0" or info["images"] >= 4
+    assert any(s.startswith("Text -> image: ") for s in read_report(pipeline["1"][1] / "report.html")["sections"])
+    assert not (pipeline["1blank"][1] / "report.html").exists()  # --report false
 
 
 def test_stage0_pformer_learns(pipeline):

@@ -3,20 +3,23 @@
 Each converter is checked for exact counts and contents on the fixture; error messages are checked on
 broken copies written to tmp_path; the CLI is run once through a subprocess.
 """
+import csv
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from common.data import read_pairs, read_vqa
-from data.convert import (ConversionError, Report, build_parser, check_images, convert_blip, convert_coco, convert_gqa,
-                          convert_img2dataset, convert_karpathy, convert_okvqa, convert_vg, convert_vqav2, main,
-                          write_jsonl)
+from common.data import read_pairs, read_video, read_vqa
+from data.convert import (ConversionError, Report, build_parser, check_images, convert_blip, convert_coco,
+                          convert_flickr30k_csv, convert_gqa, convert_img2dataset, convert_karpathy, convert_mlslt,
+                          convert_okvqa, convert_vg, convert_vqav2, main, write_jsonl)
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures"  # copies of the project's shared dataset-layout fixtures (README there)
@@ -300,7 +303,8 @@ def test_okvqa_join_uses_answer_not_raw_answer(tmp_path):
     recs = convert_okvqa(OK_Q, OK_A, report=report)
     assert recs == [{"image": "train2014/COCO_train2014_000000051606.jpg",
                      "question": "What is the hairstyle of the blond called?",
-                     "answers": ["pony tail"] * 6 + ["ponytail"] * 4, "question_id": 516065}]
+                     "answers": ["pony tail"] * 6 + ["ponytail"] * 4, "question_id": 516065,
+                     "dataset": "okvqa"}]  # marks OK-VQA's lemmatised scoring (blip2_pformer.lemmatize_vqa)
     assert report.skipped["question without annotation"] == 2
     data = _load(OK_A)
     data["annotations"][0]["answers"][0]["raw_answer"] = "Pony Tail!"
@@ -377,7 +381,7 @@ def test_check_images_drops_missing_and_unreadable(tmp_path):
 
 
 def test_cli_help_for_every_kind(capsys):
-    for kind in ("coco", "karpathy", "blip", "img2dataset", "vg", "vqav2", "okvqa", "gqa"):
+    for kind in ("coco", "karpathy", "blip", "flickr30k_csv", "img2dataset", "vg", "vqav2", "okvqa", "gqa", "mlslt"):
         with pytest.raises(SystemExit) as e:
             main([kind, "--help"])
         assert e.value.code == 0
@@ -479,3 +483,350 @@ def test_readme_lists_exactly_the_converter_kinds(capsys):
     for m in re.finditer(r"data/convert\.py \{([a-z0-9_,]+)\}", readme):
         listed |= set(m.group(1).split(","))
     assert listed == kinds, (listed, kinds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kaggle Flickr30K results.csv
+# ---------------------------------------------------------------------------------------------------
+
+F30K_CSV = FIX / "flickr30k_kaggle" / "flickr30k_images" / "results.csv"
+F30K_SPLIT = FIX / "flickr30k_kaggle" / "dataset_flickr30k.json"
+NO_PIPE = "row without its second '|' (number and comment split at the first space)"
+
+
+def test_flickr30k_csv_rows_and_quirks(tmp_path):
+    report = Report()
+    recs = convert_flickr30k_csv(F30K_CSV, report=report)
+    assert [r["image"] for r in recs] == ["flickr30k_images/1000092795.jpg", "flickr30k_images/10002456.jpg",
+                                          "flickr30k_images/1007129816.jpg", "flickr30k_images/2199200615.jpg"]
+    assert recs[0]["captions"] == [
+        "Two young guys with shaggy hair look at their hands while hanging out in the yard .",
+        "Two young , White males are outside near many bushes .", "Two men in green shirts are standing in a yard .",
+        "A man in a blue shirt standing in a garden .", "Two friends enjoy time spent together ."]
+    assert recs[3]["captions"] == [
+        '" Max " is written on the collar of the brown dog .',  # quotes are text, not CSV quoting
+        'A dog wearing a shirt that says " I love NY " runs outside .',
+        "A dog runs on the lawn .",  # stray spaces around the fields and inside the caption
+        "A dog is running .",
+        "A dog runs across the grass ."]  # the real row without its second '|'
+    assert report.total_skipped == 0 and dict(report.warnings) == {NO_PIPE: 1}
+    assert report.examples[NO_PIPE] == ["line 21 (2199200615.jpg)"]
+    # the fixture carries the quote quirk: a csv reader set up as loaders often are loses those quotes
+    with open(F30K_CSV, encoding="utf-8", newline="") as f:
+        assert list(csv.reader(f, delimiter="|", skipinitialspace=True))[16][2] != recs[3]["captions"][0]
+    # a Windows-edited copy (BOM, CRLF) reads the same; output reads back with the canonical reader
+    crlf = tmp_path / "results.csv"
+    crlf.write_bytes(b"\xef\xbb\xbf" + F30K_CSV.read_bytes().replace(b"\n", b"\r\n"))
+    assert convert_flickr30k_csv(crlf, image_prefix="") == [dict(r, image=r["image"].split("/")[1]) for r in recs]
+    write_jsonl(recs, tmp_path / "f30k.jsonl")
+    assert read_pairs(str(tmp_path / "f30k.jsonl"))[3]["captions"][4] == "A dog runs across the grass ."
+
+
+def test_flickr30k_csv_karpathy_split():
+    report = Report()
+    test = convert_flickr30k_csv(F30K_CSV, F30K_SPLIT, "test", report=report)
+    assert [r["image"] for r in test] == ["flickr30k_images/1007129816.jpg"] and len(test[0]["captions"]) == 5
+    # 10002456.jpg is not in the split file: its 5 rows are counted, the image named once
+    assert report.skipped == {"row of an image not in the split file": 5}
+    assert report.examples["row of an image not in the split file"] == ["10002456.jpg"]
+    assert report.examples["image of split 'test' without rows in the csv"] == ["1009434119.jpg"]
+    assert [r["image"] for r in convert_flickr30k_csv(F30K_CSV, F30K_SPLIT, "train")] == [
+        "flickr30k_images/1000092795.jpg"]
+    val = convert_flickr30k_csv(F30K_CSV, F30K_SPLIT, "val")
+    assert val[0]["image"] == "flickr30k_images/2199200615.jpg" and len(val[0]["captions"]) == 5
+    with pytest.raises(ValueError, match="go together"):
+        convert_flickr30k_csv(F30K_CSV, split="test")
+
+
+def test_flickr30k_csv_bad_rows_and_errors(tmp_path, capsys):
+    lines = F30K_CSV.read_bytes().split(b"\n")
+    lines[3] = b"1000092795.jpg| 2"  # no comment at all
+    lines[4] = b"1000092795.jpg| 3| Two men in gr\xe9en shirts ."  # Latin-1 byte
+    lines[5] = b"1000092795.jpg| x| Two friends enjoy time spent together ."
+    bad = tmp_path / "results.csv"
+    bad.write_bytes(b"\n".join(lines))
+    report = Report()
+    recs = convert_flickr30k_csv(bad, report=report)
+    assert len(recs[0]["captions"]) == 3
+    assert report.skipped == {"row without a comment": 1, "line not UTF-8 (byte 32)": 1}
+    assert report.examples["row without a comment"] == ["line 4 (1000092795.jpg)"]
+    assert report.warnings["comment_number not a number (row kept)"] == 1
+    # without its header the first line is a row (warned); any other first line is an error naming the line
+    headless = tmp_path / "headless.csv"
+    headless.write_bytes(F30K_CSV.read_bytes().split(b"\n", 1)[1])
+    report = Report()
+    assert len(convert_flickr30k_csv(headless, report=report)) == 4
+    assert report.warnings["no header line (the first line is read as a row)"] == 1
+    other = tmp_path / "captions.txt"
+    other.write_text("image,caption\n1000092795.jpg,Two young guys .\n")
+    with pytest.raises(ConversionError) as e:
+        convert_flickr30k_csv(other)
+    assert str(e.value) == (f"{other}: line 1: expected the header 'image_name| comment_number| comment', "
+                            f"got 'image,caption'")
+    split = _load(F30K_SPLIT)
+    del split["images"][2]["split"]
+    bad_split = _dump(split, tmp_path / "dataset_flickr30k.json")
+    with pytest.raises(ConversionError) as e:
+        convert_flickr30k_csv(F30K_CSV, bad_split, "test")
+    assert str(e.value) == f"{bad_split}: images[2] (1009434119.jpg): missing field 'split'"
+    # CLI: a split needs the split file
+    out = tmp_path / "f30k_test.jsonl"
+    assert main(["flickr30k_csv", str(F30K_CSV), "--karpathy", str(F30K_SPLIT), "--split", "test",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 5: row of an image not in the split file" in printed and "wrote 1 records (5 captions)" in printed
+    assert read_pairs(str(out))[0]["image"] == "flickr30k_images/1007129816.jpg"
+    with pytest.raises(SystemExit):
+        main(["flickr30k_csv", str(F30K_CSV), "--split", "test", "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# img2dataset webdataset shards
+# ---------------------------------------------------------------------------------------------------
+
+WDS = FIX / "img2dataset_wds"
+FAILED_TAR = "failed sample: no files in the .tar shard (failed_to_download/resize)"
+
+
+def _jpeg(rgb=(10, 20, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), rgb).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_tar(path, members):
+    """members: [(name, bytes) or (name, None) for a folder], written as webdataset's TarWriter does."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tar.addfile(ti)
+            else:
+                ti.size, ti.mode = len(data), 0o444
+                tar.addfile(ti, io.BytesIO(data))
+
+
+def _meta(key, caption="a caption", status="success"):
+    return json.dumps({"caption": caption, "url": "https://example.com/x.jpg", "key": key, "status": status,
+                       "error_message": None, "width": 8, "height": 8}, indent=4).encode()
+
+
+def test_img2dataset_webdataset_shards_match_the_files_layout(tmp_path):
+    report = Report()
+    recs = convert_img2dataset(WDS, image_prefix="cc3m", report=report, check_images=True)
+    files = convert_img2dataset(FIX / "img2dataset", image_prefix="cc3m")
+    assert recs == files and len(recs) == 2  # the same samples, read from the tar
+    assert dict(report.skipped) == {FAILED_TAR: 1} and report.examples[FAILED_TAR] == ["000000001"]
+    assert any("HTTP Error 404" in n for n in report.notes)
+    # extraction writes the files layout: converting it again gives the same pairs and the same failure count
+    out = tmp_path / "cc3m_files"
+    assert convert_img2dataset(WDS, image_prefix="cc3m", extract_to=out) == recs
+    assert sorted(os.listdir(out)) == ["00000", "00000_stats.json"]
+    assert sorted(os.listdir(out / "00000")) == [f"00000000{k}.{e}" for k in (0, 2) for e in ("jpg", "json", "txt")]
+    again = Report()
+    assert convert_img2dataset(out, image_prefix="cc3m", report=again, check_images=True) == recs
+    assert again.skipped == {"failed sample: no files in the shard folder (failed_to_download/resize)": 1}
+    with tarfile.open(WDS / "00000.tar") as tar:
+        assert (out / "00000" / "000000000.jpg").read_bytes() == tar.extractfile("000000000.jpg").read()
+    assert not list(out.glob("**/*.tmp"))
+
+
+def test_img2dataset_webdataset_counts_bad_members(tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    _write_tar(root / "00000.tar", [
+        ("000000000.jpg", _jpeg()), ("000000000.json", _meta("000000000")), ("000000000.txt", b"a good sample"),
+        ("000000001.jpg", _jpeg()), ("000000001.json", _meta("000000001")), ("000000001.txt", b"caf\xe9"),
+        ("000000002.jpg", _jpeg()), ("000000002.json", b'{"status": "succ'), ("000000002.txt", b"cut json"),
+        ("000000003.json", _meta("000000003")), ("000000003.txt", b"orphan: no image"),
+        ("000000004.jpg", _jpeg()), ("000000004.txt", b"no json member"),
+        ("000000005.jpg", b"\xff\xd8 not a jpeg"), ("000000005.json", _meta("000000005")),
+        ("000000005.txt", b"broken pixels"),
+        ("000000006.jpg", _jpeg()), ("000000006.json", _meta("000000006", "caption from the json")),
+        ("000000006.npy", b"\x93NUMPY"),
+        ("extras", None), ("../escape.jpg", _jpeg()),
+        ("000000000.txt", b"the key again, apart from its first members")])
+    _dump({"count": 10, "successes": 7, "status_dict": {"success": 7, "HTTP Error 404: Not Found": 3}},
+          root / "00000_stats.json")
+    report = Report()
+    recs = convert_img2dataset(root, report=report, check_images=True)
+    assert recs == [{"image": "00000/000000000.jpg", "captions": ["a good sample"]},
+                    {"image": "00000/000000006.jpg", "captions": ["caption from the json"]}]
+    assert dict(report.skipped) == {
+        "caption .txt not UTF-8 (byte 3)": 1, "unreadable .json member (JSONDecodeError)": 1,
+        "no image member (orphan .txt/.json)": 1, "no .json member (status unknown)": 1, "image unreadable": 1,
+        "key repeated apart from its first members (ignored)": 1, FAILED_TAR: 3}
+    assert report.examples["no image member (orphan .txt/.json)"] == ["00000.tar:000000003"]
+    assert report.examples[FAILED_TAR] == ["000000007", "000000008", "000000009"]
+    assert dict(report.warnings) == {"tar member of another kind (ignored)": 1,
+                                     "tar member that is not a regular file (ignored)": 1,
+                                     "tar member named otherwise than <key>.<ext> (ignored)": 1}
+    # without check_images the broken jpeg is kept (decoding every image is opt-in)
+    assert len(convert_img2dataset(root)) == 3
+    # a .json member without 'status' is a layout error, named like a files-layout sidecar's
+    _write_tar(root / "00000.tar", [("000000000.jpg", _jpeg()), ("000000000.json", b'{"caption": "x"}')])
+    with pytest.raises(ConversionError) as e:
+        convert_img2dataset(root)
+    assert str(e.value) == f"{root / '00000.tar'}: member 000000000.json: missing field 'status'"
+
+
+def test_img2dataset_webdataset_corrupt_and_truncated_shards(tmp_path):
+    good = (WDS / "00000.tar").read_bytes()
+    with tarfile.open(WDS / "00000.tar") as tar:
+        second = tar.getmember("000000002.jpg").offset  # header of the second sample
+    root = tmp_path / "wds"
+    root.mkdir()
+    shutil.copy(WDS / "00000_stats.json", root)
+    lost = "sample lost in a corrupt .tar shard (a success in _stats.json, not readable)"
+    for name, data in (("truncated", good[:second + 700]),  # inside the second sample's jpg
+                       ("bad header", good[:second] + b"\x17" * 512 + good[second + 512:])):  # tarfile stops silently
+        (root / "00000.tar").write_bytes(data)
+        report = Report()
+        recs = convert_img2dataset(root, report=report)
+        assert [r["image"] for r in recs] == ["00000/000000000.jpg"], name
+        corrupt = [k for k in report.skipped if k.startswith("corrupt .tar shard")]
+        assert len(corrupt) == 1 and report.examples[corrupt[0]] == ["00000.tar"], name
+        assert report.skipped[lost] == 1 and report.skipped[FAILED_TAR] == 1, name  # 2 successes, 1 failure
+    (root / "00000.tar").write_bytes(b"not a tar at all" * 100)
+    report = Report()
+    assert convert_img2dataset(root, report=report) == []
+    assert report.skipped[lost] == 2 and report.skipped[FAILED_TAR] == 1
+
+
+def test_img2dataset_webdataset_cli(tmp_path, capsys):
+    out = tmp_path / "cc3m.jsonl"
+    # shards + --out need somewhere to put the images
+    assert main(["img2dataset", str(WDS), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {WDS}: .tar shards: pass --extract_to DIR to write the images the pairs point to, "
+                   f"or leave out --out to count and check only") and not out.exists()
+    # no --out: count and check only
+    assert main(["img2dataset", str(WDS), "--check_images"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped 1: {FAILED_TAR}" in printed and "checked 2 usable records" in printed
+    assert os.listdir(tmp_path) == []
+    assert main(["img2dataset", str(WDS), "--extract_to", str(tmp_path / "files"), "--image_prefix", "files",
+                 "--out", str(out)]) == 0
+    assert "wrote 2 records" in capsys.readouterr().out
+    pairs = list(read_pairs(str(out)))
+    assert [p["image"] for p in pairs] == ["files/00000/000000000.jpg", "files/00000/000000002.jpg"]
+    assert check_images(pairs, tmp_path) == pairs
+    # a folder holding both layouts must be told which one
+    both = tmp_path / "both"
+    shutil.copytree(FIX / "img2dataset", both)
+    shutil.copy(WDS / "00000.tar", both)
+    with pytest.raises(ConversionError, match="both shard subfolders and .tar shards"):
+        convert_img2dataset(both)
+    assert len(convert_img2dataset(both, layout="webdataset")) == len(convert_img2dataset(both, layout="files")) == 2
+
+
+def test_img2dataset_webdataset_shards_in_worker_processes(tmp_path):
+    root = tmp_path / "wds"
+    root.mkdir()
+    for shard in (0, 1, 2):  # 3 samples each; index 1 failed, and shard 2's sample 2 has a non-UTF-8 caption
+        keys = [f"{shard:05d}{i:04d}" for i in (0, 2)]
+        _write_tar(root / f"{shard:05d}.tar", [m for k in keys for m in (
+            (f"{k}.jpg", _jpeg((shard * 50, 0, 0))), (f"{k}.json", _meta(k)),
+            (f"{k}.txt", b"caf\xe9" if k == "000020002" else f"shard {shard} key {k}".encode()))])
+        _dump({"count": 3, "successes": 2}, root / f"{shard:05d}_stats.json")
+    one, two = Report(), Report()
+    recs = convert_img2dataset(root, report=one, check_images=True)
+    assert len(recs) == 5 and recs[-1]["image"] == "00002/000020000.jpg"
+    assert convert_img2dataset(root, report=two, check_images=True, jobs=2) == recs
+    assert one.skipped == two.skipped == {FAILED_TAR: 3, "caption .txt not UTF-8 (byte 3)": 1}
+    assert one.examples == two.examples and one.examples[FAILED_TAR] == ["000000001", "000010001", "000020001"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLSLT videos (ffmpeg)
+# ---------------------------------------------------------------------------------------------------
+
+MLSLT = FIX / "mlslt"
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                                  reason="ffmpeg not installed (apt-get install ffmpeg; .ci/run installs it)")
+
+
+def _tiny_mp4(path, seconds=2):
+    """A 32x32 25-fps clip whose every frame differs (ffmpeg's testsrc draws a moving pattern and a counter)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                    f"testsrc=duration={seconds}:size=32x32:rate=25", "-c:v", "mpeg4", "-y", str(path)], check=True)
+
+
+def test_mlslt_without_ffmpeg_says_how_to_install(tmp_path, capsys):
+    missing = str(tmp_path / "no-ffmpeg-here")
+    with pytest.raises(ConversionError) as e:
+        convert_mlslt(MLSLT, "dev", tmp_path / "frames", ffmpeg=missing)
+    assert str(e.value).startswith(f"{missing}: command not found;") and "apt-get install ffmpeg" in str(e.value)
+    assert main(["mlslt", str(MLSLT), "--split", "dev", "--frames_dir", str(tmp_path / "frames"),
+                 "--out", str(tmp_path / "dev.jsonl"), "--ffmpeg", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "brew install ffmpeg" in err
+    assert not (tmp_path / "dev.jsonl").exists()
+
+
+@needs_ffmpeg
+def test_mlslt_frames_captions_and_skips(tmp_path):
+    root = tmp_path / "SP-10"
+    shutil.copy(MLSLT / "dev.json", root.mkdir() or root / "dev.json")
+    _tiny_mp4(root / "dev" / "635" / "en.mp4")  # 50 frames; at 5 fps: 10
+    shutil.copy(root / "dev" / "635" / "en.mp4", root / "dev" / "635" / "de.mp4")
+    (root / "dev" / "1746").mkdir()
+    (root / "dev" / "1746" / "en.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but no video")
+    frames = tmp_path / "frames"
+    report = Report()
+    recs = convert_mlslt(root, "dev", frames, sign_langs=("en", "de"), fps=5, max_frames=4, report=report)
+    paths = [f"dev/635/{lang}/0000{i}.jpg" for lang in ("en", "de") for i in range(4)]
+    assert recs == [{"frames": paths[:4], "captions": ["Where to?"]},  # English text for every signing language
+                    {"frames": paths[4:], "captions": ["Where to?"]}]
+    assert dict(report.skipped) == {"video ffmpeg cannot decode": 1, "video file missing": 1}
+    assert report.examples["video file missing"] == [os.path.join("dev", "1746", "de.mp4")]
+    assert sorted(os.listdir(frames / "dev" / "635" / "en")) == [f"0000{i}.jpg" for i in range(4)]
+    # the 4 kept frames are the centres of 4 equal segments of the 10 frames at 5 fps: 1, 3, 6, 8
+    every = convert_mlslt(root, "dev", tmp_path / "all", fps=5, max_frames=100)[0]["frames"]
+    assert len(every) == 10
+    kept = [(frames / p).read_bytes() for p in paths[:4]]
+    assert kept == [(tmp_path / "all" / every[i]).read_bytes() for i in (1, 3, 6, 8)]
+    assert len(set(kept)) == 4
+    # written through the CLI, read back as canonical video records; a rerun replaces the frame folders
+    out = tmp_path / "dev.jsonl"
+    for _ in range(2):
+        assert main(["mlslt", str(root), "--split", "dev", "--frames_dir", str(frames), "--max_frames", "3",
+                     "--image_prefix", "frames", "--out", str(out)]) == 0
+    videos = list(read_video(str(out)))
+    assert videos == [{"frames": [f"frames/dev/635/en/0000{i}.jpg" for i in range(3)], "captions": ["Where to?"]}]
+    assert sorted(os.listdir(frames / "dev" / "635" / "en")) == [f"0000{i}.jpg" for i in range(3)]
+    assert not [n for n in os.listdir(frames / "dev" / "635") if n.endswith(".tmp")]
+    # a frame folder holding anything else is not deleted
+    (frames / "dev" / "635" / "en" / "notes.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="holds other files than frames"):
+        convert_mlslt(root, "dev", frames)
+
+
+@needs_ffmpeg
+def test_mlslt_test_split_languages_and_errors(tmp_path):
+    root = tmp_path / "SP-10"
+    shutil.copy(MLSLT / "test.json", root.mkdir() or root / "test.json")
+    for vid in ("3108", "21742"):
+        (root / "test" / vid).mkdir(parents=True)
+    _tiny_mp4(root / "test" / "3108" / "en.mp4", seconds=1)
+    report = Report()
+    recs = convert_mlslt(root, "test", tmp_path / "frames", lang="de", sign_langs=("en", "bg", "zh"), fps=2,
+                         report=report)
+    assert recs == [{"frames": ["test/3108/en/00000.jpg", "test/3108/en/00001.jpg"],
+                     "captions": ["Ich habe ihn lange Zeit nicht gesehen"]}]  # the --lang text, the en video
+    assert dict(report.skipped) == {"signing language not in sign_list": 1, "no video (video_url null)": 1,
+                                    "video file missing": 3}
+    assert report.examples["signing language not in sign_list"] == ["3108/bg"]
+    assert report.examples["no video (video_url null)"] == ["21742/zh"]
+    data = _load(MLSLT / "test.json")
+    del data[1]["sign_list"][4]["text"]
+    _dump(data, root / "test.json")
+    with pytest.raises(ConversionError) as e:
+        convert_mlslt(root, "test", tmp_path / "frames")
+    assert str(e.value) == f"{root / 'test.json'}: [1] (id 21742) sign_list[4]: missing field 'text'"
+    data[1]["id"] = "../21742"
+    _dump(data, root / "test.json")
+    with pytest.raises(ConversionError, match=r"\[1\] \(id ../21742\): field 'id' cannot name a folder"):
+        convert_mlslt(root, "test", tmp_path / "frames")

@@ -1,7 +1,10 @@
 """Tests for common/metrics.py: COCO tokenisation against real CoreNLP output, hand-worked BLEU / CIDEr-D / ROUGE-L,
-official VQA accuracy cases, Recall@K against an argsort reference."""
+Hugging Face `evaluate` BLEU / ROUGE against reference values, VQA accuracy under both vqaEval.py rules, the OK-VQA
+lemmatiser, Recall@K against an argsort reference."""
 import itertools
 import math
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 from common.metrics import (bleu, caption_metrics, cider_d, coco_tokenize, dialogue_scores, expand_contractions,
-                            normalize_vqa_answer, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens,
-                            token_f1, vqa_accuracy, vqa_score, word_f1)
+                            hf_bleu, hf_caption_metrics, hf_rouge, normalize_vqa_answer, okvqa_lemmatize,
+                            parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1, tokenize_13a,
+                            vqa_accuracy, vqa_score, word_f1)
 
 # ---------------------------------------------------------------- COCO tokenisation
 # Expected strings = pycocoevalcap's PTBTokenizer output (CoreNLP 3.4.1 jar, `-preserveLines -lowerCase`, then the
@@ -217,6 +221,109 @@ def test_caption_metrics_tokenises_then_scores():
     assert perfect["CIDEr"] > 0
 
 
+# ---------------------------------------------------------------- Hugging Face `evaluate` bleu / rouge
+# Reference values computed once in a throwaway venv (Python 3.11): BLEU with tensorflow/nmt's
+# nmt/scripts/bleu.py (commit 0be8642, the `compute_bleu` evaluate's bleu metric vendors) on the tokens of evaluate's
+# metrics/bleu/tokenizer_13a.py (commit a7dd338; identical tokens to sacrebleu 2.6.0's Tokenizer13a on every
+# string below); ROUGE with rouge_score 0.1.2 (RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
+# use_stemmer), score_multi, numpy 2.4.6, nltk 3.10.4 for the stemmer), mean of the F-measures over examples
+# (evaluate's bootstrap median with numpy seed 0 gave the same values to 6 decimals on these sets).
+HF_CASES = [
+    # 1 one reference each, plain captions
+    (["a red circle to the left of a blue square", "a small green triangle"],
+     ["a red circle left of a blue square", "a large green triangle above a circle"]),
+    # 2 several references: clipping by the max count, shortest reference for the brevity penalty
+    (["the cat is on the mat", "a dog runs fast in the park today"],
+     [["the cat sat on the mat", "a cat is on the mat", "there is a cat on the mat here"],
+      ["a dog runs", "the dog is running fast in a park"]]),
+    # 3 punctuation, case, numbers, contractions, entities
+    (["A man's dog, running at 3.5 mph (fast)!", "It's 12:30 p.m. in the U.S.; 1,000 people & 5-star food."],
+     [["a man's dog is running at 3.5 mph.", "The dog runs fast"],
+      ["it is 12:30 pm in the us, 1,000 people &amp; 5-star food", "IT'S NOON IN THE U.S."]]),
+    # 4 predictions shorter than 4 words (zero 4-gram precision: BLEU 0 without smoothing)
+    (["a dog", "red circle moves"], [["a dog runs"], ["a red circle moves to the right"]]),
+    # 5 an empty prediction and an unmatched one
+    (["", "completely different words"], ["a blue square", "a green circle on the left"]),
+    # 6 repeated words (clipping), prediction longer than the reference
+    (["the the the the cat cat on on the mat mat"], [["the cat is on the mat"]]),
+    # 7 two sentences per text (rougeLsum splits on newlines)
+    (["a red circle moves right\na blue square stays", "one line only"],
+     [["a blue square stays still\na red circle moves to the right"], ["one line\nonly two"]]),
+]
+HF_REFERENCE = [  # bleu, bleu smooth=True, precisions; (rouge1, rouge2, rougeL, rougeLsum) F; same stemmed
+    (0.4307986428250798, 0.48657762818982603, [0.7857142857142857, 0.5833333333333334, 0.4, 0.25],
+     (0.7171717171717171, 0.4861111111111111, 0.7171717171717171, 0.7171717171717171),
+     (0.7171717171717171, 0.4861111111111111, 0.7171717171717171, 0.7171717171717171)),
+    (0.49880524833251266, 0.5593684915933073, [0.9285714285714286, 0.6666666666666666, 0.4, 0.25],
+     (0.7916666666666667, 0.6222222222222223, 0.6893939393939394, 0.6893939393939394),
+     (0.8541666666666667, 0.6222222222222223, 0.7291666666666667, 0.7291666666666667)),
+    (0.38186895107044744, 0.40436593235942225,
+     [0.6571428571428571, 0.48484848484848486, 0.3225806451612903, 0.20689655172413793],
+     (0.8048387096774193, 0.5957854406130269, 0.8048387096774193, 0.8048387096774193),
+     (0.8048387096774193, 0.5957854406130269, 0.8048387096774193, 0.8048387096774193)),
+    (0.0, 0.36787944117144233, [1.0, 1.0, 1.0, 0.0],
+     (0.7, 0.5833333333333333, 0.7, 0.7),
+     (0.7, 0.5833333333333333, 0.7, 0.7)),
+    (0.0, 0.06114461654585454, [0.0, 0.0, 0.0, 0.0],
+     (0.0, 0.0, 0.0, 0.0),
+     (0.0, 0.0, 0.0, 0.0)),
+    (0.0, 0.2521193618434983, [0.45454545454545453, 0.3, 0.1111111111111111, 0.0],
+     (0.5882352941176471, 0.4, 0.5882352941176471, 0.5882352941176471),
+     (0.5882352941176471, 0.4, 0.5882352941176471, 0.5882352941176471)),
+    (0.45782273986766686, 0.4982308529026769, [1.0, 0.8, 0.625, 0.3333333333333333],
+     (0.8571428571428571, 0.7157894736842105, 0.6666666666666666, 0.8571428571428571),
+     (0.8571428571428571, 0.7157894736842105, 0.6666666666666666, 0.8571428571428571)),
+]
+
+
+@pytest.mark.parametrize("case,want", list(zip(HF_CASES, HF_REFERENCE)))
+def test_hf_bleu_and_rouge_match_reference_implementations(case, want):
+    preds, refs = case
+    bleu_ref, bleu_smooth_ref, prec_ref, rouge_ref, rouge_stem_ref = want
+    got = hf_bleu(preds, refs)
+    assert got["bleu"] == pytest.approx(bleu_ref, abs=1e-12)
+    assert got["precisions"] == pytest.approx(prec_ref, abs=1e-12)
+    assert hf_bleu(preds, refs, smooth=True)["bleu"] == pytest.approx(bleu_smooth_ref, abs=1e-12)
+    keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    assert [hf_rouge(preds, refs)[k] for k in keys] == pytest.approx(rouge_ref, abs=1e-12)
+    assert [hf_rouge(preds, refs, use_stemmer=True)[k] for k in keys] == pytest.approx(rouge_stem_ref, abs=1e-12)
+
+
+def test_tokenize_13a_and_hf_bleu_rules():
+    # tokens from evaluate's Tokenizer13a on these strings (reference run above)
+    assert tokenize_13a("It's 12:30 p.m. in the U.S.; 1,000 people &amp; 5-star food.") == [
+        "It's", "12", ":", "30", "p", ".", "m", ".", "in", "the", "U", ".", "S", ".", ";", "1,000", "people", "&",
+        "5", "-", "star", "food", "."]
+    assert tokenize_13a('A man\'s dog, (fast)! 3.5-inch x-ray "hi" $10/day') == [
+        "A", "man's", "dog", ",", "(", "fast", ")", "!", "3.5", "-", "inch", "x-ray", '"', "hi", '"', "$", "10", "/",
+        "day"]
+    # brevity penalty from the SHORTEST reference: 5 words against refs of 2 and 6 -> ratio 5/2, bp 1, and every
+    # n-gram matches the 6-word ref -> BLEU 1 (the COCO toolkit's closest ref, 6 words, would give exp(1 - 6/5))
+    r = hf_bleu(["a b c d e"], [["a b", "a b c d e f"]])
+    assert (r["reference_length"], r["length_ratio"], r["bleu"]) == (2, 2.5, 1.0)
+    r = hf_bleu(["a b c d"], [["a b c d e f", "a b c d e f g h"]])  # shortest 6 -> bp = exp(1 - 6/4)
+    assert r["brevity_penalty"] == pytest.approx(math.exp(-0.5)) and r["bleu"] == pytest.approx(math.exp(-0.5))
+    # case-sensitive BLEU, case-insensitive ROUGE
+    assert hf_bleu(["A B C D"], ["a b c d"])["bleu"] == 0.0
+    assert hf_rouge(["A B C D"], ["a b c d"])["rougeL"] == 1.0
+    with pytest.raises(ValueError):
+        hf_bleu(["a"], [])
+
+
+def test_hf_caption_metrics_seed_rule_drops_and_scales_empty_predictions():
+    gts = {1: ["a red circle", "the red circle  "], 2: ["a blue square"], 3: ["a green dot on the left"]}
+    res = {1: " a red circle ", 2: ["  "], 3: "a green dot on the right"}
+    # item 2 is empty: dropped, each score x 2/3. Items 1 + 3 (stripped): BLEU-1 = (3 + 5) / (3 + 6) = 8/9 ("right"
+    # misses; shortest refs 3 + 6 words = hyp length: bp 1); ROUGE-L F: item 1 = 1, item 3 = LCS 5 of 6 and 6
+    # -> 5/6; mean 11/12
+    got = hf_caption_metrics(gts, res)
+    assert got["hf_BLEU-1"] == pytest.approx(2 / 3 * 8 / 9)
+    assert got["hf_ROUGE-L"] == pytest.approx(2 / 3 * 11 / 12)
+    kept = (["a red circle", "a green dot on the right"], [["a red circle", "the red circle"], gts[3]])
+    assert got["hf_BLEU-4"] == pytest.approx(2 / 3 * hf_bleu(*kept)["bleu"]) and got["hf_BLEU-4"] > 0
+    assert hf_caption_metrics({1: ["a b"]}, {1: ""}) == {"hf_BLEU-1": 0.0, "hf_BLEU-4": 0.0, "hf_ROUGE-L": 0.0}
+
+
 # ---------------------------------------------------------------- VQA
 @pytest.mark.parametrize("raw,norm", [
     ("Two", "2"), ("a dog.", "dog"), ("none", "0"), ("3,000.", "3000"), ("3.5", "3.5"), ("dont", "don't"),
@@ -240,9 +347,55 @@ def test_vqa_accuracy_leave_one_out():
 
 
 def test_vqa_accuracy_official_gt_processing_quirk():
-    # the official code processes human answers only when they disagree
+    # the 2017 code (LAVIS, the default) punctuation-processes human answers only when they disagree
     assert vqa_accuracy("dog", ["dog."] * 10) == 0.0
     assert vqa_accuracy("dog", ["dog."] * 9 + ["cat"]) == 1.0
+
+
+# Hand-worked cases of the two rules; `h` matches of the processed prediction among 10 answers give
+# (h * min(1, (h-1)/3) + (10-h) * min(1, h/3)) / 10.
+VQA_RULE_CASES = [
+    # (pred, answers, lavis2017, official)
+    # unanimous, number word: 2017 turns "Two" into "2" -> h=10 -> 1.0; current compares raw "Two" != "2" -> 0
+    ("Two", ["2"] * 10, 1.0, 0.0),
+    # unanimous, case and punctuation: 2017 "Yes." -> "yes", h=10 -> 1.0; current raw "Yes." != "yes" -> 0
+    ("Yes.", ["yes"] * 10, 1.0, 0.0),
+    # unanimous, exact string: both rules h=10 -> 1.0
+    ("2", ["2"] * 10, 1.0, 1.0),
+    # surrounding whitespace: current strips both sides -> h=10 -> 1.0; 2017 strips the prediction too
+    (" 2\n", ["2"] * 10, 1.0, 1.0),
+    # disagreeing, number words in the answers: 2017 keeps "two"/"three" (punctuation only), pred "2" -> h=0 -> 0;
+    # current maps them to "2"/"3" -> h=4: 4 subsets keep 3 matches (1), 6 keep 4 (1) -> 1.0
+    ("2", ["two"] * 4 + ["three"] * 6, 0.0, 1.0),
+    # disagreeing, articles: pred -> "dog" in both; 2017 answers stay "the dog" -> h=0 -> 0;
+    # current "the dog" -> "dog", h=3: 3 subsets keep 2 (2/3), 7 keep 3 (1) -> (3 * 2/3 + 7) / 10 = 0.9
+    ("the dog", ["the dog"] * 3 + ["cat"] * 7, 0.0, 0.9),
+    # disagreeing, contractions: pred "dont" -> "don't" in both; 2017 answers stay "dont" -> 0;
+    # current answers -> "don't", h=5: every subset keeps >= 4 matches -> 1.0
+    ("dont", ["dont"] * 5 + ["no"] * 5, 0.0, 1.0),
+    # disagreeing, punctuation: both rules strip "dog." -> "dog"; h=2: 2 subsets keep 1 (1/3), 8 keep 2 (2/3)
+    # -> (2/3 + 16/3) / 10 = 0.6
+    ("dog", ["dog."] * 2 + ["cat"] * 8, 0.6, 0.6),
+    # disagreeing, case in the answers: 2017 does not lowercase answers -> "Yes" != "yes" -> h=0 -> 0;
+    # current lowercases both -> h=8: every subset keeps >= 7 matches -> 1.0
+    ("yes", ["Yes"] * 8 + ["no"] * 2, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("pred,answers,lavis,official", VQA_RULE_CASES)
+def test_vqa_accuracy_two_rules_hand_worked(pred, answers, lavis, official):
+    assert vqa_accuracy(pred, answers) == pytest.approx(lavis)  # default = LAVIS's 2017 copy
+    assert vqa_accuracy(pred, answers, rule="lavis2017") == pytest.approx(lavis)
+    assert vqa_accuracy(pred, answers, rule="official") == pytest.approx(official)
+
+
+def test_vqa_accuracy_rule_checked_and_single_answer():
+    with pytest.raises(ValueError):
+        vqa_accuracy("a", ["a"] * 10, rule="2021")
+    # GQA-style single answer: LAVIS's GQA task normalises the prediction only; current rule = raw stripped match
+    assert vqa_accuracy("Two", ["2"], rule="lavis2017") == 1.0
+    assert vqa_accuracy("Two", ["2"], rule="official") == 0.0
+    assert vqa_score({1: "Two", 2: "2"}, {1: ["2"] * 10, 2: ["2"] * 10}, rule="official") == pytest.approx(0.5)
 
 
 def test_vqa_score_mean_and_ids():
@@ -250,6 +403,41 @@ def test_vqa_score_mean_and_ids():
     assert vqa_score({1: "two", 2: "blue"}, gts) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         vqa_score({1: "two"}, gts)
+
+
+# ---------------------------------------------------------------- OK-VQA lemmatiser
+def test_okvqa_lemmatize_says_how_to_install_nltk_data(monkeypatch, tmp_path):
+    import nltk
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # an nltk data path without wordnet or the tagger
+    with pytest.raises(LookupError, match="python -m nltk.downloader wordnet averaged_perceptron_tagger_eng") as e:
+        okvqa_lemmatize(["dogs"])
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_okvqa_lemmatize_on_wordnet_fixture(monkeypatch):
+    # tests/fixtures/nltk_data: a few WordNet 3.0 database files and a perceptron tagger whose tag dictionary
+    # holds the words below (unknown words fall to NN through the bias weight); see its README.md
+    import nltk.corpus
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    from nltk.corpus.util import LazyCorpusLoader
+    monkeypatch.setattr(nltk.data, "path", [os.path.join(os.path.dirname(__file__), "fixtures", "nltk_data")])
+    # a fresh loader, so that the fixture WordNet is not what nltk.corpus.wordnet holds after this test
+    monkeypatch.setattr(nltk.corpus, "wordnet", LazyCorpusLoader("wordnet", WordNetCorpusReader, None))
+    answers = ["dogs", "mice", "glasses", "ran", "running", "Dogs", "red", "better", "Paris", "is",
+               "the men's bus", "flew quickly", ""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "multilingual functions are not available" (no OMW)
+        got = okvqa_lemmatize(answers)
+    assert got == [
+        "dog", "mouse",     # NNS: regular plural, noun.exc irregular
+        "glass",            # both "glasses" and "glass" are WordNet nouns: the shortest lemma wins
+        "run", "run",       # VBD / VBG through verb.exc
+        "dog",              # not in the tag dictionary -> NN; lower-cased as spaCy's lemma_
+        "red", "better",    # JJ, JJR: adjectives stay (only NOUN and VERB are lemmatised)
+        "Paris",            # NNP (spaCy PROPN) stays
+        "is",               # a form of "be" stays (spaCy: AUX)
+        "the man 's bus",   # tokens re-joined by spaces, as LAVIS joins spaCy tokens
+        "fly quickly", ""]
 
 
 # ---------------------------------------------------------------- retrieval

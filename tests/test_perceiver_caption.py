@@ -1,7 +1,8 @@
 """perceiver_caption.py: gate identity against transformers' GPT-2, parameter counts at paper sizes, masking of
 padded frames, loss masking, decoding, and train/test/caption/params through main() on the tiny toy world
 (losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process), the
-bad-image rule, checkpoint identity and resume-config checks."""
+bad-image rule, checkpoint identity and resume-config checks, the seed's HF metrics beside the COCO ones,
+--compile."""
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import perceiver_caption as pc
+from common.metrics import hf_caption_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +82,7 @@ def test_gate_identity_equals_transformers_gpt2(tiny):
     assert out.shape == want.shape == (2, 6, 15)
     assert torch.allclose(out[mask], want[mask], atol=1e-5, rtol=0)
     # the hooks are gone afterwards: plain GPT-2 calls are untouched and the side channel is cleared
-    assert bridge._z is None and all(not b._forward_pre_hooks for b in pc.lm_blocks(tiny["lm"]))
+    assert bridge._z is None and all(not b._forward_pre_hooks for b in tiny["lm"].transformer.h)
     # with nonzero gates the visual tokens do change the logits (the xattn path is live)
     with torch.no_grad():
         for x in bridge.xattn:
@@ -255,8 +257,12 @@ def test_caption_beats_blank_baseline_and_test_mode(world, tmp_path):
     m = _run(world, tmp_path / "img", *recipe)
     blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true", "--test_after_train", "false")
     assert m["val_loss"] < blank["val_loss"] - 0.015, (m["val_loss"], blank["val_loss"])  # the image helps ...
-    assert {"CIDEr", "BLEU-4", "ROUGE-L", "val_loss"} <= set(m) and m["n"] == 50
+    assert {"CIDEr", "BLEU-4", "ROUGE-L", "hf_BLEU-1", "hf_BLEU-4", "hf_ROUGE-L", "val_loss"} <= set(m)
+    assert m["n"] == 50
     rows = json.load(open(tmp_path / "img" / "predictions_test.json"))
+    # the seed's Hugging Face `evaluate` scores of the same captions, under their own names beside the COCO ones
+    hf = hf_caption_metrics(dict(enumerate(r["target"] for r in rows)), dict(enumerate(r["prediction"] for r in rows)))
+    assert all(m[k] == pytest.approx(100 * v) for k, v in hf.items()) and m["hf_ROUGE-L"] != m["ROUGE-L"]
     control = _shuffled_cider(rows)
     assert m["CIDEr"] > control + 10, (m["CIDEr"], control)  # ... and the captions name what is in it
     assert json.load(open(tmp_path / "img" / "config.json"))["bridge"] == "both"
@@ -269,6 +275,7 @@ def test_caption_beats_blank_baseline_and_test_mode(world, tmp_path):
                  "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24",
                  "--bridge", "mapper", "--num_latents", "3"])  # the model comes from the checkpoint
     assert t["CIDEr"] == pytest.approx(m["CIDEr"])  # same weights, same decoding
+    assert t["hf_BLEU-4"] == pytest.approx(m["hf_BLEU-4"]) and t["hf_ROUGE-L"] == pytest.approx(m["hf_ROUGE-L"])
     rows = json.load(open(tmp_path / "t" / "predictions_test.json"))
     assert len(rows) == 50 and {"sample_path", "prediction", "target"} <= set(rows[0])
     # a checkpoint written before checkpoints were stamped (no script, kind, model_config) still tests the same
@@ -416,6 +423,17 @@ def test_ablations_and_video_train(world, tmp_path, extra):
         assert gates[0] > 0 and min(gates) > 0, gates
         if "video" in extra:  # with the mapper prefix they keep opening (x2.6-3.9 by step 8, worlds 0-2)
             assert gates[-1] > 1.5 * gates[0], gates
+
+
+def test_compile_flag_hands_the_bridge_to_torch_compile(world, tmp_path, monkeypatch):
+    """--compile true: the trained Bridge goes through torch.compile before training (a spy stands in for it here:
+    compiling is a GPU speed-up, too slow for CPU tests); off by default."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(type(module).__name__) or module)
+    assert pc.Config().compile is False
+    m = _run(world, tmp_path, "--steps", "2", "--global_batch", "4", "--micro_batch", "4", "--compile", "true",
+             "--test_after_train", "false")
+    assert seen == ["Bridge"] and m["steps"] == 2 and torch.isfinite(torch.tensor(m["train_loss"]))
 
 
 def test_non_finite_loss_stops_without_saving(world, tmp_path):
