@@ -5,11 +5,21 @@ Formats (DESIGN.md): JSON Lines, one record per line:
     vqa    {"image": path, "question": str, "answers": [str x 10], "question_id": int|str}
     video  {"frames": [path, ...], "captions": [str, ...]}
 Paths are relative to an image root.  Errors name the file, the line and the field.
+The readers return `Records`: a numpy index of byte offsets into the file, each record parsed
+when it is read (list-like; docs/data.md).  Web-scale sets stay in img2dataset's webdataset tar
+shards, streamed by `ShardStream` (split over ranks and DataLoader workers, bounded shuffle buffer,
+unreadable samples counted, exact resume via `StreamTracker`).
 """
+import glob
+import io
 import json
 import os
+import random
 import re
+import tarfile
+from array import array
 
+import numpy as np
 import torch
 
 from common.image import load_image
@@ -19,14 +29,168 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path, required=(), types=None):
-    """Read JSON Lines; check each record has `required` fields (of `types[field]` when given)."""
+class Records:
+    """The records of one or more JSON Lines files, indexed rather than loaded: a drop-in for a list
+    of dicts.
+
+    Held per record: its byte offset (int64) and length (int32) in its file, and for pairs and video
+    its caption count (int32, `n_captions`); 16 bytes, plus an int32 file id once files are
+    concatenated.  A record is parsed when it is read (`recs[i]` returns a fresh dict each time, so
+    writing into it changes nothing).  A list of Python dicts costs about a kilobyte per record and,
+    read by DataLoader workers, is copied into each of them (every access writes the objects'
+    reference counts, so copy-on-write duplicates their pages); numpy arrays are single buffers that
+    no access writes, so forked workers keep sharing them.  Supports len, int indexing (negative
+    too), slices (`recs[:n]`: a view sharing the arrays), integer lists/arrays, iteration,
+    `Records.concat`, and `pairs()` (every (record, caption) pair as two numpy arrays, no Python
+    tuples). Pickles as paths + arrays; each process opens the files itself on first read, never
+    using a descriptor it inherited through fork, and refuses a file whose size or mtime changed
+    since it was indexed.
+    """
+
+    def __init__(self, paths, stamps, offsets, lengths, n_captions=None, file_ids=None, expand=None):
+        self.paths, self.stamps = tuple(paths), tuple(stamps)
+        self.offsets, self.lengths = offsets, lengths
+        self.n_captions, self.file_ids, self.expand = n_captions, file_ids, expand
+        self._fds, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __repr__(self):
+        more = f" (+{len(self.paths) - 1} files)" if len(self.paths) > 1 else ""
+        return f"Records({len(self)} records of {self.paths[0]}{more})"
+
+    @property
+    def nbytes(self):
+        """Bytes held by the index arrays (what a record costs in memory)."""
+        arrays = (self.offsets, self.lengths, self.n_captions, self.file_ids)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def _view(self, sel):
+        pick = (lambda a: None if a is None else a[sel])
+        return Records(self.paths, self.stamps, self.offsets[sel], self.lengths[sel], pick(self.n_captions),
+                       pick(self.file_ids), self.expand)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self._view(key)  # numpy basic slicing: views, no copy
+        if isinstance(key, (list, tuple, np.ndarray)):
+            return self._view(np.asarray(key, dtype=np.int64))
+        i = int(key)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range ({n} records)")
+        i %= n
+        f = 0 if self.file_ids is None else int(self.file_ids[i])
+        raw = os.pread(self._fd(f), int(self.lengths[i]), int(self.offsets[i]))
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{self.paths[f]}:{self.line(i)}: unreadable record ({e})") from None
+        return self.expand(rec, self.paths[f]) if self.expand else rec
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def _fd(self, f):
+        if self._pid != os.getpid():  # a new process (or a fork): open our own descriptors
+            for fd in self._fds.values():
+                os.close(fd)  # in a forked child this closes only the child's copy
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = os.open(self.paths[f], os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self.stamps[f]:
+                os.close(fd)
+                raise DataError(f"{self.paths[f]}: changed since it was indexed (size or mtime); "
+                                "read it again")
+            self._fds[f] = fd
+        return fd
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_pid")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fds={}, _pid=None)
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def path(self, i):
+        """The file record `i` comes from."""
+        return self.paths[0 if self.file_ids is None else int(self.file_ids[i])]
+
+    def line(self, i):
+        """1-based line number of record `i` (counted on demand: only error messages need it)."""
+        f = 0 if self.file_ids is None else int(self.file_ids[i])
+        end, n, pos = int(self.offsets[i]), 0, 0
+        with open(self.paths[f], "rb") as fh:
+            while pos < end:
+                chunk = fh.read(min(1 << 24, end - pos))
+                n, pos = n + chunk.count(b"\n"), pos + len(chunk)
+        return n + 1
+
+    def pairs(self):
+        """Every (record, caption) pair as two arrays: record index (int32; int64 past 2**31
+        records) and caption index (int32), in file order -- 8 bytes a pair instead of a Python
+        tuple of two ints (about 100)."""
+        if self.n_captions is None:
+            raise TypeError("pairs() needs caption counts: records from read_pairs or read_video")
+        counts = self.n_captions.astype(np.int64)
+        dtype = np.int32 if len(self) < 2 ** 31 else np.int64
+        rec = np.repeat(np.arange(len(self), dtype=dtype), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # pair number of its record's caption 0
+        return rec, (np.arange(len(rec), dtype=np.int64) - first).astype(np.int32)
+
+    @staticmethod
+    def concat(parts):
+        """One Records over several, files in order (the index arrays are concatenated: a copy)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Records.concat needs at least one Records")
+        if len({p.expand for p in parts}) > 1:
+            raise ValueError("Records.concat: parts were read by different readers")
+        slots, paths, stamps, ids = {}, [], [], []
+        for p in parts:
+            where = []
+            for path, stamp in zip(p.paths, p.stamps):
+                if (path, stamp) not in slots:
+                    slots[(path, stamp)] = len(paths)
+                    paths.append(path)
+                    stamps.append(stamp)
+                where.append(slots[(path, stamp)])
+            where = np.asarray(where, dtype=np.int32)
+            ids.append(where[p.file_ids] if p.file_ids is not None else np.full(len(p), where[0], np.int32))
+        caps = [p.n_captions for p in parts]
+        caps = None if any(c is None for c in caps) else np.concatenate(caps)
+        return Records(paths, stamps, np.concatenate([p.offsets for p in parts]),
+                       np.concatenate([p.lengths for p in parts]), caps,
+                       None if len(paths) == 1 else np.concatenate(ids), parts[0].expand)
+
+
+def read_jsonl(path, required=(), types=None, check=None, expand=None):
+    """Index JSON Lines -> Records; each record must have the `required` fields (of `types[field]`).
+
+    Validation is one streaming pass at start-up (not lazily when a sample is drawn): every line is
+    decoded and parsed once, so a bad line stops the run before training with the same one-line
+    error naming file, line and field, instead of at step 900k of a long run; the pass is also where
+    the caption counts (for `pairs()`) come from, and its cost is in docs/data.md.  `check(rec, i,
+    lineno)` adds a reader's own checks and returns the record's caption count (or None).
+    `expand(rec, path)` is applied to each record when it is read.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     types = types or {}
-    records = []
+    offsets, lengths, counts = array("q"), array("i"), array("i")
+    pos = 0
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
         for lineno, raw in enumerate(f, 1):
+            start, pos = pos, pos + len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -45,10 +209,17 @@ def read_jsonl(path, required=(), types=None):
                 if key in types and not isinstance(rec[key], types[key]):
                     raise DataError(f"{path}:{lineno}: field '{key}' should be {types[key].__name__}, "
                                     f"got {type(rec[key]).__name__}")
-            records.append(rec)
-    if not records:
+            n = check(rec, len(offsets), lineno) if check else None
+            offsets.append(start)
+            lengths.append(len(raw) - raw.endswith(b"\n"))
+            if n is not None:
+                counts.append(n)
+    if not offsets:
         raise DataError(f"{path}: no records (empty dataset)")
-    return records
+    as_np = (lambda a, t: np.frombuffer(a, dtype=t).copy())  # noqa: E731  (own the buffer)
+    return Records([path], [(st.st_size, st.st_mtime_ns)], as_np(offsets, np.int64),
+                   as_np(lengths, np.int32), as_np(counts, np.int32) if len(counts) == len(offsets) else None,
+                   expand=expand)
 
 
 def _check_strings(path, i, rec, field):
@@ -58,38 +229,48 @@ def _check_strings(path, i, rec, field):
 
 
 def read_pairs(path):
-    recs = read_jsonl(path, ("image", "captions"), {"image": str, "captions": list})
-    for i, r in enumerate(recs):
-        if not r["captions"]:
+    """Canonical pairs -> Records with `n_captions` (so `recs.pairs()` works)."""
+    def check(rec, i, lineno):
+        if not rec["captions"]:
             raise DataError(f"{path}: record {i + 1}: field 'captions' is empty")
-        _check_strings(path, i, r, "captions")
-    return recs
+        _check_strings(path, i, rec, "captions")
+        return len(rec["captions"])
+    return read_jsonl(path, ("image", "captions"), {"image": str, "captions": list}, check)
 
 
 def read_vqa(path):
-    recs = read_jsonl(path, ("image", "question", "answers", "question_id"),
-                      {"image": str, "question": str, "answers": list})
-    for i, r in enumerate(recs):
-        _check_strings(path, i, r, "answers")
-    return recs
+    return read_jsonl(path, ("image", "question", "answers", "question_id"),
+                      {"image": str, "question": str, "answers": list},
+                      lambda rec, i, lineno: _check_strings(path, i, rec, "answers"))
+
+
+def _list_frames(folder, jsonl_path):
+    full = os.path.join(os.path.dirname(os.path.abspath(jsonl_path)), folder)  # an absolute folder stays
+    names = sorted(n for n in os.listdir(full) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+    return [os.path.join(folder, n) for n in names]
+
+
+def _expand_video(rec, path):
+    if "frames" not in rec:
+        rec["frames"] = _list_frames(rec["folder"], path)
+    return rec
 
 
 def read_video(path):
-    """Video records; a record may instead name a folder of frames ({"folder": dir}) which is listed in order."""
-    recs = read_jsonl(path, ("captions",), {"captions": list})
-    root = os.path.dirname(os.path.abspath(path))
-    for i, r in enumerate(recs):
-        if "frames" not in r:
-            if "folder" not in r:
-                raise DataError(f"{path}:{i + 1}: missing field 'frames' (or 'folder')")
-            folder = r["folder"]
-            full = folder if os.path.isabs(folder) else os.path.join(root, folder)
-            names = sorted(n for n in os.listdir(full) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
-            r["frames"] = [os.path.join(folder, n) for n in names]
-        if not r["frames"]:
-            raise DataError(f"{path}:{i + 1}: field 'frames' is empty")
-        _check_strings(path, i, r, "captions")
-    return recs
+    """Video records; a record may instead name a folder of frames ({"folder": dir}) which is listed
+    in order (checked at start-up, listed again each time the record is read: only the name is kept).
+    """
+    def check(rec, i, lineno):
+        frames = rec.get("frames")
+        if "frames" not in rec:
+            if "folder" not in rec:
+                raise DataError(f"{path}:{lineno}: missing field 'frames' (or 'folder')")
+            frames = _list_frames(rec["folder"], path)
+        if not frames:
+            raise DataError(f"{path}:{lineno}: field 'frames' is empty")
+        _check_strings(path, i, rec, "captions")
+        return len(rec["captions"])
+    return read_jsonl(path, ("captions",), {"captions": list}, check, _expand_video)
 
 
 def pre_caption(caption, max_words=30):
@@ -220,3 +401,314 @@ def make_loader(dataset, batch_sampler, collate_fn=None, workers=0, seed=0, rank
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed * 7919 + rank), persistent_workers=False)
+
+
+# ------------------------------------------------------------------------------------------------ webdataset shards
+# img2dataset's `--output_format webdataset` writes NNNNN.tar shards whose members are key.jpg (or
+# png/webp), key.txt (the caption) and key.json (its metadata), a sample's members side by side.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key: up to the basename's first dot (webdataset)
+
+
+def _braces(spec):
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if not m:
+        return [spec]
+    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:  # a range keeps the first number's zero padding
+        items = [str(k).zfill(len(r.group(1))) for k in range(int(r.group(1)), int(r.group(2)) + 1)]
+    else:
+        items = body.split(",")
+    return [x for item in items for x in _braces(head + item + tail)]
+
+
+def expand_shards(spec):
+    """Shard names from a spec: brace ranges as webdataset writes them ("cc3m/{00000..00331}.tar",
+    zero padding kept from the first number), brace lists ("{a,b}.tar"), comma-separated specs,
+    globs ("cc3m/*.tar", sorted), or a list of specs.  Order is kept; an empty result or a glob
+    matching nothing is a DataError."""
+    if isinstance(spec, (list, tuple)):
+        return [s for one in spec for s in expand_shards(one)]
+    parts, depth, cur = [], 0, ""
+    for ch in spec:  # split on the commas outside braces
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out = []
+    for name in (n.strip() for p in parts + [cur] for n in _braces(p)):
+        if any(c in name for c in "*?["):
+            hits = sorted(glob.glob(name))
+            if not hits:
+                raise DataError(f"{name}: no shard matches")
+            out += hits
+        elif name:
+            out.append(name)
+    if not out:
+        raise DataError(f"{spec!r}: no shards")
+    return out
+
+
+def _tar_samples(path, shard):
+    """(shard, key, {ext: (offset, size)}, problem) for each sample of one tar, in order, from the
+    headers alone: member data is read only for samples that are drawn, so fast-forwarding a resumed
+    stream reads no images."""
+    key, members, error = None, {}, None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for ti in iter(tf.next, None):
+                tf.members = []  # keep no TarInfo per member (as webdataset's tariterators.py does)
+                m = _KEY_EXT.match(ti.name) if ti.isfile() else None
+                if m is None:
+                    continue
+                if m.group(1) != key:
+                    if key is not None:
+                        yield shard, key, members, _incomplete(members)
+                    key, members = m.group(1), {}
+                members[m.group(2).lower()] = (ti.offset_data, ti.size)
+    except (tarfile.TarError, OSError) as e:
+        error = f"unreadable tar ({e})"
+    if key is not None:
+        yield shard, key, members, error or _incomplete(members)
+    elif error:
+        yield shard, "", {}, error
+
+
+def _incomplete(members):
+    if not any(e in members for e in IMAGE_EXTS):
+        return "no image member"
+    return None if "txt" in members else "no .txt caption member"
+
+
+def _shuffled(items, size, rng):
+    """Bounded-buffer shuffle (webdataset's `shuffle`): fill `size` items, then each new one takes
+    the place of a random one, which is yielded; the rest leave in random order at the end."""
+    if size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buf[k]
+        buf[k] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Streaming (image, caption) samples from img2dataset's webdataset tar shards.
+
+    Split: each epoch the shard list is shuffled by (seed, epoch) and dealt to the world x workers
+    streams ("slots", slot = rank * workers + worker): shard k goes to slot k % slots, so every
+    sample is seen by exactly one (rank, worker) per epoch.  Each slot runs through its epochs on
+    its own, endlessly (`epochs=None`, what a step-counted training loop wants: no rank runs dry)
+    or for `epochs` epochs.  Samples pass a bounded shuffle buffer (`shuffle_buffer`; <= 1: no
+    shuffle, shards in order) seeded by (seed, epoch, slot); a transform's `rng` (ImageTransform's)
+    is reseeded per sample by (seed, epoch, shard, key).
+
+    Unreadable samples (bad image bytes, a caption that is not UTF-8, a key without image or .txt,
+    a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
+    `max_bad_frac` of at least `min_tried` draws of one stream were bad.  Each yielded dict holds
+    image (tensor, or PIL without a transform), caption, key, meta (key.json parsed, or {}), shard
+    (index), and for the main process (StreamTracker) slot, n_slots, epoch, pos (draws of this slot
+    in this epoch, bad ones included), tried (draws since the previous yield) and bad (names of the
+    bad ones among them).
+
+    Resume is exact: a slot's stream is a function of (seed, epoch, slot) alone, so skipping the
+    `pos` draws it had made (reading tar headers only) puts it where it was; and as DataLoader
+    takes batch b from worker b % workers, a resume after b batches makes worker w play slot
+    (w + b) % workers.  `resume` is StreamTracker.state_dict() (or StreamTracker.merge_states of
+    every rank's); the world size and the number of workers must be unchanged.
+    """
+
+    def __init__(self, shards, transform=None, rank=0, world=1, seed=0, shuffle_buffer=1000,
+                 max_bad_frac=0.05, min_tried=20, epochs=None, resume=None):
+        self.shards = expand_shards(shards)
+        missing = [s for s in self.shards if not os.path.isfile(s)]
+        if missing:
+            raise DataError(f"{missing[0]}: shard not found "
+                            f"({len(missing)} of {len(self.shards)} missing)")
+        self.spec = shards if isinstance(shards, str) else f"{len(self.shards)} shards"
+        self.transform, self.rank, self.world, self.seed = transform, rank, world, seed
+        self.shuffle_buffer, self.max_bad_frac = shuffle_buffer, max_bad_frac
+        self.min_tried, self.epochs = min_tried, epochs
+        self.resume = resume or {}
+
+    def _draws(self, slot, n_slots, epoch, skip):
+        order = list(range(len(self.shards)))
+        if self.shuffle_buffer > 1:
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        source = (item for s in order[slot::n_slots] for item in _tar_samples(self.shards[s], s))
+        rng = random.Random(f"{self.seed}-{epoch}-{slot}")
+        for pos, item in enumerate(_shuffled(source, self.shuffle_buffer, rng), 1):
+            if pos > skip:
+                yield pos, item
+
+    def _decode(self, shard, key, members, epoch):
+        path = self.shards[shard]
+        ext = next(e for e in IMAGE_EXTS if e in members)
+        data = {}
+        try:
+            with open(path, "rb") as f:
+                for e in (ext, "txt") + (("json",) if "json" in members else ()):
+                    f.seek(members[e][0])
+                    data[e] = f.read(members[e][1])
+                    if len(data[e]) != members[e][1]:
+                        return None, f"truncated .{e}"
+        except OSError as e:
+            return None, f"unreadable ({e})"
+        try:
+            caption = data["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None, "caption not UTF-8"
+        img = load_image(io.BytesIO(data[ext]))
+        if img is None:
+            return None, f"unreadable .{ext}"
+        if self.transform is not None:
+            if hasattr(self.transform, "rng"):
+                name = os.path.basename(path)
+                self.transform.rng = random.Random(f"{self.seed}-{epoch}-{name}-{key}")
+            img = self.transform(img)
+        try:  # img2dataset's metadata (url, sizes, ...): informative, so a broken one is no bad sample
+            meta = json.loads(data["json"]) if "json" in data else {}
+        except ValueError:
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        return {"image": img, "caption": caption, "meta": meta}, None
+
+    def _check(self, tried, bad, examples, final=False):
+        if tried and (final or tried >= self.min_tried) and bad / tried > self.max_bad_frac:
+            raise DataError(f"too many unreadable samples in {self.spec}: {bad} of {tried} samples "
+                            f"unreadable in one stream (e.g. {examples[:3]}) "
+                            f"(max_bad_frac {self.max_bad_frac})")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        n_slots, state = self.world * n_workers, self.resume
+        if len(self.shards) < n_slots:
+            raise DataError(f"{self.spec}: {len(self.shards)} shards for {self.world} ranks x "
+                            f"{n_workers} workers; each stream needs at least one shard")
+        if state and state["n_slots"] != n_slots:
+            raise DataError(f"resume state is for {state['n_slots']} streams (ranks x workers), this "
+                            f"run has {n_slots}: resume with the same world size and workers")
+        slot = self.rank * n_workers + (worker + state.get("batches", 0)) % n_workers
+        epoch, skip = {int(k): v for k, v in state.get("slots", {}).items()}.get(slot, (0, 0))
+        tried, bad, pending, examples, empty = 0, 0, [], [], 0
+        while self.epochs is None or epoch < self.epochs:
+            drawn = 0
+            for pos, (shard, key, members, problem) in self._draws(slot, n_slots, epoch, skip):
+                drawn += 1
+                out = None
+                if problem is None:
+                    out, problem = self._decode(shard, key, members, epoch)
+                tried += 1
+                if problem is not None:
+                    bad += 1
+                    pending.append(f"{os.path.basename(self.shards[shard])}:{key} ({problem})")
+                    examples += pending[-1:] if len(examples) < 3 else []
+                    self._check(tried, bad, examples)
+                    continue
+                out.update(key=key, shard=shard, slot=slot, n_slots=n_slots, epoch=epoch, pos=pos,
+                           tried=1 + len(pending), bad=pending)
+                pending = []
+                yield out
+            empty = 0 if drawn or skip else empty + 1
+            stuck = empty and self.epochs is None  # endless, yet nothing drawn
+            if stuck and (self.shuffle_buffer <= 1 or empty > 100
+                          or not any(next(_tar_samples(p, 0), None) for p in self.shards)):
+                raise DataError(f"{self.spec}: the shards of stream {slot} hold no samples")
+            epoch, skip = epoch + 1, 0
+        self._check(tried, bad, examples, final=True)
+
+
+def collate_stream(samples):
+    """Batch ShardStream samples: images stacked (a list when untransformed); captions, keys and
+    meta as lists; the bookkeeping fields as tensors, `tried` summed and `bad` concatenated (for
+    StreamTracker.update)."""
+    images = [s["image"] for s in samples]
+    out = {"image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
+           "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
+           "meta": [s["meta"] for s in samples],
+           "n_slots": samples[0]["n_slots"], "tried": sum(s["tried"] for s in samples),
+           "bad": [b for s in samples for b in s["bad"]]}
+    for k in ("shard", "slot", "epoch", "pos"):
+        out[k] = torch.tensor([s[k] for s in samples])
+    return out
+
+
+def stream_loader(stream, micro_batch, workers=0, pin_memory=False):
+    """DataLoader over a ShardStream: batches of `micro_batch` samples, made by the workers in turn.
+    Its own seeded generator (as make_loader's): starting it draws nothing from the global torch RNG,
+    so a resumed run's generators stay where the unbroken run's were."""
+    gen = torch.Generator().manual_seed(stream.seed * 7919 + stream.rank)
+    return torch.utils.data.DataLoader(stream, batch_size=micro_batch, num_workers=workers,
+                                       collate_fn=collate_stream, pin_memory=pin_memory,
+                                       persistent_workers=False, generator=gen)
+
+
+class StreamTracker:
+    """The main process's side of a ShardStream: merges the bad-sample counts the consumed batches
+    report (the bad-image rule over everything this process consumed: `report()`, `check()`) and
+    records how far each slot's consumed samples got -- `state_dict()`, the resume state to save
+    with a checkpoint.  Batches prefetched but not consumed are not counted, so the state matches
+    the step saved.  Counts restart at zero on resume."""
+
+    def __init__(self, spec="shards", max_bad_frac=0.05, min_tried=20, state=None):
+        self.spec, self.max_bad_frac, self.min_tried = spec, max_bad_frac, min_tried
+        self.tried, self.bad, self.examples = 0, 0, []
+        state = state or {}
+        self.batches, self.n_slots = state.get("batches", 0), state.get("n_slots")
+        self.slots = {int(k): tuple(v) for k, v in state.get("slots", {}).items()}
+
+    def update(self, batch):
+        self.batches += 1
+        self.tried, self.bad = self.tried + batch["tried"], self.bad + len(batch["bad"])
+        self.n_slots = batch["n_slots"]
+        self.examples += batch["bad"][:3 - len(self.examples)]
+        positions = zip(batch["slot"].tolist(), batch["epoch"].tolist(), batch["pos"].tolist())
+        for slot, epoch, pos in positions:
+            self.slots[slot] = max(self.slots.get(slot, (0, 0)), (epoch, pos))
+
+    def state_dict(self):
+        return {"batches": self.batches, "n_slots": self.n_slots,
+                "slots": {k: list(v) for k, v in sorted(self.slots.items())}}
+
+    @staticmethod
+    def merge_states(states):
+        """Every rank's state_dict -> one (ranks own disjoint slots and consume equal batches)."""
+        if len({s["batches"] for s in states}) > 1:
+            raise ValueError("ranks consumed different numbers of batches: "
+                             f"{[s['batches'] for s in states]}")
+        return {"batches": states[0]["batches"], "n_slots": states[0]["n_slots"],
+                "slots": {k: v for s in states for k, v in s["slots"].items()}}
+
+    def report(self):
+        eg = f" (e.g. {self.examples})" if self.bad else ""
+        return f"{self.bad} of {self.tried} samples unreadable{eg}"
+
+    def check(self, final=False):
+        n = self.tried
+        if n and (final or n >= self.min_tried) and self.bad / n > self.max_bad_frac:
+            raise DataError(f"too many unreadable samples in {self.spec}: {self.report()} "
+                            f"(max_bad_frac {self.max_bad_frac})")
+
+
+def shard_sample_count(shards):
+    """Samples in the shards (for steps per epoch): img2dataset's NNNNN_stats.json `successes` where
+    present, otherwise counted from the tar headers."""
+    total = 0
+    for path in expand_shards(shards):
+        stats = os.path.splitext(path)[0] + "_stats.json"
+        if os.path.isfile(stats):
+            with open(stats, encoding="utf-8") as f:
+                total += int(json.load(f)["successes"])
+        else:
+            total += sum(1 for *_, problem in _tar_samples(path, 0) if problem is None)
+    return total

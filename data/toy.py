@@ -11,6 +11,7 @@ backbone carries real signal just as a real checkpoint does.
     python data/toy.py --out data/toy_tiny --tiny     # test world  (~300/50/50 scenes; well under a minute)
     python data/toy.py --out /tmp/w --tiny --data_only  # only the data files, no backbones
     python data/toy.py --models clip,bert             # data + these backbones (others are added when a run needs them)
+    python data/toy.py --shards 8                     # + the train pairs as webdataset shards (write_shards)
 
 Python: `build_toy_world(out, tiny=False, seed=0)` -> manifest dict; `ensure_toy_world(root, models=(...))` builds
 the data when `<root>/manifest.json` is missing and each listed backbone not built yet (a script's first run
@@ -27,12 +28,15 @@ property that makes ARO / SugarCREPE / CREPE / Winoground separate bag-of-words 
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
+import tarfile
 import time
 import zlib
 
@@ -1498,6 +1502,60 @@ def model_ready(root, name):
     return os.path.isfile(os.path.join(root, "models", name, MODEL_DONE))
 
 
+def write_shards(root, split="train", n_shards=8, out_dir=None, fmt="jpg"):
+    """Write <root>/pairs_<split>.jsonl as webdataset shards in img2dataset's layout, so the shard path
+    (common.data.ShardStream, `--train_shards`) runs on the toy world: `<out_dir>/{00000..N}.tar` (default
+    out_dir <root>/shards/<split>) holding one sample per (image, caption) pair -- key.jpg (or key.png with
+    fmt="png"), key.txt, key.json -- and NNNNN_stats.json beside each shard.  Samples are dealt to shards in
+    record order; the same world gives the same bytes.  Shards already written with the same arguments are kept
+    (written.json says which).  Returns the brace spec.
+    """
+    from common.data import read_pairs
+    out_dir = out_dir or os.path.join(root, "shards", split)
+    spec = os.path.join(out_dir, "{00000..%05d}.tar" % (n_shards - 1))
+    marker, want = os.path.join(out_dir, "written.json"), {"split": split, "n_shards": n_shards, "fmt": fmt}
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == want:
+                return spec
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # shards of another layout: a glob must not pick them up
+        if re.fullmatch(r"\d{5}(\.tar|_stats\.json)|written\.json", name):
+            os.remove(os.path.join(out_dir, name))
+    recs = read_pairs(os.path.join(root, f"pairs_{split}.jsonl"))
+    samples = [(i, j) for i, r in enumerate(recs) for j in range(len(r["captions"]))]
+    per = -(-len(samples) // n_shards)
+    encoded = {}
+    for k in range(n_shards):
+        tmp = os.path.join(out_dir, f"{k:05d}.tar.tmp.{os.getpid()}")
+        mine = samples[k * per:(k + 1) * per]
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for n, (i, j) in enumerate(mine):
+                rec, key = recs[i], f"{k:05d}{n:04d}"  # img2dataset keys: shard number, then index in the shard
+                if i not in encoded:  # each image once for its five captions
+                    with Image.open(os.path.join(root, rec["image"])) as im:
+                        buf = io.BytesIO()
+                        if fmt == "jpg":
+                            im.convert("RGB").save(buf, format="JPEG", quality=95, subsampling=0)
+                        else:
+                            im.save(buf, format="PNG")
+                        encoded = {i: (buf.getvalue(), im.size)}
+                data, (w, h) = encoded[i]
+                meta = {"key": key, "caption": rec["captions"][j], "status": "success", "width": w, "height": h,
+                        "original_width": w, "original_height": h, "image": rec["image"], "caption_index": j}
+                for ext, payload in ((fmt, data), ("txt", rec["captions"][j].encode()),
+                                     ("json", json.dumps(meta).encode())):
+                    ti = tarfile.TarInfo(f"{key}.{ext}")
+                    ti.size, ti.mtime, ti.mode = len(payload), 0, 0o644  # fixed mtime: same bytes each time
+                    tf.addfile(ti, io.BytesIO(payload))
+        os.replace(tmp, os.path.join(out_dir, f"{k:05d}.tar"))
+        _write_atomic(os.path.join(out_dir, f"{k:05d}_stats.json"), json.dumps(
+            {"count": len(mine), "successes": len(mine), "failed_to_download": 0, "failed_to_resize": 0,
+             "status_dict": {"success": len(mine)}}, indent=4))
+    _write_atomic(marker, json.dumps(want))
+    return spec
+
+
 def build_model(root, name, tiny, seed, log=print):
     """Build backbone `name` (and what it is built from) into an existing world unless already finished."""
     out = {}
@@ -1637,13 +1695,20 @@ def main(argv=None):
     p.add_argument("--data_only", action="store_true", help="write the data files only, no backbones")
     p.add_argument("--models", default=",".join(MODEL_NAMES),
                    help="comma-separated backbones to build (default all: " + ",".join(MODEL_NAMES) + ")")
+    p.add_argument("--shards", type=int, default=0,
+                   help="also write the train pairs as N webdataset shards into <out>/shards/train (write_shards)")
     a = p.parse_args(argv)
     names = [] if a.data_only else [n for n in a.models.split(",") if n]
     if not a.force and os.path.isfile(os.path.join(a.out, "manifest.json")):
         ensure_toy_world(a.out, models=names)
         print(f"{a.out} already built (manifest.json present; missing backbones added); use --force to rebuild")
-        return json.load(open(os.path.join(a.out, "manifest.json")))
-    return build_toy_world(a.out, tiny=a.tiny, seed=a.seed, models=names)
+        manifest = json.load(open(os.path.join(a.out, "manifest.json")))
+    else:
+        manifest = build_toy_world(a.out, tiny=a.tiny, seed=a.seed, models=names)
+    if a.shards:
+        _repo_on_path()
+        print("shards:", write_shards(a.out, n_shards=a.shards))
+    return manifest
 
 
 if __name__ == "__main__":
