@@ -10,7 +10,8 @@ logits, attention maps). Read ModelConfig, BLIP.forward, blip_losses, distill_lo
 
 Modes: pretrain (student + frozen teacher; --teacher "" = plain BLIP) | retrieval (ITC+ITM
 fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam search;
---ft_distill also distils a teacher decoder) | eval (--task retrieval|caption|efficiency|all).
+--ft_distill also distils a teacher decoder) | eval (--task retrieval|caption|efficiency|all)
+| params (the preset's student and teacher at their published sizes, offline, on the meta device).
     python dlip.py --preset toy_teacher && python dlip.py    # toy teacher, then the student
     python dlip.py --mode retrieval --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_ret
     torchrun --nproc_per_node 8 dlip.py --preset paper --image_root /data --train_files coco.jsonl
@@ -39,7 +40,7 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
 from common.config import format_config, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, make_loader, pre_caption,
                          read_pairs)
-from common.hf import read_hf_weights, resolve_local
+from common.hf import counts_table, published_config, read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
 from common.log import Logger, progress
 from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
@@ -92,7 +93,7 @@ class ModelConfig(Size):
 @dataclass
 class Config(Size):
     """The run: the student's Size fields plus everything below."""
-    mode: str = "pretrain"             # pretrain | retrieval | caption | eval
+    mode: str = "pretrain"             # pretrain | retrieval | caption | eval | params
     task: str = "all"                  # eval mode: retrieval | caption | efficiency | all
     preset: str = "toy"
     out_dir: str = "runs/dlip"
@@ -101,6 +102,7 @@ class Config(Size):
     device: str = "auto"
     precision: str = "auto"
     bench: int = 0                     # time N training steps after warm-up, print samples/s, exit
+    compile: bool = False              # torch.compile the trained model (a GPU's speed-up)
     resume: str = ""                   # checkpoint of this run to continue exactly
     resume_changes: bool = False       # continue a resume whose config differs
     # ---- data: canonical pairs JSONL, paths relative to image_root; "toy:<path>" = in toy_root
@@ -1094,7 +1096,7 @@ def train(cfg, dist, device, dtype, log):
                         cfg.max_words, cfg.max_bad_frac)
     spe = len(data) // cfg.global_batch
     total = cfg.max_steps or max(1, int(round(cfg.epochs * spe)))
-    ddp = cdist.wrap_ddp(model, dist)
+    ddp = cdist.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scaler, step = camp.make_scaler(dtype), 0
@@ -1147,7 +1149,7 @@ def train(cfg, dist, device, dtype, log):
         set_lr(opt, lr)
         sums = {}
         for a in range(sampler.accum):
-            sync = a == sampler.accum - 1 or ddp is model
+            sync = a == sampler.accum - 1 or dist.world_size == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 loss, terms = micro_step(next(batches), step, a)
                 scaler.scale(loss / sampler.accum).backward()
@@ -1254,8 +1256,10 @@ def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(Config, PRESETS, argv)
-    if cfg.mode not in ("pretrain", "retrieval", "caption", "eval"):
-        raise ValueError(f"--mode must be pretrain|retrieval|caption|eval, got {cfg.mode!r}")
+    if cfg.mode not in ("pretrain", "retrieval", "caption", "eval", "params"):
+        raise ValueError(f"--mode must be pretrain|retrieval|caption|eval|params, got {cfg.mode!r}")
+    if cfg.mode == "params":
+        return params_mode(cfg, Logger("", True))
     if cfg.ft_distill and cfg.mode != "caption":
         raise ValueError("--ft_distill is for --mode caption (retrieval trains ITC + ITM only)")
     dist = cdist.setup_distributed(cfg.device)
@@ -1296,6 +1300,43 @@ def run_eval(cfg, dist, device, dtype, log):
         out.update(evaluate(cfg, models["student"], tok, dist, device, dtype, cfg.test_file, "test",
                             log))
     log.info(json.dumps(out, indent=1))
+    return out
+
+
+def params_mode(cfg, log):
+    """The student (trainable; its momentum copies frozen) and the frozen teacher at the preset's sizes, built
+    on the meta device (no weights, no network: common.hf.published_config for hub names): parameters per
+    part as `efficiency` counts them, and GFLOPs of one sample of its protocol at --image_size, the caption
+    part's greedy decoding counted as one pass over gen_max_len tokens (the same matmuls as with a cache)."""
+    c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum)
+    models = {"student": [(c, "")]}
+    if cfg.teacher:  # a dlip checkpoint, or transformers folders / hub names (retrieval + caption)
+        ck = load_checkpoint(cfg.teacher) if cfg.teacher.endswith((".pt", ".pth")) else None
+        models["teacher"] = [(replace(ModelConfig(**(ck.get("model_config") or ck["shape"])),
+                                      momentum=False), "")] if ck else \
+            [(blip_config(published_config(n).to_dict(), r, {}), s)
+             for n, r, s in ((cfg.teacher, True, "_itm"), (cfg.teacher_caption, False, "_cap")) if n]
+    out = {}
+    for tag, confs in models.items():
+        for mc, sfx in confs:
+            with torch.device("meta"):
+                m, p = BLIP(mc).eval(), f"{tag}{sfx}_"
+            out[p + "trainable"] = count_params(m, trainable=True) if tag == "student" else 0
+            out[p + "frozen"] = count_params(m) - out[p + "trainable"]
+            out.update({f"{p}params_{k}": count_params(v) for k, v in m.named_children()})
+            m = set_image_size(m, cfg.image_size)
+            image = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device="meta")
+            t, tc = (torch.ones(1, n, dtype=torch.long, device="meta") for n in (cfg.max_len, cfg.gen_max_len))
+            parts = {"vision": ([m.visual_encoder], lambda: m.visual_encoder(image))}  # ids = mask = 1
+            if mc.has_encoder:
+                parts["retrieval"] = (retrieval_parts(m), lambda: (
+                    m.text_features(t, t), m.itm_logits(t, t, m.image_features(image)[0])))
+            if mc.has_decoder:
+                parts["caption"] = ([m.visual_encoder, m.text_decoder],
+                                    lambda: m.decode(tc, tc, m.visual_encoder(image)))
+            with torch.no_grad():
+                out.update({p + k: v for k, v in size_table(parts).items()})
+    log.info(counts_table(out))
     return out
 
 
@@ -1403,19 +1444,8 @@ def load_hf_blip(path, special, image_size=None, temp=0.07):
     if arch not in ("BlipForImageTextRetrieval", "BlipForConditionalGeneration"):
         raise ValueError(f"{path}: architectures {arch!r}; expected BlipForImageTextRetrieval or "
                          f"BlipForConditionalGeneration")
-    v, t, ret = config["vision_config"], config["text_config"], arch == "BlipForImageTextRetrieval"
-    act = (v.get("hidden_act", "gelu"), t.get("hidden_act", "gelu"))
-    assert act == ("gelu", "gelu"), f"only exact GELU BLIP models are supported, got {act}"
-    model = BLIP(ModelConfig(
-        image_size=v.get("image_size", 384), patch_size=v.get("patch_size", 16),
-        vit_width=v["hidden_size"], vit_layers=v["num_hidden_layers"],
-        vit_heads=v["num_attention_heads"], vit_mlp=v["intermediate_size"],
-        vit_eps=v.get("layer_norm_eps", 1e-5), text_width=t["hidden_size"],
-        text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
-        text_ffn=t["intermediate_size"],
-        text_eps=t.get("layer_norm_eps", 1e-12), max_pos=t.get("max_position_embeddings", 512),
-        embed_dim=config.get("image_text_hidden_size", 256), has_encoder=ret, has_decoder=not ret,
-        tie_decoder=False, momentum=False, queue_size=0, **special))
+    ret = arch == "BlipForImageTextRetrieval"
+    model = BLIP(blip_config(config, ret, special))
     sd = hf_to_dlip(read_hf_weights(path))
     if ret:
         sd["temp"] = torch.tensor(temp)  # HF keeps no ITC temperature
@@ -1427,6 +1457,23 @@ def load_hf_blip(path, special, image_size=None, temp=0.07):
                          f"{unexpected[:4]}, shape mismatch {bad[:4]}")
     model.load_state_dict(sd)
     return set_image_size(model, image_size)
+
+
+def blip_config(config, ret, special):
+    """The ModelConfig of a transformers BLIP config.json (dict): retrieval or caption model."""
+    v, t = config["vision_config"], config["text_config"]
+    act = (v.get("hidden_act", "gelu"), t.get("hidden_act", "gelu"))
+    assert act == ("gelu", "gelu"), f"only exact GELU BLIP models are supported, got {act}"
+    return ModelConfig(
+        image_size=v.get("image_size", 384), patch_size=v.get("patch_size", 16),
+        vit_width=v["hidden_size"], vit_layers=v["num_hidden_layers"],
+        vit_heads=v["num_attention_heads"], vit_mlp=v["intermediate_size"],
+        vit_eps=v.get("layer_norm_eps", 1e-5), text_width=t["hidden_size"],
+        text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
+        text_ffn=t["intermediate_size"],
+        text_eps=t.get("layer_norm_eps", 1e-12), max_pos=t.get("max_position_embeddings", 512),
+        embed_dim=config.get("image_text_hidden_size", 256), has_encoder=ret, has_decoder=not ret,
+        tie_decoder=False, momentum=False, queue_size=0, **special)
 
 
 def set_image_size(model, size):

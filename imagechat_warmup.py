@@ -13,7 +13,7 @@ losses are MLE + unlikelihood (Welleck et al., arXiv 1908.04319), summed over to
 
 --mode features | captions (data/imagechat.py, cached by image hash), warmup (--tasks: a subset of
 mlm,isp,mrm,gcd = the paper's Table 3 ablation), finetune (--init a warm-up checkpoint, or none),
-eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, their mean "IC", PPL, R@1/100). Toy world (CPU):
+eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), params. Toy world (CPU):
     python imagechat_warmup.py --mode features
     python imagechat_warmup.py --mode captions --captioner runs/bp/export  # blip2_pformer export
     python imagechat_warmup.py --mode warmup --out_dir runs/icw_toy/warmup
@@ -30,6 +30,7 @@ import os
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 import torch
@@ -45,7 +46,9 @@ from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_di
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
 from common.metrics import dialogue_scores, expand_contractions, gold_rank
-from common.train import StepTimer, mfu, optimizer_update, param_groups, run_bench, set_lr
+from common.hf import counts_table, hf_model
+from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
+                          run_bench, set_lr)
 from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
                             read_image_chat, split_path)
 from data.toy import toy_paths
@@ -57,13 +60,14 @@ SCRIPT = "imagechat_warmup"
 @dataclass
 class Config:
     preset: str = "toy"
-    mode: str = "finetune"          # features | captions | warmup | finetune | eval
+    mode: str = "finetune"          # features | captions | warmup | finetune | eval | params
     out_dir: str = "runs/icw_toy/run"
     toy_root: str = "data/toy"
     seed: int = 428                 # paper App. B
     device: str = "auto"
     precision: str = "auto"         # bf16 on GPU (the paper used fp16 AMP), fp32 on CPU
     bench: int = 0
+    compile: bool = False           # torch.compile the trained model (a GPU's speed-up)
     resume: str = ""
     resume_changes: bool = False    # continue a resume whose config differs from the checkpoint's
     init: str = ""                  # weights to start from (warm-up result / model to evaluate)
@@ -136,10 +140,9 @@ class Config:
 
 
 PRESETS = {
-    "toy": dict(warmup_epochs=6, warmup_batch=32, warmup_micro=16, ft_epochs=6, ft_batch=32,
-                ft_micro=16, lr=1e-3, num_beams=4, min_length=1, max_length=24, length_penalty=1.0,
-                no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=0, eval_batch=32, log_every=10,
-                save_every=200, num_candidates=100),
+    "toy": dict(warmup_epochs=6, warmup_batch=32, warmup_micro=16, ft_epochs=6, ft_batch=32, ft_micro=16,
+                lr=1e-3, num_beams=4, min_length=1, max_length=24, length_penalty=1.0, no_repeat_ngram_size=3,
+                encoder_no_repeat_ngram_size=0, eval_batch=32, log_every=10, save_every=200, num_candidates=100),
     "paper": dict(out_dir="runs/icw/run", cache_dir="runs/icw/cache", data_dir="data/image_chat",
                   image_root="data/image_chat/images", clip="openai/clip-vit-base-patch32",
                   captioner="Salesforce/blip2-opt-2.7b-coco",
@@ -155,8 +158,8 @@ RESUME_FREE_ICW = (RESUME_FREE - {"max_steps"}) | set(
 def check_choices(cfg):
     if cfg.mode == "evaluate":
         cfg.mode = "eval"
-    if cfg.mode not in ("features", "captions", "warmup", "finetune", "eval"):
-        raise ValueError(f"--mode must be features|captions|warmup|finetune|eval, got {cfg.mode!r}")
+    if cfg.mode not in ("features", "captions", "warmup", "finetune", "eval", "params"):
+        raise ValueError(f"--mode must be features|captions|warmup|finetune|eval|params, got {cfg.mode!r}")
     tasks = task_list(cfg)
     if set(tasks) - set(TASKS):
         raise ValueError(f"unknown warm-up tasks {sorted(set(tasks) - set(TASKS))}; use {TASKS}")
@@ -170,9 +173,9 @@ def check_choices(cfg):
 def resolve_paths(cfg, is_main=True):
     """Fill the empty paths this mode reads from the toy world, building it with only the backbones
     read (features: CLIP; warmup/finetune/eval: T5)."""
-    reads = {"features": {"clip": "models/clip"}, "captions": {}}.get(cfg.mode)
-    reads = {"backbone": "models/t5"} if reads is None else reads
-    models = {"features": ["clip"], "captions": []}.get(cfg.mode, ["t5"])
+    reads = {"features": {"clip": "models/clip"}, "captions": {},
+             "params": {"clip": "models/clip", "backbone": "models/t5"}}.get(cfg.mode, {"backbone": "models/t5"})
+    models = {"features": ["clip"], "captions": [], "params": ["clip", "t5"]}.get(cfg.mode, ["t5"])
     toy_paths(cfg, {"data_dir": "image_chat", **reads}, models, is_main, barrier)
     cfg.image_root = cfg.image_root or os.path.join(cfg.data_dir, "images")
 
@@ -262,9 +265,8 @@ class Positions(nn.Module):
         n_text = length - self.n_prefix
         n = past_key_values_length + n_text
         if n > self.weight.shape[0]:  # transformers #18433: fail clearly
-            raise ValueError(f"sequence of {n} tokens exceeds the position table "
-                             f"({len(self.weight)}); lower --max_src_len/--max_tgt_len or "
-                             "raise --max_positions")
+            raise ValueError(f"sequence of {n} tokens exceeds the position table ({len(self.weight)}); "
+                             "lower --max_src_len/--max_tgt_len or raise --max_positions")
         text = self.weight[past_key_values_length:past_key_values_length + n_text]  # (L_text, d)
         prefix = text.new_zeros(self.n_prefix, text.shape[1])
         return torch.cat([prefix, text], 0).unsqueeze(0)  # (1, L, d)
@@ -345,13 +347,14 @@ class ImageChatModel(nn.Module):
         return out
 
 
-def build_model(cfg, feat_dim, n_patches):
-    """Backbone from its local folder, tokenizer with the new tokens, fresh image modules."""
+def build_model(cfg, feat_dim, n_patches, meta=False):
+    """Backbone from its local folder, tokenizer with the new tokens, fresh image modules.  meta: the
+    architecture alone (--mode params), the vocabulary grown by the new tokens without a tokenizer."""
     from transformers import AutoModelForSeq2SeqLM
-    tok = load_tokenizer(cfg.backbone)
-    lm = AutoModelForSeq2SeqLM.from_pretrained(cfg.backbone, local_files_only=True)
-    lm.resize_token_embeddings(len(tok))
-    vocab = make_vocab(tok, lm.config)
+    tok = None if meta else load_tokenizer(cfg.backbone)
+    lm = hf_model(AutoModelForSeq2SeqLM, cfg.backbone, meta, local_files_only=True)
+    lm.resize_token_embeddings(len(tok) if tok else lm.config.vocab_size + len(NEW_TOKENS), mean_resizing=not meta)
+    vocab = None if meta else make_vocab(tok, lm.config)
     model = ImageChatModel(lm, vocab, feat_dim, n_patches, cfg.use_image, cfg.max_positions,
                            cfg.share_pos, cfg.untied_head, cfg.ul_alpha, cfg.ul_per_sequence)
     return model, tok, vocab
@@ -366,8 +369,7 @@ def mle_ul_loss(logits, labels, pad, per_sequence=False):
     UL at step t penalises -log(1 - p(c)) for every candidate c in C_t = tokens at earlier target
     positions, minus y_t.  Release behaviour (per_sequence=False): the batch is flattened first, so
     C_t also holds earlier examples' tokens and pads, and pad positions get the UL term.
-    per_sequence=True: C_t from the own sequence, no pads.
-    """
+    per_sequence=True: C_t from the own sequence, no pads."""
     B, T, V = logits.shape
     lprobs = logits.float().log_softmax(-1)
     valid = labels != pad
@@ -398,8 +400,7 @@ def token_ce(logits, labels, pad):
 
 def mrm_kl_loss(pred, target):
     """(1/|M|) sum_r KL(softmax(v_r) || softmax(h_r)); pred, target (M, D).  Float64 as released."""
-    p_log = target.double().log_softmax(-1)
-    q_log = pred.double().log_softmax(-1)
+    p_log, q_log = target.double().log_softmax(-1), pred.double().log_softmax(-1)
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean().float()
 
 
@@ -480,8 +481,7 @@ def warmup_batch(eps, feats, vocab, cfg, g):
         return ids
 
     def dialogue(ep):
-        return [t for s, u in zip(ep["styles"], ep["utts"])
-                for t in s + [V.sty] + u[:cfg.seg_tokens] + [V.eos]]
+        return [t for s, u in zip(ep["styles"], ep["utts"]) for t in s + [V.sty] + u[:cfg.seg_tokens] + [V.eos]]
 
     def pack(srcs, labels, f):
         src, src_mask = src_batch(srcs, V, cfg.max_src_len)
@@ -496,8 +496,7 @@ def warmup_batch(eps, feats, vocab, cfg, g):
         perm = torch.randperm(B, generator=g)
         swapped, kept = perm[:B // 2], perm[B // 2:]
         src_rows = kept[torch.randint(len(kept), (len(swapped),), generator=g)]
-        f = feats.clone()
-        f[swapped] = feats[src_rows]
+        f = feats.index_copy(0, swapped, feats[src_rows])  # a copy: feats stays as it was
         labels = [[V.task["isp"]] + (V.negative if s else V.positive) + [V.eos]
                   for s in torch.isin(torch.arange(B), swapped).tolist()]
         out["isp"] = pack([source(ep) for ep in eps], labels, f)
@@ -505,8 +504,7 @@ def warmup_batch(eps, feats, vocab, cfg, g):
         n_patch = feats.shape[1]
         idx = torch.randperm(n_patch, generator=g)[:max(1, int(n_patch * cfg.mrm_frac))]
         masked = torch.isin(torch.arange(n_patch), idx)  # (9,) bool
-        f = feats.clone()
-        f[:, masked] = 0
+        f = feats.masked_fill(masked[None, :, None], 0)  # (B, 9, D), a copy
         markers = [V.zero if m else V.feat for m in masked.tolist()]
         out["mrm"] = pack([source(ep) for ep in eps], [[V.task["mrm"]] + markers + [V.eos]] * B, f)
         out["mrm"]["mrm_target"] = feats[:, masked].flatten(0, 1)  # (B * n_masked, D), row-major
@@ -550,11 +548,9 @@ def generation_kwargs(cfg, lm):
     def pick(name, default):
         value, saved = getattr(cfg, name), getattr(gc, name, None)
         return value if value >= 0 else (saved if saved is not None else default)
-    return dict(num_beams=cfg.num_beams, min_length=cfg.min_length, early_stopping=True,
+    return dict(num_beams=cfg.num_beams, min_length=cfg.min_length, early_stopping=True, do_sample=False,
                 max_length=pick("max_length", 60), length_penalty=pick("length_penalty", 1.0),
-                do_sample=False,
-                no_repeat_ngram_size=pick("no_repeat_ngram_size", 0),
-                encoder_no_repeat_ngram_size=pick("encoder_no_repeat_ngram_size", 0))
+                **{k: pick(k, 0) for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size")})
 
 
 @torch.no_grad()
@@ -568,15 +564,12 @@ def generate(model, src, src_mask, feats, gen_kw):
 def candidate_scores(model, enc, mask, cands, tok, vocab, cfg):
     """Mean per-token log-likelihood of each candidate (one example), as ParlAI's generator ranks
     (torch_generator_agent.py, rank_eval_label_candidates); a sum would favour short replies."""
-    labels = [tok.encode(c, add_special_tokens=False)[:cfg.max_tgt_len - 1] + [vocab.eos]
-              for c in cands]
+    labels = [tok.encode(c, add_special_tokens=False)[:cfg.max_tgt_len - 1] + [vocab.eos] for c in cands]
     dec_in, lab = target_batch(labels, vocab)
-    n = len(cands)
-    hidden = enc.last_hidden_state.expand(n, -1, -1)  # (C, S, d)
+    hidden = enc.last_hidden_state.expand(len(cands), -1, -1)  # (C, S, d)
     from transformers.modeling_outputs import BaseModelOutput
-    logits = model.lm(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-                      attention_mask=mask.expand(n, -1),
-                      decoder_input_ids=dec_in.to(hidden.device)).logits.float()  # (C, T, V)
+    logits = model.lm(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask.expand(
+        len(cands), -1), decoder_input_ids=dec_in.to(hidden.device)).logits.float()  # (C, T, V)
     lab = lab.to(hidden.device)
     lp = logits.log_softmax(-1).gather(-1, lab.unsqueeze(-1)).squeeze(-1)  # (C, T)
     return (lp * (lab != vocab.pad)).sum(1) / (lab != vocab.pad).sum(1)
@@ -598,9 +591,8 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
     preds, rows = tok.batch_decode(out, skip_special_tokens=True), []
     for j, ep in enumerate(eps):
         ref = ep["texts"][k - 1]
-        row = {"hash": ep["hash"], "turn": k, "reference": ref, "prediction": preds[j],
-               "context": tok.decode(b["src"][j], skip_special_tokens=True),
-               "nll": float(nll[j]), "n_tok": int(n_tok[j])}
+        row = {"hash": ep["hash"], "turn": k, "reference": ref, "prediction": preds[j], "nll": float(nll[j]),
+               "context": tok.decode(b["src"][j], skip_special_tokens=True), "n_tok": int(n_tok[j])}
         cands = ((ep["candidates"] or [None] * 3)[k - 1] or {}).get(str(cfg.num_candidates))
         if cfg.num_candidates and cands and ref in cands:
             one = type(enc)(last_hidden_state=enc.last_hidden_state[j:j + 1])
@@ -621,8 +613,7 @@ def turn_scores(rows, tok, cfg):
             for r in rows]
     m = dialogue_scores(preds, refs, list(map(ids, preds)), list(map(ids, refs)), cfg.eval_batch,
                         nll=[r["nll"] for r in rows], n_tok=[r["n_tok"] for r in rows],
-                        ranks=[r["rank"] for r in rows if "rank" in r],
-                        n_candidates=cfg.num_candidates)
+                        ranks=[r["rank"] for r in rows if "rank" in r], n_candidates=cfg.num_candidates)
     return {**m, "n": len(rows)}
 
 
@@ -648,9 +639,8 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
         if run_dir and dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
-                for r in rows:
-                    keep = ("hash", "context", "reference", "prediction")
-                    f.write(json.dumps({n: r[n] for n in keep}) + "\n")
+                f.writelines(json.dumps({n: r[n] for n in ("hash", "context", "reference", "prediction")}) + "\n"
+                             for r in rows)
     for name in ("F1", "BLEU-4", "ROUGE-L", "PPL", f"R@1/{cfg.num_candidates}", "word_F1"):
         vals = [results[f"turn{k}/{name}"] for k in (1, 2, 3) if f"turn{k}/{name}" in results]
         if vals:
@@ -661,13 +651,11 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
 
 def results_table(res):
     """Per-turn table of the paper's metrics (x100), as in its Table 3."""
-    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", "R@1/100", "word_F1")
-             if f"IC/{n}" in res]
+    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", "R@1/100", "word_F1") if f"IC/{n}" in res]
     lines = ["| turn | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in ("turn1", "turn2", "turn3", "IC"):
         if f"{k}/F1" in res:
-            cells = [f"{res.get(f'{k}/{n}', float('nan')):.2f}" for n in names]
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+            lines.append(f"| {k} | " + " | ".join(f"{res.get(f'{k}/{n}', float('nan')):.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -685,10 +673,7 @@ def onecycle_lr(step, total, cfg):
 
 def mix(*xs):
     """A seed from integers (step, micro-batch, ...): resume and world size keep the draws."""
-    h = 0
-    for x in xs:
-        h = (h * 1_000_003 + int(x)) % (2 ** 61 - 1)
-    return h
+    return reduce(lambda h, x: (h * 1_000_003 + int(x)) % (2 ** 61 - 1), xs, 0)
 
 
 def load_split(cfg, split, tok, index, caps, log, keep_candidates):
@@ -711,8 +696,7 @@ def setup(cfg, log):
         feats.zero_()
     caps = load_captions(cfg.cache_dir) if cfg.use_caption else {}
     if cfg.use_caption and not caps:
-        raise DataError(f"no captions in {cfg.cache_dir}: run --mode captions first "
-                        "(or --use_caption false)")
+        raise DataError(f"no captions in {cfg.cache_dir}: run --mode captions first (or --use_caption false)")
     seed_everything(cfg.seed)  # identical fresh initialisation on every rank
     model, tok, vocab = build_model(cfg, feats.shape[-1], feats.shape[1])
     if init is not None:
@@ -733,17 +717,15 @@ def run_training(cfg, dist, log, dtype):
     train = load_split(cfg, "train", tok, index, caps, log, keep_candidates=False)
     active = task_list(cfg) if warm else ["ft"]
     model.mrm_head.requires_grad_("mrm" in active)  # unused parameters stay out of DDP and AdamW
-    model.img_proj.requires_grad_(cfg.use_image)
-    model.img_norm.requires_grad_(cfg.use_image)
+    nn.ModuleList([model.img_proj, model.img_norm]).requires_grad_(cfg.use_image)
     model.to(dev).train()
-    ddp = wrap_ddp(model, dist)
+    ddp = wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps)
     scaler = make_scaler(dtype)
 
     # items: (episode, turn); turn 0 = drawn per batch (release), --all_turns expands every turn
-    items = [(i, 0) for i in range(len(train))]
-    if not warm and cfg.all_turns:
-        items = [(i, k + 1) for i, ep in enumerate(train.episodes) for k in range(len(ep["utts"]))]
+    items = [(i, k + 1) for i, ep in enumerate(train.episodes) for k in range(len(ep["utts"]))] \
+        if not warm and cfg.all_turns else [(i, 0) for i in range(len(train))]
     G, m = (cfg.warmup_batch, cfg.warmup_micro) if warm else (cfg.ft_batch, cfg.ft_micro)
     sampler = StepSampler(len(items), G, m, world, dist.rank, cfg.seed)
     accum, per_epoch = sampler.accum, sampler.steps_per_epoch
@@ -787,8 +769,7 @@ def run_training(cfg, dist, log, dtype):
     n_params = sum(p.numel() for p in params)
     if cfg.bench:
         tasks = micro_batch(0, 0, sampler.micro_batches(0)[0])
-        toks = sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel()
-                   for b in tasks.values())
+        toks = sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
         return run_bench(lambda: train_step(0), cfg.bench, G, dev,
                          flops_per_step=6 * n_params * toks * accum * world, world_size=world)
 
@@ -807,9 +788,8 @@ def run_training(cfg, dist, log, dtype):
             save_checkpoint(os.path.join(cfg.out_dir, name), {
                 "script": SCRIPT, "kind": cfg.mode, "model": model.state_dict(), "step": step,
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "config": asdict_config(cfg), "best": best,
-                "data_position": {"step": step, "epoch": step // per_epoch, "epoch_sum": epoch_sum,
-                                  "epoch_n": epoch_n}})
+                "config": asdict_config(cfg), "best": best, "data_position": {
+                    "step": step, "epoch": step // per_epoch, "epoch_sum": epoch_sum, "epoch_n": epoch_n}})
         barrier()
 
     selecting = not warm and cfg.eval_every > 0 and cfg.select_on in ("valid", "test")
@@ -830,8 +810,7 @@ def run_training(cfg, dist, log, dtype):
                 save("best.pt", step + 1)
             epoch_sum, epoch_n = 0.0, 0
         if select is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            res = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)
-            score = res["IC/F1"]
+            score = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)["IC/F1"]
             log.info(f"step {step + 1}: {cfg.select_on} IC F1 {score:.2f}")
             if best is None or score > best:
                 best = score
@@ -871,9 +850,30 @@ def run_eval(cfg, dist, log, dtype):
     return run_test(cfg, dist, log, dtype, model.to(dist.device), tok, vocab, index, feats, caps)
 
 
+def params_mode(cfg, log):
+    """Parameters of the trained parts and the frozen CLIP (crop features), built on the meta device from the
+    published configs (no weights, no network); FLOPs of one example's forward + backward at the length
+    limits (image block + max_src_len, max_tgt_len tokens; a warm-up step: one per task)."""
+    from transformers import CLIPModel
+    clip = hf_model(CLIPModel, cfg.clip, meta=True)
+    with torch.device("meta"):
+        model = build_model(cfg, clip.config.projection_dim, cfg.grid ** 2, meta=True)[0]
+    out = {f"params_{k}": count_params(getattr(model, k)) for k in "lm img_proj img_norm segment mrm_head".split()}
+    out.update(trainable=count_params(model), frozen_clip=count_params([clip.vision_model, clip.visual_projection]))
+    model.lm.set_attn_implementation("eager")  # sdpa's mask check reads values, which meta tensors lack
+    src = torch.zeros(1, model.n_img * cfg.use_image + cfg.max_src_len, model.lm.config.d_model, device="meta")
+    tgt = torch.zeros(1, cfg.max_tgt_len, dtype=torch.long, device="meta")
+    out["gflops_example"] = count_flops(lambda: model.lm(inputs_embeds=src, decoder_input_ids=tgt).logits.sum()
+                                        .backward()) / 1e9
+    log.info(counts_table(out))
+    return out
+
+
 # ================================================================================================ main
 def main(argv=None):
     cfg = check_choices(parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[0]))
+    if cfg.mode == "params":  # offline: hub names from common.hf's table, the toy's folders
+        return params_mode(resolve_paths(cfg) or cfg, Logger("", True))
     dist = setup_distributed(cfg.device)
     try:
         resolve_paths(cfg, dist.is_main)

@@ -11,7 +11,8 @@ The dual encoder comes from a CLIP checkpoint (`--init clip`) or from two uni-mo
 fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA.
 Preparation (negatives, neighbours: data/negatives.py) and the benchmarks (ARO, SugarCREPE, CREPE,
 SVO, Winoground, retrieval: data/benchmarks.py) live in data/; this file is the model, the batch
-layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed) | eval | export.
+layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed) | eval | export
+| params (parameters and FLOPs of the configured model, offline, from the published architectures).
 
     python negclip.py --mode eval --out_dir runs/negclip_toy/before          # toy world, CPU
     python negclip.py --mode train --out_dir runs/negclip_toy
@@ -44,9 +45,10 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
 from common.config import format_config, parse_config, save_config
 from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader
 from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from common.hf import counts_table, hf_model, published_config
 from common.log import Logger
-from common.train import (StepTimer, count_flops, cosine_lr, mfu, optimizer_update, param_groups,
-                          run_bench, set_lr)
+from common.train import (StepTimer, count_flops, count_params, cosine_lr, mfu, optimizer_update,
+                          param_groups, run_bench, set_lr)
 
 
 # ================================================================================================ Config
@@ -66,20 +68,20 @@ class ModelConfig:
     lora_r: int = 0               # >0: LoRA adapters on the unlocked towers, towers frozen
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
 
 
 @dataclass
 class Config(ModelConfig):
     preset: str = "toy"
-    mode: str = "train"           # mine | train | eval | export
+    mode: str = "train"           # mine | train | eval | export | params
     out_dir: str = "runs/negclip"
     toy_root: str = "data/toy"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"       # auto = bf16 autocast on a capable GPU, fp32 on CPU
     bench: int = 0                # >0: time this many training steps after warm-up and stop
+    compile: bool = False         # torch.compile the trained model (a GPU's speed-up)
     resume: str = ""              # checkpoint to continue training from (exactly)
     resume_changes: bool = False  # continue a resume whose config differs
     ckpt: str = ""                # eval/export: trained checkpoint (else the init model)
@@ -143,8 +145,7 @@ PRESETS = {
                   val_file="data/negclip/valid_neg_clip.tsv", workers=8,
                   bench_root="data/benchmarks", retrieval_image_root="data/coco",
                   retrieval_file="data/benchmarks/blip/coco_karpathy_test.json",
-                  order_file="data/benchmarks/blip/coco_karpathy_test.json",
-                  order_image_root="data/coco"),
+                  order_file="data/benchmarks/blip/coco_karpathy_test.json", order_image_root="data/coco"),
 }
 
 # what a resumed run may change without changing the training it continues (here init is the
@@ -166,8 +167,7 @@ def resolve_paths(cfg, is_main=True):
     towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
     toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
                bench_root="", retrieval_file="pairs_test.jsonl", retrieval_image_root="",
-               order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="",
-               **towers)
+               order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="", **towers)
     toy_paths(cfg, toy, ["clip", "bert"] if uni else ["clip"], is_main, D.barrier)
     for k in ("image_root", "bench_root", "retrieval_image_root", "order_image_root"):
         setattr(cfg, k, os.path.normpath(getattr(cfg, k)))  # toy_root/"" -> toy_root
@@ -250,7 +250,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.vision, self.text = vision, text
         self.visual_projection, self.text_projection = visual_projection, text_projection
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale), device=visual_projection.weight.device))
         self.pool, self.vision_pool, self.text_pool = pool, vision_pool, text_pool
         self.image_size, self.image_mean, self.image_std = image
 
@@ -271,8 +271,8 @@ class DualEncoder(nn.Module):
             return out.pooler_output
         h = out.last_hidden_state  # (B, L, d)
         if self.text_pool == "cls":
-            return h[:, 0]
-        m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1); RoBERTa's pooler is random: mean default
+            return h[:, 0]  # else mean (RoBERTa's pooler is random)
+        m = (torch.ones_like(ids) if mask is None else mask).unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
     def encode_image(self, pixels=None, pooled=None, normalize=True):
@@ -294,14 +294,13 @@ class DualEncoder(nn.Module):
 _POOLER_TYPES = ("bert", "roberta", "xlm-roberta", "vit")  # random/NSP poolers: unused weights
 
 
-def load_tower(path, side):
+def load_tower(path, side, meta=False):
     """A uni-modal tower from a folder (or hub name): from_pretrained, never trust_remote_code."""
     from transformers import AutoConfig, AutoModel, CLIPTextModel, CLIPVisionModel
-    mtype = AutoConfig.from_pretrained(path).model_type
+    mtype = (published_config(path) if meta else AutoConfig.from_pretrained(path)).model_type
     if mtype == "clip":  # one side of a full CLIP checkpoint
-        return (CLIPVisionModel if side == "vision" else CLIPTextModel).from_pretrained(path)
-    kw = {"add_pooling_layer": False} if mtype in _POOLER_TYPES else {}
-    return AutoModel.from_pretrained(path, **kw)
+        return hf_model(CLIPVisionModel if side == "vision" else CLIPTextModel, path, meta, side + "_config")
+    return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if mtype in _POOLER_TYPES else {}))
 
 
 def _image_stats(path, model_type):
@@ -315,20 +314,22 @@ def _image_stats(path, model_type):
     return (CLIP_MEAN, CLIP_STD) if model_type.startswith("clip") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def build_model(mc):
-    """ModelConfig -> (DualEncoder, tokenizer).  Freezing / LoRA are applied here, once."""
+def build_model(mc, meta=False):
+    """ModelConfig -> (DualEncoder, tokenizer).  Freezing / LoRA are applied here, once.  meta: the
+    architecture alone on the meta device, no tokenizer (--mode params)."""
     from transformers import AutoTokenizer, CLIPModel
+    tokenizer = (lambda path: None) if meta else AutoTokenizer.from_pretrained
     if mc.init == "clip":
-        hf = CLIPModel.from_pretrained(mc.clip)  # config has quick_gelu for OpenAI weights
+        hf = hf_model(CLIPModel, mc.clip, meta)  # config has quick_gelu for OpenAI weights
         image = (hf.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
-        model = DualEncoder(hf.vision_model, hf.text_model, hf.visual_projection,
-                            hf.text_projection, hf.logit_scale.item(), "clip", image=image)
-        tok = AutoTokenizer.from_pretrained(mc.clip)
+        model = DualEncoder(hf.vision_model, hf.text_model, hf.visual_projection, hf.text_projection,
+                            hf.config.logit_scale_init_value if meta else hf.logit_scale.item(), "clip", image=image)
+        tok = tokenizer(mc.clip)
     elif mc.init == "unimodal":
-        vision, text = load_tower(mc.vision, "vision"), load_tower(mc.text, "text")
+        vision, text = load_tower(mc.vision, "vision", meta), load_tower(mc.text, "text", meta)
         dv, dt = vision.config.hidden_size, text.config.hidden_size
-        vp = nn.Linear(dv, mc.embed_dim, bias=False)
-        tp = nn.Linear(dt, mc.embed_dim, bias=False)
+        vp = nn.Linear(dv, mc.embed_dim, bias=False, device=vision.device)
+        tp = nn.Linear(dt, mc.embed_dim, bias=False, device=vision.device)
         nn.init.normal_(vp.weight, std=dv ** -0.5)
         nn.init.normal_(tp.weight, std=dt ** -0.5)
         size = vision.config.image_size
@@ -338,9 +339,8 @@ def build_model(mc):
             if n.endswith("mask_token") or (mc.vision_pool == "mean" and "post_layernorm" in n):
                 p.requires_grad_(False)  # DINOv2's mask token; a mean-pooled CLIP tower's pooled LN
         # fresh heads: temperature 0.07 as in CLIP's own initialisation
-        model = DualEncoder(vision, text, vp, tp, math.log(1 / 0.07), "towers", mc.vision_pool,
-                            mc.text_pool, image)
-        tok = AutoTokenizer.from_pretrained(mc.text)
+        model = DualEncoder(vision, text, vp, tp, math.log(1 / 0.07), "towers", mc.vision_pool, mc.text_pool, image)
+        tok = tokenizer(mc.text)
     else:
         raise ValueError(f"init must be clip|unimodal, got {mc.init!r}")
     for name in ("vision", "text"):
@@ -450,8 +450,7 @@ class NegCLIPRows(torch.utils.data.Dataset):
         if hard:
             negs, negs2 = r["negs"], self.rows[j]["negs"]
             out.update(x2=x2, t2=self.rows[j]["caption"], img_id2=self.image_ids[j],
-                       n=negs[self._pick(0, epoch, c, len(negs))],
-                       n2=negs2[self._pick(2, epoch, c, len(negs2))])
+                       n=negs[self._pick(0, epoch, c, len(negs))], n2=negs2[self._pick(2, epoch, c, len(negs2))])
         return out
 
 
@@ -466,10 +465,8 @@ def collate(items, tok, max_len):
     txt_ids = torch.tensor(img_ids + [-1] * (len(texts) - len(xs)))  # hard captions: no image
     t = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     return {"pixels": torch.stack(xs), "ids": t["input_ids"], "mask": t["attention_mask"],
-            "img_ids": torch.tensor(img_ids), "txt_ids": txt_ids,
-            "hard": hard, "step": items[0]["step"],
-            "tried": set().union(*(it["tried"] for it in items)),
-            "bad": set().union(*(it["bad"] for it in items))}
+            "img_ids": torch.tensor(img_ids), "txt_ids": txt_ids, "hard": hard, "step": items[0]["step"],
+            **{k: set().union(*(it[k] for it in items)) for k in ("tried", "bad")}}
 
 
 # ================================================================================================ Eval
@@ -488,8 +485,7 @@ def scorer(model, tok, cfg, dist, dtype, pooled=False):
 
     @torch.no_grad()
     def texts(strs):
-        t = tok(strs, padding=True, truncation=True, max_length=cfg.max_text_len,
-                return_tensors="pt")
+        t = tok(strs, padding=True, truncation=True, max_length=cfg.max_text_len, return_tensors="pt")
         with amp.autocast(dev, dtype):
             return model.encode_text(t["input_ids"].to(dev), t["attention_mask"].to(dev))
 
@@ -576,8 +572,7 @@ def train(cfg, model, tok, dist, dtype, log):
             tower.to(amp.frozen_dtype(dev, dtype)).eval()
     # open_clip: weight decay on matrices only (not biases, norms, logit_scale); heads: own lr
     towers = param_groups(nn.ModuleList([model.vision, model.text]), cfg.weight_decay)
-    heads = param_groups(nn.ModuleList([model.visual_projection, model.text_projection]),
-                         cfg.weight_decay)
+    heads = param_groups(nn.ModuleList([model.visual_projection, model.text_projection]), cfg.weight_decay)
     heads[1]["params"].append(model.logit_scale)
     for g in heads:
         g["lr_scale"] = cfg.head_lr / cfg.lr if cfg.head_lr > 0 else 1.0
@@ -585,7 +580,7 @@ def train(cfg, model, tok, dist, dtype, log):
                             betas=(0.9, cfg.beta2), eps=cfg.eps)
     params = [p for g in opt.param_groups for p in g["params"]]
     scaler = amp.make_scaler(dtype)
-    net = D.wrap_ddp(model, dist)
+    net = D.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
 
     step, best = 0, -1.0
     if cfg.resume:
@@ -604,8 +599,7 @@ def train(cfg, model, tok, dist, dtype, log):
     keyed = ([(s, e, i) for e, i in mb]  # StepSampler's micro batches, each item with its step
              for s in range(step, end) for mb in sampler.micro_batches(s))
     to_batch = functools.partial(collate, tok=tok, max_len=cfg.max_text_len)
-    it = iter(make_loader(data, keyed, to_batch, cfg.workers, cfg.seed, dist.rank,
-                          pin_memory=dev.type == "cuda"))
+    it = iter(make_loader(data, keyed, to_batch, cfg.workers, cfg.seed, dist.rank, pin_memory=dev.type == "cuda"))
 
     def opt_step(step):
         lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
@@ -653,14 +647,9 @@ def train(cfg, model, tok, dist, dtype, log):
             flops = count_flops(lambda: forward_loss(net, model, b0, cfg, dev, dtype)[0].backward())
             flops *= accum * world
             opt.zero_grad(set_to_none=True)
-        state = {"s": step}
-
-        def one():
-            opt_step(state["s"])
-            state["s"] += 1
-        rows_per_step = cfg.global_batch * (2 if cfg.hard_negatives else 1)
-        return run_bench(one, cfg.bench, rows_per_step, dev, warmup=3, flops_per_step=flops,
-                         world_size=world)
+        steps, rows_per_step = iter(range(step, 1 << 62)), cfg.global_batch * (2 if cfg.hard_negatives else 1)
+        return run_bench(lambda: opt_step(next(steps)), cfg.bench, rows_per_step, dev, warmup=3,
+                         flops_per_step=flops, world_size=world)
 
     timer = StepTimer(dev)
     val_every = cfg.val_every or spe
@@ -668,13 +657,10 @@ def train(cfg, model, tok, dist, dtype, log):
     stop = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
     while step < stop:
         timer.start()
-        if flops_step is None and dev.type == "cuda":  # count the first step's FLOPs for MFU
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as fc:
-                loss, terms, lr, gnorm, hard = opt_step(step)
-            flops_step = fc.get_total_flops() * world
-        else:
-            loss, terms, lr, gnorm, hard = opt_step(step)
+        first = []  # on a GPU, the first step's FLOPs for MFU
+        if flops_step is None and dev.type == "cuda":
+            flops_step = count_flops(lambda: first.append(opt_step(step))) * world
+        loss, terms, lr, gnorm, hard = first[0] if first else opt_step(step)
         t = timer.stop(cfg.global_batch * (2 if hard else 1))
         step += 1
         history.append(float(loss))
@@ -700,8 +686,7 @@ def train(cfg, model, tok, dist, dtype, log):
     log.info(f"train: {seen.report()}")
     seen.check(final=True)
     return {"train/final_loss": history[-1] if history else float("nan"), "train/steps": step,
-            "train/best_val_r_mean": best, "train/losses": history,
-            "train/unreadable_images": seen.bad}
+            "train/best_val_r_mean": best, "train/losses": history, "train/unreadable_images": seen.bad}
 
 
 # ================================================================================================ transformers export
@@ -713,11 +698,9 @@ def export_model(model, cfg, out):
     os.makedirs(out, exist_ok=True)
     if cfg.init == "clip":
         hf = CLIPModel.from_pretrained(cfg.clip)
-        sd = {}
-        for k, v in model.state_dict().items():
-            head, rest = k.split(".", 1) if "." in k else (k, "")
-            prefix = {"vision": "vision_model.", "text": "text_model."}.get(head)
-            sd[prefix + rest if prefix else k] = v
+        names = {"vision.": "vision_model.", "text.": "text_model."}  # CLIPModel's names of the towers
+        sd = {next((n + k[len(o):] for o, n in names.items() if k.startswith(o)), k): v
+              for k, v in model.state_dict().items()}
         hf.load_state_dict(sd, strict=True)
         hf.save_pretrained(out)
         AutoTokenizer.from_pretrained(cfg.clip).save_pretrained(out)
@@ -726,11 +709,9 @@ def export_model(model, cfg, out):
         model.vision.save_pretrained(os.path.join(out, "vision"))
         model.text.save_pretrained(os.path.join(out, "text"))
         AutoTokenizer.from_pretrained(cfg.text).save_pretrained(os.path.join(out, "text"))
-        heads = {"visual_projection": model.visual_projection.weight,
-                 "text_projection": model.text_projection.weight,
-                 "logit_scale": model.logit_scale.reshape(1)}
-        save_file({k: v.detach().contiguous() for k, v in heads.items()},
-                  os.path.join(out, "heads.safetensors"))
+        heads = {"visual_projection": model.visual_projection.weight, "logit_scale": model.logit_scale.reshape(1),
+                 "text_projection": model.text_projection.weight}
+        save_file({k: v.detach().contiguous() for k, v in heads.items()}, os.path.join(out, "heads.safetensors"))
     return out
 
 
@@ -755,10 +736,29 @@ def load_for_eval(cfg, log):
     return model, tok
 
 
+def params_mode(cfg, log):
+    """The configured dual encoder (towers, heads, LoRA, locks) built on the meta device: trainable and
+    frozen parameters per part, and the FLOPs of one row's training step (forward + backward of NegCLIP's
+    2 images and 4 captions of max_text_len tokens, no padding: no mask; 1 + 1 without hard negatives)."""
+    model, _ = build_model(model_config(cfg), meta=True)
+    out = {f"{part}_{kind}": count_params(getattr(model, part), kind == "trainable") for kind in
+           ("trainable", "frozen") for part in ("vision", "text", "visual_projection", "text_projection")}
+    out.update(lora=sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n),
+               trainable=count_params(model, True), frozen=count_params(model, False))
+    n_img, n_txt = (2, 4) if cfg.hard_negatives else (1, 1)
+    pixels = torch.zeros(n_img, 3, model.image_size, model.image_size, device="meta")
+    ids = torch.ones(n_txt, cfg.max_text_len, dtype=torch.long, device="meta")
+    out["gflops_row"] = count_flops(lambda: negclip_loss(*model(pixels, ids))[0].backward()) / 1e9
+    log.info(counts_table(out))
+    return out
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description="NegCLIP: mine | train | eval | export")
-    if cfg.mode not in ("mine", "train", "eval", "export"):
-        raise ValueError(f"mode must be mine|train|eval|export, got {cfg.mode!r}")
+    if cfg.mode not in ("mine", "train", "eval", "export", "params"):
+        raise ValueError(f"mode must be mine|train|eval|export|params, got {cfg.mode!r}")
+    if cfg.mode == "params":  # hub names from common.hf's table; the toy's folders (built if missing)
+        return params_mode(resolve_paths(cfg), Logger("", True))
     dist = D.setup_distributed(cfg.device)
     try:
         resolve_paths(cfg, dist.is_main)

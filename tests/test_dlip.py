@@ -648,3 +648,34 @@ def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
     dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--train_files", full, "--train_limit", "16",
                "--teacher", "", "--max_steps", "1", "--out_dir", str(tmp_path / "limited")])
     assert "16 samples, 2 steps/epoch" in capsys.readouterr().out
+
+
+def test_params_mode_builds_the_paper_models_offline_at_their_published_sizes():
+    import transformers
+    from common.hf import meta_model, published_config
+    out = dlip.main(["--mode", "params", "--preset", "paper"])  # no weights, no network: meta device
+    hf = {n: sum(p.numel() for p in meta_model(getattr(transformers, c), published_config(n)).parameters())
+          for n, c in [("Salesforce/blip-itm-base-coco", "BlipForImageTextRetrieval"),
+                       ("Salesforce/blip-image-captioning-base", "BlipForConditionalGeneration")]}
+    # the teacher is BLIP ViT-B: exactly transformers' models of the released configs (+ the ITC temperature,
+    # which transformers does not keep); no exact published BLIP count was found to compare with
+    assert out["teacher_itm_frozen"] == hf["Salesforce/blip-itm-base-coco"] + 1
+    assert out["teacher_cap_frozen"] == hf["Salesforce/blip-image-captioning-base"]
+    assert out["teacher_itm_trainable"] == out["teacher_cap_trainable"] == 0
+    # the student's ViT is DeiT-S (22,050,664 with its head; 22.05M in timm results/results-imagenet.csv, 22M in
+    # arXiv 2012.12877 Table 1; test_hf.py) without its ImageNet head (384 x 1000 + 1000)
+    assert out["student_params_visual_encoder"] == 22_050_664 - 385_000
+    # trainable: everything but the momentum copies, which are frozen (EMA)
+    momentum = sum(out[f"student_params_{k}_m"] for k in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"))
+    assert out["student_frozen"] == momentum and out["student_trainable"] > 0
+    assert 0 < out["student_gflops_retrieval"] < out["teacher_itm_gflops_retrieval"]
+    assert 0 < out["student_gflops_caption"] < out["teacher_cap_gflops_caption"]
+
+
+def test_compile_flag_compiles_the_trained_model_once(world, tmp_path, monkeypatch):
+    d, base, _ = world
+    seen = []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or module)
+    b = dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", "", "--bench", "1",
+                   "--compile", "true", "--out_dir", str(tmp_path / "c")])
+    assert b["bench_steps"] == 1 and len(seen) == 1 and isinstance(seen[0], dlip.BLIP)

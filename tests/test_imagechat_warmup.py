@@ -509,3 +509,34 @@ def test_candidates_rank_by_mean_token_likelihood_and_ties_do_not_favour_the_gol
     assert icw.gold_rank(torch.tensor([0.5, 0.1, 0.5, 0.9]), 0) == 3
     assert icw.gold_rank(torch.tensor([0.5, 0.1, 0.2]), 0) == 1
     assert icw.gold_rank(torch.zeros(100), 7) == 100
+
+
+def test_params_mode_builds_the_paper_model_offline_at_its_published_size():
+    import transformers
+    from common.hf import meta_model, published_config
+    paper = ["--mode", "params", "--preset", "paper"]  # meta device from common.hf's table: offline, no weights
+    out = icw.main(paper)
+    bb = sum(p.numel() for p in meta_model(transformers.BlenderbotForConditionalGeneration,
+                                           published_config("facebook/blenderbot-400M-distill")).parameters())
+    assert bb == 364_802_560  # BlenderBot 400M-distill: the hub's fp16 pytorch_model.bin is 730 MB
+    # + the 9 new tokens and both learned position tables extended from 128 to --max_positions 256 rows
+    assert out["params_lm"] == bb + 9 * 1280 + 2 * (256 - 128) * 1280
+    # image block Linear 512 -> 1280 + LayerNorm, segment embedding 2 x 1280, MRM head 1280 -> 512
+    assert out["params_img_proj"] == 512 * 1280 + 1280 and out["params_img_norm"] == out["params_segment"] == 2560
+    assert out["params_mrm_head"] == 1280 * 512 + 512
+    assert out["trainable"] == sum(out[f"params_{k}"] for k in ("lm", "img_proj", "img_norm", "segment", "mrm_head"))
+    # the frozen CLIP ViT-B/32 image side (get_image_features): vision tower 87,456,000 + projection 768 x 512
+    # (open_clip docs/model_profile.csv: ViT-B-32 image tower 87.85M)
+    assert out["frozen_clip"] == 87_456_000 + 768 * 512 and round(out["frozen_clip"] / 1e4) == 8785
+    shared = icw.main(paper + ["--share_pos", "true"])  # the decoder reuses the encoder's table (release)
+    assert out["params_lm"] - shared["params_lm"] == 256 * 1280
+    no_image = icw.main(paper + ["--use_image", "false"])  # 11 image slots fewer in the encoder
+    assert 0 < no_image["gflops_example"] < out["gflops_example"]
+
+
+def test_compile_flag_compiles_the_trained_model_once(assets, cached, tmp_path, monkeypatch):
+    root, paths = cached
+    seen = []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or module)
+    res = run(train_args(assets, "warmup", 2, bench=1, compile="true"), tmp_path / "c", **paths)
+    assert res["bench_steps"] == 1 and len(seen) == 1 and isinstance(seen[0], icw.ImageChatModel)

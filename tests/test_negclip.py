@@ -460,3 +460,34 @@ def test_teaching_edition_layout():
         assert not re.search(r"^\s*(from|import) (negclip|blip2_pformer|dlip|perceiver_caption|imagechat_warmup)\b",
                              code, re.M), name
         assert not re.search(r"\bspec\b", code, re.IGNORECASE), name
+
+
+def test_params_mode_counts_the_paper_model_and_its_lora_and_unimodal_variants():
+    paper = ["--mode", "params", "--preset", "paper"]  # meta device from common.hf's table: offline, no weights
+    full = N.main(paper)
+    # NegCLIP fine-tunes all of CLIP ViT-B/32: 151,277,313 parameters (open_clip docs/model_profile.csv: 151.28M)
+    assert full["trainable"] == 151_277_313 and full["frozen"] == full["lora"] == 0
+    lora = N.main(paper + ["--lora_r", "4"])
+    # LoRA r on q/k/v/out (d x d) and fc1/fc2 (d x 4d) of the 12 blocks of each tower: r (d_in + d_out) each
+    per_block = {d: 4 * 4 * (d + d) + 2 * 4 * (d + 4 * d) for d in (768, 512)}  # vision 768, text 512 wide
+    assert lora["lora"] == 12 * (per_block[768] + per_block[512])
+    heads = full["visual_projection_trainable"] + full["text_projection_trainable"] + 1  # + logit scale
+    assert lora["trainable"] == lora["lora"] + heads
+    assert lora["vision_frozen"] + lora["text_frozen"] == full["vision_trainable"] + full["text_trainable"]
+    assert 0 < lora["gflops_row"] < full["gflops_row"]  # frozen towers: no weight gradients
+    plain = N.main(paper + ["--hard_negatives", "false"])  # 1 image + 1 caption per row instead of 2 + 4
+    assert 0 < plain["gflops_row"] < full["gflops_row"] / 2
+    # towers: CLIP's vision side (87,456,000) and BERT-base without its pooler (109,482,240 - 768 x 768 - 768)
+    uni = N.main(paper + ["--init", "unimodal", "--vision", "openai/clip-vit-base-patch32",
+                          "--text", "bert-base-uncased", "--lock_vision", "true"])
+    assert uni["vision_frozen"] == 87_456_000 and uni["text_trainable"] == 109_482_240 - 590_592
+    assert uni["visual_projection_trainable"] == 768 * 512 and uni["text_projection_trainable"] == 768 * 512
+
+
+def test_compile_flag_compiles_the_trained_model_once(mined, toy_root, tmp_path, monkeypatch):
+    tsv, _ = mined
+    seen = []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or module)
+    b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", "--train_tsv", tsv, "--bench", 2, "--compile", "true",
+                                          "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
+    assert b["bench_steps"] == 2 and len(seen) == 1 and isinstance(seen[0], N.DualEncoder)
