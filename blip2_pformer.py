@@ -1568,7 +1568,7 @@ def param_counts(cfg, batch=2, text_len=32):
     downloaded."""
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, BertModel, Blip2VisionModel,
                               CLIPVisionModel)
-    from common.hf import published_config
+    from common.hf import meta_model, published_config
     from common.train import count_flops, count_params
     vc, bc, lc = (published_config(p) for p in (cfg.vision_path, cfg.bert_path, cfg.llm_path))
     kind = "clip" if vc.model_type.startswith("clip") else "blip2"
@@ -1583,7 +1583,7 @@ def param_counts(cfg, batch=2, text_len=32):
         model = Blip2Trainable(qf, vc.hidden_size, d_llm if stage != "1" or pstar else 0,
                                vision if cfg.train_vision and stage in ("2", "caption") else None)
         pformer = PFormer(BertModel(bc, add_pooling_layer=False), Nq, d_llm, cfg.embed_dim)
-        llm = (AutoModelForSeq2SeqLM if lc.is_encoder_decoder else AutoModelForCausalLM).from_config(lc)
+        llm = meta_model(AutoModelForSeq2SeqLM if lc.is_encoder_decoder else AutoModelForCausalLM, lc)
         for name, p in qf.named_parameters():  # as build(): text parts kept for eval only, frozen
             p.requires_grad_(stage == "1" or not (name.split(".")[0] in TEXT_ONLY or ".ffn_text." in name))
         ids, ones = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)

@@ -123,7 +123,8 @@ def meta_model(model_class, config):
     transformers ties when it builds from a config and unties only when from_pretrained finds both tensors."""
     import torch
     with torch.device("meta"):
-        model = model_class(config)
+        auto = model_class.__name__.startswith("Auto")  # AutoModelFor... picks the class from the config
+        model = model_class.from_config(config) if auto else model_class(config)
         for m in model.modules():
             if getattr(getattr(m, "config", None), "scale_decoder_outputs", True) is False and \
                     hasattr(m, "lm_head") and m.lm_head.weight is m.get_input_embeddings().weight:

@@ -177,6 +177,8 @@ def test_mode_params_counts_the_paper_models_offline(monkeypatch):
     # the stage-1 Q-Former step at 2 samples (bench/blip2_stage1.py counts 176.9 at batch 8): 180.5 GFLOP each
     assert s1["gflops_per_sample"] - s1["gflops_vit_forward"] == pytest.approx(180.5, rel=0.01)
     assert s2["gflops_per_sample"] > s1["gflops_per_sample"]  # + the frozen OPT-2.7B forward and backward
+    t5 = bp.main(["--preset", "paper", "--mode", "params", "--stage", "2", "--llm_path", "google/flan-t5-xl"])
+    assert t5["llm"] == 2_849_757_184 and t5["trainable"] == 107_133_696 - (768 + 1) * (2560 - 2048)  # llm_proj
 
 
 def test_losses_alone():
