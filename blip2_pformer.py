@@ -25,6 +25,7 @@ its zero-shot VQA and the released Q-Former's parameter counts; toy figures: doc
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -45,8 +46,9 @@ from common.checkpoint import (RESUME_FREE, CheckpointMismatch, check_loaded, ch
                                describe, expect_checkpoint, load_checkpoint, rng_state,
                                save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
-from common.data import (DataError, ImageFolderLoader, StepSampler, make_loader, pre_caption,
-                         read_pairs, read_vqa)
+from common.data import (DataError, ImageFolderLoader, ShardStream, StepSampler, StreamTracker,
+                         make_loader, pre_caption, read_pairs, read_vqa, shard_sample_count,
+                         stream_loader)
 from common.hf import read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
 from common.log import Logger, progress
@@ -90,6 +92,7 @@ class Config:
     image_size: Optional[int] = None
     # --- data ("" = the toy world's files) ---
     train_file: str = ""         # canonical pairs JSONL
+    train_shards: str = ""       # or img2dataset webdataset shards, e.g. 'cc3m/{00000..00331}.tar'
     val_file: str = ""
     vqa_file: str = ""           # canonical vqa JSONL (zero-shot evaluation)
     text_file: str = ""          # stage 0: one sentence per line
@@ -838,15 +841,15 @@ class PairDataset(torch.utils.data.Dataset):
     the bad ones travel with the sample, so the main process counts each image once."""
 
     def __init__(self, records, cfg):
-        self.items = [(i, j) for i, r in enumerate(records) for j in range(len(r["captions"]))]
+        self.rec, self.cap = records.pairs()  # (pairs,) record and caption index: numpy, not tuples
         self.records, self.cfg, self.images = records, cfg, open_images(cfg)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.rec)
 
     def __getitem__(self, key):
         (epoch, k), cfg = key, self.cfg
-        i, j = self.items[k]
+        i, j = int(self.rec[k]), int(self.cap[k])
         tried, bad = [], []
         for n in range(min(10, len(self.records))):
             rec = self.records[(i + n) % len(self.records)]
@@ -886,6 +889,22 @@ def count_images(counts, tried, bad):
     """Merge this step's image paths of every rank into `counts` (so all ranks decide alike)."""
     for t, b in D.all_gather_object((tried, bad)):
         counts.merge(t, b)
+
+
+def shard_batches(cfg, dist, tracker, state):
+    """Micro-batches from webdataset shards (common.data.ShardStream: split over ranks and workers,
+    exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples."""
+    rng = random.Random(0)  # reseeded per sample by the stream
+    stream = ShardStream(cfg.train_shards, ImageTransform(cfg.image_size, train=True, rng=rng), dist.rank,
+                         dist.world_size, cfg.seed, max_bad_frac=cfg.max_bad_frac, resume=state)
+    for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers):
+        tracker.update(b)
+        tracker.check()
+        names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]  # captions of one image
+        ids = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=7).digest(), "big") for n in names]
+        pixels = torch.zeros_like(b["image"]) if cfg.blank_images else b["image"]
+        yield {"pixels": pixels, "caption": b["caption"], "image_id": torch.tensor(ids), "tried": [],
+               "bad": []}
 
 
 class Tokenizers:
@@ -1304,19 +1323,19 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     if stage == "0":
         with open(cfg.text_file, encoding="utf-8") as f:
             dataset = TextDataset([s.strip() for s in f if s.strip()])
-    else:
-        dataset = PairDataset(read_pairs(cfg.train_file), cfg)
-    sampler = StepSampler(len(dataset), cfg.global_batch, cfg.micro_batch, dist.world_size, dist.rank,
-                          cfg.seed)
+    else:  # a stream of shards is not indexed: the sampler only counts its steps
+        dataset = None if cfg.train_shards else PairDataset(read_pairs(cfg.train_file), cfg)
+    n = shard_sample_count(cfg.train_shards) if dataset is None else len(dataset)
+    sampler = StepSampler(n, cfg.global_batch, cfg.micro_batch, dist.world_size, dist.rank, cfg.seed)
     per_epoch = sampler.steps_per_epoch
     total = min(cfg.max_steps or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
     ddp = D.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model` keeps plain names
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = make_scaler(frozen.dtype)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"stage {stage}: {len(dataset)} items, {per_epoch} steps/epoch, {total} steps, "
+    logger.info(f"stage {stage}: {n} items, {per_epoch} steps/epoch, {total} steps, "
                 f"accumulation {sampler.accum}, trainable params {n_train:,}")
-    start = 0
+    start, ck = 0, {}
     if cfg.resume:
         ck = load_own(cfg.resume, "--resume", [KINDS[stage]])
         check_resume_config(ck.get("config"), dataclasses.asdict(cfg), cfg.resume_changes,
@@ -1355,7 +1374,9 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         return terms, gnorm
 
     if cfg.bench:
-        micros = [collate([dataset[k] for k in mb]) for mb in sampler.micro_batches(0)]
+        shard = dataset is None and shard_batches(cfg, dist, StreamTracker(cfg.train_shards), None)
+        micros = [next(shard) if shard else collate([dataset[k] for k in mb])
+                  for mb in sampler.micro_batches(0)]
         model.train()
         run = lambda: optimizer_step(micros, 0)  # noqa: E731
         flops = count_flops(run) * dist.world_size if dist.device.type == "cuda" else None
@@ -1367,7 +1388,9 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     if stage != "0" and model.vision is None:
         frozen.vision.eval()
     sampler.start, sampler.total = start, total
-    batches = iter(make_loader(dataset, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
+    tracker = dataset is None and StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=ck.get("stream"))
+    batches = iter(shard_batches(cfg, dist, tracker, ck.get("stream")) if tracker else
+                   make_loader(dataset, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
     timer, last, images = StepTimer(dist.device), {}, open_images(cfg)  # images: counts only
     for step in range(start + 1, total + 1):  # step = optimizer steps done after this one
         timer.start()
@@ -1383,21 +1406,23 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         if step % cfg.log_every == 0 or step == total:
             logger.log(step, **last, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, **t)
         if step % cfg.save_every == 0 or step == total:
-            save(cfg, dist, model, opt, scaler, step, meta)
+            save(cfg, dist, model, opt, scaler, step, meta, tracker)
     if stage != "0":
-        logger.info(f"training images: {images.report()}")
-        images.check(final=True)
+        logger.info(f"training images: {(tracker or images).report()}")
+        (tracker or images).check(final=True)
     return {f"final_{k}": v for k, v in last.items()}
 
 
-def save(cfg, dist, model, opt, scaler, step, meta):
+def save(cfg, dist, model, opt, scaler, step, meta, tracker=None):
     rngs = D.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
+    stream = tracker and StreamTracker.merge_states(D.all_gather_object(tracker.state_dict()))
     if not dist.is_main:
         return
     meta = {k: v for k, v in meta.items() if k == "image_token_index" and v is not None}
     state = {"script": SCRIPT, "kind": KINDS[cfg.stage], "model": model.state_dict(),
              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-             "rng": rngs, "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta}
+             "rng": rngs, "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta,
+             "stream": stream}
     save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), state)
 
 
@@ -1587,7 +1612,7 @@ def param_counts(cfg, batch=2, text_len=32):
         for name, p in qf.named_parameters():  # as build(): text parts kept for eval only, frozen
             p.requires_grad_(stage == "1" or not (name.split(".")[0] in TEXT_ONLY or ".ffn_text." in name))
         ids, ones = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
-        t = dict(enc_ids=ids, enc_mask=None, labels=ids, dec_mask=None)  # transformers' masks: no values
+        t = dict(enc_ids=ids, enc_mask=None, labels=ids, dec_mask=None)  # (masks: no values on meta)
         b = dict(pixels=torch.zeros(B, 3, vc.image_size, vc.image_size), ids=ids, mask=ones,
                  image_ids=torch.arange(B), dec_id=1, pad_id=0, noise_seed=0, llm=t,
                  pstar=torch.zeros(B, Nq, d_llm), bert_ids=ids, bert_mask=None)
@@ -1601,7 +1626,8 @@ def param_counts(cfg, batch=2, text_len=32):
                     [pformer] * pstar)
     out = {"trainable": count_params(trained, trainable=True),
            "frozen": count_params(trained, trainable=False) + count_params(frozen_parts),
-           "vision": count_params(vision), "qformer": count_params(model) - count_params(model.vision or []),
+           "vision": count_params(vision),
+           "qformer": count_params(model) - count_params(model.vision or []),
            "pformer": count_params(pformer), "llm": count_params(llm), "gflops_per_sample": flops / 1e9,
            "gflops_vit_forward": vit / 1e9}
     print(f"stage {stage} ({cfg.vision_path} | {cfg.bert_path} | {cfg.llm_path}): " +
@@ -1649,7 +1675,8 @@ def main(argv=None):
                 json.dump(metrics, f, indent=1)
         if cfg.report and dist.is_main:
             took = write_report(model, frozen, cfg, shown, metrics)
-            logger.info(f"report: {os.path.join(cfg.out_dir, 'report.html')} ({took:.2f} s; eval {took_eval:.1f} s)")
+            logger.info(f"report: {os.path.join(cfg.out_dir, 'report.html')} ({took:.2f} s; "
+                        f"eval {took_eval:.1f} s)")
         return metrics
     finally:
         D.cleanup_distributed()

@@ -1,6 +1,7 @@
 """blip2_pformer.py: masks, hard negatives, parameter counts, transformers equivalence (import + export), every
 stage on the tiny toy world, exact resume, and 2-process gloo DDP == 1 process at the same global batch."""
 import json
+import math
 import os
 import subprocess
 import shutil
@@ -535,6 +536,31 @@ def test_ddp_two_processes_match_one(toy_root, tmp_path):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
     rngs = torch.load(two_dir / "checkpoint.pt", weights_only=True)["rng"]  # each rank's own generators
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+@pytest.fixture(scope="module")
+def shards(toy_root, tmp_path_factory):
+    from data.toy import write_shards
+    return write_shards(toy_root, n_shards=4, out_dir=str(tmp_path_factory.mktemp("shards")))
+
+
+def test_stage1_from_shards_resumes_exactly_and_splits_ranks(toy_root, shards, tmp_path):
+    """--train_shards (issue 20.2): stage 1 from webdataset shards; a resume continues the stream exactly; two
+    gloo processes each read their own stream (ranks x workers split the shards)."""
+    args = lambda out, steps, *a: stage1_args(toy_root, out, steps, "--train_shards", shards, "--qformer_dropout",  # noqa
+                                              "0", "--global_batch", "8", "--micro_batch", "8", *a)
+    full = bp.main(args(tmp_path / "a", 3))
+    bp.main(args(tmp_path / "b", 2))
+    resumed = bp.main(args(tmp_path / "b", 3, "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    assert resumed["final_loss"] == full["final_loss"] and math.isfinite(full["final_loss"])
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(REPO, "blip2_pformer.py")] + args(two, 2, "--device", "cpu", "--micro_batch", "4"),
+                   check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    stream = torch.load(two / "checkpoint.pt", weights_only=True)["stream"]
+    assert stream["n_slots"] == 2 and sorted(stream["slots"]) == [0, 1]  # one stream per rank
+    assert all(pos == 4 * 2 for _, pos in stream["slots"].values())  # each rank drew its 2 x 4 samples
 
 
 def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
