@@ -642,8 +642,6 @@ def gumbel_noise(seed, rows, cols, rank, device):
     """Gumbel noise for the global (G, G) matrix from a step-seeded generator on the device, sliced
     to this rank's rows, so the sampled negatives do not depend on how the batch is split over
     processes."""
-    if torch.device(device).type == "meta":  # --mode params counts FLOPs on shapes alone
-        return torch.zeros(rows, cols, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     u = torch.rand(rows * (rank + 1), cols, generator=g, device=device)[rows * rank:]
     return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
@@ -787,11 +785,9 @@ def stage1_losses(m, b, frozen):
     image_all = D.all_gather_with_grad(image)
     ids_all, mask_all = D.all_gather_no_grad(b["ids"]), D.all_gather_no_grad(b["mask"])
     pos = positive_mask(b["image_ids"], b["ids"], D.all_gather_no_grad(b["image_ids"]), ids_all)
-    B, G = sim_t2i.shape
-    with torch.no_grad():
-        noise = lambda k: gumbel_noise(b["noise_seed"] + k, B, G, frozen.rank, image.device)  # noqa
-        neg_img = sample_hard_negatives(sim_t2i.detach(), pos, noise(0))  # (B,) image per text
-        neg_txt = sample_hard_negatives(sim_i2t.detach(), pos, noise(1))  # (B,) text per image
+    with torch.no_grad():  # b["noise"]: Gumbel noise drawn outside the model (make_batch)
+        neg_img = sample_hard_negatives(sim_t2i.detach(), pos, b["noise"][0])  # (B,) image per text
+        neg_txt = sample_hard_negatives(sim_i2t.detach(), pos, b["noise"][1])  # (B,) text per image
     cross_kv = itm_cross_kv(qf, cache, image_all, neg_img, frozen.rank)
     losses["itm"] = itm_loss(qf, cross_kv, b["ids"], b["mask"], ids_all[neg_txt], mask_all[neg_txt])
     losses["itg"] = itg_loss(qf, cache, b["ids"], b["mask"], b["dec_id"], b["pad_id"])
@@ -1300,8 +1296,9 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     prompt = cfg.caption_prompt if stage == "caption" else ""
     if stage == "1":
         b["ids"], b["mask"] = toks.bert_batch(caps)
-        b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,
-                 noise_seed=cfg.seed * 1_000_003 + step * 101 + micro)
+        seed, B = cfg.seed * 1_000_003 + step * 101 + micro, len(caps)  # ITM negatives' noise: drawn
+        b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
+                 noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])
     else:
         split = toks.is_encdec and stage == "2"
         b["llm"] = toks.llm_batch(caps, prompt=prompt, rng=rng if split else None)
@@ -1614,7 +1611,7 @@ def param_counts(cfg, batch=2, text_len=32):
         ids, ones = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
         t = dict(enc_ids=ids, enc_mask=None, labels=ids, dec_mask=None)  # (masks: no values on meta)
         b = dict(pixels=torch.zeros(B, 3, vc.image_size, vc.image_size), ids=ids, mask=ones,
-                 image_ids=torch.arange(B), dec_id=1, pad_id=0, noise_seed=0, llm=t,
+                 image_ids=torch.arange(B), dec_id=1, pad_id=0, noise=[torch.zeros(B, B)] * 2, llm=t,
                  pstar=torch.zeros(B, Nq, d_llm), bert_ids=ids, bert_mask=None)
         frozen = Frozen(torch.float32, vision=vision, llm=llm, pformer=pformer if pstar else None)
         losses = (lambda: stage0_losses(pformer, {**b, **t}, llm, 0, 0.0, 103, [0])) if stage == "0" else \

@@ -56,7 +56,8 @@ def setup(bp, size, state=None, dropout=0.0):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[:, L - 1 - torch.arange(B) % (L // 2)] = 0  # padding of various lengths
     batch = {"pixels": torch.randn(B, N, W, generator=g), "ids": ids, "mask": mask,
-             "image_ids": torch.arange(B), "dec_id": 1, "pad_id": 0, "noise_seed": 7}
+             "image_ids": torch.arange(B), "dec_id": 1, "pad_id": 0, "noise_seed": 7,
+             "noise": [bp.gumbel_noise(7 + k, B, B, 0, "cpu") for k in (0, 1)]}  # (the old side reads the seed)
     frozen = bp.Frozen(torch.float32, vision=torch.nn.Identity())  # the features stand in for the ViT
     return model, batch, frozen
 
