@@ -13,7 +13,8 @@ losses are MLE + unlikelihood (Welleck et al., arXiv 1908.04319), summed over to
 
 --mode features | captions (data/imagechat.py, cached by image hash), warmup (--tasks: a subset of
 mlm,isp,mrm,gcd = the paper's Table 3 ablation), finetune (--init a warm-up checkpoint, or none),
-eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), params. Toy world (CPU):
+eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), params; warmup, finetune
+and eval leave <out_dir>/report.html (curves, figures, test dialogues with the replies). Toy world (CPU):
     python imagechat_warmup.py --mode features
     python imagechat_warmup.py --mode captions --captioner runs/bp/export  # blip2_pformer export
     python imagechat_warmup.py --mode warmup --out_dir runs/icw_toy/warmup
@@ -27,6 +28,7 @@ Release-vs-paper differences are flags printed at start-up (--legacy_lr, --untie
 import json
 import math
 import os
+import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ from common.hf import counts_table, hf_model
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
                           run_bench, set_lr)
 from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
-                            read_image_chat, split_path)
+                            read_image_chat, results_rows, split_path, write_report)
 from data.toy import toy_paths
 
 SCRIPT = "imagechat_warmup"
@@ -137,6 +139,7 @@ class Config:
     length_penalty: float = -1.0
     no_repeat_ngram_size: int = -1
     encoder_no_repeat_ngram_size: int = -1
+    report: bool = True             # warmup|finetune|eval: <out_dir>/report.html (curves, dialogues)
 
 
 PRESETS = {
@@ -145,8 +148,8 @@ PRESETS = {
                 encoder_no_repeat_ngram_size=0, eval_batch=32, log_every=10, save_every=200, num_candidates=100),
     "paper": dict(out_dir="runs/icw/run", cache_dir="runs/icw/cache", data_dir="data/image_chat",
                   image_root="data/image_chat/images", clip="openai/clip-vit-base-patch32",
-                  captioner="Salesforce/blip2-opt-2.7b-coco",
-                  backbone="facebook/blenderbot-400M-distill", num_beams=10, min_length=20),
+                  captioner="Salesforce/blip2-opt-2.7b-coco", backbone="facebook/blenderbot-400M-distill",
+                  num_beams=10, min_length=20),
 }
 TASKS = ("mlm", "isp", "mrm", "gcd")
 # Fields a resume may change (eval, decoding, preparation); not max_steps: it is OneCycle's length.
@@ -156,8 +159,7 @@ RESUME_FREE_ICW = (RESUME_FREE - {"max_steps"}) | set(
 
 
 def check_choices(cfg):
-    if cfg.mode == "evaluate":
-        cfg.mode = "eval"
+    cfg.mode = {"evaluate": "eval"}.get(cfg.mode, cfg.mode)
     if cfg.mode not in ("features", "captions", "warmup", "finetune", "eval", "params"):
         raise ValueError(f"--mode must be features|captions|warmup|finetune|eval|params, got {cfg.mode!r}")
     tasks = task_list(cfg)
@@ -429,7 +431,7 @@ class Encoded:
                 "caption": enc(cap, cfg.seg_tokens) if cap is not None else None,
                 "styles": [enc(s, cfg.seg_tokens) for s, _ in ep["dialog"]],
                 "utts": [enc(u, cfg.max_tgt_len - 1) for _, u in ep["dialog"]],
-                "texts": [u for _, u in ep["dialog"]]})
+                "dialog": ep["dialog"], "caption_text": cap})
 
     def __len__(self):
         return len(self.episodes)
@@ -590,7 +592,7 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
     n_tok = (b["labels"] != vocab.pad).sum(1)
     preds, rows = tok.batch_decode(out, skip_special_tokens=True), []
     for j, ep in enumerate(eps):
-        ref = ep["texts"][k - 1]
+        ref = ep["dialog"][k - 1][1]
         row = {"hash": ep["hash"], "turn": k, "reference": ref, "prediction": preds[j], "nll": float(nll[j]),
                "context": tok.decode(b["src"][j], skip_special_tokens=True), "n_tok": int(n_tok[j])}
         cands = ((ep["candidates"] or [None] * 3)[k - 1] or {}).get(str(cfg.num_candidates))
@@ -618,13 +620,12 @@ def turn_scores(rows, tok, cfg):
 
 
 @torch.no_grad()
-def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=None):
-    """Generate every turn k (gold history): F1/BLEU-4/ROUGE-L per turn, their mean IC, PPL, R@1."""
+def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=None, shown=None):
+    """Generate every turn k (gold history): F1/BLEU-4/ROUGE-L per turn, their mean IC, PPL, R@1.
+    shown: a dict to receive every row as {(episode index, k): row} (the report's dialogues)."""
     model = unwrap(model)
-    was_training = model.training
+    was_training, gen_kw, results = model.training, generation_kwargs(cfg, model.lm), {}
     model.eval()
-    gen_kw = generation_kwargs(cfg, model.lm)
-    results = {}
     for k in (1, 2, 3):
         items = [i for i, ep in enumerate(data.episodes) if len(ep["utts"]) >= k]
         items = items[:cfg.eval_max] if cfg.eval_max > 0 else items
@@ -636,6 +637,8 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
             rows += eval_rows(model, eps, k, feats, tok, vocab, cfg, dist.device, dtype, gen_kw)
         rows = [r for part in all_gather_object(rows) for r in part]  # shards in rank order
         results.update({f"turn{k}/{name}": v for name, v in turn_scores(rows, tok, cfg).items()})
+        if shown is not None:
+            shown.update(zip([(i, k) for i in items], rows))
         if run_dir and dist.is_main:
             os.makedirs(run_dir, exist_ok=True)
             with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
@@ -647,16 +650,6 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
             results[f"IC/{name}"] = float(np.mean(vals))
     model.train(was_training)
     return results
-
-
-def results_table(res):
-    """Per-turn table of the paper's metrics (x100), as in its Table 3."""
-    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", "R@1/100", "word_F1") if f"IC/{n}" in res]
-    lines = ["| turn | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in ("turn1", "turn2", "turn3", "IC"):
-        if f"{k}/F1" in res:
-            lines.append(f"| {k} | " + " | ".join(f"{res.get(f'{k}/{n}', float('nan')):.2f}" for n in names) + " |")
-    return "\n".join(lines)
 
 
 # ================================================================================================ Train
@@ -707,8 +700,7 @@ def setup(cfg, log):
 
 def run_training(cfg, dist, log, dtype):
     """--mode warmup | finetune: AdamW + OneCycle, gradient accumulation, DDP, exact resume."""
-    warm = cfg.mode == "warmup"
-    dev, world = dist.device, dist.world_size
+    warm, dev, world = cfg.mode == "warmup", dist.device, dist.world_size
     resume = read_checkpoint(cfg.resume, "--resume", (cfg.mode,)) if cfg.resume else None
     if resume is not None:
         check_resume_config(resume.get("config"), asdict_config(cfg), cfg.resume_changes, log.info,
@@ -811,7 +803,7 @@ def run_training(cfg, dist, log, dtype):
             epoch_sum, epoch_n = 0.0, 0
         if select is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             score = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)["IC/F1"]
-            log.info(f"step {step + 1}: {cfg.select_on} IC F1 {score:.2f}")
+            log.log(step + 1, **{f"{cfg.select_on}/IC_F1": score})  # a curve in the report
             if best is None or score > best:
                 best = score
                 save("best.pt", step + 1)
@@ -824,30 +816,33 @@ def run_training(cfg, dist, log, dtype):
     if end < total:
         log.info(f"stopped after step {end} of {total} (--stop_after); continue with "
                  f"--resume {cfg.out_dir}/last.pt")
-        return metrics
-    if not warm and cfg.final_eval:
+    elif not warm and cfg.final_eval:
         path = os.path.join(cfg.out_dir, "best.pt")
         if select is not None and os.path.isfile(path):
             model.load_state_dict(load_checkpoint(path)["model"])
             log.info(f"loaded the selected weights {path}")
-        metrics.update(run_test(cfg, dist, log, dtype, model, tok, vocab, index, feats, caps, end))
+        return {**metrics, **run_eval(cfg, dist, log, dtype, (index, feats, caps, model, tok, vocab), end)}
+    write_report(cfg, dist.is_main, log)
     return metrics
 
 
-def run_test(cfg, dist, log, dtype, model, tok, vocab, index, feats, caps, step=0):
-    """The final evaluation on --eval_split, written to the run directory and the log."""
-    data = load_split(cfg, cfg.eval_split, tok, index, caps, log, keep_candidates=True)
-    res = evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, cfg.eval_split, cfg.out_dir)
-    log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/")})
-    log.info(results_table(res))
-    return res
-
-
-def run_eval(cfg, dist, log, dtype):
-    index, feats, caps, model, tok, vocab = setup(cfg, log)
-    if not cfg.init:
+def run_eval(cfg, dist, log, dtype, trained=None, step=0):
+    """--mode eval, or a fine-tuning's final evaluation (trained: its setup() with the trained model), on
+    --eval_split; written to the run directory, the log and the report."""
+    index, feats, caps, model, tok, vocab = trained or setup(cfg, log)
+    if not (trained or cfg.init):
         log.info("no --init: evaluating the untrained multimodal model")
-    return run_test(cfg, dist, log, dtype, model.to(dist.device), tok, vocab, index, feats, caps)
+    data = load_split(cfg, cfg.eval_split, tok, index, caps, log, keep_candidates=True)
+    shown, start = {}, time.perf_counter()  # shown: the rows the report's dialogues show
+    res = evaluate(model.to(dist.device), data, feats, tok, vocab, cfg, dist, dtype, cfg.eval_split,
+                   cfg.out_dir, shown)
+    took = time.perf_counter() - start
+    log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/")})
+    head, rows = results_rows(res)
+    log.info("\n".join("| " + " | ".join(c if isinstance(c, str) else f"{c:.2f}" for c in r) + " |"
+                       for r in (head, ["---"] * len(head), *rows)))
+    write_report(cfg, dist.is_main, log, took, res, data.episodes, shown)
+    return res
 
 
 def params_mode(cfg, log):

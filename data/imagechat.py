@@ -12,7 +12,8 @@ Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py
 and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
     prepare_features  CLIP embeddings of a 3x3 grid of crops per image -> <cache>/features/part_*.pt
     prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
-`load_features` / `load_captions` read the caches back for training.
+`load_features` / `load_captions` read the caches back for training.  `results_rows` (the per-turn
+figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) present its runs.
 """
 import json
 import os
@@ -25,8 +26,9 @@ from common.amp import frozen_dtype
 from common.checkpoint import save_checkpoint
 from common.data import DataError, ImageFolderLoader
 from common.dist import all_gather_object, barrier, shard_indices
-from common.image import CLIP_MEAN, CLIP_STD
+from common.image import CLIP_MEAN, CLIP_STD, load_image
 from common.log import progress
+from common.report import Report, card, grid, table, thumb, training_plots
 
 SPLITS = ("train", "valid", "test")
 
@@ -267,3 +269,62 @@ def prepare_captions(cfg, dist, log, dtype):
             json.dump({h + ".jpg": c for h, c in sorted(caps.items())}, f)
         os.replace(tmp, final)
     return stats
+
+
+# ---- eval figures and the picture report of imagechat_warmup.py
+def results_rows(res):
+    """Per-turn rows of the paper's metrics (x100 but PPL), as in its Table 3: header, rows."""
+    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", "R@1/100", "word_F1")
+             if f"IC/{n}" in res]
+    return ["turn", *names], [[k, *(res.get(f"{k}/{n}", float("nan")) for n in names)]
+                              for k in ("turn1", "turn2", "turn3", "IC") if f"{k}/F1" in res]
+
+
+def dialogue_cards(episodes, shown, image_root, n_candidates=100, n=8):
+    """Report cards (common/report.py) of the first n evaluated dialogues: the image and its
+    caption, then per turn the speaker's style with the reference utterance (the gold history of
+    the turns after it), under it the model's reply generated from that history, and the
+    reference's rank among the turn's candidates.  episodes: [{"hash", "dialog": [(style,
+    utterance)], "caption_text"}]; shown: {(episode index, turn k): {"prediction", "rank"?}}."""
+    cards = []
+    for i in sorted({i for i, _ in shown})[:n]:
+        ep, lines = episodes[i], []
+        for k, (style, utt) in enumerate(ep["dialog"], 1):
+            row = shown.get((i, k), {})
+            lines += [(f"{k}. {style}", utt)] + ([("generated", row["prediction"])] if row else [])
+            if "rank" in row:
+                lines.append(("rank of the reference", f"{row['rank']} of {n_candidates}"))
+        img = load_image(os.path.join(image_root, ep["hash"] + ".jpg"))  # None: a card without
+        caption = [("caption", ep["caption_text"])] if ep.get("caption_text") else []
+        cards.append(card(thumb(img, 160) if img is not None else None, *caption, *lines))
+    return grid(cards)
+
+
+def write_report(cfg, is_main, log, took_eval=None, res=None, episodes=None, shown=None):
+    """<out_dir>/report.html from rank 0 (unless --report false): the curves of this run and of
+    its --init run (a fine-tuning shows the warm-up's task losses), and after an evaluation the
+    per-turn figures and the first dialogues with the generated replies.  Logs its cost next to
+    the eval's."""
+    rep = Report(f"imagechat_warmup.py --mode {cfg.mode}", enabled=cfg.report and is_main)
+    if not rep.enabled:
+        return
+    own = os.path.join(cfg.out_dir, "metrics.jsonl")
+    init = os.path.join(os.path.dirname(cfg.init), "metrics.jsonl")
+    with rep.timed():
+        if cfg.mode != "eval":
+            rep.section("Training", training_plots(own))
+        if cfg.init and os.path.isfile(init) and os.path.abspath(init) != os.path.abspath(own):
+            rep.section("Training of the --init run", cfg.init, training_plots(init))
+        if res is not None:
+            head, rows = results_rows(res)
+            rep.section(f"Figures on {cfg.eval_split}", table(rows, head))
+            rep.section(f"Dialogues from {cfg.eval_split}",
+                        "Per turn: the speaker's style and the reference; under it the reply "
+                        f"generated (beam {cfg.num_beams}) from the references above it, and the "
+                        f"reference's rank among {cfg.num_candidates} candidates (1 = an R@1 "
+                        f"hit).  The model saw the image: {cfg.use_image}, the caption: "
+                        f"{cfg.use_caption}.",
+                        dialogue_cards(episodes, shown, cfg.image_root, cfg.num_candidates))
+        rep.write(cfg.out_dir)
+    log.info(f"report: {os.path.join(cfg.out_dir, 'report.html')} ({rep.seconds:.2f} s"
+             + (f"; eval {took_eval:.1f} s)" if took_eval is not None else ")"))

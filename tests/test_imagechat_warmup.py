@@ -6,6 +6,7 @@ stages run through main([...]) on the toy world's Image-Chat dialogues and backb
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -174,6 +175,22 @@ def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_pa
     assert sorted(caps) == sorted(h + ".jpg" for h in hashes[:2]) and all(len(c) == 3 for c in caps.values())
 
 
+def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path):
+    """The report's dialogue card: turns in order, each reply under its reference, text from data escaped, the
+    rank only where the turn has candidates; an unreadable image leaves the card without a picture."""
+    eps = [{"hash": "h0", "dialog": [("Happy", "<b>hi</b>"), ("Sad", "so red")], "caption_text": "a red circle"},
+           {"hash": "gone", "dialog": [("Bland", "ok")], "caption_text": None}]
+    shown = {(0, 1): {"prediction": "p one", "rank": 3}, (0, 2): {"prediction": "p two"}, (1, 1): {"prediction": "x"}}
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "h0.jpg")
+    page = ic.dialogue_cards(eps, shown, str(tmp_path), n_candidates=100)
+    first, second = page.split("</figure>")[:2]
+    assert first.count("<img") == 1 and "<img" not in second and "caption" not in second
+    want = ["<b>caption:</b> a red circle", "<b>1. Happy:</b> &lt;b&gt;hi&lt;/b&gt;", "<b>generated:</b> p one",
+            "<b>rank of the reference:</b> 3 of 100", "<b>2. Sad:</b> so red", "<b>generated:</b> p two"]
+    assert [first.index(w) for w in want] == sorted(first.index(w) for w in want) and first.count("rank") == 1
+    assert ic.dialogue_cards(eps, shown, str(tmp_path), n=1).count("<figure") == 1
+
+
 def test_grid_crops_row_major():
     cols = np.arange(6, dtype=np.uint8) * 40  # brightness grows left to right, constant down the columns
     img = Image.fromarray(np.broadcast_to(cols[None, :, None], (6, 6, 3)).copy())
@@ -292,7 +309,7 @@ def test_mrm_kl_and_isp_ce():
 # ---------------------------------------------------------------------------- batches
 def episode(vocab):
     return {"caption": [10, 11], "styles": [[20], [21], [22]], "utts": [[4, 5, 6, 7, 8], [12, 13], [14]],
-            "texts": ["u1", "u2", "u3"], "row": 0, "hash": "h", "candidates": None}
+            "dialog": [("s1", "u1"), ("s2", "u2"), ("s3", "u3")], "row": 0, "hash": "h", "candidates": None}
 
 
 def test_finetune_contexts_match_spec(assets):
@@ -370,7 +387,7 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path):
+def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path, capsys):
     root, paths = cached
     run(train_args(assets, "warmup", 9), tmp_path / "wu", **paths)
     logs = [r for r in read_log(tmp_path / "wu") if "mlm" in r]
@@ -393,9 +410,41 @@ def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path):
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert ck["config"]["mode"] == "finetune" and ck["step"] == 4
     assert (ck["script"], ck["kind"]) == ("imagechat_warmup", "finetune")
-    # the no-image, no-caption model has no image block
-    noimg = run(train_args(assets, "finetune", 2, use_image="false", use_caption="false"), tmp_path / "ni", **paths)
+    # the no-image, no-caption model has no image block; its selection evaluations (each step) are logged
+    noimg = run(train_args(assets, "finetune", 2, use_image="false", use_caption="false", eval_every=1, eval_max=2),
+                tmp_path / "ni", **paths)
     assert math.isfinite(noimg["final_loss"])
+    assert [r["step"] for r in read_log(tmp_path / "ni") if "valid/IC_F1" in r] == [1, 2]
+    check_reports(tmp_path, paths["data_dir"], capsys.readouterr().out)
+
+
+def check_reports(tmp_path, data_dir, out):
+    """Issue 21: each run's report.html parses, its images decode, its SVGs parse (read_report raises if not),
+    and it shows what it promises: curves, the --init run's curves, per-turn figures, dialogues."""
+    from html import escape
+    from common.report import read_report
+    page = {run: (tmp_path / run / "report.html").read_text(encoding="utf-8") for run in ("wu", "ft", "ev", "ni")}
+    info = {run: read_report(tmp_path / run / "report.html") for run in page}
+    evald = ["Figures on test", "Dialogues from test"]
+    assert info["wu"]["sections"] == ["Training"] and info["wu"]["images"] == 0 and info["wu"]["svgs"] >= 3
+    assert all(f'<polyline data-series="{t}"' in page["wu"] for t in ("mlm", "isp", "mrm", "gcd", "lr"))
+    assert info["ft"]["sections"] == ["Training", "Training of the --init run", *evald]
+    assert all(f'<polyline data-series="{t}"' in page["ft"] for t in ("ft", "gcd"))  # warm-up's curves too
+    assert info["ev"]["sections"] == ["Training of the --init run", *evald]  # --init ft: its curves
+    assert info["ni"]["sections"] == ["Training", *evald] and 'data-series="valid/IC_F1"' in page["ni"]
+    with open(os.path.join(data_dir, "test.json")) as f:
+        first = json.load(f)[0]
+    for run in ("ft", "ev", "ni"):
+        assert info[run]["images"] == (2 if run == "ni" else 4)  # a card per dialogue (--eval_max), its image
+        with open(tmp_path / run / "predictions_test_turn2.jsonl") as f:
+            turn2 = json.loads(f.readline())
+        (s1, u1), (s2, u2) = first["dialog"][:2]  # turn 1 is the history of turn 2's generated reply
+        card = (f"<b>1. {escape(s1)}:</b> {escape(u1)}</p>", f"<b>2. {escape(s2)}:</b> {escape(u2)}</p>",
+                f"<b>generated:</b> {escape(turn2['prediction'])}</p>", "<b>rank of the reference:</b> ")
+        assert all(part in page[run] for part in card) and page[run].index(card[0]) < page[run].index(card[2])
+        assert ("<b>caption:</b>" in page[run]) == (run != "ni")
+    # the build time is logged next to the eval's
+    assert len(re.findall(r"report: \S+report.html \(\d+\.\d\d s; eval \d+\.\d s\)", out)) == 3
 
 
 def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):
@@ -449,7 +498,8 @@ def test_wrong_image_root_stops_early(assets, cached, tmp_path):
 
 def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
     _, paths = cached
-    run(train_args(assets, "finetune", 1, final_eval="false"), tmp_path / "ok", **paths)
+    run(train_args(assets, "finetune", 1, final_eval="false", report="false"), tmp_path / "ok", **paths)
+    assert not os.path.exists(tmp_path / "ok" / "report.html")  # --report false writes none
     ck = torch.load(tmp_path / "ok" / "last.pt", weights_only=True)
     ck["model"]["img_proj.weight"].fill_(float("nan"))
     torch.save(ck, tmp_path / "nan.pt")
