@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +43,8 @@ from common.config import format_config, parse_config, save_config
 from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader, read_pairs, read_video
 from common.image import ImageTransform, load_image
 from common.log import Logger, progress
-from common.train import (StepTimer, cosine_lr, count_flops, mfu, optimizer_update, param_groups,
-                          run_bench, set_lr)
+from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
+                          param_groups, run_bench, set_lr)
 from data.toy import toy_paths
 
 SCRIPT = "perceiver_caption"
@@ -129,6 +130,7 @@ class Config(ModelConfig):
     eval_batch: int = 32
     max_eval: int = 0              # caption at most this many test items (0 = all)
     inputs: list[str] = field(default_factory=list)  # --mode caption: image files or frame folders
+    report: bool = True            # train|test: <out_dir>/report.html (curves, gates, captions)
 
 
 PRESETS = {
@@ -139,8 +141,7 @@ PRESETS = {
                 schedule="cosine", warmup_frac=0.05, weight_decay=1e-3, clip_grad=1.0, log_every=50,
                 eval_every=200, save_every=200, beams=3, max_new_tokens=20, eval_batch=64),
     # The seed's recipe (the defaults above: its config.yaml, batch 32, 30 epochs) on its backbones.
-    "paper": dict(clip_model="openai/clip-vit-base-patch32", lm_model="gpt2", workers=8,
-                  log_every=100),
+    "paper": dict(clip_model="openai/clip-vit-base-patch32", lm_model="gpt2", workers=8, log_every=100),
 }
 
 
@@ -151,22 +152,18 @@ def model_config(src):
 
 
 # ================================================================================================ Model
-class FeedForward(nn.Sequential):
+def feed_forward(dim, mult):
     """Pre-norm FFW of the resampler and xattn blocks: LN -> Linear -> GELU -> Linear, no bias."""
-
-    def __init__(self, dim, mult):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
                          nn.Linear(dim * mult, dim, bias=False))
 
 
 def _heads(x, h):
-    b, n, _ = x.shape
-    return x.view(b, n, h, -1).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
+    return x.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
 
 
 def _merge(x):
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)  # (B, H, N, Dh) -> (B, N, H*Dh)
+    return x.transpose(1, 2).flatten(2)  # (B, H, N, Dh) -> (B, N, H*Dh)
 
 
 class PerceiverAttention(nn.Module):
@@ -174,8 +171,7 @@ class PerceiverAttention(nn.Module):
 
     def __init__(self, dim, heads, dim_head):
         super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
+        inner, self.heads = heads * dim_head, heads
         self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
@@ -185,13 +181,11 @@ class PerceiverAttention(nn.Module):
         """media (B, N, D), latents (B, n, D), media_mask (B, N) bool or None -> (B, n, D)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = _heads(self.to_q(latents), self.heads)                         # (B, H, n, Dh)
-        k, v = self.to_kv(torch.cat([media, latents], 1)).chunk(2, -1)     # (B, N+n, inner) each
-        k, v = _heads(k, self.heads), _heads(v, self.heads)                # (B, H, N+n, Dh)
-        mask = None
-        if media_mask is not None:  # latent keys are always valid
-            keep = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
-            mask = torch.cat([media_mask, keep], 1)[:, None, None, :]     # (B, 1, 1, N+n)
-        return self.to_out(_merge(attention(q, k, v, mask)))
+        kv = self.to_kv(torch.cat([media, latents], 1)).chunk(2, -1)       # (B, N+n, inner) each
+        k, v = (_heads(t, self.heads) for t in kv)                         # (B, H, N+n, Dh)
+        if media_mask is not None:  # latent keys are always valid: (B, N) -> (B, 1, 1, N+n)
+            media_mask = F.pad(media_mask, (0, latents.shape[1]), value=True)[:, None, None, :]
+        return self.to_out(_merge(attention(q, k, v, media_mask)))
 
 
 class PerceiverResampler(nn.Module):
@@ -202,7 +196,7 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_emb = nn.Parameter(torch.randn(max_time, 1, dim))  # per frame, shared over S
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.key_mask = key_mask
@@ -230,21 +224,18 @@ class GatedXAttnDense(nn.Module):
 
     def __init__(self, dim, media_dim, heads, dim_head, ff_mult):
         super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
+        inner, self.heads = heads * dim_head, heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.ff = FeedForward(dim, ff_mult)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.attn_gate, self.ff_gate = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
 
     def forward(self, y, z):
         """y (B, L, D) LM hidden states, z (B, n, Dm) visual tokens -> (B, L, D); no mask."""
         q = _heads(self.to_q(self.norm(y)), self.heads)            # (B, H, L, Dh)
-        k, v = self.to_kv(z).chunk(2, -1)
-        k, v = _heads(k, self.heads), _heads(v, self.heads)        # (B, H, n, Dh)
+        k, v = (_heads(t, self.heads) for t in self.to_kv(z).chunk(2, -1))  # (B, H, n, Dh) each
         y = y + self.attn_gate.tanh() * self.to_out(_merge(attention(q, k, v)))
         return y + self.ff_gate.tanh() * self.ff(y)
 
@@ -265,8 +256,7 @@ class Bridge(nn.Module):
             raise ValueError(f"--bridge must be mapper|xattn|both, got {cfg.bridge!r}")
         if cfg.xattn_prefix not in ("raw", "none"):
             raise ValueError(f"--xattn_prefix must be raw|none, got {cfg.xattn_prefix!r}")
-        self.use_mapper = cfg.bridge in ("mapper", "both")
-        self.use_xattn = cfg.bridge in ("xattn", "both")
+        self.use_mapper, self.use_xattn = cfg.bridge in ("mapper", "both"), cfg.bridge in ("xattn", "both")
         self.prefix = "mapper" if self.use_mapper else cfg.xattn_prefix
         if self.prefix == "raw" and vis_dim != lm_dim:
             raise ValueError(f"--xattn_prefix raw feeds the raw CLIP vector to GPT-2, which needs "
@@ -280,22 +270,20 @@ class Bridge(nn.Module):
                 vis_dim, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
                 cfg.num_latents, cfg.max_time_emb, cfg.resampler_ff_mult, cfg.frame_key_mask)
             self.layer_ids = [i for i in range(lm_layers) if i % cfg.xattn_every == 0]
-            self.xattn = nn.ModuleList(GatedXAttnDense(lm_dim, vis_dim, cfg.xattn_heads,
-                                                       cfg.xattn_dim_head, cfg.xattn_ff_mult)
-                                       for _ in self.layer_ids)
+            self.xattn = nn.ModuleList(GatedXAttnDense(lm_dim, vis_dim, cfg.xattn_heads, cfg.xattn_dim_head,
+                                                       cfg.xattn_ff_mult) for _ in self.layer_ids)
         self._z = None
 
     # ---- visual inputs -> GPT-2 prefix and xattn media
     def visual(self, feats, frame_mask):
         """feats (B, T, S, Dv), frame_mask (B, T) -> prefix (B, P, D), its mask (B, P), and
         Z (B, n, Dv) or None."""
-        m = frame_mask.to(feats.dtype)[..., None]
         if self.prefix == "none":
             prefix, pmask = feats.new_zeros(feats.shape[0], 0, 1), frame_mask[:, :0]
         else:
             pooled = feats.mean(2)                           # (B, T, Dv): mean of the S CLIP tokens
-            prefix = (self.mapper(pooled) if self.use_mapper else pooled) * m  # (B, T, D)
-            pmask = frame_mask
+            prefix = self.mapper(pooled) if self.use_mapper else pooled      # (B, T, D)
+            prefix, pmask = prefix * frame_mask.to(feats.dtype)[..., None], frame_mask
         z = self.resampler(feats, frame_mask) if self.use_xattn else None
         return prefix, pmask, z
 
@@ -306,9 +294,8 @@ class Bridge(nn.Module):
         if not self.use_xattn:
             yield
             return
-        blocks = lm.transformer.h  # GPT2LMHeadModel's decoder blocks
-        handles = [blocks[i].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
-                   for i, layer in zip(self.layer_ids, self.xattn)]
+        handles = [lm.transformer.h[i].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
+                   for i, layer in zip(self.layer_ids, self.xattn)]  # h: GPT-2's decoder blocks
         self._z = z
         try:
             yield
@@ -324,9 +311,7 @@ class Bridge(nn.Module):
             if z.shape[0] != h.shape[0]:  # generate() repeats each input num_beams times
                 z = z.repeat_interleave(h.shape[0] // z.shape[0], 0)
             out = layer(h, z.to(h.dtype)).to(h.dtype)
-            if args:
-                return (out,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": out}
+            return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
         return hook
 
     def lm_inputs(self, lm, prefix, pmask, tokens, tok_mask):
@@ -364,15 +349,10 @@ def position_ids(mask, fix):
     return torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
 
 
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def bridge_param_table(bridge):
-    parts = {"mapper": bridge.mapper, "resampler": bridge.resampler, "xattn": bridge.xattn}
-    out = {k: (count_parameters(m) if m is not None else 0) for k, m in parts.items()}
-    out["trainable"] = count_parameters(bridge)
-    return out
+    parts = {k: getattr(bridge, k) for k in ("mapper", "resampler", "xattn")}
+    return {**{k: count_params(m) if m is not None else 0 for k, m in parts.items()},
+            "trainable": count_params(bridge)}
 
 
 # ================================================================================================ Losses
@@ -574,7 +554,7 @@ def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_
 def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
     """Caption the split (sharded over ranks), score, log, write <out_dir>/predictions_test.json."""
     from common.metrics import caption_metrics, hf_caption_metrics
-    n = len(ds) if cfg.max_eval <= 0 else min(cfg.max_eval, len(ds))
+    n, t0 = len(ds) if cfg.max_eval <= 0 else min(cfg.max_eval, len(ds)), time.perf_counter()
     mine = caption_records(bridge, lm, clip, ds, cdist.shard_indices(n, d), cfg, ctok, dtype,
                            d.device, d.is_main)
     preds = {i: c for part in cdist.all_gather_object(mine) for i, c in part.items()}
@@ -584,7 +564,7 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
         res = {i: preds[i][:1] for i in preds}
         scores = {**caption_metrics(gts, res), **hf_caption_metrics(gts, res)}  # COCO; seed's HF
         metrics = {k: 100.0 * v for k, v in scores.items()}  # x100 like the seed
-        metrics["n"] = len(preds)
+        metrics["n"], metrics["test_seconds"] = len(preds), time.perf_counter() - t0
         rows = [{"sample_path": r["frames"] if cfg.task == "video" else r["frames"][0],
                  "prediction": preds[i][0] if cfg.num_return == 1 else preds[i],
                  "target": r["captions"]} for i, r in ((i, ds.records[i]) for i in sorted(preds))]
@@ -593,6 +573,36 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
             json.dump(rows, f, indent=1)
         logger.info("test | " + " | ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "n"))
     return cdist.broadcast_object(metrics)
+
+
+def write_report(cfg, metrics, logger):
+    """<out_dir>/report.html (common/report.py): the curves, with the tanh gate of every xattn block
+    (Flamingo Sec. 2.2: 0 at step 0, the frozen GPT-2 opened up as they grow), the run's figures,
+    and test captions beside their image or, for a video, the strip of the frames the model saw."""
+    from common.report import Report, card, grid, strip, table, thumb, training_plots
+    rep, video = Report(f"perceiver_caption.py --bridge {cfg.bridge} --task {cfg.task}"), cfg.task == "video"
+    with rep.timed():
+        gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
+                 "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
+        rep.section("Training", training_plots(os.path.join(cfg.out_dir, "metrics.jsonl"), gates))
+        rep.section("Results", table(metrics, header=["figure", "value"]))
+        rows, cards = [], []
+        if "n" in metrics:  # this run captioned the test split: its predictions_test.json is fresh
+            with open(os.path.join(cfg.out_dir, "predictions_test.json")) as f:
+                rows = json.load(f)[:8 if video else 16]
+        for r in rows:
+            paths = r["sample_path"] if video else [r["sample_path"]]
+            frames = [x for x in (load_image(os.path.join(cfg.image_root, paths[j]))
+                                  for j in sample_frames(len(paths), cfg.num_frames)) if x is not None]
+            # 64-px toy frames shown x2; JPEG: thumb's own pick here, without its slow PNG try
+            pic = strip(frames, height=min(128, frames[0].height)) if frames else None
+            pic = thumb(pic, max(pic.size) * max(1, 128 // pic.height), fmt="JPEG") if frames else None
+            cards.append(card(pic, ("generated", r["prediction"]), ("references", r["target"])))
+        if cards:  # a clip's strip takes the page's width: one card a row
+            rep.section(f"{'Video c' if video else 'C'}aptions (test)", cards if video else grid(cards))
+        path = rep.write(cfg.out_dir)
+    eval_s = f"; test captioning {metrics['test_seconds']:.2f} s" if "n" in metrics else ""
+    logger.info(f"report {path}: {rep.seconds:.2f} s{eval_s}")
 
 
 # ================================================================================================ Train
@@ -610,7 +620,7 @@ def resolve_paths(cfg, d):
 
 
 def load_frozen(cfg, device, dtype):
-    """Frozen CLIP vision tower + GPT-2 + tokenizer from local folders or hub names."""
+    """Frozen CLIP vision tower + GPT-2 + caption tokenizer from local folders or hub names."""
     from transformers import AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
@@ -618,23 +628,20 @@ def load_frozen(cfg, device, dtype):
     fdt = amp.frozen_dtype(device, dtype)
     clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=fdt)
     lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=fdt)
-    tok = AutoTokenizer.from_pretrained(cfg.lm_model)
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
         m.requires_grad_(False).eval().to(device)
-    return clip, lm, tok
+    return clip, lm, CaptionTokenizer(AutoTokenizer.from_pretrained(cfg.lm_model), cfg.max_len)
 
 
 def lr_at(cfg, step, total):
     warm = int(cfg.warmup_frac * total)
     if cfg.schedule == "cosine":
         return cosine_lr(step, total, warm, cfg.lr)
+    if cfg.schedule not in ("constant", "linear_decay"):
+        raise ValueError(f"--schedule must be constant|cosine|linear_decay, got {cfg.schedule!r}")
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "linear_decay":
-        return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
-    raise ValueError(f"--schedule must be constant|cosine|linear_decay, got {cfg.schedule!r}")
+    return cfg.lr * (1.0 if cfg.schedule == "constant" else max(0.0, (total - step) / max(1, total - warm)))
 
 
 def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step, total, update=True):
@@ -672,9 +679,11 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
 
 
 def gate_values(bridge):
-    """Mean |tanh(gate)| of the xattn blocks' attention and FFW gates (0 at initialisation)."""
-    gates = {g: [getattr(x, f"{g}_gate").detach() for x in bridge.xattn or []] for g in ("attn", "ff")}
-    return {f"gate_{g}": float(torch.cat(v).tanh().abs().mean()) for g, v in gates.items() if v}
+    """tanh of the xattn blocks' attention and FFW gates (0 at initialisation): their mean |tanh|
+    (gate_attn, gate_ff) and each block's, named by the GPT-2 block it runs before (gate_attn_3)."""
+    t = {g: [float(getattr(x, g + "_gate").detach().tanh()) for x in bridge.xattn or []] for g in ("attn", "ff")}
+    means = {f"gate_{g}": sum(map(abs, v)) / len(v) for g, v in t.items() if v}
+    return {**means, **{f"gate_{g}_{i}": x for g, v in t.items() for i, x in zip(bridge.layer_ids, v)}}
 
 
 def save_state(path, cfg, bridge, opt, scaler, step, best_val):
@@ -709,7 +718,7 @@ def resume(cfg, bridge, opt, scaler, logger):
     return int(st["step"]), float(st["best_val"])
 
 
-def train(cfg, d, dtype, clip, lm, tok, bridge, logger):
+def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     device, world = d.device, d.world_size
     groups = (param_groups(bridge, cfg.weight_decay) if not cfg.decay_all else  # seed: decay all
               [{"params": list(bridge.parameters()), "weight_decay": cfg.weight_decay}])
@@ -719,7 +728,6 @@ def train(cfg, d, dtype, clip, lm, tok, bridge, logger):
     model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
     scaler = amp.make_scaler(dtype)
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
-    ctok = CaptionTokenizer(tok, cfg.max_len)
     sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task), cfg.image_root,
                           clip.config.image_size, cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
             for s in ["train", "val"] + ["test"] * cfg.test_after_train}
@@ -789,8 +797,7 @@ def image_report(sets, logger):
     return {"unreadable_images": sum(ds.loader.bad for ds in sets.values())}
 
 
-def test(cfg, d, dtype, clip, lm, tok, bridge, logger):
-    ctok = CaptionTokenizer(tok, cfg.max_len)
+def test(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     ds = CaptionSet(read_records(cfg.test_file, cfg.task), cfg.image_root, clip.config.image_size,
                     cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
     if cfg.cache_feats:
@@ -799,9 +806,8 @@ def test(cfg, d, dtype, clip, lm, tok, bridge, logger):
             **image_report({"test": ds}, logger)}
 
 
-def caption_inputs(cfg, d, dtype, clip, lm, tok, bridge, logger):
+def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     """--mode caption: caption image files or frame folders given by --inputs."""
-    ctok = CaptionTokenizer(tok, cfg.max_len)
     recs = []
     for p in cfg.inputs:
         frames = ([os.path.join(p, n) for n in sorted(os.listdir(p))
@@ -810,8 +816,7 @@ def caption_inputs(cfg, d, dtype, clip, lm, tok, bridge, logger):
             raise DataError(f"{p}: no readable image")
         recs.append({"frames": frames, "captions": [""]})
     ds = CaptionSet(recs, "", clip.config.image_size, cfg.num_frames, ctok)
-    out = caption_records(bridge, lm, clip, ds, list(range(len(recs))), cfg, ctok, dtype, d.device,
-                          d.is_main)
+    out = caption_records(bridge, lm, clip, ds, list(range(len(recs))), cfg, ctok, dtype, d.device, d.is_main)
     for i, p in enumerate(cfg.inputs):
         logger.info(f"{p}: " + " | ".join(out[i]))
     return {p: out[i] for i, p in enumerate(cfg.inputs)}
@@ -827,8 +832,8 @@ def param_counts(cfg, clip_config, lm_config):
             one = dataclasses.replace(cfg, bridge=b, xattn_prefix="none")
             rows[b] = bridge_param_table(Bridge(one, clip_config.hidden_size, lm_config.n_embd,
                                                 lm_config.n_layer))
-        rows["frozen_clip"] = count_parameters(CLIPVisionModel(clip_config))
-        rows["frozen_lm"] = count_parameters(GPT2LMHeadModel(lm_config))
+        rows["frozen_clip"] = count_params(CLIPVisionModel(clip_config))
+        rows["frozen_lm"] = count_params(GPT2LMHeadModel(lm_config))
     return rows
 
 
@@ -875,18 +880,18 @@ def main(argv=None):
         logger.info("config:\n" + format_config(cfg))
         if d.is_main and cfg.mode == "train" and cfg.bench == 0:
             save_config(cfg, cfg.out_dir)
-        clip, lm, tok = load_frozen(cfg, d.device, dtype)
+        clip, lm, ctok = load_frozen(cfg, d.device, dtype)
         bridge = Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer).to(d.device)
         n = ", ".join(f"{k} {v:,}" for k, v in bridge_param_table(bridge).items())
-        logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_parameters(clip):,} + GPT-2 "
-                    f"{count_parameters(lm):,}")
-        if cfg.mode == "train":
-            return train(cfg, d, dtype, clip, lm, tok, bridge, logger)
-        bridge.load_state_dict(ckpt["bridge"])
-        bridge.eval()
-        if cfg.mode == "test":
-            return test(cfg, d, dtype, clip, lm, tok, bridge, logger)
-        return caption_inputs(cfg, d, dtype, clip, lm, tok, bridge, logger)
+        logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_params(clip):,} + GPT-2 {count_params(lm):,}")
+        if cfg.mode != "train":
+            bridge.load_state_dict(ckpt["bridge"])
+            bridge.eval()
+        out = {"train": train, "test": test, "caption": caption_inputs}[cfg.mode](
+            cfg, d, dtype, clip, lm, ctok, bridge, logger)
+        if cfg.report and d.is_main and cfg.mode != "caption" and not cfg.bench:
+            write_report(cfg, out, logger)
+        return out
     finally:
         cdist.cleanup_distributed()
 

@@ -2,10 +2,11 @@
 padded frames, loss masking, decoding, and train/test/caption/params through main() on the tiny toy world
 (losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process), the
 bad-image rule, checkpoint identity and resume-config checks, the seed's HF metrics beside the COCO ones,
---compile."""
+--compile, the report.html of train and test runs (per-layer gate curves, captioned images, video strips)."""
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 import perceiver_caption as pc
 from common.metrics import hf_caption_metrics
+from common.report import read_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,6 +238,17 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _report(out):
+    """report.html of a run, parsed and checked by common.report.read_report (every image decodes, every SVG
+    parses), plus {plot title: [series names]} and the (width, height) shown of each image."""
+    page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    svgs = re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+    plots = {re.search(r'font-weight="bold">([^<]*)<', g).group(1): re.findall(r'<polyline data-series="([^"]+)"', g)
+             for g in svgs}
+    sizes = [tuple(map(int, m)) for m in re.findall(r'<img[^>]* width="(\d+)" height="(\d+)"', page)]
+    return read_report(os.path.join(out, "report.html")), plots, sizes
+
+
 def _shuffled_cider(rows):
     """Mean CIDEr of the run's own captions given to the wrong images (every rotation of the test split): the
     score of captions that ignore the image, with the run's caption distribution."""
@@ -255,7 +268,13 @@ def test_caption_beats_blank_baseline_and_test_mode(world, tmp_path):
     recipe = ["--bridge", "both", "--steps", "400", "--global_batch", "16", "--micro_batch", "16", "--lr", "3e-3",
               "--eval_every", "100", "--log_every", "20", "--decode", "greedy", "--max_new_tokens", "24"]
     m = _run(world, tmp_path / "img", *recipe)
-    blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true", "--test_after_train", "false")
+    blank = _run(world, tmp_path / "blank", *recipe, "--blank", "true", "--test_after_train", "false",
+                 "--report", "false")
+    assert not os.path.exists(tmp_path / "blank" / "report.html")  # --report false writes none
+    info, plots, sizes = _report(tmp_path / "img")
+    assert info["sections"] == ["Training", "Results", "Captions (test)"] and info["images"] == 16
+    assert {"loss terms", "learning rate", "val_loss"} <= set(plots) and sizes == [(128, 128)] * 16
+    assert "CIDEr" in open(tmp_path / "img" / "report.html").read()  # the results table
     assert m["val_loss"] < blank["val_loss"] - 0.015, (m["val_loss"], blank["val_loss"])  # the image helps ...
     assert {"CIDEr", "BLEU-4", "ROUGE-L", "hf_BLEU-1", "hf_BLEU-4", "hf_ROUGE-L", "val_loss"} <= set(m)
     assert m["n"] == 50
@@ -275,6 +294,7 @@ def test_caption_beats_blank_baseline_and_test_mode(world, tmp_path):
                  "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "24",
                  "--bridge", "mapper", "--num_latents", "3"])  # the model comes from the checkpoint
     assert t["CIDEr"] == pytest.approx(m["CIDEr"])  # same weights, same decoding
+    assert "Captions (test)" in _report(tmp_path / "t")[0]["sections"]  # a test run reports too
     assert t["hf_BLEU-4"] == pytest.approx(m["hf_BLEU-4"]) and t["hf_ROUGE-L"] == pytest.approx(m["hf_ROUGE-L"])
     rows = json.load(open(tmp_path / "t" / "predictions_test.json"))
     assert len(rows) == 50 and {"sample_path", "prediction", "target"} <= set(rows[0])
@@ -413,6 +433,17 @@ def test_ablations_and_video_train(world, tmp_path, extra):
              "--max_eval", "4", "--decode", "greedy", "--max_new_tokens", "6", "--lr", "3e-3", *extra)
     losses = _losses(tmp_path)
     assert m["n"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    info, plots, sizes = _report(tmp_path)
+    gates = {k: v for k, v in plots.items() if "gate" in k}
+    if "mapper" in extra:
+        assert not gates and info["sections"] == ["Training", "Results", "Captions (test)"]
+    else:  # the tiny GPT-2 has 2 blocks, each with an xattn block before it: one curve per block and gate
+        assert gates == {"tanh(attn gate) per xattn block": ["gate_attn_0", "gate_attn_1"],
+                         "tanh(FFW gate) per xattn block": ["gate_ff_0", "gate_ff_1"],
+                         "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}, plots
+    if "video" in extra:  # one strip of the 3 frames the model saw per test clip
+        assert info["sections"][-1] == "Video captions (test)" and info["images"] == 4
+        assert all(w > 2.5 * h for w, h in sizes), sizes
     if "mapper" in extra:  # a random prefix starts far off: the loss must fall at once
         assert m["xattn"] == 0 and m["resampler"] == 0 and m["trainable"] == m["mapper"]
         first, last = (sum(losses[s] for s in steps) / 3 for steps in ((1, 2, 3), (6, 7, 8)))
