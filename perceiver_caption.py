@@ -822,36 +822,31 @@ def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     return {p: out[i] for i, p in enumerate(cfg.inputs)}
 
 
-# ---- --mode params: trainable parameters per ablation for any pair of backbones
-def param_counts(cfg, clip_config, lm_config):
-    """Trainable parameters per --bridge and of the frozen backbones, on the meta device."""
+# ---- --mode params: trainable parameters per ablation and FLOPs per sample, offline
+def param_counts(cfg, clip_config, lm_config, text_len=20):
+    """Parameters per --bridge and of the frozen backbones, and GFLOPs per training sample (one image:
+    frozen CLIP forward, bridge and GPT-2 forward + backward), all on the meta device."""
     from transformers import CLIPVisionModel, GPT2LMHeadModel
-    rows = {}
+    rows, lm_config._attn_implementation = {}, "eager"  # (SDPA's mask code reads values: none on meta)
     with torch.device("meta"):
+        clip = CLIPVisionModel(clip_config).requires_grad_(False)
+        lm, tok = GPT2LMHeadModel(lm_config).requires_grad_(False), torch.zeros(1, text_len).long()
+        px = torch.zeros(1, 3, clip_config.image_size, clip_config.image_size)  # one image
+        feats, vit = clip(pixel_values=px).last_hidden_state[:, None], count_flops(lambda: clip(pixel_values=px))
         for b in ("mapper", "xattn", "both"):
-            one = dataclasses.replace(cfg, bridge=b, xattn_prefix="none")
-            rows[b] = bridge_param_table(Bridge(one, clip_config.hidden_size, lm_config.n_embd,
-                                                lm_config.n_layer))
-        rows["frozen_clip"] = count_params(CLIPVisionModel(clip_config))
-        rows["frozen_lm"] = count_params(GPT2LMHeadModel(lm_config))
+            one = Bridge(dataclasses.replace(cfg, bridge=b, xattn_prefix="none"), clip_config.hidden_size,
+                         lm_config.n_embd, lm_config.n_layer)
+            run = lambda: one(lm, feats, torch.ones(1, 1).bool(), tok, tok + 1).float().sum().backward()  # noqa
+            rows[b] = {**bridge_param_table(one), "gflops_per_sample": (vit + count_flops(run)) / 1e9}
+        rows["frozen_clip"], rows["frozen_lm"] = count_params(clip), count_params(lm)
     return rows
 
 
 def params_mode(cfg, logger):
-    """Offline, the paper's two hub checkpoints fall back to transformers' default configs, which
-    are their architectures (the docs say so); the output says when it does."""
-    import transformers
-    confs = []
-    for name, arch in ((cfg.clip_model, "CLIPVisionConfig"), (cfg.lm_model, "GPT2Config")):
-        try:
-            c = transformers.AutoConfig.from_pretrained(name)
-        except OSError:
-            if name not in ("openai/clip-vit-base-patch32", "gpt2"):
-                raise
-            logger.info(f"{name}: not reachable offline; transformers.{arch}() is its architecture")
-            c = getattr(transformers, arch)()
-        confs.append(getattr(c, "vision_config", c))
-    rows = param_counts(cfg, *confs)
+    """The two hub names' released architectures, offline (common.hf.published_config)."""
+    from common.hf import published_config
+    clip_config, lm_config = (published_config(n) for n in (cfg.clip_model, cfg.lm_model))
+    rows = param_counts(cfg, getattr(clip_config, "vision_config", clip_config), lm_config)
     for b in ("mapper", "xattn", "both"):
         logger.info(f"--bridge {b:6s}: " + ", ".join(f"{k} {v:,}" for k, v in rows[b].items()))
     logger.info(f"frozen: CLIP vision {rows['frozen_clip']:,} + LM {rows['frozen_lm']:,}")

@@ -120,6 +120,11 @@ def test_paper_param_counts_match_seed():
     assert rows["both"]["trainable"] == 39_026_456
     assert rows["both"]["resampler"] == 9_890_304 and rows["both"]["xattn"] == 28_348_440
     assert rows["frozen_clip"] == 87_456_000 and rows["frozen_lm"] == 124_439_808
+    # FLOPs per sample (issue 19.3): the ViT-B/32 forward alone is 8.8 GFLOP (4.4 GMACs, open_clip's profile);
+    # cross-attention adds its blocks to GPT-2's forward and backward
+    assert 8.8 < rows["mapper"]["gflops_per_sample"] < rows["xattn"]["gflops_per_sample"] <= \
+        rows["both"]["gflops_per_sample"]
+    assert pc.main(["--mode", "params", "--preset", "paper"])["both"]["trainable"] == 39_026_456  # offline
 
 
 def test_padded_frames_change_nothing(tiny):
