@@ -11,8 +11,8 @@ The dual encoder comes from a CLIP checkpoint (`--init clip`) or from two uni-mo
 fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA.
 Preparation (negatives, neighbours: data/negatives.py) and the benchmarks (ARO, SugarCREPE, CREPE,
 SVO, Winoground, retrieval: data/benchmarks.py) live in data/; this file is the model, the batch
-layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed) | eval | export
-| params (parameters and FLOPs of the configured model, offline, from the published architectures).
+layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset
+shards: --train_shards 'cc3m/{00000..00331}.tar') | eval | export | params (parameters, FLOPs).
 
     python negclip.py --mode eval --out_dir runs/negclip_toy/before          # toy world, CPU
     python negclip.py --mode train --out_dir runs/negclip_toy
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ from common import dist as D
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint,
                                load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
-from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader
+from common.data import (DataError, ImageFolderLoader, StepSampler, StreamTracker, draw,
+                         make_loader, shard_sample_count, stream_loader)
 from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from common.hf import counts_table, hf_model, published_config
 from common.log import Logger
@@ -90,6 +92,7 @@ class Config(ModelConfig):
     train_file: str = ""          # to mine from: pairs .jsonl | BLIP/Karpathy .json ("" = toy)
     image_root: str = ""          # root of the image paths in train_file / TSV ("" = toy_root)
     train_tsv: str = ""           # mined or released TSV ("" = <out_dir>/train_neg_clip.tsv)
+    train_shards: str = ""        # or webdataset shards, e.g. 'cc3m/{00000..00331}.tar' (no mining)
     val_file: str = ""            # retrieval set for model selection ("" = toy val; "none" = off)
     all_captions: bool = False    # keep every caption of an image (paper: the first only)
     tagger: str = "auto"          # auto (nltk if its data is installed, else rule) | nltk | rule
@@ -129,6 +132,8 @@ class Config(ModelConfig):
     eval_batch: int = 256
     eval_after_train: bool = True
     export_dir: str = ""
+    report: bool = True           # <out_dir>/report.html: curves, captions vs negatives, benchmarks
+    report_before: str = ""       # a results.json (e.g. the init's eval): the report's "before"
 
 
 PRESETS = {
@@ -148,12 +153,11 @@ PRESETS = {
                   order_file="data/benchmarks/blip/coco_karpathy_test.json", order_image_root="data/coco"),
 }
 
-# what a resumed run may change without changing the training it continues (here init is the
-# architecture, not a checkpoint)
+# what a resumed run may change without changing the training it continues (init: the architecture)
 RESUME_FREE_NEGCLIP = RESUME_FREE - {"init"} | {
     "stop_after", "ckpt_every", "val_every", "eval_after_train", "ckpt", "export_dir", "benchmarks",
     "bench_root", "retrieval_file", "retrieval_image_root", "order_file", "order_image_root",
-    "order_seeds", "aro_min_pair_count"}
+    "order_seeds", "aro_min_pair_count", "report_before"}
 
 
 def model_config(cfg):
@@ -171,7 +175,8 @@ def resolve_paths(cfg, is_main=True):
     toy_paths(cfg, toy, ["clip", "bert"] if uni else ["clip"], is_main, D.barrier)
     for k in ("image_root", "bench_root", "retrieval_image_root", "order_image_root"):
         setattr(cfg, k, os.path.normpath(getattr(cfg, k)))  # toy_root/"" -> toy_root
-    cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
+    if not cfg.train_shards:  # (shards: nothing is mined)
+        cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
     return cfg
 
 
@@ -182,17 +187,15 @@ LOGIT_SCALE_MAX = math.log(100.0)  # open_clip clamps the learnable log-temperat
 
 
 class LoRALinear(nn.Module):
-    """W x + (alpha / r) * B A dropout(x): A (r, d_in) random, B (d_out, r) zero, so training
-    starts exactly at the pretrained model (Hu et al. 2021, arXiv 2106.09685).  The frozen base
-    Linear is kept as is."""
+    """W x + (alpha / r) B A dropout(x), the base Linear W frozen: A (r, d_in) random, B (d_out, r)
+    zero, so training starts exactly at the pretrained model (Hu et al. 2021, arXiv 2106.09685)."""
 
     def __init__(self, base: nn.Linear, r, alpha, dropout):
         super().__init__()
         self.base, self.scale = base, alpha / r
         self.base.requires_grad_(False)
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
         self.dropout = nn.Dropout(dropout)
 
@@ -201,19 +204,13 @@ class LoRALinear(nn.Module):
         return self.base(x) + lora * self.scale
 
     def merged(self):
-        w = self.base.weight
-        lin = nn.Linear(self.base.in_features, self.base.out_features,
-                        bias=self.base.bias is not None, device=w.device, dtype=w.dtype)
+        w, b = self.base.weight, self.base.bias
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype))
-            if self.base.bias is not None:
-                lin.bias.copy_(self.base.bias)
+            if b is not None:
+                lin.bias.copy_(b)
         return lin
-
-
-def _set_child(root, name, module):
-    parent = root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else root
-    setattr(parent, name.rsplit(".", 1)[-1], module)
 
 
 def add_lora(tower, targets, r, alpha, dropout):
@@ -223,7 +220,7 @@ def add_lora(tower, targets, r, alpha, dropout):
     wanted = [(name, mod) for name, mod in tower.named_modules() if isinstance(mod, nn.Linear)
               and ("all-linear" in targets or name.rsplit(".", 1)[-1] in targets)]
     for name, mod in wanted:
-        _set_child(tower, name, LoRALinear(mod, r, alpha, dropout))
+        tower.set_submodule(name, LoRALinear(mod, r, alpha, dropout))
     if not wanted:
         raise ValueError(f"no Linear of {type(tower).__name__} matches lora_targets={targets}")
     return len(wanted)
@@ -233,17 +230,15 @@ def merge_lora(module):
     """Replace every LoRALinear by a plain Linear holding W + (alpha/r) B A (for eval/export)."""
     for name, mod in list(module.named_modules()):
         if isinstance(mod, LoRALinear):
-            _set_child(module, name, mod.merged())
+            module.set_submodule(name, mod.merged())
     return module
 
 
 class DualEncoder(nn.Module):
     """Image tower + text tower + linear projections into one space + learnable log-temperature.
-
-    pool = "clip": HF CLIP's own pooling (vision: post-LN CLS; text: final-LN state at the EOS
-    token), so embeddings equal CLIPModel.get_image_features / get_text_features.  Otherwise
-    vision_pool / text_pool.  image = (size, mean, std) the vision tower expects.
-    """
+    pool = "clip": HF CLIP's pooling (vision: post-LN CLS; text: final-LN state at the EOS token):
+    embeddings equal CLIPModel.get_image_features / get_text_features.  Otherwise vision_pool /
+    text_pool.  image = (size, mean, std) the vision tower expects."""
 
     def __init__(self, vision, text, visual_projection, text_projection, logit_scale, pool="clip",
                  vision_pool="cls", text_pool="mean", image=(224, CLIP_MEAN, CLIP_STD)):
@@ -306,11 +301,9 @@ def load_tower(path, side, meta=False):
 def _image_stats(path, model_type):
     """Mean/std from the vision checkpoint's preprocessor_config.json, else by model family."""
     pp = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(pp):
-        with open(pp) as f:
-            d = json.load(f)
-        if "image_mean" in d and "image_std" in d:
-            return tuple(d["image_mean"]), tuple(d["image_std"])
+    d = json.load(open(pp)) if os.path.isfile(pp) else {}
+    if "image_mean" in d and "image_std" in d:
+        return tuple(d["image_mean"]), tuple(d["image_std"])
     return (CLIP_MEAN, CLIP_STD) if model_type.startswith("clip") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -328,10 +321,9 @@ def build_model(mc, meta=False):
     elif mc.init == "unimodal":
         vision, text = load_tower(mc.vision, "vision", meta), load_tower(mc.text, "text", meta)
         dv, dt = vision.config.hidden_size, text.config.hidden_size
-        vp = nn.Linear(dv, mc.embed_dim, bias=False, device=vision.device)
-        tp = nn.Linear(dt, mc.embed_dim, bias=False, device=vision.device)
-        nn.init.normal_(vp.weight, std=dv ** -0.5)
-        nn.init.normal_(tp.weight, std=dt ** -0.5)
+        vp, tp = (nn.Linear(d, mc.embed_dim, bias=False, device=vision.device) for d in (dv, dt))
+        for lin in (vp, tp):
+            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         size = vision.config.image_size
         image = (size[0] if isinstance(size, (list, tuple)) else size,
                  *_image_stats(mc.vision, vision.config.model_type))
@@ -343,8 +335,7 @@ def build_model(mc, meta=False):
         tok = tokenizer(mc.text)
     else:
         raise ValueError(f"init must be clip|unimodal, got {mc.init!r}")
-    for name in ("vision", "text"):
-        tower = getattr(model, name)
+    for name, tower in (("vision", model.vision), ("text", model.text)):
         if getattr(mc, f"lock_{name}"):
             tower.requires_grad_(False).eval()
         elif mc.lora_r > 0:  # adapters on unlocked towers; heads + temperature train fully
@@ -366,8 +357,7 @@ def negclip_loss(img, txt, scale, dup_mask=None):
     img (N, D) and txt (M, D) are L2-normalised; image k's caption is text k (k < N); texts
     N..M-1 are hard negative captions.  NegCLIP: N = 2B images [anchors; neighbours], M = 4B
     texts [t; t'; n; n'].  Plain CLIP-FT: N = M = B.  dup_mask (N, M) bool: logits to drop
-    (same image, not the label).
-    """
+    (same image, not the label; a missing hard caption)."""
     n = img.shape[0]
     logits = scale * img @ txt.t()  # (N, M)
     if dup_mask is not None:
@@ -382,8 +372,7 @@ def duplicate_mask(img_ids, txt_ids):
     """(N,), (M,) image ids (-1 for hard captions) -> (N, M) True where text j describes image
     i's picture but j != i (the same COCO image as anchor and as someone's neighbour)."""
     same = img_ids[:, None] == txt_ids[None, :]  # (N, M)
-    eye = torch.zeros_like(same)
-    eye[:, :img_ids.shape[0]] = torch.eye(img_ids.shape[0], dtype=torch.bool, device=same.device)
+    eye = torch.eye(*same.shape, dtype=torch.bool, device=same.device)  # (N, M): label j = i
     return same & ~eye & (txt_ids[None, :] >= 0)
 
 
@@ -425,8 +414,7 @@ class NegCLIPRows(torch.utils.data.Dataset):
         self.tf.rng = random.Random(f"{self.cfg.seed}|{epoch}|{i}|{slot}")  # same crop on any world
         x = self.images(path)
         tried.add(path)
-        if x is None:
-            bad.add(path)
+        bad.update([path] if x is None else [])
         return x
 
     def __getitem__(self, key):
@@ -454,18 +442,33 @@ class NegCLIPRows(torch.utils.data.Dataset):
         return out
 
 
+def shard_batches(cfg, tok, tracker, stream, start, accum, hn_start, pin):
+    """Micro batches of steps start.. from a NegativeShardStream (`tracker` counts its unreadable
+    samples): image x, caption t and a hard caption n of t per row, no neighbour image."""
+    for k, b in enumerate(stream_loader(stream, cfg.micro_batch, cfg.workers, pin)):
+        tracker.update(b)
+        tracker.check()
+        step = start + k // accum
+        hard = cfg.hard_negatives and step >= hn_start
+        items = [dict(x=x, t=t, n=m["neg"], img_id=m["img_id"], hard=hard, step=step, tried=(), bad=())
+                 for x, t, m in zip(b["image"], b["caption"], b["meta"])]
+        yield dict(collate(items, tok, cfg.max_text_len), keys=b["key"])
+
+
 def collate(items, tok, max_len):
     """Row samples -> the NegCLIP micro batch: pixels [x; x'] (2b, 3, S, S), texts [t; t'; n; n']
-    (4b, L); plain CLIP (no hard negatives yet): pixels x (b, 3, S, S), texts t (b, L)."""
-    hard = items[0]["hard"]
-    xs = [it["x"] for it in items] + ([it["x2"] for it in items] if hard else [])
-    texts = [it["t"] for it in items]
-    texts += [it[k] for k in ("t2", "n", "n2") for it in items] if hard else []
-    img_ids = [it["img_id"] for it in items] + ([it["img_id2"] for it in items] if hard else [])
-    txt_ids = torch.tensor(img_ids + [-1] * (len(texts) - len(xs)))  # hard captions: no image
-    t = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-    return {"pixels": torch.stack(xs), "ids": t["input_ids"], "mask": t["attention_mask"],
-            "img_ids": torch.tensor(img_ids), "txt_ids": txt_ids, "hard": hard, "step": items[0]["step"],
+    (4b, L); stream rows (no neighbour): [x] and [t; n]; plain CLIP: [x] and [t].  A missing hard
+    caption (None) is an empty text with id -2, its column masked in forward_loss."""
+    hard, imgs = items[0]["hard"], ("x", "x2") if "x2" in items[0] else ("x",)
+    tks = ("t", "t2")[:len(imgs)] + (("n", "n2")[:len(imgs)] if hard else ())
+    img_ids = [it[k.replace("x", "img_id")] for k in imgs for it in items]
+    texts = [it[k] for k in tks for it in items]
+    txt_ids = torch.tensor(img_ids + [-1 if t is not None else -2 for t in texts[len(img_ids):]])
+    t = tok([t or "" for t in texts], padding="max_length", truncation=True, max_length=max_len,
+            return_tensors="pt")
+    return {"pixels": torch.stack([it[k] for k in imgs for it in items]), "ids": t["input_ids"],
+            "mask": t["attention_mask"], "img_ids": torch.tensor(img_ids), "txt_ids": txt_ids,
+            "hard": hard, "blocks": (len(imgs), len(tks)), "step": items[0]["step"],
             **{k: set().union(*(it[k] for it in items)) for k in ("tried", "bad")}}
 
 
@@ -494,49 +497,27 @@ def scorer(model, tok, cfg, dist, dtype, pooled=False):
 
 def evaluate(model, tok, cfg, dist, dtype, log):
     """Every benchmark of cfg.benchmarks -> flat {"bench/metric": value}."""
-    model.eval()
     return B.run_benchmarks(
-        scorer(model, tok, cfg, dist, dtype), cfg.benchmarks, cfg.bench_root, cfg.retrieval_file,
-        cfg.retrieval_image_root, cfg.order_file, cfg.order_image_root, cfg.order_seeds,
-        cfg.aro_min_pair_count, NG.make_tagger(cfg.tagger), log.info)
+        scorer(model.eval(), tok, cfg, dist, dtype), cfg.benchmarks, cfg.bench_root,
+        cfg.retrieval_file, cfg.retrieval_image_root, cfg.order_file, cfg.order_image_root,
+        cfg.order_seeds, cfg.aro_min_pair_count, NG.make_tagger(cfg.tagger), log.info)
 
 
 # ================================================================================================ Train
 
 def mine(cfg, model, tok, dist, dtype, log, force=False):
-    """Make sure cfg.train_tsv holds NegCLIP rows for cfg.train_file (data/negatives.py): mined
-    again when its key (train file, image root, settings) differs or `force`; a released TSV (no
-    key) is used as is.  Neighbours: cosine in the init model's image space (CLIP: its embedding;
-    towers: the pooled feature)."""
-    tagger = NG.make_tagger(cfg.tagger)
-    mine_model = cfg.clip if cfg.init == "clip" else cfg.vision
-
-    def make_key():
-        return NG.mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
-                             tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model)
-    why = "--mode mine" if force else NG.stale_reason(cfg.train_tsv, make_key)
-    why = D.broadcast_object(why)  # rank 0 decides: every rank takes part in mining or none does
-    if why is None:
-        return None
-    log.info(f"{why}: mining {cfg.train_file} -> {cfg.train_tsv}")
-    key, recs = make_key(), NG.read_training_records(cfg.train_file, cfg.all_captions)
-    sc = scorer(model.to(dist.device).eval(), tok, cfg, dist, dtype, pooled=cfg.init != "clip")
-    rows, summary = NG.mine(recs, cfg.image_root, lambda ps: sc.images([(p, None) for p in ps]),
-                            tagger, ImageFolderLoader(cfg.image_root, None, cfg.max_bad_frac),
-                            cfg.seed, cfg.mine_k, cfg.mine_chunk, dist.device, log.info)
-    if dist.is_main:
-        NG.save_mined(cfg.train_tsv, rows, dict(summary, mine_model=mine_model), key)
-    D.barrier()
-    counts = summary["negatives_per_type"]
-    log.info(f"mine: {len(rows)} rows -> {cfg.train_tsv} (negatives per type {counts})")
-    return {"rows": len(rows), **{f"neg_{t}": c for t, c in counts.items()}}
+    """NegCLIP rows for cfg.train_file in cfg.train_tsv (data/negatives.py ensure_mined). Neighbours:
+    cosine in the init model's image space (CLIP: its embedding; towers: the pooled feature)."""
+    embed = lambda paths: scorer(model.to(dist.device).eval(), tok, cfg, dist, dtype,  # noqa: E731
+                                 pooled=cfg.init != "clip").images([(p, None) for p in paths])
+    return NG.ensure_mined(cfg, embed, dist, force, log.info)
 
 
 def forward_loss(net, model, batch, cfg, dev, dtype):
     """NegCLIP loss of one micro batch, gathered from every rank.  net: the trainable model (DDP or
     not); model: the same unwrapped (locked towers run outside DDP, under no_grad)."""
     pixels, ids, mask = batch["pixels"].to(dev), batch["ids"].to(dev), batch["mask"].to(dev)
-    n_img, n_txt = (2, 4) if batch["hard"] else (1, 1)  # blocks: [x; x'] and [t; t'; n; n']
+    n_img, n_txt = batch["blocks"]  # [x; x'], [t; t'; n; n'] (stream: [x], [t; n]; CLIP: [x], [t])
     pooled_img = pooled_txt = None
     with torch.no_grad(), amp.autocast(dev, dtype):
         if cfg.lock_vision:
@@ -546,27 +527,32 @@ def forward_loss(net, model, batch, cfg, dev, dtype):
     with amp.autocast(dev, dtype):
         img, txt, scale = net(pixels, ids, mask, pooled_img, pooled_txt)
     img_g, txt_g = gather_blocks(img, n_img), gather_blocks(txt, n_txt)  # (2B, D), (4B, D) global
-    dup = None
-    if cfg.mask_duplicates:
-        dup = duplicate_mask(gather_blocks(batch["img_ids"].to(dev), n_img, grad=False),
-                             gather_blocks(batch["txt_ids"].to(dev), n_txt, grad=False))
+    img_ids, txt_ids = (gather_blocks(batch[k].to(dev), n, grad=False) for k, n in
+                        (("img_ids", n_img), ("txt_ids", n_txt)))
+    dup = (txt_ids == -2).expand(len(img_g), -1)  # (N, M): a missing hard caption takes no part
+    dup = dup | duplicate_mask(img_ids, txt_ids) if cfg.mask_duplicates else dup
     return negclip_loss(img_g.float(), txt_g.float(), scale.float(), dup)
 
 
 def train(cfg, model, tok, dist, dtype, log):
-    world, dev = dist.world_size, dist.device
+    world, dev, pin = dist.world_size, dist.device, dist.device.type == "cuda"
     model.to(dev)
-    mine(cfg, model, tok, dist, dtype, log)
     seen = ImageFolderLoader(cfg.image_root, None, cfg.max_bad_frac)  # distinct unreadable images
-    rows, dropped = NG.filter_rows(NG.read_negclip_tsv(cfg.train_tsv), cfg.image_root, seen)
-    sampler = StepSampler(len(rows), cfg.global_batch, cfg.micro_batch, world, dist.rank, cfg.seed)
+    if cfg.train_shards:  # a stream: no fixed set to mine neighbour images in
+        n = shard_sample_count(cfg.train_shards)
+        log.info(f"train: {n} samples in {cfg.train_shards}: hard captions drawn per sample (the "
+                 "mine step's swaps), no neighbour images: rows [x] x [t; n]")
+    else:
+        mine(cfg, model, tok, dist, dtype, log)
+        rows, dropped = NG.filter_rows(NG.read_negclip_tsv(cfg.train_tsv), cfg.image_root, seen)
+        log.info(f"train: {(n := len(rows))} rows ({dropped} dropped)")
+    sampler = StepSampler(n, cfg.global_batch, cfg.micro_batch, world, dist.rank, cfg.seed)
     spe, accum = sampler.steps_per_epoch, sampler.accum
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
     hn_auto = 0 if cfg.init == "clip" else total // 10  # fresh heads: plain CLIP loss first
-    hn_start = cfg.hn_start_step if cfg.hn_start_step >= 0 else hn_auto
-    log.info(f"train: {len(rows)} rows ({dropped} dropped), {spe} steps/epoch, {total} steps, "
-             f"accum {accum}, hard negatives from step {hn_start if cfg.hard_negatives else '-'}")
-
+    hn_start = hn_auto if cfg.hn_start_step < 0 else cfg.hn_start_step
+    log.info(f"train: {spe} steps/epoch, {total} steps, accum {accum}, hard negatives from step "
+             f"{hn_start if cfg.hard_negatives else '-'}")
     for tower, locked in ((model.vision, cfg.lock_vision), (model.text, cfg.lock_text)):
         if locked:  # frozen towers: bf16 on GPU, eval mode, run under no_grad outside DDP
             tower.to(amp.frozen_dtype(dev, dtype)).eval()
@@ -578,11 +564,9 @@ def train(cfg, model, tok, dist, dtype, log):
         g["lr_scale"] = cfg.head_lr / cfg.lr if cfg.head_lr > 0 else 1.0
     opt = torch.optim.AdamW([g for g in towers + heads if g["params"]], lr=cfg.lr,
                             betas=(0.9, cfg.beta2), eps=cfg.eps)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    scaler = amp.make_scaler(dtype)
+    params, scaler = [p for g in opt.param_groups for p in g["params"]], amp.make_scaler(dtype)
     net = D.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
-
-    step, best = 0, -1.0
+    step, best, ck = 0, -1.0, {}
     if cfg.resume:
         ck = load_checkpoint(cfg.resume)
         expect_checkpoint(ck, cfg.resume, "negclip", flag="--resume")
@@ -593,13 +577,22 @@ def train(cfg, model, tok, dist, dtype, log):
         set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed from {cfg.resume} at step {step}")
-
-    data = NegCLIPRows(rows, cfg.image_root, model, cfg, hn_start)
-    end = max(total, step + cfg.bench + 3) if cfg.bench else total  # --bench: past a tiny schedule
-    keyed = ([(s, e, i) for e, i in mb]  # StepSampler's micro batches, each item with its step
-             for s in range(step, end) for mb in sampler.micro_batches(s))
-    to_batch = functools.partial(collate, tok=tok, max_len=cfg.max_text_len)
-    it = iter(make_loader(data, keyed, to_batch, cfg.workers, cfg.seed, dist.rank, pin_memory=dev.type == "cuda"))
+    shards, state = cfg.train_shards, ck.get("stream")  # state: where each shard stream stopped
+    tracker = shards and StreamTracker(shards, cfg.max_bad_frac, state=state)
+    counts = tracker or seen  # unreadable samples of the stream, or distinct unreadable images
+    if tracker:  # webdataset shards over ranks and workers, resumed exactly: rows [x] x [t; n]
+        tf = ImageTransform(model.image_size, True, model.image_mean, model.image_std,
+                            (cfg.crop_scale_min, 1.0), rng=random.Random(0))  # reseeded per sample
+        it = shard_batches(cfg, tok, tracker, NG.NegativeShardStream(
+            NG.make_tagger(cfg.tagger), cfg.train_shards, tf, dist.rank, world, cfg.seed,
+            max_bad_frac=cfg.max_bad_frac, resume=state), step, accum, hn_start, pin)
+    else:
+        data = NegCLIPRows(rows, cfg.image_root, model, cfg, hn_start)
+        end = max(total, step + cfg.bench + 4) if cfg.bench else total  # --bench: past the schedule
+        keyed = ([(s, e, i) for e, i in mb]  # StepSampler's micro batches, each item with its step
+                 for s in range(step, end) for mb in sampler.micro_batches(s))
+        to_batch = functools.partial(collate, tok=tok, max_len=cfg.max_text_len)
+        it = iter(make_loader(data, keyed, to_batch, cfg.workers, cfg.seed, dist.rank, pin))
 
     def opt_step(step):
         lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
@@ -610,8 +603,7 @@ def train(cfg, model, tok, dist, dtype, log):
             assert batch["step"] == step, (batch["step"], step)
             seen.merge(batch["tried"], batch["bad"])
             seen.check()
-            sync = a == accum - 1 or world == 1
-            with net.no_sync() if not sync else contextlib.nullcontext():
+            with net.no_sync() if a < accum - 1 and world > 1 else contextlib.nullcontext():
                 loss, t = forward_loss(net, model, batch, cfg, dev, dtype)
                 scaler.scale(loss / accum).backward()
             losses.append(loss.detach())
@@ -620,17 +612,18 @@ def train(cfg, model, tok, dist, dtype, log):
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, {"loss": loss, **terms})
         with torch.no_grad():  # open_clip: keep the temperature within [0, ln 100]
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-        return loss, terms, lr, gnorm, batch["hard"]
+        return loss, terms, lr, gnorm, batch["hard"], batch["blocks"][0]  # images per row
 
     def checkpoint(path, step):
         rngs = D.all_gather_object(rng_state())  # every rank's generators, restored per rank
+        stream = tracker and StreamTracker.merge_states(D.all_gather_object(tracker.state_dict()))
         if dist.is_main:
             save_checkpoint(path, {
                 "script": "negclip", "kind": "negclip" if cfg.hard_negatives else "clip-ft",
                 "model_config": dataclasses.asdict(model_config(cfg)),
                 "model": trainable_state(model), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "best": best, "rng": rngs,
-                "config": dataclasses.asdict(cfg), "data_position": step * accum})
+                "config": dataclasses.asdict(cfg), "data_position": step * accum, "stream": stream})
         D.barrier()
 
     def train_mode():
@@ -640,28 +633,22 @@ def train(cfg, model, tok, dist, dtype, log):
                 tower.eval()  # locked towers keep dropout off
 
     train_mode()
-    if cfg.bench:
-        flops = None
-        if dev.type == "cuda":
-            b0 = to_batch([data[(step, 0, i)] for i in range(cfg.micro_batch)])
-            flops = count_flops(lambda: forward_loss(net, model, b0, cfg, dev, dtype)[0].backward())
-            flops *= accum * world
-            opt.zero_grad(set_to_none=True)
-        steps, rows_per_step = iter(range(step, 1 << 62)), cfg.global_batch * (2 if cfg.hard_negatives else 1)
+    if cfg.bench:  # on a GPU, a first step's FLOPs give the MFU
+        flops = count_flops(lambda: opt_step(step)) * world if dev.type == "cuda" else None
+        steps = iter(range(step + (flops is not None), 1 << 62))
+        rows_per_step = cfg.global_batch * (1 + (cfg.hard_negatives and not cfg.train_shards))
         return run_bench(lambda: opt_step(next(steps)), cfg.bench, rows_per_step, dev, warmup=3,
                          flops_per_step=flops, world_size=world)
 
-    timer = StepTimer(dev)
-    val_every = cfg.val_every or spe
-    history, flops_step = [], None
+    timer, history, flops_step, val_every = StepTimer(dev), [], None, cfg.val_every or spe
     stop = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
     while step < stop:
         timer.start()
         first = []  # on a GPU, the first step's FLOPs for MFU
         if flops_step is None and dev.type == "cuda":
             flops_step = count_flops(lambda: first.append(opt_step(step))) * world
-        loss, terms, lr, gnorm, hard = first[0] if first else opt_step(step)
-        t = timer.stop(cfg.global_batch * (2 if hard else 1))
+        loss, terms, lr, gnorm, hard, n_img = first[0] if first else opt_step(step)
+        t = timer.stop(cfg.global_batch * n_img)
         step += 1
         history.append(float(loss))
         if step % cfg.log_every == 0 or step == total or step == 1:
@@ -669,7 +656,7 @@ def train(cfg, model, tok, dist, dtype, log):
             log.log(step, loss=float(D.all_reduce_mean(loss)),
                     **{k: float(D.all_reduce_mean(v)) for k, v in terms.items()}, lr=lr,
                     grad_norm=gnorm, scale=float(model.logit_scale.detach().exp()), hard=int(hard),
-                    bad_images=seen.bad, **t, **({"mfu": m} if m else {}))
+                    bad_images=counts.bad, **t, **({"mfu": m} if m else {}))
         if cfg.val_file != "none" and (step % val_every == 0 or step == total):
             sc = scorer(model.eval(), tok, cfg, dist, dtype)
             r = B.eval_retrieval(sc, cfg.val_file, cfg.image_root)
@@ -683,10 +670,12 @@ def train(cfg, model, tok, dist, dtype, log):
     checkpoint(os.path.join(cfg.out_dir, "last.pt"), step)
     for tried, bad in D.all_gather_object((seen.tried_set, seen.bad_set)):
         seen.merge(tried, bad)
-    log.info(f"train: {seen.report()}")
-    seen.check(final=True)
+    if tracker:  # every rank's stream counts
+        counts.tried, counts.bad = map(sum, zip(*D.all_gather_object((counts.tried, counts.bad))))
+    log.info(f"train: {counts.report()}")
+    counts.check(final=True)
     return {"train/final_loss": history[-1] if history else float("nan"), "train/steps": step,
-            "train/best_val_r_mean": best, "train/losses": history, "train/unreadable_images": seen.bad}
+            "train/best_val_r_mean": best, "train/losses": history, "train/unreadable_images": counts.bad}
 
 
 # ================================================================================================ transformers export
@@ -768,6 +757,10 @@ def main(argv=None):
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
         dtype = amp.pick_dtype(dist.device, cfg.precision)
+        report = cfg.report and dist.is_main and cfg.mode in ("train", "eval") and not cfg.bench
+        rows = NG.negative_rows(cfg) if report else []  # validation images with captions, negatives
+        score = lambda m: NG.score_rows(scorer(m.to(dist.device).eval(), tok, cfg, dist, dtype), rows)  # noqa
+        before, t_eval = None, time.perf_counter()
         if cfg.mode in ("eval", "export"):
             model, tok = load_for_eval(cfg, log)
             merge_lora(model).to(dist.device)
@@ -777,13 +770,14 @@ def main(argv=None):
                     export_model(model, cfg, out)
                 log.info(f"exported to {out}")
                 return {"export_dir": out}
-            res = evaluate(model, tok, cfg, dist, dtype, log)
+            t_eval, res = time.perf_counter(), evaluate(model, tok, cfg, dist, dtype, log)
         elif cfg.mode == "mine":
             model, tok = build_model(model_config(cfg))
             return mine(cfg, model, tok, dist, dtype, log, force=True)
         else:
             model, tok = build_model(model_config(cfg))
-            res = train(cfg, model, tok, dist, dtype, log)
+            before = score(model)  # the report's rows with the initial weights
+            res, t_eval = train(cfg, model, tok, dist, dtype, log), time.perf_counter()
             if cfg.eval_after_train and not cfg.bench:
                 res.update(evaluate(merge_lora(model), tok, cfg, dist, dtype, log))
         if dist.is_main and not cfg.bench:
@@ -791,6 +785,12 @@ def main(argv=None):
             log.info(B.format_table(scalars))
             with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
                 json.dump(scalars, f, indent=2)
+            if cfg.report:  # data/negatives.py write_report: curves, rows scored before/after, bars
+                t, now = time.perf_counter(), "after" if cfg.mode == "train" or cfg.ckpt else "init"
+                scores = dict({"before": before} if before else {}, **{now: score(model)})
+                path = NG.write_report(cfg.out_dir, f"negclip.py --mode {cfg.mode}", cfg.mode == "train",
+                                       rows, scores, scalars, cfg.benchmarks, cfg.report_before)
+                log.info(f"report: {path} ({time.perf_counter() - t:.2f} s; eval {t - t_eval:.1f} s)")
         return res
     finally:
         D.cleanup_distributed()

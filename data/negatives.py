@@ -14,22 +14,29 @@ disambiguation) stands in, or nltk's perceptron tagger when its data is installe
 drives ARO's order perturbations (ARO dataset_zoo/perturbations.py), used by data/benchmarks.py for
 COCO-/Flickr-Order.
 
-`mine(...)` is the prepare step behind `python negclip.py --mode mine` (negclip.py passes its image
-encoder as a callback); the mined TSV carries a sidecar `<tsv>.key.json` naming its inputs, so a
-cached TSV is reused only for the same train file, image root, model and mining settings.
+`ensure_mined(...)` / `mine(...)` are the prepare step behind `python negclip.py --mode mine`
+(negclip.py passes its image encoder as a callback); the mined TSV carries a sidecar
+`<tsv>.key.json` naming its inputs, so a cached TSV is reused only for the same train file, image
+root, model and mining settings.  `NegativeShardStream` gives webdataset shards (`--train_shards`)
+the same swaps on the fly; `negative_rows` / `score_rows` / `write_report` make negclip.py's
+picture report.
 """
 import ast
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import zlib
 
 import numpy as np
 import torch
 
-from common.data import DataError, ImageFolderLoader, read_pairs
+from common import dist as D
+from common.data import DataError, ImageFolderLoader, ShardStream, read_pairs
+from common.image import load_image
 
 
 # ================================================================================================ Tagger
@@ -670,6 +677,36 @@ def mine(records, image_root, embed_images, tagger, images, seed=0, k=3, chunk=4
                   "tagger": tagger.name}
 
 
+def ensure_mined(cfg, embed_images, dist, force=False, log=print):
+    """Make sure cfg.train_tsv holds NegCLIP rows for cfg.train_file: mined again when its key
+    (mining_key: train file, image root, settings, mining model) differs or `force`; a released
+    TSV (no key) is used as is.  cfg: negclip.py's Config (train_file, image_root, tagger,
+    all_captions, seed, mine_k, mine_chunk, max_bad_frac, init, clip, vision); embed_images: as
+    mine's.  Every rank calls this; rank 0 decides and writes.  -> {"rows", "neg_<type>": count},
+    or None when the TSV is kept."""
+    tsv, tagger = cfg.train_tsv, make_tagger(cfg.tagger)
+    mine_model = cfg.clip if cfg.init == "clip" else cfg.vision
+
+    def make_key():
+        return mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
+                          tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model)
+    why = "--mode mine" if force else stale_reason(tsv, make_key)
+    why = D.broadcast_object(why)  # rank 0 decides: every rank takes part in mining or none does
+    if why is None:
+        return None
+    log(f"{why}: mining {cfg.train_file} -> {tsv}")
+    key, recs = make_key(), read_training_records(cfg.train_file, cfg.all_captions)
+    images = ImageFolderLoader(cfg.image_root, None, cfg.max_bad_frac)
+    rows, summary = mine(recs, cfg.image_root, embed_images, tagger, images, cfg.seed, cfg.mine_k,
+                         cfg.mine_chunk, dist.device, log)
+    if dist.is_main:
+        save_mined(tsv, rows, dict(summary, mine_model=mine_model), key)
+    D.barrier()
+    counts = summary["negatives_per_type"]
+    log(f"mine: {len(rows)} rows -> {tsv} (negatives per type {counts})")
+    return {"rows": len(rows), **{f"neg_{t}": c for t, c in counts.items()}}
+
+
 def save_mined(tsv, rows, summary, key):
     """The TSV, its summary and, last (a killed write leaves no valid key), the key sidecar."""
     write_negclip_tsv(tsv, rows)
@@ -677,3 +714,85 @@ def save_mined(tsv, rows, summary, key):
         with open(tsv + suffix + ".tmp", "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tsv + suffix + ".tmp", tsv + suffix)
+
+
+def negative_rows(cfg, n=6, k=3):
+    """The picture report's rows: the first n images of cfg.val_file (cfg.retrieval_file when it is
+    "none"; no rows when the file is missing) that load and whose first caption has a swap ->
+    [{"pil": the image, "texts": [caption, up to k of its hard negatives]}]."""
+    from data.benchmarks import read_caption_sets  # (it imports this module)
+    path, root = cfg.val_file, cfg.image_root
+    if path == "none":
+        path, root = cfg.retrieval_file, cfg.retrieval_image_root
+    rows, tagger = [], make_tagger(cfg.tagger)
+    for image, caps in read_caption_sets(path) if os.path.isfile(path) else []:
+        negs = [t for _, t in hard_negatives(caps[0], tagger, cfg.seed)][:k]
+        pil = load_image(os.path.join(root, image)) if negs else None
+        rows += [{"pil": pil, "texts": [caps[0], *negs]}] if pil is not None else []
+        if len(rows) == n:
+            break
+    return rows
+
+
+def score_rows(scorer, rows):
+    """negative_rows' images against their texts: cosine similarities -> [[float]].  scorer: a
+    data/benchmarks.py Scorer, of which only the embedders are used (no collective: rank 0 alone
+    may call this)."""
+    img = scorer.embed_images([r["pil"] for r in rows]) if rows else []
+    return [(scorer.embed_texts(r["texts"]) @ e).tolist() for r, e in zip(rows, img)]
+
+
+def write_report(out_dir, title, curves, rows, scores, results, benchmarks, before=""):
+    """<out_dir>/report.html (common/report.py) -> its path: the training curves (when `curves`);
+    negative_rows' images with their caption and its hard negatives, a column of scores per model
+    ({name: [[score of each text] per row]}, the last one's decides the frame: green when the
+    caption wins); a bar chart per benchmark of `results` (named as the last scores), next to
+    the figures of `before` (a results.json path, e.g. the init model's eval) where given."""
+    from common.report import Report, bar_chart, card, grid, table, thumb, training_plots
+    rep, last = Report(title), list(scores.values())[-1]
+    before = json.loads(open(before, encoding="utf-8").read()) if before else {}
+    with rep.timed():
+        if curves:
+            groups = {"temperature": ["scale"], "hard negatives, bad images": ["hard", "bad_images"]}
+            rep.section("Training", training_plots(os.path.join(out_dir, "metrics.jsonl"), groups))
+        cards = []
+        for i, r in enumerate(rows):
+            cells = [[("negative: " if j else "caption: ") + t, *(s[i][j] for s in scores.values())]
+                     for j, t in enumerate(r["texts"])]
+            wins = last[i][0] > max(last[i][1:])  # the caption beats all its hard negatives
+            cards.append(card(thumb(r["pil"]), table(cells, ["", *scores]), mark=wins))
+        rep.section("Captions against their hard negatives (cosine similarity)", grid(cards))
+        for b in benchmarks:  # scores: not counts, spreads, ranks or CREPE's per-complexity rows
+            keys = [k for k in results if re.fullmatch(
+                rf"{b}/(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank)$).*", k)]
+            old = [before.get(k, math.nan) for k in keys]
+            bars = {"before": old} if set(keys) & set(before) else {}
+            if keys:
+                bars[list(scores)[-1]] = [results[k] for k in keys]
+                rep.section(f"Benchmark: {b}", bar_chart([k[len(b) + 1:] for k in keys], bars))
+        return rep.write(out_dir)
+
+
+# ================================================================================================ Streams
+# Webdataset shards are a stream: no fixed set to mine neighbour images in, and no TSV to write.
+# Their captions get hard negatives on the fly, from the same swaps as the mine step.
+
+class NegativeShardStream(ShardStream):
+    """common.data.ShardStream whose samples carry one hard negative of their caption as meta
+    "neg" (None when no swap applies): one of hard_negatives(caption, tagger, seed), drawn per
+    (seed, epoch, shard, key), so a resumed stream draws the same; made in the DataLoader
+    workers, beside the image decoding.  meta "img_id": an integer id of the image (key.json's
+    "image" where given, as the toy shards repeat each image once per caption, else the key)."""
+
+    def __init__(self, tagger, *args, **kw):
+        super().__init__(*args, **kw)
+        self.tagger = tagger
+
+    def __iter__(self):
+        for s in super().__iter__():
+            negs = [n for _, n in hard_negatives(s["caption"], self.tagger, self.seed)]
+            rng = random.Random(f"{self.seed}|{s['epoch']}|{s['shard']}|{s['key']}")
+            name = str(s["meta"].get("image", s["key"])).encode()
+            neg = rng.choice(negs) if negs else None
+            s["meta"] = dict(s["meta"], neg=neg, img_id=zlib.crc32(name))
+            yield s

@@ -17,7 +17,7 @@ import data.benchmarks as B
 import data.negatives as NG
 import negclip as N
 from common.checkpoint import CheckpointMismatch, save_checkpoint
-from common.data import DataError
+from common.data import DataError, read_pairs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -262,7 +262,7 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
     assert res["retrieval/r_mean"] > 0
     # eval from the checkpoint: every benchmark, one table
     ev = N.main(["--mode", "eval", *_args(toy_root, tmp_path / "eval", "--ckpt", out / "last.pt", "--order_seeds", 1,
-                                          "--aro_min_pair_count", 1)])
+                                          "--aro_min_pair_count", 1, "--report_before", out / "results.json")])
     for key in ("retrieval/txt_r1", "retrieval/img_r1", "aro/vg_relation_macro", "aro/vg_attribution_macro",
                 "order/coco_order_p1", "sugarcrepe/REPLACE_micro", "sugarcrepe/swap_att", "crepe/atom_R@1",
                 "svo/pairwise", "svo/coverage", "winoground/group"):
@@ -272,6 +272,19 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
     # the toy CLIP reads the images: image retrieval far above chance (chance R@1 = 100 / N_images)
     n_img = len(B.read_retrieval(os.path.join(toy_root, "pairs_test.jsonl"))[0])
     assert ev["retrieval/img_r1"] > 3 * 100 / n_img
+    # the picture reports (issue 21): every image decodes, every SVG parses (read_report raises if not)
+    from common.report import read_report
+    cards = "Captions against their hard negatives (cosine similarity)"
+    train_rep, eval_rep = read_report(out / "report.html"), read_report(tmp_path / "eval" / "report.html")
+    assert {"Training", cards, "Benchmark: retrieval"} <= set(train_rep["sections"])
+    assert {cards, *(f"Benchmark: {b}" for b in B.BENCHMARKS)} <= set(eval_rep["sections"])
+    assert train_rep["images"] == eval_rep["images"] == 6 and eval_rep["svgs"] == len(B.BENCHMARKS)
+    # the training run scores its rows with the initial and the final weights; an eval of a checkpoint, with it
+    html, ev_html = open(out / "report.html").read(), open(tmp_path / "eval" / "report.html").read()
+    assert "<th>before</th><th>after</th>" in html and "<th></th><th>after</th></tr>" in ev_html
+    assert html.count("negative: ") >= 6 and ev_html.count("negative: ") >= 6
+    # --report_before: the train run's figures drawn as "before" bars next to the checkpoint's (retrieval only)
+    assert ev_html.count(">before</text>") == 1 and ev_html.count(">after</text>") == 1
 
 
 def test_lora_lock_vision_train_and_export_equals_transformers(mined, toy_root, tmp_path):
@@ -307,10 +320,11 @@ def test_resume_equals_unbroken_run(mined, toy_root, tmp_path):
     common = ["--train_tsv", tsv, "--max_steps", 4, "--global_batch", 8, "--micro_batch", 4, "--lr", 1e-4,
               "--warmup", 1, "--val_file", "none", "--eval_after_train", "false"]
     N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common)])
-    N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--stop_after", 2)])
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--stop_after", 2, "--report", "false")])
     N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common, "--resume", tmp_path / "b" / "last.pt")])
     a, b, c = _losses(tmp_path / "a"), _losses(tmp_path / "b"), _losses(tmp_path / "c")
     assert len(a) == 4 and len(b) == 2 and len(c) == 2
+    assert (tmp_path / "c" / "report.html").is_file() and not (tmp_path / "b" / "report.html").exists()
     assert b == a[:2] and np.allclose(c, a[2:], rtol=0, atol=1e-6)
     # resuming into a run directory that logged past the checkpoint: each step is logged once
     N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common, "--resume", tmp_path / "b" / "last.pt")])
@@ -491,3 +505,78 @@ def test_compile_flag_compiles_the_trained_model_once(mined, toy_root, tmp_path,
     b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", "--train_tsv", tsv, "--bench", 2, "--compile", "true",
                                           "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
     assert b["bench_steps"] == 2 and len(seen) == 1 and isinstance(seen[0], N.DualEncoder)
+
+
+# ---------------------------------------------------------------- training from webdataset shards (issue 20.2)
+@pytest.fixture(scope="module")
+def shards(toy_root, tmp_path_factory):
+    from data.toy import write_shards
+    return write_shards(toy_root, out_dir=str(tmp_path_factory.mktemp("shards")))
+
+
+def test_a_missing_hard_caption_takes_no_part_in_the_loss(toy_root):
+    """A streamed caption without a swap (n = None): an empty text whose column is masked, so the loss equals
+    NegCLIP's over the other columns."""
+    cfg = N.Config(clip=os.path.join(toy_root, "models", "clip"), max_text_len=32)
+    model, tok = N.build_model(cfg)
+    torch.manual_seed(0)
+    items = [{"x": torch.randn(3, 64, 64), "t": t, "n": n, "img_id": k, "hard": True, "step": 0, "tried": (),
+              "bad": ()} for k, (t, n) in enumerate([("a red circle", "a circle red"), ("a blue square", None)])]
+    batch = N.collate(items, tok, 32)
+    assert batch["blocks"] == (1, 2) and batch["txt_ids"].tolist() == [0, 1, -1, -2]
+    with torch.no_grad():
+        loss = N.forward_loss(model.eval(), model, batch, cfg, torch.device("cpu"), torch.float32)[0]
+        img, txt, scale = model(batch["pixels"], batch["ids"], batch["mask"])
+        keep = N.negclip_loss(img, txt[:3], scale)[0]  # without the empty text's column
+        assert not torch.allclose(keep, N.negclip_loss(img, txt, scale)[0])  # the column would count
+    assert torch.allclose(loss, keep, atol=1e-6)
+
+
+def test_train_from_shards_and_resume_exactly(shards, toy_root, tmp_path, capsys):
+    """--train_shards: hard captions drawn per sample in the loader workers, no neighbour images; a resume
+    continues the stream exactly (the same losses as an unbroken run)."""
+    common = ["--train_shards", shards, "--max_steps", 4, "--global_batch", 8, "--micro_batch", 4, "--lr", 1e-4,
+              "--warmup", 1, "--workers", 2, "--val_file", "none", "--eval_after_train", "false"]
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common)])
+    out = capsys.readouterr().out
+    n = sum(len(r["captions"]) for r in read_pairs(os.path.join(toy_root, "pairs_train.jsonl")))  # one per caption
+    assert f"train: {n} samples in {shards}: hard captions drawn per sample" in out and "[x] x [t; n]" in out
+    assert not (tmp_path / "a" / "train_neg_clip.tsv").exists()  # nothing mined
+    hard = [json.loads(s)["hard"] for s in open(tmp_path / "a" / "metrics.jsonl") if '"hard"' in s]
+    assert hard == [1, 1, 1, 1] and all(np.isfinite(res["train/losses"])) and res["train/unreadable_images"] == 0
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--stop_after", 2)])
+    ck = N.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    assert ck["stream"]["batches"] == 4 and ck["stream"]["n_slots"] == 2
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common, "--resume", tmp_path / "b" / "last.pt")])
+    a, b, c = _losses(tmp_path / "a"), _losses(tmp_path / "b"), _losses(tmp_path / "c")
+    assert len(a) == 4 and b == a[:2] and np.allclose(c, a[2:], rtol=0, atol=1e-6), (a, b, c)
+
+
+def _rank_shard_run(rank, world, port, argv, out_dir):
+    """One rank of a gloo run of negclip.main; records the keys of the samples each of its micro batches held."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    keys, forward_loss = [], N.forward_loss
+    N.forward_loss = lambda net, model, batch, *a: keys.append(list(batch["keys"])) or forward_loss(net, model, batch, *a)
+    N.main(argv)
+    with open(os.path.join(out_dir, f"keys{rank}.json"), "w") as f:
+        json.dump(keys, f)
+
+
+def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_root, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--mode", "train", *_args(toy_root, tmp_path / "two", "--train_shards", shards, "--max_steps", 2,
+                                      "--global_batch", 8, "--micro_batch", 2, "--lr", 1e-4, "--val_file", "none",
+                                      "--eval_after_train", "false", "--report", "false")]
+    mp.spawn(_rank_shard_run, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    keys = [json.load(open(tmp_path / f"keys{r}.json")) for r in range(2)]
+    assert [len(k) for k in keys] == [4, 4] and all(len(b) == 2 for k in keys for b in k)  # 2 steps x accum 2
+    seen = [{x for b in k for x in b} for k in keys]
+    assert len(seen[0]) == len(seen[1]) == 8 and not seen[0] & seen[1]
+    assert len(_losses(tmp_path / "two")) == 2
+    assert N.load_checkpoint(str(tmp_path / "two" / "last.pt"))["stream"]["n_slots"] == 2  # both ranks' states
