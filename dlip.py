@@ -15,19 +15,24 @@ fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam
     python dlip.py --preset toy_teacher && python dlip.py    # toy teacher, then the student
     python dlip.py --mode retrieval --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_ret
     torchrun --nproc_per_node 8 dlip.py --preset paper --image_root /data --train_files coco.jsonl
+    torchrun --nproc_per_node 8 dlip.py --preset paper --train_shards 'cc3m/{00000..00331}.tar'
+(img2dataset webdataset shards, docs/data.md). Each run writes <out_dir>/report.html (--report false: none).
 Toy figures and how the toy recipe was chosen: docs/dlip.md. Teachers in transformers' format
 (BlipForImageTextRetrieval / BlipForConditionalGeneration) load with every weight accounted for;
 tests check ITM, ITC and decoder logits against transformers to 1e-4.
 """
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,8 +43,9 @@ from common.attention import attention
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
-from common.data import (DataError, ImageFolderLoader, StepSampler, make_loader, pre_caption,
-                         read_pairs)
+from common.data import (DataError, ImageFolderLoader, Records, ShardStream, StepSampler,
+                         StreamTracker, make_loader, pre_caption, read_pairs, shard_sample_count,
+                         stream_loader)
 from common.hf import counts_table, published_config, read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
 from common.log import Logger, progress
@@ -107,6 +113,7 @@ class Config(Size):
     resume_changes: bool = False       # continue a resume whose config differs
     # ---- data: canonical pairs JSONL, paths relative to image_root; "toy:<path>" = in toy_root
     train_files: list[str] = field(default_factory=list)
+    train_shards: str = ""             # or img2dataset webdataset shards: 'cc3m/{00000..00331}.tar'
     val_file: str = ""
     test_file: str = ""
     image_root: str = ""
@@ -170,6 +177,7 @@ class Config(Size):
     eval_every: int = 0                # steps; 0 = only at the end
     log_every: int = 10
     save_every: int = 0                # steps; the last checkpoint is always written
+    report: bool = True                # <out_dir>/report.html: curves, teacher vs student pictures
 
 
 # Toy recipe: 64 px scenes, patch 8, 24 text tokens; the toy CLIP vision tower and BERT stand in for
@@ -283,7 +291,8 @@ class ViT(nn.Module):
 class BertSelfAttention(nn.Module):
     """BERT attention core; cross-attention reads keys/values from the image tokens. `need_probs`
     computes softmax(QK^T/sqrt(d)) explicitly and returns it (attention distillation); otherwise the
-    fused SDPA kernel runs. `cache` (a dict) keeps keys/values across decoding steps."""
+    fused SDPA kernel runs. `cache` (a dict) keeps keys/values across decoding steps, and the image
+    keys/values across the training passes that read the same images (BLIP.forward, itm_cache)."""
 
     def __init__(self, d, heads, kv_dim, dropout):
         super().__init__()
@@ -387,7 +396,7 @@ class TextModel(nn.Module):
         """ids, mask (B, L) [mask covers cached + new tokens]; image (B, Nv, Dv) or None -> hidden
         (B, L, D), last-layer attention maps {"sa": (B, H, L, L+past), "ca": (B, H, L, Nv)}.
         hidden: a list that receives every layer's output (B, L, D) (--rep_loss mse)."""
-        past = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
+        past = cache[0]["self"]["k"].shape[2] if cache and "k" in (cache[0]["self"] or {}) else 0
         x = self.embeddings(ids, past)
         m = mask[:, None, None, :].bool()  # (B, 1, 1, Lk): True = may attend
         if causal:
@@ -446,6 +455,7 @@ class Features:
     proj: dict = field(default_factory=dict)
     attn: dict = field(default_factory=dict)
     layers: dict = field(default_factory=dict)
+    kv: list = None                    # per layer, the image-grounded encoder's image keys/values
     image_feat: torch.Tensor = None    # (B, E) normalised proj["img"]
     text_feat: torch.Tensor = None     # (B, E) normalised proj["txt"]
     temp: torch.Tensor = None          # ITC temperature
@@ -536,10 +546,24 @@ class BLIP(nn.Module):
         h, _ = self.text_encoder(ids, mask, hidden=hidden)  # (B, L, Dt)
         return h, F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
-    def fuse(self, ids, mask, image_embeds, need_attn=False, hidden=None):
+    def fuse(self, ids, mask, image_embeds, need_attn=False, hidden=None, cache=None):
         """Image-grounded encoder on [ENC]-led ids: hidden (B, L, Dt), last-layer attention maps."""
         ids = with_first(ids, self.c.enc_id)
-        return self.text_encoder(ids, mask, image_embeds, need_attn=need_attn, hidden=hidden)
+        return self.text_encoder(ids, mask, image_embeds, need_attn=need_attn, cache=cache,
+                                 hidden=hidden)
+
+    def itm_cache(self, kv, neg_img, neg_embeds=None):
+        """Image keys/values for the ITM pass over [negative images; positives] from those the
+        positive pass projected (`kv`; they depend on the image only): the positives' reused, the
+        negatives' indexed by `neg_img` (B,), or, when they are other ranks' images, projected from
+        `neg_embeds` (B, Nv, Dv). salesforce/BLIP's models/blip_pretrain.py projects them per pass."""
+        out = []
+        for layer, c in zip(self.text_encoder.encoder.layer, kv):
+            att, (k, v) = layer.crossattention.self, (c["cross"]["k"], c["cross"]["v"])  # (B, H, Nv, Dh)
+            kn, vn = (k[neg_img], v[neg_img]) if neg_embeds is None else \
+                (att._split(att.key(neg_embeds)), att._split(att.value(neg_embeds)))
+            out.append({"self": None, "cross": {"k": torch.cat([kn, k]), "v": torch.cat([vn, v])}})
+        return out
 
     def itm_logits(self, ids, mask, image_embeds):  # -> (B, 2)
         return self.itm_head(self.fuse(ids, mask, image_embeds)[0][:, 0])
@@ -547,7 +571,7 @@ class BLIP(nn.Module):
     def decode(self, ids, mask, image_embeds, need_attn=False, cache=None, hidden=None):
         """Decoder on [DEC]-led ids -> logits (B, L, V), hidden (B, L, Dt), attention maps. With a
         filled `cache` (decoding), `ids` are the new tokens only; position 0 is in the cache."""
-        if not (cache and "k" in cache[0]["self"]):
+        if not (cache and "k" in (cache[0]["self"] or {})):
             ids = with_first(ids, self.c.dec_id)
         return self.text_decoder(ids, mask, image_embeds, need_attn, cache, hidden)
 
@@ -573,10 +597,12 @@ class BLIP(nn.Module):
                     f.image_m = F.normalize(self.vision_proj_m(image_m), dim=-1)
                     text_m = self.text_encoder_m(ids, mask)[0][:, 0]
                     f.text_m = F.normalize(self.text_proj_m(text_m), dim=-1)
-            f.fused, f.attn = self.fuse(ids, mask, f.image_embeds, need_attn, hid.get("fus"))
+            f.kv = [{"self": None, "cross": {}} for _ in self.text_encoder.encoder.layer]
+            f.fused, f.attn = self.fuse(ids, mask, f.image_embeds, need_attn, hid.get("fus"), f.kv)
             f.proj["fus"] = self.text_proj(f.fused[:, 0])
-        if self.c.has_decoder:
-            f.logits, f.dec_h, dec_attn = self.decode(ids, mask, f.image_embeds, need_attn, None,
+        if self.c.has_decoder:  # a tied decoder reads the fusion pass's image keys/values
+            f.logits, f.dec_h, dec_attn = self.decode(ids, mask, f.image_embeds, need_attn,
+                                                      f.kv if self.c.tie_decoder else None,
                                                       hid.get("dec"))
             f.attn = dict(f.attn, dsa=dec_attn.get("sa"))
             if self.c.has_encoder:
@@ -655,7 +681,8 @@ def blip_losses(model, s, ids, mask, idx, alpha, gen, rank, smoothing=0.1, promp
             ids_g, mask_g = gather(ids), gather(mask)
         emb_g = cdist.all_gather_with_grad(s.image_embeds)  # (G, Nv, Dv), gradient to its rank
         s.neg = torch.cat([ids, ids_g[neg_txt]]), torch.cat([mask, mask_g[neg_txt]]), neg_img
-        neg_h, _ = model.fuse(s.neg[0], s.neg[1], torch.cat([emb_g[neg_img], s.image_embeds]))
+        kv = model.itm_cache(s.kv, neg_img, None if len(emb_g) == B else emb_g[neg_img])
+        neg_h, _ = model.fuse(s.neg[0], s.neg[1], s.image_embeds, cache=kv)  # (2B, L, Dt)
         s.itm = model.itm_head(torch.cat([s.fused[:, 0], neg_h[:, 0]]))  # (3B, 2)
         itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
         out["itm"] = F.cross_entropy(s.itm, itm_labels)
@@ -785,7 +812,8 @@ def teacher_features(ret, cap, image, ids, mask, s=None, itm=False, **need):
         t.layers["dec"], t.proj["dec"] = d.layers.get("dec"), ret.text_proj(d.dec_h[:, 0])
     if itm:
         emb_g = cdist.all_gather_no_grad(t.image_embeds)
-        neg = ret.itm_logits(s.neg[0], s.neg[1], torch.cat([emb_g[s.neg[2]], t.image_embeds]))
+        kv = ret.itm_cache(t.kv, s.neg[2], None if len(emb_g) == len(t.image_embeds) else emb_g[s.neg[2]])
+        neg = ret.itm_head(ret.fuse(s.neg[0], s.neg[1], t.image_embeds, cache=kv)[0][:, 0])
         t.itm = torch.cat([ret.itm_head(t.fused[:, 0]), neg])  # (3B, 2)
     return t
 
@@ -814,19 +842,21 @@ class PairsDataset(torch.utils.data.Dataset):
     def __init__(self, records, image_root, transform, per_caption, seed, max_words, max_bad_frac):
         self.records, self.transform, self.seed = records, transform, seed
         self.max_words = max_words
-        self.items = [(i, j) for i, r in enumerate(records) for j in range(len(r["captions"]))] \
-            if per_caption else [(i, -1) for i in range(len(records))]
+        # (record, caption) as numpy arrays, not Python tuples: forked workers share them (docs/data.md)
+        self.rec, self.cap = records.pairs() if per_caption else \
+            (np.arange(len(records)), np.full(len(records), -1))
         self.loader = ImageFolderLoader(image_root, transform, max_bad_frac)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.rec)
 
     def __getitem__(self, key):
         epoch, k = key
         rng, tried, bad = random.Random(f"{self.seed}-{epoch}-{k}"), [], []
         for attempt in range(20):
-            i, j = self.items[(k + attempt) % len(self.items)]
-            path, caps = self.records[i]["image"], self.records[i]["captions"]
+            n = (k + attempt) % len(self.rec)
+            i, j, r = int(self.rec[n]), int(self.cap[n]), self.records[int(self.rec[n])]
+            path, caps = r["image"], r["captions"]
             self.transform.rng = rng
             image = self.loader(path)
             tried.append(path)
@@ -841,6 +871,21 @@ class PairsDataset(torch.utils.data.Dataset):
 def collate(batch):
     images, caps, idx, tried, bad = zip(*batch)
     return torch.stack(images), list(caps), torch.tensor(idx), sum(tried, []), sum(bad, [])
+
+
+def shard_batches(cfg, transform, dist, tracker, state):
+    """Micro-batches from webdataset shards (common.data.ShardStream: split over ranks and workers,
+    exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples. The
+    image id (ITC positives; never an ITM negative) is key.json's "image" where the set names one
+    (the toy shards hold an image once per caption), else the key: web data has one caption each."""
+    stream = ShardStream(cfg.train_shards, transform, dist.rank, dist.world_size, cfg.seed,
+                         max_bad_frac=cfg.max_bad_frac, resume=state)
+    for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers):
+        tracker.update(b)
+        tracker.check()
+        names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]
+        idx = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=7).digest(), "big") for n in names]
+        yield b["image"], [pre_caption(c, cfg.max_words) for c in b["caption"]], torch.tensor(idx), [], []
 
 
 def tokenize(tok, caps, max_len, device, pad_to_max=True):
@@ -879,7 +924,7 @@ def rerank_scores(sim, itm_fn, k, rows):
 
 
 @torch.no_grad()
-def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, device, dtype):
+def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, device, dtype, shown=None):
     """TR/IR R@1/5/10 with ITC only and with ITC top-k + ITM re-ranking (k = cfg.k_test)."""
     from common.metrics import retrieval_recall
     model.eval()
@@ -895,6 +940,8 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     emb, img_feat, txt_feat = torch.cat(emb), torch.cat(img_feat), torch.cat(txt_feat)
     ids, mask = torch.cat(txt_ids), torch.cat(txt_mask)
     sim = img_feat @ txt_feat.T  # (N_img, N_txt)
+    if shown is not None:  # the report's: every text's ITC top-5 images (N_txt, 5)
+        shown["top5"] = sim.topk(min(5, sim.shape[0]), dim=0).indices.T.cpu()
     metrics = {f"itc_{k}": v for k, v in retrieval_recall(sim.cpu(), txt2img, img2txts).items()}
     if cfg.k_test <= 0:
         return metrics
@@ -1010,6 +1057,50 @@ def caption_eval(model, images, recs, tok, cfg, dist, device, dtype, prompt, out
     return metrics
 
 
+@torch.no_grad()
+def write_report(cfg, model, teacher, tok, shown, metrics, device, dtype, log, since):
+    """<out_dir>/report.html (common/report.py): training curves, the eval figures, and teacher vs
+    student side by side on the last eval split: captions of the same images, ITC top-5 images of
+    the same caption queries. teacher: (ret, cap), either None; none: the student is shown alone."""
+    from common.report import Report, card, columns, grid, table, text, thumb, training_plots
+    took_eval, rep, split = time.time() - since, Report(f"dlip.py --mode {cfg.mode}"), shown.get("split")
+    ret, cap = teacher or (None, None)
+    me, out = "model" if kind(cfg) == "teacher" else "student", lambda n: os.path.join(cfg.out_dir, n)
+    with rep.timed():
+        curves = training_plots(out("metrics.jsonl")) if os.path.isfile(out("metrics.jsonl")) else []
+        rep.section("Training and eval", curves, table(metrics))
+        if ret is None and cap is None:
+            rep.section("Teacher", text(f"No teacher in this run: the {me} is shown alone."))
+        images, texts, n = shown.get("images", []), shown.get("texts"), min(8, len(shown.get("images", [])))
+        pic = lambda i, size=96: thumb(images[i], size, CLIP_MEAN, CLIP_STD)  # noqa: E731
+        caps = {}
+        if cap is not None and n:
+            caps["teacher"] = generate(cap, images[:n], tok, cfg, device, dtype, cap.c.prompt)
+        if os.path.isfile(out(f"captions_{split}.json")):  # the student's, written by caption_eval
+            caps[me] = [r["caption"] for r in json.load(open(out(f"captions_{split}.json")))[:n]]
+        if caps:
+            refs = [[pre_caption(c) for c in shown["recs"][i]["captions"]] for i in range(n)]
+            rep.section(f"Captions ({split})", columns({k: grid(card(pic(i), ("generated", c[i]), (
+                "references", refs[i])) for i in range(n)) for k, c in caps.items()}))
+        queries, tops = [shown["img2txts"][i][0] for i in range(min(4, n))], {}
+        if ret is not None and n:
+            with camp.autocast(device, dtype):
+                img = torch.cat([ret.image_features(images[i:i + cfg.eval_batch].to(device))[1].float()
+                                 for i in range(0, len(images), cfg.eval_batch)])
+                ids, mask = tokenize(tok, [texts[q] for q in queries], cfg.max_len, device)
+                sim = ret.text_features(ids, mask)[1].float() @ img.T  # (Q, N_img)
+                tops["teacher"] = sim.topk(min(5, len(images)), dim=1).indices.tolist()
+        if "top5" in shown:
+            tops[me] = shown["top5"][queries].tolist()
+        if tops:  # a green frame: the query's own image
+            rep.section(f"Text -> image, ITC top-5 ({split})", *[[text(f"query: {texts[q]}"), columns({
+                k: grid(card(pic(i, 64), f"#{r + 1}", mark=i == shown["txt2img"][q])
+                        for r, i in enumerate(top[j])) for k, top in tops.items()})]
+                for j, q in enumerate(queries)])
+        rep.write(cfg.out_dir)
+    log.info(f"report: {out('report.html')} ({rep.seconds:.2f} s; eval {took_eval:.1f} s)")
+
+
 def retrieval_parts(model):
     return [model.visual_encoder, model.text_encoder, model.vision_proj, model.text_proj,
             model.itm_head]
@@ -1089,17 +1180,21 @@ def train(cfg, dist, device, dtype, log):
     if model.c.vocab_size != special["vocab_size"]:
         raise ValueError(f"model vocabulary {model.c.vocab_size} != the tokenizer's {len(tok)}")
     teacher, w = load_teacher(cfg, model, special, device, dtype, log)
-    records = [r for f in cfg.train_files for r in read_pairs(f)][:cfg.train_limit or None]
     aug = ImageTransform(model.c.image_size, train=True,
                          scale=(0.2, 1.0) if cfg.mode == "pretrain" else (0.5, 1.0))
-    data = PairsDataset(records, cfg.image_root, aug, cfg.mode != "pretrain", cfg.seed,
-                        cfg.max_words, cfg.max_bad_frac)
-    spe = len(data) // cfg.global_batch
+    if cfg.train_shards:  # a stream is not indexed: the sampler below only fixes the accumulation
+        data, n_samples = None, shard_sample_count(cfg.train_shards)
+    else:
+        records = Records.concat([read_pairs(f) for f in cfg.train_files])[:cfg.train_limit or None]
+        data = PairsDataset(records, cfg.image_root, aug, cfg.mode != "pretrain", cfg.seed,
+                            cfg.max_words, cfg.max_bad_frac)
+        n_samples = len(data)
+    spe = n_samples // cfg.global_batch
     total = cfg.max_steps or max(1, int(round(cfg.epochs * spe)))
     ddp = cdist.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scaler, step = camp.make_scaler(dtype), 0
+    scaler, step, stream = camp.make_scaler(dtype), 0, None
     if cfg.resume:
         ck = load_checkpoint(cfg.resume)
         expect_checkpoint(ck, cfg.resume, "dlip", [kind(cfg)], flag="--resume")
@@ -1108,26 +1203,29 @@ def train(cfg, dist, device, dtype, log):
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        step = ck["step"]
+        step, stream = ck["step"], ck.get("stream")
         set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed {cfg.resume} at step {step}")
     total = max(total, step + cfg.bench + 3) if cfg.bench else total
-    sampler = StepSampler(len(data), cfg.global_batch, cfg.micro_batch, dist.world_size, dist.rank,
+    sampler = StepSampler(n_samples, cfg.global_batch, cfg.micro_batch, dist.world_size, dist.rank,
                           cfg.seed, step, total)
-    batches = iter(make_loader(data, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
+    tracker = StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=stream) if data is None else None
+    batches = iter(shard_batches(cfg, aug, dist, tracker, stream) if tracker else
+                   make_loader(data, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
     prompt_len = len(tok(cfg.prompt).input_ids) - 1 if cfg.mode == "caption" else 1  # [DEC]+prompt
     weights = {"itc": cfg.w_itc, "itm": cfg.w_itm, "lm": cfg.w_lm, **w}
     attn = any(w.get(k, 0) > 0 for k in ("attn_sa", "attn_ca", "attn_dec"))
     need = dict(need_attn=attn, need_layers=teacher is not None and cfg.rep_loss == "mse")
     n = count_params(model, trainable=True) / 1e6
-    log.info(f"{len(data)} samples, {spe} steps/epoch, {total} steps, accumulation "
+    log.info(f"{n_samples} samples, {spe} steps/epoch, {total} steps, accumulation "
              f"{sampler.accum}, {n:.2f}M trainable params")
 
     def micro_step(batch, step, a):
         images, caps, idx, tried, bad = batch
-        data.loader.merge(tried, bad)  # the one bad-image rule: distinct images, also from workers
-        data.loader.check()
+        if data is not None:  # the one bad-image rule: distinct images, also from workers
+            data.loader.merge(tried, bad)
+            data.loader.check()
         images, idx = images.to(device, non_blocking=True), idx.to(device)
         caps = [cfg.prompt + c for c in caps] if cfg.mode == "caption" else caps
         ids, mask = tokenize(tok, caps, cfg.max_len, device, pad_to_max=cfg.mode != "caption")
@@ -1187,38 +1285,46 @@ def train(cfg, dist, device, dtype, log):
             m = mfu(flops_step, tm["ms_step"] / 1000, device, dist.world_size, dtype)
             log.log(step, **sums, lr=lr, grad_norm=gnorm, **tm, **({} if m is None else {"mfu": m}))
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(cfg, model, opt, scaler, step, metrics, dist)
+            save(cfg, model, opt, scaler, step, metrics, dist, tracker)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             metrics = evaluate(cfg, model, tok, dist, device, dtype, cfg.val_file, "val", log)
-    log.info(f"training images: {data.loader.report()}")
-    data.loader.check(final=True)
+    log.info(f"training images: {(tracker or data.loader).report()}")
+    (tracker or data.loader).check(final=True)
     metrics = {"final_" + k: v for k, v in history[-1].items()} if history else {}
     metrics.update({"first_" + k: v for k, v in history[0].items()} if history else {})
-    save(cfg, model, opt, scaler, step, metrics, dist)
+    save(cfg, model, opt, scaler, step, metrics, dist, tracker)
+    shown, took_eval = {}, time.time()
     for split, path in (("val", cfg.val_file), ("test", cfg.test_file)):
         if path:
-            metrics.update(evaluate(cfg, model, tok, dist, device, dtype, path, split, log))
+            metrics.update(evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown))
+    if cfg.report and dist.is_main:
+        write_report(cfg, model, teacher, tok, shown, metrics, device, dtype, log, took_eval)
     return metrics
 
 
-def save(cfg, model, opt, scaler, step, metrics, dist):
+def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None):
     rngs = cdist.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
+    stream = tracker and StreamTracker.merge_states(cdist.all_gather_object(tracker.state_dict()))
     if dist.is_main:
         save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), {
             "script": "dlip", "kind": kind(cfg), "config": vars(cfg).copy(),
             "model_config": asdict(model.c), "model": model.state_dict(), "step": step,
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-            "metrics": metrics})
+            "metrics": metrics, "stream": stream})
     cdist.barrier()
 
 
-def evaluate(cfg, model, tok, dist, device, dtype, path, split, log):
-    """The mode's metrics on one split: retrieval (ITC and ITC+ITM recalls) and/or captioning."""
+def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None):
+    """The mode's metrics on one split: retrieval (ITC and ITC+ITM recalls) and/or captioning.
+    shown: a dict that receives the split's images, texts and ITC top-5 images (the report's)."""
+    shown = {} if shown is None else shown
+    shown.clear()  # a previous split's images are freed before this split's are read
     recs, images, texts, txt2img, img2txts, report = eval_set(path, cfg, model.c.image_size)
     out, c, task = {}, model.c, cfg.task
+    shown.update(split=split, recs=recs, images=images, texts=texts, txt2img=txt2img, img2txts=img2txts)
     if c.has_encoder and cfg.mode != "caption" and task in ("all", "retrieval"):
         out.update(retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, device,
-                                  dtype))
+                                  dtype, shown))
     if c.has_decoder and cfg.mode != "retrieval" and task in ("all", "caption"):
         os.makedirs(cfg.out_dir, exist_ok=True)  # decoded with the prompt the decoder learnt
         out.update(caption_eval(model, images, recs, tok, cfg, dist, device, dtype, c.prompt,
@@ -1287,7 +1393,7 @@ def run_eval(cfg, dist, device, dtype, log):
         raise ValueError("--mode eval needs --ckpt")
     tok, special = load_tokenizer(cfg.tokenizer)
     models, out = {"student": load_any(cfg.ckpt, special, cfg, "--ckpt")}, {}
-    if cfg.teacher and cfg.task in ("efficiency", "all"):
+    if cfg.teacher and (cfg.task in ("efficiency", "all") or cfg.report and os.path.exists(cfg.teacher)):
         models["teacher"] = load_any(cfg.teacher, special, cfg, "--teacher")
     for tag, m in models.items():
         m.to(device).eval().requires_grad_(False)
@@ -1296,10 +1402,16 @@ def run_eval(cfg, dist, device, dtype, log):
     for k in [k for k in out if k.startswith("student_params")]:
         if k.replace("student", "teacher") in out:
             out[k.replace("params", "param_ratio")] = out[k] / out[k.replace("student", "teacher")]
+    shown, since = {}, time.time()
     if cfg.task in ("retrieval", "caption", "all") and cfg.test_file:
         out.update(evaluate(cfg, models["student"], tok, dist, device, dtype, cfg.test_file, "test",
-                            log))
+                            log, shown))
     log.info(json.dumps(out, indent=1))
+    t = models.get("teacher")
+    if cfg.report and dist.is_main:
+        write_report(cfg, models["student"], t and (t if t.c.has_encoder else None,
+                                                     t if t.c.has_decoder else None),
+                     tok, shown, out, device, dtype, log, since)
     return out
 
 

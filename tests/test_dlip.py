@@ -306,6 +306,31 @@ def test_forward_returns_features_and_runs_no_collective(monkeypatch):
     assert len(f.layers["img"]) == 2 and f.layers["img"][0].shape == (4, 32) and f.layers["dec"][0].shape == (4, 8, 32)
 
 
+def test_image_keys_values_projected_once_and_reused_by_decoder_and_itm():
+    """Issue 19.2: the tied decoder and the ITM pass (student and teacher) read the image keys/values the
+    positive fusion pass projected, instead of projecting the same images again; the logits equal those of passes
+    that recompute them."""
+    torch.manual_seed(0)
+    student, teacher = dlip.BLIP(_shape()), dlip.BLIP(_shape(width=48, momentum=False)).eval()
+    image, ids, mask, idx = _batch()
+    rows = []
+    for m in (student, teacher):
+        m.text_encoder.encoder.layer[0].crossattention.self.key.register_forward_hook(
+            lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    s = student(image, ids, mask)
+    dlip.blip_losses(student, s, ids, mask, idx, 0.4, torch.Generator().manual_seed(1), 0)
+    t = dlip.teacher_features(teacher, teacher, image, ids, mask, s, itm=True)
+    assert rows == [4, 4]  # one projection of the 4 images each (recomputing: 4 + 4 decoder + 8 ITM)
+    ids_n, mask_n, neg_img = s.neg
+    with torch.no_grad():
+        for m, f in ((student, s), (teacher, t)):
+            e = f.image_embeds
+            ref = torch.cat([m.itm_logits(ids, mask, e), m.itm_logits(ids_n, mask_n, torch.cat([e[neg_img], e]))])
+            torch.testing.assert_close(f.itm, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(f.logits, m.decode(ids, mask, e)[0], atol=1e-5, rtol=1e-5)
+    assert len(set(neg_img.tolist())) > 1  # the negatives are indexed, not all one image
+
+
 def _kd_w():
     return {"itc_kd": 1, "rep_img": 1, "rep_txt": 1, "rep_fus": 1, "rep_dec": 1, "lm_kd": 1, "attn_sa": 1,
             "attn_ca": 1, "attn_dec": 1, "itm_kd": 1, "itc_kd_kind": "v2"}
@@ -501,6 +526,25 @@ def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
                    *test, "--out_dir", str(d / "eval")])
     assert 0 < e["student_param_ratio_retrieval"] < 1 and e["student_gflops_retrieval"] < e["teacher_gflops_retrieval"]
     assert e["teacher_images_s"] > 0 and "test_txt_r1" in e and "test_CIDEr" in e
+    _check_reports(d, student_run[0])
+
+
+def _check_reports(d, student_dir):
+    """Every run above wrote report.html (issue 21): pictures decode, svgs parse, the promised sections are there."""
+    from common.report import read_report
+    info = read_report(d / "eval" / "report.html")  # eval with a teacher: 8 test images, 4 text queries
+    assert {"Training and eval", "Captions (test)", "Text -> image, ITC top-5 (test)"} <= set(info["sections"])
+    assert info["images"] == 2 * 8 + 4 * 2 * 5  # captions and top-5, each for the teacher and the student
+    page = (d / "eval" / "report.html").read_text()
+    assert page.count("<h3>teacher</h3>") == page.count("<h3>student</h3>") == 1 + 4 and "No teacher" not in page
+    own = read_report(d / "teacher" / "report.html")  # plain BLIP, no teacher: the model alone, and said so
+    assert {"Training and eval", "Teacher", "Captions (val)", "Text -> image, ITC top-5 (val)"} <= set(own["sections"])
+    assert own["images"] == 8 + 4 * 5 and own["svgs"] >= 2
+    assert "No teacher in this run" in (d / "teacher" / "report.html").read_text()
+    ret, cap = read_report(d / "ret" / "report.html"), read_report(d / "cap" / "report.html")
+    assert "Text -> image, ITC top-5 (test)" in ret["sections"] and "Captions (test)" not in ret["sections"]
+    assert "Captions (test)" in cap["sections"] and "Text -> image, ITC top-5 (test)" not in cap["sections"]
+    assert read_report(os.path.join(student_dir, "report.html"))["svgs"] >= 2  # no eval split: the curves
 
 
 def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teacher_ckpt):
@@ -646,8 +690,10 @@ def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
     d, base, root = world
     full = os.path.join(root, "pairs_train.jsonl")  # 300 pairs in the tiny world
     dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--train_files", full, "--train_limit", "16",
-               "--teacher", "", "--max_steps", "1", "--out_dir", str(tmp_path / "limited")])
+               "--teacher", "", "--max_steps", "1", "--report", "false", "--out_dir", str(tmp_path / "limited")])
     assert "16 samples, 2 steps/epoch" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "limited" / "report.html")  # --report false
+    assert os.path.isfile(tmp_path / "limited" / "last.pt")
 
 
 def test_params_mode_builds_the_paper_models_offline_at_their_published_sizes():
@@ -679,3 +725,40 @@ def test_compile_flag_compiles_the_trained_model_once(world, tmp_path, monkeypat
     b = dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", "", "--bench", "1",
                    "--compile", "true", "--out_dir", str(tmp_path / "c")])
     assert b["bench_steps"] == 1 and len(seen) == 1 and isinstance(seen[0], dlip.BLIP)
+
+
+@pytest.fixture(scope="module")
+def shards(toy_root, tmp_path_factory):
+    from data.toy import write_shards
+    return write_shards(toy_root, n_shards=4, out_dir=str(tmp_path_factory.mktemp("shards")))
+
+
+def test_pretrain_from_shards_resumes_exactly_and_splits_ranks(world, teacher_ckpt, shards):
+    """--train_shards (issue 20.2): pretraining with a teacher from webdataset shards; a resume continues the stream
+    exactly (the losses of an unbroken run); two gloo processes read disjoint samples (one stream per rank)."""
+    import json
+    from common.data import ShardStream
+    d, base, _ = world
+    args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--lr", "1e-3",
+            "--train_shards", shards, "--report", "false"]
+    full = dlip.main([*args, "--max_steps", "4", "--out_dir", str(d / "sh_full")])
+    assert len(_rows(d / "sh_full" / "metrics.jsonl")) == 4 and full["final_lm"] > 0
+    dlip.main([*args, "--max_steps", "2", "--out_dir", str(d / "sh_half")])
+    resumed = dlip.main([*args, "--max_steps", "4", "--resume", str(d / "sh_half" / "last.pt"),
+                         "--out_dir", str(d / "sh_half")])
+    for k in ("final_loss", "final_itc", "final_itm", "final_lm", "final_lm_kd"):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "dlip.py", *args,
+           "--max_steps", "2", "--micro_batch", "4", "--out_dir", str(d / "sh_two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(d / "sh_two" / "metrics_pretrain.json"))["final_loss"] > 0
+    stream = torch.load(d / "sh_two" / "last.pt", weights_only=True)["stream"]
+    assert stream["n_slots"] == 2 and sorted(stream["slots"]) == [0, 1]  # one stream per rank
+    seen = []
+    for rank, (_, pos) in sorted(stream["slots"].items()):  # replay what each rank drew: 2 steps x 4 samples
+        assert pos == 2 * 4
+        it = iter(ShardStream(shards, None, rank, 2, seed=0))
+        seen.append({next(it)["key"] for _ in range(pos)})
+    assert len(seen[0]) == len(seen[1]) == 8 and not seen[0] & seen[1]
