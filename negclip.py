@@ -464,8 +464,8 @@ def collate(items, tok, max_len):
     img_ids = [it[k.replace("x", "img_id")] for k in imgs for it in items]
     texts = [it[k] for k in tks for it in items]
     txt_ids = torch.tensor(img_ids + [-1 if t is not None else -2 for t in texts[len(img_ids):]])
-    t = tok([t or "" for t in texts], padding="max_length", truncation=True, max_length=max_len,
-            return_tensors="pt")
+    t = tok([t or "" for t in texts], padding="longest", truncation=True, max_length=max_len,
+            return_tensors="pt")  # not to 77: pads follow EOS under the causal mask, and cost FLOPs
     return {"pixels": torch.stack([it[k] for k in imgs for it in items]), "ids": t["input_ids"],
             "mask": t["attention_mask"], "img_ids": torch.tensor(img_ids), "txt_ids": txt_ids,
             "hard": hard, "blocks": (len(imgs), len(tks)), "step": items[0]["step"],

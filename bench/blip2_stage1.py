@@ -31,14 +31,15 @@ SIZES = {  # (hidden, layers, heads, ffn, vision width, image tokens, queries, v
 }
 
 
-def load(rev):
+def load(rev, script="blip2_pformer"):
+    """The script as of git revision `rev` (None: the working tree) as a module of its own."""
     if rev is None:
-        path = os.path.join(REPO, "blip2_pformer.py")
+        path = os.path.join(REPO, f"{script}.py")
     else:
-        path = os.path.join("/tmp", f"blip2_pformer_{rev}.py")
+        path = os.path.join("/tmp", f"{script}_{rev}.py")
         with open(path, "w") as f:
-            f.write(subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:blip2_pformer.py"], text=True))
-    spec = importlib.util.spec_from_file_location(f"bp_{rev or 'new'}", path)
+            f.write(subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:{script}.py"], text=True))
+    spec = importlib.util.spec_from_file_location(f"{script}_{rev or 'new'}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
