@@ -532,6 +532,30 @@ def test_a_missing_hard_caption_takes_no_part_in_the_loss(toy_root):
     assert torch.allclose(loss, keep, atol=1e-6)
 
 
+def test_captions_padded_to_the_longest_give_the_loss_of_padding_to_77(toy_root):
+    """Issue 19.2: collate pads to the batch's longest caption; under the toy CLIP's causal mask and EOS pooling
+    the loss and gradients equal those of padding every caption to max_text_len (what the step did before)."""
+    cfg = N.Config(clip=os.path.join(toy_root, "models", "clip"), max_text_len=40)  # toy CLIP: 48 positions
+    model, tok = N.build_model(cfg)
+    torch.manual_seed(0)
+    items = [{"x": torch.randn(3, 64, 64), "t": t, "n": n, "img_id": k, "hard": True, "step": 0, "tried": (),
+              "bad": ()} for k, (t, n) in enumerate([("a red circle", "a circle red"),
+                                                     ("a small blue square left of a big circle", "a blue")])]
+    short = N.collate(items, tok, cfg.max_text_len)
+    full = tok([it[k] for k in ("t", "n") for it in items], padding="max_length", max_length=cfg.max_text_len,
+               truncation=True, return_tensors="pt")
+    longest = dict(short, ids=full["input_ids"], mask=full["attention_mask"])
+    assert short["ids"].shape[1] < longest["ids"].shape[1] == cfg.max_text_len
+    out = []
+    for batch in (short, longest):
+        model.zero_grad(set_to_none=True)
+        loss = N.forward_loss(model.eval(), model, batch, cfg, torch.device("cpu"), torch.float32)[0]
+        loss.backward()
+        out.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert out[0][0] == pytest.approx(out[1][0], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[1][1]))
+
+
 def test_train_from_shards_and_resume_exactly(shards, toy_root, tmp_path, capsys):
     """--train_shards: hard captions drawn per sample in the loader workers, no neighbour images; a resume
     continues the stream exactly (the same losses as an unbroken run)."""
