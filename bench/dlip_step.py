@@ -3,7 +3,7 @@ CPU time.  Paper preset sizes (DeiT-S-shaped student, 6 x 384 text stack; BLIP-b
 the released configs, common.hf.published_config), random weights, dropout off; one step = student forward +
 BLIP losses + frozen teachers + every default distillation term + backward.
 
-    python bench/dlip_step.py --old c9674e3 --reps 7     # c9674e3: before the ITM pass reused the image keys/values
+    python bench/dlip_step.py --old 021eb53 --reps 7     # 021eb53: before the ITM pass reused the image keys/values
 """
 import argparse
 import os

@@ -3,7 +3,7 @@ side by side in one run: the same random CLIP ViT-B/32 (the released architectur
 the same rows of toy captions with word-reversed hard negatives, loss and gradients compared, FLOPs (FlopCounterMode) and
 CPU time per step (median of interleaved reps).
 
-    python bench/negclip_padding.py --old 554647d --rows 8     # 554647d: the last commit padding to 77
+    python bench/negclip_padding.py --old fa7c09f --rows 8     # fa7c09f: the last commit padding to 77
 """
 import argparse
 import os
