@@ -203,7 +203,7 @@ PRESETS = {
                   teacher="Salesforce/blip-itm-base-coco",
                   teacher_caption="Salesforce/blip-image-captioning-base", global_batch=1152,
                   micro_batch=288, epochs=20, lr=5e-4, warmup_steps=3000,
-                  weight_decay=0.02, k_test=128, eval_batch=128, num_workers=8, log_every=50,
+                  weight_decay=0.02, k_test=256, eval_batch=128, num_workers=8, log_every=50,
                   save_every=2000, out_dir="runs/dlip"),
 }
 # Fine-tuning recipes (BLIP's retrieval/caption configs, V2's student lr) that --mode retrieval|caption
@@ -214,7 +214,7 @@ FINETUNE = {
             "caption": dict(FT, epochs=0.2, lr=1e-4, train_limit=0)},
     "paper": {"retrieval": dict(FT, image_size=384, max_len=35, global_batch=256, micro_batch=32,
                                 lr=5e-5, weight_decay=0.05, epochs=6, alpha_ramp_epochs=1.0,
-                                k_test=128, grad_ckpt=True),
+                                k_test=256, grad_ckpt=True),  # BLIP configs/retrieval_coco.yaml
               "caption": dict(FT, image_size=384, max_len=40, global_batch=256, micro_batch=32,
                               lr=5e-5, weight_decay=0.05, epochs=6)},
 }
@@ -531,20 +531,20 @@ class BLIP(nn.Module):
         """Write the all-gathered momentum features (G, E) and image ids at the pointer; advance."""
         g, q = img_feat.shape[0], self.image_queue.shape[1]
         assert q % g == 0, f"queue_size {q} must be divisible by the global micro batch {g}"
-        p = int(self.queue_ptr)
-        self.image_queue[:, p:p + g] = img_feat.T
-        self.text_queue[:, p:p + g] = txt_feat.T
-        self.idx_queue[p:p + g] = idx
-        self.queue_ptr.fill_((p + g) % q)
+        cols = self.queue_ptr + torch.arange(g, device=self.queue_ptr.device)  # (G,): no host sync
+        self.image_queue.index_copy_(1, cols, img_feat.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, txt_feat.T.to(self.text_queue.dtype))
+        self.idx_queue.index_copy_(0, cols, idx.to(self.idx_queue.dtype))
+        self.queue_ptr.add_(g).remainder_(q)
 
     # ---- the three uses of the text stack
     def image_features(self, image):
         emb = self.visual_encoder(image)  # (B, Nv, Dv)
-        return emb, F.normalize(self.vision_proj(emb[:, 0]), dim=-1)
+        return emb, F.normalize(self.vision_proj(emb[:, 0]).float(), dim=-1)
 
     def text_features(self, ids, mask, hidden=None):
         h, _ = self.text_encoder(ids, mask, hidden=hidden)  # (B, L, Dt)
-        return h, F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return h, F.normalize(self.text_proj(h[:, 0]).float(), dim=-1)
 
     def fuse(self, ids, mask, image_embeds, need_attn=False, hidden=None, cache=None):
         """Image-grounded encoder on [ENC]-led ids: hidden (B, L, Dt), last-layer attention maps."""
@@ -587,16 +587,16 @@ class BLIP(nn.Module):
             text_h, _ = self.text_encoder(ids, mask, hidden=hid.get("txt"))  # (B, L, Dt)
             f.proj = dict(img=self.vision_proj(f.image_embeds[:, 0]),
                           txt=self.text_proj(text_h[:, 0]))
-            f.image_feat = F.normalize(f.proj["img"], dim=-1)  # (B, E)
-            f.text_feat, f.temp = F.normalize(f.proj["txt"], dim=-1), self.temp
+            f.image_feat = F.normalize(f.proj["img"].float(), dim=-1)  # (B, E) fp32, for ITC
+            f.text_feat, f.temp = F.normalize(f.proj["txt"].float(), dim=-1), self.temp
             if self.c.momentum:
                 with torch.no_grad():
                     self.temp.clamp_(0.001, 0.5)
                     self.momentum_update()
                     image_m = self.visual_encoder_m(image)[:, 0]
-                    f.image_m = F.normalize(self.vision_proj_m(image_m), dim=-1)
+                    f.image_m = F.normalize(self.vision_proj_m(image_m).float(), dim=-1)
                     text_m = self.text_encoder_m(ids, mask)[0][:, 0]
-                    f.text_m = F.normalize(self.text_proj_m(text_m), dim=-1)
+                    f.text_m = F.normalize(self.text_proj_m(text_m).float(), dim=-1)
             f.kv = [{"self": None, "cross": {}} for _ in self.text_encoder.encoder.layer]
             f.fused, f.attn = self.fuse(ids, mask, f.image_embeds, need_attn, hid.get("fus"), f.kv)
             f.proj["fus"] = self.text_proj(f.fused[:, 0])
@@ -655,23 +655,24 @@ def blip_losses(model, s, ids, mask, idx, alpha, gen, rank, smoothing=0.1, promp
     the global batch ; queue], then the queue advances. ITM: the positives plus one hard negative
     image per text and text per image, drawn over the global batch by `gen` (seeded alike on every
     rank: N ranks = 1 process), through one more fusion pass. LM: the decoder writes the caption."""
-    out, B, gather = {}, ids.shape[0], cdist.all_gather_no_grad
+    out, B, gather, dev = {}, ids.shape[0], cdist.all_gather_no_grad, ids.device
     if s.fused is not None:
         idx_g = gather(idx)  # (G,)
-    if s.image_m is not None:
-        with torch.no_grad():
+    if s.image_m is not None:  # logits in fp32 from fp32 features: bf16's spacing at 8-16 is 0.0625
+        with torch.no_grad(), camp.fp32(dev):
             img_m_g, txt_m_g = gather(s.image_m), gather(s.text_m)  # (G, E)
             s.queues = model.image_queue.T.clone(), model.text_queue.T.clone()  # (Q, E)
-            img_cand = torch.cat([img_m_g, s.queues[0].to(img_m_g.dtype)])  # (G+Q, E)
-            txt_cand = torch.cat([txt_m_g, s.queues[1].to(txt_m_g.dtype)])
+            img_cand = torch.cat([img_m_g, s.queues[0]])  # (G+Q, E)
+            txt_cand = torch.cat([txt_m_g, s.queues[1]])
             s.pos = idx[:, None] == torch.cat([idx_g, model.idx_queue])[None, :]  # (B, G+Q)
             tgt_i2t = itc_targets(s.pos, s.image_m @ txt_cand.T / s.temp, alpha)
             tgt_t2i = itc_targets(s.pos, s.text_m @ img_cand.T / s.temp, alpha)
-        out["itc"] = (soft_ce(s.image_feat @ txt_cand.T / s.temp, tgt_i2t)
-                      + soft_ce(s.text_feat @ img_cand.T / s.temp, tgt_t2i)) / 2
+        with camp.fp32(dev):
+            out["itc"] = (soft_ce(s.image_feat @ txt_cand.T / s.temp, tgt_i2t)
+                          + soft_ce(s.text_feat @ img_cand.T / s.temp, tgt_t2i)) / 2
         model.enqueue(img_m_g, txt_m_g, idx_g)
     if s.fused is not None:
-        with torch.no_grad():
+        with torch.no_grad(), camp.fp32(dev):
             img_g, txt_g = gather(s.image_feat), gather(s.text_feat)
             sim = txt_g @ img_g.T / s.temp  # (G, G)
             same = idx_g[:, None] == idx_g[None, :]
@@ -763,23 +764,24 @@ def distill_losses(s, t, w, alpha=0.4, maps=None, rep_layers="last"):
     on = {k for k, v in w.items() if isinstance(v, (int, float)) and v > 0}
     out = {}
     if "itc_kd" in on:  # ITC logits: the teacher's similarities become the student's ITC targets
-        ti, tt = t.image_feat.float(), t.text_feat.float()
+        ti, tt, si, st = (f.float() for f in (t.image_feat, t.text_feat, s.image_feat, s.text_feat))
         ti_g, tt_g = cdist.all_gather_no_grad(ti), cdist.all_gather_no_grad(tt)  # (G, E)
         if w.get("itc_kd_kind", "v2") == "v2":  # V2: against the student's queue, with its temp
             temp, (qi, qt) = s.temp.detach(), s.queues
             txt_c, img_c = torch.cat([tt_g, qt.float()]), torch.cat([ti_g, qi.float()])  # (G+Q, E)
-            with torch.no_grad():
+            with torch.no_grad(), camp.fp32(ti.device):  # fp32 logits, as in blip_losses
                 tgt_i2t = itc_targets(s.pos, ti @ txt_c.T / temp, alpha)  # (B, G+Q)
                 tgt_t2i = itc_targets(s.pos, tt @ img_c.T / temp, alpha)
-            out["itc_kd"] = (soft_ce(s.image_feat @ txt_c.T / temp, tgt_i2t)
-                             + soft_ce(s.text_feat @ img_c.T / temp, tgt_t2i)) / 2
+            with camp.fp32(ti.device):
+                out["itc_kd"] = (soft_ce(si @ txt_c.T / temp, tgt_i2t)
+                                 + soft_ce(st @ img_c.T / temp, tgt_t2i)) / 2
         else:  # kl: the teacher's in-batch similarity rows (CE = KL + the teacher's entropy)
-            si_g = cdist.all_gather_with_grad(s.image_feat)  # (G, E)
-            st_g = cdist.all_gather_with_grad(s.text_feat)
-            p_i2t = F.softmax(ti @ tt_g.T / t.temp.float(), 1)  # (B, G)
-            p_t2i = F.softmax(tt @ ti_g.T / t.temp.float(), 1)
-            out["itc_kd"] = (soft_ce(s.image_feat @ st_g.T / s.temp, p_i2t)
-                             + soft_ce(s.text_feat @ si_g.T / s.temp, p_t2i)) / 2
+            si_g, st_g = cdist.all_gather_with_grad(si), cdist.all_gather_with_grad(st)  # (G, E)
+            with camp.fp32(ti.device):
+                p_i2t = F.softmax(ti @ tt_g.T / t.temp.float(), 1)  # (B, G)
+                p_t2i = F.softmax(tt @ ti_g.T / t.temp.float(), 1)
+                out["itc_kd"] = (soft_ce(si @ st_g.T / s.temp, p_i2t)
+                                 + soft_ce(st @ si_g.T / s.temp, p_t2i)) / 2
     for part in ("img", "txt", "fus", "dec"):  # representations: image, text, fused, decoder
         if "rep_" + part not in on:
             continue
@@ -894,21 +896,38 @@ def tokenize(tok, caps, max_len, device, pad_to_max=True):
     return t.input_ids.to(device), t.attention_mask.to(device)
 
 
+class EvalImages:
+    """An eval split's images, decoded when indexed: images[i] (3, S, S); images[i:j] or
+    images[rows] (n, 3, S, S). Only the batch in use is held (COCO's 5k test images at 384 px are
+    ~9 GB as one tensor). An unreadable image is a blank one (a miss), under the bad-image rule."""
+
+    def __init__(self, recs, cfg, size):
+        self.paths, self.size = [r["image"] for r in recs], size
+        self.loader = ImageFolderLoader(cfg.image_root, ImageTransform(
+            size, mean=CLIP_MEAN, std=CLIP_STD), cfg.max_bad_frac)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self[[key]][0]
+        rows = range(len(self))[key] if isinstance(key, slice) else key
+        ims = [self.loader(self.paths[i]) for i in rows]
+        self.loader.check()
+        blank = torch.zeros(3, self.size, self.size)
+        return torch.stack([blank if im is None else im for im in ims])
+
+
 def eval_set(path, cfg, size):
-    """Eval pairs -> records, images (N, 3, S, S), flat captions, txt2img (caption -> image),
-    img2txts, the bad-image report. An unreadable image stays in as a blank one (a miss)."""
+    """Eval pairs -> records, EvalImages, flat captions, txt2img (caption -> image), img2txts."""
     recs = read_pairs(path)[:cfg.max_eval_images or None]
     texts, txt2img, img2txts = [], [], []
     for i, r in enumerate(recs):
         img2txts.append(list(range(len(texts), len(texts) + len(r["captions"]))))
         texts += [pre_caption(c, cfg.max_words) for c in r["captions"]]
         txt2img += [i] * len(r["captions"])
-    loader = ImageFolderLoader(cfg.image_root, ImageTransform(size, mean=CLIP_MEAN, std=CLIP_STD),
-                               cfg.max_bad_frac)
-    images = [loader(r["image"]) for r in recs]
-    loader.check(final=True)
-    images = [im if im is not None else torch.zeros(3, size, size) for im in images]
-    return recs, torch.stack(images), texts, txt2img, img2txts, loader.report()
+    return recs, EvalImages(recs, cfg, size), texts, txt2img, img2txts
 
 
 # ================================================================================================ Eval
@@ -1318,8 +1337,8 @@ def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None)
     """The mode's metrics on one split: retrieval (ITC and ITC+ITM recalls) and/or captioning.
     shown: a dict that receives the split's images, texts and ITC top-5 images (the report's)."""
     shown = {} if shown is None else shown
-    shown.clear()  # a previous split's images are freed before this split's are read
-    recs, images, texts, txt2img, img2txts, report = eval_set(path, cfg, model.c.image_size)
+    shown.clear()
+    recs, images, texts, txt2img, img2txts = eval_set(path, cfg, model.c.image_size)
     out, c, task = {}, model.c, cfg.task
     shown.update(split=split, recs=recs, images=images, texts=texts, txt2img=txt2img, img2txts=img2txts)
     if c.has_encoder and cfg.mode != "caption" and task in ("all", "retrieval"):
@@ -1329,7 +1348,8 @@ def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None)
         os.makedirs(cfg.out_dir, exist_ok=True)  # decoded with the prompt the decoder learnt
         out.update(caption_eval(model, images, recs, tok, cfg, dist, device, dtype, c.prompt,
                                 os.path.join(cfg.out_dir, f"captions_{split}.json")))
-    out = {f"{split}_{k}": v for k, v in out.items()}
+    images.loader.check(final=True)  # the bad-image rule over the images this rank decoded
+    out, report = {f"{split}_{k}": v for k, v in out.items()}, images.loader.report()
     log.info(f"{split} ({report}): " + " ".join(f"{k} {v:.4g}" for k, v in out.items()))
     model.train()
     return out

@@ -257,6 +257,63 @@ def test_momentum_update_and_queue():
         m.enqueue(f1[:3], f1[:3], torch.arange(3))
 
 
+def _enqueue_by_host_pointer(m, img, txt, idx):  # BLIP.enqueue before issue 18.9, for comparison
+    g, p = img.shape[0], int(m.queue_ptr)
+    m.image_queue[:, p:p + g], m.text_queue[:, p:p + g], m.idx_queue[p:p + g] = img.T, txt.T, idx
+    m.queue_ptr.fill_((p + g) % m.image_queue.shape[1])
+
+
+def test_enqueue_indexes_on_the_device_and_fills_the_queues_as_before():
+    """Issue 18.9: the queue pointer is never read on the host (a sync per step on a GPU). On the meta device,
+    which holds no values, reading it raises; the queues after enqueues that wrap around twice are the old
+    implementation's."""
+    import copy
+    torch.manual_seed(0)
+    new = dlip.BLIP(_shape(queue=12))
+    old = copy.deepcopy(new)
+    for _ in range(7):
+        img, txt = F.normalize(torch.randn(4, 16), dim=1), F.normalize(torch.randn(4, 16), dim=1)
+        idx = torch.randint(0, 2 ** 56, (4,))  # the shard path's 7-byte image ids
+        new.enqueue(img, txt, idx)
+        _enqueue_by_host_pointer(old, img, txt, idx)
+        for k in dlip.QUEUES:
+            assert torch.equal(getattr(new, k), getattr(old, k)), k
+    with torch.device("meta"):
+        m = dlip.BLIP(_shape(queue=8))
+        m.enqueue(torch.randn(4, 16), torch.randn(4, 16), torch.arange(4))
+    assert m.queue_ptr.is_meta
+
+
+def test_itc_logits_and_their_distillation_stay_fp32_under_bf16_autocast(monkeypatch):
+    """Issue 18.6: under bf16 autocast (bf16's spacing at logits of 8-16 is 0.0625) the normalised features come
+    out fp32, and the ITC logits (targets and loss), the hard negatives' sampling similarities and both ITC
+    distillation kinds are computed in fp32: the same values as without autocast, from the same features."""
+    import copy
+    torch.manual_seed(0)
+    student, teacher = dlip.BLIP(_shape()), dlip.BLIP(_shape(width=48, momentum=False)).eval()
+    image, ids, mask, idx = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = copy.deepcopy(student)(image, ids, mask)
+        naive = (f.image_feat @ f.text_feat.T).dtype  # what autocast does to a plain matmul
+    assert naive == torch.bfloat16
+    assert f.image_feat.dtype == f.text_feat.dtype == f.image_m.dtype == f.text_m.dtype == torch.float32
+    sims, draw = [], dlip.multinomial_negatives
+    monkeypatch.setattr(dlip, "multinomial_negatives", lambda sim, *a: sims.append(sim) or draw(sim, *a))
+    terms = []
+    for bf16 in (False, True):
+        m = copy.deepcopy(student)
+        s, t = m(image, ids, mask), teacher(image, ids, mask)  # fp32 forwards: the same features twice
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = dlip.blip_losses(m, s, ids, mask, idx, 0.4, torch.Generator().manual_seed(1), 0)
+            for kind in ("v2", "kl"):
+                out[kind] = dlip.distill_losses(s, t, {"itc_kd": 1, "itc_kd_kind": kind})["itc_kd"]
+        terms.append(out)
+    for k in ("itc", "v2", "kl"):
+        assert terms[1][k].dtype == torch.float32 and torch.equal(terms[1][k], terms[0][k]), k
+    assert len(sims) == 4 and all(x.dtype == torch.float32 for x in sims)
+    assert torch.equal(sims[2], sims[0]) and torch.equal(sims[3], sims[1])
+
+
 def test_decoder_shares_parameters_with_encoder():
     m = dlip.BLIP(_shape())
     enc, dec = m.text_encoder, m.text_decoder.bert
@@ -547,6 +604,42 @@ def _check_reports(d, student_dir):
     assert read_report(os.path.join(student_dir, "report.html"))["svgs"] >= 2  # no eval split: the curves
 
 
+def test_eval_streams_its_images_and_gets_the_figures_of_one_tensor_of_them_all(world, student_run, monkeypatch):
+    """Issue 17.10: the eval decodes its images one batch at a time (COCO's test split as one tensor: ~9 GB of
+    RAM) and gets the same figures and captions as from one (N, 3, S, S) tensor of every image."""
+    import json
+    d, base, root = world
+    args = ["--mode", "eval", "--task", "all", *base, *TINY, "--ckpt", os.path.join(student_run[0], "last.pt"),
+            "--teacher", "", "--report", "false", "--eval_batch", "3", "--test_file",
+            os.path.join(root, "pairs_test.jsonl")]
+    get, held = dlip.EvalImages.__getitem__, []
+
+    def batch(self, key):
+        x = get(self, key)
+        held.append(len(x) if x.dim() == 4 else 1)
+        return x
+    monkeypatch.setattr(dlip.EvalImages, "__getitem__", batch)
+    streamed = dlip.main([*args, "--out_dir", str(d / "streamed")])
+    assert held and max(held) == 3  # of the 8 images, at most one eval batch at a time
+
+    class InRam:  # the eval before streaming: every image decoded up front into one tensor
+        def __init__(self, images):
+            self.loader, self.all = images.loader, images[:]
+
+        def __len__(self):
+            return len(self.all)
+
+        def __getitem__(self, key):
+            return self.all[key]
+    real = dlip.eval_set
+    monkeypatch.setattr(dlip, "eval_set", lambda *a: (lambda r: (r[0], InRam(r[1]), *r[2:]))(real(*a)))
+    in_ram = dlip.main([*args, "--out_dir", str(d / "in_ram")])
+    figures = lambda m: {k: v for k, v in m.items() if k.startswith("test_")}  # noqa: E731
+    assert figures(streamed) == figures(in_ram) and {"test_txt_r1", "test_CIDEr"} <= set(figures(in_ram))
+    caps = [json.load(open(d / r / "captions_test.json")) for r in ("streamed", "in_ram")]
+    assert caps[0] == caps[1] and len(caps[0]) == 8
+
+
 def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teacher_ckpt):
     """--ft_distill: caption fine-tuning also matches a frozen teacher decoder (logit KL and last-layer decoder
     attention KL on the prompted caption). Against itself both terms are 0; against the teacher they fall."""
@@ -684,6 +777,15 @@ def test_toy_student_pretrains_on_a_subset_and_fine_tunes_on_all(toy_root):
     assert cfg("--mode", "caption", "--train_limit", "7").train_limit == 7  # the command line still wins
     assert cfg("--mode", "retrieval").epochs == 0.2 == cfg("--mode", "caption").epochs  # 62 of the 312 steps/epoch
     assert cfg("--mode", "caption", "--epochs", "1").epochs == 1
+
+
+def test_paper_preset_reranks_the_itc_top_256_as_blip_on_coco(monkeypatch):
+    """Issue 17.10: k_test 256 (salesforce/BLIP configs/retrieval_coco.yaml) in the paper preset's COCO evals."""
+    from common.config import parse_config
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for mode in ("pretrain", "retrieval", "eval"):
+        argv = ["--preset", "paper", "--mode", mode]
+        assert dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, argv), argv).k_test == 256, mode
 
 
 def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
