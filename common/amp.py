@@ -10,8 +10,15 @@ _NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def pick_dtype(device, precision="auto"):
     """'auto' -> bf16 on a CUDA device whose tensor cores compute it (Ampere and later), else fp32.  V100/T4 only
-    emulate bf16 (slowly), so they get fp32.  CPU autocast is slow, so CPU stays fp32."""
+    emulate bf16 (slowly), so they get fp32.  CPU autocast is slow, so CPU stays fp32.
+
+    On CUDA this also lets fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and
+    later; inputs rounded to 10 mantissa bits, fp32 accumulation and output), which torch leaves off
+    for matmuls: frozen towers kept in fp32, fp32 logits and --precision fp32 runs then compute at
+    the TF32 peak, the one train.peak_flops measures their MFU against."""
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
@@ -29,12 +36,19 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
 def fp32(device):
-    """Autocast off for a block: contrastive logits and nearest-neighbour searches are computed from fp32 inputs
-    in fp32 (bf16's spacing at logits of 8-16 is 0.0625, enough to reorder near neighbours).  A no-op where
-    there is no autocast (the meta device of --mode params)."""
+    """A block computed in true fp32: autocast off, and on CUDA no TF32 matmuls either (pick_dtype turns TF32 on
+    for the other fp32 work).  For contrastive logits and nearest-neighbour searches: bf16's spacing at logits
+    of 8-16 is 0.0625, TF32's input rounding still errs by ~1e-3 there.  No autocast on the meta device (--mode
+    params): then only the TF32 flag is kept off."""
     kind = torch.device(device).type
-    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def make_scaler(dtype):

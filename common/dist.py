@@ -5,6 +5,7 @@ process when it is absent.  Backend: nccl on GPU, gloo on CPU.  Model code never
 scripts pass the `Dist` record (rank, world size, device) where it is needed.
 """
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -149,12 +150,30 @@ def shard_indices(n, dist):
     return list(range(dist.rank * per, min(n, (dist.rank + 1) * per)))
 
 
+# newer torch splits `broadcast_buffers` in two and names the per-forward half `forward_sync_buffers`
+_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+
+
 def wrap_ddp(module, dist, find_unused_parameters=False):
-    """Wrap the *trainable* module in DDP when there is more than one process; frozen parts stay outside."""
+    """Wrap the *trainable* module in DDP when there are several processes; frozen parts stay out.
+
+    Buffers are made rank 0's once, here, and not re-broadcast before every forward (DDP's
+    default): the scripts' buffers are constants (transformers' position ids, BART's
+    final_logits_bias) or dlip's feature queues, which every rank updates identically from
+    all-gathered features, so the default would only ship the queues (118 MB at BLIP's 57,600
+    entries) every step.  gradient_as_bucket_view: gradients live in DDP's all-reduce buckets,
+    saving a gradient-sized copy and its memory (torch DDP documentation)."""
     if dist.world_size <= 1:
         return module
+    if _FORWARD_SYNC:
+        buffers = {"forward_sync_buffers": False}  # still syncs buffers at construction
+    else:  # broadcast_buffers=False also skips the construction sync: do it here
+        for b in module.buffers():
+            tdist.broadcast(b, 0)
+        buffers = {"broadcast_buffers": False}
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                   find_unused_parameters=find_unused_parameters, **buffers)
 
 
 def unwrap(module):

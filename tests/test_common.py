@@ -196,6 +196,56 @@ def test_two_process_gather_matches_one_process(tmp_path):
     assert r0["mean"].item() == 0.5
 
 
+def _ddp_flags_worker(rank, world, port, out_dir):
+    """Both ways wrap_ddp keeps buffers off the per-forward broadcast (torch's forward_sync_buffers,
+    or broadcast_buffers plus its own start-up broadcast): flags, buffer values, two SGD steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = dist.setup_distributed("cpu")
+    out = {}
+    for forward_sync in sorted({dist._FORWARD_SYNC, False}):
+        dist._FORWARD_SYNC = forward_sync
+        model, x_img, x_txt = _make_model_and_data()
+        model.register_buffer("queue", torch.full((3,), float(rank + 1)))  # differs per rank
+        ddp = dist.wrap_ddp(model, d)
+        res = {"bucket_view": ddp.gradient_as_bucket_view, "queue_at_wrap": model.queue.clone(),
+               "syncs_buffers": ddp.will_sync_module_buffers()}
+        model.queue.fill_(10.0 * (rank + 1))  # a rank-local update, as dlip's enqueue
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        per = x_img.shape[0] // world
+        sl = slice(d.rank * per, (d.rank + 1) * per)
+        for _ in range(2):
+            _clip_loss(ddp(x_img[sl]), ddp(x_txt[sl])).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[forward_sync] = dict(res, queue_after=model.queue.clone(),
+                                 weight=model.weight.detach().clone())
+    gathered = dist.all_gather_object(out)
+    if d.is_main:
+        torch.save(gathered, os.path.join(out_dir, "flags.pt"))
+    dist.cleanup_distributed()
+
+
+def test_wrap_ddp_bucket_view_and_no_per_step_buffer_broadcast(tmp_path):
+    model, x_img, x_txt = _make_model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(2):
+        _clip_loss(model(x_img), model(x_txt)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    mp.spawn(_ddp_flags_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = torch.load(tmp_path / "flags.pt", weights_only=True)
+    assert set(ranks[0]) == ({True, False} if dist._FORWARD_SYNC else {False})  # both paths ran
+    for r, out in enumerate(ranks):
+        for res in out.values():
+            assert res["bucket_view"] and not res["syncs_buffers"]
+            assert torch.equal(res["queue_at_wrap"], torch.ones(3))  # rank 0's, once, at the start
+            # each rank's own update survives the steps: no per-forward broadcast
+            assert torch.equal(res["queue_after"], torch.full((3,), 10.0 * (r + 1)))
+            torch.testing.assert_close(res["weight"], model.weight.detach(), atol=1e-6, rtol=1e-5)
+
+
 def test_single_process_fallback():
     d = dist.setup_distributed("cpu")
     assert (d.rank, d.world_size, d.is_main) == (0, 1, True)
@@ -214,6 +264,27 @@ def test_pick_dtype_on_cpu():
     with amp.autocast("cpu", torch.bfloat16):
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def tf32_flags():
+    """pick_dtype on a (faked) CUDA device sets torch's global TF32 flags: put them back after."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def test_tf32_enabled_on_cuda_only(monkeypatch, tf32_flags):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for precision in ("auto", "fp32", "bf16"):
+        amp.pick_dtype("cpu", precision)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp.pick_dtype("cuda:0", "fp32") == torch.float32
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with amp.fp32("cpu"):  # contrastive logits: true fp32, no TF32 inside the block, restored after it
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.is_autocast_enabled("cpu")
+    assert torch.backends.cuda.matmul.allow_tf32
 
 
 # ---------------------------------------------------------------- images
@@ -501,7 +572,7 @@ def test_peak_table_mfu_and_world_size(monkeypatch):
     assert abs(train.mfu(8 * 100e12, 1.0, "cuda:0", world_size=8) - one) < 1e-12  # global FLOPs over 8 GPUs
 
 
-def test_bf16_only_where_it_is_not_emulated(monkeypatch):
+def test_bf16_only_where_it_is_not_emulated(monkeypatch, tf32_flags):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert amp.pick_dtype("cuda:0") == torch.float32  # V100/T4: emulated bf16 only
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -554,6 +625,24 @@ def test_size_table_reports_params_and_flops_per_part():
     x = torch.randn(1, 8)
     out = train.size_table({"encoder": ([enc], None), "both": ([enc, dec], lambda: dec(enc(x)))})
     assert out == {"params_encoder": 36, "params_both": 51, "gflops_both": pytest.approx(2 * (8 * 4 + 4 * 3) / 1e9)}
+
+
+def test_step_timer_measures_stop_to_stop_without_syncing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("StepTimer synchronised"))
+    now = [10.0]
+    timer = train.StepTimer("cuda:0", clock=lambda: now[0])
+    timer.start()
+    now[0] = 10.5
+    assert timer.stop(8) == {"ms_step": 500.0, "samples_s": 16.0}  # the first step: from its start
+    now[0] = 11.0
+    timer.start()  # the 0.5 s since the last stop (data, logging) belongs to this step
+    now[0] = 12.5
+    assert timer.stop(8) == {"ms_step": 2000.0, "samples_s": 4.0}
+    for t in (13.0, 14.0, 15.0):  # stop() at log steps only (perceiver): the mean over the steps
+        now[0] = t
+        timer.start()
+    now[0] = 15.5
+    assert timer.stop(8) == {"ms_step": 1000.0, "samples_s": 8.0}
 
 
 def test_samples_per_second_runs_warmup_and_timed_calls():
