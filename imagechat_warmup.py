@@ -229,8 +229,7 @@ def load_tokenizer(path):
         tok.add_special_tokens({"mask_token": "<mask>"})
     tok.add_tokens(NEW_TOKENS)
     for word in ("positive", "negative"):
-        ids = tok.encode(word, add_special_tokens=False)
-        if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        if tok.unk_token_id in tok.encode(word, add_special_tokens=False):
             tok.add_tokens([word])
     return tok
 
@@ -769,17 +768,18 @@ def run_training(cfg, dist, log, dtype):
     if resume is not None:
         for obj, key in ((model, "model"), (opt, "optimizer"), (scaler, "scaler")):
             obj.load_state_dict(resume[key])
-        set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"], dist.rank)  # this rank's own generators
         start, best, pos = resume["step"], resume.get("best"), resume["data_position"]
         epoch_sum, epoch_n = pos["epoch_sum"], pos["epoch_n"]
         log.info(f"resumed from {cfg.resume} at step {start}")
         log.resumed(start)
 
     def save(name, step):
+        rngs = all_gather_object(rng_state())  # each rank's generators: a resume gives each its own
         if dist.is_main:
             save_checkpoint(os.path.join(cfg.out_dir, name), {
                 "script": SCRIPT, "kind": cfg.mode, "model": model.state_dict(), "step": step,
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                 "config": asdict_config(cfg), "best": best, "data_position": {
                     "step": step, "epoch": step // per_epoch, "epoch_sum": epoch_sum, "epoch_n": epoch_n}})
         barrier()

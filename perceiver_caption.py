@@ -625,9 +625,8 @@ def load_frozen(cfg, device, dtype):
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
     hf_logging.disable_progress_bar()
-    fdt = amp.frozen_dtype(device, dtype)
-    clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=fdt)
-    lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=fdt)
+    clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=amp.frozen_dtype(device, dtype))
+    lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=amp.frozen_dtype(device, dtype))
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
         m.requires_grad_(False).eval().to(device)
     return clip, lm, CaptionTokenizer(AutoTokenizer.from_pretrained(cfg.lm_model), cfg.max_len)
@@ -686,12 +685,12 @@ def gate_values(bridge):
     return {**means, **{f"gate_{g}_{i}": x for g, v in t.items() for i, x in zip(bridge.layer_ids, v)}}
 
 
-def save_state(path, cfg, bridge, opt, scaler, step, best_val):
-    checkpoint.save_checkpoint(path, {
+def save_state(name, cfg, bridge, opt, scaler, step, best_val, rngs=None):
+    checkpoint.save_checkpoint(os.path.join(cfg.out_dir, name), {
         "script": SCRIPT, "kind": "train", "model_config": dataclasses.asdict(model_config(cfg)),
         "config": dataclasses.asdict(cfg), "bridge": bridge.state_dict(), "step": step,
         "best_val": best_val, "optimizer": opt.state_dict() if opt else {},
-        "scaler": scaler.state_dict() if scaler else {}, "rng": checkpoint.rng_state()})
+        "scaler": scaler.state_dict() if scaler else {}, "rng": rngs or checkpoint.rng_state()})
 
 
 # What a resumed run may change beyond common's list: where it stops and how it tests afterwards.
@@ -712,7 +711,7 @@ def resume(cfg, bridge, opt, scaler, logger):
     opt.load_state_dict(st["optimizer"])
     if st.get("scaler"):
         scaler.load_state_dict(st["scaler"])
-    checkpoint.set_rng_state(st["rng"])
+    checkpoint.set_rng_state(st["rng"], cdist.rank())  # this rank's own generators
     logger.resumed(st["step"])
     logger.info(f"resumed from {cfg.resume} at step {st['step']}")
     return int(st["step"]), float(st["best_val"])
@@ -756,8 +755,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
         return run_bench(lambda: run_step(next(it), 0, 1), cfg.bench, cfg.global_batch // world,
                          device, flops_per_step=flops)
 
-    run_dir, timer = cfg.out_dir, StepTimer(device)
-    last, flops, step = {}, None, start
+    timer, last, flops, step = StepTimer(device), {}, None, start
     for micros in batches(start, end):
         if flops is None and device.type == "cuda":  # FLOPs of one step (this rank), for MFU
             flops = count_flops(lambda: run_step(micros, step, total, update=False))
@@ -774,15 +772,17 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
             logger.log(step, val_loss=last["val_loss"])
             if last["val_loss"] < best_val and d.is_main:  # keep the one best-val checkpoint (seed)
                 best_val = last["val_loss"]
-                save_state(os.path.join(run_dir, "best.pt"), cfg, bridge, None, None, step, best_val)
+                save_state("best.pt", cfg, bridge, None, None, step, best_val)
             best_val = cdist.broadcast_object(min(best_val, last["val_loss"]))
-        if (step % cfg.save_every == 0 or step == end) and d.is_main:
-            save_state(os.path.join(run_dir, "last.pt"), cfg, bridge, opt, scaler, step, best_val)
+        if step % cfg.save_every == 0 or step == end:  # every rank's RNG: a resume gives each its own
+            rngs = cdist.all_gather_object(checkpoint.rng_state())
+            if d.is_main:
+                save_state("last.pt", cfg, bridge, opt, scaler, step, best_val, rngs)
     cdist.barrier()
     metrics = {"train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "best_val_loss": best_val, "steps": step, **bridge_param_table(bridge)}
     if cfg.test_after_train:
-        best = os.path.join(run_dir, "best.pt")
+        best = os.path.join(cfg.out_dir, "best.pt")
         if os.path.isfile(best):  # caption with the best-val weights, as the seed's test mode does
             bridge.load_state_dict(checkpoint.load_checkpoint(best)["bridge"])
         metrics.update(evaluate_captions(bridge, lm, clip, sets["test"], cfg, ctok, dtype, d, logger))
@@ -877,11 +877,11 @@ def main(argv=None):
             save_config(cfg, cfg.out_dir)
         clip, lm, ctok = load_frozen(cfg, d.device, dtype)
         bridge = Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer).to(d.device)
+        amp.seed_everything(cfg.seed + d.rank)  # weights above alike on all ranks; dropout per rank
         n = ", ".join(f"{k} {v:,}" for k, v in bridge_param_table(bridge).items())
         logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_params(clip):,} + GPT-2 {count_params(lm):,}")
         if cfg.mode != "train":
-            bridge.load_state_dict(ckpt["bridge"])
-            bridge.eval()
+            bridge.eval().load_state_dict(ckpt["bridge"])
         out = {"train": train, "test": test, "caption": caption_inputs}[cfg.mode](
             cfg, d, dtype, clip, lm, ctok, bridge, logger)
         if cfg.report and d.is_main and cfg.mode != "caption" and not cfg.bench:

@@ -509,32 +509,44 @@ def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
     assert not os.path.exists(tmp_path / "bad" / "last.pt")
 
 
-def _ddp_worker(rank, port, argv, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _ddp_worker(rank, runs):
     torch.set_num_threads(1)
-    res = icw.main(argv)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(res, f)
+    for port, argv, out in runs:  # one process group per run, each on its own port
+        os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        res = icw.main(argv)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(res, f)
 
 
 def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
+    """2 gloo processes = 1 process; their checkpoint holds each rank's own RNG states (issue 18.5), and a
+    2-process run stopped after step 1 and resumed ends as the unbroken 2-process run."""
     import socket
     import torch.multiprocessing as mp
     _, paths = cached
     one = run(train_args(assets, "warmup", 2), tmp_path / "one", **paths)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = train_args(assets, "warmup", 2) + [a for k, v in paths.items() for a in (f"--{k}", str(v))]
-    argv += ["--out_dir", str(tmp_path / "two")]
-    mp.spawn(_ddp_worker, args=(port, argv, str(tmp_path / "two.json")), nprocs=2, join=True)
-    with open(tmp_path / "two.json") as f:
-        two = json.load(f)
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    argv = lambda out, **kw: train_args(assets, "warmup", 2, **kw) + [  # noqa: E731
+        a for k, v in {**paths, "out_dir": tmp_path / out}.items() for a in (f"--{k}", str(v))]
+    ck = tmp_path / "half" / "last.pt"
+    runs = [(port(), argv("two"), str(tmp_path / "two.json")),
+            (port(), argv("half", stop_after=1, report="false"), str(tmp_path / "half1.json")),
+            (port(), argv("half", resume=ck, report="false"), str(tmp_path / "half.json"))]
+    mp.spawn(_ddp_worker, args=(runs,), nprocs=2, join=True)
+    two, half = ((tmp_path / f"{n}.json").read_text() for n in ("two", "half"))
+    two, half = json.loads(two), json.loads(half)
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
     for k in ("mlm", "isp", "mrm", "gcd"):
         assert two[f"train/{k}"] == pytest.approx(one[f"train/{k}"], rel=1e-4)
+    assert half["steps"] == 2 and half["final_loss"] == pytest.approx(two["final_loss"], rel=1e-6)
+    rngs = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 def test_candidates_rank_by_mean_token_likelihood_and_ties_do_not_favour_the_gold():

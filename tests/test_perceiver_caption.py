@@ -429,6 +429,33 @@ def test_ddp_two_gloo_processes_match_one(world, tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for s in one:
         assert two[s] == pytest.approx(one[s], rel=1e-5)
+    rngs = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["rng"]  # per rank (issue 18.5)
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+def _spawned(rank, runs):
+    torch.set_num_threads(1)
+    for port, argv in runs:  # one process group per run, each on its own port
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        pc.main(argv)
+
+
+def test_two_rank_resume_equals_unbroken_run_with_dropout(world, tmp_path):
+    """Issue 18.5: with GPT-2 dropout on, each rank draws its own masks (seeded seed + rank after the
+    weights) and a resume restores each rank its own generators: 2 processes stopped at step 2 and
+    resumed log the losses of an unbroken 2-process run."""
+    import torch.multiprocessing as mp
+    common = ["--toy_root", world, "--log_every", "1", *SMALL, "--steps", "4", "--global_batch", "8",
+              "--micro_batch", "4", "--eval_every", "100", "--test_after_train", "false",
+              "--save_every", "2", "--frozen_eval", "false", "--report", "false", "--device", "cpu"]
+    argv = lambda out, *a: [str(x) for x in common + ["--out_dir", tmp_path / out, *a]]  # noqa: E731
+    runs = [(_free_port(), argv("full")), (_free_port(), argv("half", "--stop_at", "2")),
+            (_free_port(), argv("half", "--resume", tmp_path / "half" / "last.pt"))]
+    mp.spawn(_spawned, args=(runs,), nprocs=2, join=True)
+    full = _losses(tmp_path / "full")
+    assert sorted(full) == [1, 2, 3, 4]
+    assert _losses(tmp_path / "half") == pytest.approx(full, rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.parametrize("extra", [["--bridge", "mapper"], ["--bridge", "xattn", "--xattn_prefix", "none"],
