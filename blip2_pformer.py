@@ -1385,7 +1385,8 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     if stage != "0" and model.vision is None:
         frozen.vision.eval()
     sampler.start, sampler.total = start, total
-    tracker = dataset is None and StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=ck.get("stream"))
+    tracker = StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=ck.get("stream")) if dataset is None \
+        else None
     batches = iter(shard_batches(cfg, dist, tracker, ck.get("stream")) if tracker else
                    make_loader(dataset, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
     timer, last, images = StepTimer(dist.device), {}, open_images(cfg)  # images: counts only
@@ -1412,7 +1413,7 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
 
 def save(cfg, dist, model, opt, scaler, step, meta, tracker=None):
     rngs = D.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
-    stream = tracker and StreamTracker.merge_states(D.all_gather_object(tracker.state_dict()))
+    stream = StreamTracker.merge_states(D.all_gather_object(tracker.state_dict())) if tracker else None
     if not dist.is_main:
         return
     meta = {k: v for k, v in meta.items() if k == "image_token_index" and v is not None}

@@ -281,6 +281,12 @@ def pre_caption(caption, max_words=30):
     return " ".join(caption.split(" ")[:max_words])
 
 
+def too_many_bad(tried, bad, max_bad_frac, min_tried, final=False):
+    """The project's one bad-sample rule: more than `max_bad_frac` of what was tried is unreadable, once at
+    least `min_tried` were tried (so one early bad file does not stop a run), or at any count when `final`."""
+    return bool(tried) and (final or tried >= min_tried) and bad / tried > max_bad_frac
+
+
 class ImageFolderLoader:
     """Load + transform images under a root; an unreadable one returns None and is counted.
 
@@ -329,8 +335,7 @@ class ImageFolderLoader:
 
     def check(self, final=False):
         """Raise DataError when too many distinct images were unreadable (`final`: whatever the count tried)."""
-        n = self.tried
-        if n and (final or n >= self.min_tried) and self.bad / n > self.max_bad_frac:
+        if too_many_bad(self.tried, self.bad, self.max_bad_frac, self.min_tried, final):
             raise DataError(f"too many unreadable images under {self.root}: {self.report()} "
                             f"(max_bad_frac {self.max_bad_frac})")
 
@@ -583,7 +588,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {"image": img, "caption": caption, "meta": meta}, None
 
     def _check(self, tried, bad, examples, final=False):
-        if tried and (final or tried >= self.min_tried) and bad / tried > self.max_bad_frac:
+        if too_many_bad(tried, bad, self.max_bad_frac, self.min_tried, final):
             raise DataError(f"too many unreadable samples in {self.spec}: {bad} of {tried} samples "
                             f"unreadable in one stream (e.g. {examples[:3]}) "
                             f"(max_bad_frac {self.max_bad_frac})")
@@ -694,8 +699,7 @@ class StreamTracker:
         return f"{self.bad} of {self.tried} samples unreadable{eg}"
 
     def check(self, final=False):
-        n = self.tried
-        if n and (final or n >= self.min_tried) and self.bad / n > self.max_bad_frac:
+        if too_many_bad(self.tried, self.bad, self.max_bad_frac, self.min_tried, final):
             raise DataError(f"too many unreadable samples in {self.spec}: {self.report()} "
                             f"(max_bad_frac {self.max_bad_frac})")
 
