@@ -50,7 +50,7 @@ from common.data import (DataError, ImageFolderLoader, ShardStream, StepSampler,
                          make_loader, pre_caption, read_pairs, read_vqa, shard_sample_count,
                          stream_loader)
 from common.hf import read_hf_weights, resolve_local
-from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
+from common.image import CLIP_MEAN, CLIP_STD, ImageTransform, normalize
 from common.log import Logger, progress
 from common.train import StepTimer, count_flops, optimizer_update, param_groups, run_bench, set_lr
 
@@ -90,6 +90,8 @@ class Config:
     reset_ln_vision: bool = True  # stage 1 from scratch: ln_vision starts as identity (LAVIS)
     train_vision: Optional[bool] = None  # caption fine-tuning unfreezes the ViT in the paper
     image_size: Optional[int] = None
+    hflip: Optional[bool] = None   # training flips (LAVIS blip2_image_train, blip_image_train)
+    randaug: Optional[bool] = None  # BLIP's RandomAugment(2, 5) (blip_image_train: captioning)
     # --- data ("" = the toy world's files) ---
     train_file: str = ""         # canonical pairs JSONL
     train_shards: str = ""       # or img2dataset webdataset shards, e.g. 'cc3m/{00000..00331}.tar'
@@ -157,15 +159,16 @@ STAGE_RECIPES = {
                   warmup_steps=2000, eval_tasks=""),
         "1": dict(epochs=10, global_batch=1024, micro_batch=128, lr=1e-4, min_lr=1e-5,
                   warmup_lr=1e-6, warmup_steps=5000, align_weight=10.0, image_size=224,
-                  train_vision=False, eval_tasks="retrieval"),
+                  train_vision=False, eval_tasks="retrieval", hflip=True),
         "2": dict(epochs=10, global_batch=1024, micro_batch=128, lr=1e-4, min_lr=1e-5,
                   warmup_lr=1e-6, warmup_steps=2000, align_weight=100.0, image_size=224,
-                  train_vision=False, **_PAPER_GEN),
+                  train_vision=False, hflip=True, **_PAPER_GEN),
         "caption": dict(epochs=5, global_batch=128, micro_batch=16, lr=1e-5, min_lr=0.0, warmup_lr=1e-8,
                         warmup_steps=1000, align_weight=1.0, image_size=364, train_vision=True,
-                        **{**_PAPER_GEN, "eval_tasks": "caption"}),
+                        hflip=True, randaug=True, **{**_PAPER_GEN, "eval_tasks": "caption"}),
         "eval": dict(image_size=224, train_vision=False, **_PAPER_GEN),
     },
+    # toy: no flips (its captions say left / right; LAVIS flips without touching the caption)
     "toy": {  # minutes on a laptop CPU for the full toy world (10k pairs, 20k sentences)
         "0": dict(epochs=1, global_batch=64, micro_batch=64, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
                   warmup_steps=20, eval_tasks=""),
@@ -189,7 +192,8 @@ def resolve_config(cfg):
     if cfg.stage not in ("0", "1", "2", "caption", "eval"):
         raise SystemExit(f"--stage must be 0, 1, 2, caption or eval, got {cfg.stage!r}")
     recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])[cfg.stage]
-    fallback = {"train_vision": False, "caption_prompt": "", "align_weight": 1.0, "eval_tasks": "",
+    fallback = {"train_vision": False, "hflip": False, "randaug": False, "caption_prompt": "",
+                "align_weight": 1.0, "eval_tasks": "",
                 "image_size": 224, "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 1}
     for f in dataclasses.fields(cfg):  # still None: harmless values for stages that do not use it
         if f.name == "image_size" and cfg.stage == "eval" and cfg.init or f.name == "vqa_lemmatize":
@@ -659,25 +663,24 @@ def token_ce(logits, labels, label_smoothing=0.0):
     return total / count.clamp(min=1)
 
 
-def itm_cross_kv(qf, cache, image_all, neg_img, rank):
+def itm_cross_kv(qf, cache, remote_img, neg_img, rank):
     """Per layer, the cross-attention (keys, values) of the 3B ITM rows [positive; negative;
     positive] images, each distinct image projected once per step: the positives' and a negative
-    drawn from this rank's own images come from the ITC query pass (`cache`); only other ranks'
-    images are projected here (LAVIS blip2_qformer.py projects all 3B rows, the positive image
-    twice)."""
+    drawn from this rank's own images come from the ITC query pass (`cache`); only the other ranks'
+    images this rank drew (`remote_img` (R, N, W), fetched row by row; None in one process) are
+    projected here (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
     B = neg_img.shape[0]
     local = neg_img - rank * B
-    one_process = image_all.shape[0] == B  # every image is this rank's: nothing to project
-    remote = None if one_process else ((local < 0) | (local >= B)).nonzero()[:, 0]  # (R,) rows
+    remote = None if remote_img is None else ((local < 0) | (local >= B)).nonzero()[:, 0]  # (R,)
     out = []
     for (_, kv), layer in zip(cache, qf.layers):
         if kv is None:
             out.append(None)
             continue
         neg = [t[local.clamp(0, B - 1)] for t in kv]  # (B, H, N, C/H) each
-        if remote is not None and len(remote):
-            made = layer.cross_attn.keys_values(image_all[neg_img[remote]])
-            neg = [n.index_put((remote,), m) for n, m in zip(neg, made)]
+        if remote is not None:  # R = 0 too: fetch_rows's backward needs every rank's output used
+            made = layer.cross_attn.keys_values(remote_img)
+            neg = [n.index_put((remote,), m.to(n.dtype)) for n, m in zip(neg, made)]
         out.append(tuple(torch.cat([t, n, t]) for t, n in zip(kv, neg)))  # (3B, H, N, C/H)
     return out
 
@@ -781,14 +784,19 @@ def stage1_losses(m, b, frozen):
     txt_feat = F.normalize(qf.text_proj(cls), dim=-1)  # (B, E)
     losses = {}
     losses["itc"], sim_i2t, sim_t2i = itc_loss(img_feat, txt_feat, qf.temp, frozen.rank)
-    # ITM hard negatives from the all-gathered batch: images with gradient, token ids without
-    image_all = D.all_gather_with_grad(image)
+    # ITM hard negatives from the global batch: token ids all-gathered; of the images only the
+    # rows drawn as negatives, fetched from their ranks in the compute dtype (below)
     ids_all, mask_all = D.all_gather_no_grad(b["ids"]), D.all_gather_no_grad(b["mask"])
     pos = positive_mask(b["image_ids"], b["ids"], D.all_gather_no_grad(b["image_ids"]), ids_all)
     with torch.no_grad():  # b["noise"]: Gumbel noise drawn outside the model (make_batch)
         neg_img = sample_hard_negatives(sim_t2i.detach(), pos, b["noise"][0])  # (B,) image per text
         neg_txt = sample_hard_negatives(sim_i2t.detach(), pos, b["noise"][1])  # (B,) text per image
-    cross_kv = itm_cross_kv(qf, cache, image_all, neg_img, frozen.rank)
+    remote_img = None
+    if D.world_size() > 1:  # (R, N, W): the other ranks' images this rank's texts drew
+        dev = image.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else image.dtype
+        remote_img = D.fetch_rows(image.to(dtype), D.all_gather_no_grad(neg_img))
+    cross_kv = itm_cross_kv(qf, cache, remote_img, neg_img, frozen.rank)
     losses["itm"] = itm_loss(qf, cross_kv, b["ids"], b["mask"], ids_all[neg_txt], mask_all[neg_txt])
     losses["itg"] = itg_loss(qf, cache, b["ids"], b["mask"], b["dec_id"], b["pad_id"])
     if frozen.pformer is not None:
@@ -812,22 +820,33 @@ def clean_question(s, max_words=50):
     return " ".join(re.sub(r"([.!\"()*#:;~])", "", s.lower()).rstrip().split(" ")[:max_words])
 
 
-def _as_is(img):
-    return img
+def image_transform(cfg, train=False, uint8=True):
+    """LAVIS's blip_image_eval (bicubic resize to a square) or, train=True, the crop (+ flip, +
+    RandomAugment) of blip2_image_train / blip_image_train; uint8 for the loader (on_device)."""
+    return ImageTransform(cfg.image_size, train, resize="square", hflip=cfg.hflip,
+                          randaug=cfg.randaug, uint8=uint8, rng=random.Random(0))
 
 
-def open_images(cfg):
+def open_images(cfg, train=False, uint8=True):
     """The bad-image rule of common.data: each distinct image counted once, max_bad_frac kept."""
-    return ImageFolderLoader(cfg.image_root, _as_is, cfg.max_bad_frac)
+    return ImageFolderLoader(cfg.image_root, image_transform(cfg, train, uint8), cfg.max_bad_frac)
 
 
-def load_pixels(images, rel, size, blank=False, rng=None):
-    """(3, S, S) tensor, or None for an unreadable image; `blank`: the all-zero (= mean colour)
-    image of the no-image baseline; `rng` given: the training augmentation."""
+def load_pixels(images, rel, blank=False, rng=None):
+    """uint8 (3, S, S), or None for an unreadable image; `blank`: the no-image baseline (made the
+    mean colour by on_device); `rng`: the sample's augmentation draws."""
     if blank:
-        return torch.zeros(3, size, size)
-    img = images(rel)
-    return None if img is None else ImageTransform(size, train=rng is not None, rng=rng)(img)
+        return torch.zeros(3, images.transform.size, images.transform.size, dtype=torch.uint8)
+    if rng is not None:
+        images.transform.rng = rng
+    return images(rel)
+
+
+def on_device(pixels, cfg, device):
+    """uint8 images from the loader -> normalised floats on the device (a quarter of the bytes
+    cross the workers' shared memory and the host-device copy); blank: zeros, the mean colour."""
+    x = normalize(pixels.to(device, non_blocking=True), CLIP_MEAN, CLIP_STD)
+    return torch.zeros_like(x) if cfg.blank_images else x
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -838,7 +857,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, records, cfg):
         self.rec, self.cap = records.pairs()  # (pairs,) record and caption index: numpy, not tuples
-        self.records, self.cfg, self.images = records, cfg, open_images(cfg)
+        self.records, self.cfg, self.images = records, cfg, open_images(cfg, train=True)
 
     def __len__(self):
         return len(self.rec)
@@ -850,7 +869,7 @@ class PairDataset(torch.utils.data.Dataset):
         for n in range(min(10, len(self.records))):
             rec = self.records[(i + n) % len(self.records)]
             rng = random.Random(f"{cfg.seed}-{epoch}-{k}")
-            pixels = load_pixels(self.images, rec["image"], cfg.image_size, cfg.blank_images, rng)
+            pixels = load_pixels(self.images, rec["image"], cfg.blank_images, rng)
             tried.append(rec["image"])
             if pixels is not None:
                 return {"pixels": pixels, "caption": rec["captions"][j % len(rec["captions"])],
@@ -890,17 +909,15 @@ def count_images(counts, tried, bad):
 def shard_batches(cfg, dist, tracker, state):
     """Micro-batches from webdataset shards (common.data.ShardStream: split over ranks and workers,
     exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples."""
-    rng = random.Random(0)  # reseeded per sample by the stream
-    stream = ShardStream(cfg.train_shards, ImageTransform(cfg.image_size, train=True, rng=rng), dist.rank,
+    stream = ShardStream(cfg.train_shards, image_transform(cfg, train=True), dist.rank,
                          dist.world_size, cfg.seed, max_bad_frac=cfg.max_bad_frac, resume=state)
     for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers):
         tracker.update(b)
         tracker.check()
         names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]  # captions of one image
         ids = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=7).digest(), "big") for n in names]
-        pixels = torch.zeros_like(b["image"]) if cfg.blank_images else b["image"]
-        yield {"pixels": pixels, "caption": b["caption"], "image_id": torch.tensor(ids), "tried": [],
-               "bad": []}
+        yield {"pixels": b["image"], "caption": b["caption"], "image_id": torch.tensor(ids),
+               "tried": [], "bad": []}
 
 
 class Tokenizers:
@@ -968,16 +985,18 @@ def image_batches(paths, cfg, dist, desc):
     """Yield (indices, pixels) over this rank's shard of `paths`; unreadable images are skipped,
     counted once each over all ranks, and stop the evaluation beyond max_bad_frac."""
     images, counts = open_images(cfg), open_images(cfg)
-    load = lambda idx: [(i, paths[i], load_pixels(images, paths[i], cfg.image_size, cfg.blank_images))
+    load = lambda idx: [(i, paths[i], load_pixels(images, paths[i], cfg.blank_images))
                         for i in idx]  # noqa: E731
     loader = torch.utils.data.DataLoader(D.shard_indices(len(paths), dist), cfg.eval_batch,
                                          num_workers=cfg.num_workers, collate_fn=load,
+                                         pin_memory=dist.device.type == "cuda",
                                          generator=torch.Generator())  # not the global RNG
     for batch in progress(loader, dist.is_main, desc=desc):
         counts.merge([p for _, p, _ in batch], [p for _, p, x in batch if x is None])
         good = [(i, x) for i, _, x in batch if x is not None]
         if good:
-            yield [i for i, _ in good], torch.stack([x for _, x in good]).to(dist.device)
+            pixels = torch.stack([x for _, x in good])  # (b, 3, S, S) uint8
+            yield [i for i, _ in good], on_device(pixels, cfg, dist.device)
     total = open_images(cfg)
     count_images(total, sorted(counts.tried_set), counts.bad_paths)
     if total.bad:
@@ -1140,8 +1159,8 @@ def write_report(model, frozen, cfg, shown, metrics):
     answers with the ten human ones; text -> top-5 images; four queries' cross-attention over each
     image."""
     from common.report import Report, card, grid, heatmap, table, thumb, training_plots
-    rep, images = Report(f"blip2_pformer.py --stage {cfg.stage}"), open_images(cfg)
-    pic = lambda rel: load_pixels(images, rel, cfg.image_size)  # noqa: E731  (None when unreadable)
+    rep, images = Report(f"blip2_pformer.py --stage {cfg.stage}"), open_images(cfg, uint8=False)
+    pic = lambda rel: load_pixels(images, rel)  # noqa: E731  (floats; None when unreadable)
     show = lambda x, size=128: thumb(x, size, CLIP_MEAN, CLIP_STD) if x is not None else None  # noqa
     out = lambda name: os.path.join(cfg.out_dir, name)  # noqa: E731
     with rep.timed():
@@ -1285,7 +1304,7 @@ def build(cfg, dist):
 def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     """Tokenise a collated micro-batch for the stage's loss; P* targets from the frozen P-Former."""
     caps = [pre_caption(c, 50) for c in raw["caption"]]  # LAVIS blip_caption keeps 50 words
-    b = {"pixels": raw["pixels"].to(device, non_blocking=True)} if "pixels" in raw else {}
+    b = {"pixels": on_device(raw["pixels"], cfg, device)} if "pixels" in raw else {}
     rng = random.Random(f"{cfg.seed}-{step}-{micro}")  # T5 prefix split: fixed by the step, not rank
     if stage == "0":
         ids, mask = toks.bert_batch(caps)
@@ -1332,6 +1351,10 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"stage {stage}: {n} items, {per_epoch} steps/epoch, {total} steps, "
                 f"accumulation {sampler.accum}, trainable params {n_train:,}")
+    if stage == "1":  # ITC / ITM contrast one micro batch of every process, not the global batch
+        logger.info(f"ITC / ITM negatives per sample: {sampler.micro * dist.world_size - 1} (the "
+                    f"global batch's {cfg.global_batch - 1} need accumulation 1: more processes "
+                    "or a larger micro batch)")
     start, ck = 0, {}
     if cfg.resume:
         ck = load_own(cfg.resume, "--resume", [KINDS[stage]])
@@ -1370,25 +1393,24 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         gnorm = optimizer_update(opt, scaler, model.parameters(), cfg.grad_clip, step + 1, terms)
         return terms, gnorm
 
-    if cfg.bench:
-        shard = dataset is None and shard_batches(cfg, dist, StreamTracker(cfg.train_shards), None)
-        micros = [next(shard) if shard else collate([dataset[k] for k in mb])
-                  for mb in sampler.micro_batches(0)]
-        model.train()
-        run = lambda: optimizer_step(micros, 0)  # noqa: E731
-        flops = count_flops(run) * dist.world_size if dist.device.type == "cuda" else None
-        res = run_bench(run, cfg.bench, cfg.global_batch, dist.device, flops_per_step=flops,
-                        world_size=dist.world_size)
-        return {f"bench_{k}": v for k, v in res.items()}
-
     model.train()
     if stage != "0" and model.vision is None:
         frozen.vision.eval()
-    sampler.start, sampler.total = start, total
+    # --bench: past the schedule's end if need be (the sampler's epochs go on)
+    sampler.start, sampler.total = (0, cfg.bench + 5) if cfg.bench else (start, total)
     tracker = StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=ck.get("stream")) if dataset is None \
         else None
     batches = iter(shard_batches(cfg, dist, tracker, ck.get("stream")) if tracker else
-                   make_loader(dataset, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
+                   make_loader(dataset, sampler, collate, cfg.num_workers, cfg.seed, dist.rank,
+                               pin_memory=dist.device.type == "cuda"))
+    if cfg.bench:  # the real loader's wait (data) timed apart from the step's compute
+        data = lambda: [next(batches) for _ in range(sampler.accum)]  # noqa: E731
+        run = lambda micros: optimizer_step(micros, 0)  # noqa: E731
+        on_gpu = dist.device.type == "cuda"
+        flops = count_flops(lambda: run(data())) * dist.world_size if on_gpu else None
+        res = run_bench(run, cfg.bench, cfg.global_batch, dist.device, flops_per_step=flops,
+                        world_size=dist.world_size, data_fn=data)
+        return {f"bench_{k}": v for k, v in res.items()}
     timer, last, images = StepTimer(dist.device), {}, open_images(cfg)  # images: counts only
     for step in range(start + 1, total + 1):  # step = optimizer steps done after this one
         timer.start()

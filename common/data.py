@@ -305,7 +305,7 @@ class ImageFolderLoader:
         self.tried_set.add(rel_path)
         if rel_path in self.bad_set:
             return None
-        img = load_image(os.path.join(self.root, rel_path))
+        img = load_image(os.path.join(self.root, rel_path), getattr(self.transform, "draft_size", 0))
         if img is None:
             self.bad_set.add(rel_path)
             return None
@@ -402,10 +402,73 @@ def draw(seed, epoch, index, n):
 
 def make_loader(dataset, batch_sampler, collate_fn=None, workers=0, seed=0, rank=0, pin_memory=False):
     """DataLoader over a batch sampler with its *own* seeded generator: worker seeds (and anything the loader
-    draws) never come from the global torch RNG, so a resumed run draws exactly what the unbroken one drew."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers, pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed * 7919 + rank), persistent_workers=False)
+    draws) never come from the global torch RNG, so a resumed run draws exactly what the unbroken one drew.
+
+    With workers > 1 a micro-batch is not handed to one worker (which would decode all of its images while the
+    others wait): it is cut into one chunk per worker, the workers load their chunks side by side, and the main
+    process collates the chunks' samples in their order -- the same batches as one worker would make, since
+    every sample's randomness is seeded by the sample.  pin_memory pins the collated batch (page-locked host
+    memory lets the copy to the GPU run asynchronously)."""
+    gen = torch.Generator().manual_seed(seed * 7919 + rank)
+    if workers <= 1:
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
+            pin_memory=pin_memory, generator=gen, persistent_workers=False)
+    return ChunkedLoader(dataset, batch_sampler, collate_fn, workers, gen, pin_memory)
+
+
+def _chunks(batch_sampler, n):
+    for batch in batch_sampler:
+        batch = list(batch)
+        size = -(-len(batch) // n)  # ceil: exactly n chunks, the last ones shorter (or empty)
+        yield from (batch[i * size:(i + 1) * size] for i in range(n))
+
+
+def pin(batch):
+    """Pin every tensor of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: pin(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(pin(v) for v in batch)
+    return batch
+
+
+class ChunkedLoader:
+    """make_loader's loader for workers > 1: iterates like a DataLoader over whole micro-batches."""
+
+    def __init__(self, dataset, batch_sampler, collate_fn, workers, generator, pin_memory):
+        self.batch_sampler, self.collate, self.n, self.pin = batch_sampler, collate_fn, workers, pin_memory
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=_Chunked(batch_sampler, workers), collate_fn=_as_list, num_workers=workers,
+            generator=generator, persistent_workers=False)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for chunk in it:
+            samples = chunk + [s for _ in range(self.n - 1) for s in next(it)]
+            batch = self.collate(samples) if self.collate is not None else \
+                torch.utils.data.default_collate(samples)
+            yield pin(batch) if self.pin else batch
+
+
+class _Chunked:
+    def __init__(self, batch_sampler, n):
+        self.batch_sampler, self.n = batch_sampler, n
+
+    def __iter__(self):
+        return _chunks(self.batch_sampler, self.n)
+
+    def __len__(self):
+        return len(self.batch_sampler) * self.n
+
+
+def _as_list(samples):
+    return list(samples)
 
 
 # ------------------------------------------------------------------------------------------------ webdataset shards
@@ -572,7 +635,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             caption = data["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
             return None, "caption not UTF-8"
-        img = load_image(io.BytesIO(data[ext]))
+        img = load_image(io.BytesIO(data[ext]), getattr(self.transform, "draft_size", 0))
         if img is None:
             return None, f"unreadable .{ext}"
         if self.transform is not None:

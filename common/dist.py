@@ -113,6 +113,68 @@ def all_gather_no_grad(x):
     return torch.cat(parts, 0)
 
 
+def _exchange(tensors, sources):
+    """Point to point: send tensors[r] to each rank r (None: nothing), receive from each rank r a tensor
+    shaped like sources[r] (None: nothing); returns the received tensors by rank."""
+    got, ops = {}, []
+    for r, t in tensors.items():
+        if t is not None and t.shape[0]:
+            ops.append(tdist.P2POp(tdist.isend, t.contiguous(), r))
+    for r, like in sources.items():
+        if like is not None and like.shape[0]:
+            got[r] = torch.empty_like(like)
+            ops.append(tdist.P2POp(tdist.irecv, got[r], r))
+    for req in tdist.batch_isend_irecv(ops) if ops else ():
+        req.wait()
+    return got
+
+
+class _FetchRows(torch.autograd.Function):
+    """Rows other ranks hold, moved point to point; backward sends their gradients back to the owners."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv):
+        # send[r]: my local rows rank r asked for; recv[r]: where the rows from rank r go in my output
+        n = sum(len(v) for v in recv.values())
+        got = _exchange({r: x[idx] for r, idx in send.items()},
+                        {r: x.new_empty((len(pos),) + x.shape[1:]) for r, pos in recv.items()})
+        out = x.new_empty((n,) + x.shape[1:])
+        for r, pos in recv.items():
+            if len(pos):
+                out[pos] = got[r]
+        ctx.send, ctx.recv, ctx.shape = send, recv, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        got = _exchange({r: grad[pos] for r, pos in ctx.recv.items()},
+                        {r: grad.new_empty((len(idx),) + grad.shape[1:]) for r, idx in ctx.send.items()})
+        gx = grad.new_zeros(ctx.shape)
+        for r, idx in ctx.send.items():
+            if len(idx):
+                gx.index_add_(0, idx, got[r])
+        return gx, None, None
+
+
+def fetch_rows(x, wanted):
+    """x (B, ...): this rank's rows of a global batch of world * B; wanted (world * K,): every rank's K wanted
+    global row indices, all-gathered.  Returns (R, ...): the rows this rank wanted that other ranks hold, in the
+    order it wanted them (its own rows it reads locally).  Moves R rows per rank where an all-gather would move
+    (world - 1) * B, with gradients back to the owners.  Every rank must use its output in its loss, an empty one
+    too, so every rank's backward takes part in the exchange."""
+    if not _active():
+        return x[:0]
+    world, me, B = tdist.get_world_size(), tdist.get_rank(), x.shape[0]
+    w = wanted.view(world, -1).tolist()  # (world, K): a small host copy, the plan every rank computes alike
+    owner = lambda g: g // B  # noqa: E731
+    send = {r: torch.tensor([g % B for g in w[r] if owner(g) == me], dtype=torch.long, device=x.device)
+            for r in range(world) if r != me}
+    mine = [g for g in w[me] if owner(g) != me]
+    recv = {r: torch.tensor([i for i, g in enumerate(mine) if owner(g) == r], dtype=torch.long,
+                            device=x.device) for r in range(world) if r != me}
+    return _FetchRows.apply(x, send, recv)
+
+
 def all_reduce_mean(x):
     """Average a tensor (e.g. a logged loss) over ranks; returns a new tensor."""
     if not _active():

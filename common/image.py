@@ -1,17 +1,24 @@
 """Image loading and transforms with pillow + numpy (no torchvision).
 
-Every script turns a PIL image into a normalised float tensor (3, S, S) with `ImageTransform`.
-Evaluation: resize the short side to S (bicubic) and centre-crop.  Training: random resized crop
-(area scale range, aspect 3/4..4/3) and an optional horizontal flip.  The random draws come from
-Python's `random` module (or a `random.Random` you pass), so checkpoints that save RNG state resume
-the same augmentations.  Flip is off by default: the toy world's captions say "left of"/"right of".
+Every script turns a PIL image into a (3, S, S) tensor with `ImageTransform`.
+Evaluation: CLIP's resize of the short side to S (bicubic) + centre crop, or BLIP's / BLIP-2's bicubic
+resize of the whole image to S x S (`resize="square"`).  Training: random resized crop (area scale
+range, aspect 3/4..4/3), an optional horizontal flip and BLIP's RandomAugment.  The random draws come
+from Python's `random` module (or a `random.Random` you pass), so checkpoints that save RNG state
+resume the same augmentations.  Flip is off by default: the toy world's captions say "left of"/"right
+of", and the references flip without touching the caption.
+
+On a GPU the loader should ship bytes, not floats: `uint8=True` returns the uint8 image (a quarter
+of the float32 bytes through the workers' shared memory and the host-to-device copy) and the step
+normalises it on the device with `normalize` -- the same values as the float path.  JPEGs are
+decoded at a reduced DCT scale (PIL's `draft`) when the transform never needs the full resolution.
 """
 import math
 import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 # CLIP (and BLIP / BLIP-2, which reuse CLIP's statistics) normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,10 +27,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_image(path):
-    """Open an image as RGB; return None when the file is missing or unreadable (callers count these)."""
+def load_image(path, draft=0):
+    """Open an image as RGB; return None when the file is missing or unreadable (callers count these).
+    draft > 0: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, as long as both sides stay >= draft."""
     try:
         with Image.open(path) as im:
+            if draft and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         # missing, truncated or corrupt files, and images over PIL's decompression-bomb limit (2x
@@ -57,6 +67,49 @@ def random_resized_crop(img, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), rng=r
     return center_crop(resize_short_side(img, size), size)  # fallback: whole image
 
 
+# ---- BLIP's RandomAugment(2, 5) (BLIP transform/randaugment.py, LAVIS processors/randaugment.py): two
+# ops drawn with replacement from ten, each applied with probability 0.5 at magnitude 5 of 10; shears
+# 0.15, translations 5 px and rotations 15 degrees take a random sign and fill with grey 128.  At
+# magnitude 5 the enhance factor is 5 / 10 * 1.8 + 0.1 = 1.0, so Brightness and Sharpness leave the
+# image as it is, as in the released code.
+RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+               "TranslateX", "TranslateY", "Rotate")
+
+
+def rand_augment(img, rng, n=2, m=5, max_level=10):
+    grey, sign = (128, 128, 128), (lambda: 1 if rng.random() < 0.5 else -1)
+    for op in [rng.choice(RANDAUG_OPS) for _ in range(n)]:
+        if rng.random() > 0.5:
+            continue
+        shear, shift, factor = sign() * 0.3 * m / max_level, sign() * 10 * m / max_level, m / max_level * 1.8 + 0.1
+        if op == "AutoContrast":
+            img = ImageOps.autocontrast(img)
+        elif op == "Equalize":
+            img = ImageOps.equalize(img)
+        elif op in ("Brightness", "Sharpness"):
+            img = getattr(ImageEnhance, op)(img).enhance(factor)
+        elif op in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+            coeffs = {"ShearX": (1, shear, 0, 0, 1, 0), "ShearY": (1, 0, 0, shear, 1, 0),
+                      "TranslateX": (1, 0, shift, 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, shift)}[op]
+            img = img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=grey)
+        elif op == "Rotate":
+            img = img.rotate(sign() * 30 * m / max_level, Image.BILINEAR, fillcolor=grey)
+    return img
+
+
+def to_uint8(img):
+    """PIL RGB -> uint8 tensor (3, H, W), not normalised."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())  # (H, W, 3) -> (3, H, W)
+
+
+def normalize(x, mean=CLIP_MEAN, std=CLIP_STD):
+    """uint8 images (..., 3, H, W) on any device -> float32 scaled to [0, 1] and normalised per channel, in the
+    same order of operations as `to_tensor` (so the same values)."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
 def to_tensor(img, mean=CLIP_MEAN, std=CLIP_STD):
     """PIL RGB -> float tensor (3, H, W), scaled to [0, 1] then normalised per channel."""
     x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
@@ -65,17 +118,42 @@ def to_tensor(img, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 class ImageTransform:
-    """Callable PIL image -> (3, size, size) tensor; `train=True` adds random resized crop (+ flip)."""
+    """Callable PIL image -> (3, size, size) tensor; `train=True` adds random resized crop (+ flip, + BLIP's
+    RandomAugment).  resize: the evaluation geometry, "crop" (CLIP) or "square" (BLIP, BLIP-2 / LAVIS
+    blip_image_eval).  uint8: return the uint8 image; `self.normalize(x)` finishes it on the device."""
 
-    def __init__(self, size, train=False, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.5, 1.0), hflip=False, rng=None):
+    def __init__(self, size, train=False, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.5, 1.0), hflip=False, rng=None,
+                 resize="crop", randaug=False, uint8=False):
+        if resize not in ("crop", "square"):
+            raise ValueError(f"resize must be 'crop' or 'square', not {resize!r}")
         self.size, self.train, self.mean, self.std = size, train, mean, std
         self.scale, self.hflip, self.rng = scale, hflip, rng or random
+        self.resize, self.randaug, self.uint8 = resize, randaug, uint8
+
+    @property
+    def draft_size(self):
+        """The smallest decode size that loses nothing: a training crop of the smallest area fraction still
+        has `size` pixels across."""
+        return math.ceil(self.size / math.sqrt(self.scale[0])) if self.train else self.size
+
+    def load(self, path):
+        """Open `path` (JPEG decoded at the reduced scale `draft_size` allows) and transform it; None when the
+        file is missing or unreadable."""
+        img = load_image(path, self.draft_size)
+        return None if img is None else self(img)
+
+    def normalize(self, x):
+        return normalize(x, self.mean, self.std)
 
     def __call__(self, img):
         if self.train:
             img = random_resized_crop(img, self.size, self.scale, rng=self.rng)
             if self.hflip and self.rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.randaug:
+                img = rand_augment(img, self.rng)
+        elif self.resize == "square":
+            img = img.resize((self.size, self.size), Image.BICUBIC)
         else:
             img = center_crop(resize_short_side(img, self.size), self.size)
-        return to_tensor(img, self.mean, self.std)
+        return to_uint8(img) if self.uint8 else to_tensor(img, self.mean, self.std)

@@ -134,12 +134,33 @@ def count_flops(fn):
 
 
 def run_bench(step_fn, n, samples_per_step, device, warmup=3, flops_per_step=None, world_size=1,
-              dtype=torch.bfloat16):
-    """Time `n` calls of step_fn() after `warmup` untimed ones: the `--bench N` report.  `flops_per_step`: the
-    step's work on all `world_size` processes (MFU divides by all their peaks)."""
-    sec = seconds_per_call(step_fn, n, device, warmup)
-    out = {"bench_steps": n, "ms_step": 1000 * sec, "samples_s": samples_per_step / sec}
-    m = mfu(flops_per_step, sec, device, world_size, dtype)
+              dtype=torch.bfloat16, data_fn=None):
+    """Time `n` steps after `warmup` untimed ones: the `--bench N` report.  `flops_per_step`: the step's work on
+    all `world_size` processes (MFU divides by all their peaks).
+
+    data_fn given: each step is `step_fn(data_fn())`, and the time spent waiting for the batch (the loader:
+    decoding, augmenting, collating) is reported apart from the step's compute (synchronised on a GPU):
+    `ms_data`, `ms_step`, and samples/s end to end (`samples_s`) and for compute alone (`samples_s_step`).
+    A loader that keeps up shows ms_data near zero; one that does not is the bottleneck the sum shows."""
+    if data_fn is None:
+        sec = seconds_per_call(step_fn, n, device, warmup)
+        out = {"bench_steps": n, "ms_step": 1000 * sec, "samples_s": samples_per_step / sec}
+    else:
+        for _ in range(warmup):
+            step_fn(data_fn())
+        _sync(device)
+        t_data = t_step = 0.0
+        for _ in range(n):
+            t0 = time.perf_counter()
+            batch = data_fn()
+            t1 = time.perf_counter()
+            step_fn(batch)
+            _sync(device)
+            t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
+        sec = (t_data + t_step) / max(1, n)
+        out = {"bench_steps": n, "ms_data": 1000 * t_data / max(1, n), "ms_step": 1000 * t_step / max(1, n),
+               "samples_s": samples_per_step / sec, "samples_s_step": samples_per_step * max(1, n) / t_step}
+    m = mfu(flops_per_step, out["ms_step"] / 1000, device, world_size, dtype)
     if m is not None:
         out["mfu"] = m
     if torch.device(device).type == "cuda":

@@ -112,7 +112,8 @@ def test_stage1_reuse_equals_full_passes(rank):
 
     def new():
         _, cache = qf.query(image, with_cache=True)
-        kv = bp.itm_cross_kv(qf, cache, image_all, neg_img, rank)
+        remote = image_all[neg_img[(neg_img < rank * B) | (neg_img >= (rank + 1) * B)]]  # what fetch_rows brings
+        kv = bp.itm_cross_kv(qf, cache, remote, neg_img, rank)
         return bp.itm_loss(qf, kv, ids, mask, ids_neg, mask_neg), bp.itg_loss(qf, cache, ids, mask, 1, 0)
 
     grads = []
@@ -332,6 +333,14 @@ def test_paper_eval_settings_as_lavis(hf_folders):
     assert bp.eval_image_size(cfg, {"config": {"image_size": 364}}) == 300
     toy = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", "caption"]))
     assert bp.min_new(toy, opt, False, "a photo") == toy.min_new_tokens == 1  # toy: counts new tokens only
+    # issue 17.7: LAVIS's transforms -- blip2_image_train (crop + flip) in pre-training, blip_image_train (+
+    # RandomAugment) in caption fine-tuning, blip_image_eval (bicubic resize to a square) for evaluation
+    paper = {st: bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", st]))
+             for st in ("1", "2", "caption")}
+    assert [(c.hflip, c.randaug) for c in paper.values()] == [(True, False), (True, False), (True, True)]
+    tf, ev = bp.image_transform(paper["caption"], train=True), bp.image_transform(paper["caption"])
+    assert (tf.train, tf.hflip, tf.randaug, tf.uint8, ev.train, ev.resize) == (True, True, True, True, False, "square")
+    assert not (toy.hflip or toy.randaug)  # the toy captions say left / right
 
 
 def test_vqa_rule_and_okvqa_lemmatisation_settings():
@@ -509,6 +518,15 @@ def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
 def stage1_args(toy_root, out, steps, *extra):
     return ["--stage", "1", "--max_steps", str(steps), "--global_batch", "16", "--micro_batch", "16",
             "--warmup_steps", "1", *extra] + common_args(toy_root, out) + ["--eval_tasks", ""]
+
+
+def test_bench_times_data_apart_and_names_the_negatives_accumulation_leaves(toy_root, tmp_path, capsys):
+    """Issue 18 (done when): --bench reports the loader's time apart from the step's; issue 17.2: with
+    accumulation, ITC / ITM contrast one micro batch, and the start-up log says how many negatives that is."""
+    out = bp.main(stage1_args(toy_root, tmp_path, 2, "--micro_batch", "4", "--bench", "1"))
+    log = capsys.readouterr().out
+    assert "ITC / ITM negatives per sample: 3 (the global batch's 15 need accumulation 1" in log
+    assert out["bench_ms_data"] >= 0 and out["bench_ms_step"] > 0 and "| ms_data " in log
 
 
 def test_resume_continues_exactly(pipeline, toy_root, tmp_path):

@@ -254,6 +254,37 @@ def test_single_process_fallback():
     assert dist.shard_indices(5, d) == list(range(5))
 
 
+def _fetch_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.setup_distributed("cpu")
+    torch.manual_seed(0)
+    x_all, w = torch.randn(6, 2, 3), torch.randn(2, 3)  # 3 rows per rank
+    wanted = torch.tensor([[4, 0, 5, 3], [1, 2, 2, 0]])  # global rows each rank asks for: rank 1 wants only rank 0's
+    x = x_all[3 * rank:3 * rank + 3].clone().requires_grad_()
+    got = dist.fetch_rows(x, wanted.flatten())
+    ref_x = dist.all_gather_with_grad(x)  # the old way: everything, then index
+    mine = [g for g in wanted[rank].tolist() if g // 3 != rank]
+    ((got * w).sum() * (rank + 1)).backward()
+    g_new = x.grad.clone()
+    x.grad = None
+    ((ref_x[mine] * w).sum() * (rank + 1)).backward()
+    torch.save({"got": got.detach(), "ref": ref_x[mine].detach(), "g_new": g_new, "g_ref": x.grad},
+               os.path.join(out_dir, f"fetch{rank}.pt"))
+    dist.cleanup_distributed()
+
+
+def test_fetch_rows_moves_only_wanted_rows_with_gradient(tmp_path):
+    """blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
+    whole batch and indexing it (rank 1 wants 4 rows of rank 0; rank 0 wants 3 of rank 1 and reads 1 itself)."""
+    mp.spawn(_fetch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r, n in ((0, 3), (1, 4)):
+        out = torch.load(tmp_path / f"fetch{r}.pt")
+        assert out["got"].shape == (n, 2, 3) and torch.equal(out["got"], out["ref"])
+        assert torch.allclose(out["g_new"], out["g_ref"], atol=1e-6) and out["g_new"].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- amp
 def test_pick_dtype_on_cpu():
     assert amp.pick_dtype("cpu") == torch.float32
@@ -305,6 +336,76 @@ def test_image_transforms_and_loading(tmp_path):
     t = image.ImageTransform(16, train=True, hflip=True, rng=random.Random(0))
     outs = [t(img) for _ in range(8)]
     assert all(o.shape == (3, 16, 16) for o in outs) and len({o.sum().item() for o in outs}) > 1
+
+
+def test_square_eval_uint8_path_randaugment_and_jpeg_draft(tmp_path):
+    import random
+    arr = np.zeros((40, 80, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)  # the left quarter red: a centre crop loses it, BLIP's square resize keeps it
+    img = Image.fromarray(arr)
+    red = (1.0 - image.CLIP_MEAN[0]) / image.CLIP_STD[0]
+    sq, crop = image.ImageTransform(32, resize="square")(img), image.ImageTransform(32)(img)
+    assert abs(sq[0, :, 0].mean().item() - red) < 1e-3 and abs(crop[0, :, 0].mean().item() - red) > 1
+    with pytest.raises(ValueError, match="resize"):
+        image.ImageTransform(32, resize="centre")
+    # uint8 + normalize on the device gives the float path's values, for eval and for a seeded training draw
+    for kw in ({}, {"resize": "square"}, {"train": True, "hflip": True, "randaug": True}):
+        f = image.ImageTransform(24, rng=random.Random(3), **kw)(img)
+        t = image.ImageTransform(24, rng=random.Random(3), uint8=True, **kw)
+        u = t(img)
+        assert u.dtype == torch.uint8 and u.shape == (3, 24, 24) and torch.equal(t.normalize(u[None])[0], f)
+    # BLIP's RandomAugment(2, 5): seeded by the sample's rng, geometry kept, and it does change images
+    noisy = Image.fromarray((np.random.RandomState(0).rand(24, 24, 3) * 255).astype(np.uint8))
+    outs = [np.asarray(image.rand_augment(noisy, random.Random(i))) for i in range(12)]
+    assert all(o.shape == (24, 24, 3) for o in outs)
+    assert np.array_equal(outs[0], np.asarray(image.rand_augment(noisy, random.Random(0))))
+    assert sum(not np.array_equal(o, np.asarray(noisy)) for o in outs) >= 4
+    # JPEG draft: decoded at a reduced scale that keeps both sides >= the size the transform needs
+    big = Image.fromarray((np.random.RandomState(1).rand(480, 640, 3) * 255).astype(np.uint8))
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    assert image.load_image(tmp_path / "big.jpg").size == (640, 480)
+    assert image.load_image(tmp_path / "big.jpg", draft=224).size == (320, 240)
+    assert image.load_image(tmp_path / "big.png", draft=224).size == (640, 480)  # only JPEG decodes scaled
+    ev, tr = image.ImageTransform(224), image.ImageTransform(224, train=True, scale=(0.5, 1.0))
+    assert ev.draft_size == 224 and tr.draft_size == 317  # a 0.5-area crop still has 224 px across
+    assert ev.load(tmp_path / "big.jpg").shape == (3, 224, 224) and ev.load(tmp_path / "none.jpg") is None
+
+
+class _Items(torch.utils.data.Dataset):
+    def __getitem__(self, i):
+        return {"x": torch.full((2,), float(i)), "pid": os.getpid()}
+
+    def __len__(self):
+        return 100
+
+
+def test_make_loader_splits_micro_batches_over_workers():
+    """workers > 1: each micro batch is loaded by all workers side by side and comes out as the same batch,
+    in order, as with one process."""
+    batches = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3]]
+    collate = lambda items: torch.stack([it["x"] for it in items])  # noqa: E731
+    ref = list(data.make_loader(_Items(), batches, collate, workers=0))
+    loader = data.make_loader(_Items(), batches, lambda items: items, workers=2)
+    got = list(loader)
+    assert len(loader) == 3 and len(got) == 3
+    assert all(torch.equal(collate(g), r) for g, r in zip(got, ref))
+    assert len({it["pid"] for it in got[0]}) == 2  # the 7 samples of the first batch came from 2 workers
+
+
+def test_run_bench_reports_data_and_step_time_apart():
+    import time
+    calls = []
+    lin = torch.nn.Linear(4, 2)
+
+    def data_fn():
+        time.sleep(0.02)
+        calls.append(1)
+        return torch.randn(3, 4)
+
+    out = train.run_bench(lambda b: lin(b), n=3, samples_per_step=3, device="cpu", warmup=1, data_fn=data_fn)
+    assert len(calls) == 4 and out["ms_data"] >= 20 and out["ms_step"] > 0
+    assert out["samples_s"] < out["samples_s_step"]  # end to end includes the loader's 20 ms
 
 
 def test_image_folder_loader_counts_bad(tmp_path):
