@@ -150,15 +150,15 @@ gpu = device.startswith("cuda") and torch.cuda.is_available()
 name = torch.cuda.get_device_name() if gpu else "CPU"
 size = "TINY dry run" if tiny == "1" else "paper sizes"
 print(f"device: {name}; torch {torch.__version__}; {size}\n")
-print("| row | compile | samples/s | ms/step | MFU | peak GiB | wall s | status |")
-print("|---|---|---|---|---|---|---|---|")
+print("| row | compile | samples/s | samples/s (step only) | ms data | ms step | MFU | peak GiB | wall s | status |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for line in open(results):
     row, comp, status, wall, bench = line.rstrip("\n").split("\t")
     fields = dict(f.split(" ", 1) for f in bench.split(" | ")[1:]) if bench else {}
     def num(key, fmt):
         return format(float(fields[key]), fmt) if key in fields else "-"
-    cells = [num("samples_s", ".1f"), num("ms_step", ".1f"), num("mfu", ".3f"),
-             num("max_mem_gib", ".1f")]
+    cells = [num("samples_s", ".1f"), num("samples_s_step", ".1f"), num("ms_data", ".1f"), num("ms_step", ".1f"),
+             num("mfu", ".3f"), num("max_mem_gib", ".1f")]
     print(f"| {row} | {comp} | " + " | ".join(cells) + f" | {wall} | {status} |")
 print("\n| CUDA path | status | detail |\n|---|---|---|")
 for line in open(paths):

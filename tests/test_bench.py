@@ -99,3 +99,20 @@ def test_random_model_folder_is_reused_only_when_its_stamp_matches(tmp_path):
     assert R.write_model("gpt2", str(tmp_path), words, tiny=True, device="cpu")[0] == 0.0  # reused
     (tmp_path / "gpt2" / R.STAMP).write_text(json.dumps({"hub": "gpt2", "tiny": False, "bf16": False}))
     assert R.write_model("gpt2", str(tmp_path), words, tiny=True, device="cpu")[0] > 0  # rewritten
+
+
+def test_image_pipeline_bench_runs_old_and_new():
+    """bench/image_pipeline.py (issue 18.7) at a tiny size: both pipelines of both transforms, and the uint8
+    batch is a quarter of the float32 one."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "image_pipeline.py"), "--images", "8",
+                           "--micro", "4", "--workers", "2", "--reps", "1", "--size", "32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| eval") or
+            line.startswith("| train")]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [("eval", "old"), ("eval", "new"),
+                                                         ("train (crop 0.5-1, flip)", "old"),
+                                                         ("train (crop 0.5-1, flip)", "new")]
+    mb = [float(r[4].strip(" |")) for r in rows]
+    assert all(float(r[2]) > 0 for r in rows) and mb[1] > 0 and mb[0] == pytest.approx(4 * mb[1], rel=0.01)
