@@ -12,7 +12,10 @@ cosine.  Then one reader and one scoring rule per benchmark, as its authors' cod
   micro-averaged per group;
 - CREPE (Ma et al., arXiv 2212.07796; RAIVNLab/CREPE): productivity hard negatives, R@k;
 - SVO-Probes (Hendricks & Nematzadeh, arXiv 2106.09141): pairwise accuracy per negative type;
-- Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores.
+- Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores;
+- VL-CheckList (Zhao et al., arXiv 2207.00221; om-ai-lab/VL-CheckList vl_checklist/evaluate.py,
+  radar.py): pairwise accuracy per corpus file, averaged per sub-category and per Object /
+  Attribute / Relation.
 Comparisons are strict (">"): a tie counts as wrong, except in the *-Order sets, where ARO's argmax
 takes the first option (the original caption) on ties.  Unreadable images score NaN and their cases
 are skipped; they are counted once per image (`Scorer.images_seen`, common.data.ImageFolderLoader),
@@ -193,6 +196,28 @@ def score_winoground(s):
     return {"text": mean(text), "image": mean(image), "group": mean(text & image), "n": int(len(s))}
 
 
+def score_vlc(per_file):
+    """{(sub-category, corpus name): (pos, neg)} -> accuracies.  A case is right iff
+    s(POS) > s(NEG) (evaluate.py's itc branch).  As radar.py with corpus.json: a sub-category (the
+    corpus folder, e.g. Object/Size/small) is the mean over source datasets (the name before the
+    first '_': vg_obj and vg_subj are both 'vg') of the mean accuracy of that dataset's files;
+    Object / Attribute / Relation are the means of their sub-categories (the paper's three
+    columns).  Files without a scored case are left out (the authors' code divides by zero)."""
+    by_sub = {}
+    for (sub, name), (pos, neg) in per_file.items():
+        c = np.asarray(pos) > np.asarray(neg)
+        if len(c):
+            by_sub.setdefault(sub, {}).setdefault(name.split("_")[0], []).append(c.mean())
+    out, by_cat = {}, {}
+    for sub in sorted(by_sub):
+        acc = float(np.mean([np.mean(v) for v in by_sub[sub].values()]))
+        out[sub.lower().replace("/", "_")] = acc
+        by_cat.setdefault(sub.split("/")[0], []).append(acc)
+    out.update({cat.lower(): float(np.mean(v)) for cat, v in by_cat.items()})
+    out["n"] = int(sum(len(p) for p, _ in per_file.values()))
+    return out
+
+
 # ================================================================================================ Readers
 # the published layouts, read by field name
 
@@ -313,6 +338,59 @@ def read_svo(path):
             except KeyError as e:
                 raise DataError(f"{path}:{line}: missing field {e}") from None
     return rows
+
+
+def read_simple_yaml(path):
+    """The VL-CheckList corpus files are `KEY: "value"` lines (ANNO_PATH, IMG_ROOT, TYPE); read
+    those without a YAML library; anything else is an error naming the file and line."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line, s in enumerate(f, 1):
+            if not s.strip() or s.lstrip().startswith("#"):
+                continue
+            m = re.fullmatch(r"""([A-Za-z_]\w*):[ \t]*"""
+                             r"""(?:"([^"\\]*)"|'([^'\\]*)'|([^"'#\[\]{}&*!|>%@`\s][^#]*?))"""
+                             r"""[ \t]*(?:#.*)?""", s.rstrip("\r\n"))
+            if not m:
+                raise DataError(f"{path}:{line}: not a simple 'KEY: value' line: {s.strip()!r}")
+            out[m.group(1)] = next(g for g in m.groups()[1:] if g is not None)
+    return out
+
+
+def read_vlc(root, version="v1"):
+    """VL-CheckList: every corpus/<version>/<Category>/.../<name>.yaml under `root` (the folder
+    holding corpus/ and data/, where the authors run) -> {(sub-category, name): [(image path, POS,
+    NEG)]}.  ANNO_PATH is relative to root; its JSON is a list of [image, {"POS": [..], "NEG":
+    [..]}]; the image is IMG_ROOT/image, IMG_ROOT relative to root unless absolute (hake/, swig/,
+    vg/)."""
+    base = os.path.join(root, "corpus", version)
+    if not os.path.isdir(base):
+        raise DataError(f"{base}: folder not found")
+    out = {}
+    for d, dirs, files in os.walk(base):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".yaml")):
+            path = os.path.join(d, name)
+            cfg = read_simple_yaml(path)
+            for k in ("ANNO_PATH", "IMG_ROOT"):
+                if k not in cfg:
+                    raise DataError(f"{path}: missing key '{k}'")
+            if cfg.get("TYPE", "TUPLE_JSON") != "TUPLE_JSON":
+                raise DataError(f"{path}: TYPE {cfg['TYPE']!r}; only TUPLE_JSON is published")
+            anno, items = os.path.join(root, cfg["ANNO_PATH"]), []
+            for i, r in enumerate(_load_json(anno)):
+                try:
+                    img, t = r
+                    pos, neg = list(t["POS"]), list(t["NEG"])
+                except (KeyError, TypeError, ValueError):
+                    img = pos = neg = None
+                if not (pos and neg and isinstance(img, str)):
+                    raise DataError(f"{anno}: record {i}: not [image, {{POS: [..], NEG: [..]}}]")
+                items.append((os.path.join(root, cfg["IMG_ROOT"], img), pos, neg))
+            out[(os.path.relpath(d, base).replace(os.sep, "/"), name[:-5])] = items
+    if not out:
+        raise DataError(f"{base}: no corpus .yaml files")
+    return out
 
 
 def read_winoground(path):
@@ -457,20 +535,50 @@ def eval_winoground(sc, root):
     return out
 
 
-BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground")
+def eval_vlc(sc, root, max_num=0):
+    """VL-CheckList from <root>/vl_checklist (corpus/, data/, hake/ swig/ vg/).  As the authors'
+    loader, cases whose image file is absent are dropped (reported as coverage), and only the first
+    POS and the first NEG caption of a case are compared.  max_num > 0 keeps the first
+    max_num // 2 present cases of each file, as their itc evaluation does with its MAX_NUM (2000 in
+    configs/sample.yaml); the default, a deviation from that config, scores every case."""
+    folder = os.path.join(root, "vl_checklist")
+    data = read_vlc(folder)
+    have = {k: [it for it in v if os.path.isfile(it[0])] for k, v in data.items()}
+    n_all, n_have = sum(map(len, data.values())), sum(map(len, have.values()))
+    if not n_have:
+        raise DataError(f"{folder}: none of the {n_all} VL-CheckList images is present")
+    if max_num:
+        have = {k: v[:max_num // 2] for k, v in have.items()}
+    sc.images(sorted({(p, None) for v in have.values() for p, _, _ in v}))  # at once: large batches
+    per = {}
+    for key, items in have.items():
+        if not items:
+            continue
+        refs = [(p, None) for p, _, _ in items]
+        pos = sc.pair_scores(refs, [ps[0] for _, ps, _ in items])
+        neg = sc.pair_scores(refs, [ns[0] for _, _, ns in items])
+        keep = _finite(pos, neg)
+        per[key] = (pos[keep], neg[keep])
+    out = score_vlc(per)
+    out["coverage"] = n_have / n_all
+    return out
+
+
+BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground", "vlc")
 
 
 def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_root="",
                    order_file="", order_image_root="", order_seeds=5, aro_min_pair_count=25,
                    tagger=None, log=print):
     """Run the listed benchmarks with Scorer `sc` -> flat {"bench/metric": value}.  bench_root holds
-    aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ in their published layouts."""
+    aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts."""
     runners = {"retrieval": lambda: eval_retrieval(sc, retrieval_file, retrieval_image_root),
                "aro": lambda: eval_aro(sc, bench_root, aro_min_pair_count),
                "order": lambda: eval_order(sc, order_file, order_image_root, order_seeds, tagger),
                "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
-               "winoground": lambda: eval_winoground(sc, bench_root)}
+               "winoground": lambda: eval_winoground(sc, bench_root),
+               "vlc": lambda: eval_vlc(sc, bench_root)}
     res = {}
     for b in names:
         if b not in runners:

@@ -3,7 +3,8 @@
 Scenes are 64 px RGB images of 1-3 coloured shapes (6 shapes, 7 colours, small/large, placed so that every pair
 of objects stands in exactly one clear relation: left of / right of / above / below).  From the same scenes the
 builder writes every task file the five methods read, in the canonical formats (pairs, VQA, video) or in the
-*native published layouts* (SugarCREPE, ARO, CREPE, SVO-Probes, Winoground, BLIP's Karpathy json, Image-Chat),
+*native published layouts* (SugarCREPE, ARO, CREPE, SVO-Probes, Winoground, VL-CheckList, BLIP's Karpathy json,
+Image-Chat),
 and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT, T5) on the toy text and images, so a frozen
 backbone carries real signal just as a real checkpoint does.
 
@@ -565,6 +566,100 @@ STYLE_TEMPLATES = {  # per style: turn-1 comments on {x}; turn-2/3 wrappers arou
 ALL_STYLES = [s for g in PERSONALITIES.values() for s in g]
 
 
+def _vlc_location(o):
+    """VL-CheckList's Object/Location buckets (center / mid / margin) go by how far an object lies from the image
+    centre (Zhao et al. 2022, arXiv 2207.00221, sec. 3.2); here the shape centre's Chebyshev distance in pixels
+    (at most 24 on the toy canvas), cut so that each bucket holds about a third of the objects."""
+    d = max(abs(o["x"] - IMG // 2), abs(o["y"] - IMG // 2))
+    return "center" if d < 14 else "mid" if d < 19 else "margin"
+
+
+def vlc_examples(objs, rng):
+    """[(sub-category, corpus name, positive, negative)] for one scene, in VL-CheckList's taxonomy: Object (an object
+    replaced by a shape absent from the scene; filed by the object's location and size, as subject or object of a
+    relation), Attribute (colour: a colour absent from the scene; size: flipped), Relation/spatial (another
+    relation; each pair has exactly one).  Shapes and colours are distinct in a scene, so every negative is false."""
+    out = []
+    absent = [x for x in SHAPES if x not in {o["shape"] for o in objs}]
+    for o in objs:
+        others = [b for b in objs if b is not o]
+        m, neg = _mention(o), dict(_mention(o), shape=rng.choice(absent))
+        if others:
+            b = rng.choice(others)
+            mb, subj = _mention(b), rng.random() < 0.5
+            pos = _rel_text(m, relation(o, b), mb) if subj else _rel_text(mb, relation(b, o), m)
+            bad = _rel_text(neg, relation(o, b), mb) if subj else _rel_text(mb, relation(b, o), neg)
+        else:
+            subj, pos, bad = True, _say(m), _say(neg)
+        name = "vg_subj" if subj else "vg_obj"
+        out += [(f"Object/Location/{_vlc_location(o)}", name, pos, bad), (f"Object/Size/{o['size']}", name, pos, bad)]
+    o = rng.choice(objs)
+    m = _mention(o, size=rng.random() < 0.3)
+    out.append(("Attribute/color", "vg", _say(m),
+                _say(dict(m, colour=rng.choice([c for c in COLOURS if c not in {x["colour"] for x in objs}])))))
+    m = _mention(o, size=True, colour=rng.random() < 0.7)
+    out.append(("Attribute/size", "vg", _say(m), _say(dict(m, size="small" if o["size"] == "large" else "large"))))
+    if len(objs) >= 2:
+        a, b = rng.sample(objs, 2)
+        r = relation(a, b)
+        rr = INVERSE[r] if rng.random() < 0.6 else rng.choice([x for x in RELATIONS if x not in (r, INVERSE[r])])
+        out.append(("Relation/spatial", "vg", _rel_text(_mention(a), r, _mention(b)),
+                    _rel_text(_mention(a), rr, _mention(b))))
+    return out
+
+
+def write_vlc(out, test_scenes, image_of, per_file, seed):
+    """VL-CheckList in its published layout under <out>/vl_checklist: corpus/v1/<sub-category>/<name>.yaml
+    (ANNO_PATH, IMG_ROOT, TYPE), data/... JSON lists of [image, {"POS": [..], "NEG": [..]}], images in
+    vg/VG_100K and vg/VG_100K_2.  Its own random stream, and its captions only reuse words of the other toy
+    texts, so no other file, vocabulary or backbone changes.  Returns {file: cases} for the manifest."""
+    rng, files, used = _rng(seed, "vlc"), {}, set()
+    for _ in range(3):
+        for sc in test_scenes:
+            for sub, name, pos, neg in vlc_examples(sc["objects"], rng):
+                rows = files.setdefault((sub, name), [])
+                if len(rows) < per_file and (sub, sc["image_id"], pos, neg) not in used:
+                    used.add((sub, sc["image_id"], pos, neg))
+                    vg = 2500000 + int(sc["image_id"])
+                    rows.append((sc["image_id"], f"VG_100K{'_2' if vg % 2 else ''}/{vg}.jpg", pos, neg))
+    root, counts = os.path.join(out, "vl_checklist"), {}
+    for (sub, name), rows in sorted(files.items()):
+        cat, leaf = sub.split("/")[0], sub.split("/")[-1]
+        anno = {"Object": f"data/Object/{sub.split('/')[1]}/vg_{sub.split('/')[1].lower()}/{name}_{leaf}.json",
+                "Attribute": f"data/Attribute/vg/{leaf}.json", "Relation": f"data/Relation/vg/{leaf}.json"}[cat]
+        os.makedirs(os.path.dirname(os.path.join(root, anno)), exist_ok=True)
+        with open(os.path.join(root, anno), "w", encoding="utf-8") as f:
+            f.write(json.dumps([[p, {"POS": [pos], "NEG": [neg]}] for _, p, pos, neg in rows]))
+        os.makedirs(os.path.join(root, "corpus", "v1", sub), exist_ok=True)
+        with open(os.path.join(root, "corpus", "v1", sub, f"{name}.yaml"), "w", encoding="utf-8") as f:
+            f.write(f'ANNO_PATH: "{anno}"\nIMG_ROOT: "vg/"\nTYPE: "TUPLE_JSON"')  # no final newline, as upstream
+        counts[f"vlc_{sub.lower().replace('/', '_')}_{name}"] = len(rows)
+    for sid, p in sorted({(sid, p) for rows in files.values() for sid, p, _, _ in rows}):
+        _save_jpg(image_of(sid), os.path.join(root, "vg", p))
+    return counts
+
+
+def add_vlc(root, log=print):
+    """Give a world built before VL-CheckList joined its files, from its own scenes and images (the same bytes as a
+    fresh build); written aside and renamed into place, so a concurrent reader never sees half of it."""
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        man = json.load(f)
+    with open(os.path.join(root, "scenes.jsonl"), encoding="utf-8") as f:
+        test = [s for s in map(json.loads, f) if s["split"] == "test"]
+    tmp = os.path.join(root, f".vlc-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_vlc(tmp, test, lambda sid: Image.open(os.path.join(root, "images", f"{sid}.png")).convert("RGB"),
+              (SIZES_TINY if man["tiny"] else SIZES_FULL)["bench"], man["seed"])
+    try:
+        os.rename(os.path.join(tmp, "vl_checklist"), os.path.join(root, "vl_checklist"))
+        log(f"added VL-CheckList files to {root}")
+    except OSError:  # another process added them first
+        if not os.path.isdir(os.path.join(root, "vl_checklist")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def imagechat_dialog(objs, rng):
     """3 turns [[style, utterance]]: speaker A comments on an object (turn 1), B answers about another object and
     its relation to the first (turn 2, needs the image), A follows up with the count or the third object (turn 3)."""
@@ -893,6 +988,9 @@ def build_data(out, tiny=False, seed=0, log=print):
     _write_jsonl(os.path.join(out, "winoground", "examples.jsonl"), wg)
     counts["winoground"] = len(wg)
 
+    # --- VL-CheckList: corpus YAML -> JSON [image, {POS, NEG}] per sub-category, images under vg/ --------------
+    counts.update(write_vlc(out, test, images.__getitem__, bench, seed))
+
     # --- BLIP layout Karpathy test file (ARO COCO-Order reads it and perturbs captions at run time) ---------------
     os.makedirs(os.path.join(out, "blip"), exist_ok=True)
     with open(os.path.join(out, "blip", "coco_karpathy_test.json"), "w", encoding="utf-8") as f:
@@ -938,10 +1036,12 @@ def build_data(out, tiny=False, seed=0, log=print):
         "image_roots": {  # where each file's image paths are relative to (relative to the world root)
             "pairs/vqa/video/scenes/blip": ".", "sugarcrepe": "sugarcrepe/val2017", "aro": "aro/images",
             "crepe": "crepe/VG_100K", "svo_probes": "svo_probes/images", "winoground": "winoground/images",
-            "image_chat": "image_chat/images"},
+            "image_chat": "image_chat/images", "vl_checklist": "vl_checklist (IMG_ROOT of each corpus YAML)"},
         "notes": {"image_chat": "candidates['1000'] repeats the 100 candidates (files kept small)",
                   "sugarcrepe": "swap_obj.json skips key '108' as upstream does",
-                  "bbox": "ARO/CREPE boxes cover the whole 64 px image"},
+                  "bbox": "ARO/CREPE boxes cover the whole 64 px image",
+                  "vl_checklist": "toy sub-categories only: Object Location/Size (no medium), Attribute color/size, "
+                                  "Relation spatial"},
     }
     return part, texts
 
@@ -1659,6 +1759,8 @@ def ensure_toy_world(root="data/toy", tiny=False, seed=0, models=MODEL_NAMES, lo
             # a concurrent builder renamed its world into place between our check and our rename: accept theirs
             if not os.path.isfile(os.path.join(root, "manifest.json")):
                 raise
+    elif not os.path.isdir(os.path.join(root, "vl_checklist")):
+        add_vlc(root, log)
     missing = [n for n in with_deps(models) if not model_ready(root, n)]
     if missing:
         _repo_on_path()

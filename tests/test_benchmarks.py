@@ -226,3 +226,94 @@ def test_run_benchmarks_counts_unreadable_images_once_and_enforces_max_bad_frac(
         B.run_benchmarks(_colour_scorer(max_bad_frac=0.1), ["winoground"], str(tmp_path), log=lines.append)
     with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
         B.run_benchmarks(sc, ["nope"], str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VL-CheckList
+def test_read_simple_yaml_accepts_key_value_lines_only(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text('ANNO_PATH: "data/x.json"\n# a comment\n\nIMG_ROOT: vg/  # trailing\nTYPE: \'TUPLE_JSON\'')
+    assert B.read_simple_yaml(str(p)) == {"ANNO_PATH": "data/x.json", "IMG_ROOT": "vg/", "TYPE": "TUPLE_JSON"}
+    for bad, line in (('A: "x"\nDATA:\n  TYPES: ["vg"]\n', 2), ("A: [1, 2]\n", 1), ('  A: "x"\n', 1)):
+        p.write_text(bad)
+        with pytest.raises(B.DataError, match=rf"a\.yaml:{line}: not a simple 'KEY: value' line"):
+            B.read_simple_yaml(str(p))
+
+
+def test_read_vlc_fixture(tmp_path):
+    root = f"{FIX}/vl_checklist"
+    d = B.read_vlc(root)
+    assert sorted(d) == [("Attribute/action", "vaw"), ("Attribute/state", "vg"),
+                         ("Object/Location/margin", "swig_destination"), ("Object/Size/small", "hake"),
+                         ("Object/Size/small", "vg_obj"), ("Object/Size/small", "vg_subj"),
+                         ("Relation/action", "vg"), ("Relation/spatial", "vg")]
+    assert all(len(v) == 6 for v in d.values())
+    assert d[("Relation/spatial", "vg")][0] == (f"{root}/vg/VG_100K/2361911.jpg", ["control switch ON oven"],
+                                               ["control switch under oven"])
+    assert d[("Object/Size/small", "hake")][4][0] == f"{root}/hake/hcvrd/107905.jpg"  # IMG_ROOT "hake/"
+    swig = d[("Object/Location/margin", "swig_destination")][0]
+    assert swig[0] == f"{root}/swig/plunging_16.jpg" and len(swig[1]) == len(swig[2]) == 3
+    assert d[("Object/Size/small", "vg_obj")][0][2] == [" customers"]  # upstream's leading space is kept
+    with pytest.raises(B.DataError, match="corpus/v2: folder not found"):
+        B.read_vlc(root, version="v2")
+    shutil.copytree(root, tmp_path / "v")
+    (tmp_path / "v" / "data" / "Relation" / "vg" / "spatial.json").write_text('[["a.jpg", {"POS": ["x"], "NEG": []}]]')
+    with pytest.raises(B.DataError, match=r"spatial\.json: record 0: not \[image, \{POS"):
+        B.read_vlc(str(tmp_path / "v"))
+
+
+def test_score_vlc_averages_files_per_dataset_then_datasets_then_sub_categories():
+    per = {("Object/Size/small", "vg_obj"): ([1, 1, 0, 0], [0, 0, 1, 1]),     # 1/2
+           ("Object/Size/small", "vg_subj"): ([1, 1], [0, 0]),               # 1   -> vg: 3/4
+           ("Object/Size/small", "hake"): ([0.5, 0.2], [0.5, 0.1]),          # tie wrong: 1/2 -> small 5/8
+           ("Object/Size/large", "swig_agent"): ([1], [0]),                  # 1
+           ("Object/Size/medium", "swig_place"): ([], []),                   # no case: left out
+           ("Relation/spatial", "vg"): ([0, 1, 1], [1, 0, 0])}               # 2/3
+    r = B.score_vlc(per)
+    assert r["object_size_small"] == pytest.approx(5 / 8) and r["object_size_large"] == 1.0
+    assert "object_size_medium" not in r and r["object"] == pytest.approx((5 / 8 + 1) / 2)
+    assert r["relation"] == r["relation_spatial"] == pytest.approx(2 / 3) and "attribute" not in r
+    assert r["n"] == 12
+
+
+def _length_scorer():
+    """Stand-in model: one image embedding for every image, a caption's embedding turned from it by len(caption)/100
+    radians, so s(image, caption) = cos(len / 100): the shorter caption wins, equal lengths tie."""
+    def images(pils):
+        return torch.tensor([[1.0, 0.0]]).repeat(len(pils), 1)
+
+    def texts(strs):
+        a = torch.tensor([len(t) / 100 for t in strs], dtype=torch.float64)
+        return torch.stack([a.cos(), a.sin()], 1).float()
+    return B.Scorer(images, texts, batch=4)
+
+
+def test_eval_vlc_on_fixture_hand_checked(tmp_path):
+    """The fixture scored by caption length (shorter POS[0] than NEG[0] = right; ties wrong); each image at
+    IMG_ROOT/<path>, one left out (its case is dropped, as the authors' loader does)."""
+    shutil.copytree(f"{FIX}/vl_checklist", tmp_path / "vl_checklist")
+    data = B.read_vlc(str(tmp_path / "vl_checklist"))
+    missing = str(tmp_path / "vl_checklist" / "vg" / "VG_100K_2" / "2393269.jpg")  # last case of vg_subj
+    for v in data.values():
+        for path, _, _ in v:
+            if path != missing:
+                _png(path, (9, 9, 9), (8, 8))
+    r = B.eval_vlc(_length_scorer(), str(tmp_path))
+    # right per file (by hand from the fixture's first POS / NEG): vaw action 5/6, vg state 3/6, swig_destination
+    # 5/6, hake 2/6, vg_obj 0/6, vg_subj 3/5 (one image missing), Relation action 1/6, spatial 6/6
+    assert r["attribute_action"] == pytest.approx(5 / 6) and r["attribute_state"] == pytest.approx(1 / 2)
+    assert r["attribute"] == pytest.approx(2 / 3)
+    assert r["object_size_small"] == pytest.approx((2 / 6 + (0 + 3 / 5) / 2) / 2)  # hake, then vg = obj + subj
+    assert r["object_location_margin"] == pytest.approx(5 / 6)
+    assert r["object"] == pytest.approx((5 / 6 + (2 / 6 + 3 / 10) / 2) / 2)
+    assert r["relation_action"] == pytest.approx(1 / 6) and r["relation"] == pytest.approx((1 / 6 + 1) / 2)
+    assert r["n"] == 47 and r["coverage"] == pytest.approx(47 / 48)
+    r = B.eval_vlc(_length_scorer(), str(tmp_path), max_num=4)  # the authors' MAX_NUM: first MAX_NUM // 2 cases
+    assert r["n"] == 16 and r["relation_action"] == 0.5 and r["attribute_state"] == 1.0
+    res = B.run_benchmarks(_length_scorer(), ["vlc"], str(tmp_path), log=lambda *a: None)
+    assert res["vlc/object"] == pytest.approx((5 / 6 + (2 / 6 + 3 / 10) / 2) / 2) and "vlc" in B.BENCHMARKS
+    shutil.rmtree(tmp_path / "vl_checklist" / "vg")
+    shutil.rmtree(tmp_path / "vl_checklist" / "hake")
+    shutil.rmtree(tmp_path / "vl_checklist" / "swig")
+    with pytest.raises(B.DataError, match="none of the 48 VL-CheckList images is present"):
+        B.eval_vlc(_length_scorer(), str(tmp_path))

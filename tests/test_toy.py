@@ -225,6 +225,50 @@ def test_aro_crepe_svo_winoground_blip(toy_root):
     assert os.path.isfile(os.path.join(toy_root, blip[0]["image"]))
 
 
+def test_vl_checklist_layout_and_negatives_false(toy_root):
+    """VL-CheckList files in the published layout parse with data/benchmarks.py's reader; every positive holds for
+    its scene and no negative does; the captions only use words the toy backbones know."""
+    from data.benchmarks import read_vlc
+    scenes = _scenes(toy_root)
+    man = json.load(open(os.path.join(toy_root, "manifest.json")))
+    root = os.path.join(toy_root, "vl_checklist")
+    d = read_vlc(root)
+    assert {s for s, _ in d} == {"Object/Location/center", "Object/Location/mid", "Object/Location/margin",
+                                 "Object/Size/small", "Object/Size/large", "Attribute/color", "Attribute/size",
+                                 "Relation/spatial"}
+    assert {n for _, n in d} == {"vg", "vg_obj", "vg_subj"}
+    vocab = set(open(os.path.join(toy_root, "models_vocab.txt")).read().split())
+    cap = (toy.SIZES_TINY if man["tiny"] else toy.SIZES_FULL)["bench"]
+    for (sub, name), items in d.items():
+        assert 0 < len(items) <= cap
+        for path, pos, neg in items:
+            m = re.fullmatch(r".*/vl_checklist/vg/VG_100K(_2)?/(\d+)\.jpg", path)
+            assert m and os.path.isfile(path) and len(pos) == len(neg) == 1
+            objs = scenes[f"{int(m.group(2)) - 2500000:06d}"]["objects"]
+            assert holds(pos[0], objs) and not holds(neg[0], objs), (sub, name, pos, neg)
+            assert set(pos[0].split()) | set(neg[0].split()) <= vocab
+    with open(os.path.join(root, "corpus", "v1", "Relation", "spatial", "vg.yaml")) as f:
+        assert f.read() == 'ANNO_PATH: "data/Relation/vg/spatial.json"\nIMG_ROOT: "vg/"\nTYPE: "TUPLE_JSON"'
+
+
+def test_vl_checklist_draws_its_own_stream_and_joins_older_worlds(tmp_path, monkeypatch):
+    """Without the VL-CheckList writer every other file (and the vocabulary the backbones are built from) is
+    byte-identical; a world built without it gets the same bytes from ensure_toy_world, manifest untouched."""
+    quiet = lambda *a: None  # noqa: E731
+    toy.build_toy_world(str(tmp_path / "a"), tiny=True, seed=0, models=False, log=quiet)
+    with monkeypatch.context() as m:
+        m.setattr(toy, "write_vlc", lambda *a, **k: {})
+        toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=0, models=False, log=quiet)
+    full, without = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
+    vlc = {k for k in full if k.startswith("vl_checklist" + os.sep)}
+    assert len(vlc) > 30 and {k: v for k, v in full.items() if k not in vlc} == without
+    assert (tmp_path / "a" / "models_vocab.txt").read_bytes() == (tmp_path / "b" / "models_vocab.txt").read_bytes()
+    mtime = os.path.getmtime(tmp_path / "b" / "manifest.json")
+    toy.ensure_toy_world(str(tmp_path / "b"), tiny=True, models=[], log=quiet)
+    assert _hashes(str(tmp_path / "b")) == full and os.path.getmtime(tmp_path / "b" / "manifest.json") == mtime
+    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(".vlc-")]
+
+
 def test_image_chat_layout(toy_root):
     d = os.path.join(toy_root, "image_chat")
     pers = json.load(open(os.path.join(d, "personalities.json")))
