@@ -8,15 +8,16 @@ negative caption made by swapping two words or phrases of its caption and (2) a 
 image with its own caption and hard negative (Sec. 4).  A batch of B rows is 2B images x 4B texts;
 the image->text softmax runs over all 4B texts, the text->image one over the 2B real captions.
 The dual encoder comes from a CLIP checkpoint (`--init clip`) or from two uni-modal towers with
-fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA.
-Preparation (negatives, neighbours: data/negatives.py) and the benchmarks (ARO, SugarCREPE, CREPE,
-SVO, Winoground, retrieval: data/benchmarks.py) live in data/; this file is the model, the batch
-layout and the loss.  Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset
-shards: --train_shards 'cc3m/{00000..00331}.tar') | eval | export | params (parameters, FLOPs).
+fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA;
+gradient accumulation is exact (gradient caching: every loss sees the whole global batch).
+Preparation (negatives, neighbours, toy paths: data/negatives.py) and the benchmarks (ARO,
+SugarCREPE, CREPE, SVO, Winoground, VL-CheckList, retrieval: data/benchmarks.py) are in data/.
+Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset shards:
+--train_shards 'cc3m/{00000..00331}.tar') | eval | export | params (parameters, FLOPs).
 
     python negclip.py --mode eval --out_dir runs/negclip_toy/before          # toy world, CPU
     python negclip.py --mode train --out_dir runs/negclip_toy
-    python negclip.py --mode eval --ckpt runs/negclip_toy/last.pt --out_dir runs/negclip_toy/after
+    python negclip.py --mode eval --ckpt runs/negclip_toy/best.pt --out_dir runs/negclip_toy/after
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HOST:29500 \\
         negclip.py --preset paper --mode train --micro_batch 16 --out_dir runs/negclip_b32_ddp
 
@@ -45,8 +46,8 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
                                load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, StreamTracker, draw,
-                         make_loader, shard_sample_count, stream_loader)
-from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+                         make_loader, shard_sample_count)
+from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform, normalize
 from common.hf import counts_table, hf_model, published_config
 from common.log import Logger
 from common.train import (StepTimer, count_flops, count_params, cosine_lr, mfu, optimizer_update,
@@ -122,7 +123,7 @@ class Config(ModelConfig):
     val_every: int = 0            # 0 = once per epoch
     # --- eval
     benchmarks: list[str] = field(default_factory=lambda: list(B.BENCHMARKS))
-    bench_root: str = ""          # holds aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ ("" = toy)
+    bench_root: str = ""          # aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/
     retrieval_file: str = ""      # pairs .jsonl | BLIP test .json | NegCLIP .tsv ("" = toy test)
     retrieval_image_root: str = ""
     order_file: str = ""          # BLIP coco_karpathy_test.json / flickr30k_test.json (*-Order)
@@ -141,10 +142,9 @@ PRESETS = {
     "toy": dict(global_batch=32, micro_batch=32, epochs=20, max_steps=1000, lr=5e-4, warmup=10,
                 weight_decay=0.1, max_text_len=32, crop_scale_min=0.9, log_every=20, order_seeds=2,
                 aro_min_pair_count=5, eval_batch=128, val_every=250),
-    # Paper (Sec. 4; vinid/neg_clip): the Config defaults are its recipe (batch 256, 5
-    # epochs, lr 1e-6, warm-up 50, cosine, AdamW (0.9, 0.98), eps 1e-6, wd 0.2, best epoch by
-    # COCO-val retrieval); here ViT-B/32 OpenAI and COCO Karpathy train+restval with the released
-    # TSV (one caption per image, 109,468 rows).
+    # Paper (Sec. 4; vinid/neg_clip): the Config defaults are its recipe (batch 256, 5 epochs, lr
+    # 1e-6, warm-up 50, cosine, AdamW (0.9, 0.98), eps 1e-6, wd 0.2, best epoch by COCO-val retrieval);
+    # here ViT-B/32 OpenAI, COCO Karpathy train+restval, the released TSV (109,468 rows, 1 caption each).
     "paper": dict(clip="openai/clip-vit-base-patch32", train_tsv="data/negclip/train_neg_clip.tsv",
                   image_root="data", train_file="data/coco/coco_karpathy_train.json",
                   val_file="data/negclip/valid_neg_clip.tsv", workers=8,
@@ -158,26 +158,11 @@ RESUME_FREE_NEGCLIP = RESUME_FREE - {"init"} | {
     "stop_after", "ckpt_every", "val_every", "eval_after_train", "ckpt", "export_dir", "benchmarks",
     "bench_root", "retrieval_file", "retrieval_image_root", "order_file", "order_image_root",
     "order_seeds", "aro_min_pair_count", "report_before"}
+resolve_paths = NG.resolve_paths  # empty paths: the toy world's (built on first use)
 
 
 def model_config(cfg):
     return ModelConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)})
-
-
-def resolve_paths(cfg, is_main=True):
-    """Fill empty paths from the toy world, building it (only the backbones read) on first use."""
-    from data.toy import toy_paths
-    uni = cfg.init == "unimodal"
-    towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
-    toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
-               bench_root="", retrieval_file="pairs_test.jsonl", retrieval_image_root="",
-               order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="", **towers)
-    toy_paths(cfg, toy, ["clip", "bert"] if uni else ["clip"], is_main, D.barrier)
-    for k in ("image_root", "bench_root", "retrieval_image_root", "order_image_root"):
-        setattr(cfg, k, os.path.normpath(getattr(cfg, k)))  # toy_root/"" -> toy_root
-    if not cfg.train_shards:  # (shards: nothing is mined)
-        cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
-    return cfg
 
 
 # ================================================================================================ Model
@@ -192,8 +177,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r, alpha, dropout):
         super().__init__()
-        self.base, self.scale = base, alpha / r
-        self.base.requires_grad_(False)
+        self.base, self.scale = base.requires_grad_(False), alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
@@ -203,14 +187,10 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return self.base(x) + lora * self.scale
 
-    def merged(self):
-        w, b = self.base.weight, self.base.bias
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    def merged(self):  # the base Linear, now holding W + (alpha / r) B A
         with torch.no_grad():
-            lin.weight.copy_(w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype))
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
+            self.base.weight += self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return self.base
 
 
 def add_lora(tower, targets, r, alpha, dropout):
@@ -256,9 +236,8 @@ class DualEncoder(nn.Module):
         if self.vision_pool == "mean":
             return out.last_hidden_state[:, 1:].mean(1)  # patch tokens (drop CLS)
         # CLIPVision / DINOv2 pooler = layer-normed CLS; ViT's tanh pooler is untrained: raw CLS
-        if self.vision.config.model_type in ("clip_vision_model", "dinov2"):
-            return out.pooler_output
-        return out.last_hidden_state[:, 0]
+        ln_cls = self.vision.config.model_type in ("clip_vision_model", "dinov2")
+        return out.pooler_output if ln_cls else out.last_hidden_state[:, 0]
 
     def pool_text(self, ids, mask):  # (B, L) -> (B, d_text)
         out = self.text(input_ids=ids, attention_mask=mask)
@@ -286,16 +265,14 @@ class DualEncoder(nn.Module):
                 self.logit_scale.exp())
 
 
-_POOLER_TYPES = ("bert", "roberta", "xlm-roberta", "vit")  # random/NSP poolers: unused weights
-
-
 def load_tower(path, side, meta=False):
     """A uni-modal tower from a folder (or hub name): from_pretrained, never trust_remote_code."""
     from transformers import AutoConfig, AutoModel, CLIPTextModel, CLIPVisionModel
     mtype = (published_config(path) if meta else AutoConfig.from_pretrained(path)).model_type
     if mtype == "clip":  # one side of a full CLIP checkpoint
         return hf_model(CLIPVisionModel if side == "vision" else CLIPTextModel, path, meta, side + "_config")
-    return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if mtype in _POOLER_TYPES else {}))
+    no_pooler = mtype in ("bert", "roberta", "xlm-roberta", "vit")  # random/NSP poolers: unused weights
+    return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if no_pooler else {}))
 
 
 def _image_stats(path, model_type):
@@ -376,14 +353,12 @@ def duplicate_mask(img_ids, txt_ids):
     return same & ~eye & (txt_ids[None, :] >= 0)
 
 
-def gather_blocks(x, n_blocks, grad=True):
-    """(n_blocks * b, ...) local rows in blocks [t; t'; n; n'] -> (n_blocks * world * b, ...)
-    with every block gathered over ranks: the global layout of one process with the global batch."""
-    b = x.shape[0] // n_blocks
-    x = x.reshape(n_blocks, b, *x.shape[1:]).transpose(0, 1)  # (b, n_blocks, ...)
-    gather = D.all_gather_with_grad if grad else D.all_gather_no_grad
-    x = gather(x.contiguous())  # (world * b, n_blocks, ...)
-    return x.transpose(0, 1).reshape(-1, *x.shape[2:])  # (n_blocks * world * b, ...)
+def gather_blocks(xs, n_blocks, grad=True):
+    """Micro batches' local rows [(n_blocks * b, ...)] in blocks [t; t'; n; n'] -> each block
+    gathered over ranks, joined over micro batches: one process's layout of the global batch."""
+    x = torch.stack([x.reshape(n_blocks, -1, *x.shape[1:]) for x in xs], 1)  # (n_blocks, k, b, ...)
+    x = (D.all_gather_with_grad if grad else D.all_gather_no_grad)(x.movedim(2, 0).contiguous())
+    return x.movedim(0, 2).flatten(0, 2)  # (world*b, n_blocks, k, ...) -> (n_blocks*k*world*b, ...)
 
 
 # ================================================================================================ Data
@@ -400,8 +375,8 @@ class NegCLIPRows(torch.utils.data.Dataset):
 
     def __init__(self, rows, image_root, model, cfg, hn_start):
         self.rows, self.cfg, self.hn_start = rows, cfg, hn_start
-        self.tf = ImageTransform(model.image_size, train=True, mean=model.image_mean,
-                                 std=model.image_std, scale=(cfg.crop_scale_min, 1.0))
+        self.tf = ImageTransform(model.image_size, True, model.image_mean, model.image_std,
+                                 (cfg.crop_scale_min, 1.0), uint8=True)  # normalised in embed
         self.images = ImageFolderLoader(image_root, self.tf, cfg.max_bad_frac)
         ids = {}
         self.image_ids = [ids.setdefault(r["image_id"], len(ids)) for r in rows]
@@ -442,19 +417,6 @@ class NegCLIPRows(torch.utils.data.Dataset):
         return out
 
 
-def shard_batches(cfg, tok, tracker, stream, start, accum, hn_start, pin):
-    """Micro batches of steps start.. from a NegativeShardStream (`tracker` counts its unreadable
-    samples): image x, caption t and a hard caption n of t per row, no neighbour image."""
-    for k, b in enumerate(stream_loader(stream, cfg.micro_batch, cfg.workers, pin)):
-        tracker.update(b)
-        tracker.check()
-        step = start + k // accum
-        hard = cfg.hard_negatives and step >= hn_start
-        items = [dict(x=x, t=t, n=m["neg"], img_id=m["img_id"], hard=hard, step=step, tried=(), bad=())
-                 for x, t, m in zip(b["image"], b["caption"], b["meta"])]
-        yield dict(collate(items, tok, cfg.max_text_len), keys=b["key"])
-
-
 def collate(items, tok, max_len):
     """Row samples -> the NegCLIP micro batch: pixels [x; x'] (2b, 3, S, S), texts [t; t'; n; n']
     (4b, L); stream rows (no neighbour): [x] and [t; n]; plain CLIP: [x] and [t].  A missing hard
@@ -475,8 +437,7 @@ def collate(items, tok, max_len):
 # ================================================================================================ Eval
 
 def scorer(model, tok, cfg, dist, dtype, pooled=False):
-    """A data/benchmarks.py Scorer over this model's embeddings (pooled: the vision tower's
-    pooled feature instead of the projected embedding)."""
+    """A data/benchmarks.py Scorer of the model's embeddings (pooled: the vision tower's feature)."""
     tf = ImageTransform(model.image_size, mean=model.image_mean, std=model.image_std)
     dev = dist.device
 
@@ -484,7 +445,7 @@ def scorer(model, tok, cfg, dist, dtype, pooled=False):
     def images(pils):
         x = torch.stack([tf(im) for im in pils]).to(dev)  # (n, 3, S, S)
         with amp.autocast(dev, dtype):
-            return F.normalize(model.pool_image(x).float(), -1) if pooled else model.encode_image(x)
+            return F.normalize(model.pool_image(x).float(), dim=1) if pooled else model.encode_image(x)
 
     @torch.no_grad()
     def texts(strs):
@@ -513,25 +474,66 @@ def mine(cfg, model, tok, dist, dtype, log, force=False):
     return NG.ensure_mined(cfg, embed, dist, force, log.info)
 
 
-def forward_loss(net, model, batch, cfg, dev, dtype):
-    """NegCLIP loss of one micro batch, gathered from every rank.  net: the trainable model (DDP or
-    not); model: the same unwrapped (locked towers run outside DDP, under no_grad)."""
-    pixels, ids, mask = batch["pixels"].to(dev), batch["ids"].to(dev), batch["mask"].to(dev)
-    n_img, n_txt = batch["blocks"]  # [x; x'], [t; t'; n; n'] (stream: [x], [t; n]; CLIP: [x], [t])
-    pooled_img = pooled_txt = None
+def embed(net, model, batch, cfg, dev, dtype, pi=None, pt=None):
+    """A micro batch's local (img, txt, scale, pooled features of locked towers).  net: the trained
+    model (DDP or not); model: unwrapped (locked towers: outside DDP, no_grad, unless given)."""
+    pixels, ids, mask = (batch[k].to(dev, non_blocking=True) for k in ("pixels", "ids", "mask"))
+    if pixels.dtype == torch.uint8:  # the loader ships bytes: normalised here, on the device
+        pixels = normalize(pixels, model.image_mean, model.image_std)
     with torch.no_grad(), amp.autocast(dev, dtype):
-        if cfg.lock_vision:
-            pooled_img = model.pool_image(pixels.to(amp.frozen_dtype(dev, dtype)))
-        if cfg.lock_text:
-            pooled_txt = model.pool_text(ids, mask)
+        if cfg.lock_vision and pi is None:
+            pi = model.pool_image(pixels.to(amp.frozen_dtype(dev, dtype)))
+        if cfg.lock_text and pt is None:
+            pt = model.pool_text(ids, mask)
     with amp.autocast(dev, dtype):
-        img, txt, scale = net(pixels, ids, mask, pooled_img, pooled_txt)
-    img_g, txt_g = gather_blocks(img, n_img), gather_blocks(txt, n_txt)  # (2B, D), (4B, D) global
-    img_ids, txt_ids = (gather_blocks(batch[k].to(dev), n, grad=False) for k, n in
+        return *net(pixels, ids, mask, pi, pt), (pi, pt)
+
+
+def global_loss(imgs, txts, scale, batches, cfg, dev):
+    """NegCLIP loss of micro batches' embeddings (lists), gathered from every rank."""
+    n_img, n_txt = batches[0]["blocks"]  # [x; x'], [t; t'; n; n'] (stream: [x], [t; n]; CLIP: 1, 1)
+    img, txt = gather_blocks(imgs, n_img), gather_blocks(txts, n_txt)  # (2G, D), (4G, D)
+    img_ids, txt_ids = (gather_blocks([b[k].to(dev) for b in batches], n, grad=False) for k, n in
                         (("img_ids", n_img), ("txt_ids", n_txt)))
-    dup = (txt_ids == -2).expand(len(img_g), -1)  # (N, M): a missing hard caption takes no part
+    dup = (txt_ids == -2).expand(len(img), -1)  # (N, M): a missing hard caption takes no part
     dup = dup | duplicate_mask(img_ids, txt_ids) if cfg.mask_duplicates else dup
-    return negclip_loss(img_g.float(), txt_g.float(), scale.float(), dup)
+    return negclip_loss(img.float(), txt.float(), scale.float(), dup)
+
+
+def forward_loss(net, model, batch, cfg, dev, dtype):
+    img, txt, scale, _ = embed(net, model, batch, cfg, dev, dtype)
+    return global_loss([img], [txt], scale, [batch], cfg, dev)
+
+
+def accumulate(net, model, batches, cfg, dev, dtype, scaler, world):
+    """Backward of one step's NegCLIP loss -> (loss, terms).  Several micro batches: gradient
+    caching (Gao et al. 2021, arXiv 2101.06983 Sec. 3.2), one loss over the whole global batch:
+    each micro batch embedded without gradient; the loss back-propagated to those embeddings and,
+    once, the temperature; then each micro batch embedded again with gradient, from its first
+    pass's RNG state (the same dropout masks: BERT, LoRA), its embeddings' gradients taken through."""
+    last, cuda = len(batches) - 1, [dev] if dev.type == "cuda" else []
+    if not last:
+        loss, terms = forward_loss(net, model, batches[0], cfg, dev, dtype)
+        scaler.scale(loss).backward()
+        return loss.detach(), terms
+    rngs, embs, pooled = [], [], []
+    with torch.no_grad():
+        for b in batches:
+            rngs.append(rng_state())  # the dropout masks' generators
+            *e, p = embed(net, model, b, cfg, dev, dtype)
+            embs.append([x.detach().requires_grad_() for x in e])
+            pooled.append(p)  # locked towers' features: not computed again
+    imgs, txts, scales = zip(*embs)
+    loss, terms = global_loss(imgs, txts, scales[0], batches, cfg, dev)
+    scaler.scale(loss).backward()  # (gathered with gradient: a rank's rows get every rank's share)
+    for a, b in enumerate(batches):
+        sync = net.no_sync() if a < last and world > 1 else contextlib.nullcontext()  # DDP: last only
+        with torch.random.fork_rng(cuda), sync:
+            set_rng_state(rngs[a])
+            img, txt, scale, _ = embed(net, model, b, cfg, dev, dtype, *pooled[a])
+            dot = (img * imgs[a].grad).sum() + (txt * txts[a].grad).sum()
+            (dot + scale * scales[0].grad * (a == last)).backward()  # the temperature's: once
+    return loss.detach(), terms
 
 
 def train(cfg, model, tok, dist, dtype, log):
@@ -549,9 +551,9 @@ def train(cfg, model, tok, dist, dtype, log):
     sampler = StepSampler(n, cfg.global_batch, cfg.micro_batch, world, dist.rank, cfg.seed)
     spe, accum = sampler.steps_per_epoch, sampler.accum
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
-    hn_auto = 0 if cfg.init == "clip" else total // 10  # fresh heads: plain CLIP loss first
-    hn_start = hn_auto if cfg.hn_start_step < 0 else cfg.hn_start_step
-    log.info(f"train: {spe} steps/epoch, {total} steps, accum {accum}, hard negatives from step "
+    hn_start = cfg.hn_start_step if cfg.hn_start_step >= 0 else total // 10 * (cfg.init != "clip")
+    log.info(f"train: {spe} steps/epoch, {total} steps, accum {accum}"
+             f"{' (gradient caching)' * (accum > 1)}, hard negatives from step "
              f"{hn_start if cfg.hard_negatives else '-'}")
     for tower, locked in ((model.vision, cfg.lock_vision), (model.text, cfg.lock_text)):
         if locked:  # frozen towers: bf16 on GPU, eval mode, run under no_grad outside DDP
@@ -566,7 +568,7 @@ def train(cfg, model, tok, dist, dtype, log):
                             betas=(0.9, cfg.beta2), eps=cfg.eps)
     params, scaler = [p for g in opt.param_groups for p in g["params"]], amp.make_scaler(dtype)
     net = D.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
-    step, best, ck = 0, -1.0, {}
+    step, best, ck, best_ck = 0, -1.0, {}, None  # best_ck: the checkpoint of the best validation
     if cfg.resume:
         ck = load_checkpoint(cfg.resume)
         expect_checkpoint(ck, cfg.resume, "negclip", flag="--resume")
@@ -574,41 +576,38 @@ def train(cfg, model, tok, dist, dtype, log):
                             log.info, RESUME_FREE_NEGCLIP)
         restore(cfg.resume, model, opt, scaler, strict=False)
         step, best = ck["step"], ck.get("best", -1.0)
+        best_ck = os.path.join(os.path.dirname(cfg.resume), "best.pt")  # if that run validated
         set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed from {cfg.resume} at step {step}")
     shards, state = cfg.train_shards, ck.get("stream")  # state: where each shard stream stopped
     tracker = shards and StreamTracker(shards, cfg.max_bad_frac, state=state)
     counts = tracker or seen  # unreadable samples of the stream, or distinct unreadable images
+    to_batch = functools.partial(collate, tok=tok, max_len=cfg.max_text_len)
+    next_batches = lambda: [next(it) for _ in range(accum)]  # noqa: E731 (a step's micro batches)
     if tracker:  # webdataset shards over ranks and workers, resumed exactly: rows [x] x [t; n]
         tf = ImageTransform(model.image_size, True, model.image_mean, model.image_std,
-                            (cfg.crop_scale_min, 1.0), rng=random.Random(0))  # reseeded per sample
-        it = shard_batches(cfg, tok, tracker, NG.NegativeShardStream(
-            NG.make_tagger(cfg.tagger), cfg.train_shards, tf, dist.rank, world, cfg.seed,
-            max_bad_frac=cfg.max_bad_frac, resume=state), step, accum, hn_start, pin)
+                            (cfg.crop_scale_min, 1.0), random.Random(0), uint8=True)  # reseeded per sample
+        stream = NG.NegativeShardStream(NG.make_tagger(cfg.tagger), shards, tf, dist.rank, world,
+                                        cfg.seed, max_bad_frac=cfg.max_bad_frac, resume=state)
+        it = NG.shard_batches(stream, tracker, to_batch, cfg.micro_batch, cfg.workers, pin, step,
+                              accum, hn_start if cfg.hard_negatives else float("inf"))
     else:
         data = NegCLIPRows(rows, cfg.image_root, model, cfg, hn_start)
         end = max(total, step + cfg.bench + 4) if cfg.bench else total  # --bench: past the schedule
         keyed = ([(s, e, i) for e, i in mb]  # StepSampler's micro batches, each item with its step
                  for s in range(step, end) for mb in sampler.micro_batches(s))
-        to_batch = functools.partial(collate, tok=tok, max_len=cfg.max_text_len)
         it = iter(make_loader(data, keyed, to_batch, cfg.workers, cfg.seed, dist.rank, pin))
 
-    def opt_step(step):
+    def opt_step(step, batches=None):
         lr = cosine_lr(step, total, cfg.warmup, cfg.lr)
         set_lr(opt, lr)
-        losses, terms = [], {}
-        for a in range(accum):
-            batch = next(it)
+        batches = batches or next_batches()
+        for batch in batches:
             assert batch["step"] == step, (batch["step"], step)
             seen.merge(batch["tried"], batch["bad"])
             seen.check()
-            with net.no_sync() if a < accum - 1 and world > 1 else contextlib.nullcontext():
-                loss, t = forward_loss(net, model, batch, cfg, dev, dtype)
-                scaler.scale(loss / accum).backward()
-            losses.append(loss.detach())
-            terms = {k: terms.get(k, 0) + v / accum for k, v in t.items()}
-        loss = torch.stack(losses).mean()
+        loss, terms = accumulate(net, model, batches, cfg, dev, dtype, scaler, world)
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, {"loss": loss, **terms})
         with torch.no_grad():  # open_clip: keep the temperature within [0, ln 100]
             model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
@@ -637,8 +636,8 @@ def train(cfg, model, tok, dist, dtype, log):
         flops = count_flops(lambda: opt_step(step)) * world if dev.type == "cuda" else None
         steps = iter(range(step + (flops is not None), 1 << 62))
         rows_per_step = cfg.global_batch * (1 + (cfg.hard_negatives and not cfg.train_shards))
-        return run_bench(lambda: opt_step(next(steps)), cfg.bench, rows_per_step, dev, warmup=3,
-                         flops_per_step=flops, world_size=world)
+        return run_bench(lambda b: opt_step(next(steps), b), cfg.bench, rows_per_step, dev, 3, flops,
+                         world, data_fn=next_batches)  # the loader's time apart
 
     timer, history, flops_step, val_every = StepTimer(dev), [], None, cfg.val_every or spe
     stop = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
@@ -663,8 +662,8 @@ def train(cfg, model, tok, dist, dtype, log):
             train_mode()
             log.log(step, val_r_mean=r["r_mean"], val_txt_r1=r["txt_r1"], val_img_r1=r["img_r1"])
             if r["r_mean"] > best:  # paper: best epoch by COCO-val retrieval
-                best = r["r_mean"]
-                checkpoint(os.path.join(cfg.out_dir, "best.pt"), step)
+                best, best_ck = r["r_mean"], os.path.join(cfg.out_dir, "best.pt")
+                checkpoint(best_ck, step)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
             checkpoint(os.path.join(cfg.out_dir, "last.pt"), step)
     checkpoint(os.path.join(cfg.out_dir, "last.pt"), step)
@@ -674,7 +673,14 @@ def train(cfg, model, tok, dist, dtype, log):
         counts.tried, counts.bad = map(sum, zip(*D.all_gather_object((counts.tried, counts.bad))))
     log.info(f"train: {counts.report()}")
     counts.check(final=True)
+    sel = load_checkpoint(best_ck) if best_ck and os.path.isfile(best_ck) else {}
+    sel = sel if sel.get("best") == best else {}  # (a resumed run's: if it holds the best restored)
+    if sel:  # paper: the best epoch by COCO-val retrieval; without validation, the last weights
+        model.load_state_dict(sel["model"], strict=False)
+    log.info(f"selected weights: {best_ck} (step {sel['step']}, val r_mean {best:.2f})" if sel else
+             f"selected weights: the last (step {step}; no validation checkpoint)")
     return {"train/final_loss": history[-1] if history else float("nan"), "train/steps": step,
+            "train/selected_step": sel.get("step", step),
             "train/best_val_r_mean": best, "train/losses": history, "train/unreadable_images": counts.bad}
 
 
@@ -717,8 +723,7 @@ def load_for_eval(cfg, log):
     for k in names:
         setattr(cfg, k, mc[k])
     model, tok = build_model(model_config(cfg))
-    missing = set(ck["model"]) - set(model.state_dict())
-    if missing:
+    if missing := set(ck["model"]) - set(model.state_dict()):
         raise ValueError(f"{cfg.ckpt}: weights {sorted(missing)[:3]} do not fit the model")
     model.load_state_dict(ck["model"], strict=False)
     log.info(f"loaded {len(ck['model'])} trained tensors from {cfg.ckpt} (step {ck['step']})")
@@ -726,17 +731,15 @@ def load_for_eval(cfg, log):
 
 
 def params_mode(cfg, log):
-    """The configured dual encoder (towers, heads, LoRA, locks) built on the meta device: trainable and
-    frozen parameters per part, and the FLOPs of one row's training step (forward + backward of NegCLIP's
-    2 images and 4 captions of max_text_len tokens, no padding: no mask; 1 + 1 without hard negatives)."""
+    """The configured dual encoder on the meta device: trainable/frozen parameters per part, FLOPs of
+    a row's training step (2 images, 4 captions of max_text_len, no mask; 1 + 1 without negatives)."""
     model, _ = build_model(model_config(cfg), meta=True)
     out = {f"{part}_{kind}": count_params(getattr(model, part), kind == "trainable") for kind in
            ("trainable", "frozen") for part in ("vision", "text", "visual_projection", "text_projection")}
     out.update(lora=sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n),
                trainable=count_params(model, True), frozen=count_params(model, False))
-    n_img, n_txt = (2, 4) if cfg.hard_negatives else (1, 1)
-    pixels = torch.zeros(n_img, 3, model.image_size, model.image_size, device="meta")
-    ids = torch.ones(n_txt, cfg.max_text_len, dtype=torch.long, device="meta")
+    pixels = torch.zeros(1 + cfg.hard_negatives, 3, model.image_size, model.image_size, device="meta")
+    ids = torch.ones(1 + 3 * cfg.hard_negatives, cfg.max_text_len, dtype=torch.long, device="meta")
     out["gflops_row"] = count_flops(lambda: negclip_loss(*model(pixels, ids))[0].backward()) / 1e9
     log.info(counts_table(out))
     return out
@@ -786,10 +789,7 @@ def main(argv=None):
             with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
                 json.dump(scalars, f, indent=2)
             if cfg.report:  # data/negatives.py write_report: curves, rows scored before/after, bars
-                t, now = time.perf_counter(), "after" if cfg.mode == "train" or cfg.ckpt else "init"
-                scores = dict({"before": before} if before else {}, **{now: score(model)})
-                path = NG.write_report(cfg.out_dir, f"negclip.py --mode {cfg.mode}", cfg.mode == "train",
-                                       rows, scores, scalars, cfg.benchmarks, cfg.report_before)
+                t, path = time.perf_counter(), NG.write_report(cfg, rows, before, score(model), res)
                 log.info(f"report: {path} ({time.perf_counter() - t:.2f} s; eval {t - t_eval:.1f} s)")
         return res
     finally:

@@ -18,8 +18,9 @@ COCO-/Flickr-Order.
 (negclip.py passes its image encoder as a callback); the mined TSV carries a sidecar
 `<tsv>.key.json` naming its inputs, so a cached TSV is reused only for the same train file, image
 root, model and mining settings.  `NegativeShardStream` gives webdataset shards (`--train_shards`)
-the same swaps on the fly; `negative_rows` / `score_rows` / `write_report` make negclip.py's
-picture report.
+the same swaps on the fly (`shard_batches`: negclip.py's micro batches of them); `negative_rows` /
+`score_rows` / `write_report` make negclip.py's picture report; `resolve_paths` fills negclip.py's
+empty paths from the toy world.
 """
 import ast
 import csv
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from common import dist as D
-from common.data import DataError, ImageFolderLoader, ShardStream, read_pairs
+from common.data import DataError, ImageFolderLoader, ShardStream, read_pairs, stream_loader
 from common.image import load_image
 
 
@@ -686,10 +687,12 @@ def ensure_mined(cfg, embed_images, dist, force=False, log=print):
     or None when the TSV is kept."""
     tsv, tagger = cfg.train_tsv, make_tagger(cfg.tagger)
     mine_model = cfg.clip if cfg.init == "clip" else cfg.vision
+    # towers: cosine of the pooled feature (keys of TSVs mined before it was L2-normalised lack this)
+    space = {} if cfg.init == "clip" else {"space": "pooled vision feature, L2"}
 
     def make_key():
         return mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
-                          tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model)
+                          tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model, **space)
     why = "--mode mine" if force else stale_reason(tsv, make_key)
     why = D.broadcast_object(why)  # rank 0 decides: every rank takes part in mining or none does
     if why is None:
@@ -714,6 +717,23 @@ def save_mined(tsv, rows, summary, key):
         with open(tsv + suffix + ".tmp", "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tsv + suffix + ".tmp", tsv + suffix)
+
+
+def resolve_paths(cfg, is_main=True):
+    """negclip.py's Config: fill empty paths from the toy world, building it (only the backbones
+    read) on first use."""
+    from data.toy import toy_paths
+    uni = cfg.init == "unimodal"
+    towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
+    toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
+               bench_root="", retrieval_file="pairs_test.jsonl", retrieval_image_root="",
+               order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="", **towers)
+    toy_paths(cfg, toy, ["clip", "bert"] if uni else ["clip"], is_main, D.barrier)
+    for k in ("image_root", "bench_root", "retrieval_image_root", "order_image_root"):
+        setattr(cfg, k, os.path.normpath(getattr(cfg, k)))  # toy_root/"" -> toy_root
+    if not cfg.train_shards:  # (shards: nothing is mined)
+        cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
+    return cfg
 
 
 def negative_rows(cfg, n=6, k=3):
@@ -742,15 +762,19 @@ def score_rows(scorer, rows):
     return [(scorer.embed_texts(r["texts"]) @ e).tolist() for r, e in zip(rows, img)]
 
 
-def write_report(out_dir, title, curves, rows, scores, results, benchmarks, before=""):
-    """<out_dir>/report.html (common/report.py) -> its path: the training curves (when `curves`);
-    negative_rows' images with their caption and its hard negatives, a column of scores per model
-    ({name: [[score of each text] per row]}, the last one's decides the frame: green when the
-    caption wins); a bar chart per benchmark of `results` (named as the last scores), next to
-    the figures of `before` (a results.json path, e.g. the init model's eval) where given."""
+def write_report(cfg, rows, before, after, results):
+    """<cfg.out_dir>/report.html (common/report.py) of a negclip.py run -> its path: the training
+    curves (train mode); negative_rows' images with their caption and its hard negatives, a column
+    of score_rows' scores per model (`before`: the initial weights of a train run, or None; `after`:
+    the trained model, or the init model of a plain eval), the last deciding the frame (green when
+    the caption wins); a bar chart per benchmark of `results` (named as the last scores), next to
+    the figures of cfg.report_before (a results.json path, e.g. the init model's eval) if given."""
     from common.report import Report, bar_chart, card, grid, table, thumb, training_plots
-    rep, last = Report(title), list(scores.values())[-1]
-    before = json.loads(open(before, encoding="utf-8").read()) if before else {}
+    out_dir, benchmarks, curves = cfg.out_dir, cfg.benchmarks, cfg.mode == "train"
+    now = "after" if cfg.mode == "train" or cfg.ckpt else "init"
+    scores = dict({"before": before} if before else {}, **{now: after})
+    rep, last = Report(f"negclip.py --mode {cfg.mode}"), after
+    prev = json.loads(open(cfg.report_before, encoding="utf-8").read()) if cfg.report_before else {}
     with rep.timed():
         if curves:
             groups = {"temperature": ["scale"], "hard negatives, bad images": ["hard", "bad_images"]}
@@ -765,8 +789,8 @@ def write_report(out_dir, title, curves, rows, scores, results, benchmarks, befo
         for b in benchmarks:  # scores: not counts, spreads, ranks or CREPE's per-complexity rows
             keys = [k for k in results if re.fullmatch(
                 rf"{b}/(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank)$).*", k)]
-            old = [before.get(k, math.nan) for k in keys]
-            bars = {"before": old} if set(keys) & set(before) else {}
+            old = [prev.get(k, math.nan) for k in keys]
+            bars = {"before": old} if set(keys) & set(prev) else {}
             if keys:
                 bars[list(scores)[-1]] = [results[k] for k in keys]
                 rep.section(f"Benchmark: {b}", bar_chart([k[len(b) + 1:] for k in keys], bars))
@@ -796,3 +820,16 @@ class NegativeShardStream(ShardStream):
             neg = rng.choice(negs) if negs else None
             s["meta"] = dict(s["meta"], neg=neg, img_id=zlib.crc32(name))
             yield s
+
+
+def shard_batches(stream, tracker, collate, micro_batch, workers, pin, start, accum, hard_from):
+    """negclip.py's micro batches of steps start.. from a NegativeShardStream (`tracker`, a
+    common.data.StreamTracker, counts its unreadable samples): per row image x, caption t and a hard
+    caption n of t (from step hard_from on), no neighbour image; collate(items) -> the batch."""
+    for k, b in enumerate(stream_loader(stream, micro_batch, workers, pin)):
+        tracker.update(b)
+        tracker.check()
+        step = start + k // accum
+        items = [dict(x=x, t=t, n=m["neg"], img_id=m["img_id"], hard=step >= hard_from, step=step,
+                      tried=(), bad=()) for x, t, m in zip(b["image"], b["caption"], b["meta"])]
+        yield dict(collate(items), keys=b["key"])

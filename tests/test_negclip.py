@@ -18,6 +18,7 @@ import data.negatives as NG
 import negclip as N
 from common.checkpoint import CheckpointMismatch, save_checkpoint
 from common.data import DataError, read_pairs
+from common.image import load_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -426,6 +427,15 @@ def test_two_process_gloo_matches_one_process(mined, toy_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 2 and np.allclose(one, two, rtol=0, atol=1e-5)
+    # gradient accumulation (issue 17.2): 4 micro batches of 2 in one process, 2 of 2 on each of 2 processes,
+    # train on the loss of the whole global batch (before: the mean of the micro batches' own losses)
+    N.main([*map(str, common), *_args(toy_root, tmp_path / "acc", "--micro_batch", 2)])
+    cmd[-len(_args(toy_root, tmp_path / "two", "--micro_batch", 4)):] = _args(toy_root, tmp_path / "acc2",
+                                                                               "--micro_batch", 2)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for run in ("acc", "acc2"):
+        assert np.allclose(_losses(tmp_path / run), one, rtol=0, atol=1e-5), (run, _losses(tmp_path / run), one)
     # uni-modal towers whose mean-pooled CLIP tower leaves its post-LayerNorm unused: frozen before DDP, or
     # DDP's unused-parameter check stops the second step
     cmd[-len(_args(toy_root, tmp_path / "two", "--micro_batch", 4)):] = _args(
@@ -433,6 +443,176 @@ def test_two_process_gloo_matches_one_process(mined, toy_root, tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(tmp_path / "uni")) == 2
+
+
+# ---------------------------------------------------------------- exact gradient accumulation (issue 17.2)
+def _grad_rows(tsv, toy_root, init="clip", n=16, **extra):
+    """A model of the toy world in training mode and n rows of the mined TSV drawn as in epoch 0, with hard
+    negatives and neighbour images (the released layout)."""
+    towers = (dict(init="unimodal", vision=os.path.join(toy_root, "models", "clip"),
+                   text=os.path.join(toy_root, "models", "bert")) if init == "unimodal" else
+              dict(clip=os.path.join(toy_root, "models", "clip")))
+    cfg = N.Config(max_text_len=32, mask_duplicates=True, **towers, **extra)
+    torch.manual_seed(0)  # fresh heads of the unimodal init
+    model, tok = N.build_model(cfg)
+    rows, _ = NG.filter_rows(NG.read_negclip_tsv(tsv), toy_root, N.ImageFolderLoader(toy_root, None))
+    data = N.NegCLIPRows(rows, toy_root, model, cfg, hn_start=0)
+    return cfg, model.train(), tok, [data[(0, 0, i)] for i in range(n)]
+
+
+def _grads(model, fn):
+    """loss, {name: gradient} of fn() (which back-propagates)."""
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, tol=1e-5):
+    assert a[0] == pytest.approx(b[0], rel=tol, abs=tol), (a[0], b[0])
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 5
+    bad = [k for k in a[1] if not torch.allclose(a[1][k], b[1][k], rtol=tol, atol=tol)]
+    assert not bad, [(k, float((a[1][k] - b[1][k]).abs().max())) for k in bad[:5]]
+
+
+def _full_batch(cfg, model, tok, items):
+    """Loss and gradients of the global batch as one micro batch (no accumulation)."""
+    batch = N.collate(items, tok, cfg.max_text_len)
+    cpu, scaler = torch.device("cpu"), N.amp.make_scaler(torch.float32)
+    return _grads(model, lambda: N.accumulate(model, model, [batch], cfg, cpu, torch.float32, scaler, 1)[0])
+
+
+@pytest.mark.parametrize("extra", [{}, dict(lock_vision=True, lora_r=2, lora_dropout=0.0)], ids=["full", "lit_lora"])
+def test_gradient_caching_equals_one_full_batch(mined, toy_root, extra):
+    """Global batch 16 in 4 micro batches of 4 (hard negatives, neighbour images, duplicate masking): the loss
+    and every gradient equal those of the 16 rows in one batch; also with a locked image tower (its features
+    from the first pass, reused) and LoRA on the text tower.  Each micro batch's own loss (what the step
+    computed before gradient caching) is another loss."""
+    cfg, model, tok, items = _grad_rows(mined[0], toy_root, **extra)
+    micro = [N.collate(items[k:k + 4], tok, cfg.max_text_len) for k in range(0, 16, 4)]
+    assert micro[0]["blocks"] == (2, 4) and micro[0]["pixels"].shape[0] == 8
+    cpu, scaler = torch.device("cpu"), N.amp.make_scaler(torch.float32)
+    acc = _grads(model, lambda: N.accumulate(model, model, micro, cfg, cpu, torch.float32, scaler, 1)[0])
+    full = _full_batch(cfg, model, tok, items)
+    _assert_same(acc, full)
+    with torch.no_grad():
+        own = np.mean([float(N.forward_loss(model, model, b, cfg, cpu, torch.float32)[0]) for b in micro])
+    assert abs(own - full[0]) > 0.1, (own, full[0])
+
+
+def test_gradient_caching_replays_the_dropout_masks(mined, toy_root):
+    """BERT's dropout on (unimodal init, training mode): the re-run of each micro batch draws the masks of its
+    first pass, so the gradients equal those of embedding the micro batches with gradient in one graph."""
+    cfg, model, tok, items = _grad_rows(mined[0], toy_root, "unimodal", n=8)
+    micro = [N.collate(items[k:k + 4], tok, cfg.max_text_len) for k in range(0, 8, 4)]
+    cpu, f32 = torch.device("cpu"), torch.float32
+
+    def one_graph():
+        embs = [N.embed(model, model, b, cfg, cpu, f32) for b in micro]
+        loss = N.global_loss([e[0] for e in embs], [e[1] for e in embs], embs[0][2], micro, cfg, cpu)[0]
+        loss.backward()
+        return loss.detach()
+
+    def cached():
+        return N.accumulate(model, model, micro, cfg, cpu, f32, N.amp.make_scaler(f32), 1)[0]
+    runs = []
+    for seed, fn in ((0, one_graph), (0, cached), (1, cached)):
+        torch.manual_seed(seed)
+        runs.append(_grads(model, fn))
+    _assert_same(runs[1], runs[0])
+    assert not torch.allclose(runs[2][1]["text.embeddings.word_embeddings.weight"],
+                              runs[0][1]["text.embeddings.word_embeddings.weight"])  # the masks matter
+
+
+def _rank_accumulate(rank, world, port, tsv, toy_root, out_dir):
+    """One rank of a gloo DDP step with gradient caching: 16 rows, 2 ranks, 2 micro batches of 4 per rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist = N.D.setup_distributed("cpu")
+    try:
+        cfg, model, tok, items = _grad_rows(tsv, toy_root)
+        net = N.D.wrap_ddp(model, dist)
+        micro = [N.collate(items[(2 * a + rank) * 4:(2 * a + rank + 1) * 4], tok, cfg.max_text_len) for a in (0, 1)]
+        out = _grads(model, lambda: N.accumulate(net, model, micro, cfg, dist.device, torch.float32,
+                                                 N.amp.make_scaler(torch.float32), world)[0])
+        torch.save(out, os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        N.D.cleanup_distributed()
+
+
+def test_gradient_caching_on_two_gloo_processes_equals_one_full_batch(mined, toy_root, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_accumulate, args=(2, port, mined[0], toy_root, str(tmp_path)), nprocs=2, join=True)
+    cfg, model, tok, items = _grad_rows(mined[0], toy_root)
+    full = _full_batch(cfg, model, tok, items)
+    for r in range(2):  # DDP: every rank holds the global batch's gradients
+        _assert_same(torch.load(tmp_path / f"grads{r}.pt"), full)
+
+
+def test_training_images_ship_as_uint8_and_give_the_loss_of_float_images(mined, toy_root):
+    """Issue 18.7: the training rows hold uint8 images, normalised in the step on the device; the loss equals that
+    of the same crops normalised in the loader (what the step did before)."""
+    cfg, model, tok, _ = _grad_rows(mined[0], toy_root, n=0)
+    rows, _ = NG.filter_rows(NG.read_negclip_tsv(mined[0]), toy_root, N.ImageFolderLoader(toy_root, None))
+    data = N.NegCLIPRows(rows, toy_root, model, cfg, hn_start=0)
+    batches = []
+    for uint8 in (True, False):
+        data.tf.uint8 = uint8
+        batches.append(N.collate([data[(0, 0, i)] for i in range(8)], tok, cfg.max_text_len))
+    assert batches[0]["pixels"].dtype == torch.uint8 and batches[1]["pixels"].dtype == torch.float32
+    with torch.no_grad():
+        u8, f32 = (float(N.forward_loss(model, model, b, cfg, torch.device("cpu"), torch.float32)[0]) for b in batches)
+    assert u8 == pytest.approx(f32, abs=1e-6)
+
+
+# ---------------------------------------------------------------- model selection, mining space (issue 17.8)
+def test_eval_after_training_uses_the_best_validation_checkpoint(mined, toy_root, tmp_path, monkeypatch, capsys):
+    """Validation at steps 2 and 4, the first scoring higher: the evaluation after training (and the report) gets
+    best.pt's weights (step 2), not the last; without validation, the last weights."""
+    tsv, _ = mined
+    scores, evaluated = iter([50.0, 40.0]), []
+    monkeypatch.setattr(N.B, "eval_retrieval", lambda *a: dict(r_mean=next(scores), txt_r1=0.0, img_r1=0.0))
+    monkeypatch.setattr(N, "evaluate", lambda model, *a: evaluated.append(N.trainable_state(model)) or {})
+    common = ["--train_tsv", tsv, "--max_steps", 4, "--global_batch", 8, "--micro_batch", 8, "--lr", 1e-3,
+              "--warmup", 1, "--report", "false"]
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "a", *common, "--val_every", 2)])
+    assert res["train/selected_step"] == 2 and res["train/best_val_r_mean"] == 50.0
+    assert f"selected weights: {tmp_path / 'a' / 'best.pt'} (step 2, val r_mean 50.00)" in capsys.readouterr().out
+    best, last = (N.load_checkpoint(str(tmp_path / "a" / f)) for f in ("best.pt", "last.pt"))
+    assert (best["step"], last["step"]) == (2, 4)
+    k = "text_projection.weight"
+    assert torch.equal(evaluated[0][k], best["model"][k]) and not torch.equal(evaluated[0][k], last["model"][k])
+    assert all(torch.equal(v, best["model"][n]) for n, v in evaluated[0].items())
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--val_file", "none")])
+    assert res["train/selected_step"] == 4 and not (tmp_path / "b" / "best.pt").exists()
+    assert "selected weights: the last (step 4; no validation checkpoint)" in capsys.readouterr().out
+    last = N.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    assert all(torch.equal(v, last["model"][n]) for n, v in evaluated[1].items())
+
+
+def test_unimodal_mining_uses_the_pooled_vision_feature(toy_root, monkeypatch):
+    """--init unimodal mines neighbour images on the vision tower's pooled feature: re-drawing the random
+    projection head changes no embedding (the projected one would change); --init clip: CLIP's embedding."""
+    paths = [os.path.join(toy_root, r["image"]) for r in read_pairs(os.path.join(toy_root, "pairs_train.jsonl"))[:6]]
+    monkeypatch.setattr(NG, "ensure_mined", lambda cfg, embed, *a: embed(paths))
+    dist, log = N.D.Dist(), N.Logger(None, False)
+    for init in ("unimodal", "clip"):
+        cfg = N.resolve_paths(N.Config(init=init, toy_root=toy_root, eval_batch=4, tagger="rule"))
+        torch.manual_seed(0)
+        model, tok = N.build_model(N.model_config(cfg))
+        emb = N.mine(cfg, model, tok, dist, torch.float32, log)
+        x = torch.stack([N.ImageTransform(model.image_size, mean=model.image_mean, std=model.image_std)(
+            load_image(p)) for p in paths])
+        with torch.no_grad():
+            ref = model.encode_image(x) if init == "clip" else _unit(model.pool_image(x))
+            assert torch.allclose(emb, ref, atol=1e-5), init
+            torch.nn.init.normal_(model.visual_projection.weight)  # a new random head
+            assert torch.allclose(N.mine(cfg, model, tok, dist, torch.float32, log), emb, atol=1e-6) == (
+                init == "unimodal")
 
 
 def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path):
@@ -448,6 +628,7 @@ def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path):
     b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "bench", "--train_tsv", tsv, "--bench", 2,
                                           "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
     assert b["samples_s"] > 0 and b["bench_steps"] == 2
+    assert b["ms_data"] > 0 and b["samples_s_step"] > b["samples_s"]  # the loader's time, apart (issue 18.7)
     # a diverging run stops with the step and the loss terms, keeping no new checkpoint
     from common.train import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+: loss=.*i2t=.*t2i="):
@@ -581,8 +762,9 @@ def _rank_shard_run(rank, world, port, argv, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    keys, forward_loss = [], N.forward_loss
-    N.forward_loss = lambda net, model, batch, *a: keys.append(list(batch["keys"])) or forward_loss(net, model, batch, *a)
+    keys, global_loss = [], N.global_loss  # the loss of each step sees all its micro batches
+    N.global_loss = lambda i, t, s, batches, *a: keys.extend(list(b["keys"]) for b in batches) or global_loss(
+        i, t, s, batches, *a)
     N.main(argv)
     with open(os.path.join(out_dir, f"keys{rank}.json"), "w") as f:
         json.dump(keys, f)
