@@ -17,9 +17,9 @@ fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam
     torchrun --nproc_per_node 8 dlip.py --preset paper --image_root /data --train_files coco.jsonl
     torchrun --nproc_per_node 8 dlip.py --preset paper --train_shards 'cc3m/{00000..00331}.tar'
 (img2dataset webdataset shards, docs/data.md). Each run writes <out_dir>/report.html (--report false: none).
-Toy figures and how the toy recipe was chosen: docs/dlip.md. Teachers in transformers' format
-(BlipForImageTextRetrieval / BlipForConditionalGeneration) load with every weight accounted for;
-tests check ITM, ITC and decoder logits against transformers to 1e-4.
+Toy figures and how the toy recipe was chosen: docs/dlip.md. Teachers (salesforce/BLIP's .pth, the
+paper preset's, or transformers' BlipForImageTextRetrieval / BlipForConditionalGeneration) load with
+every weight accounted for; tests check ITM, ITC and decoder logits against transformers to 1e-4.
 """
 import contextlib
 import copy
@@ -32,7 +32,6 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -122,15 +121,17 @@ class Config(Size):
     max_len: int = 30                  # tokens: 30 pretrain, 35 retrieval, 40 caption in BLIP
     num_workers: int = 0
     max_bad_frac: float = 0.05         # stop when more distinct images than this are unreadable
+    hflip: bool = False                # training: random horizontal flip (BLIP's transform_train)
+    randaug: bool = False              # training: BLIP's RandomAugment(2, 5) after crop and flip
     max_eval_images: int = 0           # 0 = all
-    train_limit: int = 0               # train on the first N pairs only (0 = all)
+    train_limit: int = 0               # train on the first N images only, all their captions (0 = all)
     init_vit: str = ""                 # HF ViT (DeiT) or CLIP folder for the student image encoder
     init_text: str = ""                # HF BERT folder for the text stack (DLIP: matters little)
     momentum: float = 0.995
     alpha: float = 0.4                 # weight of the momentum model's soft ITC targets
     alpha_ramp_epochs: float = 2.0     # alpha ramps up from 0 (BLIP: 2 epochs pretrain, 1 finetune)
     # ---- teacher and distillation: one weight per loss term (0 = not computed)
-    teacher: str = "runs/dlip_toy_teacher/last.pt"  # dlip checkpoint or BlipForImageTextRetrieval
+    teacher: str = "runs/dlip_toy_teacher/last.pt"  # dlip or BLIP .pth or BlipForImageTextRetrieval
     teacher_caption: str = ""          # BlipForConditionalGeneration folder of a split HF teacher
     teacher_temp: float = 0.07         # ITC temperature of an HF teacher (its folder has none)
     itc_kd: str = "v2"                 # v2: teacher feats vs student queue; kl: in-batch row KL
@@ -181,29 +182,32 @@ class Config(Size):
 
 
 # Toy recipe: 64 px scenes, patch 8, 24 text tokens; the toy CLIP vision tower and BERT stand in for
-# DeiT and bert-base. How each toy value was chosen, with the measurements: docs/dlip.md.
+# DeiT and bert-base. An epoch is every (scene, caption) pair: 5 per scene. No flip and no
+# RandAugment (hflip, randaug false): the toy captions say left/right and name colours, and BLIP
+# flips and recolours without touching the caption. How each toy value was chosen: docs/dlip.md.
 TOY = dict(image_size=64, patch_size=8, max_len=24, global_batch=32, micro_batch=32, queue_size=32,
-           epochs=10, lr=1e-3, warmup_steps=20, lr_decay=0.95, momentum=0.99, k_test=16,
+           epochs=2, lr=1e-3, warmup_steps=20, lr_decay=0.774, momentum=0.99, k_test=16,
            tokenizer="toy:models/bert", init_vit="toy:models/clip")
 PRESETS = {
     # student: the CLIP tower's width with 2 of its 4 layers, a random 2 x 64 text stack, 500 scenes
     "toy": dict(TOY, vit_width=128, vit_layers=2, vit_heads=4, vit_mlp=512, text_width=64,
-                text_layers=2, text_heads=4, text_ffn=256, train_limit=500, epochs=40,
-                lr_decay=0.987, alpha_ramp_epochs=8.0, teacher="runs/dlip_toy_teacher/last.pt",
+                text_layers=2, text_heads=4, text_ffn=256, train_limit=500, epochs=8,
+                lr_decay=0.937, alpha_ramp_epochs=1.6, teacher="runs/dlip_toy_teacher/last.pt",
                 out_dir="runs/dlip_toy"),
     # teacher: plain BLIP from the full CLIP tower and a 4 x 128 BERT, all 2000 scenes, 3x longer
-    "toy_teacher": dict(TOY, epochs=30, vit_width=128, vit_layers=4, vit_heads=4, vit_mlp=512,
-                        text_width=128, text_layers=4, text_heads=4, text_ffn=512,
+    "toy_teacher": dict(TOY, epochs=6, alpha_ramp_epochs=0.4, vit_width=128, vit_layers=4,
+                        vit_heads=4, vit_mlp=512, text_width=128, text_layers=4, text_heads=4,
+                        text_ffn=512,
                         init_text="toy:models/bert", teacher="", out_dir="runs/dlip_toy_teacher"),
     # the DLIP V2 replication's recipe (github.com/jfan1256/dlip-v2): DeiT-S, a 6 x 384 text stack
     "paper": dict(image_size=224, patch_size=16, vit_width=384, vit_layers=12, vit_heads=6,
                   vit_mlp=1536, text_width=384, text_layers=6, text_heads=12, text_ffn=3072,
                   embed_dim=256, dropout=0.1, init_vit="facebook/deit-small-patch16-224",
                   tokenizer="bert-base-uncased", max_len=30, queue_size=57600,
-                  teacher="Salesforce/blip-itm-base-coco",
-                  teacher_caption="Salesforce/blip-image-captioning-base", global_batch=1152,
+                  teacher="model_base.pth", teacher_caption="", global_batch=1152,  # BLIP_URL
                   micro_batch=288, epochs=20, lr=5e-4, warmup_steps=3000,
                   weight_decay=0.02, k_test=256, eval_batch=128, num_workers=8, log_every=50,
+                  hflip=True, randaug=True,
                   save_every=2000, out_dir="runs/dlip"),
 }
 # Fine-tuning recipes (BLIP's retrieval/caption configs, V2's student lr) that --mode retrieval|caption
@@ -835,18 +839,18 @@ def load_tokenizer(path):
 
 
 class PairsDataset(torch.utils.data.Dataset):
-    """Canonical pairs as training samples keyed (epoch, item): every (image, caption) pair
-    (per_caption) or each image with one caption drawn per epoch (web pretraining). Caption choice
-    and augmentation are seeded by (seed, epoch, item): the same stream for any number of ranks and
-    after a resume. An unreadable image is replaced by the next record (equal batch shapes on all
-    ranks) and named in the sample's `bad` list: the main process counts it once."""
+    """Canonical pairs as training samples keyed (epoch, item): one item per (image, caption) pair,
+    in pretraining as in fine-tuning (salesforce/BLIP data/pretrain_dataset.py and
+    coco_karpathy_dataset.py list one caption per entry), so an epoch covers every caption once.
+    Augmentation is seeded by (seed, epoch, item): the same stream for any number of ranks and after
+    a resume. An unreadable image is replaced by the next pair (equal batch shapes on all ranks) and
+    named in the sample's `bad` list: the main process counts it once."""
 
-    def __init__(self, records, image_root, transform, per_caption, seed, max_words, max_bad_frac):
+    def __init__(self, records, image_root, transform, seed, max_words, max_bad_frac):
         self.records, self.transform, self.seed = records, transform, seed
         self.max_words = max_words
         # (record, caption) as numpy arrays, not Python tuples: forked workers share them (docs/data.md)
-        self.rec, self.cap = records.pairs() if per_caption else \
-            (np.arange(len(records)), np.full(len(records), -1))
+        self.rec, self.cap = records.pairs()
         self.loader = ImageFolderLoader(image_root, transform, max_bad_frac)
 
     def __len__(self):
@@ -863,8 +867,7 @@ class PairsDataset(torch.utils.data.Dataset):
             image = self.loader(path)
             tried.append(path)
             if image is not None:
-                cap = caps[j] if j >= 0 else caps[rng.randrange(len(caps))]
-                return image, pre_caption(cap, self.max_words), i, tried, bad
+                return image, pre_caption(caps[j], self.max_words), i, tried, bad
             bad.append(path)
         self.loader.check(final=True)
         raise DataError(f"20 unreadable images in a row from item {k}: {self.loader.report()}")
@@ -875,14 +878,14 @@ def collate(batch):
     return torch.stack(images), list(caps), torch.tensor(idx), sum(tried, []), sum(bad, [])
 
 
-def shard_batches(cfg, transform, dist, tracker, state):
+def shard_batches(cfg, transform, dist, tracker, state, pin=False):
     """Micro-batches from webdataset shards (common.data.ShardStream: split over ranks and workers,
     exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples. The
     image id (ITC positives; never an ITM negative) is key.json's "image" where the set names one
     (the toy shards hold an image once per caption), else the key: web data has one caption each."""
     stream = ShardStream(cfg.train_shards, transform, dist.rank, dist.world_size, cfg.seed,
                          max_bad_frac=cfg.max_bad_frac, resume=state)
-    for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers):
+    for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers, pin):
         tracker.update(b)
         tracker.check()
         names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]
@@ -903,8 +906,8 @@ class EvalImages:
 
     def __init__(self, recs, cfg, size):
         self.paths, self.size = [r["image"] for r in recs], size
-        self.loader = ImageFolderLoader(cfg.image_root, ImageTransform(
-            size, mean=CLIP_MEAN, std=CLIP_STD), cfg.max_bad_frac)
+        self.loader = ImageFolderLoader(cfg.image_root, image_transforms(cfg, size)[1],
+                                        cfg.max_bad_frac)
 
     def __len__(self):
         return len(self.paths)
@@ -917,6 +920,15 @@ class EvalImages:
         self.loader.check()
         blank = torch.zeros(3, self.size, self.size)
         return torch.stack([blank if im is None else im for im in ims])
+
+
+def image_transforms(cfg, size):
+    """(training, eval) transforms of salesforce/BLIP data/__init__.py: random resized crop (scale
+    0.2-1 pretraining, 0.5-1 fine-tuning), --hflip, --randaug; eval: bicubic resize to a square.
+    Training images stay uint8 until the device normalises them (micro_step)."""
+    scale = (0.2, 1.0) if cfg.mode == "pretrain" else (0.5, 1.0)
+    return (ImageTransform(size, train=True, scale=scale, hflip=cfg.hflip, randaug=cfg.randaug,
+                           uint8=True), ImageTransform(size, resize="square"))
 
 
 def eval_set(path, cfg, size):
@@ -942,22 +954,35 @@ def rerank_scores(sim, itm_fn, k, rows):
     return out
 
 
+def gather_rows(x, n, dist):
+    """This rank's cdist.shard_indices rows of an (n, ...) tensor -> all n rows on every rank: the
+    shards are contiguous, so the padded, gathered blocks cut at n are the rows in order."""
+    pad = x.new_zeros((-(-n // dist.world_size) - len(x), *x.shape[1:]))
+    return cdist.all_gather_no_grad(torch.cat([x, pad]))[:n]
+
+
 @torch.no_grad()
 def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, device, dtype, shown=None):
-    """TR/IR R@1/5/10 with ITC only and with ITC top-k + ITM re-ranking (k = cfg.k_test)."""
+    """TR/IR R@1/5/10 with ITC only and with ITC top-k + ITM re-ranking (k = cfg.k_test). Each rank
+    encodes its shard of the images and texts, then all gather them (BLIP's train_retrieval.py has
+    every rank encode all); the re-ranking is split over ranks by rows, as BLIP splits it."""
     from common.metrics import retrieval_recall
     model.eval()
-    emb, img_feat, txt_ids, txt_mask, txt_feat, n = [], [], [], [], [], cfg.eval_batch
+    emb, img_feat, txt_feat, n = [], [], [], cfg.eval_batch
+    mine_i, mine_t = cdist.shard_indices(len(images), dist), cdist.shard_indices(len(texts), dist)
+    ids, mask = tokenize(tok, texts, cfg.max_len, device)  # (N_txt, L): the re-ranking reads all
     with camp.autocast(device, dtype):
-        for i in progress(range(0, len(images), n), dist.is_main, desc="images"):
-            e, f = model.image_features(images[i:i + n].to(device))
+        for i in progress(range(0, len(mine_i), n), dist.is_main, desc="images"):
+            e, f = model.image_features(images[mine_i[i:i + n]].to(device))
             emb.append(e.float()), img_feat.append(f.float())
-        for i in range(0, len(texts), n):
-            ids, mask = tokenize(tok, texts[i:i + n], cfg.max_len, device)
-            txt_ids.append(ids), txt_mask.append(mask)
-            txt_feat.append(model.text_features(ids, mask)[1].float())
-    emb, img_feat, txt_feat = torch.cat(emb), torch.cat(img_feat), torch.cat(txt_feat)
-    ids, mask = torch.cat(txt_ids), torch.cat(txt_mask)
+        for i in range(0, len(mine_t), n):
+            rows = mine_t[i:i + n]
+            txt_feat.append(model.text_features(ids[rows], mask[rows])[1].float())
+    c, nv = model.c, (model.c.image_size // model.c.patch_size) ** 2 + 1
+    cat = lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=device)  # noqa
+    emb = gather_rows(cat(emb, nv, c.vit_width), len(images), dist)  # (N_img, Nv, Dv)
+    img_feat = gather_rows(cat(img_feat, c.embed_dim), len(images), dist)  # (N_img, E)
+    txt_feat = gather_rows(cat(txt_feat, c.embed_dim), len(texts), dist)  # (N_txt, E)
     sim = img_feat @ txt_feat.T  # (N_img, N_txt)
     if shown is not None:  # the report's: every text's ITC top-5 images (N_txt, 5)
         shown["top5"] = sim.topk(min(5, sim.shape[0]), dim=0).indices.T.cpu()
@@ -1159,10 +1184,11 @@ def lr_at(cfg, step, total, steps_per_epoch):
     return max(cfg.min_lr, cfg.lr * cfg.lr_decay ** (step // steps_per_epoch))
 
 
-def build_model(cfg, special):
-    """The trainable model: the pretrain student (every part, tied decoder, momentum), or the
-    fine-tuning model built from --init: retrieval = image + text encoder + heads + momentum;
-    caption = image encoder + decoder (BLIP's BLIP_Retrieval / BLIP_Decoder)."""
+def build_model(cfg, special, log=None):
+    """The trainable model: the pretrain student (every part, tied decoder, momentum; --init: the
+    tensors of a BLIP .pth or dlip checkpoint that fit its shapes), or the fine-tuning model built
+    from --init: retrieval = image + text encoder + heads + momentum; caption = image encoder +
+    decoder (BLIP's BLIP_Retrieval / BLIP_Decoder)."""
     if cfg.mode == "pretrain":
         c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum,
                         **special)
@@ -1171,6 +1197,13 @@ def build_model(cfg, special):
             init_from_hf_vit(model, cfg.init_vit)
         if cfg.init_text:
             init_from_hf_bert(model, cfg.init_text)
+        if cfg.init:
+            sd, own = load_checkpoint(cfg.init)["model"], model.state_dict()
+            fit = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape
+                   and k not in QUEUES}
+            model.load_state_dict(fit, strict=False)
+            if log:
+                log.info(f"--init {cfg.init}: {len(fit)} of {len(own)} tensors fit the student")
         for on, mo in model.momentum_pairs():
             mo.load_state_dict(on.state_dict())  # the momentum model starts as a copy
         return model
@@ -1180,7 +1213,7 @@ def build_model(cfg, special):
     parts = dict(has_encoder=ret, has_decoder=not ret, tie_decoder=False, momentum=ret,
                  grad_ckpt=cfg.grad_ckpt, dropout=cfg.dropout, ema=cfg.momentum,
                  prompt="" if ret else cfg.prompt)
-    return load_dlip(cfg.init, parts, cfg.image_size, cfg.queue_size)
+    return load_dlip(cfg.init, parts, cfg.image_size, cfg.queue_size, special=special)
 
 
 def kind(cfg):
@@ -1195,18 +1228,16 @@ RESUME_FREE_DLIP = RESUME_FREE | {"val_file", "test_file", "max_eval_images", "k
 
 def train(cfg, dist, device, dtype, log):
     tok, special = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg, special).to(device)
+    model = build_model(cfg, special, log).to(device)
     if model.c.vocab_size != special["vocab_size"]:
         raise ValueError(f"model vocabulary {model.c.vocab_size} != the tokenizer's {len(tok)}")
     teacher, w = load_teacher(cfg, model, special, device, dtype, log)
-    aug = ImageTransform(model.c.image_size, train=True,
-                         scale=(0.2, 1.0) if cfg.mode == "pretrain" else (0.5, 1.0))
+    aug = image_transforms(cfg, model.c.image_size)[0]
     if cfg.train_shards:  # a stream is not indexed: the sampler below only fixes the accumulation
         data, n_samples = None, shard_sample_count(cfg.train_shards)
     else:
         records = Records.concat([read_pairs(f) for f in cfg.train_files])[:cfg.train_limit or None]
-        data = PairsDataset(records, cfg.image_root, aug, cfg.mode != "pretrain", cfg.seed,
-                            cfg.max_words, cfg.max_bad_frac)
+        data = PairsDataset(records, cfg.image_root, aug, cfg.seed, cfg.max_words, cfg.max_bad_frac)
         n_samples = len(data)
     spe = n_samples // cfg.global_batch
     total = cfg.max_steps or max(1, int(round(cfg.epochs * spe)))
@@ -1230,8 +1261,9 @@ def train(cfg, dist, device, dtype, log):
     sampler = StepSampler(n_samples, cfg.global_batch, cfg.micro_batch, dist.world_size, dist.rank,
                           cfg.seed, step, total)
     tracker = StreamTracker(cfg.train_shards, cfg.max_bad_frac, state=stream) if data is None else None
-    batches = iter(shard_batches(cfg, aug, dist, tracker, stream) if tracker else
-                   make_loader(data, sampler, collate, cfg.num_workers, cfg.seed, dist.rank))
+    pin = device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
+    batches = iter(shard_batches(cfg, aug, dist, tracker, stream, pin) if tracker else
+                   make_loader(data, sampler, collate, cfg.num_workers, cfg.seed, dist.rank, pin))
     prompt_len = len(tok(cfg.prompt).input_ids) - 1 if cfg.mode == "caption" else 1  # [DEC]+prompt
     weights = {"itc": cfg.w_itc, "itm": cfg.w_itm, "lm": cfg.w_lm, **w}
     attn = any(w.get(k, 0) > 0 for k in ("attn_sa", "attn_ca", "attn_dec"))
@@ -1239,13 +1271,18 @@ def train(cfg, dist, device, dtype, log):
     n = count_params(model, trainable=True) / 1e6
     log.info(f"{n_samples} samples, {spe} steps/epoch, {total} steps, accumulation "
              f"{sampler.accum}, {n:.2f}M trainable params")
+    if model.c.momentum:  # ITC contrasts each sample with the gathered micro batch and the queue
+        g, q = cfg.micro_batch * dist.world_size, model.c.queue_size
+        one_pass = f" (global batch {cfg.global_batch} in one pass: {cfg.global_batch - 1 + q})"
+        log.info(f"ITC negatives per sample: {g - 1 + q} = {cfg.micro_batch} x {dist.world_size} "
+                 f"ranks - 1 + queue {q}" + (one_pass if sampler.accum > 1 else ""))
 
     def micro_step(batch, step, a):
         images, caps, idx, tried, bad = batch
         if data is not None:  # the one bad-image rule: distinct images, also from workers
             data.loader.merge(tried, bad)
             data.loader.check()
-        images, idx = images.to(device, non_blocking=True), idx.to(device)
+        images, idx = aug.normalize(images.to(device, non_blocking=True)), idx.to(device)  # uint8 in
         caps = [cfg.prompt + c for c in caps] if cfg.mode == "caption" else caps
         ids, mask = tokenize(tok, caps, cfg.max_len, device, pad_to_max=cfg.mode != "caption")
         ramp = max(1.0, cfg.alpha_ramp_epochs * spe)
@@ -1261,14 +1298,17 @@ def train(cfg, dist, device, dtype, log):
                 terms.update(distill_losses(s, t, w, alpha, maps, cfg.rep_layers))
         return sum(weights[k] * v for k, v in terms.items()), terms
 
-    def optimizer_step(step):
+    def next_batches():  # this step's micro batches, from the loader
+        return [next(batches) for _ in range(sampler.accum)]
+
+    def optimizer_step(step, micro=None):
         lr = lr_at(cfg, step, total, spe)
         set_lr(opt, lr)
         sums = {}
-        for a in range(sampler.accum):
+        for a, batch in enumerate(micro or next_batches()):
             sync = a == sampler.accum - 1 or dist.world_size == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss, terms = micro_step(next(batches), step, a)
+                loss, terms = micro_step(batch, step, a)
                 scaler.scale(loss / sampler.accum).backward()
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / sampler.accum
@@ -1281,12 +1321,12 @@ def train(cfg, dist, device, dtype, log):
         model.train()
         state = {"step": step}
 
-        def one():
-            optimizer_step(state["step"])
+        def one(micro):
+            optimizer_step(state["step"], micro)
             state["step"] += 1
-        flops = count_flops(one) if device.type == "cuda" else None
+        flops = count_flops(lambda: one(next_batches())) if device.type == "cuda" else None
         return run_bench(one, cfg.bench, cfg.global_batch, device, warmup=2, flops_per_step=flops,
-                         dtype=dtype)
+                         dtype=dtype, data_fn=next_batches)  # data (the real loader) timed apart
 
     timer, history, metrics, flops_step = StepTimer(device), [], {}, None
     model.train()
@@ -1381,7 +1421,8 @@ def resolve(cfg, argv, dist=None):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(Config, PRESETS, argv)
+    cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B, "
+                       f"--teacher model_base.pth: download it from {BLIP_URL}")
     if cfg.mode not in ("pretrain", "retrieval", "caption", "eval", "params"):
         raise ValueError(f"--mode must be pretrain|retrieval|caption|eval|params, got {cfg.mode!r}")
     if cfg.mode == "params":
@@ -1442,12 +1483,16 @@ def params_mode(cfg, log):
     part's greedy decoding counted as one pass over gen_max_len tokens (the same matmuls as with a cache)."""
     c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum)
     models = {"student": [(c, "")]}
-    if cfg.teacher:  # a dlip checkpoint, or transformers folders / hub names (retrieval + caption)
-        ck = load_checkpoint(cfg.teacher) if cfg.teacher.endswith((".pt", ".pth")) else None
-        models["teacher"] = [(replace(ModelConfig(**(ck.get("model_config") or ck["shape"])),
-                                      momentum=False), "")] if ck else \
+    if cfg.teacher:  # a dlip or BLIP checkpoint, or transformers folders / hub names
+        ck = load_checkpoint(cfg.teacher) if cfg.teacher.endswith(".pt") or os.path.isfile(cfg.teacher) \
+            else None
+        # a BLIP .pth not at hand: the released transformers BLIP ViT-B models, the same shapes
+        hub = ("Salesforce/blip-itm-base-coco", "Salesforce/blip-image-captioning-base") \
+            if cfg.teacher.endswith(".pth") else (cfg.teacher, cfg.teacher_caption)
+        models["teacher"] = [(blip_pth_config(ck["model"], {}) if is_blip_pth(ck) else replace(
+            ModelConfig(**(ck.get("model_config") or ck["shape"])), momentum=False), "")] if ck else \
             [(blip_config(published_config(n).to_dict(), r, {}), s)
-             for n, r, s in ((cfg.teacher, True, "_itm"), (cfg.teacher_caption, False, "_cap")) if n]
+             for n, r, s in ((hub[0], True, "_itm"), (hub[1], False, "_cap")) if n]
     out = {}
     for tag, confs in models.items():
         for mc, sfx in confs:
@@ -1492,6 +1537,8 @@ def load_teacher(cfg, model, special, device, dtype, log):
                  "attn_dec", "itm_kd")
         w = dict({k: getattr(cfg, "w_" + k) for k in names}, itc_kd_kind=cfg.itc_kd)
     ckpt = path.endswith((".pt", ".pth"))
+    if path.endswith(".pth") and not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint {path} not found; BLIP's pretrained ViT-B: {BLIP_URL}")
     if ckpt and not os.path.isfile(path):
         how = "--mode caption --init runs/dlip_toy_teacher/last.pt" if cfg.ft_distill else \
             "--preset toy_teacher"
@@ -1500,10 +1547,10 @@ def load_teacher(cfg, model, special, device, dtype, log):
     frozen = dict(momentum=False, dropout=0.0)
     if cfg.ft_distill:  # a pretrain or a caption checkpoint: the untied decoder loads from both
         dec = dict(frozen, has_encoder=False, has_decoder=True, tie_decoder=False)
-        ret, cap = None, load_dlip(path, dec, cfg.image_size, flag="--teacher") if ckpt else \
+        ret, cap = None, load_dlip(path, dec, cfg.image_size, "--teacher", special) if ckpt else \
             load_hf_blip(path, special, cfg.image_size)
     elif ckpt:
-        ret = cap = load_dlip(path, frozen, cfg.image_size, flag="--teacher")
+        ret = cap = load_dlip(path, frozen, cfg.image_size, flag="--teacher", special=special)
     else:
         ret = load_hf_blip(path, special, cfg.image_size, cfg.teacher_temp)
         cap = load_hf_blip(cfg.teacher_caption, special, cfg.image_size) if cfg.teacher_caption \
@@ -1621,27 +1668,70 @@ def set_image_size(model, size):
 QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 
 
-def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init"):
-    """A dlip checkpoint -> BLIP. `parts` overrides ModelConfig fields (has_encoder, momentum, ...):
-    fine-tuning builds the retrieval or the caption model from a pretrain checkpoint. Every weight
-    of the new model must be in the checkpoint (tied tensors are saved under the decoder's names
-    too, so an untied decoder loads completely); the feature queues start fresh."""
-    ck = load_checkpoint(path)
-    expect_checkpoint(ck, path, "dlip", flag=flag)
-    c = replace(ModelConfig(**(ck.get("model_config") or ck["shape"])), **parts)
+# salesforce/BLIP's released checkpoints, e.g. the pretrained ViT-B teacher of the paper preset:
+BLIP_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base.pth"
+# They hold {"model": state_dict} under the names of this file already (transformers'
+# convert_blip_original_pytorch_to_hf.py renames only their timm ViT keys); what a model here does
+# not take: momentum copies and queues (of a frozen teacher), position_ids, the LM head's tied
+# `decoder` projection.
+BLIP_EXTRA = re.compile(r".*(_m\.|_queue$|queue_ptr$|ptr_queue$|position_ids$|predictions\.decoder\.)")
+
+
+def is_blip_pth(ck):
+    return isinstance(ck, dict) and not ck.get("script") and "visual_encoder.cls_token" in \
+        (ck.get("model") or {}) and not (ck.get("model_config") or ck.get("shape"))
+
+
+def blip_pth_config(sd, special):
+    """The ModelConfig of a salesforce/BLIP state dict, read off its tensor shapes. Heads are 64
+    wide in every released BLIP (ViT-B/L, BERT-base; models/vit.py, configs/med_config.json)."""
+    g = lambda k: sd[k].shape  # noqa: E731
+    n = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in sd if k.startswith(p))  # noqa
+    txt = "text_encoder" if "text_encoder.embeddings.word_embeddings.weight" in sd else "text_decoder.bert"
+    vw, patch, (vocab, tw) = g("visual_encoder.cls_token")[-1], \
+        g("visual_encoder.patch_embed.proj.weight")[-1], g(f"{txt}.embeddings.word_embeddings.weight")
+    return ModelConfig(
+        image_size=patch * round((g("visual_encoder.pos_embed")[1] - 1) ** 0.5), patch_size=patch,
+        vit_width=vw, vit_layers=n("visual_encoder.blocks."), vit_heads=vw // 64,
+        vit_mlp=g("visual_encoder.blocks.0.mlp.fc1.weight")[0], text_width=tw,
+        text_layers=n(f"{txt}.encoder.layer."), text_heads=tw // 64,
+        text_ffn=g(f"{txt}.encoder.layer.0.intermediate.dense.weight")[0],
+        max_pos=g(f"{txt}.embeddings.position_embeddings.weight")[0],
+        embed_dim=g("vision_proj.weight")[0] if "vision_proj.weight" in sd else 256,
+        has_encoder="itm_head.weight" in sd, has_decoder="text_decoder.cls.predictions.bias" in sd,
+        tie_decoder=False, momentum=False, queue_size=0, **dict(special or {}, vocab_size=vocab))
+
+
+def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", special=None):
+    """A dlip or salesforce/BLIP checkpoint -> BLIP. `parts` overrides ModelConfig fields
+    (has_encoder, momentum, ...): fine-tuning builds the retrieval or the caption model from a
+    pretrain checkpoint. Every weight of the new model must be in the checkpoint (tied tensors are
+    saved under the decoder's names too, so an untied decoder loads completely); the feature queues
+    start fresh. special: the tokenizer's token ids, which a BLIP .pth does not record."""
+    ck, blip = load_checkpoint(path), None
+    if is_blip_pth(ck):
+        try:
+            blip = blip_pth_config(ck["model"], special)
+        except KeyError as e:
+            raise ValueError(f"{flag} {path}: not a salesforce/BLIP checkpoint: no tensor {e}") from None
+    else:
+        expect_checkpoint(ck, path, "dlip", flag=flag)
+    c = replace(blip or ModelConfig(**(ck.get("model_config") or ck["shape"])), **parts)
     model, sd = BLIP(replace(c, queue_size=queue_size or c.queue_size)), ck["model"]
     own = model.state_dict()
     missing = [k for k in own if k not in sd and k not in QUEUES]
     if missing:
+        odd = [k for k in sd if blip and k not in own and not BLIP_EXTRA.match(k)][:2]
         raise ValueError(f"{flag} {path}: the checkpoint lacks {len(missing)} weights of the model "
-                         f"(encoder {c.has_encoder}, decoder {c.has_decoder}): {missing[:4]}")
+                         f"(encoder {c.has_encoder}, decoder {c.has_decoder}): {missing[:4]}"
+                         + (f"; unknown tensors {odd}" if odd else ""))
     model.load_state_dict({k: sd[k] for k in own if k in sd and k not in QUEUES}, strict=False)
     return set_image_size(model, image_size)
 
 
 def load_any(path, special, cfg, flag):
     if path.endswith((".pt", ".pth")):
-        return load_dlip(path, dict(momentum=False), cfg.image_size, flag=flag)
+        return load_dlip(path, dict(momentum=False), cfg.image_size, flag=flag, special=special)
     model = load_hf_blip(path, special, cfg.image_size)
     model.c.prompt = cfg.prompt
     return model
