@@ -712,7 +712,7 @@ def run_training(cfg, dist, log, dtype):
     model.to(dev).train()
     ddp = wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps)
-    scaler = make_scaler(dtype)
+    scaler, params = make_scaler(dtype), [p for p in model.parameters() if p.requires_grad]
 
     # items: (episode, turn); turn 0 = drawn per batch (release), --all_turns expands every turn
     items = [(i, k + 1) for i, ep in enumerate(train.episodes) for k in range(len(ep["utts"]))] \
@@ -727,42 +727,43 @@ def run_training(cfg, dist, log, dtype):
     def micro_batch(step, a, rows):
         """Micro step a of `step` on this rank; its draws are fixed by (seed, step, micro-batch)."""
         g = torch.Generator().manual_seed(mix(cfg.seed, step, a * world + dist.rank, 1))
-        idx = [i for _, i in rows]
-        eps = [train.episodes[items[i][0]] for i in idx]
+        eps = [train.episodes[items[i][0]] for _, i in rows]
         f = feats[[ep["row"] for ep in eps]]  # (m, 9, D)
         if warm:
             tasks = warmup_batch(eps, f, vocab, cfg, g)
         else:
-            turns = [items[i][1] or k for i, k in zip(idx, draw_turns(eps, g))]
+            turns = [items[i][1] or k for (_, i), k in zip(rows, draw_turns(eps, g))]
             tasks = {"ft": finetune_batch(eps, turns, f, vocab, cfg)}
-        return {t: {n: x.to(dev) for n, x in b.items()} for t, b in tasks.items()}
+        pin = dev.type == "cuda"  # page-locked memory: asynchronous copies, behind the compute
+        copy = lambda x: (x.pin_memory() if pin else x).to(dev, non_blocking=pin)  # noqa: E731
+        return {t: {n: copy(x) for n, x in b.items()} for t, b in tasks.items()}
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    def step_data(step):  # this rank's micro-batches of `step`, on the device
+        return [micro_batch(step, a, rows) for a, rows in enumerate(sampler.micro_batches(step))]
 
-    def train_step(step):
-        lr = onecycle_lr(step, total, cfg)
-        set_lr(opt, lr)
-        sums, n_tok = Counter(), 0
-        for a, rows in enumerate(sampler.micro_batches(step)):
-            tasks = micro_batch(step, a, rows)
+    def train_step(step, micro_batches):
+        set_lr(opt, lr := onecycle_lr(step, total, cfg))
+        sums, n_tok = {}, 0
+        for a, tasks in enumerate(micro_batches):
             torch.manual_seed(mix(cfg.seed, step, a * world + dist.rank, 2))  # dropout masks too
             with ddp.no_sync() if world > 1 and a < accum - 1 else nullcontext():
                 with autocast(dev, dtype):
                     terms = ddp(tasks)
                 loss = sum((cfg.task_weight if warm else 1.0) * terms[t] for t in active)
                 scaler.scale(loss / accum).backward()
-            sums.update({k: float(v.detach()) / accum for k, v in {"loss": loss, **terms}.items()})
+            for k, v in {"loss": loss, **terms}.items():  # tensors: no host sync per micro-batch
+                sums[k] = sums.get(k, 0) + v.detach() / accum
             n_tok += sum(b["src"].numel() + b["dec_in"].numel() for b in tasks.values())
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, sums)  # stops on NaN/inf
-        logged = {k: float(all_reduce_mean(torch.tensor(v, device=dev))) for k, v in sums.items()}
-        return logged, lr, gnorm, n_tok * world
+        return sums, lr, gnorm, n_tok * world  # sums: this rank's terms, read when logged
 
     n_params = sum(p.numel() for p in params)
-    if cfg.bench:
-        tasks = micro_batch(0, 0, sampler.micro_batches(0)[0])
-        toks = sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
-        return run_bench(lambda: train_step(0), cfg.bench, G, dev,
-                         flops_per_step=6 * n_params * toks * accum * world, world_size=world)
+    if cfg.bench:  # the data (a step's micro-batches, built and copied) timed apart from the step
+        steps, mb = iter(range(10 ** 9)), micro_batch(0, 0, sampler.micro_batches(0)[0])
+        toks = sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in mb.values())
+        return run_bench(lambda mbs: train_step(0, mbs), cfg.bench, G, dev, world_size=world,
+                         flops_per_step=6 * n_params * toks * accum * world,
+                         data_fn=lambda: step_data(next(steps)))
 
     start, best, epoch_sum, epoch_n = 0, None, 0.0, 0
     if resume is not None:
@@ -770,18 +771,19 @@ def run_training(cfg, dist, log, dtype):
             obj.load_state_dict(resume[key])
         set_rng_state(resume["rng"], dist.rank)  # this rank's own generators
         start, best, pos = resume["step"], resume.get("best"), resume["data_position"]
-        epoch_sum, epoch_n = pos["epoch_sum"], pos["epoch_n"]
+        epoch_sum, epoch_n = pos["epoch_sum"], pos["epoch_n"]  # all ranks' mean
         log.info(f"resumed from {cfg.resume} at step {start}")
         log.resumed(start)
 
     def save(name, step):
         rngs = all_gather_object(rng_state())  # each rank's generators: a resume gives each its own
+        pos = {"step": step, "epoch": step // per_epoch, "epoch_n": epoch_n, "epoch_sum": float(
+            all_reduce_mean(torch.as_tensor(epoch_sum, dtype=torch.float64, device=dev)))}
         if dist.is_main:
             save_checkpoint(os.path.join(cfg.out_dir, name), {
                 "script": SCRIPT, "kind": cfg.mode, "model": model.state_dict(), "step": step,
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                "config": asdict_config(cfg), "best": best, "data_position": {
-                    "step": step, "epoch": step // per_epoch, "epoch_sum": epoch_sum, "epoch_n": epoch_n}})
+                "config": asdict_config(cfg), "best": best, "data_position": pos})
         barrier()
 
     selecting = not warm and cfg.eval_every > 0 and cfg.select_on in ("valid", "test")
@@ -790,15 +792,16 @@ def run_training(cfg, dist, log, dtype):
     timer, logged = StepTimer(dev), {}
     for step in range(start, end):
         timer.start()
-        logged, lr, gnorm, toks = train_step(step)
+        terms, lr, gnorm, toks = train_step(step, step_data(step))
         speed = timer.stop(G)
         if dev.type == "cuda":
             speed["mfu"] = mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev)
-        # warm-up model choice (release): the epoch with the lowest MLM training loss
-        epoch_sum, epoch_n = epoch_sum + logged.get("mlm", logged["loss"]), epoch_n + 1
+        # warm-up model choice (release): the epoch of lowest MLM training loss, summed on device
+        epoch_sum, epoch_n = epoch_sum + terms.get("mlm", terms["loss"]).double(), epoch_n + 1
         if warm and ((step + 1) % per_epoch == 0 or step + 1 == total):
-            if best is None or epoch_sum / epoch_n < best:
-                best = epoch_sum / epoch_n
+            mean = float(all_reduce_mean(epoch_sum)) / epoch_n
+            if best is None or mean < best:
+                best = mean
                 save("best.pt", step + 1)
             epoch_sum, epoch_n = 0.0, 0
         if select is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
@@ -807,7 +810,8 @@ def run_training(cfg, dist, log, dtype):
             if best is None or score > best:
                 best = score
                 save("best.pt", step + 1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:  # the mean over ranks
+            logged = {k: float(all_reduce_mean(v)) for k, v in terms.items()}
             log.log(step + 1, **logged, lr=lr, grad_norm=gnorm, **speed)
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save("last.pt", step + 1)

@@ -41,7 +41,7 @@ from common import amp, checkpoint, dist as cdist
 from common.attention import attention
 from common.config import format_config, parse_config, save_config
 from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader, read_pairs, read_video
-from common.image import ImageTransform, load_image
+from common.image import ImageTransform, load_image, normalize
 from common.log import Logger, progress
 from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
                           param_groups, run_bench, set_lr)
@@ -173,8 +173,7 @@ class PerceiverAttention(nn.Module):
         super().__init__()
         inner, self.heads = heads * dim_head, heads
         self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_q, self.to_kv = (nn.Linear(dim, n, bias=False) for n in (inner, 2 * inner))
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, media, latents, media_mask=None):
@@ -198,8 +197,7 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
             for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.key_mask = key_mask
+        self.norm, self.key_mask = nn.LayerNorm(dim), key_mask
 
     def forward(self, feats, frame_mask):
         """feats (B, T, S, D), frame_mask (B, T) bool -> Z (B, n, D)."""
@@ -247,8 +245,7 @@ class Bridge(nn.Module):
     pre-hook on GPT-2 block i runs xattn block i on the hidden states before the block. GPT-2's
     module tree and state-dict keys stay untouched, only this module is trained, checkpointed and
     wrapped in DDP, and the hooks work with both calling conventions of GPT2Block (keywords in
-    transformers 4.x, positional in 5.x).
-    """
+    transformers 4.x, positional in 5.x)."""
 
     def __init__(self, cfg, vis_dim, lm_dim, lm_layers):
         super().__init__()
@@ -264,7 +261,7 @@ class Bridge(nn.Module):
         self.position_fix = cfg.position_fix
         self.mapper = (nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
                                      nn.Linear(cfg.mapper_hidden, lm_dim)) if self.use_mapper else None)
-        self.resampler, self.xattn, self.layer_ids = None, None, []
+        self.resampler, self.xattn, self.layer_ids, self._z = None, None, [], None  # _z: `conditioned`
         if self.use_xattn:
             self.resampler = PerceiverResampler(
                 vis_dim, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
@@ -272,7 +269,6 @@ class Bridge(nn.Module):
             self.layer_ids = [i for i in range(lm_layers) if i % cfg.xattn_every == 0]
             self.xattn = nn.ModuleList(GatedXAttnDense(lm_dim, vis_dim, cfg.xattn_heads, cfg.xattn_dim_head,
                                                        cfg.xattn_ff_mult) for _ in self.layer_ids)
-        self._z = None
 
     # ---- visual inputs -> GPT-2 prefix and xattn media
     def visual(self, feats, frame_mask):
@@ -307,9 +303,7 @@ class Bridge(nn.Module):
     def _make_hook(self, layer):
         def hook(block, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            z = self._z
-            if z.shape[0] != h.shape[0]:  # generate() repeats each input num_beams times
-                z = z.repeat_interleave(h.shape[0] // z.shape[0], 0)
+            z = self._z.repeat_interleave(h.shape[0] // len(self._z), 0)  # generate(): x num_beams
             out = layer(h, z.to(h.dtype)).to(h.dtype)
             return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
         return hook
@@ -362,8 +356,7 @@ def caption_labels(tokens, tok_mask, prefix_len, bos_target=True):
     labels = tokens.masked_fill(~tok_mask.bool(), -100)
     if not bos_target:
         labels[:, 0] = -100
-    pad = labels.new_full((labels.shape[0], prefix_len), -100)
-    return torch.cat([pad, labels], 1)
+    return torch.cat([labels.new_full((labels.shape[0], prefix_len), -100), labels], 1)
 
 
 def caption_loss(logits, labels, denom):
@@ -390,8 +383,7 @@ class CaptionTokenizer:
     """GPT-2 style caption encoding: [BOS] + tokens(' ' + caption) + [EOS], truncated to max_len."""
 
     def __init__(self, tok, max_len):
-        self.tok, self.max_len = tok, max_len
-        self.eos = tok.eos_token_id
+        self.tok, self.max_len, self.eos = tok, max_len, tok.eos_token_id
         self.bos = tok.bos_token_id if tok.bos_token_id is not None else self.eos
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         if self.eos is None:
@@ -413,8 +405,8 @@ class CaptionSet(torch.utils.data.Dataset):
 
     def __init__(self, records, image_root, image_size, num_frames, ctok, blank=False, max_bad_frac=0.05):
         self.records, self.ctok, self.num_frames, self.blank = records, ctok, num_frames, blank
-        self.size = image_size
-        self.loader = ImageFolderLoader(image_root, ImageTransform(image_size), max_bad_frac)
+        self.size, tf = image_size, ImageTransform(image_size, uint8=True)
+        self.loader = ImageFolderLoader(image_root, tf, max_bad_frac)
         self.cache = None  # list of (T, S, D) features once filled by `cache_features`
 
     def __len__(self):
@@ -472,43 +464,59 @@ def caption_draws(sampler, records, seed):
 # ================================================================================================ Eval
 @torch.no_grad()
 def encode_frames(clip, pixels, frame_mask, dtype):
-    """Frozen CLIP on the real frames only: pixels (B, T, 3, H, W) -> (B, T, S, D), 0 on padding.
-    As the seed: last_hidden_state (before post_layernorm), all tokens including CLS."""
+    """Frozen CLIP on the real frames only: pixels (B, T, 3, H, W), uint8 (normalised here, on the
+    device) or float (the blank baseline's, normalised) -> (B, T, S, D), 0 on padding. As the seed:
+    last_hidden_state (before post_layernorm), all tokens including CLS."""
     p = next(clip.parameters())
-    pixels, frame_mask = pixels.to(p.device), frame_mask.to(p.device)
+    real = frame_mask.flatten().nonzero()[:, 0].to(p.device)  # (N,): a CPU mask, no device sync
+    x = pixels.to(p.device, non_blocking=True).flatten(0, 1).index_select(0, real)    # (N, 3, H, W)
+    x = normalize(x) if x.dtype == torch.uint8 else x
     with amp.autocast(p.device, dtype):
-        h = clip(pixel_values=pixels[frame_mask].to(p.dtype)).last_hidden_state  # (N, S, D)
-    out = h.new_zeros(frame_mask.shape + h.shape[1:])
-    out[frame_mask] = h
-    return out.float()
+        h = clip(pixel_values=x.to(p.dtype)).last_hidden_state                          # (N, S, D)
+    out = h.new_zeros((frame_mask.numel(),) + h.shape[1:]).index_copy(0, real, h)    # (B*T, S, D)
+    return out.view(frame_mask.shape + h.shape[1:]).float()                           # (B, T, S, D)
 
 
 def batch_feats(clip, batch, dtype, device):
     """A collated batch -> CLIP features (B, T, S, D) on device (cached or computed now)."""
     if "feats" in batch:
-        return batch["feats"].to(device, torch.float32)
+        return batch["feats"].to(device, torch.float32, non_blocking=True)
     return encode_frames(clip, batch["pixels"], batch["frame_mask"], dtype)
 
 
 def batches_of(ds, keys, n, workers=0):
     """The rows of ds under `keys`, n keys a batch, in order (batches of no readable image skipped)."""
-    for batch in make_loader(ds, [keys[i:i + n] for i in range(0, len(keys), n)], collate, workers):
+    keys = [keys[i:i + n] for i in range(0, len(keys), n)]  # pinned on a GPU machine: async copies
+    for batch in make_loader(ds, keys, collate, workers, pin_memory=torch.cuda.is_available()):
         if usable(ds, batch):
             yield batch
 
 
 @torch.no_grad()
-def cache_features(ds, clip, dtype, device, batch_size, is_main, workers=0):
-    """Encode every record once with the frozen CLIP (there is no augmentation, so features never
-    change). Records without a readable frame leave the set; max_bad_frac is checked over all."""
-    feats = [None] * len(ds)
-    loader = batches_of(ds, [(i, 0) for i in range(len(ds))], batch_size, workers)
-    for batch in progress(loader, is_main, desc="clip features"):
-        f = encode_frames(clip, batch["pixels"], batch["frame_mask"], dtype).cpu()
-        for b, i in enumerate(batch["index"].tolist()):
-            feats[i] = f[b, :int(batch["frame_mask"][b].sum())]
+def cache_features(ds, clip, dtype, bs, d, workers=0):
+    """Encode every record once with the frozen CLIP (no augmentation: features never change). Each
+    rank encodes its shard, bs records a round, and each round is all-gathered: every rank ends with
+    the whole cache, in record order. Records without a readable frame leave the set; max_bad_frac
+    is checked over all ranks' counts."""
+    mine, per, c = cdist.shard_indices(len(ds), d), -(-len(ds) // d.world_size), clip.config
+    keys = [[(i, 0) for i in mine[k:k + bs]] for k in range(0, per, bs)]  # same count per rank
+    loader = iter(make_loader(ds, [k for k in keys if k], collate, workers,
+                              pin_memory=torch.cuda.is_available()))
+    shape, feats = (bs, ds.num_frames, (c.image_size // c.patch_size) ** 2 + 1, c.hidden_size), {}
+    for k, part in enumerate(progress(keys, d.is_main, desc="clip features")):
+        f, n = torch.zeros(shape, device=d.device), torch.zeros(bs, device=d.device).long()
+        if part and usable(ds, b := next(loader)):  # row j: record mine[k * bs + j]
+            j, fm = (b["index"] - part[0][0]).to(d.device), b["frame_mask"]
+            f[j, :fm.shape[1]] = encode_frames(clip, b["pixels"], fm, dtype)   # (B, T, S, D)
+            n[j] = fm.sum(1).to(d.device)
+        f, n = cdist.all_gather_no_grad(f).cpu(), cdist.all_gather_no_grad(n).tolist()  # rank-major
+        for q, m in enumerate(n):  # row q: rank q // bs's record (q // bs) * per + k * bs + q % bs
+            if m:
+                feats[q // bs * per + k * bs + q % bs] = f[q, :m].clone()  # (T, S, D): real frames
+    for tried, bad in cdist.all_gather_object((sorted(ds.loader.tried_set), ds.loader.bad_paths)):
+        ds.loader.merge(tried, bad)
     ds.loader.check(final=True)
-    keep = [i for i, f in enumerate(feats) if f is not None]
+    keep = sorted(feats)
     if not keep:
         raise DataError(f"no readable image under {ds.loader.root!r} ({ds.loader.report()})")
     ds.records, ds.cache = [ds.records[i] for i in keep], [feats[i] for i in keep]
@@ -538,8 +546,7 @@ def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_
         raise ValueError(f"--decode must be beam|greedy, got {cfg.decode!r}")
     if cfg.num_return > beams:
         raise ValueError(f"--num_return {cfg.num_return} needs at least as many beams")
-    out = {}
-    loader = batches_of(ds, [(i, 0) for i in indices], cfg.eval_batch)
+    out, loader = {}, batches_of(ds, [(i, 0) for i in indices], cfg.eval_batch)
     for batch in progress(loader, is_main, desc="captioning"):
         feats = batch_feats(clip, batch, dtype, device)
         with amp.autocast(device, dtype):
@@ -560,8 +567,7 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
     preds = {i: c for part in cdist.all_gather_object(mine) for i, c in part.items()}
     metrics = None
     if d.is_main:
-        gts = {i: ds.records[i]["captions"] for i in preds}
-        res = {i: preds[i][:1] for i in preds}
+        gts, res = {i: ds.records[i]["captions"] for i in preds}, {i: preds[i][:1] for i in preds}
         scores = {**caption_metrics(gts, res), **hf_caption_metrics(gts, res)}  # COCO; seed's HF
         metrics = {k: 100.0 * v for k, v in scores.items()}  # x100 like the seed
         metrics["n"], metrics["test_seconds"] = len(preds), time.perf_counter() - t0
@@ -626,7 +632,8 @@ def load_frozen(cfg, device, dtype):
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
     hf_logging.disable_progress_bar()
     clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=amp.frozen_dtype(device, dtype))
-    lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=amp.frozen_dtype(device, dtype))
+    # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
+    lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=torch.float32)
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
         m.requires_grad_(False).eval().to(device)
     return clip, lm, CaptionTokenizer(AutoTokenizer.from_pretrained(cfg.lm_model), cfg.max_len)
@@ -648,9 +655,10 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
     update=False: forward + backward only, gradients dropped (to count a step's FLOPs for MFU)."""
     lr, device = lr_at(cfg, step, total), d.device
     set_lr(opt, lr)
-    labels = [caption_labels(b["tokens"], b["tok_mask"],  # (B, P+L): P prefix tokens, one per frame
+    to = functools.partial(torch.Tensor.to, device=device, non_blocking=True)  # (pinned batches)
+    labels = [caption_labels(to(b["tokens"]), to(b["tok_mask"]),  # (B, P+L), P prefix tokens
                              0 if bridge.prefix == "none" else b["frame_mask"].shape[1],
-                             cfg.bos_target).to(device) for b in micros]
+                             cfg.bos_target) for b in micros]
     # Target tokens of the global batch: dividing by them makes N ranks x K micro batches one batch.
     n_local = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
     denom = cdist.all_reduce_mean(n_local.float()) * d.world_size
@@ -662,8 +670,7 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
         with contextlib.nullcontext() if sync else model.no_sync():
             feats = batch_feats(clip, b, dtype, device)
             with amp.autocast(device, dtype):
-                logits = model(lm, feats, b["frame_mask"].to(device), b["tokens"].to(device),
-                               b["tok_mask"].to(device))
+                logits = model(lm, feats, to(b["frame_mask"]), to(b["tokens"]), to(b["tok_mask"]))
             loss = caption_loss(logits, lab, denom)
             scaler.scale(loss * d.world_size).backward()  # DDP averages gradients over ranks: undo
         loss_sum += loss.detach()
@@ -722,8 +729,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     groups = (param_groups(bridge, cfg.weight_decay) if not cfg.decay_all else  # seed: decay all
               [{"params": list(bridge.parameters()), "weight_decay": cfg.weight_decay}])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    # --compile wraps the trained bridge for training and --bench; `bridge` keeps plain state-dict
-    # names, and validation and decoding run it uncompiled
+    # --compile: the trained bridge (train, --bench); `bridge` (plain names) validates and decodes
     model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
     scaler = amp.make_scaler(dtype)
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
@@ -731,29 +737,29 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
                           clip.config.image_size, cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
             for s in ["train", "val"] + ["test"] * cfg.test_after_train}
     for ds in sets.values() if cfg.cache_feats else []:
-        cache_features(ds, clip, dtype, device, cfg.eval_batch, d.is_main, cfg.workers)
-    train_set = sets["train"]
+        cache_features(ds, clip, dtype, cfg.eval_batch, d, cfg.workers)
+    train_set, micro = sets["train"], min(cfg.micro_batch, cfg.global_batch // world)
     steps_per_epoch = max(1, len(train_set) // cfg.global_batch)
     total = cfg.steps if cfg.steps > 0 else int(cfg.epochs * steps_per_epoch)
     end = min(total, cfg.stop_at) if cfg.stop_at > 0 else total
     eval_every = cfg.eval_every if cfg.eval_every > 0 else steps_per_epoch
-    micro = min(cfg.micro_batch, cfg.global_batch // world)
 
     def batches(first, last):  # this rank's micro batches of steps first..last-1, a list per step
         s = StepSampler(len(train_set), cfg.global_batch, micro, world, d.rank, cfg.seed, first, last)
         it = iter(make_loader(train_set, caption_draws(s, train_set.records, cfg.seed), collate,
-                              0 if cfg.cache_feats else cfg.workers, cfg.seed, d.rank))
+                              0 if cfg.cache_feats else cfg.workers, cfg.seed, d.rank,
+                              pin_memory=device.type == "cuda"))  # page-locked: async copies
         for _ in range(first, last):
             yield [b for b in (next(it) for _ in range(s.accum)) if usable(train_set, b)]
 
     logger.info(f"train {len(train_set)} | val {len(sets['val'])} records ({cfg.task}); {total} "
                 f"steps of {cfg.global_batch} (micro {micro} x {world} ranks)")
     run_step = functools.partial(train_step, cfg, model, bridge, lm, clip, opt, scaler, dtype, d)
-    if cfg.bench > 0:
+    if cfg.bench > 0:  # the loader's time (decoding, collating) apart from the step's
         it = batches(0, 10 ** 9)
         flops = count_flops(lambda: run_step(next(it), 0, 1, update=False)) if device.type == "cuda" else None
-        return run_bench(lambda: run_step(next(it), 0, 1), cfg.bench, cfg.global_batch // world,
-                         device, flops_per_step=flops)
+        return run_bench(lambda m: run_step(m, 0, 1), cfg.bench, cfg.global_batch // world,
+                         device, flops_per_step=flops, data_fn=lambda: next(it))
 
     timer, last, flops, step = StepTimer(device), {}, None, start
     for micros in batches(start, end):
@@ -801,7 +807,7 @@ def test(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     ds = CaptionSet(read_records(cfg.test_file, cfg.task), cfg.image_root, clip.config.image_size,
                     cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
     if cfg.cache_feats:
-        cache_features(ds, clip, dtype, d.device, cfg.eval_batch, d.is_main)
+        cache_features(ds, clip, dtype, cfg.eval_batch, d)
     return {**evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger),
             **image_report({"test": ds}, logger)}
 
@@ -862,8 +868,7 @@ def main(argv=None):
     logger = Logger(cfg.out_dir if cfg.mode in ("train", "test") and not cfg.bench else "", d.is_main)
     try:
         if cfg.mode in ("test", "caption"):  # the model is the checkpoint's ModelConfig
-            path = cfg.ckpt or os.path.join(cfg.out_dir, "best.pt")
-            ckpt = checkpoint.load_checkpoint(path)
+            ckpt = checkpoint.load_checkpoint(path := cfg.ckpt or f"{cfg.out_dir}/best.pt")
             checkpoint.expect_checkpoint(ckpt, path, SCRIPT, flag="--ckpt")
             saved = model_config(ckpt.get("model_config") or ckpt["config"])  # older: run config
             cfg = dataclasses.replace(cfg, **dataclasses.asdict(saved))

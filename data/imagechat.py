@@ -26,7 +26,7 @@ from common.amp import frozen_dtype
 from common.checkpoint import save_checkpoint
 from common.data import DataError, ImageFolderLoader
 from common.dist import all_gather_object, barrier, shard_indices
-from common.image import CLIP_MEAN, CLIP_STD, load_image
+from common.image import CLIP_MEAN, CLIP_STD, load_image, normalize
 from common.log import progress
 from common.report import Report, card, grid, table, thumb, training_plots
 
@@ -129,13 +129,13 @@ def load_captions(cache_dir):
 
 
 # ---- preparation
-def grid_crops(img, crop, grid, mean, std):
-    """PIL image -> (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to grid*crop,
-    row-major crops (release clip_feature_extraction.py: patchify of the resized image)."""
+def grid_crops(img, crop, grid):
+    """PIL image -> uint8 (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to
+    grid*crop, row-major crops (release clip_feature_extraction.py: patchify of the resized image).
+    uint8, a quarter of float32's bytes: common.image.normalize finishes them on the device."""
     size = grid * crop
-    x = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / 255.0
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # (S, S, 3)
-    x = torch.from_numpy(x).permute(2, 0, 1)  # (3, S, S)
+    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8).copy())
+    x = x.permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
     x = x.reshape(3, grid, crop, grid, crop).permute(1, 3, 0, 2, 4)  # (gy, gx, 3, crop, crop)
     return x.reshape(grid * grid, 3, crop, crop)
 
@@ -212,9 +212,11 @@ def prepare_features(cfg, dist, log, dtype):
     clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
     clip = clip.to(dev, fdtype).eval().requires_grad_(False)
     crop, (mean, std) = clip.config.vision_config.image_size, preprocessor_stats(cfg.clip)
+    pin = dev.type == "cuda"  # page-locked: the copy to the GPU runs asynchronously
     for i, (ok, imgs) in enumerate(stage.batches(cfg.feat_batch)):
-        x = torch.cat([grid_crops(im, crop, cfg.grid, mean, std) for im in imgs])  # (n*9, 3, c, c)
-        out = clip.get_image_features(pixel_values=x.to(dev, fdtype))
+        x = torch.cat([grid_crops(im, crop, cfg.grid) for im in imgs])  # (n*9, 3, c, c) uint8
+        x = normalize((x.pin_memory() if pin else x).to(dev, non_blocking=pin), mean, std)
+        out = clip.get_image_features(pixel_values=x.to(fdtype))
         f = getattr(out, "pooler_output", out).float()  # (n*9, D), projected
         f = f.reshape(len(ok), cfg.grid ** 2, -1)  # (n, 9, D)
         save_checkpoint(os.path.join(folder, f"part_{len(parts):05d}_r{dist.rank}_{i:05d}.pt"),

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -194,10 +195,10 @@ def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path
 def test_grid_crops_row_major():
     cols = np.arange(6, dtype=np.uint8) * 40  # brightness grows left to right, constant down the columns
     img = Image.fromarray(np.broadcast_to(cols[None, :, None], (6, 6, 3)).copy())
-    crops = ic.grid_crops(img, crop=2, grid=3, mean=(0, 0, 0), std=(1, 1, 1))  # (9, 3, 2, 2)
-    assert crops.shape == (9, 3, 2, 2)
+    crops = ic.grid_crops(img, crop=2, grid=3)  # (9, 3, 2, 2), uint8: normalised on the device (issue 18.7)
+    assert crops.shape == (9, 3, 2, 2) and crops.dtype == torch.uint8
     # columns carry increasing brightness: crop r1, r2, r3 of a row go left to right; rows repeat
-    col_means = crops.mean(dim=(1, 2, 3)).reshape(3, 3)
+    col_means = crops.float().mean(dim=(1, 2, 3)).reshape(3, 3)
     assert torch.all(col_means[:, 0] < col_means[:, 1]) and torch.all(col_means[:, 1] < col_means[:, 2])
     torch.testing.assert_close(col_means[0], col_means[2])
 
@@ -469,6 +470,39 @@ def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):
     log = read_log(tmp_path / "b")
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4] and max(r["loss"] for r in log if "loss" in r) < 1e9
     assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
+
+
+def test_training_step_reads_nothing_back_per_micro_batch(assets, cached, tmp_path, monkeypatch):
+    """Issue 18.9: the step returns its loss terms as detached tensors (read at logging time), and the tensors that
+    this repository's code turns into Python values during a step (host syncs on a GPU: the optimizer update's
+    grad norm and finiteness check) are as many with 4 micro-batches as with 1.  (transformers' own mask code
+    reads one value per forward; it is left out of the count.)  --bench draws the data apart from the step."""
+    _, paths = cached
+    seen, counts = {}, {}
+    monkeypatch.setattr(icw, "run_bench", lambda step_fn, *a, data_fn=None, **k: seen.update(step=step_fn,
+                                                                                              data=data_fn))
+    for micro in (8, 2):
+        args = train_args(assets, "warmup", 2, bench=1)
+        args[args.index("--warmup_micro") + 1] = str(micro)
+        run(args, tmp_path / str(micro), **paths)
+        batches, calls = seen["data"](), []
+        assert len(batches) == 8 // micro
+
+        def counted(f, name):
+            def wrapper(self, *a, **k):
+                where = sys._getframe(1).f_code.co_filename
+                if f"{os.sep}transformers{os.sep}" not in where:
+                    calls.append((name, os.path.basename(where)))
+                return f(self, *a, **k)
+            return wrapper
+        with monkeypatch.context() as m:
+            for name in ("__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), name))
+            terms, lr, gnorm, _ = seen["step"](batches)
+        counts[micro] = sorted(calls)
+        assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in terms.values())
+        assert set(terms) >= {"loss", "mlm", "isp", "mrm", "gcd"} and isinstance(gnorm, float)
+    assert counts[2] == counts[8] and ("__float__", "train.py") in counts[8]
 
 
 def test_checkpoints_of_other_scripts_are_named(assets, cached, tmp_path):

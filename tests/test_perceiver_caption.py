@@ -228,6 +228,40 @@ def world(toy_root):
     return toy_root
 
 
+def test_gated_xattn_output_survives_bf16_autocast(world, monkeypatch):
+    """Issue 18.6: a GPU stores the frozen backbones in the autocast dtype, but not GPT-2: in a bf16 residual
+    stream tanh(gate) ~ 1e-3 times an xattn block's output (the first steps after the zero init) rounds away.
+    The hidden states GPT-2's first block receives carry the gated contribution as fp32 computes it."""
+    import math
+    from transformers import GPT2LMHeadModel
+    monkeypatch.setattr(pc.amp, "frozen_dtype", lambda device, dtype: dtype)  # what load_frozen sees on a GPU
+    cfg = _cfg(bridge="xattn", xattn_prefix="none", clip_model=os.path.join(world, "models", "clip"),
+               lm_model=os.path.join(world, "models", "gpt2"))
+    clip, lm, _ = pc.load_frozen(cfg, torch.device("cpu"), torch.bfloat16)
+    ref = GPT2LMHeadModel.from_pretrained(cfg.lm_model).eval()  # fp32, no autocast
+    torch.manual_seed(0)
+    bridge = pc.Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer)
+    feats, fm = torch.randn(2, 1, 10, clip.config.hidden_size), torch.ones(2, 1, dtype=torch.bool)
+    tokens = torch.randint(0, lm.config.vocab_size - 1, (2, 12))
+
+    def block0_input(model, gate, dtype):
+        seen = []
+        hook = model.transformer.h[0].ln_1.register_forward_pre_hook(lambda m, a: seen.append(a[0].float()))
+        with torch.no_grad():
+            for x in bridge.xattn:
+                x.attn_gate.fill_(math.atanh(gate))
+                x.ff_gate.fill_(math.atanh(gate))
+            with pc.amp.autocast("cpu", dtype):
+                bridge(model, feats, fm, tokens, torch.ones_like(tokens, dtype=torch.bool))
+        hook.remove()
+        return seen[0]                                                   # (B, L, D) after the gated block
+
+    want = block0_input(ref, 1e-3, torch.float32) - block0_input(ref, 0.0, torch.float32)
+    got = block0_input(lm, 1e-3, torch.bfloat16) - block0_input(lm, 0.0, torch.bfloat16)
+    assert want.abs().max() > 1e-5                                       # the contribution is there to lose
+    assert float((got - want).norm() / want.norm()) < 0.05               # a bf16 stream: ~0.7
+
+
 SMALL = ["--resampler_depth", "1", "--num_latents", "8", "--resampler_heads", "2", "--resampler_dim_head", "16",
          "--xattn_heads", "2", "--xattn_dim_head", "16", "--mapper_hidden", "64"]
 
@@ -456,6 +490,81 @@ def test_two_rank_resume_equals_unbroken_run_with_dropout(world, tmp_path):
     full = _losses(tmp_path / "full")
     assert sorted(full) == [1, 2, 3, 4]
     assert _losses(tmp_path / "half") == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def _cache_rank(rank, world, root, out, port):
+    """Cache the CLIP features of a video split (clips of 1-3 frames) and of a pairs split with unreadable images,
+    batches of 3 (rounds of uneven shards); save the caches, the bad counts and the frames this rank encoded."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from transformers import AutoTokenizer, CLIPVisionModel
+    d = pc.cdist.setup_distributed("cpu")
+    clip = CLIPVisionModel.from_pretrained(os.path.join(root, "models", "clip")).eval()
+    encoded = []
+    clip.register_forward_pre_hook(lambda m, a, k: encoded.append(len(k["pixel_values"])), with_kwargs=True)
+    ctok = pc.CaptionTokenizer(AutoTokenizer.from_pretrained(os.path.join(root, "models", "gpt2")), 32)
+    res = {}
+    for name, task, num_frames in (("video", "video", 3), ("pairs", "image", 8)):
+        ds = pc.CaptionSet(pc.read_records(os.path.join(out, f"{name}.jsonl"), task), root,
+                           clip.config.image_size, num_frames, ctok, max_bad_frac=0.5)
+        pc.cache_features(ds, clip, torch.float32, 3, d)
+        res[name] = {"cache": ds.cache, "records": ds.records, "bad": ds.loader.bad_paths}
+    res["encoded"] = sum(encoded)
+    torch.save(res, os.path.join(out, f"cache_{world}_{rank}.pt"))
+    pc.cdist.cleanup_distributed()
+
+
+def test_cache_feats_shards_over_ranks_and_gathers(world, tmp_path):
+    """Issue 18.10: each of 2 gloo ranks encodes only its shard of the images (half of the frames), and after the
+    all-gather both hold the whole cache, in record order, with every rank's unreadable images counted: the
+    cache one process makes."""
+    import torch.multiprocessing as mp
+    with open(os.path.join(world, "video_val.jsonl")) as f, open(tmp_path / "video.jsonl", "w") as g:
+        for i, line in enumerate(f):  # clips of 1, 2 and 3 frames: padding to the longest differs per batch
+            r = json.loads(line)
+            g.write(json.dumps({**r, "frames": r["frames"][:1 + i % 3]}) + "\n")
+    _train_file(world, tmp_path / "pairs.jsonl", 13, bad_every=6)  # records 0, 6 and 12 unreadable
+    _cache_rank(0, 1, world, str(tmp_path), _free_port())
+    mp.spawn(_cache_rank, args=(2, world, str(tmp_path), _free_port()), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / f"cache_{w}_{r}.pt", weights_only=False) for w, r in ((1, 0), (2, 0)))
+    other = torch.load(tmp_path / "cache_2_1.pt", weights_only=False)
+    # frames encoded: 19 of the clips + 10 readable images; rank 0 clips 0-4 (9) + images 1-5 (5), rank 1 the rest
+    assert (one["encoded"], two["encoded"], other["encoded"]) == (29, 14, 15)
+    for name in ("video", "pairs"):
+        assert len(one[name]["cache"]) == 10
+        assert one[name]["bad"] == (["missing/0.png", "missing/12.png", "missing/6.png"] if name == "pairs" else [])
+        for part in (two, other):
+            assert part[name]["records"] == one[name]["records"] and part[name]["bad"] == one[name]["bad"]
+            assert [x.shape for x in part[name]["cache"]] == [x.shape for x in one[name]["cache"]]
+            for a, b in zip(part[name]["cache"], one[name]["cache"]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [len(x) for x in one["video"]["cache"]] == [1 + i % 3 for i in range(10)]
+
+
+def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path):
+    """Issue 18.7: the loader ships uint8 frames (a quarter of float32's bytes, pinned on a GPU) and encode_frames
+    normalises them on the device: the CLIP features of the float path, 0 on padded frames.  --bench draws the
+    real training loader's batches (here decoding frames, no cache) and reports their time apart from the step's."""
+    from transformers import AutoTokenizer, CLIPVisionModel
+    from common.image import ImageTransform, load_image
+    clip = CLIPVisionModel.from_pretrained(os.path.join(world, "models", "clip")).eval()
+    ctok = pc.CaptionTokenizer(AutoTokenizer.from_pretrained(os.path.join(world, "models", "gpt2")), 32)
+    recs = pc.read_records(os.path.join(world, "video_val.jsonl"), "video")[:3]
+    recs = [{**r, "frames": r["frames"][:n]} for r, n in zip(recs, (3, 1, 2))]
+    ds = pc.CaptionSet(recs, world, clip.config.image_size, 3, ctok)
+    b = pc.collate([ds[(i, 0)] for i in range(3)])
+    assert b["pixels"].dtype == torch.uint8 and b["pixels"].shape[:2] == (3, 3)
+    got = pc.encode_frames(clip, b["pixels"], b["frame_mask"], torch.float32)        # (B, T, S, D)
+    tf = ImageTransform(clip.config.image_size)                                      # normalised on the CPU
+    for i, r in enumerate(recs):
+        x = torch.stack([tf(load_image(os.path.join(world, f))) for f in r["frames"]])
+        with torch.no_grad():
+            want = clip(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(got[i, :len(x)], want, rtol=1e-5, atol=1e-5)
+        assert not got[i, len(x):].any()
+    m = _run(world, tmp_path, "--bench", "2", "--cache_feats", "false", "--global_batch", "8", "--micro_batch", "4")
+    assert m["bench_steps"] == 2 and {"ms_data", "ms_step", "samples_s", "samples_s_step"} <= set(m)
 
 
 @pytest.mark.parametrize("extra", [["--bridge", "mapper"], ["--bridge", "xattn", "--xattn_prefix", "none"],
