@@ -37,6 +37,9 @@ def test_gpu_sh_dry_run_prints_a_bench_line_per_row(dry_run):
         status, bench = rows[name, "false"]
         assert status == "ok", (name, status)
         assert float(re.search(r"\| samples_s ([0-9.e+-]+)", bench).group(1)) > 0, (name, bench)
+        # issue 18: every script's --bench times its real loader apart from the step
+        assert float(re.search(r"\| ms_data ([0-9.e+-]+)", bench).group(1)) >= 0, (name, bench)
+        assert float(re.search(r"\| samples_s_step ([0-9.e+-]+)", bench).group(1)) > 0, (name, bench)
         # compile rows are not run on CPU; a script without the flag is named as such
         with open(os.path.join(REPO, SCRIPT[name.split("_")[0]])) as f:
             has_flag = re.search(r"^ +compile: bool", f.read(), re.M) is not None
