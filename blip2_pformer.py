@@ -1352,9 +1352,9 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     logger.info(f"stage {stage}: {n} items, {per_epoch} steps/epoch, {total} steps, "
                 f"accumulation {sampler.accum}, trainable params {n_train:,}")
     if stage == "1":  # ITC / ITM contrast one micro batch of every process, not the global batch
-        logger.info(f"ITC / ITM negatives per sample: {sampler.micro * dist.world_size - 1} (the "
-                    f"global batch's {cfg.global_batch - 1} need accumulation 1: more processes "
-                    "or a larger micro batch)")
+        short = f" (the global batch's {cfg.global_batch - 1} need accumulation 1: more processes " \
+            "or a larger micro batch)" if sampler.accum > 1 else ""
+        logger.info(f"ITC / ITM negatives per sample: {sampler.micro * dist.world_size - 1}{short}")
     start, ck = 0, {}
     if cfg.resume:
         ck = load_own(cfg.resume, "--resume", [KINDS[stage]])

@@ -117,5 +117,5 @@ def test_image_pipeline_bench_runs_old_and_new():
     assert [(r[0].strip("| "), r[1]) for r in rows] == [("eval", "old"), ("eval", "new"),
                                                          ("train (crop 0.5-1, flip)", "old"),
                                                          ("train (crop 0.5-1, flip)", "new")]
-    mb = [float(r[4].strip(" |")) for r in rows]
+    mb = [float(r[5].strip(" |")) for r in rows]
     assert all(float(r[2]) > 0 for r in rows) and mb[1] > 0 and mb[0] == pytest.approx(4 * mb[1], rel=0.01)
