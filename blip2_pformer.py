@@ -940,7 +940,9 @@ class Tokenizers:
             self.eos_id = nl[0] if self.newline else llm_tok.eos_token_id
 
     def bert_batch(self, texts):
-        t = self.bert(texts, padding="max_length", truncation=True, max_length=self.max_len,
+        """(B, L) ids and mask, L = the longest text's tokens (LAVIS pads to max_txt_len: the pads
+        are masked out of every loss, so only the compute differs)."""
+        t = self.bert(texts, padding="longest", truncation=True, max_length=self.max_len,
                       return_tensors="pt")
         return t.input_ids.to(self.device), t.attention_mask.to(self.device)
 
@@ -1314,7 +1316,11 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     b["image_ids"] = raw["image_id"].to(device)
     prompt = cfg.caption_prompt if stage == "caption" else ""
     if stage == "1":
-        b["ids"], b["mask"] = toks.bert_batch(caps)
+        ids, mask = toks.bert_batch(caps)
+        if D.world_size() > 1:  # one text length on every rank: ITM all-gathers the token ids
+            pad = int(D.all_gather_no_grad(torch.tensor([ids.shape[1]], device=device)).max()) - ids.shape[1]
+            ids, mask = F.pad(ids, (0, pad), value=toks.bert.pad_token_id), F.pad(mask, (0, pad))
+        b["ids"], b["mask"] = ids, mask
         seed, B = cfg.seed * 1_000_003 + step * 101 + micro, len(caps)  # ITM negatives' noise: drawn
         b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
                  noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])
