@@ -1315,12 +1315,8 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
         return b
     b["image_ids"] = raw["image_id"].to(device)
     prompt = cfg.caption_prompt if stage == "caption" else ""
-    if stage == "1":
-        ids, mask = toks.bert_batch(caps)
-        if D.world_size() > 1:  # one text length on every rank: ITM all-gathers the token ids
-            pad = int(D.all_gather_no_grad(torch.tensor([ids.shape[1]], device=device)).max()) - ids.shape[1]
-            ids, mask = F.pad(ids, (0, pad), value=toks.bert.pad_token_id), F.pad(mask, (0, pad))
-        b["ids"], b["mask"] = ids, mask
+    if stage == "1":  # ITM all-gathers the token ids: one length on every rank
+        b["ids"], b["mask"] = D.pad_across_ranks(*toks.bert_batch(caps), toks.bert.pad_token_id)
         seed, B = cfg.seed * 1_000_003 + step * 101 + micro, len(caps)  # ITM negatives' noise: drawn
         b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
                  noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])

@@ -893,9 +893,10 @@ def shard_batches(cfg, transform, dist, tracker, state, pin=False):
         yield b["image"], [pre_caption(c, cfg.max_words) for c in b["caption"]], torch.tensor(idx), [], []
 
 
-def tokenize(tok, caps, max_len, device, pad_to_max=True):
-    t = tok(caps, padding="max_length" if pad_to_max else "longest", truncation=True,
-            max_length=max_len, return_tensors="pt")
+def tokenize(tok, caps, max_len, device):
+    """(B, L) ids and mask, L = the longest caption's tokens (BLIP pads to max_len: the pads are
+    masked out of every loss, so only the compute differs)."""
+    t = tok(caps, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return t.input_ids.to(device), t.attention_mask.to(device)
 
 
@@ -1284,7 +1285,8 @@ def train(cfg, dist, device, dtype, log):
             data.loader.check()
         images, idx = aug.normalize(images.to(device, non_blocking=True)), idx.to(device)  # uint8 in
         caps = [cfg.prompt + c for c in caps] if cfg.mode == "caption" else caps
-        ids, mask = tokenize(tok, caps, cfg.max_len, device, pad_to_max=cfg.mode != "caption")
+        ids, mask = tokenize(tok, caps, cfg.max_len, device)  # ITM gathers ids: one length on all ranks
+        ids, mask = cdist.pad_across_ranks(ids, mask, tok.pad_token_id)
         ramp = max(1.0, cfg.alpha_ramp_epochs * spe)
         alpha = cfg.alpha * min(1.0, step / ramp) if cfg.alpha_ramp_epochs else cfg.alpha
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 97 + a)

@@ -175,6 +175,18 @@ def fetch_rows(x, wanted):
     return _FetchRows.apply(x, send, recv)
 
 
+def pad_across_ranks(ids, mask, pad_id):
+    """(B, L) token ids and mask, each rank padded to its longest text -> padded to the longest over
+    the ranks: a batch whose ids are all-gathered (ITM negatives) needs one length everywhere."""
+    if not _active():
+        return ids, mask
+    L = torch.tensor([ids.shape[1]], device=ids.device)
+    tdist.all_reduce(L, op=tdist.ReduceOp.MAX)
+    pad = int(L) - ids.shape[1]
+    return (torch.nn.functional.pad(ids, (0, pad), value=pad_id),
+            torch.nn.functional.pad(mask, (0, pad)))
+
+
 def all_reduce_mean(x):
     """Average a tensor (e.g. a logged loss) over ranks; returns a new tensor."""
     if not _active():
