@@ -270,19 +270,24 @@ def _fetch_worker(rank, world, port, out_dir):
     g_new = x.grad.clone()
     x.grad = None
     ((ref_x[mine] * w).sum() * (rank + 1)).backward()
-    torch.save({"got": got.detach(), "ref": ref_x[mine].detach(), "g_new": g_new, "g_ref": x.grad},
-               os.path.join(out_dir, f"fetch{rank}.pt"))
+    ids, mask = torch.full((2, 3 + 2 * rank), 7), torch.ones(2, 3 + 2 * rank, dtype=torch.long)  # L = 3 | 5
+    ids, mask = dist.pad_across_ranks(ids, mask, pad_id=0)
+    torch.save({"got": got.detach(), "ref": ref_x[mine].detach(), "g_new": g_new, "g_ref": x.grad,
+                "ids": ids, "mask": mask}, os.path.join(out_dir, f"fetch{rank}.pt"))
     dist.cleanup_distributed()
 
 
 def test_fetch_rows_moves_only_wanted_rows_with_gradient(tmp_path):
-    """blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
+    """Also pad_across_ranks.  blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
     whole batch and indexing it (rank 1 wants 4 rows of rank 0; rank 0 wants 3 of rank 1 and reads 1 itself)."""
     mp.spawn(_fetch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r, n in ((0, 3), (1, 4)):
         out = torch.load(tmp_path / f"fetch{r}.pt")
         assert out["got"].shape == (n, 2, 3) and torch.equal(out["got"], out["ref"])
         assert torch.allclose(out["g_new"], out["g_ref"], atol=1e-6) and out["g_new"].abs().sum() > 0
+        # texts padded to each rank's longest -> to the longest over ranks (ITM gathers the ids)
+        assert out["ids"].shape == out["mask"].shape == (2, 5)
+        assert out["ids"][:, 3 + 2 * r:].eq(0).all() and out["mask"].sum() == 2 * (3 + 2 * r)
 
 
 # ---------------------------------------------------------------- amp
