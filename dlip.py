@@ -1285,8 +1285,8 @@ def train(cfg, dist, device, dtype, log):
             data.loader.check()
         images, idx = aug.normalize(images.to(device, non_blocking=True)), idx.to(device)  # uint8 in
         caps = [cfg.prompt + c for c in caps] if cfg.mode == "caption" else caps
-        ids, mask = tokenize(tok, caps, cfg.max_len, device)  # ITM gathers ids: one length on all ranks
-        ids, mask = cdist.pad_across_ranks(ids, mask, tok.pad_token_id)
+        ids, mask = tokenize(tok, caps, cfg.max_len, device)
+        ids, mask = cdist.pad_across_ranks(ids, mask, tok.pad_token_id)  # ITM gathers ids: one length
         ramp = max(1.0, cfg.alpha_ramp_epochs * spe)
         alpha = cfg.alpha * min(1.0, step / ramp) if cfg.alpha_ramp_epochs else cfg.alpha
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 97 + a)

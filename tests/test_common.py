@@ -277,9 +277,10 @@ def _fetch_worker(rank, world, port, out_dir):
     dist.cleanup_distributed()
 
 
-def test_fetch_rows_moves_only_wanted_rows_with_gradient(tmp_path):
-    """Also pad_across_ranks.  blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
-    whole batch and indexing it (rank 1 wants 4 rows of rank 0; rank 0 wants 3 of rank 1 and reads 1 itself)."""
+def test_fetch_rows_and_pad_across_ranks(tmp_path):
+    """blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
+    whole batch and indexing it (rank 1 wants 4 rows of rank 0; rank 0 wants 3 of rank 1 and reads 1 itself).
+    Texts of 3 and 5 tokens on the two ranks are padded to 5 on both."""
     mp.spawn(_fetch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r, n in ((0, 3), (1, 4)):
         out = torch.load(tmp_path / f"fetch{r}.pt")
