@@ -1,0 +1,87 @@
+"""The commands the documentation shows run as written, as far as their command lines go: every
+`python <script>.py ...` in README.md, docs/*.md, data/README.md and the scripts' own docstrings names only
+flags that script has, with values of the right type, and a --mode / --stage that the README's script table
+lists for it (or the field's default). (Running each is the toy tables' job; this catches a renamed flag or a dropped mode.)"""
+import ast
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from common.config import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("blip2_pformer", "dlip", "negclip", "perceiver_caption", "imagechat_warmup")
+DOCS = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md")),
+        *(REPO / f"{s}.py" for s in SCRIPTS)]
+# a command ends at a newline, a closing backtick, a table cell's bar, or a following command
+COMMAND = re.compile(r"\b(?:python3?|torchrun)\b[^\n`|]*?\b(" + "|".join(SCRIPTS) + r")\.py([^\n`|;&]*)")
+
+
+def commands():
+    """(where, script, argv) of every documented command line of a method script."""
+    out = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        text = ast.get_docstring(ast.parse(text)) if path.suffix == ".py" else text  # a script: its docstring
+        logical, start, buf = [], 1, ""  # (first line number, the line with its continuations joined)
+        for n, line in enumerate(text.splitlines(), 1):
+            start = n if not buf else start
+            if line.rstrip().endswith("\\"):
+                buf += line.rstrip()[:-1] + " "
+                continue
+            logical.append((start, buf + line))
+            buf = ""
+        for n, line in logical:
+            for m in COMMAND.finditer(line):
+                rest = re.sub(r"<[^>]*>", "X", m.group(2)).replace("[", " ").replace("]", " ")  # placeholders
+                if "..." in rest:
+                    continue  # an elided command ("torchrun ... x.py --preset paper ...")
+                argv, tokens = [], shlex.split(rest, comments=True)
+                for i, t in enumerate(tokens):  # "$C": a shell variable standing for several flags
+                    if t.startswith("$") and not (i and tokens[i - 1].startswith("--")):
+                        continue
+                    argv.append(t)
+                out.append((f"{path.relative_to(REPO)}:{n}", m.group(1), argv))
+    return out
+
+
+def readme_choices():
+    """{script: {"mode" | "stage": allowed values}} from the README's script table."""
+    out = {}
+    for row in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = re.split(r"(?<!\\)\|", row)  # a cell's own bars are escaped: \|
+        m = re.fullmatch(r" `(\w+)\.py` ", cells[1]) if len(cells) > 3 else None
+        if m:
+            for flag, values in re.findall(r"--(mode|stage) ([\w \\|]+)", cells[-2]):
+                out.setdefault(m.group(1), {}).setdefault(flag, set()).update(
+                    v.strip() for v in values.replace("\\", "").split("|") if v.strip())
+    return out
+
+
+def test_the_docs_show_commands_of_every_script():
+    found = commands()
+    assert len(found) >= 60, len(found)
+    for s in SCRIPTS:
+        assert sum(script == s for _, script, _ in found) >= 3, s
+    assert set(readme_choices()) == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_documented_commands_parse(script, capsys):
+    module, choices = importlib.import_module(script), readme_choices()[script]
+    bad = []
+    for where, s, argv in commands():
+        if s != script:
+            continue
+        try:
+            cfg = parse_config(module.Config, module.PRESETS, argv)
+        except SystemExit:  # argparse has printed why
+            bad.append(f"{where}: {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+            continue
+        for flag, allowed in choices.items():  # or the field's default (blip2's --mode run)
+            if str(getattr(cfg, flag)) not in allowed | {str(getattr(module.Config, flag))}:
+                bad.append(f"{where}: --{flag} {getattr(cfg, flag)} is not one of {sorted(allowed)}")
+    assert not bad, "\n".join(bad)
