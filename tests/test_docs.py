@@ -85,3 +85,47 @@ def test_documented_commands_parse(script, capsys):
             if str(getattr(cfg, flag)) not in allowed | {str(getattr(module.Config, flag))}:
                 bad.append(f"{where}: --{flag} {getattr(cfg, flag)} is not one of {sorted(allowed)}")
     assert not bad, "\n".join(bad)
+
+
+def reading_guide():
+    """{script: [[names] per step]} of the README's reading guide: the definitions that hold each method's idea,
+    in the steps (a -> b -> ...) a reader follows; a step's first name is the one read, others are asides."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    guide = text[text.index("Reading guide"):text.index("## Quick start")]
+    out = {}
+    for item in re.split(r"\n- ", guide)[1:]:
+        script, rest = re.match(r"`(\w+)\.py`:(.*)", item, flags=re.S).groups()
+        depth, cuts = 0, [0]  # the arrows outside parentheses separate the steps
+        for i, ch in enumerate(rest):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0 and rest.startswith("->", i):
+                cuts.append(i)
+        parts = [rest[a:b] for a, b in zip(cuts, cuts[1:] + [len(rest)])]
+        out[script] = [[n for n in re.findall(r"`([\w.]+)`", p) if not n.endswith(".py")] for p in parts]
+    return out
+
+
+def definitions(script):
+    """{name: line} of the script's top-level functions and classes, and of their methods as Class.method."""
+    out = {}
+    for node in ast.parse((REPO / f"{script}.py").read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = node.lineno
+            for sub in node.body if isinstance(node, ast.ClassDef) else []:
+                if isinstance(sub, ast.FunctionDef):
+                    out[f"{node.name}.{sub.name}"] = sub.lineno
+    return out
+
+
+def test_reading_guide_names_definitions_in_reading_order():
+    """Each script's guide: 3-6 steps, every name a definition of the script, the steps in the file's order
+    (a reader going top to bottom meets them so)."""
+    guide = reading_guide()
+    assert set(guide) == set(SCRIPTS)
+    for script, steps in guide.items():
+        defs = definitions(script)
+        assert 3 <= len(steps) <= 6 and all(steps), (script, steps)
+        missing = [n for step in steps for n in step if n not in defs]
+        assert not missing, f"README's reading guide names {missing}, which {script}.py does not define"
+        lines = [defs[step[0]] for step in steps]
+        assert lines == sorted(lines), f"{script}: the guide's steps {[s[0] for s in steps]} at lines {lines}"
