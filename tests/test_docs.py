@@ -1,7 +1,8 @@
-"""The commands the documentation shows run as written, as far as their command lines go: every
+"""The docs match the code. The commands they show run as written, as far as their command lines go: every
 `python <script>.py ...` in README.md, docs/*.md, data/README.md and the scripts' own docstrings names only
 flags that script has, with values of the right type, and a --mode / --stage that the README's script table
-lists for it (or the field's default). (Running each is the toy tables' job; this catches a renamed flag or a dropped mode.)"""
+lists for it (or the field's default); running each is the toy tables' job. And the README's reading guide
+names definitions of each script, in the order the file holds them."""
 import ast
 import importlib
 import re
