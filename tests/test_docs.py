@@ -79,8 +79,9 @@ def test_documented_commands_parse(script, capsys):
             continue
         try:
             cfg = parse_config(module.Config, module.PRESETS, argv)
-        except SystemExit:  # argparse has printed why
-            bad.append(f"{where}: {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+        except SystemExit as e:  # argparse has printed why (an unknown preset: the exit's message)
+            why = (capsys.readouterr().err.strip().splitlines() or [str(e)])[-1]
+            bad.append(f"{where}: {' '.join(argv)}: {why}")
             continue
         for flag, allowed in choices.items():  # or the field's default (blip2's --mode run)
             if str(getattr(cfg, flag)) not in allowed | {str(getattr(module.Config, flag))}:
