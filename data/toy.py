@@ -1788,7 +1788,7 @@ def toy_paths(cfg, defaults, models, is_main=True, barrier=None):
     return used
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Build the toy world (data files + tiny pretrained HF backbones).")
     p.add_argument("--out", default="data/toy", help="output folder (default data/toy)")
     p.add_argument("--tiny", action="store_true", help="small world for tests (~300/50/50 scenes, smaller models)")
@@ -1799,7 +1799,11 @@ def main(argv=None):
                    help="comma-separated backbones to build (default all: " + ",".join(MODEL_NAMES) + ")")
     p.add_argument("--shards", type=int, default=0,
                    help="also write the train pairs as N webdataset shards into <out>/shards/train (write_shards)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     names = [] if a.data_only else [n for n in a.models.split(",") if n]
     if not a.force and os.path.isfile(os.path.join(a.out, "manifest.json")):
         ensure_toy_world(a.out, models=names)

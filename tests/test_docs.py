@@ -1,8 +1,9 @@
 """The docs match the code. The commands they show run as written, as far as their command lines go: every
 `python <script>.py ...` in README.md, docs/*.md, data/README.md and the scripts' own docstrings names only
 flags that script has, with values of the right type, and a --mode / --stage that the README's script table
-lists for it (or the field's default); running each is the toy tables' job. And the README's reading guide
-names definitions of each script, in the order the file holds them."""
+lists for it (or the field's default); running each is the toy tables' job. The same for data/toy.py and
+data/convert.py through their argparse parsers. And the README's reading guide names definitions of each
+script, in the order the file holds them."""
 import ast
 import importlib
 import re
@@ -17,12 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("blip2_pformer", "dlip", "negclip", "perceiver_caption", "imagechat_warmup")
 DOCS = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md")),
         *(REPO / f"{s}.py" for s in SCRIPTS)]
+TOOLS = ("data/toy", "data/convert")  # argparse command lines (build_parser)
 # a command ends at a newline, a closing backtick, a table cell's bar, or a following command
-COMMAND = re.compile(r"\b(?:python3?|torchrun)\b[^\n`|]*?\b(" + "|".join(SCRIPTS) + r")\.py([^\n`|;&]*)")
+COMMAND = re.compile(r"\b(?:python3?|torchrun)\b[^\n`|]*?(?<![\w/])(" + "|".join(SCRIPTS + TOOLS) +
+                     r")\.py([^\n`|;&]*)")
 
 
 def commands():
-    """(where, script, argv) of every documented command line of a method script."""
+    """(where, script, argv) of every documented command line of a method script or a data/ tool."""
     out = []
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
@@ -89,9 +92,28 @@ def test_documented_commands_parse(script, capsys):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("tool", TOOLS)
+def test_documented_data_commands_parse(tool, capsys):
+    """data/toy.py and data/convert.py: the flags exist, and every converter that a `{a,b,...}` list names
+    (data/README's list of kinds) is one that convert.py has."""
+    parser, bad, n = importlib.import_module(tool.replace("/", ".")).build_parser, [], 0
+    for where, s, argv in commands():
+        if s != tool:
+            continue
+        kinds = re.fullmatch(r"\{([\w,]+)\}", argv[0]) if argv else None
+        for a in ([[k] + argv[1:] for k in kinds.group(1).split(",")] if kinds else [argv]):
+            n += 1
+            try:
+                parser().parse_args(a)
+            except SystemExit as e:  # --help exits with 0
+                if e.code:
+                    bad.append(f"{where}: {' '.join(a)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert n >= 3 and not bad, (n, bad)
+
+
 def reading_guide():
-    """{script: [[names] per step]} of the README's reading guide: the definitions that hold each method's idea,
-    in the steps (a -> b -> ...) a reader follows; a step's first name is the one read, others are asides."""
+    """{script: [[names] per step]} of the README's reading guide: the definitions that hold each method's
+    idea, in the steps (a -> b -> ...) a reader follows; a step's first name is the one read, others asides."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     guide = text[text.index("Reading guide"):text.index("## Quick start")]
     out = {}
