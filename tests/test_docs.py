@@ -153,3 +153,13 @@ def test_reading_guide_names_definitions_in_reading_order():
         assert not missing, f"README's reading guide names {missing}, which {script}.py does not define"
         lines = [defs[step[0]] for step in steps]
         assert lines == sorted(lines), f"{script}: the guide's steps {[s[0] for s in steps]} at lines {lines}"
+
+
+def test_readme_layout_names_every_common_module():
+    """The README's layout lists what common/ holds: each module, and no module that is gone."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):text.index("## Conventions")]
+    common = layout[layout.index("common/"):layout.index("bench/")]
+    named = set(re.findall(r"\b(\w+)\.py\b", common))
+    present = {p.stem for p in (REPO / "common").glob("*.py")} - {"__init__"}
+    assert named == present, f"README names {sorted(named - present)} not in common/; omits {sorted(present - named)}"
