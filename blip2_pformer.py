@@ -121,6 +121,7 @@ class Config:
     eval_tasks: Optional[str] = None  # comma list of retrieval, caption, vqa ("" = none)
     eval_max: int = 0            # > 0: evaluate on the first N images / questions only
     eval_batch: int = 32
+    k_test: int = 0              # > 0: ITM re-ranks each image's / text's ITC top-k; 0: ITC only
     report: bool = True          # <out_dir>/report.html: curves, captions, answers, retrievals, attention
     caption_prompt: Optional[str] = None
     num_beams: Optional[int] = None
@@ -144,6 +145,7 @@ PRESETS = {
         "bert_path": "bert-base-uncased",
         "llm_path": "facebook/opt-2.7b",  # or google/flan-t5-xl with --t5_dense_act_fn gelu
         "num_workers": 8, "log_every": 50, "save_every": 2000, "eval_batch": 64,
+        "k_test": 128,  # LAVIS projects/blip2/eval/ret_coco_eval.yaml
     },
 }
 
@@ -1015,15 +1017,19 @@ def gather_dict(d):
 
 @torch.no_grad()
 def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
-    """Image<->text retrieval by the Q-Former's ITC score (max over queries), R@1/5/10."""
-    from common.metrics import retrieval_recall
+    """Image<->text retrieval R@1/5/10 by the Q-Former's ITC score (max over queries); k_test > 0:
+    then ITM re-ranks each ITC top-k (BLIP-2 Sec. 4.4; LAVIS blip2.py compute_sim_matrix), the
+    ITC-only recalls are kept as itc_*."""
+    from common.metrics import reranked_recall, retrieval_recall
     qf = model.qformer
-    img_feats = {}
+    img_feats, img_embeds = {}, {}
     for idx, px in image_batches([r["image"] for r in records], cfg, dist, "retrieval images"):
         with autocast(px.device, frozen.dtype):
-            q = qf.query(model.encode_image(px, frozen))  # (B, Nq, C)
-            f = F.normalize(qf.vision_proj(q), dim=-1).float()  # (B, Nq, E)
+            image = model.encode_image(px, frozen)  # (B, N, W)
+            f = F.normalize(qf.vision_proj(qf.query(image)), dim=-1).float()  # (B, Nq, E)
         img_feats.update({i: f[k].cpu() for k, i in enumerate(idx)})
+        if cfg.k_test > 0:  # the re-ranking's cross-attention input, held in the compute dtype
+            img_embeds.update({i: image[k].to(frozen.dtype).cpu() for k, i in enumerate(idx)})
     texts, txt2img, img2txts = [], [], []
     for i, r in enumerate(records):
         img2txts.append(list(range(len(texts), len(texts) + len(r["captions"]))))
@@ -1045,7 +1051,20 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
     pos = {i: k for k, i in enumerate(keep)}
     shown["retrieval"] = [(texts[t], [keep[k] for k in sim[:, t].topk(min(5, len(keep))).indices.tolist()])
                           for t in range(0, len(texts), max(1, len(texts) // 4))][:4]  # for the report
-    return retrieval_recall(sim, [pos.get(i, -1) for i in txt2img], [img2txts[i] for i in keep])
+    txt2img, img2txts = [pos.get(i, -1) for i in txt2img], [img2txts[i] for i in keep]
+    metrics = retrieval_recall(sim, txt2img, img2txts)
+    if cfg.k_test <= 0:
+        return metrics
+    image, (ids, mask) = torch.stack([gather_dict(img_embeds)[i] for i in keep]), toks.bert_batch(texts)
+
+    def itm(img_rows, txt_rows):  # LAVIS compute_itm: the 'match' logit averaged over the queries
+        with autocast(ids.device, frozen.dtype):
+            h = qf.joint(image[img_rows].to(ids.device).float(), ids[txt_rows], mask[txt_rows])
+            return qf.itm_head(h[:, :qf.num_query])[..., 1].mean(1).float().cpu()  # (k,)
+    i2t = lambda r, c: itm(c.new_full(c.shape, r), c)  # noqa: E731  image r, texts c
+    t2i = lambda r, c: itm(c, c.new_full(c.shape, r))  # noqa: E731  text r, images c
+    return {**{f"itc_{k}": v for k, v in metrics.items()},
+            **reranked_recall(sim, i2t, t2i, cfg.k_test, txt2img, img2txts, dist)}
 
 
 @torch.no_grad()
@@ -1331,8 +1350,8 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
 
 
 # Besides common.checkpoint's, fields that only change what is evaluated or exported after training
-RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "hf_export", "vqa_prompt", "vqa_num_beams",
-                                  "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
+RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "k_test", "hf_export", "vqa_prompt",
+                                  "vqa_num_beams", "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
                                   "max_new_tokens", "min_new_tokens", "min_length"}
 
 

@@ -944,17 +944,6 @@ def eval_set(path, cfg, size):
 
 
 # ================================================================================================ Eval
-@torch.no_grad()
-def rerank_scores(sim, itm_fn, k, rows):
-    """ITC shortlist + ITM re-rank (BLIP/ALBEF `evaluation`): for each row r in `rows` of sim
-    (R, C), the top-k columns get itm_fn(r, cols) (raw ITM 'match' logit) + their ITC sim."""
-    out = {}
-    for r in rows:
-        top_sim, top = sim[r].topk(min(k, sim.shape[1]))
-        out[r] = (top, itm_fn(r, top) + top_sim)
-    return out
-
-
 def gather_rows(x, n, dist):
     """This rank's cdist.shard_indices rows of an (n, ...) tensor -> all n rows on every rank: the
     shards are contiguous, so the padded, gathered blocks cut at n are the rows in order."""
@@ -967,7 +956,7 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     """TR/IR R@1/5/10 with ITC only and with ITC top-k + ITM re-ranking (k = cfg.k_test). Each rank
     encodes its shard of the images and texts, then all gather them (BLIP's train_retrieval.py has
     every rank encode all); the re-ranking is split over ranks by rows, as BLIP splits it."""
-    from common.metrics import retrieval_recall
+    from common.metrics import reranked_recall, retrieval_recall
     model.eval()
     emb, img_feat, txt_feat, n = [], [], [], cfg.eval_batch
     mine_i, mine_t = cdist.shard_indices(len(images), dist), cdist.shard_indices(len(texts), dist)
@@ -996,19 +985,7 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
             return model.itm_logits(i, m, e)[:, 1]
     i2t = lambda r, c: itm(ids[c], mask[c], emb[[r]].expand(len(c), -1, -1))  # noqa: E731
     t2i = lambda r, c: itm(ids[[r]].expand(len(c), -1), mask[[r]].expand(len(c), -1), emb[c])
-    recalls = []
-    for s, fn in ((sim, i2t), (sim.T, t2i)):
-        part = rerank_scores(s, fn, cfg.k_test, cdist.shard_indices(s.shape[0], dist))
-        score = torch.full_like(s, -100.0)
-        part = {r: (c.cpu(), v.float().cpu()) for r, (c, v) in part.items()}
-        for p in cdist.all_gather_object(part):
-            for r, (c, v) in p.items():
-                score[r, c.to(device)] = v.to(device)
-        recalls.append(retrieval_recall((score if s is sim else score.T).cpu(), txt2img, img2txts))
-    metrics.update({k: v for k, v in recalls[0].items() if k.startswith("txt")})  # TR: i2t re-rank
-    metrics.update({k: v for k, v in recalls[1].items() if k.startswith("img")})  # IR: t2i re-rank
-    metrics["r_mean"] = sum(metrics[f"{a}_r{k}"] for a in ("txt", "img") for k in (1, 5, 10)) / 6
-    return metrics
+    return {**metrics, **reranked_recall(sim, i2t, t2i, cfg.k_test, txt2img, img2txts, dist)}
 
 
 @torch.no_grad()

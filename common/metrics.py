@@ -5,7 +5,7 @@ then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which i
 length penalty, x10) and ROUGE-L; `hf_bleu` / `hf_rouge` give the Hugging Face `evaluate` bleu and rouge metrics
 that some papers report instead. VQA accuracy follows GT-Vision-Lab/VQA's vqaEval.py in either of its two
 versions (`VQA_RULES`; default: the 2017 one that LAVIS uses), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
-Recall@K follows the ALBEF/BLIP `itm_eval` convention. Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35),
+Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after their ITM re-ranking). Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35),
 VQA accuracy a fraction, recalls percentages. Dialogue metrics (Image-Chat) reuse the one BLEU and the one ROUGE-L
 with the options that give the rules dialogue evaluations use (torchmetrics' BLEU, the rouge-score package's
 ROUGE-L), plus unigram F1 (on token ids, or on words normalised as ParlAI does).
@@ -759,5 +759,39 @@ def retrieval_recall(sim, txt2img, img2txts, ks=(1, 5, 10), chunk=1024):
     img = 100.0 * np.concatenate(img_hits).mean(0)
     out = {f"txt_r{k}": float(v) for k, v in zip(ks, txt)}
     out.update({f"img_r{k}": float(v) for k, v in zip(ks, img)})
+    out["r_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+@torch.no_grad()
+def rerank_scores(sim, itm_fn, k, rows):
+    """ITC shortlist + ITM re-rank of rows `rows` of sim (R, C): each row's top-k columns get
+    itm_fn(row, cols) (the raw ITM 'match' logit) + their ITC sim -> {row: (cols, scores)}."""
+    out = {}
+    for r in rows:
+        top_sim, top = sim[r].topk(min(k, sim.shape[1]))
+        out[r] = (top, itm_fn(r, top) + top_sim)
+    return out
+
+
+@torch.no_grad()
+def reranked_recall(sim, i2t, t2i, k, txt2img, img2txts, dist):
+    """Recall@K of the two-step retrieval of ALBEF/BLIP (`evaluation` in train_retrieval.py) and
+    BLIP-2 (LAVIS blip2.py `compute_sim_matrix`): for each image the k best texts by the ITC sim
+    (N_img, N_txt) are scored i2t(image, texts) + sim, for each text the k best images t2i(text,
+    images) + sim, every other pair -100. Rows are split over ranks, the scores gathered; text
+    retrieval is read from the image->text scores, image retrieval from the text->image ones."""
+    from common import dist as D
+    recalls = []
+    for s, fn in ((sim, i2t), (sim.T, t2i)):
+        part = rerank_scores(s, fn, k, D.shard_indices(s.shape[0], dist))
+        part = {r: (c.cpu(), v.float().cpu()) for r, (c, v) in part.items()}
+        score = torch.full(s.shape, -100.0)
+        for p in D.all_gather_object(part):
+            for r, (c, v) in p.items():
+                score[r, c] = v
+        recalls.append(retrieval_recall(score if s is sim else score.T, txt2img, img2txts))
+    out = {n: v for n, v in recalls[0].items() if n.startswith("txt")}
+    out.update({n: v for n, v in recalls[1].items() if n.startswith("img")})
     out["r_mean"] = float(np.mean(list(out.values())))
     return out

@@ -511,6 +511,43 @@ def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
     assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])  # same checkpoint, same numbers
 
 
+def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path):
+    """--k_test (BLIP-2 Sec. 4.4, LAVIS blip2.py compute_sim_matrix): ITM re-scores each ITC top-k. With k covering
+    every candidate, the recalls equal ranking all pairs by ITC sim + ITM 'match' logit computed here pair by pair;
+    the ITC-only recalls stay as itc_*."""
+    from common.config import parse_config
+    from common.data import pre_caption, read_pairs
+    from common.dist import Dist
+    from common.metrics import retrieval_recall
+    from data.toy import toy_paths
+    argv = ["--stage", "eval", "--init", str(pipeline["1"][1] / "checkpoint.pt"), "--eval_tasks", "retrieval",
+            "--report", "false"] + common_args(toy_root, tmp_path) + ["--eval_max", "6"]
+    itc, out = bp.main(argv), bp.main(argv + ["--k_test", "1000"])
+    assert {k: out["itc_" + k] for k in itc} == itc
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, argv))
+    toy_paths(cfg, *bp.toy_files(cfg))
+    model, frozen, toks, _ = bp.build(cfg, Dist())
+    model.eval()
+    recs = read_pairs(cfg.val_file)[:6]
+    texts = [pre_caption(c, 50) for r in recs for c in r["captions"]]
+    qf = model.qformer
+    with torch.no_grad():
+        images = bp.open_images(cfg)
+        px = torch.stack([bp.load_pixels(images, r["image"]) for r in recs])
+        image = model.encode_image(bp.on_device(px, cfg, "cpu"), frozen)  # (6, N, W)
+        img = torch.nn.functional.normalize(qf.vision_proj(qf.query(image)), dim=-1)  # (6, Nq, E)
+        ids, mask = toks.bert_batch(texts)
+        txt = torch.nn.functional.normalize(qf.text_proj(qf.encode_text(ids, mask)[:, 0]), dim=-1)
+        sim = torch.einsum("iqe,te->iqt", img, txt).amax(1)  # (6, T)
+        itm = torch.stack([qf.itm_head(qf.joint(image[[i]].expand(len(texts), -1, -1), ids, mask)[:, :qf.num_query])
+                           [..., 1].mean(1) for i in range(len(recs))])  # (6, T)
+    owner = [i for i, r in enumerate(recs) for _ in r["captions"]]
+    spans = [[t for t, o in enumerate(owner) if o == i] for i in range(len(recs))]
+    by_hand = retrieval_recall(sim + itm, owner, spans)
+    assert {k: out[k] for k in by_hand} == pytest.approx(by_hand, abs=1e-4)
+    assert retrieval_recall(sim, owner, spans) == pytest.approx(itc, abs=1e-4)  # the ITC side, built the same way
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume and DDP
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,7 +622,8 @@ def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     """Stage 2 with retrieval among its evals builds the Q-Former's text parts, which no stage-2 loss uses: they
     must be frozen before DDP, or its unused-parameter check stops the second step."""
     args = ["--stage", "2", "--max_steps", "3", "--global_batch", "8", "--micro_batch", "4", "--warmup_steps", "1",
-            "--device", "cpu", "--eval_tasks", "retrieval", "--eval_max", "4"] + common_args(toy_root, tmp_path)
+            "--device", "cpu", "--eval_tasks", "retrieval", "--eval_max", "4", "--k_test", "3"]
+    args += common_args(toy_root, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(REPO, "blip2_pformer.py")] + args, env=env, cwd=REPO, capture_output=True,
@@ -593,6 +631,8 @@ def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3 and any(k.startswith("qformer.itm_head") for k in ck["model"])
+    m = json.load(open(tmp_path / "metrics.json"))  # ITM re-ranking split over the two ranks' rows
+    assert 0 <= m["txt_r1"] <= 100 and 0 <= m["img_r1"] <= 100 and "itc_r_mean" in m
 
 
 def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):

@@ -296,7 +296,8 @@ def test_hard_negatives_vectorised_never_positive_and_nan_safe():
 def test_itc_shortlist_itm_rerank_by_hand():
     """Top-k by ITC, re-scored by ITM logit + ITC sim (BLIP's evaluation); hand-computed."""
     sim = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
-    out = dlip.rerank_scores(sim, lambda r, cols: cols.float() * 10 + r, k=2, rows=[0, 1])
+    from common.metrics import rerank_scores  # shared with blip2_pformer.py's retrieval
+    out = rerank_scores(sim, lambda r, cols: cols.float() * 10 + r, k=2, rows=[0, 1])
     assert out[0][0].tolist() == [0, 2] and torch.allclose(out[0][1], torch.tensor([0.9, 20.5]))
     assert out[1][0].tolist() == [1, 2] and torch.allclose(out[1][1], torch.tensor([11.8, 21.3]))
 

@@ -503,6 +503,24 @@ def test_retrieval_recall_caption_without_image_is_only_a_distractor():
     assert out["img_r1"] == pytest.approx(100.0)
 
 
+def test_reranked_recall_itm_reorders_only_the_itc_shortlist():
+    """BLIP / BLIP-2 retrieval: ITM re-scores each row's ITC top-k; what ITC leaves out of the top-k stays out."""
+    from common.dist import Dist
+    from common.metrics import reranked_recall
+    sim = torch.tensor([[0.5, 0.9, 0.1],   # image 0: ITC prefers text 1
+                        [0.4, 0.3, 0.2],   # image 1: ITC prefers text 0
+                        [0.0, 0.1, 0.6]])
+    match = lambda r, cols: (cols == r).float()  # noqa: E731  a perfect matcher, in both directions
+    one = Dist(0, 0, 1, torch.device("cpu"))
+    itc = retrieval_recall(sim, [0, 1, 2], [[0], [1], [2]])
+    assert itc["txt_r1"] == pytest.approx(100 / 3) and itc["img_r1"] == pytest.approx(200 / 3)
+    out = reranked_recall(sim, match, match, 2, [0, 1, 2], [[0], [1], [2]], one)
+    assert out["txt_r1"] == out["img_r1"] == out["r_mean"] == pytest.approx(100.0)
+    # k = 1: the right texts of images 0 and 1 are outside the shortlist, so the perfect matcher cannot rescue them
+    top1 = reranked_recall(sim, match, match, 1, [0, 1, 2], [[0], [1], [2]], one)
+    assert top1["txt_r1"] == pytest.approx(itc["txt_r1"]) and top1["img_r1"] == pytest.approx(itc["img_r1"])
+
+
 def test_retrieval_recall_rejects_bad_input():
     with pytest.raises(ValueError):
         retrieval_recall(np.zeros((2, 3)), [0, 1], [[0], [1]])
