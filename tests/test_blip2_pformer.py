@@ -323,6 +323,7 @@ def test_paper_eval_settings_as_lavis(hf_folders):
     from common.config import parse_config
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", "eval"]))
     assert cfg.min_length == 8 and cfg.caption_prompt == "a photo of" and cfg.image_size == 224
+    assert cfg.k_test == 128  # retrieval: ITM re-ranks each ITC top 128 (LAVIS ret_coco_eval.yaml)
     opt = AutoTokenizer.from_pretrained(hf_folders["opt"])  # "</s> $A": "</s> a photo" is 3 tokens
     assert bp.min_new(cfg, opt, False, "a photo") == 5 and bp.min_new(cfg, opt, True, "a photo") == 7
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", "eval",
