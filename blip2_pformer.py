@@ -25,7 +25,6 @@ its zero-shot VQA and the released Q-Former's parameter counts; toy figures: doc
 """
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -916,10 +915,8 @@ def shard_batches(cfg, dist, tracker, state):
     for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers):
         tracker.update(b)
         tracker.check()
-        names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]  # captions of one image
-        ids = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=7).digest(), "big") for n in names]
-        yield {"pixels": b["image"], "caption": b["caption"], "image_id": torch.tensor(ids),
-               "tried": [], "bad": []}
+        yield {"pixels": b["image"], "caption": b["caption"], "image_id": b["image_id"], "tried": [],
+               "bad": []}
 
 
 class Tokenizers:

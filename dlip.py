@@ -23,7 +23,6 @@ every weight accounted for; tests check ITM, ITC and decoder logits against tran
 """
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -880,17 +879,13 @@ def collate(batch):
 
 def shard_batches(cfg, transform, dist, tracker, state, pin=False):
     """Micro-batches from webdataset shards (common.data.ShardStream: split over ranks and workers,
-    exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples. The
-    image id (ITC positives; never an ITM negative) is key.json's "image" where the set names one
-    (the toy shards hold an image once per caption), else the key: web data has one caption each."""
+    exact resume from `state`) in collate()'s format; `tracker` counts their unreadable samples."""
     stream = ShardStream(cfg.train_shards, transform, dist.rank, dist.world_size, cfg.seed,
                          max_bad_frac=cfg.max_bad_frac, resume=state)
     for b in stream_loader(stream, cfg.micro_batch, cfg.num_workers, pin):
         tracker.update(b)
         tracker.check()
-        names = [str(m.get("image", k)) for m, k in zip(b["meta"], b["key"])]
-        idx = [int.from_bytes(hashlib.blake2b(n.encode(), digest_size=7).digest(), "big") for n in names]
-        yield b["image"], [pre_caption(c, cfg.max_words) for c in b["caption"]], torch.tensor(idx), [], []
+        yield b["image"], [pre_caption(c, cfg.max_words) for c in b["caption"]], b["image_id"], [], []
 
 
 def tokenize(tok, caps, max_len, device):

@@ -11,6 +11,7 @@ shards, streamed by `ShardStream` (split over ranks and DataLoader workers, boun
 unreadable samples counted, exact resume via `StreamTracker`).
 """
 import glob
+import hashlib
 import io
 import json
 import os
@@ -699,7 +700,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 def collate_stream(samples):
     """Batch ShardStream samples: images stacked (a list when untransformed); captions, keys and
     meta as lists; the bookkeeping fields as tensors, `tried` summed and `bad` concatenated (for
-    StreamTracker.update)."""
+    StreamTracker.update). `image_id` (ITC positives, never an ITM negative) hashes key.json's
+    "image" where the set names one (the toy shards hold an image once per caption), else the key:
+    web data has one caption per image."""
     images = [s["image"] for s in samples]
     out = {"image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
            "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
@@ -708,6 +711,9 @@ def collate_stream(samples):
            "bad": [b for s in samples for b in s["bad"]]}
     for k in ("shard", "slot", "epoch", "pos"):
         out[k] = torch.tensor([s[k] for s in samples])
+    names = [str(s["meta"].get("image", s["key"])).encode() for s in samples]
+    out["image_id"] = torch.tensor([int.from_bytes(hashlib.blake2b(n, digest_size=7).digest(), "big")
+                                    for n in names])
     return out
 
 

@@ -187,7 +187,7 @@ def _keys(stream, workers=0, batch=16):
     return [k for b in data.stream_loader(stream, batch, workers) for k in b["key"]]
 
 
-def test_toy_shards_hold_the_pairs(toy_root, shards):
+def test_toy_shards_hold_the_pairs(toy_root, shards, tmp_path):
     spec, out = shards
     names = sorted(os.listdir(out))
     assert names[:3] == ["00000.tar", "00000_stats.json", "00001.tar"] and names[-1] == "written.json"
@@ -203,6 +203,11 @@ def test_toy_shards_hold_the_pairs(toy_root, shards):
     assert [s["caption"] for s in got] == [c for _, c in pairs] and data.shard_sample_count(spec) == len(pairs)
     assert got[0]["image"].size == (64, 64) and got[0]["bad"] == [] and got[-1]["pos"] == len(pairs)
     assert [s["meta"]["image"] for s in got[:6]] == [pairs[0][0]] * 5 + [pairs[5][0]]  # the image id, for ITC
+    ids = next(iter(data.stream_loader(data.ShardStream(spec, shuffle_buffer=0, epochs=1), 6)))["image_id"]
+    assert ids[:5].tolist() == [ids[0].item()] * 5 and ids[5] != ids[0]  # one id per image: its captions are ITC
+    # positives of each other; without key.json's "image" each sample (web data: one caption each) is its own image
+    web = next(iter(data.stream_loader(data.ShardStream(_bad_shards(str(tmp_path)), shuffle_buffer=0), 10)))
+    assert len(set(web["image_id"].tolist())) == 10
 
 
 def test_ranks_and_workers_see_disjoint_samples(shards):
