@@ -1052,7 +1052,8 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
     metrics = retrieval_recall(sim, txt2img, img2txts)
     if cfg.k_test <= 0:
         return metrics
-    image, (ids, mask) = torch.stack([gather_dict(img_embeds)[i] for i in keep]), toks.bert_batch(texts)
+    img_embeds, (ids, mask) = gather_dict(img_embeds), toks.bert_batch(texts)
+    image = torch.stack([img_embeds[i] for i in keep])  # (N_img, N, W) on the host
 
     def itm(img_rows, txt_rows):  # LAVIS compute_itm: the 'match' logit averaged over the queries
         with autocast(ids.device, frozen.dtype):
