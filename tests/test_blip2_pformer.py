@@ -512,7 +512,7 @@ def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
     assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])  # same checkpoint, same numbers
 
 
-def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path):
+def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path, monkeypatch):
     """--k_test (BLIP-2 Sec. 4.4, LAVIS blip2.py compute_sim_matrix): ITM re-scores each ITC top-k. With k covering
     every candidate, the recalls equal ranking all pairs by ITC sim + ITM 'match' logit computed here pair by pair;
     the ITC-only recalls stay as itc_*."""
@@ -523,8 +523,11 @@ def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path
     from data.toy import toy_paths
     argv = ["--stage", "eval", "--init", str(pipeline["1"][1] / "checkpoint.pt"), "--eval_tasks", "retrieval",
             "--report", "false"] + common_args(toy_root, tmp_path) + ["--eval_max", "6"]
-    itc, out = bp.main(argv), bp.main(argv + ["--k_test", "1000"])
+    itc, gathers, gather = bp.main(argv), [], bp.gather_dict
+    monkeypatch.setattr(bp, "gather_dict", lambda d: gathers.append(len(d)) or gather(d))
+    out = bp.main(argv + ["--k_test", "1000"])
     assert {k: out["itc_" + k] for k in itc} == itc
+    assert gathers == [6, 30, 6]  # image and text features, then the images' ViT tokens once (not once per image)
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, argv))
     toy_paths(cfg, *bp.toy_files(cfg))
     model, frozen, toks, _ = bp.build(cfg, Dist())
