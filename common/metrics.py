@@ -5,10 +5,11 @@ then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which i
 length penalty, x10) and ROUGE-L; `hf_bleu` / `hf_rouge` give the Hugging Face `evaluate` bleu and rouge metrics
 that some papers report instead. VQA accuracy follows GT-Vision-Lab/VQA's vqaEval.py in either of its two
 versions (`VQA_RULES`; default: the 2017 one that LAVIS uses), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
-Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after their ITM re-ranking). Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35),
-VQA accuracy a fraction, recalls percentages. Dialogue metrics (Image-Chat) reuse the one BLEU and the one ROUGE-L
-with the options that give the rules dialogue evaluations use (torchmetrics' BLEU, the rouge-score package's
-ROUGE-L), plus unigram F1 (on token ids, or on words normalised as ParlAI does).
+Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after their ITM re-ranking). Captions
+metrics are fractions (BLEU-4 0.40, CIDEr 1.35), VQA accuracy a fraction, recalls percentages. Dialogue metrics
+(Image-Chat) reuse the one BLEU and the one ROUGE-L with the options that give the rules dialogue evaluations use
+(torchmetrics' BLEU, the rouge-score package's ROUGE-L), plus unigram F1 (on token ids, or on words normalised as
+ParlAI does).
 """
 import math
 import re
