@@ -1055,12 +1055,13 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
     img_embeds, (ids, mask) = gather_dict(img_embeds), toks.bert_batch(texts)
     image = torch.stack([img_embeds[i] for i in keep])  # (N_img, N, W) on the host
 
-    def itm(img_rows, txt_rows):  # LAVIS compute_itm: the 'match' logit averaged over the queries
+    def itm(img, txt_rows):  # LAVIS compute_itm: the 'match' logit averaged over the queries
         with autocast(ids.device, frozen.dtype):
-            h = qf.joint(image[img_rows].to(ids.device).float(), ids[txt_rows], mask[txt_rows])
+            h = qf.joint(img.float(), ids[txt_rows], mask[txt_rows])
             return qf.itm_head(h[:, :qf.num_query])[..., 1].mean(1).float().cpu()  # (k,)
-    i2t = lambda r, c: itm(c.new_full(c.shape, r), c)  # noqa: E731  image r, texts c
-    t2i = lambda r, c: itm(c, c.new_full(c.shape, r))  # noqa: E731  text r, images c
+    dev = ids.device  # one image crosses to the device once per row, not k times
+    i2t = lambda r, c: itm(image[[r]].to(dev).expand(len(c), -1, -1), c)  # noqa: E731  image r, texts c
+    t2i = lambda r, c: itm(image[c].to(dev), c.new_full(c.shape, r))  # noqa: E731  text r, images c
     return {**{f"itc_{k}": v for k, v in metrics.items()},
             **reranked_recall(sim, i2t, t2i, cfg.k_test, txt2img, img2txts, dist)}
 
