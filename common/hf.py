@@ -118,9 +118,10 @@ def published_config(name):
 
 
 def meta_model(model_class, config):
-    """model_class(config) on the meta device (shapes, no memory, no weights), with the LM head untied where
-    the released checkpoint stores its own: T5 v1.1 / Flan-T5 (config.json tie_word_embeddings=false), which
-    transformers ties when it builds from a config and unties only when from_pretrained finds both tensors."""
+    """model_class(config) on the meta device (shapes, no memory, no weights), in eval mode as from_pretrained
+    returns it, with the LM head untied where the released checkpoint stores its own: T5 v1.1 / Flan-T5
+    (config.json tie_word_embeddings=false), which transformers ties when it builds from a config and unties only
+    when from_pretrained finds both tensors."""
     import torch
     with torch.device("meta"):
         auto = model_class.__name__.startswith("Auto")  # AutoModelFor... picks the class from the config
@@ -129,7 +130,7 @@ def meta_model(model_class, config):
             if getattr(getattr(m, "config", None), "scale_decoder_outputs", True) is False and \
                     hasattr(m, "lm_head") and m.lm_head.weight is m.get_input_embeddings().weight:
                 m.lm_head.weight = torch.nn.Parameter(torch.empty_like(m.lm_head.weight))
-    return model
+    return model.eval()  # in train mode, OPT draws its LayerDrop with a meta tensor (transformers < 5.23)
 
 
 def hf_model(model_class, path, meta=False, sub="", **kw):
