@@ -528,7 +528,7 @@ def _tar_samples(path, shard):
     key, members, error = None, {}, None
     try:
         with tarfile.open(path, "r:") as tf:
-            for ti in iter(tf.next, None):
+            for ti in tf:  # not iter(tf.next, None): Python 3.10's next() fails on an empty tar
                 tf.members = []  # keep no TarInfo per member (as webdataset's tariterators.py does)
                 m = _KEY_EXT.match(ti.name) if ti.isfile() else None
                 if m is None:
