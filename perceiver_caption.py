@@ -41,6 +41,7 @@ from common import amp, checkpoint, dist as cdist
 from common.attention import attention
 from common.config import format_config, parse_config, save_config
 from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader, read_pairs, read_video
+from common.hf import published_config
 from common.image import ImageTransform, load_image, normalize
 from common.log import Logger, progress
 from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
@@ -850,7 +851,6 @@ def param_counts(cfg, clip_config, lm_config, text_len=20):
 
 def params_mode(cfg, logger):
     """The two hub names' released architectures, offline (common.hf.published_config)."""
-    from common.hf import published_config
     clip_config, lm_config = (published_config(n) for n in (cfg.clip_model, cfg.lm_model))
     rows = param_counts(cfg, getattr(clip_config, "vision_config", clip_config), lm_config)
     for b in ("mapper", "xattn", "both"):

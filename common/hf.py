@@ -12,6 +12,22 @@ INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE = ("model.safetensors", "pytorch_model.bin")
 
 
+def torch_too_old_for_transformers():
+    """transformers turns its PyTorch models off when torch is older than it needs (5.18 needs 2.5, 5.25 needs
+    2.6: it logs one warning and no install step refuses the pair), and every model class then fails far from
+    the cause.  The one-line reason, or None when transformers runs on this torch."""
+    import transformers
+    from transformers.utils import is_torch_available
+    if is_torch_available():
+        return None
+    return (f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it needs a newer "
+            f"torch); install one that requirements.txt allows: pip install 'torch>=2.6,<2.16'")
+
+
+if torch_too_old_for_transformers():  # every script imports this module: stop before the first model class
+    raise ImportError(torch_too_old_for_transformers())
+
+
 def resolve_local(name):
     """A local folder/file as given, else the hub name's snapshot folder: from the local Hugging Face cache, or
     downloaded into it as transformers' from_pretrained would (config, tokenizer and weight files only;

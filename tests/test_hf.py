@@ -122,3 +122,21 @@ def test_a_local_folder_wins_over_the_table(tmp_path):
     transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path)
     assert published_config(str(tmp_path)).n_layer == 2
     assert published_config("gpt2").n_layer == 12 and set(PUBLISHED) >= {"gpt2", "bert-base-uncased"}
+
+
+def test_a_torch_too_old_for_transformers_is_named_at_import():
+    """transformers 5.25 switches its models off on torch < 2.6 with a log line, and pip installs the pair: each
+    script must stop at import with one line that names both versions, not later inside a model class."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("blip2_pformer", "dlip", "negclip", "perceiver_caption", "imagechat_warmup"):
+        code = ("import transformers.utils as u; u.is_torch_available = lambda: False; "
+                f"import {script}")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and last.startswith("ImportError: transformers ") and \
+            f"torch {torch.__version__}" in last and "pip install 'torch>=" in last, (script, proc.stderr[-800:])
+    from common.hf import torch_too_old_for_transformers
+    assert torch_too_old_for_transformers() is None  # this environment's pair works
