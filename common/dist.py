@@ -31,11 +31,16 @@ def _pick_device(device, local_rank):
     (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) leave each process one visible GPU, cuda:0."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device.startswith("cuda"):
         n = torch.cuda.device_count()
-        index = 0 if n == 1 else local_rank
+        if n == 0:  # else torch's own error comes at the first tensor moved, far from the flag
+            build = ", a CPU-only build" if torch.version.cuda is None else ""
+            raise RuntimeError(f"--device {device}: this process sees no CUDA GPU (torch {torch.__version__}{build}); "
+                               "use --device auto or cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0 if n == 1 else local_rank
         if index >= n:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {n} GPUs are visible to this process: launch "
+            raise RuntimeError(f"--device {device}: only {n} GPUs are visible to this process" if ":" in device else
+                               f"LOCAL_RANK {local_rank} but only {n} GPUs are visible to this process: launch "
                                f"at most {n} processes per node, or bind one GPU per process")
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

@@ -695,6 +695,18 @@ def test_device_from_local_rank_with_one_gpu_per_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(RuntimeError, match="LOCAL_RANK 3 but only 2 GPUs"):
         dist._pick_device("cuda", 3)
+    assert dist._pick_device("cuda:1", 0) == torch.device("cuda", 1)  # an explicit index is kept
+    with pytest.raises(RuntimeError, match=r"--device cuda:2: only 2 GPUs"):
+        dist._pick_device("cuda:2", 0)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_asked_where_none_is_visible_is_named(monkeypatch, device):
+    """--device cuda on a machine without a GPU: one line naming the flag, not a LOCAL_RANK riddle or torch's
+    assertion at the first tensor moved."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match=rf"--device {device}: this process sees no CUDA GPU \(torch "):
+        dist._pick_device(device, 0)
 
 
 def test_rng_state_holds_this_device_only_and_restores_per_rank(monkeypatch):
