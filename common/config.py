@@ -21,18 +21,24 @@ def _parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def _named(fn, name):
+    """argparse names a parser in its error ("invalid float value: 'abc'"): a lambda would read "<lambda>"."""
+    fn.__name__ = name
+    return fn
+
+
 def _caster(tp):
     """Turn a dataclass field type into a str -> value parser."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]
         base = _caster(inner)
-        return lambda s: None if s.lower() in ("none", "null") else base(s)
+        return _named(lambda s: None if s.lower() in ("none", "null") else base(s), f"{base.__name__} (or none)")
     if tp is bool:
         return _parse_bool
     if origin in (list, tuple):
         item = _caster(args[0]) if args else str
-        return lambda s: [item(x) for x in s.split(",") if x != ""]
+        return _named(lambda s: [item(x) for x in s.split(",") if x != ""], f"comma-separated {item.__name__}")
     if tp in (int, float, str):
         return tp
     raise TypeError(f"unsupported config field type {tp}")

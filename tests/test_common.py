@@ -83,6 +83,18 @@ def test_config_rejects_bad_input(argv):
         config.parse_config(_Cfg, _PRESETS, argv)
 
 
+@pytest.mark.parametrize("argv, said", [(["--steps", "x"], "--steps: invalid int value: 'x'"),
+                                        (["--ks", "1,b"], "--ks: invalid comma-separated int value: '1,b'"),
+                                        (["--maybe_lr", "fast"], "--maybe_lr: invalid float (or none) value")])
+def test_config_error_names_the_expected_type(argv, said, capsys):
+    @dataclass
+    class C(_Cfg):
+        maybe_lr: Optional[float] = None
+    with pytest.raises(SystemExit):
+        config.parse_config(C, _PRESETS, argv)
+    assert said in capsys.readouterr().err  # not "invalid <lambda> value"
+
+
 # ---------------------------------------------------------------- checkpoint: exact resume
 class _Net(torch.nn.Module):
     def __init__(self):
