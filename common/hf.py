@@ -20,8 +20,8 @@ def torch_too_old_for_transformers():
     from transformers.utils import is_torch_available
     if is_torch_available():
         return None
-    return (f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it needs a newer "
-            f"torch); install one that requirements.txt allows: pip install 'torch>=2.6,<2.16'")
+    return (f"transformers {transformers.__version__} cannot use torch {torch.__version__} (transformers 5.25 needs "
+            f"torch 2.6 or newer): pip install 'torch>=2.6,<2.16' (requirements.txt)")
 
 
 if torch_too_old_for_transformers():  # every script imports this module: stop before the first model class
