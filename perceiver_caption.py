@@ -631,7 +631,6 @@ def load_frozen(cfg, device, dtype):
     from transformers import AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
-    hf_logging.disable_progress_bar()
     clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=amp.frozen_dtype(device, dtype))
     # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
     lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=torch.float32)

@@ -24,8 +24,21 @@ def torch_too_old_for_transformers():
             f"torch 2.6 or newer): pip install 'torch>=2.6,<2.16' (requirements.txt)")
 
 
+def quiet_model_bars():
+    """transformers 5 draws a progress bar for every model it loads or saves ("Loading weights", "Writing model
+    shards"): a dozen bars for the toy world's sub-second loads.  Its switch also turns off huggingface_hub's
+    download bars, which a paper run fetching gigabytes keeps (unless HF_HUB_DISABLE_PROGRESS_BARS says no)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+    downloads_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not downloads_off:
+        enable_progress_bars()
+
+
 if torch_too_old_for_transformers():  # every script imports this module: stop before the first model class
     raise ImportError(torch_too_old_for_transformers())
+quiet_model_bars()
 
 
 def resolve_local(name):

@@ -1658,6 +1658,8 @@ def write_shards(root, split="train", n_shards=8, out_dir=None, fmt="jpg"):
 
 def build_model(root, name, tiny, seed, log=print):
     """Build backbone `name` (and what it is built from) into an existing world unless already finished."""
+    from common.hf import quiet_model_bars
+    quiet_model_bars()
     out = {}
     for n in with_deps([name]):
         if model_ready(root, n):

@@ -140,3 +140,29 @@ def test_a_torch_too_old_for_transformers_is_named_at_import():
             f"torch {torch.__version__}" in last and "pip install 'torch>=" in last, (script, proc.stderr[-800:])
     from common.hf import torch_too_old_for_transformers
     assert torch_too_old_for_transformers() is None  # this environment's pair works
+
+
+def test_model_loads_and_saves_draw_no_progress_bars(tmp_path, toy_root):
+    """transformers 5 draws a bar per model load and save: the toy world's first build printed a dozen. Importing
+    a script, or building a toy backbone, turns them off and keeps huggingface_hub's download bars (a paper run's
+    gigabytes)."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    toy_build = f"import data.toy as t; t.build_model({str(toy_root)!r}, 'bert', True, 0)"  # built: bars off only
+    for head in ["import blip2_pformer", "import dlip", "import negclip", "import perceiver_caption",
+                 "import imagechat_warmup", toy_build]:
+        code = (f"{head}; from transformers import BertConfig, BertModel; "
+                "from huggingface_hub.utils import are_progress_bars_disabled; "
+                "c = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, "
+                "intermediate_size=8); "
+                f"BertModel(c).save_pretrained({str(tmp_path)!r}); BertModel.from_pretrained({str(tmp_path)!r}); "
+                "print('downloads', 'off' if are_progress_bars_disabled() else 'on')")
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert proc.returncode == 0, (head, proc.stderr[-800:])
+        assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr, \
+            (head, proc.stderr[-800:])
+        assert proc.stdout.split()[-1] == "on", head
