@@ -1722,8 +1722,8 @@ def vit_init_config(path):
 
 def init_from_hf_vit(model, path):
     """Image encoder from an HF ViT folder (DeiT, as V2's student) or a CLIP vision tower (the toy
-    world's). A shallower model takes evenly spaced layers of the source (4 -> 2: layers 1 and 3);
-    widths must match. (build_model then copies the online encoders into the momentum ones.)"""
+    world's). A shallower model takes evenly spaced layers of the source (4 -> 2: layers 1 and 3), a
+    deeper one repeats them (2 -> 4: 0, 0, 1, 1); widths must match. (build_model then copies the online encoders into the momentum ones.)"""
     sd, vit, new = read_hf_weights(path, ("vision_model.", "vit.", "")), model.visual_encoder, {}
     if "embeddings.class_embedding" in sd:  # CLIP(Vision)Model: pre-LN, own q/k/v, no patch bias
         layer, pos = "encoder.layers", sd["embeddings.position_embedding.weight"][None]
@@ -1749,7 +1749,7 @@ def init_from_hf_vit(model, path):
     new["pos_embed"] = resize_pos_embed(pos, model.c.image_size // model.c.patch_size)
     n_src = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith(layer + "."))
     n_dst = len(vit.blocks)
-    for i, j in enumerate([round((i + 1) * n_src / n_dst) - 1 for i in range(n_dst)]):
+    for i, j in enumerate([max(0, round((i + 1) * n_src / n_dst) - 1) for i in range(n_dst)]):
         p = f"{layer}.{j}."
         for part in ("weight", "bias"):
             qkv = [sd[p + f"{names[n]}.{part}"] for n in "qkv"]

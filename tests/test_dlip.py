@@ -242,6 +242,13 @@ def test_student_image_encoder_init_from_hf_vit_and_clip(tmp_path):
             got, out = ours.visual_encoder(x), hf(pixel_values=x)
         ref = out.last_hidden_state if name == "vit" else out.pooler_output[:, None]
         torch.testing.assert_close(got[:, :ref.shape[1]], ref, atol=1e-4, rtol=1e-4)
+    for layers, picked in ((1, [1]), (3, [0, 0, 1]), (4, [0, 0, 1, 1])):  # 2-layer source: evenly spaced, repeated
+        ours = dlip.BLIP(replace(_shape(width=32, layers=layers, momentum=False),
+                                 **dlip.vit_init_config(str(tmp_path / "clip"))))
+        dlip.init_from_hf_vit(ours, str(tmp_path / "clip"))
+        src = {k.split("vision_model.")[-1]: v for k, v in hf.state_dict().items()}
+        for block, j in zip(ours.visual_encoder.blocks, picked):
+            assert torch.equal(block.mlp.fc1.weight, src[f"encoder.layers.{j}.mlp.fc1.weight"])
 
 
 # ------------------------------------------------------------------ losses, momentum and queues (no toy world)
