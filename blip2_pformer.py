@@ -197,8 +197,9 @@ def resolve_config(cfg):
                 "align_weight": 1.0, "eval_tasks": "",
                 "image_size": 224, "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 1}
     for f in dataclasses.fields(cfg):  # still None: harmless values for stages that do not use it
-        if f.name == "image_size" and cfg.stage == "eval" and cfg.init or f.name == "vqa_lemmatize":
-            continue  # eval_image_size() reads it from the checkpoint; lemmatize_vqa() from the records
+        if f.name == "image_size" and cfg.stage == "eval" and (cfg.init or cfg.hf_import) or \
+                f.name == "vqa_lemmatize":  # eval_image_size() reads it from the checkpoint or folder,
+            continue  # lemmatize_vqa() from the records
         if getattr(cfg, f.name) is None:
             setattr(cfg, f.name, recipe.get(f.name, fallback.get(f.name, 0)))
     return cfg
@@ -206,9 +207,14 @@ def resolve_config(cfg):
 
 def eval_image_size(cfg, init):
     """--stage eval without --image_size: the size the --init checkpoint trained at (LAVIS evaluates
-    a COCO fine-tuned BLIP-2 at its 364 px, caption_coco_opt2.7b_eval.yaml), else the recipe's."""
+    a COCO fine-tuned BLIP-2 at its 364 px, caption_coco_opt2.7b_eval.yaml) or the --hf_import
+    folder's ViT has (blip2-opt-2.7b-coco: 364), else the recipe's."""
     recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])["eval"]["image_size"]
-    return cfg.image_size or ((init or {}).get("config") or {}).get("image_size") or recipe
+    trained = ((init or {}).get("config") or {}).get("image_size")
+    if not (cfg.image_size or trained) and cfg.hf_import:
+        from transformers import Blip2Config
+        trained = Blip2Config.from_pretrained(resolve_local(cfg.hf_import)).vision_config.image_size
+    return cfg.image_size or trained or recipe
 
 
 def tasks_of(cfg):
@@ -945,10 +951,10 @@ class Tokenizers:
                       return_tensors="pt")
         return t.input_ids.to(self.device), t.attention_mask.to(self.device)
 
-    def llm_batch(self, texts, prompt="", rng=None):
+    def llm_batch(self, texts, prompt="", rng=None, stage0=False):
         """Decoder-only: prompt + text + suffix, prompt tokens masked from the loss.
-        Encoder-decoder: `rng` given -> random prefix/suffix split of each text (pre-training); else
-        prompt -> encoder, text -> decoder."""
+        Encoder-decoder: `rng` given -> random prefix/suffix split of each text (pre-training,
+        split_prefix); else prompt -> encoder, text -> decoder."""
         tok = self.llm
         if tok is None:
             return None
@@ -956,7 +962,7 @@ class Tokenizers:
         pad = dict(padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
         if self.is_encdec:
             if rng is not None:
-                enc, dec = zip(*(split_prefix(t, rng) for t in texts))
+                enc, dec = zip(*(split_prefix(t, rng, stage0) for t in texts))
             else:
                 enc, dec = [prompt] * len(texts), list(texts)
             e, d = tok(list(enc), **pad), tok(list(dec), **pad)
@@ -972,12 +978,15 @@ class Tokenizers:
         return {k: v.to(self.device) for k, v in out.items()}
 
 
-def split_prefix(text, rng):
-    """T5 prefix-LM split at a random word m ~ U{1..max(1, n//2)}; one word: an empty prefix."""
+def split_prefix(text, rng, stage0=False):
+    """T5 prefix-LM split after a random word m: m ~ U{1..n//2} in stage 2 (BLIText
+    blip2_pformer_t5.py; one word: an empty prefix), m ~ U{1..1+n//2} in stage 0 (pformer_t5.py: the
+    prefix may be the whole sentence and the target only the end of sequence)."""
     words = text.split()
-    if len(words) < 2:
+    top = len(words) // 2 + stage0
+    if top < 1:
         return "", text
-    m = rng.randint(1, max(1, len(words) // 2))
+    m = rng.randint(1, top)
     return " ".join(words[:m]), " ".join(words[m:])
 
 
@@ -1329,7 +1338,7 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     if stage == "0":
         ids, mask = toks.bert_batch(caps)
         b.update(bert_ids=ids, bert_mask=mask)
-        b.update(toks.llm_batch(caps, rng=rng if toks.is_encdec else None))
+        b.update(toks.llm_batch(caps, rng=rng if toks.is_encdec else None, stage0=True))
         return b
     b["image_ids"] = raw["image_id"].to(device)
     prompt = cfg.caption_prompt if stage == "caption" else ""
@@ -1605,20 +1614,28 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_tok
         # T5 configs lack; T5 never reads it otherwise.  "</s>" makes that input [P; </s>], what ""
         # tokenises to here.
         text_conf["bos_token_id"] = llm.config.eos_token_id
-    conf = Blip2Config(vision_config=vision.model.config.to_dict(), qformer_config=qconf.to_dict(),
+    vconf, emb = vision.model.config.to_dict(), vision.model.embeddings
+    if image_size != vision.image_size:  # e.g. 364 px fine-tuning of a 224 px tower: transformers reads
+        # the position table as stored, so it is stored resized, as our tower used it (and as LAVIS saves
+        # it, eva_vit.py interpolate_pos_embed)
+        vconf["image_size"], n = image_size, (image_size // emb.patch_size) ** 2 + 1
+        pos = emb.interpolate_pos_encoding(emb.position_embedding.new_zeros(1, n, vision.width), image_size,
+                                           image_size)  # (1, 1 + (S/P)^2, W)
+    conf = Blip2Config(vision_config=vconf, qformer_config=qconf.to_dict(),
                        text_config=text_conf, num_query_tokens=num_query,
                        image_token_index=image_token_index)
     hf = Blip2ForConditionalGeneration(conf)
     ours = model.state_dict()
     sd = {b: ours[a] for a, b in hf_qformer_names(len(qf.layers), False) if a in ours}
     sd.update({f"vision_model.{k}": v for k, v in vision.model.state_dict().items()})
+    if image_size != vision.image_size:
+        sd["vision_model.embeddings.position_embedding"] = pos
     sd.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k and "embed_tokens" not in k]:
         raise ValueError(f"export mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
     hf.save_pretrained(out)
     # The image transform of every stage here: bicubic resize to a square, CLIP's mean/std
-
     ip = BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN),
                             image_std=list(CLIP_STD), resample=3)
     Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=num_query).save_pretrained(out)

@@ -201,6 +201,11 @@ def test_losses_alone():
     assert bp.split_prefix("a", __import__("random").Random(0)) == ("", "a")
     pre, suf = bp.split_prefix("a red circle on the left", __import__("random").Random(0))
     assert pre and suf and f"{pre} {suf}" == "a red circle on the left" and len(pre.split()) <= 3
+    # stage 0 (BLIText pformer_t5.py): m ~ U{1..1+n//2}, so 4 words split after word 1, 2 or 3; stage 2 after 1 or 2
+    for stage0, cuts in ((True, {1, 2, 3}), (False, {1, 2})):
+        rng = __import__("random").Random(0)
+        assert {len(bp.split_prefix("a b c d", rng, stage0)[0].split()) for _ in range(200)} == cuts
+    assert bp.split_prefix("a", __import__("random").Random(0), stage0=True) == ("a", "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,6 +375,29 @@ def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
     with torch.no_grad():
         b.qformer.encoder.layer[0].crossattention.attention.query.weight.add_(0.1)
         assert not torch.allclose(la, b(**inputs).logits, atol=1e-4)  # the comparison can fail
+
+
+def test_hf_export_at_another_image_size_and_eval_at_the_imported_size(hf_folders, tmp_path):
+    """A model run at another size than its ViT's (the paper's 364 px caption fine-tuning of a 224 px tower) exports
+    the position table it used, so transformers computes the same prompts; --stage eval of an --hf_import folder
+    without --image_size runs at that folder's ViT size (blip2-opt-2.7b-coco: 364), not the recipe's."""
+    from transformers import Blip2ForConditionalGeneration
+    from common.config import parse_config
+    from common.dist import Dist
+    out = tmp_path / "export48"
+    args = ["--stage", "eval", "--bert_path", hf_folders["bert"], "--eval_tasks", "", "--out_dir", str(tmp_path)]
+    bp.main(args + ["--hf_import", hf_folders["opt"], "--image_size", "48", "--hf_export", str(out)])
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--hf_import", hf_folders["opt"],
+                                                                         "--image_size", "48"]))
+    model, frozen, _, _ = bp.build(cfg, Dist())
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    px = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ours, theirs = model.eval().prompts(px, frozen)[1], hf.get_image_features(px, return_dict=True).pooler_output
+    assert hf.config.vision_config.image_size == 48 and torch.allclose(ours, theirs, atol=1e-4)
+    for folder, size in ((hf_folders["opt"], 32), (str(out), 48)):
+        cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--hf_import", folder]))
+        assert bp.eval_image_size(cfg, None) == size
 
 
 # ---------------------------------------------------------------------------------------------------------------
