@@ -937,10 +937,10 @@ class Tokenizers:
         if llm_tok is not None:
             if llm_tok.pad_token is None:
                 llm_tok.pad_token = llm_tok.eos_token
-            # OPT: LAVIS ends each caption with "\n" (id 50118) and stops generation there.  A
-            # word-level tokenizer has no newline token, so the EOS token plays that role.
+            # OPT: LAVIS ends each caption with "\n" (id 50118) and stops generation there (blip2_opt.py;
+            # blip2_t5.py keeps T5's EOS).  A word-level tokenizer has no newline token: EOS then.
             nl = llm_tok("\n", add_special_tokens=False).input_ids
-            self.newline = len(nl) == 1 and nl[0] != llm_tok.unk_token_id
+            self.newline = not is_encdec and len(nl) == 1 and nl[0] != llm_tok.unk_token_id
             self.suffix = "\n" if self.newline else (llm_tok.eos_token or "")
             self.eos_id = nl[0] if self.newline else llm_tok.eos_token_id
 

@@ -377,6 +377,19 @@ def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
         assert not torch.allclose(la, b(**inputs).logits, atol=1e-4)  # the comparison can fail
 
 
+def test_newline_ends_opt_captions_but_not_t5s():
+    """LAVIS ends OPT's captions with "\n" and stops generating there (blip2_opt.py); T5 keeps its EOS (blip2_t5.py),
+    even where its tokenizer has a token for "\n" (sentencepiece's "\u2581" after normalisation)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", "\n"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    opt, t5 = bp.Tokenizers(None, tok, 8, "cpu"), bp.Tokenizers(None, tok, 8, "cpu", is_encdec=True)
+    assert (opt.eos_id, opt.suffix) == (vocab["\n"], "\n") and (t5.eos_id, t5.suffix) == (vocab["</s>"], "</s>")
+
+
 def test_hf_export_at_another_image_size_and_eval_at_the_imported_size(hf_folders, tmp_path):
     """A model run at another size than its ViT's (the paper's 364 px caption fine-tuning of a 224 px tower) exports
     the position table it used, so transformers computes the same prompts; --stage eval of an --hf_import folder
