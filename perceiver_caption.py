@@ -40,7 +40,8 @@ from torch.nn.utils.rnn import pad_sequence
 from common import amp, checkpoint, dist as cdist
 from common.attention import attention
 from common.config import format_config, parse_config, save_config
-from common.data import DataError, ImageFolderLoader, StepSampler, draw, make_loader, read_pairs, read_video
+from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
+                         read_pairs, read_video)
 from common.hf import published_config
 from common.image import ImageTransform, load_image, normalize
 from common.log import Logger, progress
@@ -373,11 +374,11 @@ def sample_frames(n, k):
     return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
 
 
-def read_records(path, task):
+def read_records(path, task, image_root=None):
     """Canonical pairs or video JSONL -> [{"frames": [paths], "captions": [...]}]."""
     if task == "image":
         return [{"frames": [r["image"]], "captions": r["captions"]} for r in read_pairs(path)]
-    return read_video(path)
+    return read_video(path, image_root)  # {"folder": dir} records are listed under image_root
 
 
 class CaptionTokenizer:
@@ -733,8 +734,9 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
     scaler = amp.make_scaler(dtype)
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
-    sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task), cfg.image_root,
-                          clip.config.image_size, cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
+    sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task, cfg.image_root),
+                          cfg.image_root, clip.config.image_size, cfg.num_frames, ctok, cfg.blank,
+                          cfg.max_bad_frac)
             for s in ["train", "val"] + ["test"] * cfg.test_after_train}
     for ds in sets.values() if cfg.cache_feats else []:
         cache_features(ds, clip, dtype, cfg.eval_batch, d, cfg.workers)
@@ -804,8 +806,8 @@ def image_report(sets, logger):
 
 
 def test(cfg, d, dtype, clip, lm, ctok, bridge, logger):
-    ds = CaptionSet(read_records(cfg.test_file, cfg.task), cfg.image_root, clip.config.image_size,
-                    cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
+    ds = CaptionSet(read_records(cfg.test_file, cfg.task, cfg.image_root), cfg.image_root,
+                    clip.config.image_size, cfg.num_frames, ctok, cfg.blank, cfg.max_bad_frac)
     if cfg.cache_feats:
         cache_features(ds, clip, dtype, cfg.eval_batch, d)
     return {**evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger),
@@ -814,13 +816,11 @@ def test(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
 def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     """--mode caption: caption image files or frame folders given by --inputs."""
-    recs = []
-    for p in cfg.inputs:
-        frames = ([os.path.join(p, n) for n in sorted(os.listdir(p))
-                   if n.lower().endswith((".png", ".jpg", ".jpeg"))] if os.path.isdir(p) else [p])
-        if not frames or load_image(frames[0]) is None:
+    recs = [{"frames": frame_paths(p) if os.path.isdir(p) else [p], "captions": [""]}
+            for p in cfg.inputs]  # a folder's frames in frame order (2.png before 10.png)
+    for p, r in zip(cfg.inputs, recs):
+        if not r["frames"] or load_image(r["frames"][0]) is None:
             raise DataError(f"{p}: no readable image")
-        recs.append({"frames": frames, "captions": [""]})
     ds = CaptionSet(recs, "", clip.config.image_size, cfg.num_frames, ctok)
     out = caption_records(bridge, lm, clip, ds, list(range(len(recs))), cfg, ctok, dtype, d.device, d.is_main)
     for i, p in enumerate(cfg.inputs):

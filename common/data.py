@@ -10,6 +10,7 @@ when it is read (list-like; docs/data.md).  Web-scale sets stay in img2dataset's
 shards, streamed by `ShardStream` (split over ranks and DataLoader workers, bounded shuffle buffer,
 unreadable samples counted, exact resume via `StreamTracker`).
 """
+import dataclasses
 import glob
 import hashlib
 import io
@@ -245,33 +246,65 @@ def read_vqa(path):
                       lambda rec, i, lineno: _check_strings(path, i, rec, "answers"))
 
 
-def _list_frames(folder, jsonl_path):
-    full = os.path.join(os.path.dirname(os.path.abspath(jsonl_path)), folder)  # an absolute folder stays
-    names = sorted(n for n in os.listdir(full) if n.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
-    return [os.path.join(folder, n) for n in names]
+FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _expand_video(rec, path):
-    if "frames" not in rec:
-        rec["frames"] = _list_frames(rec["folder"], path)
-    return rec
+def natural_key(name):
+    """Sort key comparing digit runs as numbers ("2.png" < "10.png"): frames named without zero padding,
+    as ffmpeg's `%d` pattern and data/toy.py write them, sort in frame order (plain string order gives
+    0, 1, 10, 11, 2, ...).  Equal keys ("01" vs "1") fall back to the name, so the order is total."""
+    return [int(t) if k % 2 else t for k, t in enumerate(re.split(r"(\d+)", name))], name
 
 
-def read_video(path):
+def frame_paths(folder, root=""):
+    """The frames (image files) of `root/folder` in frame order (`natural_key`), as `folder/<name>`."""
+    names = [n for n in os.listdir(os.path.join(root, folder)) if n.lower().endswith(FRAME_EXTS)]
+    return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
+
+
+def _list_frames(folder, root, where):
+    full = os.path.join(root, folder)  # an absolute folder stays as it is
+    if not os.path.isdir(full):
+        raise DataError(f"{where}: frame folder '{folder}' not found (looked for {full})")
+    return frame_paths(folder, root)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VideoFolders:
+    """read_video's `expand`: lists a folder record's frames under `root` (None: the JSONL's folder) when
+    the record is read.  A value (equal for equal roots), so Records of one root concatenate."""
+    root: str = None
+
+    def __call__(self, rec, path):
+        if "frames" not in rec:
+            root = os.path.dirname(os.path.abspath(path)) if self.root is None else self.root
+            rec["frames"] = _list_frames(rec["folder"], root, path)
+        return rec
+
+
+def read_video(path, image_root=None):
     """Video records; a record may instead name a folder of frames ({"folder": dir}) which is listed
-    in order (checked at start-up, listed again each time the record is read: only the name is kept).
+    in frame order (checked at start-up, listed again each time the record is read: only the name is
+    kept).  The folder, like every frame path, is relative to `image_root`, the root the frames are
+    loaded from (None: the JSONL's own folder, for callers without one); the returned frame paths are
+    `dir/<name>`, relative to that root too.
     """
+    root = os.path.dirname(os.path.abspath(path)) if image_root is None else image_root
+
     def check(rec, i, lineno):
         frames = rec.get("frames")
         if "frames" not in rec:
             if "folder" not in rec:
                 raise DataError(f"{path}:{lineno}: missing field 'frames' (or 'folder')")
-            frames = _list_frames(rec["folder"], path)
+            if not isinstance(rec["folder"], str):
+                got = type(rec["folder"]).__name__
+                raise DataError(f"{path}:{lineno}: field 'folder' should be str, got {got}")
+            frames = _list_frames(rec["folder"], root, f"{path}:{lineno}")
         if not frames:
             raise DataError(f"{path}:{lineno}: field 'frames' is empty")
         _check_strings(path, i, rec, "captions")
         return len(rec["captions"])
-    return read_jsonl(path, ("captions",), {"captions": list}, check, _expand_video)
+    return read_jsonl(path, ("captions",), {"captions": list}, check, _VideoFolders(image_root))
 
 
 def pre_caption(caption, max_words=30):

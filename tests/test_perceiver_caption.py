@@ -635,3 +635,36 @@ def test_bad_input_and_caption_mode(world, tmp_path):
                    "--max_new_tokens", "5"])
     caps = out[os.path.join(world, first)]
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+
+
+def test_video_folder_records_apart_from_the_image_root_in_frame_order(world, tmp_path, monkeypatch):
+    """--task video from {"folder": dir} records in JSONL files kept apart from the images: each folder is found
+    under --image_root (like every other path; not next to the JSONL file), and clips of 12 frames named as
+    ffmpeg's %d names them (0.png ... 11.png) are fed in frame order, not 0, 1, 10, 11, 2, ..., in training
+    and in --mode caption."""
+    import shutil
+    root, ann, clips = tmp_path / "root", tmp_path / "ann", []
+    with open(os.path.join(world, "video_train.jsonl")) as f:
+        toy = [json.loads(line) for line in f][:6]
+    for i, r in enumerate(toy):  # the toy clip's frames, cycled to 12
+        (root / "videos" / f"c{i}").mkdir(parents=True)
+        for k in range(12):
+            frame = os.path.join(world, r["frames"][k % len(r["frames"])])
+            shutil.copy(frame, root / "videos" / f"c{i}" / f"{k}.png")
+        clips.append(json.dumps({"folder": f"videos/c{i}", "captions": r["captions"]}) + "\n")
+    ann.mkdir()
+    (ann / "video_train.jsonl").write_text("".join(clips[:4]))
+    (ann / "video_val.jsonl").write_text("".join(clips[4:]))
+    items, getitem = [], pc.CaptionSet.__getitem__  # every item the loaders draw (--workers 0)
+    monkeypatch.setattr(pc.CaptionSet, "__getitem__", lambda ds, key: items.append(getitem(ds, key)) or items[-1])
+    m = _run(world, tmp_path / "r", "--task", "video", "--train_file", ann / "video_train.jsonl", "--val_file",
+             ann / "video_val.jsonl", "--image_root", root, "--num_frames", "12", "--cache_feats", "false",
+             "--steps", "1", "--global_batch", "4", "--micro_batch", "4", "--test_after_train", "false")
+    assert m["steps"] == 1 and items and not [x["bad"] for x in items if x["bad"]]
+    order = [f"{k}.png" for k in range(12)]
+    assert all([os.path.basename(p) for p in x["tried"]] == order for x in items), items[0]["tried"]
+    items.clear()
+    folder = str(root / "videos" / "c0")
+    out = pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "r" / "best.pt"), "--toy_root", str(world),
+                   "--inputs", folder, "--decode", "greedy", "--max_new_tokens", "3"])
+    assert len(out[folder]) == 1 and [x["tried"] for x in items] == [[os.path.join(folder, n) for n in order]]
