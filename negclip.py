@@ -275,10 +275,10 @@ def load_tower(path, side, meta=False):
     return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if no_pooler else {}))
 
 
-def _image_stats(path, model_type):
-    """Mean/std from the vision checkpoint's preprocessor_config.json, else by model family."""
-    pp = os.path.join(path, "preprocessor_config.json")
-    d = json.load(open(pp)) if os.path.isfile(pp) else {}
+def _image_stats(path, model_type, meta=False):
+    """Mean/std from the vision checkpoint's preprocessor_config.json (a folder's or a hub name's,
+    data/negatives.py processor_config), else by model family."""
+    d = NG.processor_config(path, meta)
     if "image_mean" in d and "image_std" in d:
         return tuple(d["image_mean"]), tuple(d["image_std"])
     return (CLIP_MEAN, CLIP_STD) if model_type.startswith("clip") else (IMAGENET_MEAN, IMAGENET_STD)
@@ -303,7 +303,7 @@ def build_model(mc, meta=False):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         size = vision.config.image_size
         image = (size[0] if isinstance(size, (list, tuple)) else size,
-                 *_image_stats(mc.vision, vision.config.model_type))
+                 *_image_stats(mc.vision, vision.config.model_type, meta))
         for n, p in vision.named_parameters():  # no loss reaches these: DDP would stop at step 2
             if n.endswith("mask_token") or (mc.vision_pool == "mean" and "post_layernorm" in n):
                 p.requires_grad_(False)  # DINOv2's mask token; a mean-pooled CLIP tower's pooled LN
@@ -471,7 +471,7 @@ def mine(cfg, model, tok, dist, dtype, log, force=False):
     cosine in the init model's image space (CLIP: its embedding; towers: the pooled feature)."""
     embed = lambda paths: scorer(model.to(dist.device).eval(), tok, cfg, dist, dtype,  # noqa: E731
                                  pooled=cfg.init != "clip").images([(p, None) for p in paths])
-    return NG.ensure_mined(cfg, embed, dist, force, log.info)
+    return NG.ensure_mined(cfg, embed, model, dtype, dist, force, log.info)
 
 
 def embed(net, model, batch, cfg, dev, dtype, pi=None, pt=None):

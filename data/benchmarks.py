@@ -6,11 +6,13 @@ through two callbacks the caller supplies, `embed_images(list of PIL images) -> 
 cosine.  Then one reader and one scoring rule per benchmark, as its authors' code computes it:
 - retrieval: COCO / Flickr30k Karpathy test (BLIP test JSON, pairs JSONL or NegCLIP TSV), R@1/5/10;
 - ARO (Yuksekgonul et al., arXiv 2210.01936; mertyg/vision-language-models-are-bows
-  dataset_zoo/aro_datasets.py): VG-Relation and VG-Attribution macro accuracy; COCO- and
-  Flickr30k-Order P@1 over four word-order perturbations (data/negatives.py), mean/std over seeds;
+  dataset_zoo/aro_datasets.py): VG-Relation and VG-Attribution macro accuracy (and per relation /
+  attribute pair); COCO- and Flickr30k-Order P@1 over four word-order perturbations
+  (data/negatives.py), mean/std over seeds;
 - SugarCREPE (Hsieh et al., arXiv 2306.14610; RAIVNLab/sugar-crepe main_eval.py): 7 categories,
   micro-averaged per group;
-- CREPE (Ma et al., arXiv 2212.07796; RAIVNLab/CREPE): productivity hard negatives, R@k;
+- CREPE (Ma et al., arXiv 2212.07796; RAIVNLab/CREPE crepe_eval_utils.py): productivity hard
+  negatives, R@k, mean and median rank;
 - SVO-Probes (Hendricks & Nematzadeh, arXiv 2106.09141): pairwise accuracy per negative type;
 - Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores;
 - VL-CheckList (Zhao et al., arXiv 2207.00221; om-ai-lab/VL-CheckList vl_checklist/evaluate.py,
@@ -124,21 +126,28 @@ beside;on the side of;around""".replace(
 VG_R_EXCLUDED = {s.strip() for s in VG_R_EXCLUDED}
 
 
-def macro_accuracy(correct, groups, min_count=1, exclude=()):
-    """Mean over groups (with >= min_count cases, not excluded) of the group's accuracy."""
+def group_accuracy(correct, groups, min_count=1):
+    """{group: accuracy} of the groups with >= min_count cases, in order of first appearance."""
     acc = {}
     for c, g in zip(correct, groups):
         acc.setdefault(g, []).append(c)
-    kept = [np.mean(v) for g, v in acc.items() if g not in exclude and len(v) >= min_count]
+    return {g: float(np.mean(v)) for g, v in acc.items() if len(v) >= min_count}
+
+
+def macro_accuracy(correct, groups, min_count=1, exclude=()):
+    """Mean over groups (with >= min_count cases, not excluded) of the group's accuracy."""
+    kept = [a for g, a in group_accuracy(correct, groups, min_count).items() if g not in exclude]
     return float(np.mean(kept)) if kept else float("nan"), len(kept)
 
 
 def score_vg(pos, neg, groups, min_count=1, exclude=()):
-    """ARO VG-Relation / VG-Attribution: correct iff s(true) > s(false); macro (paper), micro."""
+    """ARO VG-Relation / VG-Attribution: correct iff s(true) > s(false); macro (paper), micro, and
+    per_group: {group: accuracy} for every group with >= min_count cases, excluded ones too, as
+    the records of ARO's evaluate_scores (dataset_zoo/aro_datasets.py)."""
     correct = np.asarray(pos) > np.asarray(neg)
     macro, n_groups = macro_accuracy(correct, groups, min_count, exclude)
     return {"macro": macro, "micro": float(correct.mean()), "n": int(len(correct)),
-            "groups": n_groups}
+            "groups": n_groups, "per_group": group_accuracy(correct, groups, min_count)}
 
 
 def score_order(scores):
@@ -167,11 +176,13 @@ def crepe_ranks(true_scores, neg_scores):
 
 
 def score_crepe(ranks, ks=(1, 3, 5, 10)):
+    """0-based ranks -> R@k, mean and median 1-based rank as CREPE's get_one2many_metrics
+    (crepe_eval_utils.py): the median is floor(median of the 0-based ranks) + 1, a whole rank."""
     ranks = np.asarray(ranks)
     out = {f"R@{k}": float((ranks < k).mean()) for k in ks}
     out.update({f"R@{k}_std": float((ranks < k).std()) for k in ks})
-    out.update({"mean_rank": float((ranks + 1).mean()), "median_rank": float(np.median(ranks + 1)),
-                "n": int(len(ranks))})
+    out.update({"mean_rank": float((ranks + 1).mean()),
+                "median_rank": float(np.floor(np.median(ranks)) + 1), "n": int(len(ranks))})
     return out
 
 
@@ -428,8 +439,10 @@ def eval_retrieval(sc, path, image_root):
 
 
 def eval_aro(sc, root, min_pair_count=25):
-    """VG-Relation (relations of VG_R_EXCLUDED left out) and VG-Attribution (attribute pairs with >=
-    min_pair_count cases), each case an image region with its true and its swapped caption."""
+    """VG-Relation (relations of VG_R_EXCLUDED left out of the macro) and VG-Attribution (attribute
+    pairs with >= min_pair_count cases), each case an image region with its true and its swapped
+    caption.  Also the accuracy of each relation ("vg_relation/<relation>", all of them) and of
+    each attribute pair ("vg_attribution/<attr>_<attr>"), as ARO's evaluate_scores records."""
     out = {}
     for name, group_of, kw in (
             ("vg_relation", lambda r: r["relation_name"], {"exclude": VG_R_EXCLUDED}),
@@ -441,7 +454,9 @@ def eval_aro(sc, root, min_pair_count=25):
         neg = sc.pair_scores(refs, [r["false_caption"] for r in recs])
         keep = _finite(pos, neg)
         res = score_vg(pos[keep], neg[keep], [group_of(r) for r, k in zip(recs, keep) if k], **kw)
+        per = res.pop("per_group")
         out.update({f"{name}_{k}": v for k, v in res.items()})
+        out.update({f"{name}/{g}": per[g] for g in sorted(per)})
     return out
 
 

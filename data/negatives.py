@@ -17,10 +17,11 @@ COCO-/Flickr-Order.
 `ensure_mined(...)` / `mine(...)` are the prepare step behind `python negclip.py --mode mine`
 (negclip.py passes its image encoder as a callback); the mined TSV carries a sidecar
 `<tsv>.key.json` naming its inputs, so a cached TSV is reused only for the same train file, image
-root, model and mining settings.  `NegativeShardStream` gives webdataset shards (`--train_shards`)
-the same swaps on the fly (`shard_batches`: negclip.py's micro batches of them); `negative_rows` /
-`score_rows` / `write_report` make negclip.py's picture report; `resolve_paths` fills negclip.py's
-empty paths from the toy world.
+root, model, image features (transform, precision, pooling) and mining settings.
+`NegativeShardStream` gives webdataset shards (`--train_shards`) the same swaps on the fly
+(`shard_batches`: negclip.py's micro batches of them); `negative_rows` / `score_rows` /
+`write_report` make negclip.py's picture report; `resolve_paths` fills negclip.py's empty paths
+from the toy world; `processor_config` reads a vision tower's normalisation.
 """
 import ast
 import csv
@@ -678,17 +679,23 @@ def mine(records, image_root, embed_images, tagger, images, seed=0, k=3, chunk=4
                   "tagger": tagger.name}
 
 
-def ensure_mined(cfg, embed_images, dist, force=False, log=print):
+def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
     """Make sure cfg.train_tsv holds NegCLIP rows for cfg.train_file: mined again when its key
-    (mining_key: train file, image root, settings, mining model) differs or `force`; a released
-    TSV (no key) is used as is.  cfg: negclip.py's Config (train_file, image_root, tagger,
-    all_captions, seed, mine_k, mine_chunk, max_bad_frac, init, clip, vision); embed_images: as
-    mine's.  Every rank calls this; rank 0 decides and writes.  -> {"rows", "neg_<type>": count},
-    or None when the TSV is kept."""
+    (mining_key: train file, image root, settings, mining model and the features it gives) differs
+    or `force`; a released TSV (no key) is used as is.  cfg: negclip.py's Config (train_file,
+    image_root, tagger, all_captions, seed, mine_k, mine_chunk, max_bad_frac, init, clip, vision,
+    vision_pool); embed_images: as mine's; model: what embeds them (its image_size, image_mean,
+    image_std), under autocast to `dtype` on dist.device.  Every rank calls this; rank 0 decides
+    and writes.  -> {"rows", "neg_<type>": count}, or None when the TSV is kept."""
     tsv, tagger = cfg.train_tsv, make_tagger(cfg.tagger)
     mine_model = cfg.clip if cfg.init == "clip" else cfg.vision
-    # towers: cosine of the pooled feature (keys of TSVs mined before it was L2-normalised lack this)
-    space = {} if cfg.init == "clip" else {"space": "pooled vision feature, L2"}
+    # the features neighbours are ranked by: the model's, from its image transform, at a precision
+    # (CUDA: bf16 autocast by default, fp16 similarities); towers: the cosine of the pooled feature,
+    # CLS or patch mean.  A key without one of these fields (an older version's) is mined again.
+    space = dict(image=[model.image_size, list(model.image_mean), list(model.image_std)],
+                 precision=f"{torch.device(dist.device).type} {str(dtype).replace('torch.', '')}")
+    if cfg.init != "clip":
+        space.update(space="pooled vision feature, L2", vision_pool=cfg.vision_pool)
 
     def make_key():
         return mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
@@ -734,6 +741,34 @@ def resolve_paths(cfg, is_main=True):
     if not cfg.train_shards:  # (shards: nothing is mined)
         cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
     return cfg
+
+
+def processor_config(path, meta=False):
+    """The preprocessor_config.json of a model given as a local folder or a hub name -> dict ({}
+    when the checkpoint has none), so that negclip.py normalises one checkpoint alike either way.
+    A hub name's file comes from the Hugging Face cache or is downloaded into it alone, as
+    from_pretrained fetches a model's files (common.hf.resolve_local would fetch every weight file
+    of the repo too).  meta (--mode params, no network): {} for a hub name."""
+    name = "preprocessor_config.json"
+    if os.path.isdir(path):
+        file = os.path.join(path, name)
+    elif meta:
+        return {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        try:
+            file = hf_hub_download(path, name)
+        except LocalEntryNotFoundError as e:  # offline, not cached (an EntryNotFoundError too)
+            raise FileNotFoundError(f"{path}: cannot read its {name}, not in the Hugging Face cache "
+                                    f"nor downloadable ({type(e).__name__}); run huggingface-cli "
+                                    f"download {path} {name}, or pass a local folder") from None
+        except EntryNotFoundError:  # the repo has no such file
+            return {}
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 def negative_rows(cfg, n=6, k=3):
@@ -786,9 +821,9 @@ def write_report(cfg, rows, before, after, results):
             wins = last[i][0] > max(last[i][1:])  # the caption beats all its hard negatives
             cards.append(card(thumb(r["pil"]), table(cells, ["", *scores]), mark=wins))
         rep.section("Captions against their hard negatives (cosine similarity)", grid(cards))
-        for b in benchmarks:  # scores: not counts, spreads, ranks or CREPE's per-complexity rows
-            keys = [k for k in results if re.fullmatch(
-                rf"{b}/(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank)$).*", k)]
+        for b in benchmarks:  # scores: not counts, spreads, ranks, CREPE's per-complexity rows or
+            keys = [k for k in results if re.fullmatch(  # ARO's per-relation / pair ("aro/x/y")
+                rf"{b}/(?![^/]*/)(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank)$).*", k)]
             old = [prev.get(k, math.nan) for k in keys]
             bars = {"before": old} if set(keys) & set(prev) else {}
             if keys:

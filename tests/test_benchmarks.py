@@ -31,6 +31,16 @@ def test_score_vg_macro_exclusion_and_min_count():
     assert len(B.VG_R_EXCLUDED) == 157
 
 
+def test_score_vg_accuracy_per_relation_and_attribute_pair():
+    """As ARO's evaluate_scores (dataset_zoo/aro_datasets.py): VG-Relation records every relation, the ones its
+    macro leaves out included; VG-Attribution every attribute pair with >= min_count cases."""
+    pos, neg = [0.9, 0.2, 0.5, 0.7, 0.3, 0.5], [0.1, 0.4, 0.5, 0.6, 0.1, 0.1]
+    r = B.score_vg(pos, neg, ["on", "on", "on", "wearing", "next to", "next to"], exclude=B.VG_R_EXCLUDED)
+    assert r["per_group"] == {"on": pytest.approx(1 / 3), "wearing": 1.0, "next to": 1.0}
+    r = B.score_vg(pos, neg, ["a_b"] * 2 + ["c_d"] * 4, min_count=3)
+    assert r["per_group"] == {"c_d": 0.75}
+
+
 def test_score_order_ties_count_right_for_the_first_option():
     s = np.array([[0.5, 0.5, 0.1, 0.1, 0.1], [0.1, 0.9, 0, 0, 0], [0.3, 0.1, 0.2, 0.2, 0.2]])
     assert math.isclose(B.score_order(s), 2 / 3)
@@ -49,6 +59,9 @@ def test_crepe_ranks_and_metrics():
     m = B.score_crepe(ranks)
     assert math.isclose(m["R@1"], 1 / 3) and m["R@3"] == 1.0 and math.isclose(m["mean_rank"], 7 / 3)
     assert m["median_rank"] == 3
+    # CREPE's get_one2many_metrics (crepe_eval_utils.py): floor(median of 0-based ranks) + 1, an integer rank
+    assert B.score_crepe([0, 1, 2, 5])["median_rank"] == 2  # median 1.5 -> 1 -> rank 2 (not 2.5)
+    assert B.score_crepe([0, 3])["median_rank"] == 2 and B.score_crepe([4, 4, 0])["median_rank"] == 5
 
 
 def test_score_svo_and_winoground():
@@ -162,6 +175,9 @@ def test_benchmark_runners_on_fixture_layouts(tmp_path):
     r = B.eval_aro(sc, str(root), min_pair_count=1)
     assert r["vg_relation_micro"] == pytest.approx(2 / 3) and r["vg_relation_macro"] == 1.0  # "next to" excluded
     assert r["vg_attribution_macro"] == pytest.approx(2 / 3)
+    # per relation (all of them, as ARO's evaluate_scores) and per attribute pair
+    assert r["vg_relation/on"] == 1.0 and r["vg_relation/next to"] == 0.0
+    assert r["vg_attribution/red_blue"] == pytest.approx(2 / 3)
 
     # Winoground: images/ex_<id>_img_<k>.png, captions by colour
     os.makedirs(root / "winoground")

@@ -275,7 +275,8 @@ def _emb(paths):
 
 def test_unimodal_mined_tsv_is_keyed_by_its_embedding_space(tmp_path):
     """--init unimodal mines on the L2-normalised pooled vision feature: its key says so, and a TSV mined with an
-    older key (no space: mined on a feature scaled by another norm) is mined again; CLIP-init keys are as before."""
+    older key (no space: mined on a feature scaled by another norm) is mined again.  Every key records the image
+    transform and the precision of the features; a unimodal one the pooling (CLS or patch mean) too."""
     from types import SimpleNamespace
     from PIL import Image
     from common.dist import Dist
@@ -283,19 +284,30 @@ def test_unimodal_mined_tsv_is_keyed_by_its_embedding_space(tmp_path):
         for i in range(4):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"im{i}.png")
             f.write(json.dumps({"image": f"im{i}.png", "captions": ["a red circle left of a blue square"]}) + "\n")
-    logs = []
+    logs, model = [], SimpleNamespace(image_size=8, image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
+    ensure = lambda cfg, model=model, dtype=torch.float32: G.ensure_mined(  # noqa: E731
+        cfg, _emb, model, dtype, Dist(), log=logs.append)
     for init in ("clip", "unimodal"):
         cfg = SimpleNamespace(train_tsv=str(tmp_path / f"{init}.tsv"), tagger="rule", init=init, clip="c", vision="v",
                               train_file=str(tmp_path / "train.jsonl"), image_root=str(tmp_path), all_captions=False,
-                              seed=0, mine_k=2, mine_chunk=8, max_bad_frac=0.0)
-        assert G.ensure_mined(cfg, _emb, Dist(), log=logs.append)["rows"] == 4
+                              seed=0, mine_k=2, mine_chunk=8, max_bad_frac=0.0, vision_pool="cls")
+        assert ensure(cfg)["rows"] == 4
         key = json.load(open(cfg.train_tsv + ".key.json"))
         assert key.get("space") == (None if init == "clip" else "pooled vision feature, L2")
-        assert G.ensure_mined(cfg, _emb, Dist(), log=logs.append) is None  # up to date
+        assert key.get("vision_pool") == (None if init == "clip" else "cls")
+        assert key["image"] == [8, [0.5] * 3, [0.25] * 3] and key["precision"] == "cpu float32"
+        assert ensure(cfg) is None  # up to date
+        cfg.vision_pool = "mean"  # no input of CLIP-init mining; unimodal: another feature
+        assert (ensure(cfg) is None) == (init == "clip")
     key.pop("space")
     json.dump(key, open(cfg.train_tsv + ".key.json", "w"))
-    assert G.ensure_mined(cfg, _emb, Dist(), log=logs.append)["rows"] == 4
-    assert any("mined from other inputs (space differ)" in m for m in logs[-3:])
+    assert ensure(cfg)["rows"] == 4
+    assert any("mined from other inputs (space, vision_pool differ)" in m for m in logs[-3:])
+    assert ensure(cfg) is None
+    assert ensure(cfg, model=SimpleNamespace(image_size=8, image_mean=(0.4,) * 3, image_std=(0.25,) * 3))["rows"]
+    assert any("(image differ)" in m for m in logs[-3:])
+    assert ensure(cfg, dtype=torch.bfloat16)["rows"] == 4
+    assert any("(image, precision differ)" in m for m in logs[-3:])
 
 
 def test_mine_counts_unreadable_images_once_and_enforces_max_bad_frac(tmp_path):

@@ -270,7 +270,12 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
                 "svo/pairwise", "svo/coverage", "winoground/group"):
         assert key in ev and np.isfinite(ev[key]), key
     assert ev["retrieval/r_mean"] == pytest.approx(res["retrieval/r_mean"], abs=1e-6)
-    assert json.load(open(tmp_path / "eval" / "results.json"))["winoground/text"] == ev["winoground/text"]
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert saved["winoground/text"] == ev["winoground/text"]
+    # ARO's accuracy per relation and per attribute pair (its evaluate_scores records) are in results.json
+    for name in ("vg_relation", "vg_attribution"):
+        per = [k for k in saved if k.startswith(f"aro/{name}/")]
+        assert per and all(0 <= saved[k] <= 1 for k in per), name
     # the toy CLIP reads the images: image retrieval far above chance (chance R@1 = 100 / N_images)
     n_img = len(B.read_retrieval(os.path.join(toy_root, "pairs_test.jsonl"))[0])
     assert ev["retrieval/img_r1"] > 3 * 100 / n_img
@@ -287,6 +292,7 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
     assert html.count("negative: ") >= 6 and ev_html.count("negative: ") >= 6
     # --report_before: the train run's figures drawn as "before" bars next to the checkpoint's (retrieval only)
     assert ev_html.count(">before</text>") == 1 and ev_html.count(">after</text>") == 1
+    assert "vg_relation/" not in ev_html  # per-relation rows: results.json only, not bars
 
 
 def test_lora_lock_vision_train_and_export_equals_transformers(mined, toy_root, tmp_path):
@@ -614,6 +620,60 @@ def test_unimodal_mining_uses_the_pooled_vision_feature(toy_root, monkeypatch):
             torch.nn.init.normal_(model.visual_projection.weight)  # a new random head
             assert torch.allclose(N.mine(cfg, model, tok, dist, torch.float32, log), emb, atol=1e-6) == (
                 init == "unimodal")
+
+
+def test_unimodal_mined_tsv_is_mined_again_for_another_vision_pool(toy_root, tmp_path, capsys):
+    """--init unimodal mines neighbours on pool_image(), which --vision_pool changes (the tower's CLS or the mean
+    of its patch tokens): a TSV mined with one pooling is reused with the same one only."""
+    dist, log, mined = N.D.Dist(), N.Logger(None, True), []
+    for pool in ("cls", "cls", "mean"):
+        cfg = N.resolve_paths(N.Config(init="unimodal", vision_pool=pool, toy_root=toy_root, out_dir=str(tmp_path),
+                                       eval_batch=64, tagger="rule"))
+        torch.manual_seed(0)
+        model, tok = N.build_model(N.model_config(cfg))
+        mined.append(N.mine(cfg, model, tok, dist, torch.float32, log))
+    assert mined[0]["rows"] > 100 and mined[1] is None  # same pooling: the cached TSV
+    assert mined[2] is not None and mined[2]["rows"] == mined[0]["rows"]
+    assert "vision_pool differ" in capsys.readouterr().out
+
+
+def test_hub_tower_is_normalised_as_the_same_local_folder(tmp_path, monkeypatch):
+    """The mean/std of a vision tower come from its preprocessor_config.json whether it is named as a local folder
+    or as a hub name (google/vit-base-patch16-224-in21k's says 0.5 / 0.5, not ViT's ImageNet default); the family
+    default only when the checkpoint has none.  No network: the "hub" here is the local folder."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    BertModel(BertConfig(vocab_size=len(WORDS) + 4, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=24)).save_pretrained(tmp_path / "bert")
+    _save_tokenizer(tmp_path / "bert")
+    folder, hub = tmp_path / "vit", "google/vit-base-patch16-224-in21k"
+    ViTModel(ViTConfig(hidden_size=20, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=16, patch_size=8)).save_pretrained(folder)
+
+    def download(repo_id, filename, **kw):  # the hub holds `folder`'s files
+        assert repo_id == hub
+        if not (folder / filename).is_file():
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        return str(folder / filename)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    load = N.load_tower
+    monkeypatch.setattr(N, "load_tower", lambda path, *a: load(str(folder) if path == hub else path, *a))
+
+    def stats(name):
+        model, _ = N.build_model(N.Config(init="unimodal", vision=name, text=str(tmp_path / "bert"), embed_dim=8))
+        return tuple(model.image_mean), tuple(model.image_std)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    assert stats(hub) == stats(str(folder)) == ((0.5,) * 3, (0.5,) * 3)
+    os.remove(folder / "preprocessor_config.json")  # no processor config: the ViT family's default either way
+    assert stats(hub) == stats(str(folder)) == (tuple(N.IMAGENET_MEAN), tuple(N.IMAGENET_STD))
+
+    def offline(repo_id, filename, **kw):
+        raise LocalEntryNotFoundError("not in the cache and outgoing traffic has been disabled")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)  # unknown: an error, not a guessed default
+    with pytest.raises(FileNotFoundError, match=f"^{hub}: cannot read its preprocessor_config.json"):
+        stats(hub)
+    assert NG.processor_config(hub, meta=True) == {}  # --mode params: no network, the family default
 
 
 def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path):
