@@ -605,15 +605,15 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
 
 
 def turn_scores(rows, tok, cfg):
-    """One turn scored as the release does: references round-tripped through the tokenizer, both
-    sides contractions-expanded, metrics averaged over batches of eval_batch (common.metrics)."""
+    """One turn scored as the release does (common.metrics, batches of eval_batch): references
+    tokenizer round-tripped, both sides contractions-expanded; ParlAI's word F1 on the raw strings."""
     def ids(text):
         return tok.encode(text, add_special_tokens=False)
-    preds = [expand_contractions(r["prediction"]) for r in rows]
-    refs = [expand_contractions(tok.decode(ids(r["reference"]), skip_special_tokens=True))
-            for r in rows]
+    raw = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    preds = list(map(expand_contractions, raw[0]))
+    refs = [expand_contractions(tok.decode(ids(r), skip_special_tokens=True)) for r in raw[1]]
     m = dialogue_scores(preds, refs, list(map(ids, preds)), list(map(ids, refs)), cfg.eval_batch,
-                        nll=[r["nll"] for r in rows], n_tok=[r["n_tok"] for r in rows],
+                        nll=[r["nll"] for r in rows], n_tok=[r["n_tok"] for r in rows], raw=raw,
                         ranks=[r["rank"] for r in rows if "rank" in r], n_candidates=cfg.num_candidates)
     return {**m, "n": len(rows)}
 

@@ -11,7 +11,10 @@ metrics are fractions (BLEU-4 0.40, CIDEr 1.35), VQA accuracy a fraction, recall
 (torchmetrics' BLEU, the rouge-score package's ROUGE-L), plus unigram F1 (on token ids, or on words normalised as
 ParlAI does).
 """
+import itertools
+import json
 import math
+import os
 import re
 from collections import Counter
 
@@ -480,20 +483,70 @@ def hf_caption_metrics(gts, res):
 # ParlAI's answer normalisation (parlai/core/metrics.py `normalize_answer`, used by its F1Metric).
 _PARLAI_PUNC = re.compile(r"[!\"#$%&()*+,-./:;<=>?@\[\]\\^`{|}~_']")
 _PARLAI_ART = re.compile(r"\b(a|an|the)\b")
-# Contraction expansion: the core of the `contractions` package's fix(), which the VLAW-MDM release applies to
-# predictions and references before scoring (training_ablation.py).
-_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "cannot"), (r"\bshan't\b", "shall not"),
-                 (r"\blet's\b", "let us"), (r"\bain't\b", "are not"), (r"n't\b", " not"), (r"'re\b", " are"),
-                 (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"), (r"\bi'm\b", "i am"),
-                 (r"\b(it|that|what|there|here|he|she|who|where|how)'s\b", r"\1 is")]
+# Contraction expansion as the VLAW-MDM release scores (src/model/model_blender_bot.py: predictions
+# and references both go through `contractions.fix(text.strip().lower())`), reproduced from
+# kootenpv/contractions 0.1.73 (contractions/__init__.py, on textsearch's TextSearch("insensitive",
+# "norm")). Its three tables are in common/contractions.json, verbatim. fix() defaults to
+# leftovers=True, slang=True and then searches, in this order of adding (a later value wins): the
+# contractions (plus "jan." .. "dec." but "may", plus a copy of every key with a typographic
+# apostrophe), the leftovers (same copies), the slang, and the "unsafe" apostrophe-less forms of
+# each contraction with "'" ("dont", "im", "cant", "shell" -> "she will") but those of `_SAFE`.
+_SAFE = {"he's", "he'll", "we'll", "we'd", "it's", "i'd", "we're", "i'll", "who're", "o'"}
+_MONTHS = "january february march april june july august september october november december".split()
+# textsearch's word boundary: a match must not touch [A-Za-z0-9_] (ASCII only: "é" is a boundary).
+_WORDCHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _fix_table():
+    """{key: value} as contractions.fix's automaton holds them (lower-cased), and the key lengths,
+    longest first."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contractions.json")
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    base, left = dict(d["contractions"], **{m[:3] + ".": m for m in _MONTHS}), dict(d["leftovers"])
+    for t in (base, left):
+        t.update({k.replace("'", "\u2019"): v for k, v in list(t.items())})
+    unsafe = {}
+    for k, v in base.items():
+        if "'" in k and k.lower() not in _SAFE:  # each "'" kept or dropped: "can't" -> "cant", "can't"
+            parts = k.split("'")
+            for keep in itertools.product(("", "'"), repeat=len(parts) - 1):
+                unsafe["".join(a + b for a, b in zip(parts, keep + ("",)))] = v
+    table = {}
+    for t in (base, left, {**d["slang"], **unsafe}):
+        table.update((k.lower(), v.lower()) for k, v in t.items())  # lower case: see below
+    return table, sorted({len(k) for k in table}, reverse=True)
+
+
+_FIX, _FIX_LENGTHS = _fix_table()
 
 
 def expand_contractions(text):
-    """Strip, lower-case, expand contractions, collapse spaces ("It's NOT" -> "it is not")."""
-    text = text.strip().lower().replace("\u2019", "'")
-    for pat, rep in _CONTRACTIONS:
-        text = re.sub(pat, rep, text)
-    return re.sub(r"\s+", " ", text).strip()
+    """`contractions.fix(text.strip().lower())`, as the release scores ("u r gonna" -> "you are
+    going to"). textsearch's replace: every key found (by end position, the longest first) with a
+    word boundary on both sides; one that starts before the last kept match ends replaces that match
+    only if longer (so "to cause" keeps "cause" -> "because" away). Each value takes the case of its
+    match: lower case here."""
+    text = text.strip().lower()
+    kept, stop_max = [], -1  # (length, start, stop, value) of the matches kept
+    for end in range(1, len(text) + 1):
+        for n in _FIX_LENGTHS:
+            start = end - n
+            if start < 0 or text[start:end] not in _FIX:
+                continue
+            if end < len(text) and text[end] in _WORDCHARS or start > 0 and text[start - 1] in _WORDCHARS:
+                continue
+            if start >= stop_max:
+                stop_max = end
+                kept.append((end - start, start, end, _FIX[text[start:end]]))
+            elif end - start > kept[-1][0]:
+                stop_max = max(stop_max, end)
+                kept[-1] = (stop_max - start, start, stop_max, _FIX[text[start:end]])
+    out, prev = [], 0
+    for _, start, stop, value in kept:
+        out += [text[prev:start], value]  # empty where a longer match overlaps the one kept before it
+        prev = stop
+    return "".join(out) + text[prev:]
 
 
 def parlai_normalize(text):
@@ -528,11 +581,13 @@ def gold_rank(scores, gold):
 
 
 def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok=None, ranks=None,
-                    n_candidates=100):
+                    n_candidates=100, raw=None):
     """One Image-Chat turn scored as the VLAW-MDM release does (x100): F1 on token ids (`token_f1`), BLEU-4 with
     torchmetrics' rule (`bleu(smooth=False)`) and ROUGE-L with rouge-score's (`rouge_l(beta=1, rouge_score_tokens)`),
     each averaged over batches of `chunk` examples ("paper mode"); "corpus_*": the same over the whole turn (BLEU
-    corpus-level, F1/ROUGE-L mean over examples); "word_F1": ParlAI's. preds/refs: normalised strings.
+    corpus-level, F1/ROUGE-L mean over examples). preds/refs: the release's normalised strings. "word_F1": ParlAI's,
+    from `raw` = (predictions, references) as generated and as written: ParlAI's F1Metric normalises the raw guess
+    and label itself (no contraction expansion, no tokenizer round trip); absent without `raw`.
     Optional: "PPL" = exp(token-mean NLL) per batch, averaged over batches, from per-example summed `nll` and
     token counts `n_tok`; "R@1/<n_candidates>" (ParlAI's hits@1) and "MRR" from the gold answers' 1-based `ranks`
     among the candidates (a plain percentage over the examples that have one)."""
@@ -548,8 +603,9 @@ def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok
     out = {"F1": np.mean([np.mean([f1[i] for i in b]) for b in batches]),
            "BLEU-4": np.mean([bleu4(b) for b in batches]),
            "ROUGE-L": np.mean([np.mean([rl[i] for i in b]) for b in batches]),
-           "corpus_F1": np.mean(f1), "corpus_BLEU-4": bleu4(range(n)), "corpus_ROUGE-L": np.mean(rl),
-           "word_F1": np.mean([word_f1(p, r) for p, r in zip(preds, refs)])}
+           "corpus_F1": np.mean(f1), "corpus_BLEU-4": bleu4(range(n)), "corpus_ROUGE-L": np.mean(rl)}
+    if raw is not None:
+        out["word_F1"] = np.mean([word_f1(p, r) for p, r in zip(*raw)])
     if ranks:
         out[f"R@1/{n_candidates}"] = np.mean([r == 1 for r in ranks])
         out["MRR"] = np.mean([1 / r for r in ranks])

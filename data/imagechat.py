@@ -275,9 +275,10 @@ def prepare_captions(cfg, dist, log, dtype):
 
 # ---- eval figures and the picture report of imagechat_warmup.py
 def results_rows(res):
-    """Per-turn rows of the paper's metrics (x100 but PPL), as in its Table 3: header, rows."""
-    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", "R@1/100", "word_F1")
-             if f"IC/{n}" in res]
+    """Per-turn rows of the paper's metrics (x100 but PPL), as in its Table 3: header, rows.  R@1
+    over as many candidates as were ranked (--num_candidates: "R@1/100", "R@1/1000")."""
+    recall = sorted(k[len("IC/"):] for k in res if k.startswith("IC/R@1/"))
+    names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", *recall, "word_F1") if f"IC/{n}" in res]
     return ["turn", *names], [[k, *(res.get(f"{k}/{n}", float("nan")) for n in names)]
                               for k in ("turn1", "turn2", "turn3", "IC") if f"{k}/F1" in res]
 

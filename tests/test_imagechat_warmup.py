@@ -192,6 +192,33 @@ def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path
     assert ic.dialogue_cards(eps, shown, str(tmp_path), n=1).count("<figure") == 1
 
 
+def test_results_rows_name_the_configured_candidate_count():
+    """The logged table and the report keep the R@1 column for any --num_candidates (1000 here)."""
+    res = {"turn1/F1": 10.0, "IC/F1": 10.0, "turn1/R@1/1000": 5.0, "IC/R@1/1000": 5.0, "turn1/word_F1": 3.0,
+           "IC/word_F1": 3.0}
+    head, rows = ic.results_rows(res)
+    assert head == ["turn", "F1", "R@1/1000", "word_F1"]
+    assert rows == [["turn1", 10.0, 5.0, 3.0], ["IC", 10.0, 5.0, 3.0]]
+
+
+def test_turn_scores_normalise_as_the_release_and_word_f1_as_parlai():
+    """The release scores contractions.fix(text.strip().lower()) of both sides (slang and apostrophe-less forms
+    expanded too); ParlAI's word F1 reads the raw prediction and reference."""
+    import types
+    vocab = {}
+    tok = types.SimpleNamespace(  # whitespace words: the reference's round trip leaves it as written
+        encode=lambda text, add_special_tokens=False: [vocab.setdefault(w, len(vocab)) for w in text.split()],
+        decode=lambda ids, skip_special_tokens=True: " ".join({i: w for w, i in vocab.items()}[i] for i in ids))
+    rows = [{"prediction": "u look great, im so happy", "reference": "You look great, I am so happy"},
+            {"prediction": "I don't know, it's great", "reference": "I do not know, it is great"}]
+    rows = [dict(r, nll=1.0, n_tok=2) for r in rows]
+    m = icw.turn_scores(rows, tok, types.SimpleNamespace(eval_batch=32, num_candidates=100))
+    assert m["F1"] == m["BLEU-4"] == m["ROUGE-L"] == 100.0  # equal once normalised as the release does
+    # ParlAI normalize_answer: [u look great im so happy] vs [you look great i am so happy]: 4 of 6, 4 of 7;
+    # [i don t know it s great] vs [i do not know it is great]: 4 of 7, 4 of 7
+    assert m["word_F1"] == pytest.approx(100 * (16 / 26 + 4 / 7) / 2) and m["n"] == 2
+
+
 def test_grid_crops_row_major():
     cols = np.arange(6, dtype=np.uint8) * 40  # brightness grows left to right, constant down the columns
     img = Image.fromarray(np.broadcast_to(cols[None, :, None], (6, 6, 3)).copy())

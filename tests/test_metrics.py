@@ -188,10 +188,44 @@ def test_f1_and_normalisations():
     assert expand_contractions("  It's NOT what I'd say, won't  ") == "it is not what i would say, will not"
 
 
+# Outputs of kootenpv/contractions 0.1.73: contractions.fix(text.strip().lower()), the VLAW-MDM release's call.
+CONTRACTIONS_FIX = [
+    ("u look great, im so happy", "you look great, i am so happy"),  # slang; apostrophe-less ("unsafe") form
+    ("dont be sad, thats life", "do not be sad, that is life"),
+    ("I dunno, wanna go? gonna be fun tbh", "i do not know, want to go? going to be fun to be honest"),
+    ("  It's NOT what I'd say, won't  ", "it is not what i would say, will not"),
+    ("Whats up? ur so cool", "what is up? you are so cool"),
+    ("ill be there, id say its fine, hes here, were here", "ill be there, id say its fine, hes here, were here"),
+    ("shell we? lets go", "she will we? let us go"),  # unsafe forms of she'll, let's (not in its safety list)
+    ("to cause harm 'cause cause", "to cause harm because because"),  # the longer "to cause" wins
+    ("r u ok? r  u sure?", "r you ok? are  you sure?"),  # its "r " key: the next character must not be a letter
+    ("don\u2019t i\u2019m can\u2019t y'all\u2019re", "do not i am cannot you all\u2019re"),
+    ("jan. 5, may 1", "january 5, may 1"),
+    ("u_u u2 _u caf\u00e9 u", "u_u u2 _u caf\u00e9 you"),  # word boundary = not [A-Za-z0-9_]
+    ("sux to be u, kinda cool, gimme", "sucks to be you, kind of cool, give me"),
+    ("y'all'd've", "you all would have"), ("I'M DONE. U R GREAT", "i am done. you r great"),
+    ("'d 'll n't", " would  will n't"), ("doin' nothin'", "doing nothing")]
+
+
+@pytest.mark.parametrize("text,fixed", CONTRACTIONS_FIX)
+def test_expand_contractions_is_contractions_fix(text, fixed):
+    assert expand_contractions(text) == fixed
+
+
+def test_dialogue_word_f1_is_parlai_f1_on_the_raw_strings():
+    raw = ["I don't know, it's great"], ["I do not know, it is great"]
+    preds, refs = [expand_contractions(t) for t in raw[0]], [expand_contractions(t) for t in raw[1]]
+    assert preds == refs
+    s = dialogue_scores(preds, refs, [p.split() for p in preds], [r.split() for r in refs], chunk=2, raw=raw)
+    # ParlAI normalize_answer: "i don t know it s great" vs "i do not know it is great": 4 of 7 and 4 of 7
+    assert s["F1"] == 100.0 and s["word_F1"] == pytest.approx(100 * 4 / 7)
+    assert "word_F1" not in dialogue_scores(preds, refs, [["i"]], [["i"]], chunk=2)
+
+
 def test_dialogue_scores_batch_means_and_corpus():
     preds, refs = ["a b c d e", "x y", "a b"], ["a b c d e", "x z", "a b"]
     toks = [p.split() for p in preds], [r.split() for r in refs]
-    s = dialogue_scores(preds, refs, *toks, chunk=2)
+    s = dialogue_scores(preds, refs, *toks, chunk=2, raw=(preds, refs))
     f1 = [1.0, 0.5, 1.0]
     assert s["F1"] == pytest.approx(100 * np.mean([np.mean(f1[:2]), f1[2]]))
     assert s["corpus_F1"] == pytest.approx(100 * np.mean(f1))
