@@ -1141,12 +1141,13 @@ def evaluate_vqa(model, frozen, toks, records, cfg, dist, out_path):
     preds = gather_dict(preds)
     if lemmatize_vqa(cfg, records):  # LAVIS/BLIText OK-VQA: nouns and verbs of the answer -> lemmas
         preds = dict(zip(sorted(preds), okvqa_lemmatize([preds[i] for i in sorted(preds)])))
-    acc = [vqa_accuracy(preds[i], records[i]["answers"], cfg.vqa_rule) for i in sorted(preds)]
-    if dist.is_main:
-        with open(out_path, "w") as f:
+    if dist.is_main:  # a test split's questions have no answers (convert.py --allow_unanswered):
+        with open(out_path, "w") as f:  # its predictions are the result, to submit
             json.dump([{"question_id": records[i]["question_id"], "answer": preds[i]}
                        for i in sorted(preds)], f, indent=1)
-    return {"vqa_acc": 100.0 * sum(acc) / max(1, len(acc))}
+    acc = [vqa_accuracy(preds[i], records[i]["answers"], cfg.vqa_rule) for i in sorted(preds)
+           if records[i]["answers"]]
+    return {"vqa_acc": 100.0 * sum(acc) / len(acc)} if acc else {}
 
 
 def run_evals(model, frozen, toks, cfg, dist, logger, shown):

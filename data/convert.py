@@ -710,14 +710,15 @@ def _img2dataset_tar(folder, shard, image_prefix, report, check_images, extract_
 
 
 def _vg_folder(image_id, image_root, url):
-    """VG images are split over VG_100K/ and VG_100K_2/ (image 1 is in VG_100K_2)."""
+    """VG images are split over VG_100K/ and VG_100K_2/ (image 1 is in VG_100K_2): the folder the image is
+    found in under image_root, else the one image_data.json's URL names, else None (unknown)."""
     if image_root:
         for sub in ("VG_100K", "VG_100K_2"):
             if os.path.exists(os.path.join(image_root, sub, f"{image_id}.jpg")):
                 return sub
-    if url and "/VG_100K_2/" in url:
-        return "VG_100K_2"
-    return "VG_100K"
+    if url:
+        return "VG_100K_2" if "/VG_100K_2/" in url else "VG_100K"
+    return None
 
 
 def convert_vg(regions_path, image_root=None, image_data_path=None, max_regions_per_image=0, min_words=0,
@@ -727,7 +728,7 @@ def convert_vg(regions_path, image_root=None, image_data_path=None, max_regions_
     The file is a list aligned index-for-index with image_data.json; its per-image key is `id` (the other
     VG files say `image_id`).  Phrases are stripped ("shade is along the street ").  The image folder is
     whichever of VG_100K / VG_100K_2 holds <id>.jpg under `image_root`, else the folder in image_data.json's
-    url, else VG_100K.  `max_regions_per_image` keeps the first N phrases (0 = all); `min_words` drops
+    url, else VG_100K with a warning.  `max_regions_per_image` keeps the first N phrases (0 = all); `min_words` drops
     shorter phrases (BLIP's VG captions keep phrases of more than 4 words, so min_words=5 matches).
     """
     report = report if report is not None else Report()
@@ -773,7 +774,10 @@ def convert_vg(regions_path, image_root=None, image_data_path=None, max_regions_
             report.skip("image without phrases", image_id)
             continue
         folder = _vg_folder(image_id, image_root, url)
-        records.append({"image": f"{folder}/{image_id}.jpg", "captions": phrases})
+        if folder is None:
+            report.warn("image folder unknown, VG_100K/ assumed (not under --image_root, no --image_data URL): "
+                        "an image of VG_100K_2/ gets a wrong path", image_id)
+        records.append({"image": f"{folder or 'VG_100K'}/{image_id}.jpg", "captions": phrases})
     return records
 
 
@@ -1062,6 +1066,7 @@ def write_jsonl(records, path):
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a converted file is data others read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

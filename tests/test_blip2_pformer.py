@@ -377,6 +377,22 @@ def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
         assert not torch.allclose(la, b(**inputs).logits, atol=1e-4)  # the comparison can fail
 
 
+def test_vqa_test_split_without_answers_writes_its_predictions(hf_folders, tmp_path):
+    """A test split (data/convert.py --allow_unanswered: "answers": []) crashed in vqa_accuracy after decoding, before
+    vqa.json, the file a submission needs, was written."""
+    from PIL import Image
+    for n in ("a", "b"):
+        Image.new("RGB", (32, 32), (40 * len(n), 90, 200)).save(tmp_path / f"{n}.png")
+    qs = [{"image": f"{n}.png", "question": "what colour?", "answers": [], "question_id": i}
+          for i, n in enumerate("ab")]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    m = bp.main(["--stage", "eval", "--hf_import", hf_folders["opt"], "--bert_path", hf_folders["bert"],
+                 "--eval_tasks", "vqa", "--vqa_file", str(tmp_path / "test.jsonl"), "--image_root", str(tmp_path),
+                 "--image_size", "32", "--out_dir", str(tmp_path / "run"), "--num_workers", "0"])
+    assert "vqa_acc" not in m
+    assert [p["question_id"] for p in json.load(open(tmp_path / "run" / "vqa.json"))] == [0, 1]
+
+
 def test_newline_ends_opt_captions_but_not_t5s():
     """LAVIS ends OPT's captions with "\n" and stops generating there (blip2_opt.py); T5 keeps its EOS (blip2_t5.py),
     even where its tokenizer has a token for "\n" (sentencepiece's "\u2581" after normalisation)."""

@@ -233,7 +233,9 @@ def test_img2dataset_caption_fallback_status_and_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def test_vg_regions(tmp_path):
-    recs = convert_vg(VG)
+    guess = Report()
+    recs = convert_vg(VG, report=guess)
+    assert sum(guess.warnings.values()) == 1 and "VG_100K/ assumed" in next(iter(guess.warnings))
     assert recs == [{"image": "VG_100K/1.jpg", "captions": [
         "the clock is green in colour", "shade is along the street", "man is wearing sneakers",
         "cars headlights are off", "bicycles are seen in the bckground"]}]
@@ -244,7 +246,9 @@ def test_vg_regions(tmp_path):
     # or from image_data.json's url (aligned list keyed by image_id)
     idata = _dump([{"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg",
                     "width": 800, "height": 600, "coco_id": None, "flickr_id": None}], tmp_path / "image_data.json")
-    assert convert_vg(VG, image_data_path=idata)[0]["image"] == "VG_100K_2/1.jpg"
+    found = Report()
+    assert convert_vg(VG, image_data_path=idata, report=found)[0]["image"] == "VG_100K_2/1.jpg"
+    assert not found.warnings
     report = Report()
     short = convert_vg(VG, max_regions_per_image=2, report=report)
     assert short[0]["captions"] == ["the clock is green in colour", "shade is along the street"]
@@ -456,6 +460,13 @@ def test_img2dataset_non_utf8_caption_is_a_counted_bad_sample(tmp_path):
     assert [r["image"] for r in recs] == ["00000/000000000.jpg"]
     reason = "caption .txt not UTF-8 (byte 3)"
     assert report.skipped[reason] == 1 and report.examples[reason] == [os.path.join("00000", "000000002.txt")]
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """mkstemp creates its file 0600 and the rename keeps the mode: a converted file shared on a cluster was
+    private to its writer."""
+    write_jsonl([{"image": "a.jpg", "captions": ["x"]}], tmp_path / "pairs.jsonl")
+    assert os.stat(tmp_path / "pairs.jsonl").st_mode & 0o777 == 0o644
 
 
 def test_write_jsonl_never_follows_a_planted_link(tmp_path):
