@@ -14,8 +14,8 @@ fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam
 | params (the preset's student and teacher at their published sizes, offline, on the meta device).
     python dlip.py --preset toy_teacher && python dlip.py    # toy teacher, then the student
     python dlip.py --mode retrieval --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_ret
-    torchrun --nproc_per_node 8 dlip.py --preset paper --image_root /data --train_files coco.jsonl
-    torchrun --nproc_per_node 8 dlip.py --preset paper --train_shards 'cc3m/{00000..00331}.tar'
+    torchrun --nproc_per_node 4 dlip.py --preset paper --image_root /data --train_files coco.jsonl
+    torchrun --nproc_per_node 4 dlip.py --preset paper --train_shards 'cc3m/{00000..00331}.tar'
 (img2dataset webdataset shards, docs/data.md). Each run writes <out_dir>/report.html (--report false: none).
 Toy figures and how the toy recipe was chosen: docs/dlip.md. Teachers (salesforce/BLIP's .pth, the
 paper preset's, or transformers' BlipForImageTextRetrieval / BlipForConditionalGeneration) load with
@@ -203,7 +203,7 @@ PRESETS = {
                   vit_mlp=1536, text_width=384, text_layers=6, text_heads=12, text_ffn=3072,
                   embed_dim=256, dropout=0.1, init_vit="facebook/deit-small-patch16-224",
                   tokenizer="bert-base-uncased", max_len=30, queue_size=57600,
-                  teacher="model_base.pth", teacher_caption="", global_batch=1152,  # BLIP_URL
+                  teacher="model_base_capfilt_large.pth", teacher_caption="", global_batch=1152,
                   micro_batch=288, epochs=20, lr=5e-4, warmup_steps=3000,
                   weight_decay=0.02, k_test=256, eval_batch=128, num_workers=8, log_every=50,
                   hflip=True, randaug=True,
@@ -216,10 +216,11 @@ FINETUNE = {
     "toy": {"retrieval": dict(FT, epochs=0.2, lr=1e-4, alpha_ramp_epochs=1.0, train_limit=0),
             "caption": dict(FT, epochs=0.2, lr=1e-4, train_limit=0)},
     "paper": {"retrieval": dict(FT, image_size=384, max_len=35, global_batch=256, micro_batch=32,
-                                lr=5e-5, weight_decay=0.05, epochs=6, alpha_ramp_epochs=1.0,
-                                k_test=256, grad_ckpt=True),  # BLIP configs/retrieval_coco.yaml
+                                lr=5e-5, min_lr=0.0, weight_decay=0.05, epochs=6,
+                                alpha_ramp_epochs=1.0, k_test=256,
+                                grad_ckpt=True),  # BLIP configs/retrieval_coco.yaml
               "caption": dict(FT, image_size=384, max_len=40, global_batch=256, micro_batch=32,
-                              lr=5e-5, weight_decay=0.05, epochs=6)},
+                              lr=5e-5, min_lr=0.0, weight_decay=0.05, epochs=6)},  # caption_coco.yaml
 }
 # ================================================================================================ Model
 # Parameter names follow salesforce/BLIP (timm ViT + BERT names), the layout of BLIP's checkpoints;
@@ -1395,8 +1396,8 @@ def resolve(cfg, argv, dist=None):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B, "
-                       f"--teacher model_base.pth: download it from {BLIP_URL}")
+    cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B "
+                       f"(CapFilt-L), --teacher model_base_capfilt_large.pth: download it from {BLIP_URL}")
     if cfg.mode not in ("pretrain", "retrieval", "caption", "eval", "params"):
         raise ValueError(f"--mode must be pretrain|retrieval|caption|eval|params, got {cfg.mode!r}")
     if cfg.mode == "params":
@@ -1643,7 +1644,8 @@ QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 
 
 # salesforce/BLIP's released checkpoints, e.g. the pretrained ViT-B teacher of the paper preset:
-BLIP_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base.pth"
+BLIP_URL = ("https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+            "model_base_capfilt_large.pth")  # the teacher of DLIP V2's pretrain_dlip.py
 # They hold {"model": state_dict} under the names of this file already (transformers'
 # convert_blip_original_pytorch_to_hf.py renames only their timm ViT keys); what a model here does
 # not take: momentum copies and queues (of a frozen teacher), position_ids, the LM head's tied
@@ -1723,7 +1725,8 @@ def vit_init_config(path):
 def init_from_hf_vit(model, path):
     """Image encoder from an HF ViT folder (DeiT, as V2's student) or a CLIP vision tower (the toy
     world's). A shallower model takes evenly spaced layers of the source (4 -> 2: layers 1 and 3), a
-    deeper one repeats them (2 -> 4: 0, 0, 1, 1); widths must match. (build_model then copies the online encoders into the momentum ones.)"""
+    deeper one repeats them (2 -> 4: 0, 0, 1, 1); widths must match. (build_model then copies the
+    online encoders into the momentum ones.)"""
     sd, vit, new = read_hf_weights(path, ("vision_model.", "vit.", "")), model.visual_encoder, {}
     if "embeddings.class_embedding" in sd:  # CLIP(Vision)Model: pre-LN, own q/k/v, no patch bias
         layer, pos = "encoder.layers", sd["embeddings.position_embedding.weight"][None]

@@ -19,9 +19,9 @@ and eval leave <out_dir>/report.html (curves, figures, test dialogues with the r
     python imagechat_warmup.py --mode captions --captioner runs/bp/export  # blip2_pformer export
     python imagechat_warmup.py --mode warmup --out_dir runs/icw_toy/warmup
     python imagechat_warmup.py --mode finetune --init runs/icw_toy/warmup/last.pt --out_dir runs/ft
-Paper recipe on 2 nodes (global batch fixed; accumulation = global / (micro x world)):
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HOST:29500 \
-        imagechat_warmup.py --preset paper --mode warmup --out_dir runs/icw/warmup
+Paper recipe on 8 GPUs (global batch fixed, = micro x world x accumulation: 2016 = 18 x 8 x 14):
+    torchrun --nproc_per_node 8 imagechat_warmup.py --preset paper --mode warmup --warmup_micro 18 \
+        --out_dir runs/icw/warmup
 Release-vs-paper differences are flags printed at start-up (--legacy_lr, --untied_head, --share_pos,
 --ul_per_sequence, --select_on test). BART-base and caption-free variants: docs/imagechat_warmup.md.
 """
@@ -49,8 +49,8 @@ from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_di
 from common.log import Logger, progress
 from common.metrics import dialogue_scores, expand_contractions, gold_rank
 from common.hf import counts_table, hf_model
-from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
-                          run_bench, set_lr)
+from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
+                          set_lr)
 from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
                             read_image_chat, results_rows, split_path, write_report)
 from data.toy import toy_paths
@@ -711,7 +711,8 @@ def run_training(cfg, dist, log, dtype):
     nn.ModuleList([model.img_proj, model.img_norm]).requires_grad_(cfg.use_image)
     model.to(dev).train()
     ddp = wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)  # on norms and biases too, as the release's
     scaler, params = make_scaler(dtype), [p for p in model.parameters() if p.requires_grad]
 
     # items: (episode, turn); turn 0 = drawn per batch (release), --all_turns expands every turn

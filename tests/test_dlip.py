@@ -201,11 +201,14 @@ def test_original_blip_checkpoint_loads_with_its_outputs_and_names_a_missing_ten
 def test_paper_preset_distils_blips_pretrained_checkpoint_at_224(capsys):
     from common.config import parse_config
     cfg = parse_config(dlip.Config, dlip.PRESETS, ["--preset", "paper"])
-    assert (cfg.teacher, cfg.teacher_caption, cfg.image_size) == ("model_base.pth", "", 224)
+    # DLIP V2 distils BLIP ViT-B pretrained on 129M images with CapFilt-L (not model_base.pth, without it)
+    assert (cfg.teacher, cfg.teacher_caption, cfg.image_size) == ("model_base_capfilt_large.pth", "", 224)
     with pytest.raises(SystemExit):
         dlip.main(["--help"])
     help_text = "".join(capsys.readouterr().out.split())  # argparse may wrap the URL
-    assert dlip.BLIP_URL in help_text and dlip.BLIP_URL.endswith("/BLIP/models/model_base.pth")
+    assert dlip.BLIP_URL in help_text and dlip.BLIP_URL.endswith("/BLIP/models/model_base_capfilt_large.pth")
+    for mode in ("retrieval", "caption"):  # BLIP's retrieval_coco.yaml / caption_coco.yaml: cosine to min_lr 0
+        assert dlip.FINETUNE["paper"][mode]["min_lr"] == 0.0
 
 
 def test_pretrain_distils_a_blip_pth_teacher_and_inits_the_student_from_it(world, tmp_path, capsys):

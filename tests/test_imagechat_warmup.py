@@ -438,6 +438,8 @@ def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path, capsys):
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert ck["config"]["mode"] == "finetune" and ck["step"] == 4
     assert (ck["script"], ck["kind"]) == ("imagechat_warmup", "finetune")
+    # the release's AdamW(self.parameters()) decays every parameter, LayerNorms and biases too: one group
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [ck["config"]["weight_decay"]]
     # the no-image, no-caption model has no image block; its selection evaluations (each step) are logged
     noimg = run(train_args(assets, "finetune", 2, use_image="false", use_caption="false", eval_every=1, eval_max=2),
                 tmp_path / "ni", **paths)
