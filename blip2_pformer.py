@@ -1284,6 +1284,8 @@ def build(cfg, dist):
     if llm is not None:
         llm.requires_grad_(False).eval().to(dist.device)
     encdec = llm is not None and llm.config.is_encoder_decoder
+    if encdec and dtype == torch.float16:  # T5's FFN activations overflow fp16 (LAVIS: bf16)
+        raise SystemExit("--precision fp16 with a T5 LLM: Flan-T5 overflows in fp16; use bf16 or fp32")
     toks = Tokenizers(bert_tok, llm_tok, cfg.max_txt_len, dist.device, encdec)
     frozen = Frozen(dtype, llm=llm, llm_tok=llm_tok, rank=dist.rank, align_weight=cfg.align_weight)
     bert = resolve_local(cfg.bert_path)

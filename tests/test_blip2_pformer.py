@@ -393,6 +393,18 @@ def test_vqa_test_split_without_answers_writes_its_predictions(hf_folders, tmp_p
     assert [p["question_id"] for p in json.load(open(tmp_path / "run" / "vqa.json"))] == [0, 1]
 
 
+def test_t5_in_fp16_is_refused(hf_folders, tmp_path):
+    """Flan-T5 overflows in fp16 (LAVIS runs it in bf16): --precision fp16 with a T5 stops with one line; OPT runs."""
+    from common.config import parse_config
+    from common.dist import Dist
+    args = ["--stage", "eval", "--bert_path", hf_folders["bert"], "--eval_tasks", "caption", "--image_size", "32",
+            "--precision", "fp16", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="T5 LLM: Flan-T5 overflows in fp16"):
+        bp.build(bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--hf_import", hf_folders["t5"]])),
+                 Dist())
+    bp.build(bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--hf_import", hf_folders["opt"]])), Dist())
+
+
 def test_newline_ends_opt_captions_but_not_t5s():
     """LAVIS ends OPT's captions with "\n" and stops generating there (blip2_opt.py); T5 keeps its EOS (blip2_t5.py),
     even where its tokenizer has a token for "\n" (sentencepiece's "\u2581" after normalisation)."""
