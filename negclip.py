@@ -11,7 +11,7 @@ The dual encoder comes from a CLIP checkpoint (`--init clip`) or from two uni-mo
 fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA;
 gradient accumulation is exact (gradient caching: every loss sees the whole global batch).
 Preparation (negatives, neighbours, toy paths: data/negatives.py) and the benchmarks (ARO,
-SugarCREPE, CREPE, SVO, Winoground, VL-CheckList, retrieval: data/benchmarks.py) are in data/.
+SugarCREPE, CREPE, SVO, Winoground, VL-CheckList, retrieval, classification) are in data/.
 Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset shards:
 --train_shards 'cc3m/{00000..00331}.tar') | eval | export | params (parameters, FLOPs).
 
@@ -123,7 +123,7 @@ class Config(ModelConfig):
     val_every: int = 0            # 0 = once per epoch
     # --- eval
     benchmarks: list[str] = field(default_factory=lambda: list(B.BENCHMARKS))
-    bench_root: str = ""          # aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/
+    bench_root: str = ""          # aro/ sugarcrepe/ crepe/ ... vl_checklist/ classification/
     retrieval_file: str = ""      # pairs .jsonl | BLIP test .json | NegCLIP .tsv ("" = toy test)
     retrieval_image_root: str = ""
     order_file: str = ""          # BLIP coco_karpathy_test.json / flickr30k_test.json (*-Order)

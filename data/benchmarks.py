@@ -17,7 +17,11 @@ cosine.  Then one reader and one scoring rule per benchmark, as its authors' cod
 - Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores;
 - VL-CheckList (Zhao et al., arXiv 2207.00221; om-ai-lab/VL-CheckList vl_checklist/evaluate.py,
   radar.py): pairwise accuracy per corpus file, averaged per sub-category and per Object /
-  Attribute / Relation.
+  Attribute / Relation;
+- classification (NegCLIP, arXiv 2210.01936, Table 6: what hard negatives cost elsewhere): every
+  ImageFolder dataset under <root>/classification, zero-shot top-1/top-5 from class-name prompts
+  (CLIP, arXiv 2103.00020, Sec. 3.1.4) and a linear probe (L2-regularised logistic regression on the
+  frozen image embeddings, Sec. 3.2) when a train/ split is there.
 Comparisons are strict (">"): a tie counts as wrong, except in the *-Order sets, where ARO's argmax
 takes the first option (the original caption) on ties.  Unreadable images score NaN and their cases
 are skipped; they are counted once per image (`Scorer.images_seen`, common.data.ImageFolderLoader),
@@ -26,6 +30,7 @@ reported, and more than max_bad_frac of them stops the evaluation.
 import ast
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -232,6 +237,46 @@ def score_vlc(per_file):
 # ================================================================================================ Readers
 # the published layouts, read by field name
 
+def classification_accuracy(logits, labels, k=1):
+    """Top-k accuracy: right when at most k classes (the true one included) score >= the true class, so a
+    tie with it counts as wrong, as everywhere here."""
+    true = logits.gather(1, labels[:, None])  # (N, 1)
+    return float(((logits >= true).sum(1) <= k).float().mean())
+
+
+def fit_linear_probe(x, y, num_classes, lam, iters=1000):
+    """Multinomial logistic regression, mean cross-entropy + lam/2 * |W|^2 (bias free), full-batch L-BFGS from
+    zero for up to 1000 iterations (CLIP's probe: scikit-learn's L-BFGS, max_iter 1000); the loss is convex.
+    -> (W (D, C), b (C,))."""
+    w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * lam * (w * w).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+PROBE_LAMBDAS = tuple(10.0 ** k for k in range(-6, 2))
+
+
+def linear_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, lambdas=PROBE_LAMBDAS):
+    """CLIP's protocol (Sec. 3.2, Appendix A.3) on a grid: lam is chosen on a held-out fifth of the train
+    split (the largest lam among the best, so ties go to the simpler model), then the probe is refit on
+    the whole train split and scored once on the test split.  -> (test top-1, lam)."""
+    perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
+    hold, fit = perm[:max(1, len(perm) // 5)], perm[max(1, len(perm) // 5):]
+    val = [classification_accuracy(x_train[hold] @ w + b, y_train[hold])
+           for w, b in (fit_linear_probe(x_train[fit], y_train[fit], num_classes, lam) for lam in lambdas)]
+    lam = max(lam for lam, v in zip(lambdas, val) if v == max(val))
+    w, b = fit_linear_probe(x_train, y_train, num_classes, lam)
+    return classification_accuracy(x_test @ w + b, y_test), lam
+
+
 SUGARCREPE = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
               "add_att")
 _BOX = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
@@ -417,6 +462,55 @@ def read_winoground(path):
     return recs
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def read_class_names(folder, classes):
+    """The name a zero-shot prompt says for each class folder: <folder>/classnames.txt lines "<folder> <name>"
+    (ImageNet's LOC_synset_mapping.txt layout, "n01440764 tench, Tinca tinca": the first name is kept), else the
+    folder name with '_' read as a space (CIFAR-100's "aquarium_fish")."""
+    names = {c: c.replace("_", " ") for c in classes}
+    for fn in ("classnames.txt", "LOC_synset_mapping.txt"):
+        path = os.path.join(folder, fn)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    key, _, name = line.strip().partition(" ")
+                    if key in names and not name.split(",")[0].strip():
+                        raise DataError(f"{path}: line {n}: no name after {key!r}")
+                    if key in names:
+                        names[key] = name.split(",")[0].strip()
+            break
+    return [names[c] for c in classes]
+
+
+def read_image_folder(folder):
+    """A classification dataset in the ImageFolder layout (ImageNet's train/ and val/, and what
+    `data/convert.py cifar` writes): <folder>/{train,val or test}/<class>/<image>.  -> {"classes": [folder
+    names], "names": [prompt names], "templates": [...], "train": [(path, label)] (may be empty), "test": [...]};
+    templates.txt (one prompt per line with "{}") else "a photo of a {}."."""
+    test = next((os.path.join(folder, s) for s in ("test", "val") if os.path.isdir(os.path.join(folder, s))), "")
+    if not test:
+        raise DataError(f"{folder}: no test/ or val/ folder of class folders")
+    splits = [d for d in (os.path.join(folder, "train"), test) if os.path.isdir(d)]
+    classes = sorted({c for d in splits for c in os.listdir(d) if os.path.isdir(os.path.join(d, c))})
+    if len(classes) < 2:  # one label space for both splits: a class may lack images in one of them
+        raise DataError(f"{folder}: {len(classes)} class folder(s); a classification set needs at least 2")
+
+    def items(split):
+        return [(os.path.join(split, c, f), k) for k, c in enumerate(classes) if os.path.isdir(os.path.join(split, c))
+                for f in sorted(os.listdir(os.path.join(split, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    templates = ["a photo of a {}."]
+    if os.path.isfile(os.path.join(folder, "templates.txt")):
+        with open(os.path.join(folder, "templates.txt"), encoding="utf-8") as f:
+            templates = [t.strip() for t in f if "{}" in t] or templates
+    out = {"classes": classes, "names": read_class_names(folder, classes), "templates": templates,
+           "train": items(os.path.join(folder, "train")) if len(splits) == 2 else [], "test": items(test)}
+    if not out["test"]:
+        raise DataError(f"{test}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return out
+
+
 # ================================================================================================ Runners
 # reader + scorer + scoring rule
 
@@ -579,21 +673,55 @@ def eval_vlc(sc, root, max_num=0):
     return out
 
 
-BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground", "vlc")
+def eval_classification(sc, root, seed=0):
+    """Every dataset folder under <root>/classification: zero-shot top-1 (top-5 when there are more than 5
+    classes) with each class's prompt embeddings averaged and re-normalised (CLIP's prompt ensembling); with a
+    train/ split also a linear-probe top-1.  Unreadable images leave the set."""
+    folder = os.path.join(root, "classification")
+    sets = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                  if os.path.isdir(os.path.join(folder, d)))
+    if not sets:
+        raise DataError(f"{folder}: no dataset folders (<name>/test/<class>/<image>; data/convert.py cifar)")
+    out = {}
+    for name in sets:
+        data = read_image_folder(os.path.join(folder, name))
+        C, prompts = len(data["classes"]), data["templates"]
+        txt = sc.texts([t.format(c) for c in data["names"] for t in prompts]).reshape(C, len(prompts), -1)
+        cls = torch.nn.functional.normalize(txt.mean(1), dim=-1)  # (C, D)
+
+        def split(items):
+            x, y = sc.images([(p, None) for p, _ in items]), torch.tensor([k for _, k in items])
+            ok = ~torch.isnan(x).any(1)
+            return x[ok], y[ok]
+        x, y = split(data["test"])
+        logits = x @ cls.t()  # (N, C)
+        out[f"{name}_zeroshot_top1"] = classification_accuracy(logits, y)
+        if C > 5:
+            out[f"{name}_zeroshot_top5"] = classification_accuracy(logits, y, 5)
+        if data["train"]:
+            out[f"{name}_probe_top1"], lam = linear_probe(*split(data["train"]), x, y, C, seed)
+            out[f"{name}_probe_log10_lambda"] = round(math.log10(lam), 3)
+        out[f"{name}_n"] = len(y)
+    return out
+
+
+BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground", "vlc", "classification")
 
 
 def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_root="",
                    order_file="", order_image_root="", order_seeds=5, aro_min_pair_count=25,
                    tagger=None, log=print):
     """Run the listed benchmarks with Scorer `sc` -> flat {"bench/metric": value}.  bench_root holds
-    aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts."""
+    aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts and
+    classification/<dataset>/ ImageFolders."""
     runners = {"retrieval": lambda: eval_retrieval(sc, retrieval_file, retrieval_image_root),
                "aro": lambda: eval_aro(sc, bench_root, aro_min_pair_count),
                "order": lambda: eval_order(sc, order_file, order_image_root, order_seeds, tagger),
                "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
                "winoground": lambda: eval_winoground(sc, bench_root),
-               "vlc": lambda: eval_vlc(sc, bench_root)}
+               "vlc": lambda: eval_vlc(sc, bench_root),
+               "classification": lambda: eval_classification(sc, bench_root)}
     res = {}
     for b in names:
         if b not in runners:
@@ -607,9 +735,10 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
 
 
 def format_table(res):
-    lines = [f"{'benchmark':<12} {'metric':<28} {'value':>9}", "-" * 51]
+    wb, wm = (max([w] + [len(k.split("/", 1)[i]) for k in res if "/" in k]) for i, w in ((0, 12), (1, 28)))
+    lines = [f"{'benchmark':<{wb}} {'metric':<{wm}} {'value':>9}", "-" * (wb + wm + 11)]
     for k, v in res.items():
         b, _, m = k.partition("/")
-        lines.append(f"{b:<12} {m:<28} " + (f"{v:>9.4f}" if isinstance(v, float) else f"{v:>9}"))
+        lines.append(f"{b:<{wb}} {m:<{wm}} " + (f"{v:>9.4f}" if isinstance(v, float) else f"{v:>9}"))
     return "\n".join(lines)
 

@@ -17,6 +17,8 @@ This file turns the layouts the papers actually train and evaluate on into those
     vqav2/okvqa   VQA-style questions JSON + annotations JSON, joined on question_id
     gqa           GQA {train,val,testdev}_balanced_questions.json
     mlslt         MLSLT sign-language videos, frames extracted by the ffmpeg command-line tool
+    cifar         CIFAR-10 / CIFAR-100 python batches -> an ImageFolder of PNGs (data/benchmarks.py
+                  classification reads ImageFolders: ImageNet's train/ and val/ already are one)
 
 Examples (run from the repository root):
 
@@ -35,6 +37,7 @@ Examples (run from the repository root):
         --annotations v2_mscoco_val2014_annotations.json --out vqav2_val.jsonl
     python data/convert.py gqa testdev_balanced_questions.json --out gqa_testdev.jsonl
     python data/convert.py mlslt MLSLT/ --split train --frames_dir mlslt_frames --out mlslt_train.jsonl
+    python data/convert.py cifar cifar-100-python/ --out data/benchmarks/classification/cifar100
 
 Every converter is also a function returning the records (`convert_coco`, `convert_karpathy`, ...);
 skipped records are counted by reason in a `Report`.  Bad input (missing file, missing or wrong-typed
@@ -1021,6 +1024,101 @@ def convert_mlslt(root, split, frames_dir, lang="en", sign_langs=("en",), fps=5.
 # Images and output
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# CIFAR: python batches (pickled dicts) -> ImageFolder
+# ---------------------------------------------------------------------------------------------------
+def _load_cifar_batch(path):
+    """One pickled CIFAR batch -> dict with str keys.  A pickle can run code when it is loaded, so only what the
+    batches hold is unpickled (dicts, lists, bytes, numpy arrays); any other global (os.system, ...) is refused."""
+    import codecs
+    import pickle
+
+    import numpy as np
+    rebuild = np.ndarray((0,)).__reduce__()[0]  # numpy's own array rebuilder, whatever module holds it
+    allowed = {("numpy.core.multiarray", "_reconstruct"): rebuild, ("numpy._core.multiarray", "_reconstruct"): rebuild,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): codecs.encode}  # how Python 3's protocol-2 pickles store bytes
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise ConversionError(f"{path}: refuses to unpickle {module}.{name} (not in a CIFAR batch)")
+            return allowed[(module, name)]
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        try:
+            d = Unpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise ConversionError(f"{path}: not a CIFAR batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ConversionError(f"{path}: not a CIFAR batch (a {type(d).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+CIFAR_LAYOUTS = {  # the folders the published tarballs unpack to: (train batches, test batch, meta)
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"),
+    "cifar100": (["train"], "test", "meta"),
+}
+
+
+def convert_cifar(src, out, label="fine", report=None):
+    """cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or cifar-100-python/ (train, test, meta;
+    label fine (100 classes) or coarse (20)) -> <out>/{train,test}/<label name>/<n>.png, n the image's index in
+    its split.  Each batch row holds 3072 bytes: the red, green and blue 32x32 planes, row-major.  The folder is
+    written aside and renamed into place.  -> {split: images}."""
+    import numpy as np
+    from PIL import Image
+    report = report if report is not None else Report()
+    kind = "cifar10" if os.path.isfile(os.path.join(src, "batches.meta")) else "cifar100"
+    train_files, test_file, meta_file = CIFAR_LAYOUTS[kind]
+    if not os.path.isfile(os.path.join(src, meta_file)):
+        raise ConversionError(f"{src}: neither batches.meta (CIFAR-10) nor meta (CIFAR-100): not a CIFAR folder")
+    field = "label" if kind == "cifar10" else f"{label}_label"  # CIFAR-100: fine_labels or coarse_labels
+    meta = _load_cifar_batch(os.path.join(src, meta_file))
+    names = meta.get(f"{field}_names")
+    if not isinstance(names, list) or not names:
+        raise ConversionError(f"{os.path.join(src, meta_file)}: missing list field '{field}_names'")
+    names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    if os.path.exists(out):
+        raise ConversionError(f"{out}: already exists; remove it or choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp, counts = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out) + ".", suffix=".tmp"), {}
+    try:
+        for split, files in (("train", train_files), ("test", [test_file])):
+            for name in names:  # every class in both splits, with or without images
+                os.makedirs(os.path.join(tmp, split, name))
+            n = 0
+            for fn in files:
+                path = os.path.join(src, fn)
+                d = _load_cifar_batch(path)
+                labels = d.get(f"{field}s")
+                data = d.get("data")
+                if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072:
+                    raise ConversionError(f"{path}: field 'data' is not an (N, 3072) uint8 array")
+                if not isinstance(labels, list) or len(labels) != len(data):
+                    raise ConversionError(f"{path}: field '{field}s' is not a list of {len(data)} labels")
+                pixels = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, RGB)
+                for x, y in zip(pixels, labels):
+                    if not isinstance(y, (int, np.integer)) or not 0 <= y < len(names):
+                        report.skip(f"label outside 0..{len(names) - 1}", f"{fn}[{n}]")
+                    else:
+                        Image.fromarray(x).save(os.path.join(tmp, split, names[y], f"{n:05d}.png"))
+                    n += 1
+            counts[split] = n
+        for dirpath, dirnames, filenames in os.walk(tmp):  # mkdtemp makes the folder private; this is data
+            os.chmod(dirpath, 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.note(f"{kind}: {len(names)} classes, labels from '{field}s'")
+    return counts
+
+
 def check_images(records, image_root, report=None):
     """Keep the records whose image opens (common.image.load_image); count the rest by reason."""
     from common.image import load_image
@@ -1164,6 +1262,12 @@ def build_parser():
     sp.add_argument("--image_prefix", default="", help="prefix for frame paths (relative to --frames_dir)")
     sp.add_argument("--ffmpeg", default="ffmpeg", help="the ffmpeg executable (default: found on PATH)")
     sp.add_argument("--jobs", type=int, default=1, help="ffmpeg processes at once")
+
+    sp = sub.add_parser("cifar", help="CIFAR-10/100 python batches -> ImageFolder of PNGs (classification)",
+                        description="CIFAR-10/100 python batches -> <out>/{train,test}/<class>/<n>.png")
+    sp.add_argument("src", help="cifar-10-batches-py/ or cifar-100-python/ (the published tarballs' folders)")
+    sp.add_argument("--out", required=True, help="output folder (must not exist)")
+    sp.add_argument("--label", default="fine", choices=("fine", "coarse"), help="CIFAR-100: 100 or 20 classes")
     return p
 
 
@@ -1205,6 +1309,16 @@ def _convert(args, report):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.kind == "cifar":  # a folder of images, not records
+        report = Report()
+        try:
+            counts = convert_cifar(args.src, args.out, args.label, report)
+        except ConversionError as e:
+            print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+            return 1
+        print(*report.lines(), f"wrote {counts['train']} train and {counts['test']} test images to {args.out}",
+              sep="\n")
+        return 0
     if args.kind == "karpathy" and args.merge_restval and args.split != "train":
         parser.error("--merge_restval only applies to --split train")
     if args.kind == "flickr30k_csv" and (args.karpathy is None) != (args.split is None):

@@ -823,7 +823,7 @@ def write_report(cfg, rows, before, after, results):
         rep.section("Captions against their hard negatives (cosine similarity)", grid(cards))
         for b in benchmarks:  # scores: not counts, spreads, ranks, CREPE's per-complexity rows or
             keys = [k for k in results if re.fullmatch(  # ARO's per-relation / pair ("aro/x/y")
-                rf"{b}/(?![^/]*/)(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank)$).*", k)]
+                rf"{b}/(?![^/]*/)(?!n$)(?!.*_c\d)(?!.*(_n|_std|_groups|coverage|_rank|_lambda)$).*", k)]
             old = [prev.get(k, math.nan) for k in keys]
             bars = {"before": old} if set(keys) & set(prev) else {}
             if keys:

@@ -4,8 +4,7 @@ Scenes are 64 px RGB images of 1-3 coloured shapes (6 shapes, 7 colours, small/l
 of objects stands in exactly one clear relation: left of / right of / above / below).  From the same scenes the
 builder writes every task file the five methods read, in the canonical formats (pairs, VQA, video) or in the
 *native published layouts* (SugarCREPE, ARO, CREPE, SVO-Probes, Winoground, VL-CheckList, BLIP's Karpathy json,
-Image-Chat),
-and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT, T5) on the toy text and images, so a frozen
+Image-Chat, ImageFolder classification sets), and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT, T5) on the toy text and images, so a frozen
 backbone carries real signal just as a real checkpoint does.
 
     python data/toy.py --out data/toy                 # full world  (~2000/250/250 scenes; <= ~3 min on 2 cores)
@@ -71,9 +70,9 @@ PERSONALITIES = {
 }
 
 SIZES_FULL = dict(train=2000, val=250, test=250, corpus_scenes=4000, videos=(240, 30, 30), bench=300,
-                  crepe_per_bin=40, winoground=200)
+                  crepe_per_bin=40, winoground=200, classify=(50, 50))
 SIZES_TINY = dict(train=300, val=50, test=50, corpus_scenes=600, videos=(40, 10, 10), bench=60,
-                  crepe_per_bin=8, winoground=30)
+                  crepe_per_bin=8, winoground=30, classify=(20, 10))
 
 
 def _rng(seed, name):
@@ -660,6 +659,48 @@ def add_vlc(root, log=print):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Classification (zero-shot and linear probe, as NegCLIP's Table 6 checks what hard negatives cost elsewhere):
+# one object per image, labelled by its shape or by its colour; templates.txt holds the zero-shot prompts.
+CLASSIFY = {"toy_shapes": ("shape", SHAPES, "a photo of a {}."),
+            "toy_colours": ("colour", tuple(COLOURS), "a photo of a {} object.")}
+
+
+def write_classification(out, per_class, seed):
+    """<out>/classification/<dataset>/{train,test}/<class>/<n>.jpg (the ImageFolder layout ImageNet's train and val
+    folders have) and templates.txt.  Its own random streams: no other file, vocabulary or backbone changes.
+    Returns {file: images} for the manifest."""
+    rng, nprng, counts = _rng(seed, "classification"), _nprng(seed, "classification"), {}
+    for name, (attr, classes, template) in CLASSIFY.items():
+        root = os.path.join(out, "classification", name)
+        for split, n in zip(("train", "test"), per_class):
+            for c in classes:
+                for k in range(n):
+                    o = dict(sample_objects(rng, n=1)[0], **{attr: c})
+                    _save_jpg(render([o], nprng), os.path.join(root, split, c, f"{k:05d}.jpg"))
+            counts[f"classification_{name}_{split}"] = n * len(classes)
+        with open(os.path.join(root, "templates.txt"), "w", encoding="utf-8") as f:
+            f.write(template + "\n")
+    return counts
+
+
+def add_classification(root, log=print):
+    """Give a world built before the classification sets joined its files (the same bytes as a fresh build);
+    written aside and renamed into place, so a concurrent reader never sees half of it."""
+    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+        man = json.load(f)
+    tmp = os.path.join(root, f".classification-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_classification(tmp, (SIZES_TINY if man["tiny"] else SIZES_FULL)["classify"], man["seed"])
+    try:
+        os.rename(os.path.join(tmp, "classification"), os.path.join(root, "classification"))
+        log(f"added the classification sets to {root}")
+    except OSError:  # another process added them first
+        if not os.path.isdir(os.path.join(root, "classification")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def imagechat_dialog(objs, rng):
     """3 turns [[style, utterance]]: speaker A comments on an object (turn 1), B answers about another object and
     its relation to the first (turn 2, needs the image), A follows up with the count or the third object (turn 3)."""
@@ -990,6 +1031,7 @@ def build_data(out, tiny=False, seed=0, log=print):
 
     # --- VL-CheckList: corpus YAML -> JSON [image, {POS, NEG}] per sub-category, images under vg/ --------------
     counts.update(write_vlc(out, test, images.__getitem__, bench, seed))
+    counts.update(write_classification(out, cfg["classify"], seed))  # single-object scenes, own stream
 
     # --- BLIP layout Karpathy test file (ARO COCO-Order reads it and perturbs captions at run time) ---------------
     os.makedirs(os.path.join(out, "blip"), exist_ok=True)
@@ -1036,7 +1078,8 @@ def build_data(out, tiny=False, seed=0, log=print):
         "image_roots": {  # where each file's image paths are relative to (relative to the world root)
             "pairs/vqa/video/scenes/blip": ".", "sugarcrepe": "sugarcrepe/val2017", "aro": "aro/images",
             "crepe": "crepe/VG_100K", "svo_probes": "svo_probes/images", "winoground": "winoground/images",
-            "image_chat": "image_chat/images", "vl_checklist": "vl_checklist (IMG_ROOT of each corpus YAML)"},
+            "image_chat": "image_chat/images", "vl_checklist": "vl_checklist (IMG_ROOT of each corpus YAML)",
+            "classification": "classification/<dataset>/{train,test}/<class>"},
         "notes": {"image_chat": "candidates['1000'] repeats the 100 candidates (files kept small)",
                   "sugarcrepe": "swap_obj.json skips key '108' as upstream does",
                   "bbox": "ARO/CREPE boxes cover the whole 64 px image",
@@ -1761,8 +1804,11 @@ def ensure_toy_world(root="data/toy", tiny=False, seed=0, models=MODEL_NAMES, lo
             # a concurrent builder renamed its world into place between our check and our rename: accept theirs
             if not os.path.isfile(os.path.join(root, "manifest.json")):
                 raise
-    elif not os.path.isdir(os.path.join(root, "vl_checklist")):
-        add_vlc(root, log)
+    else:
+        if not os.path.isdir(os.path.join(root, "vl_checklist")):
+            add_vlc(root, log)
+        if not os.path.isdir(os.path.join(root, "classification")):
+            add_classification(root, log)
     missing = [n for n in with_deps(models) if not model_ready(root, n)]
     if missing:
         _repo_on_path()

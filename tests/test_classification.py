@@ -1,0 +1,225 @@
+"""Classification as NegCLIP's Table 6 checks it (zero-shot and linear probe): the CIFAR converter on batches written
+in the published layout, the ImageFolder reader, the scoring rules, and the toy world's classification sets."""
+import hashlib
+import json
+import os
+import pickle
+import stat
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.benchmarks as B
+from data import convert as C
+from data import toy
+
+
+# ------------------------------------------------------------------------------------------- CIFAR batches -> folders
+def _batch(path, rows, labels, key="labels", extra=None):
+    """A batch as the published python version holds it: a dict with bytes keys, 'data' an (N, 3072) uint8 array of
+    the red, green and blue 32x32 planes, pickled with protocol 2 (reconstructed here: the files are 160 MB)."""
+    d = {b"batch_label": b"toy batch", key.encode(): labels, b"data": np.asarray(rows, dtype=np.uint8),
+         b"filenames": [f"img_{i}.png".encode() for i in range(len(rows))], **(extra or {})}
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+def _row(r, g, b):  # one image: constant planes, except a bright pixel at (row 1, col 2) in the red plane
+    red = np.full((32, 32), r, np.uint8)
+    red[1, 2] = 255
+    return np.concatenate([red.ravel(), np.full(1024, g, np.uint8), np.full(1024, b, np.uint8)])
+
+
+def _cifar10(src):
+    os.makedirs(src)
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane", b"automobile", b"bird"], b"num_vis": 3072}, f, protocol=2)
+    for i in range(1, 6):
+        _batch(src / f"data_batch_{i}", [_row(10 * i, 1, 2), _row(10 * i, 3, 4)], [i % 3, (i + 1) % 3])
+    _batch(src / "test_batch", [_row(7, 8, 9), _row(5, 6, 7), _row(1, 1, 1)], [2, 0, 1])
+
+
+def test_cifar10_batches_become_an_image_folder(tmp_path):
+    _cifar10(tmp_path / "cifar-10-batches-py")
+    out = tmp_path / "out" / "cifar10"
+    assert C.main(["cifar", str(tmp_path / "cifar-10-batches-py"), "--out", str(out)]) == 0
+    assert sorted(os.listdir(out / "test")) == ["airplane", "automobile", "bird"]
+    assert sum(len(os.listdir(out / "train" / c)) for c in os.listdir(out / "train")) == 10
+    img = np.asarray(Image.open(out / "test" / "bird" / "00000.png"))  # test row 0: label 2, planes 7, 8, 9
+    assert img.shape == (32, 32, 3) and tuple(img[0, 0]) == (7, 8, 9) and tuple(img[1, 2]) == (255, 8, 9)
+    assert tuple(np.asarray(Image.open(out / "train" / "automobile" / "00000.png"))[5, 5]) == (10, 1, 2)
+    assert stat.S_IMODE(os.stat(out / "test" / "bird" / "00000.png").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(out / "test").st_mode) == 0o755
+    d = B.read_image_folder(str(out))
+    assert d["names"] == ["airplane", "automobile", "bird"] and len(d["train"]) == 10 and len(d["test"]) == 3
+    assert C.main(["cifar", str(tmp_path / "cifar-10-batches-py"), "--out", str(out)]) == 1  # never overwrites
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
+
+
+def test_cifar100_fine_and_coarse_labels(tmp_path):
+    src = tmp_path / "cifar-100-python"
+    os.makedirs(src)
+    with open(src / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [b"apple", b"aquarium_fish", b"maple_tree"],
+                     b"coarse_label_names": [b"fruit_and_vegetables", b"fish"]}, f, protocol=2)
+    for name, n in (("train", 4), ("test", 2)):
+        _batch(src / name, [_row(k, k, k) for k in range(n)], [k % 3 for k in range(n)], key="fine_labels",
+               extra={b"coarse_labels": [k % 2 for k in range(n)]})
+    fine = C.convert_cifar(str(src), str(tmp_path / "fine"))
+    coarse = C.convert_cifar(str(src), str(tmp_path / "coarse"), label="coarse")
+    assert fine == coarse == {"train": 4, "test": 2}
+    assert sorted(os.listdir(tmp_path / "fine" / "train")) == ["apple", "aquarium_fish", "maple_tree"]
+    assert sorted(os.listdir(tmp_path / "coarse" / "train")) == ["fish", "fruit_and_vegetables"]
+    assert sorted(os.listdir(tmp_path / "fine" / "train" / "apple")) == ["00000.png", "00003.png"]
+    # zero-shot prompts read "_" as a space
+    assert B.read_image_folder(str(tmp_path / "fine"))["names"] == ["apple", "aquarium fish", "maple tree"]
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path, monkeypatch):
+    _cifar10(tmp_path / "c")
+    with open(tmp_path / "c" / "test_batch", "wb") as f:
+        pickle.dump({b"data": _Boom()}, f, protocol=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(C.ConversionError, match=r"test_batch: refuses to unpickle (posix|nt)\.system"):
+        C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+    (tmp_path / "c" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(C.ConversionError, match="test_batch: not a CIFAR batch"):
+        C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
+    os.remove(tmp_path / "c" / "batches.meta")
+    with pytest.raises(C.ConversionError, match="not a CIFAR folder"):
+        C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------ ImageFolder reader
+def _folder(root, classes, per, split="val", colour=None):
+    for k, c in enumerate(classes):
+        os.makedirs(root / split / c, exist_ok=True)
+        for i in range(per):
+            Image.new("RGB", (8, 8), colour(k, i) if colour else (k, k, k)).save(root / split / c / f"{i}.png")
+
+
+def test_image_folder_reader_names_templates_and_errors(tmp_path):
+    root = tmp_path / "imagenet"
+    _folder(root, ["n01440764", "n01443537"], 2)
+    (root / "val" / "n01440764" / "notes.txt").write_text("not an image")
+    (root / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius\n")
+    d = B.read_image_folder(str(root))
+    assert d["names"] == ["tench", "goldfish"] and d["templates"] == ["a photo of a {}."] and d["train"] == []
+    assert [k for _, k in d["test"]] == [0, 0, 1, 1] and all(p.endswith(".png") for p, _ in d["test"])
+    (root / "templates.txt").write_text("a photo of a {}.\nignored line\na drawing of a {}.\n")
+    assert B.read_image_folder(str(root))["templates"] == ["a photo of a {}.", "a drawing of a {}."]
+    _folder(root, ["n01440764", "n09999999"], 1, split="train")  # a class without test images: one label space
+    d = B.read_image_folder(str(root))
+    assert d["classes"] == ["n01440764", "n01443537", "n09999999"] and d["names"][2] == "n09999999"
+    assert [k for _, k in d["train"]] == [0, 2] and [k for _, k in d["test"]] == [0, 0, 1, 1]
+    with pytest.raises(B.DataError, match="no test/ or val/ folder"):
+        B.read_image_folder(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------- scoring rules
+def test_top_k_accuracy_counts_ties_as_wrong():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 1, 2])
+    assert B.classification_accuracy(logits, labels) == pytest.approx(1 / 3)  # row 1: a tie with class 0
+    assert B.classification_accuracy(logits, labels, 2) == 1  # a tie of two fits in the top 2
+    assert B.classification_accuracy(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]), 2) == 0  # a tie of three does not
+
+
+def test_linear_probe_separates_blobs_and_stays_at_chance_on_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    y = torch.arange(400) % 4
+    x = centres[y] + torch.randn(400, 16, generator=g)
+    acc, lam = B.linear_probe(x[:300], y[:300], x[300:], y[300:], 4)
+    assert acc > 0.9 and lam in B.PROBE_LAMBDAS
+    shuffled = y[torch.randperm(400, generator=g)]  # labels that carry nothing: held-out accuracy near 1/4
+    acc, _ = B.linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], 4)
+    assert acc < 0.45
+    w, b = B.fit_linear_probe(x, y, 4, 1e-3)  # converged: the gradient of the regularised loss vanishes
+    w.requires_grad_(True), b.requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5e-3 * (w * w).sum()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-3
+
+
+def _colour_scorer():
+    """Images embed as their mean colour's one-hot (red, green, blue); texts as the one-hot of the colour word."""
+    words = ["red", "green", "blue"]
+
+    def images(ims):
+        return torch.nn.functional.one_hot(torch.tensor([int(np.asarray(im).reshape(-1, 3).mean(0).argmax())
+                                                         for im in ims]), 3).float()
+
+    def texts(ts):
+        return torch.stack([torch.eye(3)[[k for k, w in enumerate(words) if w in t.strip(".").split()]].sum(0)
+                            for t in ts])
+    return B.Scorer(images, texts)
+
+
+def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
+    root = tmp_path / "classification" / "colours"
+    rgb = lambda k, i: tuple(200 if j == k else 10 * i for j in range(3))  # noqa: E731
+    for split, per in (("train", 6), ("test", 3)):
+        _folder(root, ["blue_ish", "green_ish", "red_ish"], per, split=split,
+                colour=lambda k, i: rgb([2, 1, 0][k], i))  # folder order blue, green, red
+    (root / "classnames.txt").write_text("blue_ish blue\ngreen_ish green\nred_ish red\n")
+    r = B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path), log=lambda *a: None)
+    assert r["classification/colours_zeroshot_top1"] == 1 and r["classification/colours_probe_top1"] == 1
+    assert r["classification/colours_n"] == 9 and "classification/colours_zeroshot_top5" not in r
+    (root / "classnames.txt").write_text("blue_ish green\ngreen_ish red\nred_ish blue\n")  # names shifted: all wrong
+    assert B.eval_classification(_colour_scorer(), str(tmp_path))["colours_zeroshot_top1"] == 0
+    with pytest.raises(B.DataError, match="no dataset folders"):
+        B.eval_classification(_colour_scorer(), str(tmp_path / "classification"))
+
+
+# -------------------------------------------------------------------------------------------------------- toy world
+def test_toy_classification_sets(toy_root):
+    tiny = json.load(open(os.path.join(toy_root, "manifest.json")))["tiny"]
+    per_train, per_test = (toy.SIZES_TINY if tiny else toy.SIZES_FULL)["classify"]
+    vocab = set(open(os.path.join(toy_root, "models_vocab.txt")).read().split())
+    for name, (attr, classes, _) in toy.CLASSIFY.items():
+        d = B.read_image_folder(os.path.join(toy_root, "classification", name))
+        assert d["classes"] == sorted(classes) and len(d["train"]) == per_train * len(classes)
+        assert len(d["test"]) == per_test * len(classes)
+        assert all(set(t.format(c).rstrip(".").split()) <= vocab for t in d["templates"] for c in d["names"])
+    # a colour set's image is mostly its class's colour: count the pixels nearest each palette colour
+    d = B.read_image_folder(os.path.join(toy_root, "classification", "toy_colours"))
+    palette = np.array([toy.COLOURS[c] for c in d["classes"]] + [toy.BACKGROUND], dtype=float)
+    for path, k in d["test"][::7]:
+        px = np.asarray(Image.open(path), dtype=float).reshape(-1, 3)
+        near = np.abs(px[:, None] - palette[None]).sum(-1).argmin(1)
+        assert np.bincount(near[near < len(d["classes"])], minlength=len(d["classes"])).argmax() == k, path
+
+
+def _hashes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.md5(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_classification_sets_draw_their_own_stream_and_join_older_worlds(tmp_path, monkeypatch):
+    """Without the classification writer every other file is byte-identical; a world built without it gets the
+    same bytes from ensure_toy_world."""
+    quiet = lambda *a: None  # noqa: E731
+    toy.build_toy_world(str(tmp_path / "a"), tiny=True, seed=3, models=False, log=quiet)
+    with monkeypatch.context() as m:
+        m.setattr(toy, "write_classification", lambda *a, **k: {})
+        toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=3, models=False, log=quiet)
+    full, without = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
+    new = {k for k in full if k.startswith("classification" + os.sep)}
+    assert len(new) > 300 and {k: v for k, v in full.items() if k not in new and k != "manifest.json"} == \
+        {k: v for k, v in without.items() if k != "manifest.json"}
+    toy.ensure_toy_world(str(tmp_path / "b"), tiny=True, models=[], log=quiet)
+    assert {k: v for k, v in _hashes(str(tmp_path / "b")).items() if k in new} == {k: full[k] for k in new}
+    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(".classification-")]
