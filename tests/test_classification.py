@@ -174,6 +174,10 @@ def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
     r = B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path), log=lambda *a: None)
     assert r["classification/colours_zeroshot_top1"] == 1 and r["classification/colours_probe_top1"] == 1
     assert r["classification/colours_n"] == 9 and "classification/colours_zeroshot_top5" not in r
+    (root / "test" / "red_ish" / "0.png").write_bytes(b"not a png")  # unreadable: leaves the set, counted once
+    sc, lines = _colour_scorer(), []
+    r = B.run_benchmarks(sc, ["classification"], str(tmp_path), log=lines.append)
+    assert r["classification/colours_n"] == 8 and r["unreadable_images"] == 1 and "1 of 27" in lines[-1]
     (root / "classnames.txt").write_text("blue_ish green\ngreen_ish red\nred_ish blue\n")  # names shifted: all wrong
     assert B.eval_classification(_colour_scorer(), str(tmp_path))["colours_zeroshot_top1"] == 0
     with pytest.raises(B.DataError, match="no dataset folders"):
