@@ -234,9 +234,6 @@ def score_vlc(per_file):
     return out
 
 
-# ================================================================================================ Readers
-# the published layouts, read by field name
-
 def classification_accuracy(logits, labels, k=1):
     """Top-k accuracy: right when at most k classes (the true one included) score >= the true class, so a
     tie with it counts as wrong, as everywhere here."""
@@ -245,7 +242,7 @@ def classification_accuracy(logits, labels, k=1):
 
 
 def fit_linear_probe(x, y, num_classes, lam, iters=1000):
-    """Multinomial logistic regression, mean cross-entropy + lam/2 * |W|^2 (bias free), full-batch L-BFGS from
+    """Multinomial logistic regression, mean cross-entropy + lam/2 * |W|^2 (the bias unpenalised), full-batch L-BFGS from
     zero for up to 1000 iterations (CLIP's probe: scikit-learn's L-BFGS, max_iter 1000); the loss is convex.
     -> (W (D, C), b (C,))."""
     w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -279,6 +276,9 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, lambdas=
     w, b = fit_linear_probe(x_train, y_train, num_classes, lam)
     return classification_accuracy(x_test @ w + b, y_test), lam
 
+
+# ================================================================================================ Readers
+# the published layouts, read by field name
 
 SUGARCREPE = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
               "add_att")

@@ -1080,6 +1080,10 @@ def convert_cifar(src, out, label="fine", report=None):
     if not isinstance(names, list) or not names:
         raise ConversionError(f"{os.path.join(src, meta_file)}: missing list field '{field}_names'")
     names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    bad = [n for n in names if not n.strip() or n in (".", "..") or "/" in n or "\\" in n]
+    if bad or len(set(names)) != len(names):  # each name becomes a folder: never a path out of --out
+        raise ConversionError(f"{os.path.join(src, meta_file)}: '{field}_names' holds unusable or repeated folder "
+                              f"names, e.g. {(bad or names)[:1]}")
     if os.path.exists(out):
         raise ConversionError(f"{out}: already exists; remove it or choose another --out")
     parent = os.path.dirname(os.path.abspath(out))

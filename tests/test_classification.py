@@ -93,6 +93,10 @@ def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path, monkeypatch):
     (tmp_path / "c" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(C.ConversionError, match="test_batch: not a CIFAR batch"):
         C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
+    with open(tmp_path / "c" / "batches.meta", "wb") as f:  # a label name that climbs out of --out
+        pickle.dump({b"label_names": [b"airplane", b"../escape", b"bird"]}, f, protocol=2)
+    with pytest.raises(C.ConversionError, match=r"batches.meta: 'label_names' holds unusable"):
+        C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
     os.remove(tmp_path / "c" / "batches.meta")
     with pytest.raises(C.ConversionError, match="not a CIFAR folder"):
         C.convert_cifar(str(tmp_path / "c"), str(tmp_path / "out"))
