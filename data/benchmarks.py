@@ -676,13 +676,16 @@ def eval_vlc(sc, root, max_num=0):
     return out
 
 
-def eval_classification(sc, root, seed=0):
+def eval_classification(sc, root, seed=0, log=print):
     """Every dataset folder under <root>/classification: zero-shot top-1 (top-5 when there are more than 5
     classes) with each class's prompt embeddings averaged and re-normalised (CLIP's prompt ensembling); with a
-    train/ split also a linear-probe top-1.  Unreadable images leave the set."""
+    train/ split also a linear-probe top-1.  Unreadable images leave the set.  The datasets are the user's
+    choice (CIFAR, ImageNet, ...): without the folder this benchmark says so and scores nothing."""
     folder = os.path.join(root, "classification")
-    sets = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
-                  if os.path.isdir(os.path.join(folder, d)))
+    if not os.path.isdir(folder):
+        log(f"classification: no {folder} (ImageFolder datasets; data/convert.py cifar), skipped")
+        return {}
+    sets = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not sets:
         raise DataError(f"{folder}: no dataset folders (<name>/test/<class>/<image>; data/convert.py cifar)")
     out = {}
@@ -724,7 +727,7 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
                "winoground": lambda: eval_winoground(sc, bench_root),
                "vlc": lambda: eval_vlc(sc, bench_root),
-               "classification": lambda: eval_classification(sc, bench_root)}
+               "classification": lambda: eval_classification(sc, bench_root, log=log)}
     res = {}
     for b in names:
         if b not in runners:

@@ -184,8 +184,13 @@ def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
     assert r["classification/colours_n"] == 8 and r["unreadable_images"] == 1 and "1 of 27" in lines[-1]
     (root / "classnames.txt").write_text("blue_ish green\ngreen_ish red\nred_ish blue\n")  # names shifted: all wrong
     assert B.eval_classification(_colour_scorer(), str(tmp_path))["colours_zeroshot_top1"] == 0
+    os.makedirs(tmp_path / "empty" / "classification")
     with pytest.raises(B.DataError, match="no dataset folders"):
-        B.eval_classification(_colour_scorer(), str(tmp_path / "classification"))
+        B.eval_classification(_colour_scorer(), str(tmp_path / "empty"))
+    # no classification/ at all: the other benchmarks of a bench_root made before it existed still run
+    lines = []
+    assert B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path / "colours"), log=lines.append) == {}
+    assert lines[0].startswith("classification: no ") and lines[0].endswith("skipped")
 
 
 # -------------------------------------------------------------------------------------------------------- toy world
