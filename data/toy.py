@@ -638,25 +638,32 @@ def write_vlc(out, test_scenes, image_of, per_file, seed):
     return counts
 
 
-def add_vlc(root, log=print):
-    """Give a world built before VL-CheckList joined its files, from its own scenes and images (the same bytes as a
-    fresh build); written aside and renamed into place, so a concurrent reader never sees half of it."""
+def _join_world(root, name, write, log):
+    """Give a world built before <root>/<name> joined its files, with the same bytes as a fresh build: `write(tmp,
+    manifest)` writes <tmp>/<name> aside, and it is renamed into place, so a concurrent reader never sees half."""
     with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
         man = json.load(f)
-    with open(os.path.join(root, "scenes.jsonl"), encoding="utf-8") as f:
-        test = [s for s in map(json.loads, f) if s["split"] == "test"]
-    tmp = os.path.join(root, f".vlc-{os.getpid()}")
+    tmp = os.path.join(root, f".{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_vlc(tmp, test, lambda sid: Image.open(os.path.join(root, "images", f"{sid}.png")).convert("RGB"),
-              (SIZES_TINY if man["tiny"] else SIZES_FULL)["bench"], man["seed"])
+    write(tmp, man)
     try:
-        os.rename(os.path.join(tmp, "vl_checklist"), os.path.join(root, "vl_checklist"))
-        log(f"added VL-CheckList files to {root}")
+        os.rename(os.path.join(tmp, name), os.path.join(root, name))
+        log(f"added {name}/ to {root}")
     except OSError:  # another process added them first
-        if not os.path.isdir(os.path.join(root, "vl_checklist")):
+        if not os.path.isdir(os.path.join(root, name)):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_vlc(root, log=print):
+    """VL-CheckList's files for an older world, from its own test scenes and images."""
+    def write(tmp, man):
+        with open(os.path.join(root, "scenes.jsonl"), encoding="utf-8") as f:
+            test = [s for s in map(json.loads, f) if s["split"] == "test"]
+        write_vlc(tmp, test, lambda sid: Image.open(os.path.join(root, "images", f"{sid}.png")).convert("RGB"),
+                  (SIZES_TINY if man["tiny"] else SIZES_FULL)["bench"], man["seed"])
+    _join_world(root, "vl_checklist", write, log)
 
 
 # Classification (zero-shot and linear probe, as NegCLIP's Table 6 checks what hard negatives cost elsewhere):
@@ -684,21 +691,9 @@ def write_classification(out, per_class, seed):
 
 
 def add_classification(root, log=print):
-    """Give a world built before the classification sets joined its files (the same bytes as a fresh build);
-    written aside and renamed into place, so a concurrent reader never sees half of it."""
-    with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
-        man = json.load(f)
-    tmp = os.path.join(root, f".classification-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_classification(tmp, (SIZES_TINY if man["tiny"] else SIZES_FULL)["classify"], man["seed"])
-    try:
-        os.rename(os.path.join(tmp, "classification"), os.path.join(root, "classification"))
-        log(f"added the classification sets to {root}")
-    except OSError:  # another process added them first
-        if not os.path.isdir(os.path.join(root, "classification")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """The classification sets for an older world."""
+    _join_world(root, "classification", lambda tmp, man: write_classification(
+        tmp, (SIZES_TINY if man["tiny"] else SIZES_FULL)["classify"], man["seed"]), log)
 
 
 def imagechat_dialog(objs, rng):

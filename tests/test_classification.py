@@ -1,7 +1,5 @@
 """Classification as NegCLIP's Table 6 checks it (zero-shot and linear probe): the CIFAR converter on batches written
-in the published layout, the ImageFolder reader, the scoring rules, and the toy world's classification sets."""
-import hashlib
-import json
+in the published layout, the ImageFolder reader and the scoring rules (the toy world's sets: test_toy.py)."""
 import os
 import pickle
 import stat
@@ -13,7 +11,6 @@ from PIL import Image
 
 import data.benchmarks as B
 from data import convert as C
-from data import toy
 
 
 # ------------------------------------------------------------------------------------------- CIFAR batches -> folders
@@ -191,48 +188,3 @@ def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
     lines = []
     assert B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path / "colours"), log=lines.append) == {}
     assert lines[0].startswith("classification: no ") and lines[0].endswith("skipped")
-
-
-# -------------------------------------------------------------------------------------------------------- toy world
-def test_toy_classification_sets(toy_root):
-    tiny = json.load(open(os.path.join(toy_root, "manifest.json")))["tiny"]
-    per_train, per_test = (toy.SIZES_TINY if tiny else toy.SIZES_FULL)["classify"]
-    vocab = set(open(os.path.join(toy_root, "models_vocab.txt")).read().split())
-    for name, (attr, classes, _) in toy.CLASSIFY.items():
-        d = B.read_image_folder(os.path.join(toy_root, "classification", name))
-        assert d["classes"] == sorted(classes) and len(d["train"]) == per_train * len(classes)
-        assert len(d["test"]) == per_test * len(classes)
-        assert all(set(t.format(c).rstrip(".").split()) <= vocab for t in d["templates"] for c in d["names"])
-    # a colour set's image is mostly its class's colour: count the pixels nearest each palette colour
-    d = B.read_image_folder(os.path.join(toy_root, "classification", "toy_colours"))
-    palette = np.array([toy.COLOURS[c] for c in d["classes"]] + [toy.BACKGROUND], dtype=float)
-    for path, k in d["test"][::7]:
-        px = np.asarray(Image.open(path), dtype=float).reshape(-1, 3)
-        near = np.abs(px[:, None] - palette[None]).sum(-1).argmin(1)
-        assert np.bincount(near[near < len(d["classes"])], minlength=len(d["classes"])).argmax() == k, path
-
-
-def _hashes(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.md5(open(p, "rb").read()).hexdigest()
-    return out
-
-
-def test_classification_sets_draw_their_own_stream_and_join_older_worlds(tmp_path, monkeypatch):
-    """Without the classification writer every other file is byte-identical; a world built without it gets the
-    same bytes from ensure_toy_world."""
-    quiet = lambda *a: None  # noqa: E731
-    toy.build_toy_world(str(tmp_path / "a"), tiny=True, seed=3, models=False, log=quiet)
-    with monkeypatch.context() as m:
-        m.setattr(toy, "write_classification", lambda *a, **k: {})
-        toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=3, models=False, log=quiet)
-    full, without = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
-    new = {k for k in full if k.startswith("classification" + os.sep)}
-    assert len(new) > 300 and {k: v for k, v in full.items() if k not in new and k != "manifest.json"} == \
-        {k: v for k, v in without.items() if k != "manifest.json"}
-    toy.ensure_toy_world(str(tmp_path / "b"), tiny=True, models=[], log=quiet)
-    assert {k: v for k, v in _hashes(str(tmp_path / "b")).items() if k in new} == {k: full[k] for k in new}
-    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(".classification-")]

@@ -8,9 +8,12 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data.benchmarks as B
 from common.data import read_pairs, read_video, read_vqa
 from common.image import ImageTransform, load_image
 from data import toy
@@ -251,22 +254,42 @@ def test_vl_checklist_layout_and_negatives_false(toy_root):
         assert f.read() == 'ANNO_PATH: "data/Relation/vg/spatial.json"\nIMG_ROOT: "vg/"\nTYPE: "TUPLE_JSON"'
 
 
-def test_vl_checklist_draws_its_own_stream_and_joins_older_worlds(tmp_path, monkeypatch):
-    """Without the VL-CheckList writer every other file (and the vocabulary the backbones are built from) is
+@pytest.mark.parametrize("writer, folder, least", [("write_vlc", "vl_checklist", 30),
+                                                   ("write_classification", "classification", 300)])
+def test_a_later_part_draws_its_own_stream_and_joins_older_worlds(tmp_path, monkeypatch, writer, folder, least):
+    """Without the part's writer every other file (and the vocabulary the backbones are built from) is
     byte-identical; a world built without it gets the same bytes from ensure_toy_world, manifest untouched."""
     quiet = lambda *a: None  # noqa: E731
     toy.build_toy_world(str(tmp_path / "a"), tiny=True, seed=0, models=False, log=quiet)
     with monkeypatch.context() as m:
-        m.setattr(toy, "write_vlc", lambda *a, **k: {})
+        m.setattr(toy, writer, lambda *a, **k: {})
         toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=0, models=False, log=quiet)
     full, without = _hashes(str(tmp_path / "a")), _hashes(str(tmp_path / "b"))
-    vlc = {k for k in full if k.startswith("vl_checklist" + os.sep)}
-    assert len(vlc) > 30 and {k: v for k, v in full.items() if k not in vlc} == without
+    part = {k for k in full if k.startswith(folder + os.sep)}
+    assert len(part) > least and {k: v for k, v in full.items() if k not in part} == without
     assert (tmp_path / "a" / "models_vocab.txt").read_bytes() == (tmp_path / "b" / "models_vocab.txt").read_bytes()
     mtime = os.path.getmtime(tmp_path / "b" / "manifest.json")
     toy.ensure_toy_world(str(tmp_path / "b"), tiny=True, models=[], log=quiet)
     assert _hashes(str(tmp_path / "b")) == full and os.path.getmtime(tmp_path / "b" / "manifest.json") == mtime
-    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(".vlc-")]
+    assert not [p for p in os.listdir(tmp_path / "b") if p.startswith(f".{folder}-")]
+
+
+def test_toy_classification_sets(toy_root):
+    tiny = json.load(open(os.path.join(toy_root, "manifest.json")))["tiny"]
+    per_train, per_test = (toy.SIZES_TINY if tiny else toy.SIZES_FULL)["classify"]
+    vocab = set(open(os.path.join(toy_root, "models_vocab.txt")).read().split())
+    for name, (attr, classes, _) in toy.CLASSIFY.items():
+        d = B.read_image_folder(os.path.join(toy_root, "classification", name))
+        assert d["classes"] == sorted(classes) and len(d["train"]) == per_train * len(classes)
+        assert len(d["test"]) == per_test * len(classes)
+        assert all(set(t.format(c).rstrip(".").split()) <= vocab for t in d["templates"] for c in d["names"])
+    # a colour set's image is mostly its class's colour: count the pixels nearest each palette colour
+    d = B.read_image_folder(os.path.join(toy_root, "classification", "toy_colours"))
+    palette = np.array([toy.COLOURS[c] for c in d["classes"]] + [toy.BACKGROUND], dtype=float)
+    for path, k in d["test"][::7]:
+        px = np.asarray(Image.open(path), dtype=float).reshape(-1, 3)
+        near = np.abs(px[:, None] - palette[None]).sum(-1).argmin(1)
+        assert np.bincount(near[near < len(d["classes"])], minlength=len(d["classes"])).argmax() == k, path
 
 
 def test_image_chat_layout(toy_root):
