@@ -10,8 +10,8 @@ the image->text softmax runs over all 4B texts, the text->image one over the 2B 
 The dual encoder comes from a CLIP checkpoint (`--init clip`) or from two uni-modal towers with
 fresh projections (`--init unimodal`, as LiT); towers can be locked (LiT) or adapted with LoRA;
 gradient accumulation is exact (gradient caching: every loss sees the whole global batch).
-Preparation (negatives, neighbours, toy paths: data/negatives.py) and the benchmarks (ARO,
-SugarCREPE, CREPE, SVO, Winoground, VL-CheckList, retrieval, classification) are in data/.
+Preparation (negatives, neighbours, toy paths) is in data/negatives.py, the benchmarks (ARO,
+SugarCREPE, CREPE, SVO, Winoground, VL-CheckList, retrieval, classification) in data/benchmarks.py.
 Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset shards:
 --train_shards 'cc3m/{00000..00331}.tar') | eval | export | params (parameters, FLOPs).
 

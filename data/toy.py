@@ -4,8 +4,8 @@ Scenes are 64 px RGB images of 1-3 coloured shapes (6 shapes, 7 colours, small/l
 of objects stands in exactly one clear relation: left of / right of / above / below).  From the same scenes the
 builder writes every task file the five methods read, in the canonical formats (pairs, VQA, video) or in the
 *native published layouts* (SugarCREPE, ARO, CREPE, SVO-Probes, Winoground, VL-CheckList, BLIP's Karpathy json,
-Image-Chat, ImageFolder classification sets), and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT, T5) on the toy text and images, so a frozen
-backbone carries real signal just as a real checkpoint does.
+Image-Chat, ImageFolder classification sets), and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT,
+T5) on the toy text and images, so a frozen backbone carries real signal just as a real checkpoint does.
 
     python data/toy.py --out data/toy                 # full world  (~2000/250/250 scenes; <= ~3 min on 2 cores)
     python data/toy.py --out data/toy_tiny --tiny     # test world  (~300/50/50 scenes; well under a minute)
