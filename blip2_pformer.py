@@ -19,12 +19,13 @@ Toy world on a CPU (default preset; builds the backbones a stage reads under dat
 Paper recipe (PRESETS["paper"]), multi-GPU / multi-node, same code path:
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
         blip2_pformer.py --preset paper --stage 1 --train_file pairs.jsonl --image_root IMG \
-        --pformer_ckpt runs/s0/checkpoint.pt
+        --val_file coco_val.jsonl --pformer_ckpt runs/s0/checkpoint.pt
 Reproduces the paper's stages (0; 1: ITC+ITM+ITG+10*align; 2: LM+100*align; caption fine-tuning),
 its zero-shot VQA and the released Q-Former's parameter counts; toy figures: docs/blip2_pformer.md.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,8 +47,8 @@ from common.checkpoint import (RESUME_FREE, CheckpointMismatch, check_loaded, ch
                                save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, ShardStream, StepSampler, StreamTracker,
-                         make_loader, pre_caption, read_pairs, read_vqa, shard_sample_count,
-                         stream_loader)
+                         make_loader, pre_caption, read_lines, read_pairs, read_vqa,
+                         shard_sample_count, stream_loader)
 from common.hf import read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform, normalize
 from common.log import Logger, progress
@@ -90,7 +91,8 @@ class Config:
     train_vision: Optional[bool] = None  # caption fine-tuning unfreezes the ViT in the paper
     image_size: Optional[int] = None
     hflip: Optional[bool] = None   # training flips (LAVIS blip2_image_train, blip_image_train)
-    randaug: Optional[bool] = None  # BLIP's RandomAugment(2, 5) (blip_image_train: captioning)
+    randaug: Optional[bool] = None  # BLIP's RandomAugment(2, 5) (LAVIS blip_image_train)
+    grad_checkpoint: Optional[bool] = None  # a trained ViT recomputes its blocks in backward
     # --- data ("" = the toy world's files) ---
     train_file: str = ""         # canonical pairs JSONL
     train_shards: str = ""       # or img2dataset webdataset shards, e.g. 'cc3m/{00000..00331}.tar'
@@ -150,7 +152,8 @@ PRESETS = {
 
 # Per-stage recipes (BLIText / LAVIS configs).  Stage 1/2 "epochs" are over COCO+VG+CC3M+SBU (4.6M
 # pairs), stage 0 over ~12M sentences.  Linear warm-up from warmup_lr inside epoch 0, then a
-# per-epoch cosine to min_lr.
+# per-epoch cosine to min_lr.  Caption: BLIText caption_coco_ft.yaml (blip2_image_train, no
+# RandAugment; LAVIS's own has blip_image_train: --randaug true), ViT gradient checkpointing on.
 _PAPER_GEN = dict(num_beams=5, max_new_tokens=30, min_length=8, caption_prompt="a photo of",
                   eval_tasks="caption,vqa")
 _TOY_GEN = dict(image_size=64, train_vision=False, num_beams=3, max_new_tokens=20, min_new_tokens=1)
@@ -166,7 +169,7 @@ STAGE_RECIPES = {
                   train_vision=False, hflip=True, **_PAPER_GEN),
         "caption": dict(epochs=5, global_batch=128, micro_batch=16, lr=1e-5, min_lr=0.0, warmup_lr=1e-8,
                         warmup_steps=1000, align_weight=1.0, image_size=364, train_vision=True,
-                        hflip=True, randaug=True, **{**_PAPER_GEN, "eval_tasks": "caption"}),
+                        grad_checkpoint=True, hflip=True, **dict(_PAPER_GEN, eval_tasks="caption")),
         "eval": dict(image_size=224, train_vision=False, **_PAPER_GEN),
     },
     # toy: no flips (its captions say left / right; LAVIS flips without touching the caption)
@@ -194,7 +197,7 @@ def resolve_config(cfg):
         raise SystemExit(f"--stage must be 0, 1, 2, caption or eval, got {cfg.stage!r}")
     recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])[cfg.stage]
     fallback = {"train_vision": False, "hflip": False, "randaug": False, "caption_prompt": "",
-                "align_weight": 1.0, "eval_tasks": "",
+                "align_weight": 1.0, "eval_tasks": "", "grad_checkpoint": False,
                 "image_size": 224, "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 1}
     for f in dataclasses.fields(cfg):  # still None: harmless values for stages that do not use it
         if f.name == "image_size" and cfg.stage == "eval" and (cfg.init or cfg.hf_import) or \
@@ -219,6 +222,15 @@ def eval_image_size(cfg, init):
 
 def tasks_of(cfg):
     return [t for t in cfg.eval_tasks.split(",") if t]
+
+
+def check_eval_files(cfg):
+    """Before any training: the files that the evaluations after it read exist."""
+    tasks = tasks_of(cfg) if cfg.stage != "0" and not cfg.bench else []  # (--bench: no evaluation)
+    for task, flag in (("retrieval", "val_file"), ("caption", "val_file"), ("vqa", "vqa_file")):
+        if task in tasks and not os.path.isfile(path := getattr(cfg, flag)):
+            raise SystemExit(f"--eval_tasks {task} reads --{flag} ({path or 'not given'}: no such "
+                             f"file); pass it, or leave {task} out of --eval_tasks ('' for none)")
 
 
 def needs_llm(cfg):
@@ -518,6 +530,13 @@ class VisionTower(nn.Module):
         if self.kind == "clip":
             x = self.model.pre_layrnorm(x)
         return self.model.encoder(inputs_embeds=x).last_hidden_state
+
+    def checkpoint_blocks(self):
+        """Each block (a transformers GradientCheckpointingLayer) recomputed in backward."""
+        from torch.utils.checkpoint import checkpoint
+        for block in self.model.encoder.layers:
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
 
 def load_vision(path):
@@ -1314,6 +1333,8 @@ def build(cfg, dist):
     use_proj = stage != "1" or pck is not None or bool(cfg.hf_import)
     model = Blip2Trainable(qf, vision.width, d_llm if use_proj else 0,  # trained weights in fp32, even
                            vision.float() if cfg.train_vision else None)  # from an fp16 folder
+    if model.vision is not None and cfg.grad_checkpoint:  # LAVIS use_grad_checkpoint
+        model.vision.checkpoint_blocks()
     if stage == "1" and pck is None and model.llm_proj is not None:
         model.llm_proj.requires_grad_(False)  # imported, unused by plain stage 1: out of DDP/AdamW
     if stage != "1" and text:  # text parts kept for retrieval eval get no gradient in stage 2: freeze
@@ -1360,17 +1381,18 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     return b
 
 
-# Besides common.checkpoint's, fields that only change what is evaluated or exported after training
+# Besides common.checkpoint's, fields that only change what is evaluated or exported after training,
+# or the memory a step takes (grad_checkpoint)
 RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "k_test", "hf_export", "vqa_prompt",
                                   "vqa_num_beams", "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
-                                  "max_new_tokens", "min_new_tokens", "min_length"}
+                                  "max_new_tokens", "min_new_tokens", "min_length",
+                                  "grad_checkpoint"}
 
 
 def train(cfg, dist, model, frozen, toks, meta, logger):
     stage = cfg.stage
     if stage == "0":
-        with open(cfg.text_file, encoding="utf-8") as f:
-            dataset = TextDataset([s.strip() for s in f if s.strip()])
+        dataset = TextDataset(read_lines(cfg.text_file))  # an index of line offsets, not the lines
     else:  # a stream of shards is not indexed: the sampler only counts its steps
         dataset = None if cfg.train_shards else PairDataset(read_pairs(cfg.train_file), cfg)
     n = shard_sample_count(cfg.train_shards) if dataset is None else len(dataset)
@@ -1401,6 +1423,10 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         logger.resumed(start)
         logger.info(f"resumed from {cfg.resume} at step {start}")
     mask_id, keep = toks.bert.mask_token_id, [toks.bert.pad_token_id, toks.bert.cls_token_id]
+    select = stage == "caption" and "caption" in tasks_of(cfg) and not cfg.bench
+    select = select and per_epoch < total  # more than one epoch: val captions at each epoch end
+    val = read_pairs(cfg.val_file)[:cfg.eval_max or None] if select else None
+    best = ck.get("best") or {"score": -math.inf, "epoch": 0, "step": 0}
 
     def micro_step(raw, step, micro):
         b = make_batch(raw, stage, cfg, toks, frozen, step, micro, dist.device)
@@ -1457,25 +1483,46 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
         last = {k: float(v) for k, v in terms.items()}
         if step % cfg.log_every == 0 or step == total:
             logger.log(step, **last, lr=opt.param_groups[0]["lr"], grad_norm=gnorm, **t)
+        if select and (step % per_epoch == 0 or step == total):  # LAVIS runner_base.py: each epoch
+            epoch = -(-step // per_epoch)
+            m = evaluate_caption(model.eval(), frozen, toks, val, cfg, dist,
+                                 os.path.join(cfg.out_dir, f"captions_epoch{epoch}.json"))
+            model.train()
+            logger.log(step, epoch=epoch, **{f"val_{k}": v for k, v in m.items()})
+            if m["CIDEr"] + m["BLEU-4"] > best["score"]:  # LAVIS tasks/captioning.py agg_metrics
+                best = {"score": m["CIDEr"] + m["BLEU-4"], "epoch": epoch, "step": step}
+                save(cfg, dist, model, None, None, step, meta, best=best)  # best.pt (LAVIS: _best)
         if step % cfg.save_every == 0 or step == total:
-            save(cfg, dist, model, opt, scaler, step, meta, tracker)
+            save(cfg, dist, model, opt, scaler, step, meta, tracker, best)
     if stage != "0":
         logger.info(f"training images: {(tracker or images).report()}")
         (tracker or images).check(final=True)
-    return {f"final_{k}": v for k, v in last.items()}
+    D.barrier()  # rank 0 wrote best.pt
+    path = os.path.join(cfg.out_dir, "best.pt")
+    sel = load_checkpoint(path) if select and os.path.isfile(path) else {}
+    chosen = {"selected_epoch": best["epoch"], "selected_step": best["step"]} \
+        if sel.get("best") == best else {}  # (a run resumed in another out_dir may lack it)
+    if chosen:  # the final evaluations read the selected epoch's weights
+        model.load_state_dict(sel["model"])
+    if select:  # the final evaluations read best.pt, or the last weights where it lacks the epoch
+        logger.info(f"selected epoch {best['epoch']} (val CIDEr + BLEU-4 {best['score']:.4g})" +
+                    ("" if chosen else ", not in best.pt: the last weights are evaluated"))
+    return {**{f"final_{k}": v for k, v in last.items()}, **chosen}
 
 
-def save(cfg, dist, model, opt, scaler, step, meta, tracker=None):
+def save(cfg, dist, model, opt, scaler, step, meta, tracker=None, best=None):
+    """<out_dir>/checkpoint.pt, what a resume continues; opt None: best.pt, the weights alone."""
     rngs = D.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
     stream = StreamTracker.merge_states(D.all_gather_object(tracker.state_dict())) if tracker else None
     if not dist.is_main:
         return
     meta = {k: v for k, v in meta.items() if k == "image_token_index" and v is not None}
-    state = {"script": SCRIPT, "kind": KINDS[cfg.stage], "model": model.state_dict(),
-             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-             "rng": rngs, "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta,
-             "stream": stream}
-    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), state)
+    state = {"script": SCRIPT, "kind": KINDS[cfg.stage], "model": model.state_dict(), "step": step,
+             "config": dataclasses.asdict(cfg), "stage": cfg.stage, "meta": meta, "best": best}
+    if opt is not None:
+        state.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                     stream=stream)
+    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt" if opt else "best.pt"), state)
 
 
 # ================================================================================================ transformers
@@ -1707,6 +1754,7 @@ def main(argv=None):
         if cfg.preset == "toy":  # the toy world's paths; a first run builds only what it reads
             from data.toy import toy_paths
             toy_paths(cfg, *toy_files(cfg), is_main=dist.is_main, barrier=D.barrier)
+        check_eval_files(cfg)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model, frozen, toks, meta = build(cfg, dist)  # (--hf_import sets num_query etc.)
         if dist.is_main:

@@ -74,6 +74,14 @@ def parse_config(cls, presets, argv=None, description=None):
     return cls(**values)
 
 
+def given_flags(argv=None):
+    """The field names set on the command line (argv; None: sys.argv[1:]): what a preset's recipe or a
+    checkpoint's saved config must not override."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    return {str(a)[2:].split("=")[0] for a in argv if str(a).startswith("--")}
+
+
 def asdict_config(cfg):
     return dataclasses.asdict(cfg)
 

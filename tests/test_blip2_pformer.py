@@ -339,14 +339,43 @@ def test_paper_eval_settings_as_lavis(hf_folders):
     assert bp.eval_image_size(cfg, {"config": {"image_size": 364}}) == 300
     toy = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", "caption"]))
     assert bp.min_new(toy, opt, False, "a photo") == toy.min_new_tokens == 1  # toy: counts new tokens only
-    # issue 17.7: LAVIS's transforms -- blip2_image_train (crop + flip) in pre-training, blip_image_train (+
-    # RandomAugment) in caption fine-tuning, blip_image_eval (bicubic resize to a square) for evaluation
+    # issue 17.7: the transforms -- blip2_image_train (crop + flip) in pre-training and in caption fine-tuning
+    # (BLIText caption_coco_ft.yaml, P-Former's runs and their BLIP-2 baseline; LAVIS's own caption_coco_ft.yaml
+    # has blip_image_train, + RandomAugment: --randaug true), blip_image_eval (bicubic resize to a square) to evaluate
     paper = {st: bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", st]))
              for st in ("1", "2", "caption")}
-    assert [(c.hflip, c.randaug) for c in paper.values()] == [(True, False), (True, False), (True, True)]
+    assert [(c.hflip, c.randaug) for c in paper.values()] == [(True, False), (True, False), (True, False)]
     tf, ev = bp.image_transform(paper["caption"], train=True), bp.image_transform(paper["caption"])
-    assert (tf.train, tf.hflip, tf.randaug, tf.uint8, ev.train, ev.resize) == (True, True, True, True, False, "square")
+    assert (tf.train, tf.hflip, tf.randaug, tf.uint8, ev.train, ev.resize) == (True, True, False, True, False, "square")
+    lavis = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", "caption",
+                                                                    "--randaug", "true"]))
+    assert bp.image_transform(lavis, train=True).randaug
     assert not (toy.hflip or toy.randaug)  # the toy captions say left / right
+    # the trained ViT recomputes its blocks in backward in the paper's caption fine-tuning (use_grad_checkpoint)
+    assert [c.grad_checkpoint for c in paper.values()] == [False, False, True] and not toy.grad_checkpoint
+
+
+def test_a_missing_eval_file_stops_before_training(tmp_path, monkeypatch):
+    """The paper preset evaluates after stage 1 (retrieval: --val_file) and stage 2 (captions, VQA: --vqa_file too);
+    without those files a run stopped only after training, in read_pairs(''). One line names the flag and the way
+    out before anything is built."""
+    class Built(Exception):
+        pass
+
+    monkeypatch.setattr(bp, "build", lambda *a: (_ for _ in ()).throw(Built()))
+    run = ["--preset", "paper", "--train_file", "pairs.jsonl", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"^--eval_tasks retrieval reads --val_file \(not given: no such file\); pass "
+                                         r"it, or leave retrieval out of --eval_tasks \('' for none\)$"):
+        bp.main(run + ["--stage", "1"])
+    (tmp_path / "val.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match=r"^--eval_tasks vqa reads --vqa_file \(not given"):
+        bp.main(run + ["--stage", "2", "--val_file", str(tmp_path / "val.jsonl")])
+    with pytest.raises(SystemExit, match=r"^--eval_tasks caption reads --val_file \(nope.jsonl: no such file"):
+        bp.main(run + ["--stage", "caption", "--val_file", "nope.jsonl"])
+    with pytest.raises(Built):  # what the line says to do
+        bp.main(run + ["--stage", "1", "--eval_tasks", ""])
+    with pytest.raises(Built):  # --bench times training steps only (docs/bench.md's rows)
+        bp.main(run + ["--stage", "1", "--bench", "2"])
 
 
 def test_vqa_rule_and_okvqa_lemmatisation_settings():
@@ -544,6 +573,66 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     metrics, run_dir = pipeline["cap"]
     assert_fell(run_dir, "lm", 0.95)  # 16 steps on the same 16 pairs: a smooth fall
     assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
+
+
+def test_grad_checkpointing_of_the_trained_vit_keeps_loss_and_gradients(toy_root, tmp_path):
+    """Caption fine-tuning with the ViT trained, as LAVIS and BLIText run it (caption_coco_ft.yaml:
+    use_grad_checkpoint): --grad_checkpoint true recomputes each ViT block in backward (its attention runs twice a
+    step instead of once), and the loss and every gradient equal those of the run without it."""
+    from common.config import parse_config
+    from common.dist import Dist
+    from data.toy import toy_paths
+    runs = []
+    for on in ("false", "true"):
+        cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, [
+            "--stage", "caption", "--train_vision", "true", "--grad_checkpoint", on] + common_args(toy_root, tmp_path)))
+        toy_paths(cfg, *bp.toy_files(cfg))
+        torch.manual_seed(0)
+        model, frozen, toks, _ = bp.build(cfg, Dist())
+        blocks, calls = model.vision.model.encoder.layers, []
+        blocks[0].self_attn.register_forward_hook(lambda *a, c=calls: c.append(1))
+        recs, images = bp.read_pairs(cfg.train_file)[:4], bp.open_images(cfg)
+        raw = {"pixels": torch.stack([bp.load_pixels(images, r["image"]) for r in recs]),
+               "caption": [r["captions"][0] for r in recs], "image_id": torch.arange(4)}
+        model.train()
+        loss = sum(model("caption", bp.make_batch(raw, "caption", cfg, toks, frozen, 0, 0, "cpu"), frozen).values())
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls),
+                     [b.gradient_checkpointing for b in blocks]))
+    (loss0, grads0, calls0, flags0), (loss1, grads1, calls1, flags1) = runs
+    assert not any(flags0) and all(flags1) and (calls0, calls1) == (1, 2)
+    assert loss1 == pytest.approx(loss0, abs=1e-6)
+    assert grads0.keys() == grads1.keys() and any(k.startswith("vision.") for k in grads0)
+    for k in grads0:
+        assert torch.allclose(grads0[k], grads1[k], atol=1e-6), k
+
+
+def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeypatch):
+    """BLIP-2 and BLIText pick the caption fine-tuning epoch by val CIDEr + BLEU-4 (LAVIS tasks/captioning.py) and
+    evaluate its weights (LAVIS runner_base.py: checkpoint_best). Val captions at each epoch end; here epoch 1 is
+    made the best (its CIDEr raised by 100 when scored), so the final metrics and captions must be epoch 1's, read
+    from best.pt, while checkpoint.pt keeps the last (resume) state."""
+    from common import metrics as cm
+    real, scored = cm.caption_metrics, []
+
+    def epoch1_best(refs, preds):
+        scored.append(real(refs, preds))
+        return {**scored[-1], "CIDEr": scored[-1]["CIDEr"] + 100.0 * (len(scored) == 1)}
+
+    monkeypatch.setattr(cm, "caption_metrics", epoch1_best)
+    with open(os.path.join(toy_root, "pairs_train.jsonl")) as f:  # 4 images x 5 captions: 2 steps an epoch
+        (tmp_path / "small.jsonl").write_text("".join(f.readlines()[:4]))
+    m = bp.main(["--stage", "caption", "--train_file", str(tmp_path / "small.jsonl"), "--epochs", "2", "--lr", "1e-3",
+                 "--global_batch", "10", "--micro_batch", "10", "--warmup_steps", "1", "--report", "false"]
+                + common_args(toy_root, tmp_path / "run") + ["--eval_max", "4"])
+    run = tmp_path / "run"
+    assert [(r["step"], r["epoch"]) for r in metrics_log(run) if "epoch" in r] == [(2, 1), (4, 2)]
+    assert (m["selected_epoch"], m["selected_step"]) == (1, 2) and len(scored) == 3  # 2 epochs + the final eval
+    assert {k: m[k] for k in scored[0]} == scored[0] == scored[2]
+    assert (run / "captions.json").read_text() == (run / "captions_epoch1.json").read_text()
+    best, last = (torch.load(run / f, weights_only=True) for f in ("best.pt", "checkpoint.pt"))
+    assert (best["kind"], best["step"], last["step"]) == ("caption", 2, 4) and "optimizer" not in best
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])  # epoch 2 moved them
 
 
 def test_toy_blip2_tower_export_captions_like_transformers(pipeline, toy_root, tmp_path):

@@ -477,6 +477,26 @@ def test_reader_missing_file(tmp_path):
         data.read_vqa(str(tmp_path / "nope.jsonl"))
 
 
+def test_read_lines_holds_what_the_list_of_stripped_lines_held(tmp_path):
+    """read_lines (blip2_pformer.py's stage-0 sentences): an index of line offsets instead of a Python list of every
+    line; the same lines in the same order as `[s.strip() for s in open(p) if s.strip()]`: blank lines skipped, a
+    last line without newline kept, "\\r\\n" and a lone "\\r" (universal newlines) end a line too."""
+    import pickle
+    p = tmp_path / "s.txt"
+    p.write_bytes("a red circle\n\n   \n  two  words \r\nwindows\r\nold mac\rline\n\tcaf\u00e9 \u00fcber\n\nlast".encode())
+    want = [s.strip() for s in open(p, encoding="utf-8") if s.strip()]
+    lines = data.read_lines(str(p))
+    assert list(lines) == want and len(want) == 7 and want[-1] == "last" and want[4] == "line"
+    assert list(lines[2:5]) == want[2:5] and lines[-2] == want[-2] and pickle.loads(pickle.dumps(lines))[3] == want[3]
+    assert lines.nbytes == 12 * len(want)  # 8-byte offset + 4-byte length a line
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(data.DataError, match="blank.txt: no lines"):
+        data.read_lines(str(tmp_path / "blank.txt"))
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(data.DataError, match="bad.txt:2: not UTF-8"):
+        data.read_lines(str(tmp_path / "bad.txt"))
+
+
 # ---------------------------------------------------------------- train utils + logging
 def test_cosine_lr_and_param_groups():
     assert train.cosine_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
@@ -780,3 +800,12 @@ def test_samples_per_second_runs_warmup_and_timed_calls():
     calls = []
     rate = train.samples_per_second(lambda: calls.append(1), 16, "cpu", n=3, warmup=2)
     assert len(calls) == 5 and rate > 0
+
+
+def test_given_flags_names_the_fields_set_on_the_command_line(monkeypatch):
+    """What a preset's recipe or a checkpoint's saved config may not override (dlip.py --mode eval,
+    perceiver_caption.py --mode test): `--key value` and `--key=value`, not values or the preset."""
+    argv = ["--mode", "eval", "--image_size=384", "--num_frames", "30", "-x", 7]
+    assert config.given_flags(argv) == {"mode", "image_size", "num_frames"}
+    monkeypatch.setattr("sys.argv", ["dlip.py", "--max_len", "35"])
+    assert config.given_flags() == {"max_len"} and config.given_flags([]) == set()
