@@ -40,7 +40,7 @@ from common import dist as cdist
 from common.attention import attention
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
-from common.config import format_config, parse_config, save_config
+from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, Records, ShardStream, StepSampler,
                          StreamTracker, make_loader, pre_caption, read_pairs, shard_sample_count,
                          stream_loader)
@@ -174,7 +174,7 @@ class Config(Size):
     gen_max_len: int = 20              # counted including the prompt tokens (BLIP)
     gen_min_len: int = 5
     eval_batch: int = 64
-    eval_every: int = 0                # steps; 0 = only at the end
+    eval_every: int = 0                # steps; fine-tuning also evaluates val every epoch (best.pt)
     log_every: int = 10
     save_every: int = 0                # steps; the last checkpoint is always written
     report: bool = True                # <out_dir>/report.html: curves, teacher vs student pictures
@@ -580,10 +580,11 @@ class BLIP(nn.Module):
         return self.text_decoder(ids, mask, image_embeds, need_attn, cache, hidden)
 
     # ---- the training pass: every part the model has, on one batch
-    def forward(self, image, ids, mask, need_attn=False, need_layers=False):
+    def forward(self, image, ids, mask, need_attn=False, need_layers=False, ema=True):
         """image (B, 3, S, S); ids/mask (B, L) start with [CLS] -> Features. The losses are computed
         from the features outside, where the ranks exchange what they need (blip_losses,
-        distill_losses); a momentum model also takes its EMA step here. need_attn: last-layer
+        distill_losses); a momentum model also takes its EMA step here when `ema` (the first micro
+        batch of an optimizer step: one EMA step per step, as BLIP's). need_attn: last-layer
         attention maps (explicit softmax); need_layers: every layer's states."""
         hid = {k: [] for k in ("img", "txt", "fus", "dec")} if need_layers else {}
         f = Features(mask=mask, image_embeds=self.visual_encoder(image, hid.get("img")))
@@ -596,7 +597,8 @@ class BLIP(nn.Module):
             if self.c.momentum:
                 with torch.no_grad():
                     self.temp.clamp_(0.001, 0.5)
-                    self.momentum_update()
+                    if ema:
+                        self.momentum_update()
                     image_m = self.visual_encoder_m(image)[:, 0]
                     f.image_m = F.normalize(self.vision_proj_m(image_m).float(), dim=-1)
                     text_m = self.text_encoder_m(ids, mask)[0][:, 0]
@@ -1264,7 +1266,7 @@ def train(cfg, dist, device, dtype, log):
         alpha = cfg.alpha * min(1.0, step / ramp) if cfg.alpha_ramp_epochs else cfg.alpha
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 97 + a)
         with camp.autocast(device, dtype):
-            s = ddp(images, ids, mask, **need)
+            s = ddp(images, ids, mask, **need, ema=a == 0)
             terms = blip_losses(model, s, ids, mask, idx, alpha, gen, dist.rank,
                                 cfg.label_smoothing, prompt_len)
             if teacher is not None:
@@ -1304,6 +1306,8 @@ def train(cfg, dist, device, dtype, log):
                          dtype=dtype, data_fn=next_batches)  # data (the real loader) timed apart
 
     timer, history, metrics, flops_step = StepTimer(device), [], {}, None
+    best_pt = os.path.join(cfg.out_dir, "best.pt")  # a resumed fine-tuning keeps its best epoch
+    best = load_checkpoint(best_pt)["metrics"] if cfg.resume and os.path.isfile(best_pt) else None
     model.train()
     while step < total:
         timer.start()
@@ -1320,15 +1324,25 @@ def train(cfg, dist, device, dtype, log):
             log.log(step, **sums, lr=lr, grad_norm=gnorm, **tm, **({} if m is None else {"mfu": m}))
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save(cfg, model, opt, scaler, step, metrics, dist, tracker)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+        at_epoch = cfg.mode != "pretrain" and cfg.val_file and (step == total
+                                                                or step % max(1, spe) == 0)
+        if at_epoch or cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             metrics = evaluate(cfg, model, tok, dist, device, dtype, cfg.val_file, "val", log)
+            if at_epoch and (best is None or val_score(metrics) > val_score(best)):
+                best = dict(metrics, best_epoch=step / max(1, spe), best_step=step)
+                save(cfg, model, opt, scaler, step, best, dist, tracker, "best.pt")
     log.info(f"training images: {(tracker or data.loader).report()}")
     (tracker or data.loader).check(final=True)
     metrics = {"final_" + k: v for k, v in history[-1].items()} if history else {}
     metrics.update({"first_" + k: v for k, v in history[0].items()} if history else {})
     save(cfg, model, opt, scaler, step, metrics, dist, tracker)
     shown, took_eval = {}, time.time()
-    for split, path in (("val", cfg.val_file), ("test", cfg.test_file)):
+    if best:  # BLIP's train_retrieval.py / train_caption.py: test the best val epoch's weights
+        model.load_state_dict(load_checkpoint(best_pt)["model"])
+        metrics.update(best)
+        log.info(f"best val epoch {best['best_epoch']:.3g} (step {best['best_step']}, score "
+                 f"{val_score(best):.4g}): the test split is evaluated with best.pt")
+    for split, path in (("val", "" if best else cfg.val_file), ("test", cfg.test_file)):
         if path:
             metrics.update(evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown))
     if cfg.report and dist.is_main:
@@ -1336,11 +1350,18 @@ def train(cfg, dist, device, dtype, log):
     return metrics
 
 
-def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None):
+def val_score(m):
+    """Fine-tuning's model selection: val r_mean (BLIP's train_retrieval.py; ITC's without ITM
+    re-ranking), val CIDEr + BLEU-4 (train_caption.py)."""
+    cap = m.get("val_CIDEr", 0) + m.get("val_BLEU-4", 0)
+    return cap if "val_CIDEr" in m else m.get("val_r_mean", m.get("val_itc_r_mean"))
+
+
+def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None, name="last.pt"):
     rngs = cdist.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
     stream = tracker and StreamTracker.merge_states(cdist.all_gather_object(tracker.state_dict()))
     if dist.is_main:
-        save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), {
+        save_checkpoint(os.path.join(cfg.out_dir, name), {
             "script": "dlip", "kind": kind(cfg), "config": vars(cfg).copy(),
             "model_config": asdict(model.c), "model": model.state_dict(), "step": step,
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
@@ -1374,7 +1395,7 @@ def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None)
 def resolve(cfg, argv, dist=None):
     """The preset's fine-tuning recipe (keys not on the command line) and, for the toy presets, the
     toy world's files ("toy:<path>" values, empty data fields; built on first use: CLIP, BERT)."""
-    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    given = given_flags(argv)
     for k, v in FINETUNE["paper" if cfg.preset == "paper" else "toy"].get(cfg.mode, {}).items():
         if k not in given:
             setattr(cfg, k, v)
@@ -1410,6 +1431,8 @@ def main(argv=None):
         device, dtype = dist.device, camp.pick_dtype(dist.device, cfg.precision)
         camp.seed_everything(cfg.seed)  # the same initial weights on every rank
         log = Logger(cfg.out_dir, dist.is_main)
+        if cfg.mode == "eval":
+            eval_at_checkpoint_shape(cfg, argv, log)
         log.info(f"dlip.py --mode {cfg.mode} (preset {cfg.preset}, world {dist.world_size}, "
                  f"{device}, {dtype})\n" + format_config(cfg))
         if dist.is_main:
@@ -1422,6 +1445,21 @@ def main(argv=None):
         with open(os.path.join(cfg.out_dir, f"metrics_{cfg.mode}.json"), "w") as f:
             json.dump(metrics, f, indent=1)
     return metrics
+
+
+def eval_at_checkpoint_shape(cfg, argv, log):
+    """--mode eval: the image size and text length the --ckpt was trained at, unless given on the
+    command line (a preset's 224 px would shrink a 384-px fine-tuned model's position embedding)."""
+    if not (cfg.ckpt.endswith((".pt", ".pth")) and os.path.isfile(cfg.ckpt)):
+        return  # a transformers folder records no text length: the flags stand
+    given, ck = given_flags(argv), load_checkpoint(cfg.ckpt)
+    saved = {"image_size": blip_pth_config(ck["model"], {}).image_size} if is_blip_pth(ck) else \
+        {k: v for k, v in (ck.get("config") or {}).items() if k in ("image_size", "max_len")}
+    took = {k: v for k, v in saved.items() if k not in given}
+    for k, v in took.items():
+        setattr(cfg, k, v)
+    log.info(f"eval at image_size {cfg.image_size}, max_len {cfg.max_len} (the checkpoint's: "
+             f"{', '.join(took) or 'none'}; given: {', '.join(sorted(given & set(saved))) or '-'})")
 
 
 def run_eval(cfg, dist, device, dtype, log):

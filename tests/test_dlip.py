@@ -723,6 +723,78 @@ def test_eval_streams_its_images_and_gets_the_figures_of_one_tensor_of_them_all(
     assert caps[0] == caps[1] and len(caps[0]) == 8
 
 
+def _drop(args, *flags):
+    out = list(args)
+    for f in flags:
+        del out[out.index(f):out.index(f) + 2]
+    return out
+
+
+def test_eval_mode_evaluates_at_the_checkpoints_image_size_and_text_length(world, tmp_path, monkeypatch, capsys):
+    """--mode eval takes image_size and max_len from the checkpoint unless the command line gives them (before,
+    the preset's values resized a fine-tuned model's position embeddings: the paper preset's 384 px to 224)."""
+    d, base, root = world
+    tiny = _drop(TINY, "--image_size", "--max_len")  # the toy preset's: 64 px, 24 tokens
+    dlip.main(["--mode", "pretrain", *base, *tiny, *_width(32), "--image_size", "48", "--max_len", "12",
+               "--teacher", "", "--max_steps", "1", "--report", "false", "--out_dir", str(tmp_path / "p48")])
+    seen, real = [], dlip.eval_set
+    monkeypatch.setattr(dlip, "eval_set", lambda path, cfg, size: seen.append((size, cfg.max_len)) or
+                        real(path, cfg, size))
+    args = ["--mode", "eval", "--task", "retrieval", *base, *tiny, "--ckpt", str(tmp_path / "p48" / "last.pt"),
+            "--teacher", "", "--report", "false", "--test_file", os.path.join(root, "pairs_val.jsonl")]
+    dlip.main([*args, "--out_dir", str(tmp_path / "e48")])
+    assert seen == [(48, 12)] and "eval at image_size 48, max_len 12 (the checkpoint's: image_size, max_len; given: -)" in \
+        capsys.readouterr().out
+    dlip.main([*args, "--image_size", "32", "--out_dir", str(tmp_path / "e32")])
+    assert seen == [(48, 12), (32, 12)]
+
+
+def test_momentum_encoders_take_one_ema_step_per_optimizer_step(world, tmp_path):
+    """With gradient accumulation the momentum copies move once per optimizer step, as BLIP's do at one micro batch
+    a step (before: once per micro batch, an EMA of 0.5^2 here). Accumulation 2, momentum 0.5: the momentum copies
+    after step 2 are 0.5 * (step 1's momentum copies) + 0.5 * (step 1's online weights)."""
+    d, base, _ = world
+    args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", "", "--micro_batch", "4", "--momentum",
+            "0.5", "--lr", "1e-3", "--report", "false"]
+    ck = []
+    for n in (1, 2):
+        dlip.main([*args, "--max_steps", str(n), "--out_dir", str(tmp_path / f"s{n}")])
+        ck.append(torch.load(tmp_path / f"s{n}" / "last.pt", weights_only=True)["model"])
+    moved = 0
+    for k in (k for k in ck[0] if "_m." in k):
+        online = ck[0][k.replace("_m.", ".", 1)]
+        torch.testing.assert_close(ck[1][k], 0.5 * ck[0][k] + 0.5 * online)
+        moved += not torch.equal(ck[0][k], online)
+    assert moved > 20  # the online weights had moved away from their copies
+
+
+def test_fine_tuning_tests_the_best_val_epoch(world, student_run, monkeypatch):
+    """BLIP's train_retrieval.py / train_caption.py: val every epoch, the best val r_mean (CIDEr + BLEU-4) kept as
+    best.pt, the test split evaluated with its weights. Retrieval: val scores forced to fall, so epoch 1 of 2 wins."""
+    d, base, root = world
+    ckpt, real, vals, tested = os.path.join(student_run[0], "last.pt"), dlip.evaluate, iter([60.0, 40.0]), []
+
+    def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None):
+        out = real(cfg, model, tok, dist, device, dtype, path, split, log, shown)
+        if split == "test":
+            tested.append({k: v.clone() for k, v in model.state_dict().items()})
+        return dict(out, val_r_mean=next(vals)) if split == "val" else out
+    monkeypatch.setattr(dlip, "evaluate", evaluate)
+    splits = ["--val_file", os.path.join(root, "pairs_val.jsonl"), "--test_file", os.path.join(root, "pairs_test.jsonl")]
+    r = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", ckpt, "--epochs", "2", "--lr", "1e-3", *splits,
+                   "--report", "false", "--out_dir", str(d / "ret_best")])
+    assert (r["best_epoch"], r["best_step"], r["val_r_mean"]) == (1.0, 5, 60.0) and "test_r_mean" in r
+    best, last = (torch.load(d / "ret_best" / f, weights_only=True) for f in ("best.pt", "last.pt"))
+    assert (best["step"], last["step"], best["kind"]) == (5, 10, "retrieval") and len(tested) == 1
+    assert all(torch.equal(tested[0][k], v) for k, v in best["model"].items())  # the test ran on best.pt
+    assert any(not torch.equal(last["model"][k], v) for k, v in best["model"].items())
+    monkeypatch.setattr(dlip, "evaluate", real)
+    c = dlip.main(["--mode", "caption", *base, *TINY, "--init", ckpt, "--epochs", "2", *splits, "--report", "false",
+                   "--out_dir", str(d / "cap_best")])
+    assert c["best_epoch"] in (1.0, 2.0) and {"val_CIDEr", "test_CIDEr"} <= set(c)
+    assert torch.load(d / "cap_best" / "best.pt", weights_only=True)["step"] == 5 * c["best_epoch"]
+
+
 def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teacher_ckpt):
     """--ft_distill: caption fine-tuning also matches a frozen teacher decoder (logit KL and last-layer decoder
     attention KL on the prompted caption). Against itself both terms are 0; against the teacher they fall."""
