@@ -39,11 +39,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import amp, checkpoint, dist as cdist
 from common.attention import attention
-from common.config import format_config, parse_config, save_config
+from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
                          read_pairs, read_video)
 from common.hf import published_config
-from common.image import ImageTransform, load_image, normalize
+from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
 from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
                           param_groups, run_bench, set_lr)
@@ -125,10 +125,13 @@ class Config(ModelConfig):
     save_every: int = 1000
     test_after_train: bool = True
     # decoding / evaluation
-    decode: str = "beam"           # beam | greedy
+    decode: str = "beam"           # beam | greedy | nucleus (sampling, seeded by --seed)
     beams: int = 5
+    top_p: float = 0.8             # --decode nucleus: the seed's utils/decoding.py nucleus_sampling
+    top_k: int = 0                 # 0 = no top-k cut (seed: None)
+    temperature: float = 0.9       # seed's config.yaml trainer.test; applied by nucleus only
     max_new_tokens: int = 100
-    num_return: int = 1            # captions per input (n-best beams)
+    num_return: int = 1            # captions per input (n-best beams, or samples)
     eval_batch: int = 32
     max_eval: int = 0              # caption at most this many test items (0 = all)
     inputs: list[str] = field(default_factory=list)  # --mode caption: image files or frame folders
@@ -151,6 +154,21 @@ def model_config(src):
     """The ModelConfig of a run config, or of a dict of its fields (a checkpoint's "model_config")."""
     src = src if isinstance(src, dict) else dataclasses.asdict(src)
     return ModelConfig(**{k: src[k] for k in ModelConfig.__dataclass_fields__ if k in src})
+
+
+def checkpoint_run(cfg, saved, argv, logger):
+    """--mode test|caption: this run's config with the checkpoint's model fields `saved`, but --task
+    and --num_frames (the input) if given, up to the frames trained; other model fields: a warning."""
+    given = given_flags(argv)
+    keep = {k: getattr(cfg, k) for k in ("task", "num_frames") if k in given}
+    run = dataclasses.replace(cfg, **{**dataclasses.asdict(saved), **keep})
+    frames, trained = (c.num_frames if c.task == "video" else 1 for c in (run, saved))
+    if frames > trained:
+        raise ValueError(f"--num_frames {frames}: the checkpoint has {trained} trained time rows")
+    lost = [k for k in sorted(given - keep.keys()) if k in saved.__dict__]
+    if lost := [k for k in lost if getattr(cfg, k) != getattr(saved, k)]:
+        logger.info(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
+    return run
 
 
 # ================================================================================================ Model
@@ -325,17 +343,18 @@ class Bridge(nn.Module):
             return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
     @torch.no_grad()
-    def generate(self, lm, feats, frame_mask, bos_id, eos_id, pad_id, num_beams=1,
-                 max_new_tokens=20, num_return=1):
-        """Decode with HF generate from [prefix ; BOS]: ids (B*num_return, <= max_new_tokens)."""
+    def generate(self, lm, feats, frame_mask, bos_id, eos_id, pad_id, max_new_tokens=20,
+                 num_return=1, **decode):
+        """Decode with HF generate from [prefix ; BOS]: ids (B*num_return, <= max_new_tokens);
+        decode: num_beams (beam or greedy search), or do_sample=True, top_p, top_k, temperature."""
         prefix, pmask, z = self.visual(feats, frame_mask)
         bos = torch.full((feats.shape[0], 1), bos_id, dtype=torch.long, device=feats.device)
         embeds, mask, pos = self.lm_inputs(lm, prefix, pmask, bos, torch.ones_like(bos))
         with self.conditioned(lm, z):
             return lm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                               do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                               num_return_sequences=num_return, eos_token_id=eos_id, use_cache=True,
-                               pad_token_id=pad_id, bos_token_id=bos_id)
+                               max_new_tokens=max_new_tokens, num_return_sequences=num_return,
+                               eos_token_id=eos_id, use_cache=True, pad_token_id=pad_id,
+                               bos_token_id=bos_id, **{"do_sample": False, **decode})
 
 
 def position_ids(mask, fix):
@@ -369,11 +388,6 @@ def caption_loss(logits, labels, denom):
 
 
 # ================================================================================================ Data
-def sample_frames(n, k):
-    """Indices of k frames out of n at the centres of k equal segments (all of them when n <= k)."""
-    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
-
-
 def read_records(path, task, image_root=None):
     """Canonical pairs or video JSONL -> [{"frames": [paths], "captions": [...]}]."""
     if task == "image":
@@ -464,23 +478,9 @@ def caption_draws(sampler, records, seed):
 
 
 # ================================================================================================ Eval
-@torch.no_grad()
-def encode_frames(clip, pixels, frame_mask, dtype):
-    """Frozen CLIP on the real frames only: pixels (B, T, 3, H, W), uint8 (normalised here, on the
-    device) or float (the blank baseline's, normalised) -> (B, T, S, D), 0 on padding. As the seed:
-    last_hidden_state (before post_layernorm), all tokens including CLS."""
-    p = next(clip.parameters())
-    real = frame_mask.flatten().nonzero()[:, 0].to(p.device)  # (N,): a CPU mask, no device sync
-    x = pixels.to(p.device, non_blocking=True).flatten(0, 1).index_select(0, real)    # (N, 3, H, W)
-    x = normalize(x) if x.dtype == torch.uint8 else x
-    with amp.autocast(p.device, dtype):
-        h = clip(pixel_values=x.to(p.dtype)).last_hidden_state                          # (N, S, D)
-    out = h.new_zeros((frame_mask.numel(),) + h.shape[1:]).index_copy(0, real, h)    # (B*T, S, D)
-    return out.view(frame_mask.shape + h.shape[1:]).float()                           # (B, T, S, D)
-
-
 def batch_feats(clip, batch, dtype, device):
-    """A collated batch -> CLIP features (B, T, S, D) on device (cached or computed now)."""
+    """A collated batch -> CLIP features (B, T, S, D) on device (cached or computed now). As the
+    seed: last_hidden_state (before post_layernorm), all tokens including CLS."""
     if "feats" in batch:
         return batch["feats"].to(device, torch.float32, non_blocking=True)
     return encode_frames(clip, batch["pixels"], batch["frame_mask"], dtype)
@@ -505,11 +505,12 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
     loader = iter(make_loader(ds, [k for k in keys if k], collate, workers,
                               pin_memory=torch.cuda.is_available()))
     shape, feats = (bs, ds.num_frames, (c.image_size // c.patch_size) ** 2 + 1, c.hidden_size), {}
-    for k, part in enumerate(progress(keys, d.is_main, desc="clip features")):
-        f, n = torch.zeros(shape, device=d.device), torch.zeros(bs, device=d.device).long()
+    for k, part in enumerate(progress(keys, d.is_main, desc="clip features")):  # in CLIP's dtype:
+        f = torch.zeros(shape, dtype=next(clip.parameters()).dtype, device=d.device)  # bf16 on GPU
+        n = torch.zeros(bs, device=d.device).long()
         if part and usable(ds, b := next(loader)):  # row j: record mine[k * bs + j]
             j, fm = (b["index"] - part[0][0]).to(d.device), b["frame_mask"]
-            f[j, :fm.shape[1]] = encode_frames(clip, b["pixels"], fm, dtype)   # (B, T, S, D)
+            f[j, :fm.shape[1]] = encode_frames(clip, b["pixels"], fm, dtype).to(f.dtype)
             n[j] = fm.sum(1).to(d.device)
         f, n = cdist.all_gather_no_grad(f).cpu(), cdist.all_gather_no_grad(n).tolist()  # rank-major
         for q, m in enumerate(n):  # row q: rank q // bs's record (q // bs) * per + k * bs + q % bs
@@ -542,18 +543,22 @@ def validation_loss(bridge, lm, clip, ds, cfg, dtype, device, d):
 
 @torch.no_grad()
 def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_main):
-    """Decode captions for records `indices` of ds -> {index: [caption, ...]} (num_return each)."""
-    beams = cfg.beams if cfg.decode == "beam" else 1
-    if cfg.decode not in ("beam", "greedy"):
-        raise ValueError(f"--decode must be beam|greedy, got {cfg.decode!r}")
-    if cfg.num_return > beams:
-        raise ValueError(f"--num_return {cfg.num_return} needs at least as many beams")
+    """Decode captions for records `indices` of ds -> {index: [caption, ...]} (num_return each).
+    Sampling draws from --seed and the batch's first record: a run's captions are reproducible."""
+    if cfg.decode not in ("beam", "greedy", "nucleus"):
+        raise ValueError(f"--decode must be beam|greedy|nucleus, got {cfg.decode!r}")
+    kw = (dict(do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k, temperature=cfg.temperature)
+          if cfg.decode == "nucleus" else dict(num_beams=cfg.beams if cfg.decode == "beam" else 1))
+    if cfg.num_return > kw.get("num_beams", cfg.num_return):
+        raise ValueError(f"--num_return {cfg.num_return} needs --decode nucleus or as many beams")
     out, loader = {}, batches_of(ds, [(i, 0) for i in indices], cfg.eval_batch)
     for batch in progress(loader, is_main, desc="captioning"):
         feats = batch_feats(clip, batch, dtype, device)
-        with amp.autocast(device, dtype):
+        rng = torch.random.fork_rng([device] if device.type == "cuda" else [])  # restored after
+        with amp.autocast(device, dtype), rng:
+            torch.manual_seed(cfg.seed * 1_000_003 + int(batch["index"][0]))
             ids = bridge.generate(lm, feats, batch["frame_mask"].to(device), ctok.bos, ctok.eos,
-                                  ctok.pad, beams, cfg.max_new_tokens, cfg.num_return)
+                                  ctok.pad, cfg.max_new_tokens, cfg.num_return, **kw)
         ids = ids.view(feats.shape[0], cfg.num_return, -1).tolist()  # (B, num_return, L)
         for b, i in enumerate(batch["index"].tolist()):
             out[i] = [ctok.decode(x) for x in ids[b]]
@@ -587,30 +592,22 @@ def write_report(cfg, metrics, logger):
     """<out_dir>/report.html (common/report.py): the curves, with the tanh gate of every xattn block
     (Flamingo Sec. 2.2: 0 at step 0, the frozen GPT-2 opened up as they grow), the run's figures,
     and test captions beside their image or, for a video, the strip of the frames the model saw."""
-    from common.report import Report, card, grid, strip, table, thumb, training_plots
-    rep, video = Report(f"perceiver_caption.py --bridge {cfg.bridge} --task {cfg.task}"), cfg.task == "video"
-    with rep.timed():
-        gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
-                 "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
-        rep.section("Training", training_plots(os.path.join(cfg.out_dir, "metrics.jsonl"), gates))
-        rep.section("Results", table(metrics, header=["figure", "value"]))
-        rows, cards = [], []
-        if "n" in metrics:  # this run captioned the test split: its predictions_test.json is fresh
-            with open(os.path.join(cfg.out_dir, "predictions_test.json")) as f:
-                rows = json.load(f)[:8 if video else 16]
-        for r in rows:
-            paths = r["sample_path"] if video else [r["sample_path"]]
-            frames = [x for x in (load_image(os.path.join(cfg.image_root, paths[j]))
-                                  for j in sample_frames(len(paths), cfg.num_frames)) if x is not None]
-            # 64-px toy frames shown x2; JPEG: thumb's own pick here, without its slow PNG try
-            pic = strip(frames, height=min(128, frames[0].height)) if frames else None
-            pic = thumb(pic, max(pic.size) * max(1, 128 // pic.height), fmt="JPEG") if frames else None
-            cards.append(card(pic, ("generated", r["prediction"]), ("references", r["target"])))
-        if cards:  # a clip's strip takes the page's width: one card a row
-            rep.section(f"{'Video c' if video else 'C'}aptions (test)", cards if video else grid(cards))
-        path = rep.write(cfg.out_dir)
+    from common.report import caption_report
+    gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
+             "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
+    rows, video = [], cfg.task == "video"
+    if "n" in metrics:  # this run captioned the test split: its predictions_test.json is fresh
+        with open(os.path.join(cfg.out_dir, "predictions_test.json")) as f:
+            rows = json.load(f)
+
+    def frames_of(r):  # the frames the model saw
+        paths = r["sample_path"] if video else [r["sample_path"]]
+        return [x for x in (load_image(os.path.join(cfg.image_root, paths[j]))
+                            for j in sample_frames(len(paths), cfg.num_frames)) if x is not None]
+    title = f"perceiver_caption.py --bridge {cfg.bridge} --task {cfg.task}"
+    path, seconds = caption_report(cfg.out_dir, title, metrics, gates, rows, frames_of, video)
     eval_s = f"; test captioning {metrics['test_seconds']:.2f} s" if "n" in metrics else ""
-    logger.info(f"report {path}: {rep.seconds:.2f} s{eval_s}")
+    logger.info(f"report {path}: {seconds:.2f} s{eval_s}")
 
 
 # ================================================================================================ Train
@@ -702,8 +699,9 @@ def save_state(name, cfg, bridge, opt, scaler, step, best_val, rngs=None):
 
 
 # What a resumed run may change beyond common's list: where it stops and how it tests afterwards.
-RESUME_FREE = checkpoint.RESUME_FREE | {"stop_at", "ckpt", "test_after_train", "max_eval", "decode",
-                                        "beams", "max_new_tokens", "num_return", "inputs"}
+RESUME_FREE = checkpoint.RESUME_FREE | {"stop_at", "ckpt", "test_after_train", "max_eval", "inputs",
+                                        "decode", "beams", "max_new_tokens", "num_return", "top_p",
+                                        "top_k", "temperature"}
 
 
 def resume(cfg, bridge, opt, scaler, logger):
@@ -870,7 +868,7 @@ def main(argv=None):
             ckpt = checkpoint.load_checkpoint(path := cfg.ckpt or f"{cfg.out_dir}/best.pt")
             checkpoint.expect_checkpoint(ckpt, path, SCRIPT, flag="--ckpt")
             saved = model_config(ckpt.get("model_config") or ckpt["config"])  # older: run config
-            cfg = dataclasses.replace(cfg, **dataclasses.asdict(saved))
+            cfg = checkpoint_run(cfg, saved, argv, logger)
         resolve_paths(cfg, d)
         if cfg.mode == "params":
             return params_mode(cfg, logger)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from common import amp
+
 # CLIP (and BLIP / BLIP-2, which reuse CLIP's statistics) normalisation.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -157,3 +159,24 @@ class ImageTransform:
         else:
             img = center_crop(resize_short_side(img, self.size), self.size)
         return to_uint8(img) if self.uint8 else to_tensor(img, self.mean, self.std)
+
+
+# ------------------------------------------------------------------ clips: frame sampling, frozen encoder
+def sample_frames(n, k):
+    """Indices of k frames out of n at the centres of k equal segments (all of them when n <= k)."""
+    return list(range(n)) if n <= k else [int((i + 0.5) * n / k) for i in range(k)]
+
+
+@torch.no_grad()
+def encode_frames(encoder, pixels, frame_mask, dtype):
+    """A frozen HF vision tower (CLIPVisionModel) on the real frames only: pixels (B, T, 3, H, W),
+    uint8 (normalised here, on the device) or float (normalised) -> its last_hidden_state
+    (B, T, S, D) as float32, 0 on padding frames; run under autocast to `dtype` (common.amp)."""
+    p = next(encoder.parameters())
+    real = frame_mask.flatten().nonzero()[:, 0].to(p.device)  # (N,): a CPU mask, no device sync
+    x = pixels.to(p.device, non_blocking=True).flatten(0, 1).index_select(0, real)    # (N, 3, H, W)
+    x = normalize(x) if x.dtype == torch.uint8 else x
+    with amp.autocast(p.device, dtype):
+        h = encoder(pixel_values=x.to(p.dtype)).last_hidden_state                       # (N, S, D)
+    out = h.new_zeros((frame_mask.numel(),) + h.shape[1:]).index_copy(0, real, h)    # (B*T, S, D)
+    return out.view(frame_mask.shape + h.shape[1:]).float()                           # (B, T, S, D)

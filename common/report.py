@@ -543,6 +543,33 @@ def card(image, *lines, mark=None):
     return Html(f'<figure class="{cls}">{image or ""}' + "".join(map(_line, lines)) + "</figure>")
 
 
+def frames_card(frames, *lines, height=128):
+    """`card` of an image or a clip's frames (PIL, a strip of them) over lines: shown `height` px
+    high at most, a smaller picture enlarged by a whole factor (crisp 64-px toy frames); JPEG, which
+    `thumb` picks for frames and photos anyway, without its slower PNG try. frames=[]: no picture."""
+    pic = strip(frames, height=min(height, frames[0].height)) if frames else None
+    pic = thumb(pic, max(pic.size) * max(1, height // pic.height), fmt="JPEG") if frames else None
+    return card(pic, *lines)
+
+
+def caption_report(out_dir, title, metrics, groups=None, rows=(), frames_of=None, video=False):
+    """<out_dir>/report.html of a captioning run -> (path, seconds it took): the training curves
+    (`training_plots` of <out_dir>/metrics.jsonl with `groups`), the results table, and the first
+    16 `rows` of a predictions file ({"prediction", "target", ...}) as cards of frames_of(row)
+    (PIL frames) with the generated caption and the references; video=True: the first 8, each a
+    strip of the clip's frames, one card a row (a strip takes the page's width)."""
+    rep = Report(title)
+    with rep.timed():
+        rep.section("Training", training_plots(os.path.join(out_dir, "metrics.jsonl"), groups))
+        rep.section("Results", table(metrics, header=["figure", "value"]))
+        cards = [frames_card(frames_of(r), ("generated", r["prediction"]), ("references", r["target"]))
+                 for r in rows[:8 if video else 16]]
+        if cards:
+            rep.section(f"{'Video c' if video else 'C'}aptions (test)", cards if video else grid(cards))
+        path = rep.write(out_dir)
+    return path, rep.seconds
+
+
 def grid(cards):
     """Cards side by side, wrapping at the page width."""
     return Html('<div class="grid">' + "".join(cards) + "</div>")

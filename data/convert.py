@@ -922,6 +922,7 @@ def extract_frames(video, out_dir, fps, max_frames, ffmpeg="ffmpeg"):
     fresh temporary folder renamed into place: a crash leaves no half folder.  A folder already there is
     replaced when it holds only frames.  Returns the frame names, or raises RuntimeError with ffmpeg's last
     message when it decodes nothing."""
+    from common.image import sample_frames  # imported on first use: it brings torch
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out_dir) + ".", suffix=".tmp")
@@ -935,8 +936,7 @@ def extract_frames(video, out_dir, fps, max_frames, ffmpeg="ffmpeg"):
         if r.returncode != 0 or not names:
             lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}, no frames"]
             raise RuntimeError(lines[-1])
-        if len(names) > max_frames:  # segment centres, as perceiver_caption.py samples a clip's frames
-            names = [names[int((i + 0.5) * len(names) / max_frames)] for i in range(max_frames)]
+        names = [names[j] for j in sample_frames(len(names), max_frames)]  # as perceiver_caption.py reads
         kept = [f"{j:05d}.jpg" for j in range(len(names))]
         for name, new in zip(names, kept):
             os.replace(os.path.join(raw, name), os.path.join(tmp, new))

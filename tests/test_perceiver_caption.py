@@ -668,3 +668,63 @@ def test_video_folder_records_apart_from_the_image_root_in_frame_order(world, tm
     out = pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "r" / "best.pt"), "--toy_root", str(world),
                    "--inputs", folder, "--decode", "greedy", "--max_new_tokens", "3"])
     assert len(out[folder]) == 1 and [x["tried"] for x in items] == [[os.path.join(folder, n) for n in order]]
+
+
+def test_nucleus_sampling_returns_seeded_samples(world, tmp_path):
+    """--decode nucleus, the seed's third decoding (utils/decoding.py nucleus_sampling; config.yaml: top_p 0.8,
+    temperature 0.9, no top-k): --num_return samples per input, the same again for the same --seed, not all
+    the greedy caption."""
+    _run(world, tmp_path / "r", "--steps", "1", "--global_batch", "4", "--micro_batch", "4",
+         "--test_after_train", "false")
+    with open(os.path.join(world, "pairs_test.jsonl")) as f:
+        imgs = [os.path.join(world, json.loads(line)["image"]) for line in f][:4]
+
+    def caption(*extra):
+        return pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "r" / "best.pt"), "--toy_root", str(world),
+                        "--inputs", ",".join(imgs), "--max_new_tokens", "8", *extra])
+    a = caption("--decode", "nucleus", "--num_return", "3")
+    b = caption("--decode", "nucleus", "--num_return", "3")
+    greedy = caption("--decode", "greedy")
+    assert a == b and all(len(c) == 3 and all(isinstance(x, str) for x in c) for c in a.values())
+    assert any(set(a[p]) != set(greedy[p]) for p in imgs), (a, greedy)
+    assert sum(map(len, (x for c in a.values() for x in c))) > 0  # some text, not 12 empty samples
+    with pytest.raises(ValueError, match="needs --decode nucleus or as many beams"):
+        caption("--decode", "greedy", "--num_return", "2")
+
+
+def test_cache_feats_keep_the_encoder_dtype(world, tiny):
+    """--cache_feats keeps the features in the frozen CLIP's dtype (bf16 on a GPU: half the memory of fp32), the
+    values encode_frames gives; a bf16 CLIP on the CPU stands in for the GPU's."""
+    import copy
+    recs = pc.read_records(os.path.join(world, "pairs_val.jsonl"), "image")[:3]
+    ctok, d = pc.CaptionTokenizer(tiny["tok"], 16), pc.cdist.setup_distributed("cpu")
+    for dt in (torch.float32, torch.bfloat16):
+        clip = copy.deepcopy(tiny["clip"]).to(dt)
+        ds = pc.CaptionSet(recs, world, clip.config.image_size, 1, ctok)
+        pc.cache_features(ds, clip, torch.float32, 2, d)
+        assert [x.dtype for x in ds.cache] == [dt] * 3
+        px = pc.CaptionSet(recs, world, clip.config.image_size, 1, ctok)[(2, 0)]["pixels"][None]
+        want = pc.encode_frames(clip, px, torch.ones(1, 1, dtype=torch.bool), torch.float32)[0]
+        assert torch.equal(ds.cache[2], want.to(dt))
+
+
+def test_test_mode_takes_num_frames_given_and_warns_of_model_flags(world, tmp_path, monkeypatch, capsys):
+    """Flamingo (arXiv 2204.14198) trains on 8 frames and runs on more: --mode test|caption take --num_frames
+    (and --task) from the command line, up to the frames the checkpoint's time embeddings were trained on;
+    a model field given there (--num_latents) is the checkpoint's, with one warning line."""
+    _run(world, tmp_path / "v", "--task", "video", "--num_frames", "4", "--steps", "1", "--global_batch", "4",
+         "--micro_batch", "4", "--test_after_train", "false")
+    items, getitem = [], pc.CaptionSet.__getitem__
+    monkeypatch.setattr(pc.CaptionSet, "__getitem__", lambda ds, key: items.append(getitem(ds, key)) or items[-1])
+    ck = ["--mode", "test", "--ckpt", str(tmp_path / "v" / "best.pt"), "--toy_root", str(world), "--out_dir",
+          str(tmp_path / "t"), "--decode", "greedy", "--max_new_tokens", "3", "--report", "false"]
+    capsys.readouterr()
+    m = pc.main(ck + ["--task", "video", "--num_frames", "2", "--num_latents", "3", "--max_time_emb", "500"])
+    assert m["n"] == 10 and max(len(x["tried"]) for x in items) == 2  # the checkpoint's 4 frames before
+    out = capsys.readouterr().out
+    assert "warning: the checkpoint's model fields override --num_latents\n" in out  # not the equal max_time_emb
+    items.clear()
+    pc.main(ck)  # nothing given: the checkpoint's 4 frames
+    assert max(len(x["tried"]) for x in items) == 4 and "warning" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num_frames 6: the checkpoint has 4 trained time rows"):
+        pc.main(ck + ["--num_frames", "6"])
