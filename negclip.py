@@ -71,7 +71,7 @@ class ModelConfig:
     lora_r: int = 0               # >0: LoRA adapters on the unlocked towers, towers frozen
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    lora_targets: list[str] = field(default_factory=lambda: ["auto"])  # auto: NG.lora_targets
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Config(ModelConfig):
     # --- data
     train_file: str = ""          # to mine from: pairs .jsonl | BLIP/Karpathy .json ("" = toy)
     image_root: str = ""          # root of the image paths in train_file / TSV ("" = toy_root)
+    mine_prefix: str = ""         # mined rows' paths: <mine_prefix>/<train_file's> (paper: coco)
     train_tsv: str = ""           # mined or released TSV ("" = <out_dir>/train_neg_clip.tsv)
     train_shards: str = ""        # or webdataset shards, e.g. 'cc3m/{00000..00331}.tar' (no mining)
     val_file: str = ""            # retrieval set for model selection ("" = toy val; "none" = off)
@@ -109,8 +110,8 @@ class Config(ModelConfig):
     epochs: int = 5
     max_steps: int = 0            # >0 overrides epochs
     stop_after: int = 0           # >0: stop (checkpointed) after this step, same schedule
-    lr: float = 1e-6              # towers (paper grid {1e-5, 5e-6, 1e-6}; released command 1e-6)
-    head_lr: float = 0.0          # projections + logit scale (0 = lr; fresh unimodal heads: 1e-4)
+    lr: float = 0.0               # towers; 0 = NG.init_lr: 1e-6 (clip, paper), 1e-5 (unimodal)
+    head_lr: float = 0.0          # projections + logit scale (0 = lr)
     warmup: int = 50
     weight_decay: float = 0.2
     beta2: float = 0.98
@@ -124,10 +125,10 @@ class Config(ModelConfig):
     # --- eval
     benchmarks: list[str] = field(default_factory=lambda: list(B.BENCHMARKS))
     bench_root: str = ""          # aro/ sugarcrepe/ crepe/ ... vl_checklist/ classification/
-    retrieval_file: str = ""      # pairs .jsonl | BLIP test .json | NegCLIP .tsv ("" = toy test)
-    retrieval_image_root: str = ""
-    order_file: str = ""          # BLIP coco_karpathy_test.json / flickr30k_test.json (*-Order)
-    order_image_root: str = ""
+    retrieval_file: str = ""      # pairs .jsonl | BLIP test .json | NegCLIP .tsv (a comma list: each)
+    retrieval_image_root: str = ""  # one root, or a comma list: one per file ("" = toy)
+    order_file: str = ""          # BLIP coco_karpathy_test.json, flickr30k_test.json (one or both)
+    order_image_root: str = ""    # one root, or one per file
     order_seeds: int = 5          # ARO authors: mean +- std over 5 random perturbation draws
     aro_min_pair_count: int = 25  # VG-Attribution macro: attribute pairs with >= this many cases
     eval_batch: int = 256
@@ -147,10 +148,11 @@ PRESETS = {
     # here ViT-B/32 OpenAI, COCO Karpathy train+restval, the released TSV (109,468 rows, 1 caption each).
     "paper": dict(clip="openai/clip-vit-base-patch32", train_tsv="data/negclip/train_neg_clip.tsv",
                   image_root="data", train_file="data/coco/coco_karpathy_train.json",
-                  val_file="data/negclip/valid_neg_clip.tsv", workers=8,
+                  val_file="data/negclip/valid_neg_clip.tsv", workers=8, mine_prefix="coco",
                   bench_root="data/benchmarks", retrieval_image_root="data/coco",
                   retrieval_file="data/benchmarks/blip/coco_karpathy_test.json",
-                  order_file="data/benchmarks/blip/coco_karpathy_test.json", order_image_root="data/coco"),
+                  order_file="data/benchmarks/blip/coco_karpathy_test.json",
+                  order_image_root="data/coco"),
 }
 
 # what a resumed run may change without changing the training it continues (init: the architecture)
@@ -275,15 +277,6 @@ def load_tower(path, side, meta=False):
     return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if no_pooler else {}))
 
 
-def _image_stats(path, model_type, meta=False):
-    """Mean/std from the vision checkpoint's preprocessor_config.json (a folder's or a hub name's,
-    data/negatives.py processor_config), else by model family."""
-    d = NG.processor_config(path, meta)
-    if "image_mean" in d and "image_std" in d:
-        return tuple(d["image_mean"]), tuple(d["image_std"])
-    return (CLIP_MEAN, CLIP_STD) if model_type.startswith("clip") else (IMAGENET_MEAN, IMAGENET_STD)
-
-
 def build_model(mc, meta=False):
     """ModelConfig -> (DualEncoder, tokenizer).  Freezing / LoRA are applied here, once.  meta: the
     architecture alone on the meta device, no tokenizer (--mode params)."""
@@ -301,9 +294,7 @@ def build_model(mc, meta=False):
         vp, tp = (nn.Linear(d, mc.embed_dim, bias=False, device=vision.device) for d in (dv, dt))
         for lin in (vp, tp):
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
-        size = vision.config.image_size
-        image = (size[0] if isinstance(size, (list, tuple)) else size,
-                 *_image_stats(mc.vision, vision.config.model_type, meta))
+        image = NG.vision_preprocessing(mc.vision, vision.config, meta)  # (size, mean, std)
         for n, p in vision.named_parameters():  # no loss reaches these: DDP would stop at step 2
             if n.endswith("mask_token") or (mc.vision_pool == "mean" and "post_layernorm" in n):
                 p.requires_grad_(False)  # DINOv2's mask token; a mean-pooled CLIP tower's pooled LN
@@ -316,7 +307,8 @@ def build_model(mc, meta=False):
         if getattr(mc, f"lock_{name}"):
             tower.requires_grad_(False).eval()
         elif mc.lora_r > 0:  # adapters on unlocked towers; heads + temperature train fully
-            add_lora(tower, mc.lora_targets, mc.lora_r, mc.lora_alpha, mc.lora_dropout)
+            add_lora(tower, NG.lora_targets(mc.lora_targets, tower.config.model_type), mc.lora_r,
+                     mc.lora_alpha, mc.lora_dropout)
     return model, tok
 
 

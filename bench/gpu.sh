@@ -89,7 +89,7 @@ add dlip_pretrain dlip.py "--preset paper --mode pretrain --teacher $M/blip-itm-
     --tokenizer $M/bert-base-uncased --train_files $TOY/pairs_train.jsonl --image_root $TOY
     --num_workers $WORKERS --global_batch $B_DLIP --micro_batch $B_DLIP $X_DLIP"
 add negclip_train negclip.py "--preset paper --mode train --clip $M/clip-vit-base-patch32 $DATA
-    --train_tsv $OUT/runs/negclip_train_neg_clip.tsv --val_file none --workers $WORKERS
+    --train_tsv $OUT/runs/negclip_train_neg_clip.tsv --val_file none --workers $WORKERS --mine_prefix=
     --global_batch $B_NEG --micro_batch $B_NEG"
 add perceiver_both perceiver_caption.py "--preset paper --mode train
     --clip_model $M/clip-vit-base-patch32 --lm_model $M/gpt2 $DATA

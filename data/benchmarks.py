@@ -712,6 +712,31 @@ def eval_classification(sc, root, seed=0, log=print):
 
 
 BENCHMARKS = ("retrieval", "aro", "order", "sugarcrepe", "crepe", "svo", "winoground", "vlc", "classification")
+# under bench_root: a benchmark without its folder is skipped (SVO's images are downloaded apart)
+BENCHMARK_FOLDERS = {"aro": "aro", "sugarcrepe": "sugarcrepe", "crepe": "crepe",
+                     "svo": os.path.join("svo_probes", "images"), "winoground": "winoground",
+                     "vlc": "vl_checklist"}
+
+
+def dataset_name(path):
+    """A retrieval / order file's dataset: coco or flickr30k by its name (BLIP's coco_karpathy_test.json,
+    flickr30k_test.json), else the file's stem."""
+    base = os.path.basename(path).lower()
+    return "flickr30k" if "flickr" in base else "coco" if "coco" in base else base.split(".")[0]
+
+
+def file_list(files, roots, what):
+    """--<what>_file as a comma list (COCO and Flickr30k in one eval) and --<what>_image_root as one root
+    for all or a comma list of as many -> [(dataset name, file, image root)]; names made unique by
+    the file stems when dataset_name gives two files the same."""
+    fs, rs = files.split(","), roots.split(",")
+    rs = rs * len(fs) if len(rs) == 1 else rs
+    if len(rs) != len(fs):
+        raise ValueError(f"--{what}_image_root: {len(rs)} roots for {len(fs)} --{what}_file files")
+    names = [dataset_name(f) for f in fs]
+    if len(set(names)) < len(names):
+        names = [os.path.basename(f).split(".")[0] for f in fs]
+    return list(zip(names, fs, rs))
 
 
 def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_root="",
@@ -719,10 +744,27 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
                    tagger=None, log=print):
     """Run the listed benchmarks with Scorer `sc` -> flat {"bench/metric": value}.  bench_root holds
     aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts and
-    classification/<dataset>/ ImageFolders."""
-    runners = {"retrieval": lambda: eval_retrieval(sc, retrieval_file, retrieval_image_root),
+    classification/<dataset>/ ImageFolders.  retrieval_file / order_file may be comma lists (file_list;
+    retrieval keys then start with the dataset: "retrieval/flickr30k_txt_r1"; order keys always name
+    it).  A benchmark whose folder (or file: retrieval, order; SVO: its images/ too, downloaded apart)
+    is absent is skipped with one log line, so the others are still scored and written; bad data in a
+    present one is an error."""
+    need = {b: os.path.join(bench_root, d) for b, d in BENCHMARK_FOLDERS.items()}  # (classification:
+    sets = {"retrieval": file_list(retrieval_file, retrieval_image_root, "retrieval"),  # its own)
+            "order": file_list(order_file, order_image_root, "order")}
+
+    def per_set(b, run):  # retrieval / order: each file that exists; several: keys by dataset
+        out, many = {}, len(sets[b]) > 1
+        for name, path, root in sets[b]:
+            if not os.path.isfile(path):
+                log(f"{b}: no {path or f'--{b}_file'}, skipped")
+                continue
+            res = run(path, root)
+            out.update({f"{name}_{k}" if many and b == "retrieval" else k: v for k, v in res.items()})
+        return out
+    runners = {"retrieval": lambda: per_set("retrieval", lambda f, r: eval_retrieval(sc, f, r)),
                "aro": lambda: eval_aro(sc, bench_root, aro_min_pair_count),
-               "order": lambda: eval_order(sc, order_file, order_image_root, order_seeds, tagger),
+               "order": lambda: per_set("order", lambda f, r: eval_order(sc, f, r, order_seeds, tagger)),
                "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
                "winoground": lambda: eval_winoground(sc, bench_root),
@@ -732,6 +774,9 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
     for b in names:
         if b not in runners:
             raise ValueError(f"unknown benchmark {b!r}; choose from {list(BENCHMARKS)}")
+        if b in need and not os.path.exists(need[b]):
+            log(f"{b}: no {need[b]}, skipped")
+            continue
         res.update({f"{b}/{k}": v for k, v in runners[b]().items()})
     if sc.images_seen.bad:
         res["unreadable_images"] = sc.images_seen.bad

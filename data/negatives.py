@@ -21,7 +21,7 @@ root, model, image features (transform, precision, pooling) and mining settings.
 `NegativeShardStream` gives webdataset shards (`--train_shards`) the same swaps on the fly
 (`shard_batches`: negclip.py's micro batches of them); `negative_rows` / `score_rows` /
 `write_report` make negclip.py's picture report; `resolve_paths` fills negclip.py's empty paths
-from the toy world; `processor_config` reads a vision tower's normalisation.
+from the toy world; `vision_preprocessing` reads a vision tower's input size and normalisation.
 """
 import ast
 import csv
@@ -38,7 +38,7 @@ import torch
 
 from common import dist as D
 from common.data import DataError, ImageFolderLoader, ShardStream, read_pairs, stream_loader
-from common.image import load_image
+from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 
 # ================================================================================================ Tagger
@@ -373,7 +373,7 @@ def verb_phrases(coarse_tags):
         if k > j:
             spans.append((i, k))
             i = k
-        elif i < n and coarse_tags[i] == "VERB" and j == i + 1:  # a single VERB matched by "VERB+"
+        elif coarse_tags[i] == "VERB":  # no VERB after "VERB ADV* AUX*": the verb alone is "VERB+"
             spans.append((i, i + 1))
             i += 1
         else:
@@ -664,16 +664,25 @@ def mine(records, image_root, embed_images, tagger, images, seed=0, k=3, chunk=4
     if len(bad) == len(uniq):
         raise DataError(f"no readable image under {image_root} ({images.report()})")
     rows = [r for r in records if r["image"] not in bad and r["negs"]]
-    if len(rows) < 2:
-        raise DataError(f"mine: {len(rows)} usable rows (need >= 2 for neighbours)")
+    # neighbours are images: k-NN over the distinct images of the rows (with several captions per
+    # image, --all_captions, the rows of one image share its embedding), then each neighbour image
+    # -> one of its rows, chosen by the anchor row's index (deterministic, captions vary)
+    rows_of, ids = {}, {}
+    for i, r in enumerate(rows):
+        rows_of.setdefault(r["image"], []).append(i)
+    imgs = list(rows_of)  # (U,) in first-row order
+    img_id = torch.tensor([ids.setdefault(rows[rows_of[p][0]]["image_id"], len(ids)) for p in imgs],
+                          device=device)
+    if len(ids) < 2:
+        raise DataError(f"mine: {len(rows)} usable rows of {len(ids)} images (need >= 2 images)")
     pos = {p: i for i, p in enumerate(uniq)}
-    x = emb[torch.tensor([pos[r["image"]] for r in rows])].to(device)  # (N, D)
+    x = emb[torch.tensor([pos[p] for p in imgs])].to(device)  # (U, D)
     x = x.half() if torch.device(device).type == "cuda" else x
-    ids = {}
-    img_id = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in rows], device=device)
-    kk = min(k, len(rows) - 1)
-    for r, nb in zip(rows, nearest_neighbours(x, img_id, kk, chunk).tolist()):
-        r["nbrs"] = nb
+    kk = min(k, len(ids) - 1)
+    nbrs = nearest_neighbours(x, img_id, kk, chunk).tolist()  # (U, kk) image indices
+    for u, p in enumerate(imgs):
+        for i in rows_of[p]:
+            rows[i]["nbrs"] = [rows_of[imgs[v]][i % len(rows_of[imgs[v]])] for v in nbrs[u]]
     return rows, {"rows": len(rows), "dropped_no_negative_or_unreadable": len(records) - len(rows),
                   "unreadable_images": len(bad), "negatives_per_type": counts, "k": kk,
                   "tagger": tagger.name}
@@ -684,9 +693,11 @@ def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
     (mining_key: train file, image root, settings, mining model and the features it gives) differs
     or `force`; a released TSV (no key) is used as is.  cfg: negclip.py's Config (train_file,
     image_root, tagger, all_captions, seed, mine_k, mine_chunk, max_bad_frac, init, clip, vision,
-    vision_pool); embed_images: as mine's; model: what embeds them (its image_size, image_mean,
-    image_std), under autocast to `dtype` on dist.device.  Every rank calls this; rank 0 decides
-    and writes.  -> {"rows", "neg_<type>": count}, or None when the TSV is kept."""
+    vision_pool, mine_prefix: the folder under image_root that the train file's image paths are
+    relative to, which the mined rows' paths then start with); embed_images: as mine's; model: what
+    embeds them (its image_size, image_mean, image_std), under autocast to `dtype` on dist.device.
+    Every rank calls this; rank 0 decides and writes.  -> {"rows", "neg_<type>": count}, or None
+    when the TSV is kept."""
     tsv, tagger = cfg.train_tsv, make_tagger(cfg.tagger)
     mine_model = cfg.clip if cfg.init == "clip" else cfg.vision
     # the features neighbours are ranked by: the model's, from its image transform, at a precision
@@ -697,15 +708,20 @@ def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
     if cfg.init != "clip":
         space.update(space="pooled vision feature, L2", vision_pool=cfg.vision_pool)
 
+    prefix = {"image_prefix": cfg.mine_prefix} if cfg.mine_prefix else {}
+
     def make_key():
         return mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
-                          tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model, **space)
+                          tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model,
+                          **space, **prefix)
     why = "--mode mine" if force else stale_reason(tsv, make_key)
     why = D.broadcast_object(why)  # rank 0 decides: every rank takes part in mining or none does
     if why is None:
         return None
     log(f"{why}: mining {cfg.train_file} -> {tsv}")
     key, recs = make_key(), read_training_records(cfg.train_file, cfg.all_captions)
+    for r in recs:  # TSV paths under image_root (paper: coco/val2014/..., as the released TSV)
+        r["image"] = os.path.join(cfg.mine_prefix, r["image"])
     images = ImageFolderLoader(cfg.image_root, None, cfg.max_bad_frac)
     rows, summary = mine(recs, cfg.image_root, embed_images, tagger, images, cfg.seed, cfg.mine_k,
                          cfg.mine_chunk, dist.device, log)
@@ -728,8 +744,9 @@ def save_mined(tsv, rows, summary, key):
 
 def resolve_paths(cfg, is_main=True):
     """negclip.py's Config: fill empty paths from the toy world, building it (only the backbones
-    read) on first use."""
+    read) on first use; --lr 0: the init's learning rate (init_lr)."""
     from data.toy import toy_paths
+    cfg.lr = cfg.lr or init_lr(cfg.init)
     uni = cfg.init == "unimodal"
     towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
     toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
@@ -771,14 +788,76 @@ def processor_config(path, meta=False):
         return json.load(f)
 
 
+# ---- defaults of the two inits (negclip.py --init clip | unimodal)
+
+def init_lr(init):
+    """The tower learning rate when --lr is 0.  clip: 1e-6, the released NegCLIP command
+    (vinid/neg_clip; the paper's grid was {1e-5, 5e-6, 1e-6}).  unimodal: 1e-5, the one learning
+    rate (towers and fresh heads alike, --head_lr 0) of the uni-modal NegCLIP configs of
+    github.com/JiH00nKw0n/multimodal (configs/train/negclip_dinov2_large_bert_base.yml,
+    negclip_dinov2_lora.yml)."""
+    return 1e-5 if init == "unimodal" else 1e-6
+
+
+CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def lora_targets(targets, model_type):
+    """--lora_targets for one tower: ["auto"] -> CLIP's attention and MLP Linears for a CLIP tower
+    (every Linear it has), "all-linear" for any other (BERT, RoBERTa, DistilBERT, ViT, DINOv2: their
+    module names differ), as the LoRA configs of github.com/JiH00nKw0n/multimodal (configs/lora/
+    clip_vit_large_patch14_336.yml; dinov2_base.yml, roberta_base.yml, distillbert_base.yml).  Any
+    other list is used as given."""
+    if list(targets) != ["auto"]:
+        return list(targets)
+    return list(CLIP_LORA_TARGETS) if model_type.startswith("clip") else ["all-linear"]
+
+
+def processor_size(d):
+    """The input side a preprocessor_config.json dict gives, in the forms HF image processors write:
+    the centre crop (crop_size) when the processor crops, else its resize (size); each an int,
+    {"height", "width"} or {"shortest_edge"}.  None when it names neither."""
+    keys = (("crop_size",) if d.get("do_center_crop", True) else ()) + ("size",)
+    for v in (d[k] for k in keys if k in d):
+        if isinstance(v, int):
+            return v
+        if isinstance(v, dict) and "height" in v and "width" in v:
+            if v["height"] != v["width"]:
+                raise ValueError(f"non-square processor input {v}: the transform here is square")
+            return v["height"]
+        if isinstance(v, dict) and "shortest_edge" in v:
+            return v["shortest_edge"]
+    return None
+
+
+def vision_preprocessing(path, config, meta=False):
+    """(input side, mean, std) of a uni-modal vision tower (negclip.py --init unimodal): from the
+    checkpoint's preprocessor_config.json (processor_config, processor_size), else by family.  The
+    model config's image_size is the size of its position embeddings, not always the input:
+    facebook/dinov2-* say 518 while their processors resize to 256 and centre-crop 224 (as the
+    evaluation transform of facebookresearch/dinov2, dinov2/data/transforms.py); DINOv2 interpolates
+    its position embeddings to the input, so without a processor config it gets that 224 too."""
+    d = processor_config(path, meta)
+    size = processor_size(d)
+    if size is None and config.model_type == "dinov2":
+        size = 224
+    elif size is None:
+        size = config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+    if "image_mean" in d and "image_std" in d:
+        return size, tuple(d["image_mean"]), tuple(d["image_std"])
+    clip = config.model_type.startswith("clip")
+    return (size, *((CLIP_MEAN, CLIP_STD) if clip else (IMAGENET_MEAN, IMAGENET_STD)))
+
+
 def negative_rows(cfg, n=6, k=3):
     """The picture report's rows: the first n images of cfg.val_file (cfg.retrieval_file when it is
     "none"; no rows when the file is missing) that load and whose first caption has a swap ->
     [{"pil": the image, "texts": [caption, up to k of its hard negatives]}]."""
     from data.benchmarks import read_caption_sets  # (it imports this module)
     path, root = cfg.val_file, cfg.image_root
-    if path == "none":
-        path, root = cfg.retrieval_file, cfg.retrieval_image_root
+    if path == "none":  # (a comma list of test sets: the first)
+        path, root = cfg.retrieval_file.split(",")[0], cfg.retrieval_image_root.split(",")[0]
     rows, tagger = [], make_tagger(cfg.tagger)
     for image, caps in read_caption_sets(path) if os.path.isfile(path) else []:
         negs = [t for _, t in hard_negatives(caps[0], tagger, cfg.seed)][:k]

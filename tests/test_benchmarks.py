@@ -244,6 +244,55 @@ def test_run_benchmarks_counts_unreadable_images_once_and_enforces_max_bad_frac(
         B.run_benchmarks(sc, ["nope"], str(tmp_path))
 
 
+def test_run_benchmarks_skips_a_missing_benchmark_folder_and_scores_the_rest(tmp_path):
+    """A benchmark whose folder (or retrieval/order file) is absent is skipped with one log line and the others are
+    scored, so results.json is still written; it used to stop the whole eval with a DataError.  Bad data inside a
+    present folder is still an error."""
+    os.makedirs(tmp_path / "winoground" / "images")
+    with open(tmp_path / "winoground" / "examples.jsonl", "w") as f:
+        f.write(json.dumps({"id": 0, "image_0": "a", "image_1": "b", "caption_0": "a red one",
+                            "caption_1": "a blue one"}) + "\n")
+    _png(str(tmp_path / "winoground" / "images" / "a.png"), (255, 0, 0))
+    _png(str(tmp_path / "winoground" / "images" / "b.png"), (0, 0, 255))
+    os.makedirs(tmp_path / "svo_probes")  # the CSV without its downloaded images/: skipped as well
+    shutil.copy(f"{FIX}/svo_probes/svo_probes.csv", tmp_path / "svo_probes")
+    lines, names = [], [b for b in B.BENCHMARKS if b != "classification"]
+    res = B.run_benchmarks(_colour_scorer(), names, str(tmp_path), retrieval_file=str(tmp_path / "none.json"),
+                           order_file="", log=lines.append)
+    assert res["winoground/group"] == 1.0 and {k.split("/")[0] for k in res} == {"winoground"}
+    skipped = [m for m in lines if m.endswith(", skipped")]
+    assert skipped == [f"retrieval: no {tmp_path}/none.json, skipped", f"aro: no {tmp_path}/aro, skipped",
+                       "order: no --order_file, skipped", f"sugarcrepe: no {tmp_path}/sugarcrepe, skipped",
+                       f"crepe: no {tmp_path}/crepe, skipped", f"svo: no {tmp_path}/svo_probes/images, skipped",
+                       f"vlc: no {tmp_path}/vl_checklist, skipped"]
+    os.makedirs(tmp_path / "aro")  # present but without its files: an error naming the file
+    with pytest.raises(B.DataError, match="visual_genome_relation.json: file not found"):
+        B.run_benchmarks(_colour_scorer(), ["winoground", "aro"], str(tmp_path), log=lines.append)
+
+
+def test_retrieval_and_order_of_coco_and_flickr_in_one_eval(tmp_path):
+    """--retrieval_file / --order_file as comma lists (image roots: one per file) score COCO and Flickr30k in one
+    eval: retrieval keys start with the dataset, order keys name it already; each equals its single-file run."""
+    coco, flickr = f"{FIX}/blip/coco_karpathy_test.json", f"{FIX}/blip/flickr30k_test.json"
+    for k, (path, root) in enumerate(((coco, "coco"), (flickr, "flickr"))):
+        for j, (image, _) in enumerate(B.read_caption_sets(path)):
+            _png(str(tmp_path / root / image), [(255, 0, 0), (0, 0, 255), (0, 255, 0)][(j + k) % 3])
+    roots = f"{tmp_path}/coco,{tmp_path}/flickr"
+    run = lambda files, roots: B.run_benchmarks(  # noqa: E731
+        _colour_scorer(), ["retrieval", "order"], str(tmp_path), files, roots, files, roots, order_seeds=1,
+        tagger=RuleTagger(), log=lambda m: None)
+    both = run(f"{coco},{flickr}", roots)
+    for name, path, root in (("coco", coco, "coco"), ("flickr30k", flickr, "flickr")):
+        single = run(path, f"{tmp_path}/{root}")
+        assert single["retrieval/txt_r1"] == both[f"retrieval/{name}_txt_r1"]
+        assert {f"retrieval/{name}_{k[len('retrieval/'):]}": v for k, v in single.items()
+                if k.startswith("retrieval/")} == {k: v for k, v in both.items() if k.startswith(f"retrieval/{name}_")}
+        assert both[f"order/{name}_order_p1"] == single[f"order/{name}_order_p1"]
+    assert {k.split("/")[1].split("_")[0] for k in both if k.startswith("retrieval/")} == {"coco", "flickr30k"}
+    with pytest.raises(ValueError, match="--retrieval_image_root: 3 roots for 2 --retrieval_file files"):
+        run(f"{coco},{flickr}", roots + ",x")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # VL-CheckList
 def test_read_simple_yaml_accepts_key_value_lines_only(tmp_path):

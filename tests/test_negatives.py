@@ -120,6 +120,17 @@ def test_hard_negative_swap_types_on_hand_written_examples():
     assert negs["ADV"] == "a man quickly walks while a dog slowly runs"
 
 
+def test_verb_phrase_of_a_verb_followed_by_adverbs_only():
+    """VERB? ADV* AUX* VERB+ (the authors' spaCy Matcher pattern) matches a verb that only adverbs follow as the
+    verb alone ("VERB+"); it used to give no span at all, so this caption had no verb-phrase negative."""
+    V, A, N, D = "VERB", "ADV", "NOUN", "DET"
+    assert G.verb_phrases([D, N, V, A, "ADP", D, N, V, A]) == [(2, 3), (7, 8)]
+    assert G.verb_phrases([V, A, A]) == [(0, 1)] and G.verb_phrases([V, A, "AUX", N]) == [(0, 1)]
+    assert G.verb_phrases([A, V, N, V, A, V]) == [(0, 2), (3, 6)]  # the longer matches still win
+    negs = dict(G.hard_negatives("a man walks slowly while a dog runs quickly", G.RuleTagger(), seed=0))
+    assert negs["verb_phrase"] == "a man runs slowly while a dog walks quickly"
+
+
 def test_hard_negatives_deterministic_and_filtered():
     tagger = G.RuleTagger()
     cap = "A man with a red helmet on a small moped on a dirt road."
@@ -290,7 +301,8 @@ def test_unimodal_mined_tsv_is_keyed_by_its_embedding_space(tmp_path):
     for init in ("clip", "unimodal"):
         cfg = SimpleNamespace(train_tsv=str(tmp_path / f"{init}.tsv"), tagger="rule", init=init, clip="c", vision="v",
                               train_file=str(tmp_path / "train.jsonl"), image_root=str(tmp_path), all_captions=False,
-                              seed=0, mine_k=2, mine_chunk=8, max_bad_frac=0.0, vision_pool="cls")
+                              seed=0, mine_k=2, mine_chunk=8, max_bad_frac=0.0, vision_pool="cls",
+                              mine_prefix="")
         assert ensure(cfg)["rows"] == 4
         key = json.load(open(cfg.train_tsv + ".key.json"))
         assert key.get("space") == (None if init == "clip" else "pooled vision feature, L2")
@@ -335,3 +347,101 @@ def test_mine_counts_unreadable_images_once_and_enforces_max_bad_frac(tmp_path):
     with pytest.raises(G.DataError, match=r"no readable image under .*\(10 of 10 images unreadable"):
         G.mine([dict(r) for r in recs], str(tmp_path), _emb, G.RuleTagger(),
                ImageFolderLoader(str(tmp_path), None, max_bad_frac=1.0))
+
+
+def _vec_emb(paths):
+    """Stand-in image encoder: a fixed random unit vector per image file name (im<k>.png -> seed k)."""
+    seeds = [int(os.path.basename(p)[2:-4]) for p in paths]
+    return torch.stack([_unit(torch.randn(8, generator=torch.Generator().manual_seed(k))) for k in seeds])
+
+
+def test_mine_with_all_captions_gives_distinct_neighbour_images(tmp_path):
+    """--all_captions: the captions of an image share its embedding, so k-NN over rows gave a row its nearest
+    image k times over (one row per caption).  Mining is per image: the k nearest other images, each mapped to one
+    of its rows (chosen by the anchor row: deterministic, captions vary), equal to brute force over the images."""
+    from PIL import Image
+    caps = ["a large red circle left of a small blue square", "a small blue square and a large red circle",
+            "a green star above a pink heart", "a pink heart below a green star"]
+    recs = []
+    for i in range(7):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / f"im{i}.png")
+        recs += [{"image": f"im{i}.png", "caption": c, "image_id": str(i)} for c in caps[:2 + i % 3]]
+    rows, summary = G.mine([dict(r) for r in recs], str(tmp_path), _vec_emb, G.RuleTagger(),
+                           ImageFolderLoader(str(tmp_path), None), k=3, chunk=2)
+    assert summary["k"] == 3 and len({r["image"] for r in rows}) == 7
+    images = sorted({r["image"] for r in rows})
+    x = _vec_emb([str(tmp_path / p) for p in images])
+    for i, r in enumerate(rows):
+        nb_images = [rows[j]["image"] for j in r["nbrs"]]
+        assert len(set(nb_images)) == 3 and r["image"] not in nb_images
+        sim = x @ x[images.index(r["image"])]
+        sim[images.index(r["image"])] = -float("inf")
+        assert nb_images == [images[u] for u in sim.topk(3).indices.tolist()]
+    again, _ = G.mine([dict(r) for r in recs], str(tmp_path), _vec_emb, G.RuleTagger(),
+                      ImageFolderLoader(str(tmp_path), None), k=3, chunk=5)
+    assert [r["nbrs"] for r in again] == [r["nbrs"] for r in rows]  # deterministic, any chunk size
+    one = G.mine([dict(r) for r in recs if r["caption"] == caps[0]], str(tmp_path), _vec_emb, G.RuleTagger(),
+                 ImageFolderLoader(str(tmp_path), None), k=3)[0]  # one caption per image: rows are images
+    assert all(i not in r["nbrs"] and len(set(r["nbrs"])) == 3 for i, r in enumerate(one))
+
+
+def test_mine_prefix_puts_karpathy_json_paths_under_the_released_tsv_root(tmp_path):
+    """The paper preset reads the released TSV (paths coco/val2014/...) under image_root data/, while BLIP's
+    coco_karpathy_train.json names val2014/...: mined rows get mine_prefix ("coco") in front, so mining finds the
+    images under data/coco/ and the mined TSV reads under the same root as the released one."""
+    from types import SimpleNamespace
+    from PIL import Image
+    from common.dist import Dist
+    train = f"{FIX}/blip/coco_karpathy_train.json"
+    recs = G.read_training_records(train)
+    for k, r in enumerate(recs):
+        os.makedirs(tmp_path / "coco" / os.path.dirname(r["image"]), exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * k, 0, 0)).save(tmp_path / "coco" / r["image"], format="PNG")
+    cfg = SimpleNamespace(train_tsv=str(tmp_path / "t.tsv"), tagger="rule", init="clip", clip="c", vision="v",
+                          train_file=train, image_root=str(tmp_path), all_captions=False, seed=0, mine_k=3,
+                          mine_chunk=8, max_bad_frac=0.0, vision_pool="cls", mine_prefix="coco")
+    model = SimpleNamespace(image_size=8, image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
+    emb = lambda paths: _unit(torch.stack([torch.tensor([1.0, k]) for k in range(len(paths))]))  # noqa: E731
+    assert G.ensure_mined(cfg, emb, model, torch.float32, Dist(), log=lambda m: None)["rows"] == len(recs)
+    rows = G.read_negclip_tsv(cfg.train_tsv)
+    assert [r["image"] for r in rows] == [os.path.join("coco", r["image"]) for r in recs]
+    assert all(r["image"].startswith("coco/val2014/COCO_val2014_") for r in rows)  # the released TSV's layout
+    kept, dropped = G.filter_rows(rows, cfg.image_root, ImageFolderLoader(cfg.image_root, None))
+    assert dropped == 0 and len(kept) == len(recs)
+    assert json.load(open(cfg.train_tsv + ".key.json"))["image_prefix"] == "coco"
+    cfg.mine_prefix = ""  # another prefix: other paths, mined again (and here: no image under root/val2014)
+    assert "image_prefix differ" in G.stale_reason(cfg.train_tsv, lambda: G.mining_key(
+        train, cfg.image_root, all_captions=False, tagger="rule", seed=0, k=3, model="c",
+        image=[8, [0.5] * 3, [0.25] * 3], precision="cpu float32"))
+
+
+def test_vision_preprocessing_takes_the_processors_crop():
+    """The input side of a vision tower is its processor's (crop_size when it crops, else size; int, height/width
+    or shortest_edge), not the model config's image_size: facebook/dinov2-* configs say 518, their processors
+    resize to 256 and crop 224."""
+    assert G.processor_size({"crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}}) == 224
+    assert G.processor_size({"crop_size": 224, "size": 256, "do_center_crop": True}) == 224
+    assert G.processor_size({"crop_size": 224, "size": {"shortest_edge": 256}, "do_center_crop": False}) == 256
+    assert G.processor_size({"size": {"height": 384, "width": 384}}) == 384  # ViT: resize, no crop
+    assert G.processor_size({"size": {"shortest_edge": 224}}) == 224
+    assert G.processor_size({"image_mean": [0.5] * 3}) is None
+    with pytest.raises(ValueError, match="non-square"):
+        G.processor_size({"crop_size": {"height": 224, "width": 192}})
+    from types import SimpleNamespace as NS
+    dinov2, vit = NS(model_type="dinov2", image_size=518), NS(model_type="vit", image_size=[32, 32])
+    # meta (no processor for a hub name): DINOv2's own evaluation crop, else the config's size
+    assert G.vision_preprocessing("facebook/dinov2-base", dinov2, meta=True) == (224, G.IMAGENET_MEAN,
+                                                                                  G.IMAGENET_STD)
+    assert G.vision_preprocessing("google/vit", vit, meta=True)[0] == 32
+    assert G.vision_preprocessing("openai/clip", NS(model_type="clip_vision_model", image_size=224),
+                                  meta=True) == (224, G.CLIP_MEAN, G.CLIP_STD)
+
+
+def test_unimodal_defaults_lora_targets_and_learning_rate():
+    """--lora_targets auto: CLIP towers get their attention/MLP Linears, any other tower every Linear (BERT,
+    DINOv2 have other module names); --lr 0: 1e-6 for a CLIP init (released command), 1e-5 for towers."""
+    assert G.lora_targets(["auto"], "clip_vision_model") == list(G.CLIP_LORA_TARGETS)
+    assert G.lora_targets(["auto"], "clip_text_model") == list(G.CLIP_LORA_TARGETS)
+    assert G.lora_targets(["auto"], "dinov2") == G.lora_targets(["auto"], "bert") == ["all-linear"]
+    assert G.lora_targets(["query", "value"], "bert") == ["query", "value"]
+    assert (G.init_lr("clip"), G.init_lr("unimodal")) == (1e-6, 1e-5)

@@ -189,6 +189,41 @@ def test_unimodal_towers_load_with_fresh_heads(tmp_path):
     assert "logit_scale" in names and "visual_projection.weight" in names
 
 
+def test_dinov2_tower_takes_its_processors_crop_and_default_lora_targets(toy_root, tmp_path):
+    """--init unimodal with a DINOv2 tower: facebook/dinov2-* configs say image_size 518, their processors crop
+    224; the tower trains and evaluates at the processor's crop (here config 56, crop 28), not the config's size.
+    --lora_r with the default --lora_targets (auto) adapts every Linear of DINOv2 and BERT (CLIP's module names
+    matched none of them: a ValueError); --lr 0 resolves to the uni-modal recipe's 1e-5."""
+    from PIL import Image
+    from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
+    BertModel(BertConfig(vocab_size=len(WORDS) + 4, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=24)).save_pretrained(tmp_path / "bert")
+    _save_tokenizer(tmp_path / "bert")
+    dino = tmp_path / "dino"
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             image_size=56, patch_size=7)).save_pretrained(dino)
+    (dino / "preprocessor_config.json").write_text(json.dumps({  # facebook/dinov2-base's, scaled by 1/8
+        "crop_size": {"height": 28, "width": 28}, "do_center_crop": True, "size": {"shortest_edge": 32},
+        "image_mean": list(N.IMAGENET_MEAN), "image_std": list(N.IMAGENET_STD)}))
+    cfg = N.Config(init="unimodal", vision=str(dino), text=str(tmp_path / "bert"), embed_dim=8, lora_r=2)
+    model, tok = N.build_model(cfg)
+    assert model.image_size == 28 and model.image_mean == tuple(N.IMAGENET_MEAN)
+    seen = []
+    model.vision.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"].shape), with_kwargs=True)
+    sc = N.scorer(model.eval(), tok, cfg, N.D.Dist(), torch.float32)
+    assert sc.embed_images([Image.new("RGB", (50, 40))]).shape == (1, 8) and seen == [(1, 3, 28, 28)]
+    rows = N.NegCLIPRows([{"image": "x.png", "caption": "a", "negs": ["b"], "nbrs": [0], "image_id": "0"}],
+                         str(tmp_path), model, cfg, hn_start=0)
+    assert rows.tf.size == 28  # training crops too
+    for tower, n in ((model.vision, 6), (model.text, 6)):  # q, k, v, attention out, two MLP Linears per layer
+        assert sum(isinstance(m, N.LoRALinear) for m in tower.modules()) == n
+        assert all(".lora_" in k for k, p in tower.named_parameters() if p.requires_grad)
+    assert N.resolve_paths(N.Config(init="unimodal", toy_root=toy_root, out_dir=str(tmp_path))).lr == 1e-5
+    assert N.resolve_paths(N.Config(init="clip", toy_root=toy_root, out_dir=str(tmp_path))).lr == 1e-6
+    paper = N.PRESETS["paper"]  # mined from BLIP's JSON (val2014/...): rows under the released TSV's root
+    assert os.path.join(paper["image_root"], paper["mine_prefix"]) == paper["retrieval_image_root"] == "data/coco"
+
+
 MARGIN_FIXED_LOSS = 0.03
 
 
