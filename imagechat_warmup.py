@@ -47,12 +47,12 @@ from common.data import DataError, StepSampler
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
-from common.metrics import dialogue_scores, expand_contractions, gold_rank
+from common.metrics import gold_rank
 from common.hf import counts_table, hf_model
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
                           set_lr)
 from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
-                            read_image_chat, results_rows, split_path, write_report)
+                            read_image_chat, results_rows, split_path, turn_scores, write_report)
 from data.toy import toy_paths
 
 SCRIPT = "imagechat_warmup"
@@ -127,7 +127,7 @@ class Config:
     save_every: int = 500
     # ---- evaluation and decoding (paper section 4; -1 = the backbone's generation config)
     select_on: str = "valid"        # valid | test (release) | none: split choosing the checkpoint
-    eval_every: int = 0             # steps between selection evaluations (0 = keep the last)
+    eval_every: int = 0             # steps per selection eval (-1 = each epoch, 0 = keep the last)
     eval_split: str = "test"
     final_eval: bool = True
     eval_batch: int = 32            # also the unit of the paper's batch-averaged metrics
@@ -149,7 +149,7 @@ PRESETS = {
     "paper": dict(out_dir="runs/icw/run", cache_dir="runs/icw/cache", data_dir="data/image_chat",
                   image_root="data/image_chat/images", clip="openai/clip-vit-base-patch32",
                   captioner="Salesforce/blip2-opt-2.7b-coco", backbone="facebook/blenderbot-400M-distill",
-                  num_beams=10, min_length=20),
+                  num_beams=10, min_length=20, eval_every=-1),
 }
 TASKS = ("mlm", "isp", "mrm", "gcd")
 # Fields a resume may change (eval, decoding, preparation); not max_steps: it is OneCycle's length.
@@ -186,6 +186,14 @@ def task_list(cfg):
     return [t for t in cfg.tasks.split(",") if t]
 
 
+def selection(cfg):
+    """Fine-tune checkpoint choice: (metric, when); None = keep the last.  --select_on test: turn-1
+    F1, the release's monitor (training_ablation.py: ModelCheckpoint on "t1_f1", each epoch)."""
+    metric = {"valid": "IC/F1", "test": "turn1/F1"}.get(cfg.select_on)
+    if cfg.mode == "finetune" and cfg.eval_every and metric:
+        return metric, "each epoch" if cfg.eval_every < 0 else f"every {cfg.eval_every} steps"
+
+
 def deviations(cfg):
     """The release-vs-paper choices in force, printed at start-up."""
     rel, c = " (release)", cfg
@@ -194,7 +202,9 @@ def deviations(cfg):
             "decoder positions": "shared with encoder" + rel if c.share_pos else "own table",
             "UL candidates": "per sequence" if c.ul_per_sequence else "whole batch" + rel,
             "ISP target": "<cid> positive|negative </s> (paper; release leaks the answer)",
-            "model selection": {"test": "test" + rel, "valid": "valid"}.get(c.select_on, "last"),
+            "model selection": (f"{c.select_on} {' '.join(s)}" + rel * (c.select_on == "test")
+                                if (s := selection(c)) else "lowest epoch MLM train loss" + rel
+                                if c.mode == "warmup" else "last"),
             "turn-2 style": "s_2 (release trains with s_1)", "features/captions": "keyed by hash"}
 
 
@@ -368,9 +378,10 @@ def mle_ul_loss(logits, labels, pad, per_sequence=False):
 
     logits (B, T, V), labels (B, T) with `pad` after each target.  Returns (mle, ul), both sums.
     UL at step t penalises -log(1 - p(c)) for every candidate c in C_t = tokens at earlier target
-    positions, minus y_t.  Release behaviour (per_sequence=False): the batch is flattened first, so
-    C_t also holds earlier examples' tokens and pads, and pad positions get the UL term.
-    per_sequence=True: C_t from the own sequence, no pads."""
+    positions, minus y_t.  Release (per_sequence=False): the batch is flattened first, so C_t holds
+    earlier examples' tokens too, pad positions get the UL term, and pad is in every C_t, even where
+    y_t is pad (its pad*pad fill = pad for pad ids 0 and 1).  per_sequence=True: C_t from the own
+    sequence, no pads."""
     B, T, V = logits.shape
     lprobs = logits.float().log_softmax(-1)
     valid = labels != pad
@@ -388,8 +399,7 @@ def mle_ul_loss(logits, labels, pad, per_sequence=False):
     first = first.scatter_reduce(1, seq, pos.expand(n, L), reduce="amin")
     cand = first.unsqueeze(1) < pos.view(1, L, 1)                            # (n, L, V)
     cand = cand.scatter(2, seq.unsqueeze(-1), False)                         # minus y_t itself
-    if per_sequence:
-        cand[..., pad] = False
+    cand[..., pad] = not per_sequence  # release: pad at every position of the flattened batch
     ul = -(lp.log() * cand * pos_ok.unsqueeze(-1)).sum()
     return mle, ul
 
@@ -549,7 +559,8 @@ def generation_kwargs(cfg, lm):
     def pick(name, default):
         value, saved = getattr(cfg, name), getattr(gc, name, None)
         return value if value >= 0 else (saved if saved is not None else default)
-    return dict(num_beams=cfg.num_beams, min_length=cfg.min_length, early_stopping=True, do_sample=False,
+    return dict(num_beams=cfg.num_beams, min_length=cfg.min_length, do_sample=False,
+                early_stopping=getattr(gc, "early_stopping", None) or False,  # BlenderBot: unset
                 max_length=pick("max_length", 60), length_penalty=pick("length_penalty", 1.0),
                 **{k: pick(k, 0) for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size")})
 
@@ -595,6 +606,8 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
         row = {"hash": ep["hash"], "turn": k, "reference": ref, "prediction": preds[j], "nll": float(nll[j]),
                "context": tok.decode(b["src"][j], skip_special_tokens=True), "n_tok": int(n_tok[j])}
         cands = ((ep["candidates"] or [None] * 3)[k - 1] or {}).get(str(cfg.num_candidates))
+        if cfg.num_candidates and cands:  # rank None: the reference is not among them (counted)
+            row["rank"] = None
         if cfg.num_candidates and cands and ref in cands:
             one = type(enc)(last_hidden_state=enc.last_hidden_state[j:j + 1])
             with autocast(dev, dtype):
@@ -604,23 +617,9 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
     return rows
 
 
-def turn_scores(rows, tok, cfg):
-    """One turn scored as the release does (common.metrics, batches of eval_batch): references
-    tokenizer round-tripped, both sides contractions-expanded; ParlAI's word F1 on the raw strings."""
-    def ids(text):
-        return tok.encode(text, add_special_tokens=False)
-    raw = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    preds = list(map(expand_contractions, raw[0]))
-    refs = [expand_contractions(tok.decode(ids(r), skip_special_tokens=True)) for r in raw[1]]
-    m = dialogue_scores(preds, refs, list(map(ids, preds)), list(map(ids, refs)), cfg.eval_batch,
-                        nll=[r["nll"] for r in rows], n_tok=[r["n_tok"] for r in rows], raw=raw,
-                        ranks=[r["rank"] for r in rows if "rank" in r], n_candidates=cfg.num_candidates)
-    return {**m, "n": len(rows)}
-
-
 @torch.no_grad()
 def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=None, shown=None):
-    """Generate every turn k (gold history): F1/BLEU-4/ROUGE-L per turn, their mean IC, PPL, R@1.
+    """Generate every turn k (gold history): F1/BLEU-4/ROUGE-L per turn, their mean IC, PPL, R@k.
     shown: a dict to receive every row as {(episode index, k): row} (the report's dialogues)."""
     model = unwrap(model)
     was_training, gen_kw, results = model.training, generation_kwargs(cfg, model.lm), {}
@@ -643,7 +642,8 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
             with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
                 f.writelines(json.dumps({n: r[n] for n in ("hash", "context", "reference", "prediction")}) + "\n"
                              for r in rows)
-    for name in ("F1", "BLEU-4", "ROUGE-L", "PPL", f"R@1/{cfg.num_candidates}", "word_F1"):
+    for name in ("F1", "BLEU-4", "ROUGE-L", "PPL", "word_F1", "MRR",
+                 *(f"R@{n}/{cfg.num_candidates}" for n in (1, 5, 10))):
         vals = [results[f"turn{k}/{name}"] for k in (1, 2, 3) if f"turn{k}/{name}" in results]
         if vals:
             results[f"IC/{name}"] = float(np.mean(vals))
@@ -787,8 +787,8 @@ def run_training(cfg, dist, log, dtype):
                 "config": asdict_config(cfg), "best": best, "data_position": pos})
         barrier()
 
-    selecting = not warm and cfg.eval_every > 0 and cfg.select_on in ("valid", "test")
-    select = load_split(cfg, cfg.select_on, tok, index, caps, log, False) if selecting else None
+    sel, every = selection(cfg), per_epoch if cfg.eval_every < 0 else cfg.eval_every
+    select = load_split(cfg, cfg.select_on, tok, index, caps, log, False) if sel else None
     end = min(total, start + cfg.stop_after) if cfg.stop_after else total
     timer, logged = StepTimer(dev), {}
     for step in range(start, end):
@@ -805,9 +805,9 @@ def run_training(cfg, dist, log, dtype):
                 best = mean
                 save("best.pt", step + 1)
             epoch_sum, epoch_n = 0.0, 0
-        if select is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            score = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)["IC/F1"]
-            log.log(step + 1, **{f"{cfg.select_on}/IC_F1": score})  # a curve in the report
+        if select is not None and ((step + 1) % every == 0 or step + 1 == total):
+            score = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)[sel[0]]
+            log.log(step + 1, **{f"{cfg.select_on}/{sel[0].replace('/', '_')}": score})  # a curve
             if best is None or score > best:
                 best = score
                 save("best.pt", step + 1)
@@ -842,7 +842,7 @@ def run_eval(cfg, dist, log, dtype, trained=None, step=0):
     res = evaluate(model.to(dist.device), data, feats, tok, vocab, cfg, dist, dtype, cfg.eval_split,
                    cfg.out_dir, shown)
     took = time.perf_counter() - start
-    log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/")})
+    log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/") or k.endswith("/no_gold")})
     head, rows = results_rows(res)
     log.info("\n".join("| " + " | ".join(c if isinstance(c, str) else f"{c:.2f}" for c in r) + " |"
                        for r in (head, ["---"] * len(head), *rows)))

@@ -589,8 +589,9 @@ def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok
     from `raw` = (predictions, references) as generated and as written: ParlAI's F1Metric normalises the raw guess
     and label itself (no contraction expansion, no tokenizer round trip); absent without `raw`.
     Optional: "PPL" = exp(token-mean NLL) per batch, averaged over batches, from per-example summed `nll` and
-    token counts `n_tok`; "R@1/<n_candidates>" (ParlAI's hits@1) and "MRR" from the gold answers' 1-based `ranks`
-    among the candidates (a plain percentage over the examples that have one)."""
+    token counts `n_tok`; "R@k/<n_candidates>" for k = 1, 5, 10 (ParlAI's hits@1/5/10, k <= n_candidates) and "MRR"
+    from the gold answers' 1-based `ranks` among the candidates (a plain percentage over the examples ranked); a rank
+    of None (the gold answer is not among the example's candidates) is left out and counted in "no_gold"."""
     n = len(preds)
     gts, res = {i: [r] for i, r in enumerate(refs)}, dict(enumerate(preds))
     f1 = [token_f1(a, b) for a, b in zip(pred_tokens, ref_tokens)]
@@ -606,10 +607,14 @@ def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok
            "corpus_F1": np.mean(f1), "corpus_BLEU-4": bleu4(range(n)), "corpus_ROUGE-L": np.mean(rl)}
     if raw is not None:
         out["word_F1"] = np.mean([word_f1(p, r) for p, r in zip(*raw)])
-    if ranks:
-        out[f"R@1/{n_candidates}"] = np.mean([r == 1 for r in ranks])
-        out["MRR"] = np.mean([1 / r for r in ranks])
+    ranked = [r for r in ranks or [] if r is not None]
+    if ranked:
+        out.update({f"R@{k}/{n_candidates}": np.mean([r <= k for r in ranked])
+                    for k in (1, 5, 10) if k <= n_candidates})
+        out["MRR"] = np.mean([1 / r for r in ranked])
     out = {k: 100 * float(v) for k, v in out.items()}
+    if ranks:
+        out["no_gold"] = len(ranks) - len(ranked)
     if nll is not None:
         out["PPL"] = float(np.mean([math.exp(sum(nll[i] for i in b) / max(1, sum(n_tok[i] for i in b)))
                                     for b in batches]))

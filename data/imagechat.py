@@ -12,8 +12,9 @@ Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py
 and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
     prepare_features  CLIP embeddings of a 3x3 grid of crops per image -> <cache>/features/part_*.pt
     prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
-`load_features` / `load_captions` read the caches back for training.  `results_rows` (the per-turn
-figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) present its runs.
+`load_features` / `load_captions` read the caches back for training.  `turn_scores` scores one
+evaluated turn as the release does; `results_rows` (the per-turn figures) and `write_report`
+(<out_dir>/report.html: curves, figures, dialogues) present its runs.
 """
 import json
 import os
@@ -28,6 +29,7 @@ from common.data import DataError, ImageFolderLoader
 from common.dist import all_gather_object, barrier, shard_indices
 from common.image import CLIP_MEAN, CLIP_STD, load_image, normalize
 from common.log import progress
+from common.metrics import dialogue_scores, expand_contractions
 from common.report import Report, card, grid, table, thumb, training_plots
 
 SPLITS = ("train", "valid", "test")
@@ -113,8 +115,24 @@ def load_features(cache_dir):
 
 
 def load_captions(cache_dir):
-    """{hash: [captions]} from the caption cache (JSON lines; a cut-off last line is ignored)."""
+    """{hash: [captions]} from the caption cache: captions.json in the release's layout {"<hash>.jpg":
+    [c1, c2, c3]} (captioning_blip2-opt-2.7b.py's yfcc_images_added_captions.json, or this module's
+    merged copy), then captions*.jsonl lines {"image": "<hash>.jpg", "captions": [...]} (a cut-off
+    last line is ignored)."""
     caps = {}
+    path = os.path.join(cache_dir, "captions.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not a JSON object of captions ({e})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected {{\"<hash>.jpg\": [captions]}}, got {type(data).__name__}")
+        for name, c in data.items():
+            if not (isinstance(c, list) and c and all(isinstance(t, str) for t in c)):
+                raise DataError(f"{path}: field '{name}' should be a non-empty list of captions")
+            caps[name[:-len(".jpg")] if name.endswith(".jpg") else name] = c
     if os.path.isdir(cache_dir):
         for name in sorted(os.listdir(cache_dir)):
             if name.startswith("captions") and name.endswith(".jsonl"):
@@ -208,7 +226,7 @@ def prepare_features(cfg, dist, log, dtype):
             for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
     stage = _Stage(cfg, dist, log, "features", done)
     barrier()  # every rank has listed the parts before any writes new ones
-    dev, fdtype = dist.device, frozen_dtype(dist.device, dtype)
+    dev, fdtype = dist.device, torch.float32  # fp32 CLIP, as clip_feature_extraction.py (cached once)
     clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
     clip = clip.to(dev, fdtype).eval().requires_grad_(False)
     crop, (mean, std) = clip.config.vision_config.image_size, preprocessor_stats(cfg.clip)
@@ -228,7 +246,8 @@ def prepare_features(cfg, dist, log, dtype):
 @torch.no_grad()
 def prepare_captions(cfg, dist, log, dtype):
     """BLIP-2 captions (paper section 3.2; release captioning_blip2-*.py: beam 5, 3 returned, min
-    length 5, 16 new tokens, no 3-gram repeats).
+    length 5, 16 new tokens, no 3-gram repeats).  The minimum is min_new_tokens: BLIP-2's generate
+    passes the query-token placeholders and <s> as input_ids, which min_length would count.
 
     Appended per batch to captions.r<rank>.jsonl ({"image": "<hash>.jpg", "captions": [c1, c2,
     c3]}), so a rerun skips captioned images; at the end rank 0 writes the release layout
@@ -252,7 +271,7 @@ def prepare_captions(cfg, dist, log, dtype):
             inputs = proc(images=imgs, return_tensors="pt").to(dev)
             inputs["pixel_values"] = inputs["pixel_values"].to(fdtype)
             out = model.generate(**inputs, num_beams=cfg.caption_beams, num_return_sequences=R,
-                                 min_length=cfg.caption_min_length, no_repeat_ngram_size=3,
+                                 min_new_tokens=cfg.caption_min_length, no_repeat_ngram_size=3,
                                  max_new_tokens=cfg.caption_max_new_tokens, do_sample=False)
             texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
             for j, h in enumerate(ok):  # one line per image, flushed: a crash loses at most a batch
@@ -273,11 +292,28 @@ def prepare_captions(cfg, dist, log, dtype):
     return stats
 
 
-# ---- eval figures and the picture report of imagechat_warmup.py
+# ---- scores, eval figures and the picture report of imagechat_warmup.py
+def turn_scores(rows, tok, cfg):
+    """One turn scored as the release does (common.metrics, batches of eval_batch): references
+    tokenizer round-tripped, both sides contractions-expanded; ParlAI's word F1 on the raw strings.
+    rows: {"prediction", "reference", "nll", "n_tok", "rank"?}; a rank of None (the reference is
+    not among the turn's candidates) is counted in "no_gold", not ranked."""
+    def ids(text):
+        return tok.encode(text, add_special_tokens=False)
+    raw = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    preds = list(map(expand_contractions, raw[0]))
+    refs = [expand_contractions(tok.decode(ids(r), skip_special_tokens=True)) for r in raw[1]]
+    m = dialogue_scores(preds, refs, list(map(ids, preds)), list(map(ids, refs)), cfg.eval_batch,
+                        nll=[r["nll"] for r in rows], n_tok=[r["n_tok"] for r in rows], raw=raw,
+                        ranks=[r["rank"] for r in rows if "rank" in r], n_candidates=cfg.num_candidates)
+    return {**m, "n": len(rows)}
+
+
 def results_rows(res):
-    """Per-turn rows of the paper's metrics (x100 but PPL), as in its Table 3: header, rows.  R@1
-    over as many candidates as were ranked (--num_candidates: "R@1/100", "R@1/1000")."""
-    recall = sorted(k[len("IC/"):] for k in res if k.startswith("IC/R@1/"))
+    """Per-turn rows of the paper's metrics (x100 but PPL), as in its Table 3: header, rows.  R@1,
+    R@5, R@10 over as many candidates as were ranked (--num_candidates: "R@1/100", "R@1/1000")."""
+    recall = sorted((k[len("IC/"):] for k in res if k.startswith("IC/R@")),
+                    key=lambda n: int(n[len("R@"):n.index("/")]))
     names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", *recall, "word_F1") if f"IC/{n}" in res]
     return ["turn", *names], [[k, *(res.get(f"{k}/{n}", float("nan")) for n in names)]
                               for k in ("turn1", "turn2", "turn3", "IC") if f"{k}/F1" in res]
@@ -295,7 +331,7 @@ def dialogue_cards(episodes, shown, image_root, n_candidates=100, n=8):
         for k, (style, utt) in enumerate(ep["dialog"], 1):
             row = shown.get((i, k), {})
             lines += [(f"{k}. {style}", utt)] + ([("generated", row["prediction"])] if row else [])
-            if "rank" in row:
+            if row.get("rank") is not None:
                 lines.append(("rank of the reference", f"{row['rank']} of {n_candidates}"))
         img = load_image(os.path.join(image_root, ep["hash"] + ".jpg"))  # None: a card without
         caption = [("caption", ep["caption_text"])] if ep.get("caption_text") else []

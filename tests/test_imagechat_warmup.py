@@ -125,6 +125,67 @@ def test_reader_on_published_fixture(tmp_path):
         ic.read_image_chat(str(bad))
 
 
+def test_load_captions_reads_the_release_json_layout_and_the_jsonl_cache(tmp_path):
+    """captions.json {"<hash>.jpg": [c1, c2, c3]} (the release's yfcc_images_added_captions.json layout, and what
+    --mode captions leaves) is read as well as the resumable captions.r<rank>.jsonl lines."""
+    with open(tmp_path / "captions.json", "w") as f:
+        json.dump({"aa.jpg": ["a red circle", "a circle", "red"], "bb.jpg": ["two squares", "squares", "two"]}, f)
+    with open(tmp_path / "captions.r0.jsonl", "w") as f:
+        f.write(json.dumps({"image": "cc.jpg", "captions": ["a blue triangle", "blue", "a triangle"]}) + "\n")
+    caps = ic.load_captions(str(tmp_path))
+    assert caps == {"aa": ["a red circle", "a circle", "red"], "bb": ["two squares", "squares", "two"],
+                    "cc": ["a blue triangle", "blue", "a triangle"]}
+    (tmp_path / "captions.json").write_text(json.dumps({"aa.jpg": "a red circle"}))
+    with pytest.raises(DataError, match=r"captions.json: field 'aa.jpg' should be a non-empty list"):
+        ic.load_captions(str(tmp_path))
+
+
+def test_blip2_minimum_caption_length_counts_new_tokens(assets, tmp_path):
+    """BLIP-2's generate feeds the query-token placeholders and <s> as input_ids, so min_length=5 counted them and
+    allowed empty captions; --caption_min_length is a minimum of new tokens.  The captioner here prefers </s> at
+    every step (constant final hidden state, </s> row largest): every caption has exactly the minimum of 5 words."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+    m = Blip2ForConditionalGeneration.from_pretrained(assets / "blip2")
+    lm, tok = m.language_model, AutoTokenizer.from_pretrained(assets / "blip2")
+    with torch.no_grad():
+        lm.model.decoder.final_layer_norm.weight.zero_()
+        lm.model.decoder.final_layer_norm.bias.copy_(torch.eye(16)[0])  # every position's hidden state = e_0
+        w = lm.get_output_embeddings().weight  # logits = w[:, 0]
+        w[:, 0] = torch.tensor([1.0 + 0.01 * i if t.isalpha() else -10.0 for i, t in
+                                enumerate(tok.convert_ids_to_tokens(list(range(len(w)))))])
+        w[tok.eos_token_id, 0] = 10.0
+    shutil.copytree(assets / "blip2", tmp_path / "eos_blip2")
+    m.save_pretrained(tmp_path / "eos_blip2")
+    data = tmp_path / "image_chat"
+    shutil.copytree(FIXTURES, data)
+    os.makedirs(data / "images")
+    for h in ic.all_image_hashes(str(data)):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
+            data / "images" / f"{h}.jpg")
+    icw.main(["--mode", "captions", "--captioner", str(tmp_path / "eos_blip2"), "--data_dir", str(data),
+              "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "c")])
+    caps = ic.load_captions(str(tmp_path / "cache"))
+    assert len(caps) == 3 and all(len(c) == 3 for c in caps.values())
+    assert sorted({len(c.split()) for cs in caps.values() for c in cs}) == [5]
+
+
+def test_clip_features_run_in_fp32_as_released(assets, tmp_path, monkeypatch):
+    """The release runs CLIP in fp32 (clip_feature_extraction.py); the cached features do not take the bf16 that
+    frozen models get on a GPU (common.amp.frozen_dtype, made to answer bf16 here on the CPU)."""
+    data = tmp_path / "image_chat"
+    shutil.copytree(FIXTURES, data)
+    os.makedirs(data / "images")
+    for i, h in enumerate(ic.all_image_hashes(str(data))):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            data / "images" / f"{h}.jpg")
+    args = ["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data)]
+    icw.main([*args, "--cache_dir", str(tmp_path / "fp32"), "--out_dir", str(tmp_path / "a")])
+    monkeypatch.setattr(ic, "frozen_dtype", lambda device, dtype: torch.bfloat16)
+    icw.main([*args, "--cache_dir", str(tmp_path / "gpu"), "--out_dir", str(tmp_path / "b")])
+    (i32, f32), (i16, f16) = ic.load_features(str(tmp_path / "fp32")), ic.load_features(str(tmp_path / "gpu"))
+    assert i32 == i16 and torch.equal(f32, f16)
+
+
 def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
     calls = []
     monkeypatch.setattr(icw, "toy_paths", lambda cfg, reads, models, *a: calls.append((sorted(reads), models)))
@@ -181,11 +242,12 @@ def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path
     rank only where the turn has candidates; an unreadable image leaves the card without a picture."""
     eps = [{"hash": "h0", "dialog": [("Happy", "<b>hi</b>"), ("Sad", "so red")], "caption_text": "a red circle"},
            {"hash": "gone", "dialog": [("Bland", "ok")], "caption_text": None}]
-    shown = {(0, 1): {"prediction": "p one", "rank": 3}, (0, 2): {"prediction": "p two"}, (1, 1): {"prediction": "x"}}
+    shown = {(0, 1): {"prediction": "p one", "rank": 3}, (0, 2): {"prediction": "p two"},
+             (1, 1): {"prediction": "x", "rank": None}}  # None: the reference is not among the candidates
     Image.new("RGB", (8, 8), "red").save(tmp_path / "h0.jpg")
     page = ic.dialogue_cards(eps, shown, str(tmp_path), n_candidates=100)
     first, second = page.split("</figure>")[:2]
-    assert first.count("<img") == 1 and "<img" not in second and "caption" not in second
+    assert first.count("<img") == 1 and "<img" not in second and "caption" not in second and "rank" not in second
     want = ["<b>caption:</b> a red circle", "<b>1. Happy:</b> &lt;b&gt;hi&lt;/b&gt;", "<b>generated:</b> p one",
             "<b>rank of the reference:</b> 3 of 100", "<b>2. Sad:</b> so red", "<b>generated:</b> p two"]
     assert [first.index(w) for w in want] == sorted(first.index(w) for w in want) and first.count("rank") == 1
@@ -193,12 +255,17 @@ def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path
 
 
 def test_results_rows_name_the_configured_candidate_count():
-    """The logged table and the report keep the R@1 column for any --num_candidates (1000 here)."""
+    """The logged table and the report keep the R@1 column for any --num_candidates (1000 here), and R@5, R@10
+    (ParlAI's hits@5/10) after it in rank order."""
     res = {"turn1/F1": 10.0, "IC/F1": 10.0, "turn1/R@1/1000": 5.0, "IC/R@1/1000": 5.0, "turn1/word_F1": 3.0,
            "IC/word_F1": 3.0}
     head, rows = ic.results_rows(res)
     assert head == ["turn", "F1", "R@1/1000", "word_F1"]
     assert rows == [["turn1", 10.0, 5.0, 3.0], ["IC", 10.0, 5.0, 3.0]]
+    res.update({"turn1/R@10/1000": 9.0, "IC/R@10/1000": 9.0, "turn1/R@5/1000": 7.0, "IC/R@5/1000": 7.0})
+    head, rows = ic.results_rows(res)
+    assert head == ["turn", "F1", "R@1/1000", "R@5/1000", "R@10/1000", "word_F1"]
+    assert rows[1] == ["IC", 10.0, 5.0, 7.0, 9.0, 3.0]
 
 
 def test_turn_scores_normalise_as_the_release_and_word_f1_as_parlai():
@@ -306,6 +373,47 @@ def test_untied_head_option(assets):
     assert untied.lm.lm_head.weight.data_ptr() != untied.lm.get_input_embeddings().weight.data_ptr()
 
 
+def test_startup_line_names_the_checkpoint_choice_that_runs():
+    """"model selection" says what happens: "last" unless a selection evaluation runs (--eval_every != 0); the
+    paper preset selects on valid IC F1 each epoch; --select_on test scores turn-1 F1 as the release does."""
+    def shown(*argv):
+        cfg = icw.check_choices(icw.parse_config(icw.Config, icw.PRESETS, list(argv)))
+        return icw.deviations(cfg)["model selection"]
+    assert shown("--mode", "finetune") == "last"  # the default --eval_every 0: the last checkpoint is kept
+    assert icw.parse_config(icw.Config, icw.PRESETS, ["--preset", "paper"]).eval_every == -1
+    assert shown("--mode", "finetune", "--preset", "paper") == "valid IC/F1 each epoch"
+    assert shown("--mode", "finetune", "--select_on", "test", "--eval_every", "-1") == "test turn1/F1 each epoch (release)"
+    assert shown("--mode", "finetune", "--eval_every", "50") == "valid IC/F1 every 50 steps"
+    assert shown("--mode", "finetune", "--select_on", "none", "--eval_every", "-1") == "last"
+    assert shown("--mode", "warmup", "--preset", "paper") == "lowest epoch MLM train loss (release)"
+
+
+def test_beam_search_takes_early_stopping_from_the_generation_config(assets):
+    """The release decodes with BlenderBot's generation config, which sets no early_stopping (transformers'
+    default False); it is not forced to True."""
+    model, _, _ = tiny_model(assets, "bb")
+    cfg = icw.Config(max_length=8)
+    assert icw.generation_kwargs(cfg, model.lm)["early_stopping"] is False
+    model.lm.generation_config.early_stopping = True
+    assert icw.generation_kwargs(cfg, model.lm)["early_stopping"] is True
+
+
+def test_turns_whose_reference_is_not_among_the_candidates_are_counted(assets):
+    """A turn whose reference is missing from its candidate list is not ranked: it is counted in "no_gold" (logged
+    with the eval), and R@k / MRR cover the ranked turns; R@k only for k <= the number of candidates."""
+    model, tok, V = tiny_model(assets, "bb")
+    cfg = icw.Config(num_candidates=3, max_length=8, num_beams=2, min_length=1)
+    base = dict(episode(V), dialog=[("happy", "i love this"), ("sad", "so boring"), ("curious", "why")])
+    eps = [dict(base, candidates=[{"3": ["red", "i love this", "so boring"]}, None, None]),
+           dict(base, candidates=[{"3": ["red", "blue", "so boring"]}, None, None])]
+    rows = icw.eval_rows(model, eps, 1, torch.randn(1, 9, 12), tok, V, cfg, torch.device("cpu"), torch.float32,
+                         icw.generation_kwargs(cfg, model.lm))
+    assert rows[0]["rank"] in (1, 2, 3) and rows[1]["rank"] is None
+    m = icw.turn_scores(rows, tok, cfg)
+    assert m["no_gold"] == 1 and m["R@1/3"] == 100.0 * (rows[0]["rank"] == 1) and "R@5/3" not in m
+    assert m["MRR"] == pytest.approx(100 / rows[0]["rank"])
+
+
 # ---------------------------------------------------------------------------- losses
 def test_unlikelihood_hand_computed():
     torch.manual_seed(0)
@@ -314,8 +422,9 @@ def test_unlikelihood_hand_computed():
     p = logits.softmax(-1)
     ul = lambda t, c: -math.log(max(1 - float(p.reshape(6, 7)[t, c]), 1e-5))  # noqa: E731
     mle_want = -sum(math.log(float(p[b, t, labels[b, t]])) for b, t in [(0, 0), (0, 1), (0, 2), (1, 0)])
-    # release (flattened batch 5 6 5 6 0 0): C_1={5}, C_2={6}, C_3={5}, C_4={5,6}, C_5={5,6}; pads included
-    ul_flat = ul(1, 5) + ul(2, 6) + ul(3, 5) + ul(4, 5) + ul(4, 6) + ul(5, 5) + ul(5, 6)
+    # release (candidate_penalty_ce_loss.py on the flattened batch 5 6 5 6 0 0): earlier tokens minus y_t,
+    # C_1={5}, C_2={6}, C_3={5}, C_4={5,6}, C_5={5,6}, and pad 0 in every C_t, C_0 and the pad targets' own included
+    ul_flat = ul(1, 5) + ul(2, 6) + ul(3, 5) + ul(4, 5) + ul(4, 6) + ul(5, 5) + ul(5, 6) + sum(ul(t, 0) for t in range(6))
     mle, ul_got = icw.mle_ul_loss(logits, labels, pad=0)
     assert mle.item() == pytest.approx(mle_want, rel=1e-5) and ul_got.item() == pytest.approx(ul_flat, rel=1e-5)
     # per sequence: row 0 C_1={5}, C_2={6}; row 1 has only pad after its first token
@@ -428,9 +537,9 @@ def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path, capsys):
     wu = torch.load(tmp_path / "wu" / "last.pt", weights_only=True)
     assert (wu["script"], wu["kind"]) == ("imagechat_warmup", "warmup")
     ft = run(train_args(assets, "finetune", 4, init=tmp_path / "wu" / "last.pt"), tmp_path / "ft", **paths)
-    for key in ("IC/F1", "IC/BLEU-4", "IC/ROUGE-L", "turn3/F1", "turn1/R@1/100", "IC/PPL"):
+    for key in ("IC/F1", "IC/BLEU-4", "IC/ROUGE-L", "turn3/F1", "turn1/R@1/100", "IC/R@10/100", "IC/PPL"):
         assert key in ft and math.isfinite(ft[key])
-    assert ft["turn1/n"] == 4
+    assert ft["turn1/n"] == 4 and ft["turn1/no_gold"] == 0 and ft["IC/R@1/100"] <= ft["IC/R@5/100"]
     with open(tmp_path / "ft" / "predictions_test_turn2.jsonl") as f:
         assert {"hash", "context", "reference", "prediction"} == set(json.loads(f.readline()))
     ev = run(train_args(assets, "eval", 0, init=tmp_path / "ft" / "last.pt"), tmp_path / "ev", **paths)
@@ -475,6 +584,23 @@ def check_reports(tmp_path, data_dir, out):
         assert ("<b>caption:</b>" in page[run]) == (run != "ni")
     # the build time is logged next to the eval's
     assert len(re.findall(r"report: \S+report.html \(\d+\.\d\d s; eval \d+\.\d s\)", out)) == 3
+
+
+def test_selection_runs_each_epoch_and_test_scores_turn1_f1(assets, cached, tmp_path, monkeypatch, capsys):
+    """--eval_every -1 evaluates the selection split at each epoch's end (6 steps here), as the release validates
+    each epoch; --select_on test keeps the epoch of best turn-1 F1 (its ModelCheckpoint on t1_f1), valid the best
+    IC F1.  The two epochs' scores disagree on purpose."""
+    _, paths = cached
+    scores, splits = [], []
+    monkeypatch.setattr(icw, "evaluate", lambda *a, **k: splits.append(a[8]) or scores.pop(0))
+    for split, key, best_step in (("test", "test/turn1_F1", 6), ("valid", "valid/IC_F1", 12)):
+        scores[:] = [{"IC/F1": 10.0, "turn1/F1": 50.0}, {"IC/F1": 20.0, "turn1/F1": 5.0}]
+        run(train_args(assets, "finetune", 12, eval_every=-1, select_on=split, final_eval="false", report="false"),
+            tmp_path / split, **paths)
+        assert scores == [] and splits[-2:] == [split, split]
+        assert [r["step"] for r in read_log(tmp_path / split) if key in r] == [6, 12]
+        assert torch.load(tmp_path / split / "best.pt", weights_only=True)["step"] == best_step
+        assert f"model selection: {split} " in capsys.readouterr().out
 
 
 def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):

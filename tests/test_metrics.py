@@ -238,6 +238,20 @@ def test_dialogue_scores_batch_means_and_corpus():
     assert s["word_F1"] == pytest.approx(100 * np.mean([1.0, 0.5, 1.0]))
 
 
+def test_dialogue_scores_hits_at_1_5_10_and_references_missing_from_the_candidates():
+    """ParlAI's hits@1/5/10 and MRR over the ranked examples; a rank of None (the reference is not among the
+    candidates) is counted in "no_gold" instead of being dropped silently; R@k only for k <= the candidates."""
+    preds = refs = ["a b"] * 5
+    toks = [p.split() for p in preds]
+    s = dialogue_scores(preds, refs, toks, toks, chunk=2, ranks=[1, 3, 7, 12, None], n_candidates=100)
+    assert (s["R@1/100"], s["R@5/100"], s["R@10/100"]) == (25.0, 50.0, 75.0) and s["no_gold"] == 1
+    assert s["MRR"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 7 + 1 / 12) / 4)
+    few = dialogue_scores(preds[:2], refs[:2], toks[:2], toks[:2], chunk=2, ranks=[2, 5], n_candidates=5)
+    assert few["R@1/5"] == 0.0 and few["R@5/5"] == 100.0 and "R@10/5" not in few and few["no_gold"] == 0
+    assert "no_gold" not in dialogue_scores(preds, refs, toks, toks, chunk=2) and "R@1/100" not in dialogue_scores(
+        preds, refs, toks, toks, chunk=2, ranks=[None] * 5)
+
+
 # ---------------------------------------------------------------- caption_metrics
 def test_caption_metrics_tokenises_then_scores():
     gts = {1: ["A cat sits on the mat.", "There is a cat on the mat!"], 2: ["A dog (brown) runs fast."]}
