@@ -97,6 +97,7 @@ class Config(ModelConfig):
     train_shards: str = ""        # or webdataset shards, e.g. 'cc3m/{00000..00331}.tar' (no mining)
     val_file: str = ""            # retrieval set for model selection ("" = toy val; "none" = off)
     all_captions: bool = False    # keep every caption of an image (paper: the first only)
+    exclude_images: str = ""      # list files / SugarCREPE folders: images kept out of training
     tagger: str = "auto"          # auto (nltk if its data is installed, else rule) | nltk | rule
     mine_k: int = 3               # neighbour images per row (released TSV: 3)
     mine_chunk: int = 4096        # similarity rows per chunk when mining
@@ -538,7 +539,7 @@ def train(cfg, model, tok, dist, dtype, log):
                  "mine step's swaps), no neighbour images: rows [x] x [t; n]")
     else:
         mine(cfg, model, tok, dist, dtype, log)
-        rows, dropped = NG.filter_rows(NG.read_negclip_tsv(cfg.train_tsv), cfg.image_root, seen)
+        rows, dropped = NG.training_rows(cfg, seen, log.info)  # less --exclude_images
         log.info(f"train: {(n := len(rows))} rows ({dropped} dropped)")
     sampler = StepSampler(n, cfg.global_batch, cfg.micro_batch, world, dist.rank, cfg.seed)
     spe, accum = sampler.steps_per_epoch, sampler.accum

@@ -12,8 +12,9 @@ cosine.  Then one reader and one scoring rule per benchmark, as its authors' cod
 - SugarCREPE (Hsieh et al., arXiv 2306.14610; RAIVNLab/sugar-crepe main_eval.py): 7 categories,
   micro-averaged per group;
 - CREPE (Ma et al., arXiv 2212.07796; RAIVNLab/CREPE crepe_eval_utils.py): productivity hard
-  negatives, R@k, mean and median rank;
-- SVO-Probes (Hendricks & Nematzadeh, arXiv 2106.09141): pairwise accuracy per negative type;
+  negatives, R@k and mean rank with their stds, median rank;
+- SVO-Probes (Hendricks & Nematzadeh, arXiv 2106.09141): pairwise accuracy per negative type (not
+  the paper's thresholded image-sentence matching);
 - Winoground (Thrush et al., arXiv 2204.03162): text / image / group scores;
 - VL-CheckList (Zhao et al., arXiv 2207.00221; om-ai-lab/VL-CheckList vl_checklist/evaluate.py,
   radar.py): pairwise accuracy per corpus file, averaged per sub-category and per Object /
@@ -181,18 +182,21 @@ def crepe_ranks(true_scores, neg_scores):
 
 
 def score_crepe(ranks, ks=(1, 3, 5, 10)):
-    """0-based ranks -> R@k, mean and median 1-based rank as CREPE's get_one2many_metrics
-    (crepe_eval_utils.py): the median is floor(median of the 0-based ranks) + 1, a whole rank."""
+    """0-based ranks -> R@k with its std over cases (R@k_std), mean rank, its std (rank_std) and
+    median 1-based rank, as CREPE's get_one2many_metrics (crepe_eval_utils.py): population std
+    (np.std), the median is floor(median of the 0-based ranks) + 1, a whole rank."""
     ranks = np.asarray(ranks)
     out = {f"R@{k}": float((ranks < k).mean()) for k in ks}
     out.update({f"R@{k}_std": float((ranks < k).std()) for k in ks})
-    out.update({"mean_rank": float((ranks + 1).mean()),
+    out.update({"mean_rank": float((ranks + 1).mean()), "rank_std": float(ranks.std()),
                 "median_rank": float(np.floor(np.median(ranks)) + 1), "n": int(len(ranks))})
     return out
 
 
 def score_svo(pos, neg, kinds):
-    """Pairwise accuracy s(sentence, pos image) > s(sentence, neg image), overall and per type."""
+    """Pairwise accuracy s(sentence, pos image) > s(sentence, neg image), overall and per type.  Not
+    the paper's binary matching (probing_image_text_models.ipynb: a 0/1 match decision per pair, i.e.
+    a threshold on a dual encoder's cosine, which neither gives); see docs/negclip.md."""
     c = np.asarray(pos) > np.asarray(neg)
     kinds = np.asarray(kinds)
     out = {"pairwise": float(c.mean()) if len(c) else float("nan"), "n": int(len(c))}
@@ -607,9 +611,11 @@ def eval_crepe(sc, root):
         keep = np.isfinite(true)
         ranks = crepe_ranks(true[keep], [x for x, k in zip(negs, keep) if k])
         res = score_crepe(ranks)
-        out.update({f"{typ}_c{n}_{k}": v for k, v in res.items() if not k.endswith("_std")})
+        out.update({f"{typ}_c{n}_{k}": v for k, v in res.items()})
         ranks_by_type.setdefault(typ, []).extend(ranks.tolist())
-    out.update({f"{t}_R@1": float(np.mean(np.asarray(v) < 1)) for t, v in ranks_by_type.items()})
+    for t, v in ranks_by_type.items():  # every complexity of a type pooled: R@1 and its std
+        hit = np.asarray(v) < 1
+        out.update({f"{t}_R@1": float(hit.mean()), f"{t}_R@1_std": float(hit.std())})
     return out
 
 

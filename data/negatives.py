@@ -17,7 +17,9 @@ COCO-/Flickr-Order.
 `ensure_mined(...)` / `mine(...)` are the prepare step behind `python negclip.py --mode mine`
 (negclip.py passes its image encoder as a callback); the mined TSV carries a sidecar
 `<tsv>.key.json` naming its inputs, so a cached TSV is reused only for the same train file, image
-root, model, image features (transform, precision, pooling) and mining settings.
+root, model, image features (transform, precision, pooling) and mining settings.  `excluded_images`
+reads `--exclude_images` (benchmark images kept out of training): `ensure_mined` drops them before
+mining, `training_rows` from the TSV's rows before training.
 `NegativeShardStream` gives webdataset shards (`--train_shards`) the same swaps on the fly
 (`shard_batches`: negclip.py's micro batches of them); `negative_rows` / `score_rows` /
 `write_report` make negclip.py's picture report; `resolve_paths` fills negclip.py's empty paths
@@ -567,13 +569,16 @@ def read_negclip_tsv(path):
     return rows
 
 
-def filter_rows(rows, image_root, images):
-    """Drop rows whose image file is missing or that have no negative caption; remap neighbour
-    indices (a dropped neighbour is removed; a row left without neighbours is dropped).  Missing
-    files count as unreadable images in `images` (a common.data.ImageFolderLoader), whose
-    max_bad_frac rule applies."""
-    exists = [os.path.isfile(os.path.join(image_root, r["image"])) for r in rows]
-    images.merge({r["image"] for r in rows}, {r["image"] for r, e in zip(rows, exists) if not e})
+def filter_rows(rows, image_root, images, exclude=frozenset()):
+    """Drop rows whose image is in `exclude` (image_key values), whose image file is missing or
+    that have no negative caption; remap neighbour indices (a dropped neighbour is removed; a row
+    left without neighbours is dropped).  Missing files of the other rows count as unreadable
+    images in `images` (a common.data.ImageFolderLoader), whose max_bad_frac rule applies."""
+    kept = [image_key(r["image"]) not in exclude for r in rows]
+    exists = [k and os.path.isfile(os.path.join(image_root, r["image"]))
+              for r, k in zip(rows, kept)]
+    images.merge({r["image"] for r, k in zip(rows, kept) if k},
+                 {r["image"] for r, k, e in zip(rows, kept, exists) if k and not e})
     images.check(final=True)
     ok = [bool(r["negs"]) and e for r, e in zip(rows, exists)]
     changed = True
@@ -588,6 +593,59 @@ def filter_rows(rows, image_root, images):
     if not out:
         raise DataError(f"no usable training rows under {image_root}")
     return out, len(rows) - len(out)
+
+
+def training_rows(cfg, images, log=print):
+    """negclip.py's training rows: cfg.train_tsv (mined or released) less the images listed by
+    cfg.exclude_images (excluded_images), then filter_rows -> (rows, dropped: all reasons)."""
+    rows = read_negclip_tsv(cfg.train_tsv)
+    exclude = excluded_images(cfg.exclude_images)
+    out, dropped = filter_rows(rows, cfg.image_root, images, exclude)
+    if exclude:
+        hit = [r["image"] for r in rows if image_key(r["image"]) in exclude]
+        log(f"exclude: {len(hit)} of {len(rows)} rows ({len(set(hit))} images) of {cfg.train_tsv} "
+            f"dropped, listed in --exclude_images ({len(exclude)} images listed)")
+    return out, dropped
+
+
+# ======================================================================================== Excluded images
+# NegCLIP fine-tunes on COCO Karpathy train + restval (arXiv 2210.01936, Sec. 4); SugarCREPE scores
+# COCO val2017 images (arXiv 2306.14610), part of which are in those splits.  Neither the paper nor
+# vinid/neg_clip (src/training/data.py reads the TSV whole) removes them; --exclude_images does.
+
+def image_key(name):
+    """The key an image is matched by: "coco:<id>" for a COCO file name (COCO_val2014_<12 digits>
+    .jpg, 2017's <12 digits>.jpg), a bare number or coco_<number> (a COCO id, as BLIP's image_id),
+    else the base name of the path."""
+    base = os.path.basename(str(name).strip())
+    m = re.fullmatch(r"(?:COCO_[a-z]+\d{4}_)?(\d{12})\.\w+|(?:coco_)?(\d+)", base)
+    return f"coco:{int(m.group(1) or m.group(2))}" if m else base
+
+
+def excluded_images(option):
+    """--exclude_images: a comma list of list files (one image id, file name or path a line; blank
+    lines and '#' comments skipped) and SugarCREPE folders (its <category>.json files: every
+    record's "filename") -> set of image_key values; "" -> empty set."""
+    keys = set()
+    for path in filter(None, (p.strip() for p in option.split(","))):
+        if os.path.isdir(path):
+            names = [n for n in sorted(os.listdir(path)) if n.endswith(".json")]
+            found = []
+            for n in names:
+                with open(os.path.join(path, n), encoding="utf-8") as f:
+                    d = json.load(f)
+                found += [r["filename"] for r in (d.values() if isinstance(d, dict) else d)
+                          if isinstance(r, dict) and "filename" in r]
+            if not found:
+                raise DataError(f"{path}: no SugarCREPE <category>.json with 'filename' records")
+            keys.update(image_key(n) for n in found)
+        elif os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                keys.update(image_key(line) for line in f
+                            if line.strip() and not line.lstrip().startswith("#"))
+        else:
+            raise DataError(f"{path}: --exclude_images file or folder not found")
+    return keys
 
 
 # ================================================================================================ Mining
@@ -708,12 +766,17 @@ def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
     if cfg.init != "clip":
         space.update(space="pooled vision feature, L2", vision_pool=cfg.vision_pool)
 
-    prefix = {"image_prefix": cfg.mine_prefix} if cfg.mine_prefix else {}
+    extra = {"image_prefix": cfg.mine_prefix} if cfg.mine_prefix else {}
+
+    exclude = excluded_images(cfg.exclude_images)
+    if exclude:  # the images left out (their keys' hash), not the list files' names
+        sha = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
+        extra["exclude_images"] = f"{len(exclude)} images, sha256 {sha}"
 
     def make_key():
         return mining_key(cfg.train_file, cfg.image_root, all_captions=cfg.all_captions,
                           tagger=tagger.name, seed=cfg.seed, k=cfg.mine_k, model=mine_model,
-                          **space, **prefix)
+                          **space, **extra)
     why = "--mode mine" if force else stale_reason(tsv, make_key)
     why = D.broadcast_object(why)  # rank 0 decides: every rank takes part in mining or none does
     if why is None:
@@ -722,6 +785,13 @@ def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
     key, recs = make_key(), read_training_records(cfg.train_file, cfg.all_captions)
     for r in recs:  # TSV paths under image_root (paper: coco/val2014/..., as the released TSV)
         r["image"] = os.path.join(cfg.mine_prefix, r["image"])
+    if exclude:  # before mining: no excluded image is embedded or becomes a neighbour
+        n = len(recs)
+        recs = [r for r in recs if image_key(r["image"]) not in exclude]
+        log(f"exclude: {n - len(recs)} of {n} records of {cfg.train_file} dropped, listed in "
+            f"--exclude_images ({len(exclude)} images listed)")
+        if not recs:
+            raise DataError(f"{cfg.train_file}: every record is in --exclude_images")
     images = ImageFolderLoader(cfg.image_root, None, cfg.max_bad_frac)
     rows, summary = mine(recs, cfg.image_root, embed_images, tagger, images, cfg.seed, cfg.mine_k,
                          cfg.mine_chunk, dist.device, log)
@@ -746,6 +816,8 @@ def resolve_paths(cfg, is_main=True):
     """negclip.py's Config: fill empty paths from the toy world, building it (only the backbones
     read) on first use; --lr 0: the init's learning rate (init_lr)."""
     from data.toy import toy_paths
+    if cfg.train_shards and cfg.exclude_images:
+        raise DataError("--exclude_images applies to mined or released TSV rows, not --train_shards")
     cfg.lr = cfg.lr or init_lr(cfg.init)
     uni = cfg.init == "unimodal"
     towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")

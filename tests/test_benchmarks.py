@@ -64,6 +64,34 @@ def test_crepe_ranks_and_metrics():
     assert B.score_crepe([0, 3])["median_rank"] == 2 and B.score_crepe([4, 4, 0])["median_rank"] == 5
 
 
+def test_crepe_reports_the_std_of_recall_as_its_released_eval(tmp_path):
+    """CREPE's get_one2many_metrics (crepe_eval_utils.py) reports R@k_std = np.std(ranks < k) and rank_std =
+    np.std(ranks) next to the means; eval_crepe used to compute them and drop them from the results.  CSVs in the
+    published layout (the fixture's header), a red image, captions scored by their colour words: red (1.00) >
+    red-and-blue (0.88) > no colour (0.80) > blue (0.53) > green (0.51); ties count against the true caption."""
+    header = open(f"{FIX}/crepe/prod_hard_negatives/atom/prod_vg_hard_negs_atom_complexity_4.csv").readline()
+    rows = {4: [("red box.", ["a box.", "blue box.", "green box.", "box.", "one box."]),  # rank 0
+                ("a box.", ["red box.", "blue box.", "green box.", "box here.", "one box."]),  # rank 3
+                ("blue box.", ["red box.", "a box.", "green box.", "red and blue box.", "box."])],  # 4
+            5: [("red and blue box.", ["red box.", "a box.", "blue box.", "green box.", "box."]),  # 1
+                ("red box.", ["a box.", "box.", "one box.", "box here.", "the box."])]}  # 0
+    folder = tmp_path / "crepe" / "prod_hard_negatives" / "atom"
+    os.makedirs(folder)
+    for n, rs in rows.items():
+        with open(folder / f"prod_vg_hard_negs_atom_complexity_{n}.csv", "w") as f:
+            f.write(header + "".join(f'1,{c},{n},2,1,1,1,"{negs!r}",0.0,0.0,100.0,100.0\n' for c, negs in rs))
+    _png(str(tmp_path / "crepe" / "VG_100K" / "1.jpg"), (255, 0, 0), (700, 700))
+    r = B.eval_crepe(_colour_scorer(), str(tmp_path))
+    assert r["atom_c4_R@1"] == pytest.approx(1 / 3) and r["atom_c4_R@5"] == 1.0  # ranks 0, 3, 4
+    assert r["atom_c4_R@1_std"] == pytest.approx(math.sqrt(2) / 3)  # sqrt(p (1 - p)), p = 1/3
+    assert r["atom_c4_R@3_std"] == pytest.approx(math.sqrt(2) / 3) and r["atom_c4_R@5_std"] == 0.0
+    assert r["atom_c4_rank_std"] == pytest.approx(math.sqrt(26) / 3)  # mean 7/3: (49 + 4 + 25) / 27 = 26/9
+    assert r["atom_c5_R@1_std"] == pytest.approx(0.5)  # ranks 1, 0
+    assert r["atom_R@1"] == pytest.approx(0.4) and r["atom_R@1_std"] == pytest.approx(math.sqrt(0.24))  # pooled
+    table = B.format_table({f"crepe/{k}": v for k, v in r.items()})
+    assert any(line.split()[1:] == ["atom_c4_R@1_std", f"{math.sqrt(2) / 3:.4f}"] for line in table.splitlines())
+
+
 def test_score_svo_and_winoground():
     r = B.score_svo([0.5, 0.1, 0.4, 0.3], [0.2, 0.3, 0.4, 0.1], ["subj", "verb", "obj", "obj"])
     assert r["pairwise"] == 0.5 and r["subj"] == 1 and r["verb"] == 0 and r["obj"] == 0.5

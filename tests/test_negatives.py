@@ -302,7 +302,7 @@ def test_unimodal_mined_tsv_is_keyed_by_its_embedding_space(tmp_path):
         cfg = SimpleNamespace(train_tsv=str(tmp_path / f"{init}.tsv"), tagger="rule", init=init, clip="c", vision="v",
                               train_file=str(tmp_path / "train.jsonl"), image_root=str(tmp_path), all_captions=False,
                               seed=0, mine_k=2, mine_chunk=8, max_bad_frac=0.0, vision_pool="cls",
-                              mine_prefix="")
+                              mine_prefix="", exclude_images="")
         assert ensure(cfg)["rows"] == 4
         key = json.load(open(cfg.train_tsv + ".key.json"))
         assert key.get("space") == (None if init == "clip" else "pooled vision feature, L2")
@@ -399,7 +399,8 @@ def test_mine_prefix_puts_karpathy_json_paths_under_the_released_tsv_root(tmp_pa
         Image.new("RGB", (8, 8), (60 * k, 0, 0)).save(tmp_path / "coco" / r["image"], format="PNG")
     cfg = SimpleNamespace(train_tsv=str(tmp_path / "t.tsv"), tagger="rule", init="clip", clip="c", vision="v",
                           train_file=train, image_root=str(tmp_path), all_captions=False, seed=0, mine_k=3,
-                          mine_chunk=8, max_bad_frac=0.0, vision_pool="cls", mine_prefix="coco")
+                          mine_chunk=8, max_bad_frac=0.0, vision_pool="cls", mine_prefix="coco",
+                          exclude_images="")
     model = SimpleNamespace(image_size=8, image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
     emb = lambda paths: _unit(torch.stack([torch.tensor([1.0, k]) for k in range(len(paths))]))  # noqa: E731
     assert G.ensure_mined(cfg, emb, model, torch.float32, Dist(), log=lambda m: None)["rows"] == len(recs)
@@ -413,6 +414,76 @@ def test_mine_prefix_puts_karpathy_json_paths_under_the_released_tsv_root(tmp_pa
     assert "image_prefix differ" in G.stale_reason(cfg.train_tsv, lambda: G.mining_key(
         train, cfg.image_root, all_captions=False, tagger="rule", seed=0, k=3, model="c",
         image=[8, [0.5] * 3, [0.25] * 3], precision="cpu float32"))
+
+
+def test_exclude_images_drops_listed_benchmark_images_before_mining_and_training(tmp_path):
+    """--exclude_images: a list file (COCO ids, file names or paths, any split's naming) and a SugarCREPE folder
+    (its records' val2017 filenames) name images that are dropped from the training records before mining (no
+    row, no neighbour) and from a TSV mined without them (the released one) before training, counted in the log."""
+    from types import SimpleNamespace
+    from PIL import Image
+    from common.data import DataError
+    from common.dist import Dist
+    names = ["val2014/COCO_val2014_000000100001.jpg", "train2014/COCO_train2014_000000100002.jpg",
+             "val2014/COCO_val2014_000000100003.jpg", "val2014/COCO_val2014_000000100004.jpg",
+             "train2014/COCO_train2014_000000100005.jpg", "val2014/COCO_val2014_000000100006.jpg"]
+    caps = ["a man riding a red horse", "a dog sitting on a green bench", "a woman holding a blue umbrella",
+            "a cat sleeping on a brown sofa", "a boy throwing a yellow ball", "a girl eating a red apple"]
+    for k, n in enumerate(names):
+        os.makedirs(tmp_path / "coco" / os.path.dirname(n), exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / "coco" / n, format="PNG")
+    train = tmp_path / "coco_karpathy_train.json"  # BLIP's per-caption list
+    json.dump([{"caption": c, "image": n, "image_id": f"coco_{100001 + k}"}
+               for k, (n, c) in enumerate(zip(names, caps))], open(train, "w"))
+    lst = tmp_path / "exclude.txt"
+    lst.write_text("# SugarCREPE and VG overlap\n\n100001\ntrain2017/000000100002.jpg\n999999\n")
+    os.makedirs(tmp_path / "sugarcrepe")
+    json.dump({"0": {"filename": "000000100003.jpg", "caption": "x", "negative_caption": "y"}},
+              open(tmp_path / "sugarcrepe" / "swap_obj.json", "w"), indent=4)
+    listed = f"{lst},{tmp_path / 'sugarcrepe'}"
+    assert G.excluded_images(listed) == {"coco:100001", "coco:100002", "coco:100003", "coco:999999"}
+    assert G.excluded_images("") == set()
+    with pytest.raises(DataError, match="not found"):
+        G.excluded_images(str(tmp_path / "nothing.txt"))
+    excluded = set(names[:3])
+
+    cfg = SimpleNamespace(train_tsv=str(tmp_path / "t.tsv"), tagger="rule", init="clip", clip="c", vision="v",
+                          train_file=str(train), image_root=str(tmp_path), all_captions=False, seed=0, mine_k=2,
+                          mine_chunk=8, max_bad_frac=0.0, vision_pool="cls", mine_prefix="coco",
+                          exclude_images=listed)
+    model = SimpleNamespace(image_size=8, image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
+    emb = lambda paths: _unit(torch.stack([torch.tensor([1.0, k]) for k in range(len(paths))]))  # noqa: E731
+    logs = []
+    assert G.ensure_mined(cfg, emb, model, torch.float32, Dist(), log=logs.append)["rows"] == 3
+    assert any("exclude: 3 of 6 records" in m and "(4 images listed)" in m for m in logs)
+    rows = G.read_negclip_tsv(cfg.train_tsv)
+    assert sorted(r["image"] for r in rows) == sorted(os.path.join("coco", n) for n in names[3:])
+    assert all(len(r["nbrs"]) == 2 for r in rows)  # neighbours among the kept images only
+    assert json.load(open(cfg.train_tsv + ".key.json"))["exclude_images"].startswith("4 images, sha256 ")
+    cfg.exclude_images, logs = str(lst), []  # another list: mined again
+    G.ensure_mined(cfg, emb, model, torch.float32, Dist(), log=logs.append)
+    assert "exclude_images differ" in logs[0] and len(G.read_negclip_tsv(cfg.train_tsv)) == 4
+
+    # a TSV mined with every image (as the released one): the listed rows go before training (every other
+    # image a neighbour, so no kept row loses all of its own, which would drop it as well)
+    cfg.train_tsv, cfg.exclude_images, cfg.mine_k = str(tmp_path / "all.tsv"), "", 5
+    G.ensure_mined(cfg, emb, model, torch.float32, Dist(), log=lambda m: None)
+    full = G.read_negclip_tsv(cfg.train_tsv)
+    assert len(full) == 6 and any(full[j]["image"][5:] in excluded for r in full for j in r["nbrs"])
+    cfg.exclude_images, logs = listed, []
+    kept, dropped = G.training_rows(cfg, ImageFolderLoader(cfg.image_root, None), logs.append)
+    assert dropped == 3 and sorted(r["image"][5:] for r in kept) == sorted(names[3:])
+    assert all(0 <= j < 3 and j != i for i, r in enumerate(kept) for j in r["nbrs"])  # remapped
+    for r in kept:  # the neighbours left are the same images as in the full TSV
+        was = next(f for f in full if f["image"] == r["image"])
+        assert [kept[j]["image"] for j in r["nbrs"]] == [full[j]["image"] for j in was["nbrs"]
+                                                         if full[j]["image"][5:] not in excluded]
+    assert logs == [f"exclude: 3 of 6 rows (3 images) of {cfg.train_tsv} dropped, listed in --exclude_images "
+                    "(4 images listed)"]
+    cfg.exclude_images = ""
+    assert len(G.training_rows(cfg, ImageFolderLoader(cfg.image_root, None))[0]) == 6
+    with pytest.raises(DataError, match="not --train_shards"):  # a stream has no rows to drop them from
+        G.resolve_paths(SimpleNamespace(train_shards="s/{0..1}.tar", exclude_images=listed))
 
 
 def test_vision_preprocessing_takes_the_processors_crop():
