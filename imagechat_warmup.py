@@ -13,8 +13,8 @@ losses are MLE + unlikelihood (Welleck et al., arXiv 1908.04319), summed over to
 
 --mode features | captions (data/imagechat.py, cached by image hash), warmup (--tasks: a subset of
 mlm,isp,mrm,gcd = the paper's Table 3 ablation), finetune (--init a warm-up checkpoint, or none),
-eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), params; warmup, finetune
-and eval leave <out_dir>/report.html (curves, figures, test dialogues with the replies). Toy world (CPU):
+eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), chat (stdin turns about
+--image), params; warmup, finetune and eval leave <out_dir>/report.html. Toy world (CPU):
     python imagechat_warmup.py --mode features
     python imagechat_warmup.py --mode captions --captioner runs/bp/export  # blip2_pformer export
     python imagechat_warmup.py --mode warmup --out_dir runs/icw_toy/warmup
@@ -28,8 +28,8 @@ Release-vs-paper differences are flags printed at start-up (--legacy_lr, --untie
 import json
 import math
 import os
+import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import reduce
@@ -51,8 +51,9 @@ from common.metrics import gold_rank
 from common.hf import counts_table, hf_model
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
                           set_lr)
-from data.imagechat import (load_captions, load_features, prepare_captions, prepare_features,
-                            read_image_chat, results_rows, split_path, turn_scores, write_report)
+from data.imagechat import (chat_image, chat_styles, load_captions, load_features,
+                            load_split, prepare_captions, prepare_features, results_table, turn_scores,
+                            write_predictions, write_report)
 from data.toy import toy_paths
 
 SCRIPT = "imagechat_warmup"
@@ -62,7 +63,7 @@ SCRIPT = "imagechat_warmup"
 @dataclass
 class Config:
     preset: str = "toy"
-    mode: str = "finetune"          # features | captions | warmup | finetune | eval | params
+    mode: str = "finetune"          # features | captions | warmup | finetune | eval | chat | params
     out_dir: str = "runs/icw_toy/run"
     toy_root: str = "data/toy"
     seed: int = 428                 # paper App. B
@@ -73,6 +74,10 @@ class Config:
     resume: str = ""
     resume_changes: bool = False    # continue a resume whose config differs from the checkpoint's
     init: str = ""                  # weights to start from (warm-up result / model to evaluate)
+    image: str = ""                 # chat: the image talked about
+    style: str = ""                 # chat: the model's personality (user_style: the user's, or none)
+    user_style: str = ""
+    caption: str = ""               # chat: the caption when no --captioner is given
     # ---- data and local model folders ("" = inside toy_root for the toy preset)
     data_dir: str = ""              # train.json / valid.json / test.json as published
     image_root: str = ""            # <image_hash>.jpg
@@ -160,8 +165,9 @@ RESUME_FREE_ICW = (RESUME_FREE - {"max_steps"}) | set(
 
 def check_choices(cfg):
     cfg.mode = {"evaluate": "eval"}.get(cfg.mode, cfg.mode)
-    if cfg.mode not in ("features", "captions", "warmup", "finetune", "eval", "params"):
-        raise ValueError(f"--mode must be features|captions|warmup|finetune|eval|params, got {cfg.mode!r}")
+    modes = ("features", "captions", "warmup", "finetune", "eval", "chat", "params")
+    if cfg.mode not in modes:
+        raise ValueError(f"--mode must be {'|'.join(modes)}, got {cfg.mode!r}")
     tasks = task_list(cfg)
     if set(tasks) - set(TASKS):
         raise ValueError(f"unknown warm-up tasks {sorted(set(tasks) - set(TASKS))}; use {TASKS}")
@@ -174,10 +180,11 @@ def check_choices(cfg):
 
 def resolve_paths(cfg, is_main=True):
     """Fill the empty paths this mode reads from the toy world, building it with only the backbones
-    read (features: CLIP; warmup/finetune/eval: T5)."""
-    reads = {"features": {"clip": "models/clip"}, "captions": {},
-             "params": {"clip": "models/clip", "backbone": "models/t5"}}.get(cfg.mode, {"backbone": "models/t5"})
-    models = {"features": ["clip"], "captions": [], "params": ["clip", "t5"]}.get(cfg.mode, ["t5"])
+    read (features: CLIP; warmup/finetune/eval: T5; params/chat: both)."""
+    both, cb = {"clip": "models/clip", "backbone": "models/t5"}, ["clip", "t5"]
+    reads = {"features": {"clip": "models/clip"}, "captions": {}, "params": both, "chat": both}.get(
+        cfg.mode, {"backbone": "models/t5"})
+    models = {"features": ["clip"], "captions": [], "params": cb, "chat": cb}.get(cfg.mode, ["t5"])
     toy_paths(cfg, {"data_dir": "image_chat", **reads}, models, is_main, barrier)
     cfg.image_root = cfg.image_root or os.path.join(cfg.data_dir, "images")
 
@@ -416,36 +423,6 @@ def mrm_kl_loss(pred, target):
 
 
 # ================================================================================================ Data
-class Encoded:
-    """Image-Chat episodes tokenised once: caption, per-turn style and utterance ids, feature."""
-
-    def __init__(self, episodes, tok, feat_index, captions, cfg, log, name):
-        lacks = [("feature" if ep["hash"] not in feat_index else "caption" if cfg.use_caption
-                  and ep["hash"] not in captions else "") for ep in episodes]  # "": nothing
-        kept = [ep for ep, why in zip(episodes, lacks) if not why]
-        missing = Counter(why for why in lacks if why)
-        n_missing, self.episodes = sum(missing.values()), []
-        log.info(f"{name}: {len(kept)} episodes, {n_missing} skipped for a missing feature/caption "
-                 f"({dict(missing)})")
-        if not kept or n_missing > cfg.max_missing_frac * len(episodes):
-            raise DataError(f"{name}: {n_missing} of {len(episodes)} episodes lack features or "
-                            f"captions (> max_missing_frac {cfg.max_missing_frac}); --cache_dir?")
-
-        def enc(s, n):
-            return tok.encode(s, add_special_tokens=False)[:n]
-        for ep in kept:
-            cap = captions[ep["hash"]][0].strip() if cfg.use_caption else None
-            self.episodes.append({
-                "hash": ep["hash"], "row": feat_index[ep["hash"]], "candidates": ep["candidates"],
-                "caption": enc(cap, cfg.seg_tokens) if cap is not None else None,
-                "styles": [enc(s, cfg.seg_tokens) for s, _ in ep["dialog"]],
-                "utts": [enc(u, cfg.max_tgt_len - 1) for _, u in ep["dialog"]],
-                "dialog": ep["dialog"], "caption_text": cap})
-
-    def __len__(self):
-        return len(self.episodes)
-
-
 def pad_to(seqs, pad):
     """list of id lists -> (B, L) long tensor, right-padded with `pad`."""
     ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
@@ -638,10 +615,7 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
         if shown is not None:
             shown.update(zip([(i, k) for i in items], rows))
         if run_dir and dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
-                f.writelines(json.dumps({n: r[n] for n in ("hash", "context", "reference", "prediction")}) + "\n"
-                             for r in rows)
+            write_predictions(run_dir, split, k, rows)
     for name in ("F1", "BLEU-4", "ROUGE-L", "PPL", "word_F1", "MRR",
                  *(f"R@{n}/{cfg.num_candidates}" for n in (1, 5, 10))):
         vals = [results[f"turn{k}/{name}"] for k in (1, 2, 3) if f"turn{k}/{name}" in results]
@@ -666,11 +640,6 @@ def onecycle_lr(step, total, cfg):
 def mix(*xs):
     """A seed from integers (step, micro-batch, ...): resume and world size keep the draws."""
     return reduce(lambda h, x: (h * 1_000_003 + int(x)) % (2 ** 61 - 1), xs, 0)
-
-
-def load_split(cfg, split, tok, index, caps, log, keep_candidates):
-    episodes = read_image_chat(split_path(cfg.data_dir, split), keep_candidates)
-    return Encoded(episodes, tok, index, caps, cfg, log, split)
 
 
 def read_checkpoint(path, flag, kinds):
@@ -843,11 +812,42 @@ def run_eval(cfg, dist, log, dtype, trained=None, step=0):
                    cfg.out_dir, shown)
     took = time.perf_counter() - start
     log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/") or k.endswith("/no_gold")})
-    head, rows = results_rows(res)
-    log.info("\n".join("| " + " | ".join(c if isinstance(c, str) else f"{c:.2f}" for c in r) + " |"
-                       for r in (head, ["---"] * len(head), *rows)))
+    log.info(results_table(res))
     write_report(cfg, dist.is_main, log, took, res, data.episodes, shown)
     return res
+
+
+def run_chat(cfg, dist, log, dtype):
+    """--mode chat (ParlAI's interactive script; ParlAI issue #4260): talk with the --init model
+    about --image.  Each stdin line is a user turn; the reply is generated as eval generates a turn
+    (finetune_batch's dialogue_context over the whole history) and printed.  Empty line/EOF ends."""
+    if not cfg.init:
+        raise ValueError("--mode chat needs --init: a warmup or finetune checkpoint of this script")
+    style, user = chat_styles(cfg.data_dir, cfg.style, cfg.user_style)  # known personalities only
+    ck, dev = read_checkpoint(cfg.init, "--init", ("warmup", "finetune")), dist.device
+    for k in "use_image use_caption grid max_positions share_pos untied_head seg_tokens".split():
+        setattr(cfg, k, ck.get("config", {}).get(k, getattr(cfg, k)))  # the model as trained
+    feats, caption = chat_image(cfg, cfg.image, dev, dtype, log)
+    model, tok, vocab = build_model(cfg, feats.shape[-1], feats.shape[1])
+    model.load_state_dict(ck["model"])
+    model.to(dev).eval()
+    gen_kw, turns = generation_kwargs(cfg, model.lm), []
+    enc = lambda s, n: tok.encode(s, add_special_tokens=False)[:n]  # noqa: E731 (as Encoded)
+    ep = {"caption": enc(caption or "", cfg.seg_tokens), "styles": [], "utts": []}
+    log.info(f"chat as {style!r} about {cfg.image} (caption {caption!r}); an empty line ends")
+    for line in map(str.strip, sys.stdin):
+        if not line:
+            break
+        ep["styles"] += [enc(user, cfg.seg_tokens), enc(style, cfg.seg_tokens)]
+        ep["utts"] += [enc(line, cfg.max_tgt_len - 1), []]  # the reply's turn: style <sty> </s>
+        b = finetune_batch([ep], [len(ep["utts"])], feats, vocab, cfg)
+        with autocast(dev, dtype):
+            out = generate(model, *(b[n].to(dev) for n in ("src", "src_mask", "feats")), gen_kw)
+        reply = tok.decode(out[0], skip_special_tokens=True).strip()
+        ep["utts"][-1] = enc(reply, cfg.max_tgt_len - 1)
+        print(f"[{style}]: {reply}", flush=True)
+        turns.append({"user": line, "reply": reply, "context": b["src"][0].tolist()})
+    return {"style": style, "caption": caption, "turns": turns}
 
 
 def params_mode(cfg, log):
@@ -886,7 +886,7 @@ def main(argv=None):
         log.info("choices: " + "; ".join(f"{k}: {v}" for k, v in deviations(cfg).items()))
         seed_everything(cfg.seed)
         run = {"features": prepare_features, "captions": prepare_captions, "warmup": run_training,
-               "finetune": run_training, "eval": run_eval}[cfg.mode]
+               "finetune": run_training, "eval": run_eval, "chat": run_chat}[cfg.mode]
         metrics = run(cfg, dist, log, dtype)
         if dist.is_main:
             with open(os.path.join(cfg.out_dir, "final_metrics.json"), "w") as f:

@@ -12,12 +12,14 @@ Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py
 and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
     prepare_features  CLIP embeddings of a 3x3 grid of crops per image -> <cache>/features/part_*.pt
     prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
-`load_features` / `load_captions` read the caches back for training.  `turn_scores` scores one
-evaluated turn as the release does; `results_rows` (the per-turn figures) and `write_report`
-(<out_dir>/report.html: curves, figures, dialogues) present its runs.
+`load_features` / `load_captions` read the caches back for training, `Encoded` / `load_split`
+tokenise a split once; `chat_image` prepares one image as both stages do (--mode chat).
+`turn_scores` scores one evaluated turn as the release does; `results_rows` (the per-turn
+figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) present its runs.
 """
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import torch
@@ -146,6 +148,42 @@ def load_captions(cache_dir):
     return caps
 
 
+# ---- tokenised episodes (what training and evaluation of imagechat_warmup.py read)
+class Encoded:
+    """Image-Chat episodes tokenised once: caption, per-turn style and utterance ids, feature."""
+
+    def __init__(self, episodes, tok, feat_index, captions, cfg, log, name):
+        lacks = [("feature" if ep["hash"] not in feat_index else "caption" if cfg.use_caption
+                  and ep["hash"] not in captions else "") for ep in episodes]  # "": nothing
+        kept = [ep for ep, why in zip(episodes, lacks) if not why]
+        missing = Counter(why for why in lacks if why)
+        n_missing, self.episodes = sum(missing.values()), []
+        log.info(f"{name}: {len(kept)} episodes, {n_missing} skipped for a missing feature/caption "
+                 f"({dict(missing)})")
+        if not kept or n_missing > cfg.max_missing_frac * len(episodes):
+            raise DataError(f"{name}: {n_missing} of {len(episodes)} episodes lack features or "
+                            f"captions (> max_missing_frac {cfg.max_missing_frac}); --cache_dir?")
+
+        def enc(s, n):
+            return tok.encode(s, add_special_tokens=False)[:n]
+        for ep in kept:
+            cap = captions[ep["hash"]][0].strip() if cfg.use_caption else None
+            self.episodes.append({
+                "hash": ep["hash"], "row": feat_index[ep["hash"]], "candidates": ep["candidates"],
+                "caption": enc(cap, cfg.seg_tokens) if cap is not None else None,
+                "styles": [enc(s, cfg.seg_tokens) for s, _ in ep["dialog"]],
+                "utts": [enc(u, cfg.max_tgt_len - 1) for _, u in ep["dialog"]],
+                "dialog": ep["dialog"], "caption_text": cap})
+
+    def __len__(self):
+        return len(self.episodes)
+
+
+def load_split(cfg, split, tok, index, caps, log, keep_candidates):
+    episodes = read_image_chat(split_path(cfg.data_dir, split), keep_candidates)
+    return Encoded(episodes, tok, index, caps, cfg, log, split)
+
+
 # ---- preparation
 def grid_crops(img, crop, grid):
     """PIL image -> uint8 (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to
@@ -211,6 +249,25 @@ class _Stage:
                 "unreadable": self.images.bad}
 
 
+def clip_featurizer(cfg, dev):
+    """The frozen CLIP of --mode features, in fp32 as clip_feature_extraction.py: PIL images ->
+    (n, 9, D) float32 projected embeddings of each image's 3x3 grid of crops (paper section 3.1)."""
+    from transformers import CLIPModel
+    clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
+    clip = clip.to(dev, torch.float32).eval().requires_grad_(False)
+    crop, (mean, std) = clip.config.vision_config.image_size, preprocessor_stats(cfg.clip)
+    pin = dev.type == "cuda"  # page-locked: the copy to the GPU runs asynchronously
+
+    @torch.no_grad()
+    def features(imgs):
+        x = torch.cat([grid_crops(im, crop, cfg.grid) for im in imgs])  # (n*9, 3, c, c) uint8
+        x = normalize((x.pin_memory() if pin else x).to(dev, non_blocking=pin), mean, std)
+        out = clip.get_image_features(pixel_values=x.float())
+        f = getattr(out, "pooler_output", out).float()  # (n*9, D), projected
+        return f.reshape(len(imgs), cfg.grid ** 2, -1)  # (n, 9, D)
+    return features
+
+
 @torch.no_grad()
 def prepare_features(cfg, dist, log, dtype):
     """CLIP features of a 3x3 grid of crops per image (paper section 3.1), in parts keyed by hash.
@@ -218,7 +275,6 @@ def prepare_features(cfg, dist, log, dtype):
     Each part file holds {"hashes", "feats" (n, 9, D) fp16} and is written atomically, so an
     interrupted run loses at most one batch and a rerun skips every image already in a part.
     """
-    from transformers import CLIPModel
     folder = os.path.join(cfg.cache_dir, "features")
     os.makedirs(folder, exist_ok=True)
     parts = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
@@ -226,21 +282,38 @@ def prepare_features(cfg, dist, log, dtype):
             for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
     stage = _Stage(cfg, dist, log, "features", done)
     barrier()  # every rank has listed the parts before any writes new ones
-    dev, fdtype = dist.device, torch.float32  # fp32 CLIP, as clip_feature_extraction.py (cached once)
-    clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
-    clip = clip.to(dev, fdtype).eval().requires_grad_(False)
-    crop, (mean, std) = clip.config.vision_config.image_size, preprocessor_stats(cfg.clip)
-    pin = dev.type == "cuda"  # page-locked: the copy to the GPU runs asynchronously
+    features = clip_featurizer(cfg, dist.device)
     for i, (ok, imgs) in enumerate(stage.batches(cfg.feat_batch)):
-        x = torch.cat([grid_crops(im, crop, cfg.grid) for im in imgs])  # (n*9, 3, c, c) uint8
-        x = normalize((x.pin_memory() if pin else x).to(dev, non_blocking=pin), mean, std)
-        out = clip.get_image_features(pixel_values=x.to(fdtype))
-        f = getattr(out, "pooler_output", out).float()  # (n*9, D), projected
-        f = f.reshape(len(ok), cfg.grid ** 2, -1)  # (n, 9, D)
+        f = features(imgs)
         save_checkpoint(os.path.join(folder, f"part_{len(parts):05d}_r{dist.rank}_{i:05d}.pt"),
                         {"hashes": ok, "feats": f.half().cpu()})
         stage.computed += len(ok)
     return stage.finish()
+
+
+def blip2_captioner(cfg, dev, dtype):
+    """The frozen BLIP-2 of --mode captions (--captioner): PIL images -> per image its
+    --caption_return beam-search captions (settings in prepare_captions)."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    if not cfg.captioner:
+        raise ValueError("--captioner: give a local BLIP-2 folder (transformers "
+                         "Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b-coco or "
+                         "blip2_pformer.py's export)")
+    fdtype, R = frozen_dtype(dev, dtype), cfg.caption_return
+    proc = Blip2Processor.from_pretrained(cfg.captioner, local_files_only=True)
+    model = Blip2ForConditionalGeneration.from_pretrained(cfg.captioner, local_files_only=True)
+    model = model.to(dev, fdtype).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def captions(imgs):
+        inputs = proc(images=imgs, return_tensors="pt").to(dev)
+        inputs["pixel_values"] = inputs["pixel_values"].to(fdtype)
+        out = model.generate(**inputs, num_beams=cfg.caption_beams, num_return_sequences=R,
+                             min_new_tokens=cfg.caption_min_length, no_repeat_ngram_size=3,
+                             max_new_tokens=cfg.caption_max_new_tokens, do_sample=False)
+        texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
+        return [texts[j * R:(j + 1) * R] for j in range(len(imgs))]
+    return captions
 
 
 @torch.no_grad()
@@ -253,29 +326,14 @@ def prepare_captions(cfg, dist, log, dtype):
     c3]}), so a rerun skips captioned images; at the end rank 0 writes the release layout
     captions.json {"<hash>.jpg": [...]}.
     """
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    if not cfg.captioner:
-        raise ValueError("--captioner: give a local BLIP-2 folder (transformers "
-                         "Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b-coco or "
-                         "blip2_pformer.py's export)")
+    captions = blip2_captioner(cfg, dist.device, dtype)
     os.makedirs(cfg.cache_dir, exist_ok=True)
     stage = _Stage(cfg, dist, log, "captions", load_captions(cfg.cache_dir))
-    dev, fdtype = dist.device, frozen_dtype(dist.device, dtype)
-    proc = Blip2Processor.from_pretrained(cfg.captioner, local_files_only=True)
-    model = Blip2ForConditionalGeneration.from_pretrained(cfg.captioner, local_files_only=True)
-    model = model.to(dev, fdtype).eval().requires_grad_(False)
-    R = cfg.caption_return
     out_path = os.path.join(cfg.cache_dir, f"captions.r{dist.rank}.jsonl")
     with open(out_path, "a", encoding="utf-8") as f:
         for ok, imgs in stage.batches(cfg.caption_batch):
-            inputs = proc(images=imgs, return_tensors="pt").to(dev)
-            inputs["pixel_values"] = inputs["pixel_values"].to(fdtype)
-            out = model.generate(**inputs, num_beams=cfg.caption_beams, num_return_sequences=R,
-                                 min_new_tokens=cfg.caption_min_length, no_repeat_ngram_size=3,
-                                 max_new_tokens=cfg.caption_max_new_tokens, do_sample=False)
-            texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
-            for j, h in enumerate(ok):  # one line per image, flushed: a crash loses at most a batch
-                rec = {"image": h + ".jpg", "captions": texts[j * R:(j + 1) * R]}
+            for h, caps in zip(ok, captions(imgs)):  # a line per image; flushed per batch
+                rec = {"image": h + ".jpg", "captions": caps}
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -290,6 +348,49 @@ def prepare_captions(cfg, dist, log, dtype):
             json.dump({h + ".jpg": c for h, c in sorted(caps.items())}, f)
         os.replace(tmp, final)
     return stats
+
+
+# ---- one image for --mode chat (ParlAI's interactive script; ParlAI issue #4260)
+def known_styles(data_dir):
+    """The personalities a model trained on <data_dir> knows: ParlAI's personalities.json
+    ({"positive": [...], "neutral": [...], "negative": [...]}, 215 names) when present, else the
+    styles of train.json."""
+    path = os.path.join(data_dir, "personalities.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return sorted({s for names in json.load(f).values() for s in names})
+    episodes = read_image_chat(split_path(data_dir, "train"), keep_candidates=False)
+    return sorted({style for ep in episodes for style, _ in ep["dialog"]})
+
+
+def chat_styles(data_dir, style, user_style=""):
+    """(--style, --user_style or "") as known_styles spells them (matched case-insensitively); a
+    name that is not a known personality is an error naming its flag."""
+    styles = known_styles(data_dir)
+    spelled, out = {s.lower(): s for s in styles}, []
+    for flag, name in (("--style", style), ("--user_style", user_style)):
+        if (name or flag == "--style") and name.strip().lower() not in spelled:
+            raise ValueError(f"{flag} {name!r} is not one of the model's {len(styles)} "
+                             "personalities: " + ", ".join(styles))
+        out.append(spelled.get(name.strip().lower(), ""))
+    return tuple(out)
+
+
+def chat_image(cfg, path, dev, dtype, log):
+    """(features (1, 9, D), caption or None) of one image, computed as the caches hold them: the
+    CLIP of --mode features (fp16-rounded, as load_features reads a part back), and BLIP-2's first
+    caption (Encoded's choice) with --captioner, else --caption, else "" with a warning."""
+    img = load_image(path)
+    if img is None:
+        raise DataError(f"--image {path}: missing or unreadable")
+    feats = clip_featurizer(cfg, dev)([img]).half().float().cpu()
+    if not cfg.use_caption:
+        return feats, None
+    if cfg.captioner:
+        return feats, blip2_captioner(cfg, dev, dtype)([img])[0][0]
+    if not cfg.caption:
+        log.info("warning: no --captioner and no --caption: the model reads an empty caption")
+    return feats, cfg.caption.strip()
 
 
 # ---- scores, eval figures and the picture report of imagechat_warmup.py
@@ -317,6 +418,22 @@ def results_rows(res):
     names = [n for n in ("F1", "BLEU-4", "ROUGE-L", "PPL", *recall, "word_F1") if f"IC/{n}" in res]
     return ["turn", *names], [[k, *(res.get(f"{k}/{n}", float("nan")) for n in names)]
                               for k in ("turn1", "turn2", "turn3", "IC") if f"{k}/F1" in res]
+
+
+def results_table(res):
+    """results_rows as a Markdown table (the log's copy of the figures)."""
+    head, rows = results_rows(res)
+    return "\n".join("| " + " | ".join(c if isinstance(c, str) else f"{c:.2f}" for c in r) + " |"
+                     for r in (head, ["---"] * len(head), *rows))
+
+
+def write_predictions(run_dir, split, k, rows):
+    """<run_dir>/predictions_<split>_turn<k>.jsonl: per evaluated example its hash, the decoded
+    encoder text, the reference and the generated reply."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
+        f.writelines(json.dumps({n: r[n] for n in ("hash", "context", "reference", "prediction")})
+                     + "\n" for r in rows)
 
 
 def dialogue_cards(episodes, shown, image_root, n_candidates=100, n=8):

@@ -3,6 +3,7 @@
 Model-level checks use tiny random BlenderBot / T5 / CLIP / BLIP-2 folders written with save_pretrained; the
 stages run through main([...]) on the toy world's Image-Chat dialogues and backbones.
 """
+import io
 import json
 import math
 import os
@@ -189,10 +190,11 @@ def test_clip_features_run_in_fp32_as_released(assets, tmp_path, monkeypatch):
 def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
     calls = []
     monkeypatch.setattr(icw, "toy_paths", lambda cfg, reads, models, *a: calls.append((sorted(reads), models)))
-    for mode in ("features", "captions", "warmup", "finetune", "eval"):
+    for mode in ("features", "captions", "warmup", "finetune", "eval", "chat"):
         icw.resolve_paths(icw.Config(mode=mode))
     assert calls == [(["clip", "data_dir"], ["clip"]), (["data_dir"], []), (["backbone", "data_dir"], ["t5"]),
-                     (["backbone", "data_dir"], ["t5"]), (["backbone", "data_dir"], ["t5"])]
+                     (["backbone", "data_dir"], ["t5"]), (["backbone", "data_dir"], ["t5"]),
+                     (["backbone", "clip", "data_dir"], ["clip", "t5"])]  # chat: features on the fly
 
 
 def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_path, capsys):
@@ -696,6 +698,60 @@ def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 0.*ft"):
         run(train_args(assets, "finetune", 2, init=tmp_path / "nan.pt"), tmp_path / "bad", **paths)
     assert not os.path.exists(tmp_path / "bad" / "last.pt")
+
+
+def test_chat_replies_from_the_history_as_eval_builds_it(assets, cached, tmp_path, monkeypatch):
+    """--mode chat (ParlAI's interactive script, ParlAI #4260): piped user turns each get a reply; a turn's encoder
+    input is dialogue_context over the history (turn 2's holds turn 1 and its reply) on the image's features as
+    --mode features caches them; each reply is what generate gives for that context built by hand.  --captioner
+    gives the caption --mode captions cached; unknown personalities and a missing --init are refused."""
+    from common.config import parse_config
+    from common.log import Logger
+    _, paths = cached
+    run(train_args(assets, "finetune", 2, final_eval="false", report="false"), tmp_path / "ft", **paths)
+    with open(os.path.join(paths["data_dir"], "test.json")) as f:
+        h = json.load(f)[0]["image_hash"]
+    chat = ["--mode", "chat", "--init", str(tmp_path / "ft" / "last.pt"), "--image",
+            os.path.join(paths["image_root"], f"{h}.jpg"), "--num_beams", "2", "--max_length", "8", "--min_length", "4"]
+    said = ["i love this red circle", "why is it so nice"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(said) + "\n\nnot read after the empty line\n"))
+    out = run([*chat, "--style", "happy", "--caption", "a red circle"], tmp_path / "chat", **paths)
+    assert out["style"] == "Happy" and out["caption"] == "a red circle" and [t["user"] for t in out["turns"]] == said
+    assert all(t["reply"].strip() for t in out["turns"])
+    # the same model, features and generation settings, the context built by hand
+    cfg = icw.check_choices(parse_config(icw.Config, icw.PRESETS, [*chat, "--toy_root", str(paths["toy_root"])]))
+    icw.resolve_paths(cfg)
+    index, cached_feats = ic.load_features(str(paths["cache_dir"]))
+    feats, _ = ic.chat_image(cfg, cfg.image, torch.device("cpu"), torch.float32, Logger("", False))
+    torch.testing.assert_close(feats, cached_feats[index[h]][None], rtol=0, atol=1e-3)  # fp16 cache rounding
+    model, tok, V = icw.build_model(cfg, feats.shape[-1], feats.shape[1])
+    model.load_state_dict(torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["model"])
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    r1 = out["turns"][0]["reply"]
+    ep = {"caption": enc("a red circle"), "styles": [[], enc("Happy")] * 2, "utts": [enc(said[0]), enc(r1),
+                                                                                      enc(said[1]), []]}
+    for k, turn in zip((2, 4), out["turns"]):
+        ctx = icw.dialogue_context(ep, k, V, cfg)
+        assert turn["context"] == ctx
+        src = torch.tensor([ctx])
+        gen = icw.generate(model.eval(), src, torch.ones_like(src), feats, icw.generation_kwargs(cfg, model.lm))
+        assert turn["reply"] == tok.decode(gen[0], skip_special_tokens=True).strip()
+    ctx2 = out["turns"][1]["context"]
+    assert ctx2[:len(out["turns"][0]["context"]) - 2] == out["turns"][0]["context"][:-2]  # turn 1 as it was
+    assert all(any(ctx2[i:i + len(u)] == u for i in range(len(ctx2))) for u in (enc(said[0]), enc(r1)))
+    # --captioner: BLIP-2's first caption, as --mode captions cached it; --user_style names the user's turns
+    monkeypatch.setattr(sys, "stdin", io.StringIO(said[0] + "\n"))
+    cap = run([*chat, "--style", "Happy", "--user_style", "bland", "--captioner", str(assets / "blip2")], tmp_path / "c",
+              **paths)
+    assert cap["caption"] == ic.load_captions(str(paths["cache_dir"]))[h][0]
+    assert cap["turns"][0]["context"] == icw.dialogue_context(
+        {"caption": enc(cap["caption"]), "styles": [enc("Bland"), enc("Happy")], "utts": [enc(said[0]), []]}, 2, V, cfg)
+    with pytest.raises(ValueError, match=r"--style 'Grumpy Pirate' is not one of the model's \d+ personalities: "):
+        run([*chat, "--style", "Grumpy Pirate"], tmp_path / "x", **paths)
+    with pytest.raises(ValueError, match=r"--user_style 'nobody' is not one of"):
+        run([*chat, "--style", "Happy", "--user_style", "nobody"], tmp_path / "x", **paths)
+    with pytest.raises(ValueError, match=r"--mode chat needs --init"):
+        run(chat[:2] + chat[4:] + ["--style", "Happy"], tmp_path / "x", **paths)  # no --init
 
 
 def _ddp_worker(rank, runs):
