@@ -6,7 +6,8 @@ and ClipCap (arXiv 2111.09734):
   of every frame (plus a per-frame time embedding) and to themselves: image or clip -> n tokens Z;
 - gated cross-attention dense blocks (Flamingo Sec. 2.2) before the frozen GPT-2 blocks: text
   attends to Z through tanh(alpha) gates that start at 0: at step 0 the model is the frozen GPT-2;
-- a mapper (ClipCap): an MLP from each frame's mean CLIP token to one GPT-2 input embedding.
+- a mapper (ClipCap): an MLP (or `--mapper transformer`: a transformer encoder over the frames)
+  from each frame's mean CLIP token to one GPT-2 input embedding.
 `--bridge mapper|xattn|both` gives the seed's three ablations. Only the bridge trains: CLIP runs
 under no_grad; GPT-2 is frozen, but the loss gradient flows through its blocks to the xattn blocks
 and the prefix. An image is a one-frame video. Loss: next-token cross-entropy on caption tokens;
@@ -45,8 +46,8 @@ from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_
 from common.hf import published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
-from common.train import (StepTimer, cosine_lr, count_flops, count_params, mfu, optimizer_update,
-                          param_groups, run_bench, set_lr)
+from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
+                          run_bench, set_lr, warmup_lr)
 from data.toy import toy_paths
 
 SCRIPT = "perceiver_caption"
@@ -62,7 +63,11 @@ class ModelConfig:
     # bridge (seed defaults)
     bridge: str = "both"           # mapper | xattn | both
     xattn_prefix: str = "raw"      # --bridge xattn: raw (mean CLIP vector as prefix, seed) | none
-    mapper_hidden: int = 512
+    mapper: str = "mlp"            # mlp | transformer (the seed's mapper_type; its default: mlp)
+    mapper_hidden: int = 512       # mlp: Linear -> Tanh -> Linear
+    mapper_depth: int = 8          # transformer: nn.TransformerEncoder layers, heads, FFN width
+    mapper_heads: int = 8
+    mapper_ff: int = 2048
     resampler_depth: int = 4
     resampler_heads: int = 6
     resampler_dim_head: int = 64
@@ -271,16 +276,23 @@ class Bridge(nn.Module):
         super().__init__()
         if cfg.bridge not in ("mapper", "xattn", "both"):
             raise ValueError(f"--bridge must be mapper|xattn|both, got {cfg.bridge!r}")
-        if cfg.xattn_prefix not in ("raw", "none"):
-            raise ValueError(f"--xattn_prefix must be raw|none, got {cfg.xattn_prefix!r}")
+        if cfg.xattn_prefix not in ("raw", "none") or cfg.mapper not in ("mlp", "transformer"):
+            raise ValueError(f"--xattn_prefix must be raw|none and --mapper mlp|transformer, got "
+                             f"{cfg.xattn_prefix!r}, {cfg.mapper!r}")
         self.use_mapper, self.use_xattn = cfg.bridge in ("mapper", "both"), cfg.bridge in ("xattn", "both")
         self.prefix = "mapper" if self.use_mapper else cfg.xattn_prefix
-        if self.prefix == "raw" and vis_dim != lm_dim:
-            raise ValueError(f"--xattn_prefix raw feeds the raw CLIP vector to GPT-2, which needs "
-                             f"equal widths (CLIP {vis_dim}, LM {lm_dim}); use --xattn_prefix none")
+        self.tf_mapper = self.use_mapper and cfg.mapper == "transformer"
+        if (self.prefix == "raw" or self.tf_mapper) and vis_dim != lm_dim:
+            raise ValueError(f"--xattn_prefix raw and --mapper transformer keep the CLIP width, "
+                             f"which GPT-2 must share (CLIP {vis_dim}, LM {lm_dim})")
         self.position_fix = cfg.position_fix
-        self.mapper = (nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
-                                     nn.Linear(cfg.mapper_hidden, lm_dim)) if self.use_mapper else None)
+        self.mapper = None  # seed model/encoder_decoder.py Mapper: MLP or nn.TransformerEncoder,
+        if self.tf_mapper:  # PyTorch defaults (post-LN, ReLU, dropout 0.1), padding masked as keys
+            layer = nn.TransformerEncoderLayer(vis_dim, cfg.mapper_heads, cfg.mapper_ff, batch_first=True)
+            self.mapper = nn.TransformerEncoder(layer, cfg.mapper_depth, enable_nested_tensor=False)
+        elif self.use_mapper:
+            self.mapper = nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
+                                        nn.Linear(cfg.mapper_hidden, lm_dim))
         self.resampler, self.xattn, self.layer_ids, self._z = None, None, [], None  # _z: `conditioned`
         if self.use_xattn:
             self.resampler = PerceiverResampler(
@@ -298,7 +310,8 @@ class Bridge(nn.Module):
             prefix, pmask = feats.new_zeros(feats.shape[0], 0, 1), frame_mask[:, :0]
         else:
             pooled = feats.mean(2)                           # (B, T, Dv): mean of the S CLIP tokens
-            prefix = self.mapper(pooled) if self.use_mapper else pooled      # (B, T, D)
+            kw = {"src_key_padding_mask": ~frame_mask.bool()} if self.tf_mapper else {}  # True: pad
+            prefix = self.mapper(pooled, **kw) if self.use_mapper else pooled      # (B, T, D)
             prefix, pmask = prefix * frame_mask.to(feats.dtype)[..., None], frame_mask
         z = self.resampler(feats, frame_mask) if self.use_xattn else None
         return prefix, pmask, z
@@ -637,21 +650,10 @@ def load_frozen(cfg, device, dtype):
     return clip, lm, CaptionTokenizer(AutoTokenizer.from_pretrained(cfg.lm_model), cfg.max_len)
 
 
-def lr_at(cfg, step, total):
-    warm = int(cfg.warmup_frac * total)
-    if cfg.schedule == "cosine":
-        return cosine_lr(step, total, warm, cfg.lr)
-    if cfg.schedule not in ("constant", "linear_decay"):
-        raise ValueError(f"--schedule must be constant|cosine|linear_decay, got {cfg.schedule!r}")
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * (1.0 if cfg.schedule == "constant" else max(0.0, (total - step) / max(1, total - warm)))
-
-
 def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step, total, update=True):
     """One optimizer step over this rank's micro batches of the global batch (accumulating grads).
     update=False: forward + backward only, gradients dropped (to count a step's FLOPs for MFU)."""
-    lr, device = lr_at(cfg, step, total), d.device
+    lr, device = warmup_lr(cfg.schedule, step, total, cfg.lr, cfg.warmup_frac), d.device
     set_lr(opt, lr)
     to = functools.partial(torch.Tensor.to, device=device, non_blocking=True)  # (pinned batches)
     labels = [caption_labels(to(b["tokens"]), to(b["tok_mask"]),  # (B, P+L), P prefix tokens
@@ -661,8 +663,8 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
     n_local = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
     denom = cdist.all_reduce_mean(n_local.float()) * d.world_size
     loss_sum = torch.zeros((), device=device)
-    if not cfg.frozen_eval:
-        lm.train()
+    bridge.train()  # dropout of --mapper transformer; validation and decoding run in eval mode
+    lm.train(not cfg.frozen_eval)
     for j, (b, lab) in enumerate(zip(micros, labels)):
         sync = j == len(micros) - 1 or d.world_size == 1
         with contextlib.nullcontext() if sync else model.no_sync():
@@ -672,7 +674,8 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
             loss = caption_loss(logits, lab, denom)
             scaler.scale(loss * d.world_size).backward()  # DDP averages gradients over ranks: undo
         loss_sum += loss.detach()
-    lm.eval()
+    for m in (bridge, lm):
+        m.eval()
     if not update:
         opt.zero_grad(set_to_none=True)
         return {}

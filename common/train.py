@@ -24,6 +24,19 @@ def cosine_lr(step, total, warmup, base_lr, min_lr=0.0):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def warmup_lr(schedule, step, total, base_lr, warmup_frac):
+    """Linear warm-up over warmup_frac * total steps, then `constant`, `linear_decay` (to 0 at `total`) or
+    `cosine` (cosine_lr)."""
+    warm = int(warmup_frac * total)
+    if schedule == "cosine":
+        return cosine_lr(step, total, warm, base_lr)
+    if schedule not in ("constant", "linear_decay"):
+        raise ValueError(f"--schedule must be constant|cosine|linear_decay, got {schedule!r}")
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    return base_lr * (1.0 if schedule == "constant" else max(0.0, (total - step) / max(1, total - warm)))
+
+
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)

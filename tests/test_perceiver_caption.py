@@ -125,6 +125,41 @@ def test_paper_param_counts_match_seed():
     assert 8.8 < rows["mapper"]["gflops_per_sample"] < rows["xattn"]["gflops_per_sample"] <= \
         rows["both"]["gflops_per_sample"]
     assert pc.main(["--mode", "params", "--preset", "paper"])["both"]["trainable"] == 39_026_456  # offline
+    # --mapper transformer: the seed's nn.TransformerEncoder (8 layers, 8 heads, FFN 2048) at width 768, per layer
+    # qkv 3*768*769 + out 768*769 + FFN 768*2049 + 2048*769 + two LayerNorms 4*768 = 5,513,984
+    tf = pc.main(["--mode", "params", "--preset", "paper", "--mapper", "transformer"])
+    assert tf["mapper"]["mapper"] == tf["both"]["mapper"] == 8 * 5_513_984 == tf["mapper"]["trainable"]
+    assert tf["both"]["trainable"] == 39_026_456 - 787_712 + 8 * 5_513_984 and tf["xattn"]["mapper"] == 0
+
+
+def test_transformer_mapper_shapes_and_padding_mask(tiny):
+    """--mapper transformer: one prefix token per frame for an image and a clip; a 2-frame clip alone and padded
+    to 4 frames (padding filled with noise) gives the same prefix and text logits: padded frames are masked as
+    keys (seed: src_key_padding_mask=~mask), with and without autograd (PyTorch's two encoder paths)."""
+    torch.manual_seed(3)
+    bridge = pc.Bridge(_cfg(bridge="mapper", mapper="transformer", mapper_depth=2, mapper_heads=4, mapper_ff=48),
+                       32, 32, 3).eval()
+    assert isinstance(bridge.mapper, torch.nn.TransformerEncoder) and len(bridge.mapper.layers) == 2
+    assert bridge.mapper.layers[0].self_attn.num_heads == 4 and bridge.mapper.layers[0].linear1.out_features == 48
+    for t in (1, 3):  # image, clip
+        prefix, pmask, z = bridge.visual(_feats(2, t), torch.ones(2, t, dtype=torch.bool))
+        assert prefix.shape == (2, t, 32) and pmask.shape == (2, t) and z is None
+    short = _feats(1, 2, seed=4)
+    batch = torch.cat([_feats(1, 4, seed=5), torch.cat([short, 3 * _feats(1, 2, seed=6)], 1)])
+    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    tokens = torch.tensor([[2, 4, 5, 3]] * 2)
+    tm = torch.ones_like(tokens, dtype=torch.bool)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            alone, batched = bridge.visual(short, fm[1:, :2])[0], bridge.visual(batch, fm)[0][1:]
+            assert torch.allclose(alone, batched[:, :2], atol=1e-5) and not batched[:, 2:].any()
+            logits = bridge(tiny["lm"], short, fm[1:, :2], tokens[:1], tm[:1])[:, 2:]
+            assert torch.allclose(logits, bridge(tiny["lm"], batch, fm, tokens, tm)[1:, 4:], atol=1e-4)
+    with torch.no_grad():  # without the key mask the padded frames do reach the real ones
+        assert not torch.allclose(bridge.mapper(short.mean(2)), bridge.mapper(batch.mean(2))[1:, :2], atol=1e-3)
+    with pytest.raises(ValueError, match="--mapper transformer keep the CLIP width"):
+        pc.Bridge(_cfg(bridge="both", mapper="transformer"), 32, 48, 3)
+    pc.Bridge(_cfg(bridge="xattn", mapper="transformer", xattn_prefix="none"), 32, 48, 3)  # no mapper: no check
 
 
 def test_padded_frames_change_nothing(tiny):
@@ -569,10 +604,16 @@ def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path
 
 
 @pytest.mark.parametrize("extra", [["--bridge", "mapper"], ["--bridge", "xattn", "--xattn_prefix", "none"],
-                                   ["--task", "video", "--cache_feats", "false", "--num_frames", "3"]])
-def test_ablations_and_video_train(world, tmp_path, extra):
+                                   ["--task", "video", "--cache_feats", "false", "--num_frames", "3"],
+                                   ["--bridge", "mapper", "--mapper", "transformer"]])
+def test_ablations_and_video_train(world, tmp_path, monkeypatch, extra):
     short = ["--steps", "8", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "100", "--max_eval", "4",
              "--decode", "greedy", "--max_new_tokens", "6", *extra]
+    for name in ("validation_loss", "caption_records"):  # without dropout (--mapper transformer has some)
+        def eval_only(bridge, *a, _f=getattr(pc, name), **k):
+            assert not bridge.training
+            return _f(bridge, *a, **k)
+        monkeypatch.setattr(pc, name, eval_only)
     m = _run(world, tmp_path, *short, "--lr", "3e-3")
     losses = _losses(tmp_path)
     assert m["n"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
