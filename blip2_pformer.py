@@ -1123,18 +1123,20 @@ def min_new(cfg, tok, is_encdec, prompt):
 
 def evaluate_caption(model, frozen, toks, records, cfg, dist, out_path):
     """Beam-search captions -> BLEU/CIDEr-D/ROUGE-L against all references; predictions -> JSON."""
-    from common.metrics import caption_metrics
+    from common.metrics import caption_metrics_by_group
     preds, least = {}, min_new(cfg, toks.llm, toks.is_encdec, cfg.caption_prompt)
     for idx, px in image_batches([r["image"] for r in records], cfg, dist, "captioning"):
         caps = generate(model, frozen, toks, px, [cfg.caption_prompt] * len(idx), cfg.num_beams,
                         cfg.max_new_tokens, least)
         preds.update(dict(zip(idx, caps)))
     preds = gather_dict(preds)
-    metrics = caption_metrics({i: records[i]["captions"] for i in preds},
-                              {i: [c] for i, c in preds.items()}) if preds else {}
+    recs = {i: records[i] for i in preds}  # NoCaps records (data/convert.py nocaps) carry "domain"
+    metrics = caption_metrics_by_group({i: r["captions"] for i, r in recs.items()},
+                                       {i: [c] for i, c in preds.items()},
+                                       {i: r.get("domain") for i, r in recs.items()}) if preds else {}
     if dist.is_main:
         with open(out_path, "w") as f:
-            json.dump([{"image": records[i]["image"], "caption": preds[i]} for i in sorted(preds)], f,
+            json.dump([{"image": recs[i]["image"], "caption": preds[i]} for i in sorted(preds)], f,
                       indent=1)
     return metrics
 

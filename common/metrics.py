@@ -335,6 +335,27 @@ def caption_metrics(gts, res):
     return out
 
 
+def caption_metrics_by_group(gts, res, groups):
+    """`caption_metrics` over all images (keys as there) and over each group of images ("<group>/CIDEr", ...), e.g.
+    NoCaps' in-domain, near-domain and out-domain. `groups` is {id: label}; ids labelled None (or absent) count in the
+    overall scores only; no label at all gives `caption_metrics` alone.
+
+    Each group is scored alone, as if its images were the whole evaluated set: CIDEr's document frequencies (and
+    BLEU's corpus sums) come from that group's references only, so a group's CIDEr is not the mean of its images'
+    scores from the overall pass. That is how NoCaps' numbers are computed: the evaluation server returns separate
+    pycocoevalcap COCOEvalCap results for "in-domain", "near-domain", "out-domain" and "entire" (nocaps-org/
+    updown-baseline, updown/utils/evalai.py), and LAVIS scores a subset by restricting COCOEvalCap to its image ids
+    (lavis/tasks/captioning.py coco_caption_eval, img_ids), which builds the CIDEr corpus from those images alone.
+    """
+    out = caption_metrics(gts, res)
+    labels = {i: groups.get(i) for i in gts}
+    for g in sorted({g for g in labels.values() if g is not None}):
+        ids = [i for i in gts if labels[i] == g]
+        out.update({f"{g}/{k}": v for k, v in caption_metrics({i: gts[i] for i in ids},
+                                                              {i: res[i] for i in ids}).items()})
+    return out
+
+
 # ============================================================ Hugging Face `evaluate` "bleu" and "rouge"
 # Some papers report captions with these instead of the COCO toolkit; their tokenisation and BLEU rules differ
 # (no PTB tokenisation, shortest-reference brevity penalty, no smoothing), often by several points.

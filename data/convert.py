@@ -9,6 +9,7 @@ The five method scripts read three record shapes (DESIGN.md, "Canonical formats"
 This file turns the layouts the papers actually train and evaluate on into those records:
 
     coco          official caption annotations (captions_{train,val}{2014,2017}.json), via pycocotools' COCO
+    nocaps        NoCaps val captions (nocaps_val_4500_captions.json): pairs with each image's "domain"
     karpathy      Karpathy split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json)
     blip          BLIP / LAVIS annotation files (coco_karpathy_*.json, flickr30k_*.json)
     flickr30k_csv the Kaggle Flickr30K copy's results.csv, optionally cut to a Karpathy split
@@ -23,6 +24,7 @@ This file turns the layouts the papers actually train and evaluate on into those
 Examples (run from the repository root):
 
     python data/convert.py coco captions_val2017.json --out coco_val2017.jsonl
+    python data/convert.py nocaps nocaps_val_4500_captions.json --image_prefix val --out nocaps_val.jsonl
     python data/convert.py karpathy dataset_coco.json --split train --merge_restval --out coco_kp_train.jsonl
     python data/convert.py karpathy dataset_flickr30k.json --split test --image_prefix flickr30k-images \
         --out f30k_test.jsonl
@@ -360,6 +362,59 @@ def convert_blip(json_path, image_prefix="", report=None):
             records.append(rec)
         else:
             report.skip("image without captions", rec["image"])
+    return records
+
+
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+
+
+def convert_nocaps(json_path, image_prefix="", report=None):
+    """NoCaps caption file (nocaps_val_4500_captions.json) -> pairs with the image's "domain", one record per image.
+
+    COCO layout (nocaps.org/download; Agrawal et al., ICCV 2019, arXiv 1812.08658): "images" [{"id", "file_name",
+    "open_images_id", "domain": "in-domain" | "near-domain" | "out-domain", "coco_url", "height", "width", ...}],
+    "annotations" [{"image_id", "id", "caption"}], 10 captions per image, in file order.  Records also keep
+    "image_id" (the id the evaluation server's predictions name).  `image_prefix` is the image folder (file_name is a
+    bare Open Images name, e.g. 0013ea2087020901.jpg).  The image-info files (nocaps_{val,test}_image_info.json)
+    carry no captions: the converter stops with one line naming the missing field.
+    """
+    report = report if report is not None else Report()
+    json_path = str(json_path)
+    data = _load_json(json_path, dict)
+    images = _get(data, "images", list, json_path, "top level")
+    anns = _get(data, "annotations", list, json_path, "top level")
+    by_id = {}  # image id -> record; dicts keep the order of "images"
+    for i, img in enumerate(images):
+        img_id = _get(img, "id", int, json_path, f"images[{i}]")
+        where = f"images[{i}] (id {img_id})"
+        file_name = _get(img, "file_name", str, json_path, where)
+        domain = _get(img, "domain", str, json_path, where)
+        if domain not in NOCAPS_DOMAINS:
+            raise ConversionError(f"{json_path}: {where}: field 'domain' is {domain!r}, expected one of "
+                                  f"{', '.join(NOCAPS_DOMAINS)}")
+        if img_id in by_id:
+            raise ConversionError(f"{json_path}: {where}: field 'id' repeats an earlier image")
+        by_id[img_id] = {"image": _image_path(report, image_prefix, file_name), "captions": [], "domain": domain,
+                         "image_id": img_id}
+    for j, ann in enumerate(anns):
+        ann_id = _get(ann, "id", int, json_path, f"annotations[{j}]")
+        where = f"annotations[{j}] (id {ann_id})"
+        image_id = _get(ann, "image_id", int, json_path, where)
+        cap = _clean(_get(ann, "caption", str, json_path, where))
+        if image_id not in by_id:
+            report.skip("annotation of an image not listed in 'images'", ann_id)
+        elif not cap:
+            report.skip("empty caption", ann_id)
+        else:
+            by_id[image_id]["captions"].append(cap)
+    records = []
+    for img_id, rec in by_id.items():
+        if rec["captions"]:
+            records.append(rec)
+        else:
+            report.skip("image without captions", img_id)
+    counts = Counter(r["domain"] for r in records)
+    report.note("domains: " + ", ".join(f"{d} {counts[d]}" for d in NOCAPS_DOMAINS))
     return records
 
 
@@ -1203,6 +1258,10 @@ def build_parser():
     sp.add_argument("--images_subdir", default=None,
                     help="folder prefixed to file_name, e.g. val2017 (default: inferred from the file)")
 
+    sp = add("nocaps", "NoCaps captions (nocaps_val_4500_captions.json) -> pairs with the image's domain")
+    sp.add_argument("json", help="nocaps_val_4500_captions.json")
+    sp.add_argument("--image_prefix", default="", help="folder of the images under --image_root, e.g. val")
+
     sp = add("karpathy", "Karpathy split JSON (dataset_coco/flickr8k/flickr30k.json) -> pairs of one split")
     sp.add_argument("json", help="dataset_*.json")
     sp.add_argument("--split", required=True, choices=KARPATHY_SPLITS)
@@ -1279,6 +1338,8 @@ def _convert(args, report):
     """Dispatch on the subcommand; returns (records, the input that was read)."""
     if args.kind == "coco":
         return convert_coco(args.annotations, args.images_subdir, report), args.annotations
+    if args.kind == "nocaps":
+        return convert_nocaps(args.json, args.image_prefix, report), args.json
     if args.kind == "karpathy":
         return convert_karpathy(args.json, args.split, args.image_prefix, args.merge_restval, report), args.json
     if args.kind == "blip":

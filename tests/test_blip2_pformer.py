@@ -422,6 +422,30 @@ def test_vqa_test_split_without_answers_writes_its_predictions(hf_folders, tmp_p
     assert [p["question_id"] for p in json.load(open(tmp_path / "run" / "vqa.json"))] == [0, 1]
 
 
+def test_nocaps_recipe_scores_each_domain_alone(hf_folders, tmp_path):
+    """Records with "domain" (data/convert.py nocaps) are scored per domain, each domain as its own set (NoCaps' rule,
+    common.metrics.caption_metrics_by_group), and overall, under the NoCaps recipe's generation flags
+    (docs/blip2_pformer.md: BLIText nocaps_opt2.7b_eval.yaml)."""
+    from PIL import Image
+    from common.metrics import caption_metrics
+    doms = ["in-domain", "in-domain", "out-domain", "out-domain", "near-domain"]
+    for k in range(5):
+        Image.new("RGB", (32, 32), (50 * k, 90, 200 - 40 * k)).save(tmp_path / f"{k}.png")
+    recs = [{"image": f"{k}.png", "captions": [f"a photo of thing {k}", "a photo"], "domain": d, "image_id": k}
+            for k, d in enumerate(doms)]
+    (tmp_path / "nocaps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = bp.main(["--stage", "eval", "--hf_import", hf_folders["opt"], "--bert_path", hf_folders["bert"],
+                 "--eval_tasks", "caption", "--val_file", str(tmp_path / "nocaps.jsonl"), "--image_root",
+                 str(tmp_path), "--image_size", "32", "--out_dir", str(tmp_path / "run"), "--num_workers", "0",
+                 "--num_beams", "3", "--max_new_tokens", "20", "--min_length", "5"])
+    preds = {p["image"]: p["caption"] for p in json.load(open(tmp_path / "run" / "captions.json"))}
+    for d in ("in-domain", "near-domain", "out-domain"):
+        sub = [r for r in recs if r["domain"] == d]
+        alone = caption_metrics({r["image"]: r["captions"] for r in sub}, {r["image"]: preds[r["image"]] for r in sub})
+        assert {k: m[f"{d}/{k}"] for k in alone} == pytest.approx(alone)
+    assert m["CIDEr"] == pytest.approx(caption_metrics({r["image"]: r["captions"] for r in recs}, preds)["CIDEr"])
+
+
 def test_t5_in_fp16_is_refused(hf_folders, tmp_path):
     """Flan-T5 overflows in fp16 (LAVIS runs it in bf16): --precision fp16 with a T5 stops with one line; OPT runs."""
     from common.config import parse_config

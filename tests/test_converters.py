@@ -19,7 +19,7 @@ from PIL import Image
 from common.data import read_pairs, read_video, read_vqa
 from data.convert import (ConversionError, Report, build_parser, check_images, convert_blip, convert_coco,
                           convert_flickr30k_csv, convert_gqa, convert_img2dataset, convert_karpathy, convert_mlslt,
-                          convert_okvqa, convert_vg, convert_vqav2, main, write_jsonl)
+                          convert_nocaps, convert_okvqa, convert_vg, convert_vqav2, main, write_jsonl)
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures"  # copies of the project's shared dataset-layout fixtures (README there)
@@ -31,6 +31,7 @@ OK_Q = FIX / "okvqa" / "OpenEnded_mscoco_train2014_questions.json"
 OK_A = FIX / "okvqa" / "mscoco_train2014_annotations.json"
 GQA = FIX / "gqa" / "questions_sample.json"
 VG = FIX / "visual_genome" / "region_descriptions.json"
+NOCAPS = FIX / "nocaps" / "nocaps_val_4500_captions.json"
 
 
 def _load(path):
@@ -90,6 +91,45 @@ def test_coco_orphan_annotation_and_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"images\[2\]: field 'id' should be an integer, got str"):
         convert_coco(bad, "val2017")
     assert "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# NoCaps
+# ---------------------------------------------------------------------------------------------------
+
+def test_nocaps_keeps_each_images_domain_and_reports_what_it_drops(tmp_path, capsys):
+    report = Report()
+    recs = convert_nocaps(NOCAPS, image_prefix="val", report=report)
+    raw = _load(NOCAPS)
+    assert [r["image"] for r in recs] == [f"val/{im['file_name']}" for im in raw["images"]]
+    assert [r["domain"] for r in recs] == ["in-domain", "near-domain", "near-domain", "out-domain"]
+    assert [r["image_id"] for r in recs] == [0, 1, 2, 3]
+    assert recs[0]["captions"] == ["A man riding a bike down a street.", "a person on a bicycle in the city"]
+    assert recs[2]["captions"][1] == "Some food sitting on a table"  # ends in a newline in the file: stripped
+    assert report.total_skipped == 0 and "domains: in-domain 1, near-domain 2, out-domain 1" in report.lines()
+    # an orphan annotation, an empty caption and an image left without captions are counted, not written
+    data = _load(NOCAPS)
+    data["annotations"] += [{"image_id": 99, "id": 90, "caption": "no such image"}]
+    data["annotations"] = [a if a["image_id"] != 3 else dict(a, caption=" ") for a in data["annotations"]]
+    report = Report()
+    recs = convert_nocaps(_dump(data, tmp_path / "dropped.json"), report=report)
+    assert [r["image_id"] for r in recs] == [0, 1, 2]
+    assert dict(report.skipped) == {"annotation of an image not listed in 'images'": 1, "empty caption": 2,
+                                    "image without captions": 1}
+    # the CLI writes canonical pairs that read back with their extra fields
+    out = tmp_path / "nocaps_val.jsonl"
+    assert main(["nocaps", str(NOCAPS), "--image_prefix", "val", "--out", str(out)]) == 0
+    assert "wrote 4 records (8 captions)" in capsys.readouterr().out
+    back = read_pairs(str(out))
+    assert [back[i]["domain"] for i in range(len(back))] == [r["domain"] for r in convert_nocaps(NOCAPS)]
+    # bad input: one line naming the record and the field
+    for change, want in ((lambda im: im.pop("domain"), r"images\[1\] \(id 1\): missing field 'domain'"),
+                         (lambda im: im.update(domain="in"), r"images\[1\] \(id 1\): field 'domain' is 'in'"),
+                         (lambda im: im.update(id=0), r"images\[1\] \(id 0\): field 'id' repeats")):
+        data = _load(NOCAPS)
+        change(data["images"][1])
+        with pytest.raises(ConversionError, match=want):
+            convert_nocaps(_dump(data, tmp_path / "bad.json"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,7 +425,8 @@ def test_check_images_drops_missing_and_unreadable(tmp_path):
 
 
 def test_cli_help_for_every_kind(capsys):
-    for kind in ("coco", "karpathy", "blip", "flickr30k_csv", "img2dataset", "vg", "vqav2", "okvqa", "gqa", "mlslt"):
+    for kind in ("coco", "nocaps", "karpathy", "blip", "flickr30k_csv", "img2dataset", "vg", "vqav2", "okvqa", "gqa",
+                 "mlslt"):
         with pytest.raises(SystemExit) as e:
             main([kind, "--help"])
         assert e.value.code == 0

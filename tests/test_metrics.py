@@ -11,10 +11,10 @@ import pytest
 import torch
 from nltk.translate.bleu_score import corpus_bleu
 
-from common.metrics import (bleu, caption_metrics, cider_d, coco_tokenize, dialogue_scores, expand_contractions,
-                            hf_bleu, hf_caption_metrics, hf_rouge, normalize_vqa_answer, okvqa_lemmatize,
-                            parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1, tokenize_13a,
-                            vqa_accuracy, vqa_score, word_f1)
+from common.metrics import (bleu, caption_metrics, caption_metrics_by_group, cider_d, coco_tokenize, dialogue_scores,
+                            expand_contractions, hf_bleu, hf_caption_metrics, hf_rouge, normalize_vqa_answer,
+                            okvqa_lemmatize, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1,
+                            tokenize_13a, vqa_accuracy, vqa_score, word_f1)
 
 # ---------------------------------------------------------------- COCO tokenisation
 # Expected strings = pycocoevalcap's PTBTokenizer output (CoreNLP 3.4.1 jar, `-preserveLines -lowerCase`, then the
@@ -267,6 +267,32 @@ def test_caption_metrics_tokenises_then_scores():
     perfect = caption_metrics({1: ["a red circle"], 2: ["a blue square"]}, {1: "A red circle.", 2: "a blue square"})
     assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
     assert perfect["CIDEr"] > 0
+
+
+def test_caption_metrics_by_group_scores_each_group_alone():
+    """NoCaps' per-domain numbers: each domain scored as its own evaluated set (CIDEr's document frequencies from
+    that domain's references), the overall row in one pass over all images."""
+    gts = {"A": ["a b"], "B": ["a c"], "C": ["d e"], "D": ["f g"], "E": ["h i"]}
+    res = {"A": "a", "B": "a c", "C": "d e", "D": "f g", "E": "h i"}
+    groups = {"A": "in-domain", "B": "in-domain", "C": "out-domain", "D": "out-domain", "E": None}
+    got = caption_metrics_by_group(gts, res, groups)
+    # in-domain alone (2 images): "a" is in both references, idf log2 - log2 = 0, so A's only unigram weighs 0 and
+    # A scores 0; B matches its reference exactly (unigram and bigram cosine 1, no 3/4-grams): 10 * 2 / 4 = 5.
+    assert got["in-domain/CIDEr"] == pytest.approx((0 + 5) / 2, rel=1e-12)
+    assert got["out-domain/CIDEr"] == pytest.approx(5.0, rel=1e-12)  # exact matches, all n-grams distinct
+    # one pass over all 5 images: idf("a") = log5 - log2 > 0, so A scores: cosine with "a b" is
+    # w_a^2 / (w_a * sqrt(w_a^2 + w_b^2)), lengths differ by one bigram
+    w_a, w_b = math.log(5) - math.log(2), math.log(5)
+    a_overall = 10 * (w_a / math.sqrt(w_a ** 2 + w_b ** 2)) * math.exp(-1 / (2 * 6.0 ** 2)) / 4
+    assert got["CIDEr"] == pytest.approx((a_overall + 5 * 4) / 5, rel=1e-12)
+    one_pass = cider_d({i: gts[i] for i in gts}, {i: [res[i]] for i in res})[1]
+    assert (one_pass["A"] + one_pass["B"]) / 2 > got["in-domain/CIDEr"] + 0.5  # the rule matters here
+    for g, ids in (("in-domain", "AB"), ("out-domain", "CD")):  # every metric of a group = the group alone
+        alone = caption_metrics({i: gts[i] for i in ids}, {i: res[i] for i in ids})
+        assert {k: got[f"{g}/{k}"] for k in alone} == alone
+    assert {k: got[k] for k in caption_metrics(gts, res)} == caption_metrics(gts, res)
+    assert set(got) == {f"{p}{k}" for p in ("", "in-domain/", "out-domain/") for k in caption_metrics(gts, res)}
+    assert caption_metrics_by_group(gts, res, {}) == caption_metrics(gts, res)  # no labels: the plain metrics
 
 
 # ---------------------------------------------------------------- Hugging Face `evaluate` bleu / rouge
