@@ -127,6 +127,7 @@ class Config(Size):
     init_vit: str = ""                 # HF ViT (DeiT) or CLIP folder for the student image encoder
     init_text: str = ""                # HF BERT folder for the text stack (DLIP: matters little)
     momentum: float = 0.995
+    no_momentum: bool = False          # no EMA encoders/queues: in-batch ITC over the global batch
     alpha: float = 0.4                 # weight of the momentum model's soft ITC targets
     alpha_ramp_epochs: float = 2.0     # alpha ramps up from 0 (BLIP: 2 epochs pretrain, 1 finetune)
     # ---- teacher and distillation: one weight per loss term (0 = not computed)
@@ -521,7 +522,7 @@ class BLIP(nn.Module):
 
     # ---- momentum encoders and queues (BLIP Sec. 3.2; ALBEF's momentum distillation)
     def momentum_pairs(self):
-        names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+        names = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")[:4 * self.c.momentum]
         return [(getattr(self, n), getattr(self, n + "_m")) for n in names]
 
     @torch.no_grad()
@@ -594,11 +595,11 @@ class BLIP(nn.Module):
                           txt=self.text_proj(text_h[:, 0]))
             f.image_feat = F.normalize(f.proj["img"].float(), dim=-1)  # (B, E) fp32, for ITC
             f.text_feat, f.temp = F.normalize(f.proj["txt"].float(), dim=-1), self.temp
-            if self.c.momentum:
-                with torch.no_grad():
-                    self.temp.clamp_(0.001, 0.5)
-                    if ema:
-                        self.momentum_update()
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)  # with or without momentum (BLIP's blip_pretrain.py)
+                if self.c.momentum and ema:
+                    self.momentum_update()
+                if self.c.momentum:
                     image_m = self.visual_encoder_m(image)[:, 0]
                     f.image_m = F.normalize(self.vision_proj_m(image_m).float(), dim=-1)
                     text_m = self.text_encoder_m(ids, mask)[0][:, 0]
@@ -657,8 +658,9 @@ def lm_loss(logits, labels, smoothing=0.1):
 
 def blip_losses(model, s, ids, mask, idx, alpha, gen, rank, smoothing=0.1, prompt_len=1):
     """BLIP's losses (arXiv 2201.12086 Sec. 3.2) from the Features `s` of `model` (unwrapped) on
-    this rank's micro batch; idx (B,) image ids. ITC: online features against [momentum features of
-    the global batch ; queue], then the queue advances. ITM: the positives plus one hard negative
+    this rank's micro batch; idx (B,) image ids. ITC: online features against [momentum features
+    of the global batch ; queue], then the queue advances; no momentum model: against the online
+    features of the global batch, gathered with gradient. ITM: the positives plus one hard negative
     image per text and text per image, drawn over the global batch by `gen` (seeded alike on every
     rank: N ranks = 1 process), through one more fusion pass. LM: the decoder writes the caption."""
     out, B, gather, dev = {}, ids.shape[0], cdist.all_gather_no_grad, ids.device
@@ -677,6 +679,13 @@ def blip_losses(model, s, ids, mask, idx, alpha, gen, rank, smoothing=0.1, promp
             out["itc"] = (soft_ce(s.image_feat @ txt_cand.T / s.temp, tgt_i2t)
                           + soft_ce(s.text_feat @ img_cand.T / s.temp, tgt_t2i)) / 2
         model.enqueue(img_m_g, txt_m_g, idx_g)
+    elif s.fused is not None:  # --no_momentum: in-batch ITC over the global batch, alpha unused
+        img_g, txt_g = (cdist.all_gather_with_grad(f) for f in (s.image_feat, s.text_feat))
+        s.pos = idx[:, None] == idx_g[None, :]  # (B, G); the targets: positives / their count
+        with camp.fp32(dev):
+            hard = itc_targets(s.pos, s.pos, 0.0)
+            out["itc"] = (soft_ce(s.image_feat @ txt_g.T / s.temp, hard)
+                          + soft_ce(s.text_feat @ img_g.T / s.temp, hard)) / 2
     if s.fused is not None:
         with torch.no_grad(), camp.fp32(dev):
             img_g, txt_g = gather(s.image_feat), gather(s.text_feat)
@@ -773,7 +782,7 @@ def distill_losses(s, t, w, alpha=0.4, maps=None, rep_layers="last"):
         ti, tt, si, st = (f.float() for f in (t.image_feat, t.text_feat, s.image_feat, s.text_feat))
         ti_g, tt_g = cdist.all_gather_no_grad(ti), cdist.all_gather_no_grad(tt)  # (G, E)
         if w.get("itc_kd_kind", "v2") == "v2":  # V2: against the student's queue, with its temp
-            temp, (qi, qt) = s.temp.detach(), s.queues
+            temp, (qi, qt) = s.temp.detach(), s.queues or (ti[:0], tt[:0])  # --no_momentum: none
             txt_c, img_c = torch.cat([tt_g, qt.float()]), torch.cat([ti_g, qi.float()])  # (G+Q, E)
             with torch.no_grad(), camp.fp32(ti.device):  # fp32 logits, as in blip_losses
                 tgt_i2t = itc_targets(s.pos, ti @ txt_c.T / temp, alpha)  # (B, G+Q)
@@ -1130,7 +1139,10 @@ def retrieval_parts(model):
 def efficiency(model, cfg, device, dtype, tag):
     """Parameters, FLOPs and images/s of the model's parts. FLOPs: one image and one text of
     max_len tokens through image encoder, text encoder and one fused (ITM) pass; captioning: image
-    encoder + gen_max_len greedy steps."""
+    encoder + gen_max_len greedy steps. End to end (images/s, ms/image): retrieval = the work of
+    retrieval_eval on k_test random images and texts (encoders, ITC, ITM on the top k_test both
+    ways); caption = beam search on eval_batch random images, [DEC] alone as prompt, EOS held off
+    until gen_max_len so every model decodes as many steps."""
     model.eval()
     c, n = model.c, cfg.gen_max_len
     image = torch.randn(1, 3, c.image_size, c.image_size, device=device)
@@ -1148,6 +1160,23 @@ def efficiency(model, cfg, device, dtype, tag):
     with camp.autocast(device, dtype):
         out = size_table(parts)
         out["images_s"] = samples_per_second(lambda: model.visual_encoder(batch), len(batch), device)
+        if c.has_encoder:  # k copies of one text: every query's top k_test is the whole set
+            k, eb = max(cfg.k_test, 1), cfg.eval_batch
+            im = torch.randn(k, *batch.shape[1:], device=device)  # (k, 3, S, S)
+            ti, tm, chunks = ids.expand(k, -1), mask.expand(k, -1), range(0, k, eb)
+
+            def retrieval():
+                e, fi = map(torch.cat, zip(*[model.image_features(im[i:i + eb]) for i in chunks]))
+                ft = torch.cat([model.text_features(ti[i:i + eb], tm[i:i + eb])[1] for i in chunks])
+                [(fi @ ft.T).topk(k, d) for d in (1, 0)]  # the ITC shortlists, i2t and t2i
+                for r in range(max(cfg.k_test, 0)):  # ITM: image r vs k texts, text r vs k images
+                    model.itm_logits(ti, tm, e[[r]].expand(k, -1, -1)), model.itm_logits(ti, tm, e)
+            out["images_s_retrieval"] = samples_per_second(retrieval, k, device)
+        if c.has_decoder:
+            p, steps = ids[:, :1].expand(len(batch), -1), (cfg.num_beams, n, n, c.sep_id)
+            out["images_s_caption"] = samples_per_second(lambda: beam_search(
+                model, model.visual_encoder(batch), p, *steps), len(batch), device)
+    out.update({"ms_image_" + k[9:]: 1e3 / v for k, v in out.items() if k.startswith("images_s_")})
     return {f"{tag}_{k}": v for k, v in out.items()}
 
 
@@ -1167,7 +1196,7 @@ def build_model(cfg, special, log=None):
     decoder (BLIP's BLIP_Retrieval / BLIP_Decoder)."""
     if cfg.mode == "pretrain":
         c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum,
-                        **special)
+                        momentum=not cfg.no_momentum, **special)
         model = BLIP(replace(c, **vit_init_config(cfg.init_vit)) if cfg.init_vit else c)
         if cfg.init_vit:
             init_from_hf_vit(model, cfg.init_vit)
@@ -1186,8 +1215,8 @@ def build_model(cfg, special, log=None):
     if not cfg.init:
         raise ValueError(f"--mode {cfg.mode} needs --init CHECKPOINT (a pretrain run's last.pt)")
     ret = cfg.mode == "retrieval"
-    parts = dict(has_encoder=ret, has_decoder=not ret, tie_decoder=False, momentum=ret,
-                 grad_ckpt=cfg.grad_ckpt, dropout=cfg.dropout, ema=cfg.momentum,
+    parts = dict(has_encoder=ret, has_decoder=not ret, tie_decoder=False, grad_ckpt=cfg.grad_ckpt,
+                 momentum=ret and not cfg.no_momentum, dropout=cfg.dropout, ema=cfg.momentum,
                  prompt="" if ret else cfg.prompt)
     return load_dlip(cfg.init, parts, cfg.image_size, cfg.queue_size, special=special)
 
@@ -1473,9 +1502,10 @@ def run_eval(cfg, dist, device, dtype, log):
         m.to(device).eval().requires_grad_(False)
         if cfg.task in ("efficiency", "all"):
             out.update(efficiency(m, cfg, device, dtype, tag))
-    for k in [k for k in out if k.startswith("student_params")]:
-        if k.replace("student", "teacher") in out:
-            out[k.replace("params", "param_ratio")] = out[k] / out[k.replace("student", "teacher")]
+    for k in [k for k in out if k.startswith(("student_params", "student_ms_image"))]:
+        if k.replace("student", "teacher") in out:  # student / teacher (DLIP: 22.4%, 2.7x faster)
+            out[k.replace("params", "param_ratio").replace("ms_image", "ms_ratio")] = \
+                out[k] / out[k.replace("student", "teacher")]
     shown, since = {}, time.time()
     if cfg.task in ("retrieval", "caption", "all") and cfg.test_file:
         out.update(evaluate(cfg, models["student"], tok, dist, device, dtype, cfg.test_file, "test",
@@ -1494,7 +1524,8 @@ def params_mode(cfg, log):
     on the meta device (no weights, no network: common.hf.published_config for hub names): parameters per
     part as `efficiency` counts them, and GFLOPs of one sample of its protocol at --image_size, the caption
     part's greedy decoding counted as one pass over gen_max_len tokens (the same matmuls as with a cache)."""
-    c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum)
+    c = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(Size)}, ema=cfg.momentum,
+                    momentum=not cfg.no_momentum)
     models = {"student": [(c, "")]}
     if cfg.teacher:  # a dlip or BLIP checkpoint, or transformers folders / hub names
         ck = load_checkpoint(cfg.teacher) if cfg.teacher.endswith(".pt") or os.path.isfile(cfg.teacher) \
@@ -1732,14 +1763,16 @@ def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", spec
         expect_checkpoint(ck, path, "dlip", flag=flag)
     c = replace(blip or ModelConfig(**(ck.get("model_config") or ck["shape"])), **parts)
     model, sd = BLIP(replace(c, queue_size=queue_size or c.queue_size)), ck["model"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and k not in QUEUES]
+    own, fresh_m = model.state_dict(), not any("_m." in k for k in sd)  # --no_momentum: no copies
+    missing = [k for k in own if k not in sd and k not in QUEUES and not (fresh_m and "_m." in k)]
     if missing:
         odd = [k for k in sd if blip and k not in own and not BLIP_EXTRA.match(k)][:2]
         raise ValueError(f"{flag} {path}: the checkpoint lacks {len(missing)} weights of the model "
                          f"(encoder {c.has_encoder}, decoder {c.has_decoder}): {missing[:4]}"
                          + (f"; unknown tensors {odd}" if odd else ""))
     model.load_state_dict({k: sd[k] for k in own if k in sd and k not in QUEUES}, strict=False)
+    for on, mo in model.momentum_pairs() if fresh_m else ():
+        mo.load_state_dict(on.state_dict())  # the momentum model starts as a copy
     return set_image_size(model, image_size)
 
 

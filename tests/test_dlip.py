@@ -504,6 +504,55 @@ def test_pretrain_step_teacher_frozen_and_self_distillation_zero():
         assert terms[k].item() == pytest.approx(0.0, abs=1e-5), k
 
 
+def test_without_momentum_itc_is_the_in_batch_contrastive_loss_and_the_temperature_is_clamped():
+    """--no_momentum: no EMA copies or queues; ITC (dropped before) is the in-batch contrastive loss over the global
+    batch with hard targets (same image id = positive), the V2 ITC distillation takes the teacher's in-batch
+    features as its only candidates (it read the student's queue), and the temperature is clamped to [0.001, 0.5]
+    as with momentum (before: only inside the momentum branch). Hand-computed on a batch of 4 with a repeated id."""
+    torch.manual_seed(0)
+    student = dlip.BLIP(_shape(momentum=False))
+    teacher = dlip.BLIP(_shape(width=48, momentum=False)).requires_grad_(False).eval()
+    assert not any("_m." in k or "queue" in k for k in student.state_dict())
+    with torch.no_grad():
+        student.temp.fill_(2.0)
+    image, ids, mask, idx = batch = _batch()
+    terms = _terms(student, teacher, batch, _kd_w(), alpha=0.4)
+    assert student.temp.item() == pytest.approx(0.5)
+    terms["itc"].backward(retain_graph=True)
+    assert student.temp.grad is not None and student.temp.grad.abs() > 0  # ITC trains the temperature
+    with torch.no_grad():
+        s, t = student(image, ids, mask), teacher(image, ids, mask)
+        si, st, ti, tt = s.image_feat, s.text_feat, t.image_feat, t.text_feat
+    pos = (idx[:, None] == idx[None, :]).float()
+    hard = pos / pos.sum(1, keepdim=True)  # row 2: 1/2 on columns 2 and 3 (the same image)
+
+    def ce(logits, tgt):
+        return -(logits.log_softmax(1) * tgt).sum(1).mean()
+    itc = (ce(si @ st.T / 0.5, hard) + ce(st @ si.T / 0.5, hard)) / 2
+    kd = (ce(si @ tt.T / 0.5, 0.4 * (ti @ tt.T / 0.5).softmax(1) + 0.6 * hard)
+          + ce(st @ ti.T / 0.5, 0.4 * (tt @ ti.T / 0.5).softmax(1) + 0.6 * hard)) / 2
+    assert terms["itc"].item() == pytest.approx(itc.item(), rel=1e-5)
+    assert terms["itc_kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_without_momentum_a_short_training_run_lowers_itc():
+    """The in-batch ITC of a model without momentum copies falls when trained (AdamW on one batch of 4, ITC only:
+    on the tiny toy world ITC sits at ln(batch) for the first ~50 steps with or without momentum)."""
+    torch.manual_seed(0)
+    m = dlip.BLIP(_shape(momentum=False, layers=1, heads=2))
+    opt, (image, ids, mask, idx), itc = torch.optim.AdamW(m.parameters(), lr=2e-3), _batch(), []
+    for step in range(36):
+        s = m(image, ids, mask)
+        loss = dlip.blip_losses(m, s, ids, mask, idx, 0.4, torch.Generator().manual_seed(step), 0)["itc"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        itc.append(loss.item())
+    first, last = sum(itc[:12]) / 12, sum(itc[-12:]) / 12
+    print(f"[learning] itc without momentum: first third {first:.4f}, last third {last:.4f}")
+    assert last < 0.8 * first, itc
+
+
 def test_paper_style_rep_loss_pairs_layers_masks_padding_and_is_zero_for_a_twin():
     assert dlip.rep_pairs(2, 4, "uniform") == [(0, 1), (1, 3)] and dlip.rep_pairs(2, 4, "last") == [(1, 3)]
     assert dlip.rep_pairs(4, 2, "uniform") == [(0, 0), (1, 0), (2, 1), (3, 1)]
@@ -666,6 +715,10 @@ def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
                    *test, "--out_dir", str(d / "eval")])
     assert 0 < e["student_param_ratio_retrieval"] < 1 and e["student_gflops_retrieval"] < e["teacher_gflops_retrieval"]
     assert e["teacher_images_s"] > 0 and "test_txt_r1" in e and "test_CIDEr" in e
+    # end-to-end timings (retrieval with ITM re-ranking, beam-search captioning) for both models: present only
+    timed = [f"{m}_{k}_{t}" for m in ("student", "teacher") for k in ("images_s", "ms_image")
+             for t in ("retrieval", "caption")]
+    assert all(e[k] > 0 for k in timed + ["student_ms_ratio_retrieval", "student_ms_ratio_caption"]), timed
     _check_reports(d, student_run[0])
 
 
@@ -766,6 +819,25 @@ def test_momentum_encoders_take_one_ema_step_per_optimizer_step(world, tmp_path)
         torch.testing.assert_close(ck[1][k], 0.5 * ck[0][k] + 0.5 * online)
         moved += not torch.equal(ck[0][k], online)
     assert moved > 20  # the online weights had moved away from their copies
+
+
+def test_pretrain_without_momentum_trains_in_batch_itc_and_fine_tunes_with_momentum(world, teacher_ckpt):
+    """--no_momentum true: a student without EMA copies or queues trains ITC (in-batch, against the global batch),
+    distils with every term (the V2 ITC distillation in-batch), saves no momentum copies, and a retrieval
+    fine-tuning with momentum starts its copies from the online weights (before: ITC was dropped, ITC-KD crashed
+    and --init named the missing copies)."""
+    d, base, _ = world
+    out = str(d / "no_momentum")
+    dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--max_steps", "6",
+               "--lr", "2e-3", "--no_momentum", "true", "--report", "false", "--out_dir", out])
+    rows = _rows(os.path.join(out, "metrics.jsonl"))  # (ITC's fall: the short run on one batch above)
+    assert len(rows) == 6 and all(k in rows[0] and rows[0][k] > 0 for k in ("itc", "itc_kd", "itm", "lm"))
+    assert not any("_m." in k or "queue" in k for k in torch.load(os.path.join(out, "last.pt"), weights_only=True)[
+        "model"])
+    ret = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(out, "last.pt"), "--max_steps", "1",
+                     "--report", "false", "--out_dir", str(d / "no_momentum_ret")])
+    w = torch.load(d / "no_momentum_ret" / "last.pt", weights_only=True)["model"]
+    assert ret["final_itc"] > 0 and any("_m." in k for k in w)
 
 
 def test_fine_tuning_tests_the_best_val_epoch(world, student_run, monkeypatch):
@@ -923,6 +995,28 @@ def test_two_process_gloo_matches_one_process(world, teacher_ckpt):
     two_ck = torch.load(d / "two" / "last.pt", weights_only=True)
     w2 = two_ck["model"]
     assert len(two_ck["rng"]) == 2 and not torch.equal(two_ck["rng"][0]["torch"], two_ck["rng"][1]["torch"])
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3)
+
+
+def test_two_process_gloo_matches_one_process_without_momentum(world, teacher_ckpt):
+    """--no_momentum: ITC contrasts each rank's features with the global batch's, gathered with gradient, and the V2
+    ITC distillation with the gathered teacher features; 1 x 8 and 2 ranks x 4 give the same losses and weights."""
+    import json
+    d, base, _ = world
+    args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--max_steps", "2",
+            "--lr", "1e-3", "--no_momentum", "true", "--report", "false"]
+    one = dlip.main([*args, "--out_dir", str(d / "one_nm")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "dlip.py", *args,
+           "--micro_batch", "4", "--out_dir", str(d / "two_nm")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(d / "two_nm" / "metrics_pretrain.json"))
+    for k in ("first_itc", "first_itc_kd", "first_itm", "final_itc", "final_itc_kd", "final_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (k, one[k], two[k])
+    w1 = torch.load(d / "one_nm" / "last.pt", weights_only=True)["model"]
+    w2 = torch.load(d / "two_nm" / "last.pt", weights_only=True)["model"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-3)
 
