@@ -13,7 +13,7 @@ losses are MLE + unlikelihood (Welleck et al., arXiv 1908.04319), summed over to
 
 --mode features | captions (data/imagechat.py, cached by image hash), warmup (--tasks: a subset of
 mlm,isp,mrm,gcd = the paper's Table 3 ablation), finetune (--init a warm-up checkpoint, or none),
-eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/100), chat (stdin turns about
+eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/5/10), chat (stdin turns about
 --image), params; warmup, finetune and eval leave <out_dir>/report.html. Toy world (CPU):
     python imagechat_warmup.py --mode features
     python imagechat_warmup.py --mode captions --captioner runs/bp/export  # blip2_pformer export
@@ -137,7 +137,7 @@ class Config:
     final_eval: bool = True
     eval_batch: int = 32            # also the unit of the paper's batch-averaged metrics
     eval_max: int = 0               # at most N examples per turn (0 = all)
-    num_candidates: int = 100       # R@1/100 over the published candidate lists (0 = skip)
+    num_candidates: int = 100       # R@1/5/10 of 100 over the published candidate lists (0 = skip)
     num_beams: int = 10
     min_length: int = 20
     max_length: int = -1

@@ -969,23 +969,29 @@ def test_unreadable_images_counted_once_reported_and_limited(world, tmp_path, ca
     assert "8 of 8 images unreadable" in str(e.value) and "\n" not in str(e.value)
 
 
+def _one_process_and_two_ranks(args, out_one, out_two):
+    """dlip.main(args) in this process, and the same args on 2 gloo ranks at micro batch 4 (torchrun) ->
+    (the one run's metrics, the two ranks' metrics_pretrain.json, the torchrun process)."""
+    import json
+    one = dlip.main([*args, "--out_dir", str(out_one)])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "dlip.py", *args,
+           "--micro_batch", "4", "--out_dir", str(out_two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, json.load(open(out_two / "metrics_pretrain.json")), proc
+
+
 def test_two_process_gloo_matches_one_process(world, teacher_ckpt):
     """Global batch 8 as 1 x 8 and as 2 ranks x 4: ITC candidates are the gathered global batch, hard negatives are
     drawn from the global batch with a step-seeded generator, token-averaged losses divide by the global token
     count -- so the losses and the updated weights must agree. The test split (7 images, 35 texts) is encoded 4 + 3
     and 18 + 17 rows by the two ranks and gathered (issue 18.10): the same retrieval and caption scores."""
-    import json
     d, base, root = world
     args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--max_steps", "2",
             "--lr", "1e-3", "--w_itm_kd", "1", "--test_file", os.path.join(root, "pairs_val.jsonl"),
             "--max_eval_images", "7"]
-    one = dlip.main([*args, "--out_dir", str(d / "one")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "dlip.py", *args,
-           "--micro_batch", "4", "--out_dir", str(d / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.load(open(d / "two" / "metrics_pretrain.json"))
+    one, two, proc = _one_process_and_two_ranks(args, d / "one", d / "two")
     assert "test (0 of 4 images unreadable)" in proc.stdout, proc.stdout[-2000:]  # rank 0 decoded its shard only
     tests = [k for k in one if k.startswith("test_")]
     assert len(tests) > 10 and {k: two[k] for k in tests} == pytest.approx({k: one[k] for k in tests}, abs=1e-6)
@@ -1002,17 +1008,10 @@ def test_two_process_gloo_matches_one_process(world, teacher_ckpt):
 def test_two_process_gloo_matches_one_process_without_momentum(world, teacher_ckpt):
     """--no_momentum: ITC contrasts each rank's features with the global batch's, gathered with gradient, and the V2
     ITC distillation with the gathered teacher features; 1 x 8 and 2 ranks x 4 give the same losses and weights."""
-    import json
     d, base, _ = world
     args = ["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", teacher_ckpt, "--max_steps", "2",
             "--lr", "1e-3", "--no_momentum", "true", "--report", "false"]
-    one = dlip.main([*args, "--out_dir", str(d / "one_nm")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "dlip.py", *args,
-           "--micro_batch", "4", "--out_dir", str(d / "two_nm")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.load(open(d / "two_nm" / "metrics_pretrain.json"))
+    one, two, _ = _one_process_and_two_ranks(args, d / "one_nm", d / "two_nm")
     for k in ("first_itc", "first_itc_kd", "first_itm", "final_itc", "final_itc_kd", "final_loss"):
         assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-5), (k, one[k], two[k])
     w1 = torch.load(d / "one_nm" / "last.pt", weights_only=True)["model"]
