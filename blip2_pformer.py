@@ -523,8 +523,27 @@ class VisionTower(nn.Module):
             self.model.encoder.layers = self.model.encoder.layers[:-1]
         self.model.post_layernorm = nn.Identity()  # unused (CLIP) / moved to ln_vision (BLIP-2)
 
+    def resize(self, size):
+        """Interpolate the position table to `size` once, as LAVIS does when it loads the ViT
+        (eva_vit.py interpolate_pos_embed): a fine-tuned ViT then trains the new table freely."""
+        emb = self.model.embeddings
+        if not size or size == self.image_size:
+            return self
+        n = (size // emb.patch_size) ** 2 + 1
+        zeros = emb.patch_embedding.weight.new_zeros(1, n, self.width)  # only its shape is read
+        with torch.no_grad():  # (1, 1 + (S/P)^2, W): the class position + the bicubic patch grid
+            table = emb.interpolate_pos_encoding(zeros, size, size)
+        if isinstance(emb.position_embedding, nn.Embedding):  # CLIP: a lookup over position_ids
+            emb.position_embedding = nn.Embedding.from_pretrained(table[0], freeze=False)
+            emb.register_buffer("position_ids", torch.arange(n, device=table.device)[None], persistent=False)
+        else:  # BLIP-2: one (1, N, W) parameter
+            emb.position_embedding = nn.Parameter(table)
+        emb.image_size, emb.num_patches, emb.num_positions = size, n - 1, n
+        self.image_size = self.model.config.image_size = size
+        return self
+
     def forward(self, pixels):
-        interp = pixels.shape[-1] != self.image_size  # e.g. 364 px fine-tuning of a 224 px tower
+        interp = pixels.shape[-1] != self.image_size  # evaluated at another size than the table's
         x = self.model.embeddings(pixels.to(self.model.embeddings.patch_embedding.weight.dtype),
                                   interpolate_pos_encoding=interp)
         if self.kind == "clip":
@@ -1326,7 +1345,8 @@ def build(cfg, dist):
         frozen.pformer.load_state_dict(pck["model"])
         frozen.pformer.requires_grad_(False).train(cfg.pformer_train_mode).to(dist.device, fdtype)
     vision, ln = load_vision(cfg.hf_import or cfg.vision_path)
-    vision = vision.to(dist.device)
+    tuned = init and any(k.startswith("vision.") for k in init["model"])  # its table has this size:
+    vision = vision.resize(init["config"]["image_size"] if tuned else cfg.image_size).to(dist.device)
     text = stage == "1" or "retrieval" in tasks_of(cfg)
     if cfg.hf_import:
         qf = qformer_like_hf(resolve_local(cfg.hf_import), bert, cfg, len(bert_tok), text)
@@ -1666,22 +1686,14 @@ def export_hf(out, model, vision, llm, llm_tok, num_query, image_size, image_tok
         # T5 configs lack; T5 never reads it otherwise.  "</s>" makes that input [P; </s>], what ""
         # tokenises to here.
         text_conf["bos_token_id"] = llm.config.eos_token_id
-    vconf, emb = vision.model.config.to_dict(), vision.model.embeddings
-    if image_size != vision.image_size:  # e.g. 364 px fine-tuning of a 224 px tower: transformers reads
-        # the position table as stored, so it is stored resized, as our tower used it (and as LAVIS saves
-        # it, eva_vit.py interpolate_pos_embed)
-        vconf["image_size"], n = image_size, (image_size // emb.patch_size) ** 2 + 1
-        pos = emb.interpolate_pos_encoding(emb.position_embedding.new_zeros(1, n, vision.width), image_size,
-                                           image_size)  # (1, 1 + (S/P)^2, W)
-    conf = Blip2Config(vision_config=vconf, qformer_config=qconf.to_dict(),
+    vision.resize(image_size)  # transformers reads the table as stored: at the size the run used
+    conf = Blip2Config(vision_config=vision.model.config.to_dict(), qformer_config=qconf.to_dict(),
                        text_config=text_conf, num_query_tokens=num_query,
                        image_token_index=image_token_index)
     hf = Blip2ForConditionalGeneration(conf)
     ours = model.state_dict()
     sd = {b: ours[a] for a, b in hf_qformer_names(len(qf.layers), False) if a in ours}
     sd.update({f"vision_model.{k}": v for k, v in vision.model.state_dict().items()})
-    if image_size != vision.image_size:
-        sd["vision_model.embeddings.position_embedding"] = pos
     sd.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k and "embed_tokens" not in k]:
@@ -1711,6 +1723,7 @@ def param_counts(cfg, batch=2, text_len=32):
     text, pstar = stage == "1" or "retrieval" in tasks_of(cfg), bool(cfg.pformer_ckpt)
     with torch.device("meta"):
         vision = VisionTower((CLIPVisionModel if kind == "clip" else Blip2VisionModel)(vc), kind)
+        vision.resize(cfg.image_size)
         qf = QFormer(bc.hidden_size, bc.num_hidden_layers, bc.num_attention_heads, bc.intermediate_size,
                      vc.hidden_size, Nq, bc.vocab_size + 1, bc.max_position_embeddings, cfg.embed_dim,
                      cfg.cross_attention_freq, 0.0, bc.layer_norm_eps, text)  # + [DEC]
@@ -1722,7 +1735,7 @@ def param_counts(cfg, batch=2, text_len=32):
             p.requires_grad_(stage == "1" or not (name.split(".")[0] in TEXT_ONLY or ".ffn_text." in name))
         ids, ones = torch.zeros(B, L, dtype=torch.long), torch.ones(B, L, dtype=torch.long)
         t = dict(enc_ids=ids, enc_mask=None, labels=ids, dec_mask=None)  # (masks: no values on meta)
-        b = dict(pixels=torch.zeros(B, 3, vc.image_size, vc.image_size), ids=ids, mask=ones,
+        b = dict(pixels=torch.zeros(B, 3, vision.image_size, vision.image_size), ids=ids, mask=ones,
                  image_ids=torch.arange(B), dec_id=1, pad_id=0, noise=[torch.zeros(B, B)] * 2, llm=t,
                  pstar=torch.zeros(B, Nq, d_llm), bert_ids=ids, bert_mask=None)
         frozen = Frozen(torch.float32, vision=vision, llm=llm, pformer=pformer if pstar else None)

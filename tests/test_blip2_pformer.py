@@ -631,6 +631,35 @@ def test_grad_checkpointing_of_the_trained_vit_keeps_loss_and_gradients(toy_root
         assert torch.allclose(grads0[k], grads1[k], atol=1e-6), k
 
 
+def test_a_vit_run_at_another_size_resizes_its_position_table_once(toy_root, tmp_path):
+    """A run at another size than its ViT's (the paper's 364 px caption fine-tuning of a 224 px tower) interpolates
+    the position table once, when the tower is loaded, as LAVIS does (eva_vit.py interpolate_pos_embed). A frozen
+    tower computes what interpolating on every forward computes; a trained ViT trains the new table itself, its
+    checkpoint keeps it, and --stage eval reloads it at the checkpoint's size or at another size."""
+    def table(tower):
+        return next(p for k, p in tower.model.embeddings.named_parameters() if k.startswith("position_embedding"))
+
+    for name in ("blip2_vision", "clip"):
+        tower = bp.load_vision(os.path.join(toy_root, "models", name))[0].eval()
+        px = torch.randn(2, 3, 96, 96)
+        with torch.no_grad():
+            each_forward = tower(px)
+            once = tower.resize(96)(px)
+        assert table(tower).numel() == ((96 // 8) ** 2 + 1) * tower.width and tower.image_size == 96
+        assert torch.allclose(once, each_forward, atol=1e-5), name
+    start = table(bp.load_vision(os.path.join(toy_root, "models", "blip2_vision"))[0].resize(96)).detach()
+    bp.main(["--stage", "caption", "--train_vision", "true", "--image_size", "96", "--max_steps", "2", "--lr", "1e-3",
+             "--global_batch", "4", "--micro_batch", "4", "--warmup_steps", "1", "--report", "false"]
+            + common_args(toy_root, tmp_path / "cap") + ["--eval_max", "2"])
+    ck = tmp_path / "cap" / "checkpoint.pt"
+    trained = torch.load(ck, weights_only=True)["model"]["vision.model.embeddings.position_embedding"]
+    assert trained.shape == start.shape and not torch.equal(trained, start)  # the 12 x 12 grid itself trained
+    for size in ([], ["--image_size", "64"]):
+        m = bp.main(["--stage", "eval", "--init", str(ck), "--eval_tasks", "caption", "--report", "false"] + size
+                    + common_args(toy_root, tmp_path / f"eval{len(size)}") + ["--eval_max", "2"])
+        assert "CIDEr" in m
+
+
 def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeypatch):
     """BLIP-2 and BLIText pick the caption fine-tuning epoch by val CIDEr + BLEU-4 (LAVIS tasks/captioning.py) and
     evaluate its weights (LAVIS runner_base.py: checkpoint_best). Val captions at each epoch end; here epoch 1 is
