@@ -97,6 +97,7 @@ class Config:
     train_file: str = ""         # canonical pairs JSONL
     train_shards: str = ""       # or img2dataset webdataset shards, e.g. 'cc3m/{00000..00331}.tar'
     val_file: str = ""
+    test_file: str = ""          # caption: also scored, from the selected epoch's weights (LAVIS test_splits)
     vqa_file: str = ""           # canonical vqa JSONL (zero-shot evaluation)
     text_file: str = ""          # stage 0: one sentence per line
     image_root: str = ""
@@ -227,7 +228,8 @@ def tasks_of(cfg):
 def check_eval_files(cfg):
     """Before any training: the files that the evaluations after it read exist."""
     tasks = tasks_of(cfg) if cfg.stage != "0" and not cfg.bench else []  # (--bench: no evaluation)
-    for task, flag in (("retrieval", "val_file"), ("caption", "val_file"), ("vqa", "vqa_file")):
+    files = [("retrieval", "val_file"), ("caption", "val_file"), ("vqa", "vqa_file")]
+    for task, flag in files + [("caption", "test_file")] * bool(cfg.test_file):
         if task in tasks and not os.path.isfile(path := getattr(cfg, flag)):
             raise SystemExit(f"--eval_tasks {task} reads --{flag} ({path or 'not given'}: no such "
                              f"file); pass it, or leave {task} out of --eval_tasks ('' for none)")
@@ -1202,6 +1204,10 @@ def run_evals(model, frozen, toks, cfg, dist, logger, shown):
     if "caption" in tasks:
         metrics.update(evaluate_caption(model, frozen, toks, records, cfg, dist,
                                         out("captions.json")))
+    if "caption" in tasks and cfg.test_file:  # LAVIS: the Karpathy test split, from checkpoint_best
+        test = read_pairs(cfg.test_file)[:cfg.eval_max or None]
+        m = evaluate_caption(model, frozen, toks, test, cfg, dist, out("captions_test.json"))
+        metrics.update({f"test_{k}": v for k, v in m.items()})
     if "vqa" in tasks:
         shown["vqa"] = records = read_vqa(cfg.vqa_file)[:cfg.eval_max or None]
         metrics.update(evaluate_vqa(model, frozen, toks, records, cfg, dist, out("vqa.json")))
@@ -1405,7 +1411,7 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
 
 # Besides common.checkpoint's, fields that only change what is evaluated or exported after training,
 # or the memory a step takes (grad_checkpoint)
-RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "k_test", "hf_export", "vqa_prompt",
+RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "test_file", "k_test", "hf_export", "vqa_prompt",
                                   "vqa_num_beams", "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
                                   "max_new_tokens", "min_new_tokens", "min_length",
                                   "grad_checkpoint"}

@@ -372,6 +372,8 @@ def test_a_missing_eval_file_stops_before_training(tmp_path, monkeypatch):
         bp.main(run + ["--stage", "2", "--val_file", str(tmp_path / "val.jsonl")])
     with pytest.raises(SystemExit, match=r"^--eval_tasks caption reads --val_file \(nope.jsonl: no such file"):
         bp.main(run + ["--stage", "caption", "--val_file", "nope.jsonl"])
+    with pytest.raises(SystemExit, match=r"^--eval_tasks caption reads --test_file \(test.jsonl: no such file"):
+        bp.main(run + ["--stage", "caption", "--val_file", str(tmp_path / "val.jsonl"), "--test_file", "test.jsonl"])
     with pytest.raises(Built):  # what the line says to do
         bp.main(run + ["--stage", "1", "--eval_tasks", ""])
     with pytest.raises(Built):  # --bench times training steps only (docs/bench.md's rows)
@@ -664,7 +666,8 @@ def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeyp
     """BLIP-2 and BLIText pick the caption fine-tuning epoch by val CIDEr + BLEU-4 (LAVIS tasks/captioning.py) and
     evaluate its weights (LAVIS runner_base.py: checkpoint_best). Val captions at each epoch end; here epoch 1 is
     made the best (its CIDEr raised by 100 when scored), so the final metrics and captions must be epoch 1's, read
-    from best.pt, while checkpoint.pt keeps the last (resume) state."""
+    from best.pt, while checkpoint.pt keeps the last (resume) state. --test_file is scored from the same weights
+    (LAVIS: the test split from checkpoint_best); here it is the val file, so its captions are epoch 1's."""
     from common import metrics as cm
     real, scored = cm.caption_metrics, []
 
@@ -676,13 +679,16 @@ def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeyp
     with open(os.path.join(toy_root, "pairs_train.jsonl")) as f:  # 4 images x 5 captions: 2 steps an epoch
         (tmp_path / "small.jsonl").write_text("".join(f.readlines()[:4]))
     m = bp.main(["--stage", "caption", "--train_file", str(tmp_path / "small.jsonl"), "--epochs", "2", "--lr", "1e-3",
-                 "--global_batch", "10", "--micro_batch", "10", "--warmup_steps", "1", "--report", "false"]
+                 "--global_batch", "10", "--micro_batch", "10", "--warmup_steps", "1", "--report", "false",
+                 "--test_file", os.path.join(toy_root, "pairs_val.jsonl")]
                 + common_args(toy_root, tmp_path / "run") + ["--eval_max", "4"])
     run = tmp_path / "run"
     assert [(r["step"], r["epoch"]) for r in metrics_log(run) if "epoch" in r] == [(2, 1), (4, 2)]
-    assert (m["selected_epoch"], m["selected_step"]) == (1, 2) and len(scored) == 3  # 2 epochs + the final eval
-    assert {k: m[k] for k in scored[0]} == scored[0] == scored[2]
-    assert (run / "captions.json").read_text() == (run / "captions_epoch1.json").read_text()
+    assert (m["selected_epoch"], m["selected_step"]) == (1, 2) and len(scored) == 4  # 2 epochs, final val and test
+    assert {k: m[k] for k in scored[0]} == scored[0] == scored[2] == scored[3]
+    assert {k: m[f"test_{k}"] for k in scored[0]} == scored[0]
+    for name in ("captions.json", "captions_test.json"):
+        assert (run / name).read_text() == (run / "captions_epoch1.json").read_text()
     best, last = (torch.load(run / f, weights_only=True) for f in ("best.pt", "checkpoint.pt"))
     assert (best["kind"], best["step"], last["step"]) == ("caption", 2, 4) and "optimizer" not in best
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])  # epoch 2 moved them
