@@ -6,6 +6,7 @@ leaves a truncated file under the real name.  `load_checkpoint` uses `weights_on
 plain Python containers can come back, never arbitrary pickled objects.
 """
 import glob
+import hashlib
 import os
 import random
 
@@ -31,11 +32,24 @@ def rng_state():
     return state
 
 
+def _seed_new_rank(state, rank):
+    """Seed this process's generators for a `rank` the run that saved did not have: from (rank 0's saved torch
+    state, rank), so the rank draws its own dropout / masking stream (not a copy of rank 0's) and a second resume
+    from the same checkpoint draws the same one again."""
+    h = hashlib.blake2b(state["torch"].numpy().tobytes() + f"/rank {rank}".encode(), digest_size=8).digest()
+    seed = int.from_bytes(h, "big")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # (seeds the CUDA generators too)
+
+
 def set_rng_state(state, rank=0):
-    """Restore `rng_state()`'s output; given a list (one state per rank), this `rank`'s (rank 0's when the run
-    that saved had fewer ranks)."""
+    """Restore `rng_state()`'s output; given a list (one state per rank), this `rank`'s.  A rank beyond those
+    saved (a resume on more ranks) gets fresh generators seeded by (rank 0's state, rank): `_seed_new_rank`."""
     if isinstance(state, (list, tuple)):
-        state = state[rank] if rank < len(state) else state[0]
+        if rank >= len(state):
+            return _seed_new_rank(state[0], rank)
+        state = state[rank]
     py = state["python"]
     random.setstate((state["python_version"], tuple(py[:-1]), py[-1]))
     n = state["numpy"]

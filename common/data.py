@@ -330,6 +330,9 @@ def read_video(path, image_root=None):
 
     def check(rec, i, lineno):
         frames = rec.get("frames")
+        if "frames" in rec and not (isinstance(frames, list) and all(isinstance(f, str) for f in frames)):
+            raise DataError(f"{path}:{lineno}: field 'frames' should be a list of str (frame paths), "
+                            f"got {type(frames).__name__} {str(frames)[:40]!r}")
         if "frames" not in rec:
             if "folder" not in rec:
                 raise DataError(f"{path}:{lineno}: missing field 'frames' (or 'folder')")
@@ -339,6 +342,8 @@ def read_video(path, image_root=None):
             frames = _list_frames(rec["folder"], root, f"{path}:{lineno}")
         if not frames:
             raise DataError(f"{path}:{lineno}: field 'frames' is empty")
+        if not rec["captions"]:
+            raise DataError(f"{path}:{lineno}: field 'captions' is empty")
         _check_strings(path, i, rec, "captions")
         return len(rec["captions"])
     return read_jsonl(path, ("captions",), {"captions": list}, check, _VideoFolders(image_root))
@@ -655,9 +660,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
     `max_bad_frac` of at least `min_tried` draws of one stream were bad.  Each yielded dict holds
     image (tensor, or PIL without a transform), caption, key, meta (key.json parsed, or {}), shard
-    (index), and for the main process (StreamTracker) slot, n_slots, epoch, pos (draws of this slot
-    in this epoch, bad ones included), tried (draws since the previous yield) and bad (names of the
-    bad ones among them).
+    (index), folder (the shard's folder as the spec names it: part of the image id), and for the
+    main process (StreamTracker) slot, n_slots, epoch, pos (draws of this slot in this epoch, bad
+    ones included), tried (draws since the previous yield) and bad (names of the bad ones among
+    them).
 
     Resume is exact: a slot's stream is a function of (seed, epoch, slot) alone, so skipping the
     `pos` draws it had made (reading tar headers only) puts it where it was; and as DataLoader
@@ -754,8 +760,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     examples += pending[-1:] if len(examples) < 3 else []
                     self._check(tried, bad, examples)
                     continue
-                out.update(key=key, shard=shard, slot=slot, n_slots=n_slots, epoch=epoch, pos=pos,
-                           tried=1 + len(pending), bad=pending)
+                out.update(key=key, shard=shard, folder=os.path.dirname(self.shards[shard]), slot=slot,
+                           n_slots=n_slots, epoch=epoch, pos=pos, tried=1 + len(pending), bad=pending)
                 pending = []
                 yield out
             empty = 0 if drawn or skip else empty + 1
@@ -771,8 +777,9 @@ def collate_stream(samples):
     """Batch ShardStream samples: images stacked (a list when untransformed); captions, keys and
     meta as lists; the bookkeeping fields as tensors, `tried` summed and `bad` concatenated (for
     StreamTracker.update). `image_id` (ITC positives, never an ITM negative) hashes key.json's
-    "image" where the set names one (the toy shards hold an image once per caption), else the key:
-    web data has one caption per image."""
+    "image" where the set names one (the toy shards hold an image once per caption), else the
+    shard's folder and the key: web data has one caption per image, and img2dataset numbers the
+    keys of every set from 000000000, so `cc3m/...` and `sbu/...` shards repeat each other's keys."""
     images = [s["image"] for s in samples]
     out = {"image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
            "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
@@ -781,7 +788,8 @@ def collate_stream(samples):
            "bad": [b for s in samples for b in s["bad"]]}
     for k in ("shard", "slot", "epoch", "pos"):
         out[k] = torch.tensor([s[k] for s in samples])
-    names = [str(s["meta"].get("image", s["key"])).encode() for s in samples]
+    names = [str(s["meta"]["image"] if "image" in s["meta"] else os.path.join(s.get("folder", ""), s["key"]))
+             .encode() for s in samples]
     out["image_id"] = torch.tensor([int.from_bytes(hashlib.blake2b(n, digest_size=7).digest(), "big")
                                     for n in names])
     return out

@@ -29,14 +29,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _to_8bit(im):
+    """A 16-bit or 32-bit single-channel image (PIL modes I;16*, I, F) as mode L, or None to leave it
+    to `convert` (every other mode, and I/F values that already lie in 0..255).  PIL's own conversion
+    clips such values at 255, so a 16-bit PNG comes back nearly white.  I;16*: the high byte.  I/F:
+    values in 0..65535 are 16-bit (the high byte); F in 0..1 is scaled by 255; any other range is
+    stretched linearly from its min..max to 0..255."""
+    if not im.mode.startswith("I") and im.mode != "F":
+        return None
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((a.astype(np.uint16) >> 8).astype(np.uint8))
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 255 and not (im.mode == "F" and 0 < hi <= 1):
+        return None
+    if lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo >= 0 and hi <= 65535:
+        a = np.floor(a) / 256
+    else:
+        a = (a - lo) * (255 / (hi - lo) if hi > lo else 0)
+    return Image.fromarray(np.clip(np.floor(a), 0, 255).astype(np.uint8))
+
+
 def load_image(path, draft=0):
     """Open an image as RGB; return None when the file is missing or unreadable (callers count these).
-    draft > 0: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, as long as both sides stay >= draft."""
+    draft > 0: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, as long as both sides stay >= draft.
+    16/32-bit grey images (PNG, TIFF) are first brought to 8 bits (`_to_8bit`)."""
     try:
         with Image.open(path) as im:
             if draft and im.format == "JPEG":
                 im.draft("RGB", (draft, draft))
-            return im.convert("RGB")
+            return (_to_8bit(im) or im).convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         # missing, truncated or corrupt files, and images over PIL's decompression-bomb limit (2x
         # Image.MAX_IMAGE_PIXELS): all count as unreadable under the caller's max_bad_frac rule

@@ -561,6 +561,36 @@ def test_image_folder_loader_counts_each_image_once(tmp_path):
         few.check(final=True)  # ... but a set with nothing readable does
 
 
+def test_high_bit_depth_images_load_at_8_bits_and_8_bit_ones_as_before(tmp_path):
+    """PIL's convert("RGB") clips 16/32-bit grey values at 255: a 16-bit PNG would come back almost white."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")  # (Pillow 10.0 opens it as I)
+    x = np.asarray(image.load_image(tmp_path / "g16.png"))
+    assert x.shape == (64, 64, 3) and abs(x.mean() - 127.5) < 1 and (x == 255).mean() < 0.01
+    assert np.array_equal(x[..., 0], (ramp >> 8).astype(np.uint8))  # the high byte
+    big_endian = Image.frombytes("I;16B", (64, 64), ramp.astype(">u2").tobytes())
+    big_endian.save(tmp_path / "g16b.tif")
+    assert np.array_equal(np.asarray(image.load_image(tmp_path / "g16b.tif"))[..., 0], x[..., 0])
+    as_int = Image.fromarray(ramp.astype(np.int32))  # mode I (as TIFFs and older PIL's 16-bit PNGs open)
+    floats = Image.fromarray(ramp.astype(np.float32) / 65535)  # mode F in 0..1
+    for im, name in ((as_int, "i.tif"), (floats, "f.tif")):
+        im.save(tmp_path / name)
+        y = np.asarray(image.load_image(tmp_path / name))
+        assert abs(y.mean() - 127.5) < 1 and (y == 255).mean() < 0.01 and y.min() == 0, name
+    # every 8-bit mode (and I/F values already in 0..255) exactly as PIL's own conversion
+    rgb = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
+    eight = {"rgb.png": rgb, "l.png": rgb.convert("L"), "p.png": rgb.convert("P"), "la.png": rgb.convert("LA"),
+             "rgba.png": rgb.convert("RGBA"), "cmyk.jpg": rgb.convert("CMYK"), "rgb.jpg": rgb,
+             "i8.tif": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.int32)),
+             "f8.tif": Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) + 0.4)}
+    for name, im in eight.items():
+        im.save(tmp_path / name)
+        with Image.open(tmp_path / name) as ref:
+            want = np.asarray(ref.convert("RGB"))
+        assert np.array_equal(np.asarray(image.load_image(tmp_path / name)), want), name
+
+
 def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is now > 2x the limit: a "bomb"
@@ -755,9 +785,27 @@ def test_rng_state_holds_this_device_only_and_restores_per_rank(monkeypatch):
     a = torch.rand(3)
     checkpoint.set_rng_state(states, rank=1)
     assert torch.equal(torch.rand(3), a) and restored == [9]  # rank 1 gets rank 1's generators
-    checkpoint.set_rng_state(states, rank=5)  # a resume with more ranks than saved falls back to rank 0's
+    checkpoint.set_rng_state(states, rank=5)  # a rank the saving run lacked: seeded, not rank 0's copied
     checkpoint.set_rng_state(dict(states[0], cuda=[torch.tensor([4], dtype=torch.uint8)] * 8))  # old format
-    assert restored == [9, 7, 4]
+    assert restored == [9, 4]
+
+
+def test_resume_on_more_ranks_gives_new_ranks_their_own_generators():
+    """A 1-rank checkpoint resumed on 2 ranks: rank 0 continues exactly as saved; rank 1 draws its own
+    dropout / masking stream (the same one at every resume from this checkpoint), not rank 0's."""
+    import random
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    saved = [checkpoint.rng_state()]
+    want = (torch.rand(4), random.random(), np.random.rand())
+
+    def draws(rank):
+        checkpoint.set_rng_state(saved, rank)
+        return torch.rand(4), random.random(), np.random.rand()
+    r0, r1, r1_again, r2 = draws(0), draws(1), draws(1), draws(2)
+    assert torch.equal(r0[0], want[0]) and r0[1:] == want[1:]
+    assert not torch.equal(r1[0], r0[0]) and r1[1] != r0[1] and r1[2] != r0[2]
+    assert torch.equal(r1[0], r1_again[0]) and r1[1:] == r1_again[1:]
+    assert not torch.equal(r2[0], r1[0]) and not torch.equal(r2[0], r0[0])
 
 
 # ---------------------------------------------------------------- model size: parameters, FLOPs, throughput

@@ -144,6 +144,14 @@ _P = json.dumps({"image": "a.png", "captions": ["x"]})
     ("video", [json.dumps({"frames": [], "captions": ["x"]})], r"p.jsonl:1: field 'frames' is empty"),
     ("video", [json.dumps({"frames": ["f.png"], "captions": [None]})],
      r"p.jsonl: record 1: field 'captions'\[0\] should be str, got NoneType"),
+    # no caption to draw (a crash at a random training step, a division by zero in evaluation) and a string
+    # whose characters would become frame paths: refused at read time
+    ("video", [json.dumps({"frames": ["f.png"], "captions": ["x"]}),
+               json.dumps({"frames": ["f.png"], "captions": []})], r"p.jsonl:2: field 'captions' is empty"),
+    ("video", [json.dumps({"frames": "f.png", "captions": ["x"]})],
+     r"p.jsonl:1: field 'frames' should be a list of str \(frame paths\), got str 'f.png'"),
+    ("video", [json.dumps({"frames": ["f.png", 3], "captions": ["x"]})],
+     r"p.jsonl:1: field 'frames' should be a list of str \(frame paths\), got list \"\['f.png', 3\]\""),
 ])
 def test_every_reader_error_is_raised_at_read_time(tmp_path, reader, lines, msg):
     """Validation is one streaming pass at start-up: each of the list reader's one-line errors, unchanged."""
@@ -251,6 +259,24 @@ def _bad_shards(folder, n_shards=4, per=10, bad=()):
                     ti.size = len(payload)
                     tf.addfile(ti, io.BytesIO(payload))
     return f"{folder}/{{00000..{n_shards - 1:05d}}}.tar"
+
+
+def test_image_ids_tell_shard_folders_apart(tmp_path):
+    """img2dataset numbers every set's keys from 000000000: cc3m/00000.tar and sbu/00000.tar hold different
+    images under the same keys, which must not share an image id (an ITC positive, never an ITM negative)."""
+    spec = _bad_shards(str(tmp_path / "cc3m"), n_shards=2, per=5) + "," + _bad_shards(str(tmp_path / "sbu"), 2, 5)
+
+    def ids(**kw):
+        out = {}
+        for b in data.stream_loader(data.ShardStream(spec, shuffle_buffer=0, epochs=1, **kw), 4):
+            for shard, key, i in zip(b["shard"].tolist(), b["key"], b["image_id"].tolist()):
+                out[(os.path.basename(os.path.dirname(data.expand_shards(spec)[shard])), key)] = i
+        return out
+    one = ids()
+    assert len(one) == 20 and len(set(one.values())) == 20  # 10 keys, each in both folders
+    assert one[("cc3m", "000000000")] != one[("sbu", "000000000")]
+    two = {**ids(rank=0, world=2, seed=5), **ids(rank=1, world=2, seed=5)}  # other ranks, order: same ids
+    assert two == one
 
 
 def test_bad_members_are_counted_and_skipped(tmp_path):
