@@ -196,6 +196,9 @@ def resolve_config(cfg):
     """Fill the stage recipe's values for the fields left at None."""
     if cfg.stage not in ("0", "1", "2", "caption", "eval"):
         raise SystemExit(f"--stage must be 0, 1, 2, caption or eval, got {cfg.stage!r}")
+    if cfg.stage == "1" and cfg.hf_export and not (cfg.pformer_ckpt or cfg.hf_import):
+        raise SystemExit("--hf_export writes the LLM projection, which a plain --stage 1 lacks: "
+                         "pass --pformer_ckpt or --hf_import too, or export after --stage 2")
     recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])[cfg.stage]
     fallback = {"train_vision": False, "hflip": False, "randaug": False, "caption_prompt": "",
                 "align_weight": 1.0, "eval_tasks": "", "grad_checkpoint": False,
@@ -278,8 +281,8 @@ class Attention(nn.Module):
         self.dense, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def split(self, t):
-        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, L, C/H)
+    def split(self, t):  # C // heads, not -1: ITM's remote images may be 0 rows (itm_cross_kv)
+        return t.unflatten(-1, (self.heads, t.shape[-1] // self.heads)).transpose(1, 2)  # B,H,L,C/H
 
     def keys_values(self, kv):
         return self.split(self.key(kv)), self.split(self.value(kv))

@@ -85,11 +85,12 @@ def test_gumbel_noise_independent_of_process_split():
     assert torch.equal(full, both)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_stage1_reuse_equals_full_passes(rank):
+@pytest.mark.parametrize("rank,negs", [(0, [1, 4, 0]), (1, [0, 4, 5]), (1, [4, 5, 3])])
+def test_stage1_reuse_equals_full_passes(rank, negs):
     """ITM/ITG read the query pass's keys/values (issue 19): losses and gradients equal the full [Q; T] passes
     over every row's image (the previous code) with dropout off.  rank 1 of 2: negatives drawn from the other
-    rank's images are projected, this rank's reuse the query pass."""
+    rank's images are projected, this rank's reuse the query pass; [4, 5, 3]: all its own, so fetch_rows brings
+    0 rows (R = 0), which Attention.split once could not reshape."""
     torch.manual_seed(0)
     B, L = 3, 6
     qf = bp.QFormer(32, 3, 4, 64, 24, 4, 50, 16, embed_dim=8, cross_freq=2, dropout=0.0)
@@ -98,7 +99,7 @@ def test_stage1_reuse_equals_full_passes(rank):
     ids = torch.randint(5, 50, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     mask[0, 4:] = 0
-    neg_img = torch.tensor([0, 4, 5]) if rank else torch.tensor([1, 4, 0])  # local and remote rows
+    neg_img = torch.tensor(negs)  # global image index per text: this rank's rows and the other's
     ids_neg, mask_neg = ids.flip(0), mask.flip(0)
 
     def old():  # the full passes: the ITM rows' images projected per row, ITG's query rows recomputed
@@ -128,6 +129,62 @@ def test_stage1_reuse_equals_full_passes(rank):
     assert ln == pytest.approx(lo, abs=1e-5) and len(go) == len(gn)
     for a, b in zip(go, gn):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def _itm_case():
+    """A Q-Former and a global batch of 2 ranks x 2 pairs; negative image per text: rank 0's texts draw one of their
+    own and one of rank 1's, rank 1's texts only their own (fetch_rows brings rank 1 0 rows)."""
+    torch.manual_seed(0)
+    qf = bp.QFormer(32, 2, 4, 64, 24, 4, 50, 16, embed_dim=8, cross_freq=1, dropout=0.0)
+    return qf, torch.randn(4, 5, 24), torch.randint(5, 50, (4, 6)), torch.tensor([1, 3, 3, 2])
+
+
+def _itm_rank(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    bp.D.setup_distributed("cpu")
+    qf, image_all, ids, neg_img = _itm_case()
+    rows = slice(2 * rank, 2 * rank + 2)
+    image = image_all[rows].clone().requires_grad_()
+    _, cache = qf.query(image, with_cache=True)
+    remote = bp.D.fetch_rows(image, neg_img)  # neg_img: every rank's draws, as stage1_losses all-gathers them
+    kv = bp.itm_cross_kv(qf, cache, remote, neg_img[rows], rank)
+    t, m = ids[rows], torch.ones(2, 6, dtype=torch.long)
+    loss = bp.itm_loss(qf, kv, t, m, t.flip(0), m)
+    loss.backward()
+    torch.save({"R": len(remote), "loss": loss.detach(), "image": image.grad,
+                "params": [torch.zeros_like(p) if p.grad is None else p.grad for p in qf.parameters()]},
+               os.path.join(out_dir, f"itm{rank}.pt"))
+    bp.D.cleanup_distributed()
+
+
+def test_itm_with_no_remote_negatives_on_a_rank_matches_one_process(tmp_path):
+    """2 gloo processes, rank 1's ITM negatives all its own images (R = 0, which once crashed Attention.split):
+    each rank's ITM loss and, through fetch_rows' backward, the image and parameter gradients equal the full passes
+    of one process."""
+    import socket
+    import torch.multiprocessing as mp
+    qf, image_all, ids, neg_img = _itm_case()
+    image_all.requires_grad_()
+    ref = []
+    for r in (0, 1):
+        rows = slice(2 * r, 2 * r + 2)
+        image, t, m = image_all[rows], ids[rows], torch.ones(2, 6, dtype=torch.long)
+        h = qf.joint(torch.cat([image, image_all[neg_img[rows]], image]), torch.cat([t, t, t.flip(0)]),
+                     torch.cat([m, m, m]))
+        ref.append(torch.nn.functional.cross_entropy(qf.itm_head(h[:, :4]).mean(1), torch.tensor([1, 1, 0, 0, 0, 0])))
+    sum(ref).backward()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_itm_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"itm{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [g["R"] for g in got] == [1, 0]
+    assert [g["loss"].item() for g in got] == pytest.approx([x.item() for x in ref], abs=1e-5)
+    assert torch.allclose(torch.cat([g["image"] for g in got]), image_all.grad, atol=1e-5)
+    for p, a, b in zip(qf.parameters(), *[g["params"] for g in got]):
+        assert torch.allclose(a + b, torch.zeros_like(p) if p.grad is None else p.grad, atol=1e-5)
 
 
 def test_contrastive_logits_and_nearest_search_stay_fp32_under_bf16_autocast():
@@ -378,6 +435,23 @@ def test_a_missing_eval_file_stops_before_training(tmp_path, monkeypatch):
         bp.main(run + ["--stage", "1", "--eval_tasks", ""])
     with pytest.raises(Built):  # --bench times training steps only (docs/bench.md's rows)
         bp.main(run + ["--stage", "1", "--bench", "2"])
+
+
+def test_stage1_hf_export_without_a_projection_stops_at_startup(tmp_path, monkeypatch):
+    """A plain stage 1 has no LLM projection, so --hf_export failed in export_hf only after training and evaluation,
+    before metrics.json: one line at startup names what to pass; with --pformer_ckpt the run goes on to build."""
+    class Built(Exception):
+        pass
+
+    monkeypatch.setattr(bp, "build", lambda *a: (_ for _ in ()).throw(Built()))
+    run = ["--preset", "paper", "--stage", "1", "--train_file", "pairs.jsonl", "--eval_tasks", "",
+           "--out_dir", str(tmp_path / "run"), "--hf_export", str(tmp_path / "hf")]
+    with pytest.raises(SystemExit, match=r"^--hf_export writes the LLM projection, which a plain --stage 1 lacks: "
+                                         r"pass --pformer_ckpt or --hf_import too, or export after --stage 2$"):
+        bp.main(run)
+    assert not os.listdir(tmp_path)  # nothing built or written
+    with pytest.raises(Built):
+        bp.main(run + ["--pformer_ckpt", "s0.pt"])
 
 
 def test_vqa_rule_and_okvqa_lemmatisation_settings():
