@@ -432,12 +432,14 @@ class TextDecoder(nn.Module):
         t.dense, t.LayerNorm = nn.Linear(d, d), nn.LayerNorm(d, eps=c.text_eps)
         self.cls.predictions.bias = nn.Parameter(torch.zeros(c.vocab_size))
 
-    def forward(self, ids, mask, image, need_attn=False, cache=None, hidden=None):
+    def forward(self, ids, mask, image, need_attn=False, cache=None, hidden=None, head=True):
         h, attn = self.bert(ids, mask, image, True, need_attn, cache, hidden)
+        return self.head(h) if head else None, h, attn  # (B, L, V), (B, L, D), maps
+
+    def head(self, h):
         t = self.cls.predictions.transform
         z = t.LayerNorm(F.gelu(t.dense(h)))
-        logits = F.linear(z, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)
-        return logits, h, attn  # (B, L, V), (B, L, D), maps
+        return F.linear(z, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)
 
 
 def with_first(ids, token):
@@ -570,15 +572,18 @@ class BLIP(nn.Module):
             out.append({"self": None, "cross": {"k": torch.cat([kn, k]), "v": torch.cat([vn, v])}})
         return out
 
-    def itm_logits(self, ids, mask, image_embeds):  # -> (B, 2)
-        return self.itm_head(self.fuse(ids, mask, image_embeds)[0][:, 0])
+    def itm_logits(self, ids, mask, image_embeds):  # -> (B, 2) fp32: the eval's re-ranking scores
+        h = self.fuse(ids, mask, image_embeds)[0][:, 0]
+        with camp.fp32(h.device):  # BLIP evaluates in fp32; bf16 logits tie near-equal pairs
+            return self.itm_head(h.float())
 
-    def decode(self, ids, mask, image_embeds, need_attn=False, cache=None, hidden=None):
-        """Decoder on [DEC]-led ids -> logits (B, L, V), hidden (B, L, Dt), attention maps. With a
-        filled `cache` (decoding), `ids` are the new tokens only; position 0 is in the cache."""
+    def decode(self, ids, mask, image_embeds, need_attn=False, cache=None, hidden=None, head=True):
+        """Decoder on [DEC]-led ids -> logits (B, L, V; None without `head`), hidden (B, L, Dt),
+        attention maps. With a filled `cache` (decoding), `ids` are the new tokens only; position 0
+        is in the cache."""
         if not (cache and "k" in (cache[0]["self"] or {})):
             ids = with_first(ids, self.c.dec_id)
-        return self.text_decoder(ids, mask, image_embeds, need_attn, cache, hidden)
+        return self.text_decoder(ids, mask, image_embeds, need_attn, cache, hidden, head)
 
     # ---- the training pass: every part the model has, on one batch
     def forward(self, image, ids, mask, need_attn=False, need_layers=False, ema=True):
@@ -854,8 +859,8 @@ class PairsDataset(torch.utils.data.Dataset):
     in pretraining as in fine-tuning (salesforce/BLIP data/pretrain_dataset.py and
     coco_karpathy_dataset.py list one caption per entry), so an epoch covers every caption once.
     Augmentation is seeded by (seed, epoch, item): the same stream for any number of ranks and after
-    a resume. An unreadable image is replaced by the next pair (equal batch shapes on all ranks) and
-    named in the sample's `bad` list: the main process counts it once."""
+    a resume. An unreadable image is replaced by the next record's first pair (equal batch shapes on
+    all ranks) and named in the sample's `bad` list: the main process counts it once."""
 
     def __init__(self, records, image_root, transform, seed, max_words, max_bad_frac):
         self.records, self.transform, self.seed = records, transform, seed
@@ -869,9 +874,8 @@ class PairsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, k = key
-        rng, tried, bad = random.Random(f"{self.seed}-{epoch}-{k}"), [], []
-        for attempt in range(20):
-            n = (k + attempt) % len(self.rec)
+        rng, tried, bad, n = random.Random(f"{self.seed}-{epoch}-{k}"), [], [], k % len(self.rec)
+        for _ in range(20):
             i, j, r = int(self.rec[n]), int(self.cap[n]), self.records[int(self.rec[n])]
             path, caps = r["image"], r["captions"]
             self.transform.rng = rng
@@ -880,6 +884,7 @@ class PairsDataset(torch.utils.data.Dataset):
             if image is not None:
                 return image, pre_caption(caps[j], self.max_words), i, tried, bad
             bad.append(path)
+            n = (n + len(caps) - j) % len(self.rec)  # the next record: its captions share the image
         self.loader.check(final=True)
         raise DataError(f"20 unreadable images in a row from item {k}: {self.loader.report()}")
 
@@ -1016,7 +1021,9 @@ def beam_search(model, image_embeds, prompt_ids, num_beams, max_len, min_len, eo
     inp, cur = running.view(B * K, P), P
     while True:
         ones = torch.ones(B * K, cur, dtype=torch.long, device=dev)
-        lp = F.log_softmax(model.decode(inp, ones, img, cache=kv)[0][:, -1].float(), -1)  # (B*K, V)
+        h = model.decode(inp, ones, img, cache=kv, head=False)[1]  # LM head in fp32, as ITM's
+        with camp.fp32(dev):
+            lp = F.log_softmax(model.text_decoder.head(h[:, -1].float()), -1)  # (B*K, V)
         if cur < min_len:
             lp[:, eos] = -float("inf")
         V = lp.shape[-1]
@@ -1591,7 +1598,8 @@ def load_teacher(cfg, model, special, device, dtype, log):
     frozen = dict(momentum=False, dropout=0.0)
     if cfg.ft_distill:  # a pretrain or a caption checkpoint: the untied decoder loads from both
         dec = dict(frozen, has_encoder=False, has_decoder=True, tie_decoder=False)
-        ret, cap = None, load_dlip(path, dec, cfg.image_size, "--teacher", special) if ckpt else \
+        ret, cap = None, load_dlip(path, dec, cfg.image_size, flag="--teacher", special=special,
+                                   prompt=cfg.prompt) if ckpt else \
             load_hf_blip(path, special, cfg.image_size)
     elif ckpt:
         ret = cap = load_dlip(path, frozen, cfg.image_size, flag="--teacher", special=special)
@@ -1727,9 +1735,11 @@ def is_blip_pth(ck):
         (ck.get("model") or {}) and not (ck.get("model_config") or ck.get("shape"))
 
 
-def blip_pth_config(sd, special):
+def blip_pth_config(sd, special, prompt=""):
     """The ModelConfig of a salesforce/BLIP state dict, read off its tensor shapes. Heads are 64
-    wide in every released BLIP (ViT-B/L, BERT-base; models/vit.py, configs/med_config.json)."""
+    wide in every released BLIP (ViT-B/L, BERT-base; models/vit.py, configs/med_config.json).
+    prompt: a caption model's (BLIP_Decoder: no text encoder), which BLIP fine-tunes and decodes
+    with one (models/blip.py, configs/caption_coco.yaml); a pretrain model has none."""
     g = lambda k: sd[k].shape  # noqa: E731
     n = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in sd if k.startswith(p))  # noqa
     txt = "text_encoder" if "text_encoder.embeddings.word_embeddings.weight" in sd else "text_decoder.bert"
@@ -1744,19 +1754,22 @@ def blip_pth_config(sd, special):
         max_pos=g(f"{txt}.embeddings.position_embeddings.weight")[0],
         embed_dim=g("vision_proj.weight")[0] if "vision_proj.weight" in sd else 256,
         has_encoder="itm_head.weight" in sd, has_decoder="text_decoder.cls.predictions.bias" in sd,
-        tie_decoder=False, momentum=False, queue_size=0, **dict(special or {}, vocab_size=vocab))
+        tie_decoder=False, momentum=False, queue_size=0, **dict(special or {}, vocab_size=vocab),
+        prompt="" if txt == "text_encoder" else prompt)
 
 
-def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", special=None):
+def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", special=None,
+              prompt=""):
     """A dlip or salesforce/BLIP checkpoint -> BLIP. `parts` overrides ModelConfig fields
     (has_encoder, momentum, ...): fine-tuning builds the retrieval or the caption model from a
     pretrain checkpoint. Every weight of the new model must be in the checkpoint (tied tensors are
     saved under the decoder's names too, so an untied decoder loads completely); the feature queues
-    start fresh. special: the tokenizer's token ids, which a BLIP .pth does not record."""
+    start fresh. special, prompt: the tokenizer's token ids and a BLIP caption .pth's prompt, which
+    a BLIP .pth does not record."""
     ck, blip = load_checkpoint(path), None
     if is_blip_pth(ck):
         try:
-            blip = blip_pth_config(ck["model"], special)
+            blip = blip_pth_config(ck["model"], special, prompt)
         except KeyError as e:
             raise ValueError(f"{flag} {path}: not a salesforce/BLIP checkpoint: no tensor {e}") from None
     else:
@@ -1778,7 +1791,8 @@ def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", spec
 
 def load_any(path, special, cfg, flag):
     if path.endswith((".pt", ".pth")):
-        return load_dlip(path, dict(momentum=False), cfg.image_size, flag=flag, special=special)
+        return load_dlip(path, dict(momentum=False), cfg.image_size, flag=flag, special=special,
+                         prompt=cfg.prompt)
     model = load_hf_blip(path, special, cfg.image_size)
     model.c.prompt = cfg.prompt
     return model

@@ -225,6 +225,35 @@ def test_pretrain_distils_a_blip_pth_teacher_and_inits_the_student_from_it(world
     assert 0.5 * n_all < n_fit < n_all  # everything but the queues and what the pth lacks (its momentum copies)
 
 
+def test_blip_caption_pth_evaluates_and_distils_with_the_prompt_a_pretrain_pth_without(world, tmp_path,
+                                                                                       monkeypatch):
+    """A salesforce/BLIP caption checkpoint (BLIP_Decoder: image encoder + decoder, no text encoder) was fine-tuned
+    and is decoded with 'a picture of ' (BLIP configs/caption_coco.yaml): --mode eval decodes it after [DEC] +
+    those 3 words (before: after [DEC] alone); a BLIP pretrain .pth (both text stacks) keeps no prompt. As the
+    --ft_distill teacher the caption .pth also gets the tokenizer's ids (before: [DEC] was token 0)."""
+    import types
+    d, base, root = world
+    tok, special = dlip.load_tokenizer(os.path.join(root, "models", "bert"))
+    c = dlip.ModelConfig(image_size=32, patch_size=8, vit_width=64, vit_layers=1, vit_heads=1, vit_mlp=128,
+                         text_width=64, text_layers=1, text_heads=1, text_ffn=128, momentum=False, **special)
+    torch.save({"model": dlip.BLIP(replace(c, has_encoder=False, tie_decoder=False)).state_dict()},
+               tmp_path / "model_base_caption_capfilt_large.pth")
+    pretrain = _blip_pth(dlip.BLIP(c), tmp_path / "model_base.pth")
+    prompts, real = [], dlip.beam_search
+    monkeypatch.setattr(dlip, "beam_search", lambda m, e, p, *a: prompts.append(p[0].tolist()) or real(m, e, p, *a))
+    for name in ("model_base_caption_capfilt_large.pth", "model_base.pth"):
+        dlip.main(["--mode", "eval", "--task", "caption", *base, *TINY, "--ckpt", str(tmp_path / name),
+                   "--teacher", "", "--report", "false", "--test_file", os.path.join(root, "pairs_val.jsonl"),
+                   "--out_dir", str(tmp_path / ("eval_" + name))])
+    assert tok.convert_ids_to_tokens(prompts[0]) == ["[CLS]", "a", "picture", "of"]  # [CLS] becomes [DEC]
+    assert prompts[-1] == [special["cls_id"]]
+    log = types.SimpleNamespace(info=lambda *a: None)
+    for path, prompt in ((str(tmp_path / "model_base_caption_capfilt_large.pth"), "a picture of "), (pretrain, "")):
+        cfg = dlip.Config(mode="caption", ft_distill=True, teacher=path, teacher_caption="", image_size=32)
+        (ret, cap), _ = dlip.load_teacher(cfg, None, special, torch.device("cpu"), torch.float32, log)
+        assert ret is None and cap.c.prompt == prompt and cap.c.dec_id == special["dec_id"] != 0
+
+
 def test_student_image_encoder_init_from_hf_vit_and_clip(tmp_path):
     """--init_vit: an HF ViT (DeiT, the paper's student init) and a CLIP vision tower (the toy world's) give the
     same image features in dlip's ViT as in transformers."""
@@ -395,6 +424,26 @@ def test_itc_logits_and_their_distillation_stay_fp32_under_bf16_autocast(monkeyp
         assert terms[1][k].dtype == torch.float32 and torch.equal(terms[1][k], terms[0][k]), k
     assert len(sims) == 4 and all(x.dtype == torch.float32 for x in sims)
     assert torch.equal(sims[2], sims[0]) and torch.equal(sims[3], sims[1])
+
+
+def test_itm_scores_and_caption_logits_are_fp32_under_bf16_autocast(monkeypatch):
+    """The eval's ITM re-ranking score and the LM head's logits in beam search are computed in fp32 from the
+    (bf16) fused / decoder states under bf16 autocast, as BLIP evaluates in fp32: bf16 logits of 7-8 are 1/32
+    apart, so near-equal pairs tie or swap in the re-ranking."""
+    torch.manual_seed(0)
+    m = dlip.BLIP(_shape(momentum=False)).eval()
+    image, ids, mask, _ = _batch()
+    heads, real = [], m.text_decoder.head
+    monkeypatch.setattr(m.text_decoder, "head", lambda h: heads.append(real(h)) or heads[-1])
+    with torch.no_grad():
+        emb = m.visual_encoder(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, h = m.itm_logits(ids, mask, emb), m.fuse(ids, mask, emb)[0][:, 0]
+            naive = m.itm_head(h).dtype  # what autocast does to the head
+            dlip.beam_search(m, emb, ids[:, :2], 2, 6, 3, SPECIAL["sep_id"])
+        ref = m.itm_head(h.float())
+    assert naive == torch.bfloat16 and got.dtype == torch.float32 and torch.equal(got, ref)
+    assert heads and all(z.dtype == torch.float32 for z in heads)
 
 
 def test_decoder_shares_parameters_with_encoder():
@@ -967,6 +1016,28 @@ def test_unreadable_images_counted_once_reported_and_limited(world, tmp_path, ca
     with pytest.raises(DataError) as e:
         dlip.main([*args, *_image_world(root, tmp_path, 8, 8), "--max_steps", "1"])
     assert "8 of 8 images unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unreadable_image_with_many_captions_is_skipped_whole_and_reported_once(tmp_path):
+    """An unreadable image's pair is replaced by the next record's first pair, not by the same record's next
+    caption (the same image): before, an image with 20+ captions (Visual Genome regions, ~50 per image) raised
+    "20 unreadable images in a row" although 1 of 4 images was bad."""
+    import json
+    from PIL import Image
+    from common.data import read_pairs
+    for n in range(3):
+        Image.new("RGB", (40, 40), (60 * n, 0, 0)).save(tmp_path / f"{n}.png")
+    recs = [{"image": "missing.png", "captions": [f"region {j}" for j in range(25)]}]
+    recs += [{"image": f"{n}.png", "captions": [f"square {n}", f"red {n}"]} for n in range(3)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    aug = dlip.ImageTransform(32, train=True, uint8=True)
+    ds = dlip.PairsDataset(read_pairs(str(tmp_path / "pairs.jsonl")), str(tmp_path), aug, 0, 30, 0.3)
+    for k in (0, 12, 24):
+        image, cap, i, tried, bad = ds[(0, k)]
+        assert (cap, i, tried, bad) == ("square 0", 1, ["missing.png", "0.png"], ["missing.png"]), k
+        assert image.shape == (3, 32, 32)
+    assert ds[(0, 30)][1:4] == ("red 2", 3, ["2.png"])
+    assert ds.loader.report() == "1 of 3 images unreadable (e.g. ['missing.png'])"
 
 
 def _one_process_and_two_ranks(args, out_one, out_two):
