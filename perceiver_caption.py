@@ -153,6 +153,7 @@ PRESETS = {
     # The seed's recipe (the defaults above: its config.yaml, batch 32, 30 epochs) on its backbones.
     "paper": dict(clip_model="openai/clip-vit-base-patch32", lm_model="gpt2", workers=8, log_every=100),
 }
+DECODING = ("decode", "beams", "top_p", "top_k", "temperature", "max_new_tokens")  # a run's recipe
 
 
 def model_config(src):
@@ -161,18 +162,20 @@ def model_config(src):
     return ModelConfig(**{k: src[k] for k in ModelConfig.__dataclass_fields__ if k in src})
 
 
-def checkpoint_run(cfg, saved, argv, logger):
-    """--mode test|caption: this run's config with the checkpoint's model fields `saved`, but --task
-    and --num_frames (the input) if given, up to the frames trained; other model fields: a warning."""
-    given = given_flags(argv)
+def checkpoint_run(cfg, saved, ran, argv, logger):
+    """--mode test|caption: this run's config with the checkpoint's model fields `saved` and its
+    run's (`ran`) DECODING fields, but those given: of the model fields only --task, --num_frames."""
+    given, model = given_flags(argv), dataclasses.asdict(saved)
     keep = {k: getattr(cfg, k) for k in ("task", "num_frames") if k in given}
-    run = dataclasses.replace(cfg, **{**dataclasses.asdict(saved), **keep})
+    dec = {k: ran[k] for k in DECODING if k in ran and k not in given and ran[k] != getattr(cfg, k)}
+    run = dataclasses.replace(cfg, **{**model, **dec, **keep})
     frames, trained = (c.num_frames if c.task == "video" else 1 for c in (run, saved))
     if frames > trained:
         raise ValueError(f"--num_frames {frames}: the checkpoint has {trained} trained time rows")
-    lost = [k for k in sorted(given - keep.keys()) if k in saved.__dict__]
-    if lost := [k for k in lost if getattr(cfg, k) != getattr(saved, k)]:
+    if lost := sorted(k for k in given - keep.keys() if k in model and model[k] != getattr(cfg, k)):
         logger.info(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
+    if dec:  # the checkpoint's recipe (--preset paper: 5 beams), not this run's preset
+        logger.info(f"warning: decoding as the checkpoint's run: {dec}")
     return run
 
 
@@ -247,12 +250,10 @@ class GatedXAttnDense(nn.Module):
 
     def __init__(self, dim, media_dim, heads, dim_head, ff_mult):
         super().__init__()
-        inner, self.heads = heads * dim_head, heads
-        self.norm = nn.LayerNorm(dim)
+        inner, self.heads, self.norm = heads * dim_head, heads, nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-        self.ff = feed_forward(dim, ff_mult)
+        self.to_out, self.ff = nn.Linear(inner, dim, bias=False), feed_forward(dim, ff_mult)
         self.attn_gate, self.ff_gate = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
 
     def forward(self, y, z):
@@ -313,18 +314,14 @@ class Bridge(nn.Module):
             kw = {"src_key_padding_mask": ~frame_mask.bool()} if self.tf_mapper else {}  # True: pad
             prefix = self.mapper(pooled, **kw) if self.use_mapper else pooled      # (B, T, D)
             prefix, pmask = prefix * frame_mask.to(feats.dtype)[..., None], frame_mask
-        z = self.resampler(feats, frame_mask) if self.use_xattn else None
-        return prefix, pmask, z
+        return prefix, pmask, self.resampler(feats, frame_mask) if self.use_xattn else None
 
     # ---- side channel into GPT-2
     @contextlib.contextmanager
     def conditioned(self, lm, z):
         """Within this block GPT-2 runs with xattn on visual tokens z (B, n, Dv); hooks go after."""
-        if not self.use_xattn:
-            yield
-            return
         handles = [lm.transformer.h[i].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
-                   for i, layer in zip(self.layer_ids, self.xattn)]  # h: GPT-2's decoder blocks
+                   for i, layer in zip(self.layer_ids, self.xattn or [])]  # h: GPT-2's blocks
         self._z = z
         try:
             yield
@@ -377,9 +374,8 @@ def position_ids(mask, fix):
     return torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
 
 
-def bridge_param_table(bridge):
-    parts = {k: getattr(bridge, k) for k in ("mapper", "resampler", "xattn")}
-    return {**{k: count_params(m) if m is not None else 0 for k, m in parts.items()},
+def bridge_param_table(bridge):  # a part this --bridge lacks (None): 0
+    return {**{k: count_params(getattr(bridge, k) or []) for k in ("mapper", "resampler", "xattn")},
             "trainable": count_params(bridge)}
 
 
@@ -483,6 +479,12 @@ def usable(ds, batch):
     return "tokens" in batch
 
 
+def gather_counts(ds):  # ds.loader with every rank's image counts (a rank reads its shard)
+    for tried, bad in cdist.all_gather_object((sorted(ds.loader.tried_set), ds.loader.bad_paths)):
+        ds.loader.merge(tried, bad)
+    return ds.loader
+
+
 def caption_draws(sampler, records, seed):
     """StepSampler's micro batches of (epoch, index) -> (index, caption): the seed trains on one of
     an image's captions per draw; common.data.draw makes it the same on any rank, after any resume."""
@@ -529,9 +531,7 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
         for q, m in enumerate(n):  # row q: rank q // bs's record (q // bs) * per + k * bs + q % bs
             if m:
                 feats[q // bs * per + k * bs + q % bs] = f[q, :m].clone()  # (T, S, D): real frames
-    for tried, bad in cdist.all_gather_object((sorted(ds.loader.tried_set), ds.loader.bad_paths)):
-        ds.loader.merge(tried, bad)
-    ds.loader.check(final=True)
+    gather_counts(ds).check(final=True)
     keep = sorted(feats)
     if not keep:
         raise DataError(f"no readable image under {ds.loader.root!r} ({ds.loader.report()})")
@@ -572,9 +572,8 @@ def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_
             torch.manual_seed(cfg.seed * 1_000_003 + int(batch["index"][0]))
             ids = bridge.generate(lm, feats, batch["frame_mask"].to(device), ctok.bos, ctok.eos,
                                   ctok.pad, cfg.max_new_tokens, cfg.num_return, **kw)
-        ids = ids.view(feats.shape[0], cfg.num_return, -1).tolist()  # (B, num_return, L)
-        for b, i in enumerate(batch["index"].tolist()):
-            out[i] = [ctok.decode(x) for x in ids[b]]
+        for i, rows in zip(batch["index"].tolist(), ids.view(len(feats), cfg.num_return, -1).tolist()):
+            out[i] = [ctok.decode(x) for x in rows]  # rows: (num_return, L)
     return out
 
 
@@ -639,8 +638,7 @@ def resolve_paths(cfg, d):
 
 def load_frozen(cfg, device, dtype):
     """Frozen CLIP vision tower + GPT-2 + caption tokenizer from local folders or hub names."""
-    from transformers import AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel, logging as hf_logging
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
     clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=amp.frozen_dtype(device, dtype))
     # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
@@ -660,8 +658,11 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
                              0 if bridge.prefix == "none" else b["frame_mask"].shape[1],
                              cfg.bos_target) for b in micros]
     # Target tokens of the global batch: dividing by them makes N ranks x K micro batches one batch.
-    n_local = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
-    denom = cdist.all_reduce_mean(n_local.float()) * d.world_size
+    n = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
+    denom, empty = cdist.all_reduce_mean(torch.stack([n, (n == 0).float()])) * d.world_size
+    if empty:  # a rank's micro batches lost all their images: no rank steps (DDP needs them all)
+        opt.zero_grad(set_to_none=True)
+        return {"lr": lr, "skipped_step": 1}
     loss_sum = torch.zeros((), device=device)
     bridge.train()  # dropout of --mapper transformer; validation and decoding run in eval mode
     lm.train(not cfg.frozen_eval)
@@ -703,8 +704,7 @@ def save_state(name, cfg, bridge, opt, scaler, step, best_val, rngs=None):
 
 # What a resumed run may change beyond common's list: where it stops and how it tests afterwards.
 RESUME_FREE = checkpoint.RESUME_FREE | {"stop_at", "ckpt", "test_after_train", "max_eval", "inputs",
-                                        "decode", "beams", "max_new_tokens", "num_return", "top_p",
-                                        "top_k", "temperature"}
+                                        "num_return", *DECODING}
 
 
 def resume(cfg, bridge, opt, scaler, logger):
@@ -766,12 +766,12 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
     timer, last, flops, step = StepTimer(device), {}, None, start
     for micros in batches(start, end):
-        if flops is None and device.type == "cuda":  # FLOPs of one step (this rank), for MFU
-            flops = count_flops(lambda: run_step(micros, step, total, update=False))
+        if flops is None and device.type == "cuda":  # one step's FLOPs (this rank; 0: skipped)
+            flops = count_flops(lambda: run_step(micros, step, total, update=False)) or None
         timer.start()
         last = run_step(micros, step, total)
         step += 1
-        if step % cfg.log_every == 0 or step == end or step == start + 1:
+        if step % cfg.log_every == 0 or step == end or step == start + 1 or "skipped_step" in last:
             train_set.loader.check()
             t = timer.stop(sum(len(b["tokens"]) for b in micros) * world)
             m = mfu(flops, t["ms_step"] / 1000, device)
@@ -780,8 +780,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
             last["val_loss"] = validation_loss(bridge, lm, clip, sets["val"], cfg, dtype, device, d)
             logger.log(step, val_loss=last["val_loss"])
             if last["val_loss"] < best_val and d.is_main:  # keep the one best-val checkpoint (seed)
-                best_val = last["val_loss"]
-                save_state("best.pt", cfg, bridge, None, None, step, best_val)
+                save_state("best.pt", cfg, bridge, None, None, step, last["val_loss"])
             best_val = cdist.broadcast_object(min(best_val, last["val_loss"]))
         if step % cfg.save_every == 0 or step == end:  # every rank's RNG: a resume gives each its own
             rngs = cdist.all_gather_object(checkpoint.rng_state())
@@ -799,11 +798,12 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
 
 def image_report(sets, logger):
-    """The bad-image rule at the end of a run: a log line of counts, then max_bad_frac per split."""
-    logger.info("unreadable images | " + " | ".join(f"{s}: {d.loader.report()}" for s, d in sets.items()))
-    for ds in sets.values():
-        ds.loader.check(final=True)
-    return {"unreadable_images": sum(ds.loader.bad for ds in sets.values())}
+    """The bad-image rule at the end of a run (all ranks' counts): a log line, then max_bad_frac."""
+    loaders = {s: gather_counts(ds) for s, ds in sets.items()}
+    logger.info("unreadable images | " + " | ".join(f"{s}: {x.report()}" for s, x in loaders.items()))
+    for x in loaders.values():
+        x.check(final=True)
+    return {"unreadable_images": sum(x.bad for x in loaders.values())}
 
 
 def test(cfg, d, dtype, clip, lm, ctok, bridge, logger):
@@ -871,7 +871,7 @@ def main(argv=None):
             ckpt = checkpoint.load_checkpoint(path := cfg.ckpt or f"{cfg.out_dir}/best.pt")
             checkpoint.expect_checkpoint(ckpt, path, SCRIPT, flag="--ckpt")
             saved = model_config(ckpt.get("model_config") or ckpt["config"])  # older: run config
-            cfg = checkpoint_run(cfg, saved, argv, logger)
+            cfg = checkpoint_run(cfg, saved, ckpt.get("config", {}), argv, logger)
         resolve_paths(cfg, d)
         if cfg.mode == "params":
             return params_mode(cfg, logger)

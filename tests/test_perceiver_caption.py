@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -578,6 +579,96 @@ def test_cache_feats_shards_over_ranks_and_gathers(world, tmp_path):
     assert [len(x) for x in one["video"]["cache"]] == [1 + i % 3 for i in range(10)]
 
 
+def _gloo_rank(rank, port):
+    """Join a 2-process gloo group (a collective that waits for a missing peer fails after 60 s, not never)."""
+    import datetime
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    return pc.cdist.setup_distributed("cpu")
+
+
+def _skip_rank(rank, port, out):
+    """Two train_steps of a mapper bridge under DDP: in the first, rank 1 has no micro batch (all its images were
+    unreadable); save what each step returned, the optimizer's state after it and the weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d = _gloo_rank(rank, port)
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=32))
+    lm.eval().requires_grad_(False)
+    cfg = _cfg(bridge="mapper", mapper_hidden=8, schedule="constant", warmup_frac=0.0)
+    bridge = pc.Bridge(cfg, 16, 16, 1)
+    model, opt = pc.cdist.wrap_ddp(bridge, d), torch.optim.AdamW(bridge.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(rank)
+    micro = {"feats": torch.randn(2, 1, 3, 16, generator=g), "frame_mask": torch.ones(2, 1, dtype=torch.bool),
+             "tokens": torch.randint(1, 20, (2, 5), generator=g), "tok_mask": torch.ones(2, 5, dtype=torch.bool)}
+    weights, res = [[p.detach().clone() for p in bridge.parameters()]], []
+    for step, micros in enumerate([[micro] if rank == 0 else [], [micro]]):
+        res.append(pc.train_step(cfg, model, bridge, lm, None, opt, pc.amp.make_scaler(torch.float32),
+                                 torch.float32, d, micros, step, 10))
+        res[-1]["adam_states"] = len(opt.state)
+        weights.append([p.detach().clone() for p in bridge.parameters()])
+    torch.save({"res": res, "weights": weights}, os.path.join(out, f"skip_{rank}.pt"))
+    pc.cdist.cleanup_distributed()
+
+
+def test_a_rank_without_readable_images_skips_the_step_on_every_rank(tmp_path):
+    """A rank whose micro batches all lost their images (batches() drops them) runs no forward/backward, so DDP's
+    gradient all-reduce never happens there: every rank learns it from the token-count all-reduce and skips the
+    step (no optimizer step, replicas unchanged and equal); the next step trains as usual."""
+    import torch.multiprocessing as mp
+    mp.spawn(_skip_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"skip_{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["res"][0]["skipped_step"] == 1 and "loss" not in r["res"][0] and r["res"][0]["adam_states"] == 0
+        assert "loss" in r["res"][1] and r["res"][1]["adam_states"] > 0
+        assert all(torch.equal(a, b) for a, b in zip(r["weights"][0], r["weights"][1]))  # skipped: unchanged
+        assert not all(torch.equal(a, b) for a, b in zip(r["weights"][1], r["weights"][2]))  # then trained
+    assert r0["res"][1]["loss"] == pytest.approx(r1["res"][1]["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"][2], r1["weights"][2]))  # replicas alike
+
+
+def _test_rank(rank, port, world, out):
+    """--mode test's test() on 2 ranks, uncached, for max_bad_frac 0.5 and 0.25: save each rank's outcome (the
+    unreadable count or the DataError) and the log lines."""
+    from common.data import DataError
+    d = _gloo_rank(rank, port)
+    cfg = _cfg(clip_model=os.path.join(world, "models", "clip"), lm_model=os.path.join(world, "models", "gpt2"),
+               test_file=os.path.join(out, "test.jsonl"), image_root=world, cache_feats=False, decode="greedy",
+               max_new_tokens=2, out_dir=os.path.join(out, f"run_{rank}"), eval_batch=2)
+    clip, lm, ctok = pc.load_frozen(cfg, d.device, torch.float32)
+    torch.manual_seed(0)
+    bridge = pc.Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer).eval()
+    lines, res = [], {}
+    logger = types.SimpleNamespace(info=lines.append)
+    for frac in (0.5, 0.25):
+        try:
+            res[frac] = pc.test(dataclasses.replace(cfg, max_bad_frac=frac), d, torch.float32, clip, lm, ctok,
+                                bridge, logger)["unreadable_images"]
+        except DataError as e:
+            res[frac] = str(e)
+    torch.save({"res": res, "lines": lines}, os.path.join(out, f"test_{rank}.pt"))
+    pc.cdist.cleanup_distributed()
+
+
+def test_unreadable_images_at_test_time_are_counted_over_ranks(world, tmp_path):
+    """Uncached --mode test on 2 ranks: each rank reads only its block of the test split, and the 3 missing
+    images of 8 all fall in rank 1's (records 4-7). The report and the max_bad_frac check use every rank's counts:
+    rank 0 reports all 3, and both ranks decide alike (3/8 passes 0.5, where rank 1's own 3/4 would stop it,
+    and fails 0.25, where rank 0's own 0/4 would pass)."""
+    import torch.multiprocessing as mp
+    with open(os.path.join(world, "pairs_test.jsonl")) as f, open(tmp_path / "test.jsonl", "w") as g:
+        for i, line in enumerate(list(f)[:8]):
+            g.write(json.dumps({**json.loads(line), **({"image": f"missing/{i}.png"} if i >= 5 else {})}) + "\n")
+    mp.spawn(_test_rank, args=(_free_port(), world, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"test_{r}.pt", weights_only=False)["res"] for r in (0, 1))
+    assert r0[0.5] == r1[0.5] == 3
+    assert re.match(r"too many unreadable images .*3 of 8 images unreadable", r0[0.25]) and r1[0.25] == r0[0.25]
+    lines = torch.load(tmp_path / "test_0.pt", weights_only=False)["lines"]
+    assert "unreadable images | test: 3 of 8 images unreadable" in "\n".join(lines)
+
+
 def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path):
     """Issue 18.7: the loader ships uint8 frames (a quarter of float32's bytes, pinned on a GPU) and encode_frames
     normalises them on the device: the CLIP features of the float path, 0 on padded frames.  --bench draws the
@@ -769,3 +860,22 @@ def test_test_mode_takes_num_frames_given_and_warns_of_model_flags(world, tmp_pa
     assert max(len(x["tried"]) for x in items) == 4 and "warning" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="--num_frames 6: the checkpoint has 4 trained time rows"):
         pc.main(ck + ["--num_frames", "6"])
+
+
+def test_test_mode_decodes_as_the_checkpoints_run_unless_given():
+    """--mode test|caption without --preset paper on a --preset paper checkpoint: the decoding fields (beams 5,
+    max_new_tokens 100) are the checkpoint's run's, not the toy preset's (3, 20), with one warning line; a
+    decoding flag given on the command line wins."""
+    from common.config import parse_config
+    ran = dataclasses.asdict(parse_config(pc.Config, pc.PRESETS, ["--preset", "paper"]))
+    assert (ran["beams"], ran["max_new_tokens"]) == (5, 100)
+    saved, lines = pc.model_config(ran), []
+    logger = types.SimpleNamespace(info=lines.append)
+    for extra, beams in (([], 5), (["--beams", "2"], 2)):
+        argv = ["--mode", "test", "--ckpt", "runs/x/best.pt", *extra]
+        cfg = parse_config(pc.Config, pc.PRESETS, argv)
+        assert (cfg.preset, cfg.beams, cfg.max_new_tokens) == ("toy", 3 if not extra else 2, 20)
+        run = pc.checkpoint_run(cfg, saved, ran, argv, logger)
+        assert (run.beams, run.max_new_tokens, run.decode, run.clip_model) == (beams, 100, "beam", ran["clip_model"])
+    assert lines == ["warning: decoding as the checkpoint's run: {'beams': 5, 'max_new_tokens': 100}",
+                     "warning: decoding as the checkpoint's run: {'max_new_tokens': 100}"]
