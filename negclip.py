@@ -60,7 +60,7 @@ from common.train import (StepTimer, count_flops, count_params, cosine_lr, mfu, 
 class ModelConfig:
     """What rebuilds the model of a checkpoint (saved in it as "model_config")."""
     init: str = "clip"            # clip: one CLIPModel folder | unimodal: --vision + --text towers
-    clip: str = ""                # CLIPModel folder or hub name ("" = <toy_root>/models/clip)
+    clip: str = ""                # CLIPModel folder or hub name ("" = toy preset's models/clip)
     vision: str = ""              # unimodal vision tower: CLIP(Vision)Model, ViTModel, Dinov2Model
     text: str = ""                # unimodal text tower: BertModel, RobertaModel, CLIPTextModel
     embed_dim: int = 512          # joint space of the fresh projections (unimodal init)
@@ -747,6 +747,7 @@ def main(argv=None):
     dist = D.setup_distributed(cfg.device)
     try:
         resolve_paths(cfg, dist.is_main)
+        NG.check_val_file(cfg)  # train: read after an epoch, so a bad --val_file stops the run now
         amp.seed_everything(cfg.seed + dist.rank)
         log = Logger(cfg.out_dir, dist.is_main)
         log.info("config:\n" + format_config(cfg))

@@ -561,8 +561,14 @@ def eval_aro(sc, root, min_pair_count=25):
     return out
 
 
-def eval_order(sc, path, image_root, seeds=5, tagger=None):
-    """COCO-/Flickr30k-Order: 5 options per (image, caption); P@1 mean +- std over `seeds` draws."""
+def order_name(path):
+    """eval_order's key prefix: flickr30k_order for a Flickr30k file (by name), else coco_order."""
+    return "flickr30k_order" if "flickr" in os.path.basename(path) else "coco_order"
+
+
+def eval_order(sc, path, image_root, seeds=5, tagger=None, name=""):
+    """COCO-/Flickr30k-Order: 5 options per (image, caption); P@1 mean +- std over `seeds` draws.
+    Keys "<name>_p1", ...; name "" = order_name(path)."""
     tagger = tagger or make_tagger("auto")
     refs, caps = [], []
     for img, cs in read_caption_sets(path):
@@ -579,7 +585,7 @@ def eval_order(sc, path, image_root, seeds=5, tagger=None):
         s = torch.einsum("kd,kod->ko", img_emb, txt).numpy()
         keep = np.isfinite(s).all(1)
         p1.append(score_order(s[keep]))
-    name = "flickr30k_order" if "flickr" in os.path.basename(path) else "coco_order"
+    name = name or order_name(path)
     return {f"{name}_p1": float(np.mean(p1)), f"{name}_p1_std": float(np.std(p1)),
             f"{name}_n": len(caps)}
 
@@ -734,7 +740,7 @@ def dataset_name(path):
 def file_list(files, roots, what):
     """--<what>_file as a comma list (COCO and Flickr30k in one eval) and --<what>_image_root as one root
     for all or a comma list of as many -> [(dataset name, file, image root)]; names made unique by
-    the file stems when dataset_name gives two files the same."""
+    the file stems when dataset_name gives two files the same (numbered when stems clash too)."""
     fs, rs = files.split(","), roots.split(",")
     rs = rs * len(fs) if len(rs) == 1 else rs
     if len(rs) != len(fs):
@@ -742,6 +748,8 @@ def file_list(files, roots, what):
     names = [dataset_name(f) for f in fs]
     if len(set(names)) < len(names):
         names = [os.path.basename(f).split(".")[0] for f in fs]
+    if len(set(names)) < len(names):  # (e.g. two test.json of two folders)
+        names = [f"{n}{i + 1}" for i, n in enumerate(names)]
     return list(zip(names, fs, rs))
 
 
@@ -752,12 +760,14 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
     aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts and
     classification/<dataset>/ ImageFolders.  retrieval_file / order_file may be comma lists (file_list;
     retrieval keys then start with the dataset: "retrieval/flickr30k_txt_r1"; order keys always name
-    it).  A benchmark whose folder (or file: retrieval, order; SVO: its images/ too, downloaded apart)
-    is absent is skipped with one log line, so the others are still scored and written; bad data in a
-    present one is an error."""
+    it, "order/coco_order_p1", or file_list's name when two files would both be coco or flickr30k:
+    "order/coco_karpathy_val_order_p1").  A benchmark whose folder (or file: retrieval, order; SVO:
+    its images/ too, downloaded apart) is absent is skipped with one log line, so the others are
+    still scored and written; bad data in a present one is an error."""
     need = {b: os.path.join(bench_root, d) for b, d in BENCHMARK_FOLDERS.items()}  # (classification:
     sets = {"retrieval": file_list(retrieval_file, retrieval_image_root, "retrieval"),  # its own)
             "order": file_list(order_file, order_image_root, "order")}
+    clash = len({order_name(f) for _, f, _ in sets["order"]}) < len(sets["order"])
 
     def per_set(b, run):  # retrieval / order: each file that exists; several: keys by dataset
         out, many = {}, len(sets[b]) > 1
@@ -765,12 +775,13 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
             if not os.path.isfile(path):
                 log(f"{b}: no {path or f'--{b}_file'}, skipped")
                 continue
-            res = run(path, root)
+            res = run(path, root, name)
             out.update({f"{name}_{k}" if many and b == "retrieval" else k: v for k, v in res.items()})
         return out
-    runners = {"retrieval": lambda: per_set("retrieval", lambda f, r: eval_retrieval(sc, f, r)),
+    runners = {"retrieval": lambda: per_set("retrieval", lambda f, r, n: eval_retrieval(sc, f, r)),
                "aro": lambda: eval_aro(sc, bench_root, aro_min_pair_count),
-               "order": lambda: per_set("order", lambda f, r: eval_order(sc, f, r, order_seeds, tagger)),
+               "order": lambda: per_set("order", lambda f, r, n: eval_order(
+                   sc, f, r, order_seeds, tagger, f"{n}_order" * clash)),
                "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
                "winoground": lambda: eval_winoground(sc, bench_root),

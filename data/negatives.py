@@ -814,13 +814,18 @@ def save_mined(tsv, rows, summary, key):
 
 def resolve_paths(cfg, is_main=True):
     """negclip.py's Config: fill empty paths from the toy world, building it (only the backbones
-    read) on first use; --lr 0: the init's learning rate (init_lr)."""
+    read) on first use, except the models outside --preset toy (an error); --lr 0: the init's
+    learning rate (init_lr)."""
     from data.toy import toy_paths
     if cfg.train_shards and cfg.exclude_images:
         raise DataError("--exclude_images applies to mined or released TSV rows, not --train_shards")
     cfg.lr = cfg.lr or init_lr(cfg.init)
     uni = cfg.init == "unimodal"
     towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
+    for k in towers if cfg.preset != "toy" and not cfg.ckpt else ():  # toy models: the toy preset's
+        if not getattr(cfg, k):
+            raise ValueError(f"--preset {cfg.preset} --init {cfg.init}: pass --{k} (a model folder "
+                             f"or hub name); only --preset toy fills it with the toy world's model")
     toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
                bench_root="", retrieval_file="pairs_test.jsonl", retrieval_image_root="",
                order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="", **towers)
@@ -830,6 +835,24 @@ def resolve_paths(cfg, is_main=True):
     if not cfg.train_shards:  # (shards: nothing is mined)
         cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
     return cfg
+
+
+def check_val_file(cfg):
+    """--mode train: --val_file (model selection, unless "none") is first read after an epoch, when
+    nothing is saved yet; a missing file, a bad layout or no readable image under --image_root stop
+    the run here, before any step (as blip2_pformer.py check_eval_files).  --bench reads none."""
+    if cfg.mode != "train" or cfg.bench or cfg.val_file == "none":
+        return
+    from data.benchmarks import read_caption_sets  # (it imports this module)
+    hint = "pass a retrieval set, or --val_file none (no model selection: the last weights)"
+    try:
+        sets = read_caption_sets(cfg.val_file)
+    except (DataError, ValueError, TypeError, KeyError, AttributeError) as e:  # (a bad layout)
+        msg = e if isinstance(e, DataError) else f"{cfg.val_file}: {type(e).__name__}: {e}"
+        raise DataError(f"--val_file: {msg}; {hint}") from None
+    if not any(load_image(os.path.join(cfg.image_root, image)) is not None for image, _ in sets):
+        raise DataError(f"--val_file: {cfg.val_file}: none of its {len(sets)} images is readable "
+                        f"under --image_root {cfg.image_root}; {hint}")
 
 
 def processor_config(path, meta=False):

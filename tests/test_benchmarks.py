@@ -321,6 +321,30 @@ def test_retrieval_and_order_of_coco_and_flickr_in_one_eval(tmp_path):
         run(f"{coco},{flickr}", roots + ",x")
 
 
+
+def test_two_order_files_of_one_dataset_keep_their_scores_apart(tmp_path):
+    """Two *-Order files both named as COCO (a test and a val split, or two test.json of two folders) each keep
+    their scores under their own keys, each equal to its single-file run; one file keeps "coco_order_*"."""
+    json.dump([{"image": "a.png", "caption": ["a red dog runs on green grass"]}],
+              open(tmp_path / "coco_karpathy_test.json", "w"))
+    json.dump([{"image": "a.png", "caption": ["a man rides a horse", "a cat sits on a mat", "two kids play ball"]}],
+              open(tmp_path / "coco_karpathy_val.json", "w"))
+    _png(str(tmp_path / "a.png"), (255, 0, 0))
+    os.makedirs(tmp_path / "b")
+    shutil.copy(tmp_path / "coco_karpathy_val.json", tmp_path / "b" / "coco_karpathy_test.json")
+    run = lambda files: B.run_benchmarks(_colour_scorer(), ["order"], str(tmp_path), order_file=files,  # noqa: E731
+                                         order_image_root=str(tmp_path), order_seeds=1, tagger=RuleTagger(),
+                                         log=lambda m: None)
+    test, val, other = (str(tmp_path / f) for f in ("coco_karpathy_test.json", "coco_karpathy_val.json",
+                                                    "b/coco_karpathy_test.json"))
+    assert run(test) == {"order/coco_order_p1": 1.0, "order/coco_order_p1_std": 0.0, "order/coco_order_n": 1}
+    both = run(f"{test},{val}")
+    assert both["order/coco_karpathy_test_order_n"] == 1 and both["order/coco_karpathy_val_order_n"] == 3
+    assert both["order/coco_karpathy_val_order_p1"] == run(val)["order/coco_order_p1"] and len(both) == 6
+    same_stem = run(f"{test},{other}")  # two files named alike: numbered
+    assert same_stem["order/coco_karpathy_test1_order_n"] == 1 and same_stem["order/coco_karpathy_test2_order_n"] == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # VL-CheckList
 def test_read_simple_yaml_accepts_key_value_lines_only(tmp_path):

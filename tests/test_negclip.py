@@ -639,6 +639,39 @@ def test_eval_after_training_uses_the_best_validation_checkpoint(mined, toy_root
     assert all(torch.equal(v, last["model"][n]) for n, v in evaluated[1].items())
 
 
+def test_a_bad_val_file_stops_training_before_any_step(mined, toy_root, tmp_path, monkeypatch):
+    """--val_file is first read after an epoch: a missing file, a bad layout or no readable image stops --mode train
+    before its first step, with the flag named; --val_file none trains."""
+    tsv, _ = mined
+    steps, accumulate = [], N.accumulate
+    monkeypatch.setattr(N, "accumulate", lambda *a: steps.append(1) or accumulate(*a))
+    (tmp_path / "layout.json").write_text(json.dumps([{"file": "a.png", "text": "a dog"}]))
+    (tmp_path / "noimage.jsonl").write_text(json.dumps({"image": "nope.png", "captions": ["a dog"]}) + "\n")
+    common = ["--train_tsv", tsv, "--max_steps", 2, "--global_batch", 8, "--micro_batch", 8,
+              "--eval_after_train", "false", "--report", "false"]
+    for name, error in (("missing.jsonl", "file not found"),
+                        ("layout.json", "record 0: missing field 'image' or 'caption'"),
+                        ("noimage.jsonl", "none of its 1 images is readable under --image_root")):
+        with pytest.raises(DataError, match=rf"^--val_file: \S*{name}: {error}.*--val_file none"):
+            N.main(["--mode", "train", *_args(toy_root, tmp_path / "run", *common, "--val_file", tmp_path / name)])
+        assert steps == []
+    N.main(["--mode", "train", *_args(toy_root, tmp_path / "run", *common, "--val_file", "none")])
+    assert len(steps) == 2
+
+
+def test_paper_preset_takes_no_toy_model(toy_root):
+    """Outside --preset toy an empty model path is an error naming its flag, not the toy world's model (the paper
+    preset's unimodal run would train against the toy BERT); the paper preset's CLIP is its hub name."""
+    parse = lambda *a: N.parse_config(N.Config, N.PRESETS, ["--preset", "paper", "--toy_root", toy_root, *a])  # noqa
+    assert N.resolve_paths(parse()).clip == "openai/clip-vit-base-patch32"
+    with pytest.raises(ValueError, match="^--preset paper --init unimodal: pass --text "):
+        N.resolve_paths(parse("--init", "unimodal", "--vision", "facebook/dinov2-large"))
+    with pytest.raises(ValueError, match="^--preset paper --init clip: pass --clip "):
+        N.resolve_paths(parse("--clip", ""))
+    cfg = N.resolve_paths(N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--init", "unimodal"]))
+    assert cfg.text == os.path.join(toy_root, "models/bert")  # the toy preset: the toy world's
+
+
 def test_unimodal_mining_uses_the_pooled_vision_feature(toy_root, monkeypatch):
     """--init unimodal mines neighbour images on the vision tower's pooled feature: re-drawing the random
     projection head changes no embedding (the projected one would change); --init clip: CLIP's embedding."""
