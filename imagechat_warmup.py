@@ -47,7 +47,7 @@ from common.data import DataError, StepSampler
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
-from common.metrics import gold_rank
+from common.metrics import gold_rank, label_matches
 from common.hf import counts_table, hf_model
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
                           set_lr)
@@ -583,13 +583,13 @@ def eval_rows(model, eps, k, feats, tok, vocab, cfg, dev, dtype, gen_kw):
         row = {"hash": ep["hash"], "turn": k, "reference": ref, "prediction": preds[j], "nll": float(nll[j]),
                "context": tok.decode(b["src"][j], skip_special_tokens=True), "n_tok": int(n_tok[j])}
         cands = ((ep["candidates"] or [None] * 3)[k - 1] or {}).get(str(cfg.num_candidates))
-        if cfg.num_candidates and cands:  # rank None: the reference is not among them (counted)
+        if cfg.num_candidates and cands:  # rank None: none is the reference for ParlAI (counted)
             row["rank"] = None
-        if cfg.num_candidates and cands and ref in cands:
+        if cfg.num_candidates and cands and any(gold := label_matches(cands, ref)):
             one = type(enc)(last_hidden_state=enc.last_hidden_state[j:j + 1])
             with autocast(dev, dtype):
                 sc = candidate_scores(model, one, mask[j:j + 1], cands, tok, vocab, cfg)
-            row["rank"] = gold_rank(sc, cands.index(ref))
+            row["rank"] = gold_rank(sc, gold)
         rows.append(row)
     return rows
 
@@ -764,8 +764,8 @@ def run_training(cfg, dist, log, dtype):
         timer.start()
         terms, lr, gnorm, toks = train_step(step, step_data(step))
         speed = timer.stop(G)
-        if dev.type == "cuda":
-            speed["mfu"] = mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev)
+        if (u := mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev, world, dtype)) is not None:
+            speed["mfu"] = u  # toks: the global batch's, over the peak of all `world` GPUs
         # warm-up model choice (release): the epoch of lowest MLM training loss, summed on device
         epoch_sum, epoch_n = epoch_sum + terms.get("mlm", terms["loss"]).double(), epoch_n + 1
         if warm and ((step + 1) % per_epoch == 0 or step + 1 == total):

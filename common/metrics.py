@@ -594,11 +594,24 @@ def word_f1(pred, ref):
     return token_f1(p, r) if p or r else 0.0
 
 
+def label_matches(cands, label):
+    """Which candidates ParlAI's hits@k takes for the label (parlai/core/metrics.py `_update_ranking_metrics`): those
+    equal to it after `parlai_normalize` (its normalize_answer), so a repeated or re-punctuated gold counts too."""
+    ref = parlai_normalize(label)
+    return [parlai_normalize(c) == ref for c in cands]
+
+
 def gold_rank(scores, gold):
-    """1-based rank of candidate `gold` among `scores` (higher is better), with ties counted against the gold:
-    a model that scores every candidate alike ranks the gold last, not first."""
-    scores = torch.as_tensor(scores)
-    return int((scores >= scores[gold]).sum())  # the gold itself counts once: rank 1 = strictly best
+    """ParlAI's hits@k rank: the 1-based position, in the candidates sorted by `scores` (higher is better), of the
+    first gold one (a hit@k when it is <= k: any of the top k matches the label).  `gold`: an index, or a mask as
+    `label_matches` gives; None when no candidate is gold.  A candidate that ties the best gold ranks before it
+    (ParlAI leaves that order to torch's sort): a model that scores every candidate alike ranks the gold last."""
+    scores = torch.as_tensor(scores).detach().cpu()  # one turn's candidates: read once
+    is_gold = torch.zeros(len(scores), dtype=torch.bool)
+    is_gold[torch.as_tensor(gold)] = True
+    if not is_gold.any():
+        return None
+    return 1 + int((scores[~is_gold] >= scores[is_gold].max()).sum())
 
 
 def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok=None, ranks=None,
@@ -611,8 +624,8 @@ def dialogue_scores(preds, refs, pred_tokens, ref_tokens, chunk, nll=None, n_tok
     and label itself (no contraction expansion, no tokenizer round trip); absent without `raw`.
     Optional: "PPL" = exp(token-mean NLL) per batch, averaged over batches, from per-example summed `nll` and
     token counts `n_tok`; "R@k/<n_candidates>" for k = 1, 5, 10 (ParlAI's hits@1/5/10, k <= n_candidates) and "MRR"
-    from the gold answers' 1-based `ranks` among the candidates (a plain percentage over the examples ranked); a rank
-    of None (the gold answer is not among the example's candidates) is left out and counted in "no_gold"."""
+    from the gold answers' 1-based `ranks` among the candidates (`gold_rank`; a plain percentage over the examples
+    ranked); a rank of None (no candidate matches the gold answer) is left out and counted in "no_gold"."""
     n = len(preds)
     gts, res = {i: [r] for i, r in enumerate(refs)}, dict(enumerate(preds))
     f1 = [token_f1(a, b) for a, b in zip(pred_tokens, ref_tokens)]

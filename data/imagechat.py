@@ -27,7 +27,7 @@ from PIL import Image
 
 from common.amp import frozen_dtype
 from common.checkpoint import save_checkpoint
-from common.data import DataError, ImageFolderLoader
+from common.data import DataError, ImageFolderLoader, too_many_bad
 from common.dist import all_gather_object, barrier, shard_indices
 from common.image import CLIP_MEAN, CLIP_STD, load_image, normalize
 from common.log import progress
@@ -207,7 +207,8 @@ def preprocessor_stats(folder, default_mean=CLIP_MEAN, default_std=CLIP_STD):
 
 
 class _Stage:
-    """What both stages share: the images still to do, this rank's share, and the bad-image rule."""
+    """What both stages share: the images still to do (every rank lists the cache before any rank
+    writes), this rank's share, and the bad-image rule."""
 
     def __init__(self, cfg, dist, log, what, done):
         self.cfg, self.dist, self.log, self.what = cfg, dist, log, what
@@ -220,6 +221,7 @@ class _Stage:
         self.mine = [todo[i] for i in shard_indices(len(todo), dist)]  # this rank's share
         self.images = ImageFolderLoader(cfg.image_root, lambda im: im, cfg.max_bad_frac)
         self.computed = 0
+        barrier()  # every rank has listed the cache (`done`) before any rank adds to it: the shares tile
 
     def batches(self, size):
         """(hashes, PIL images) of the readable images, `size` hashes at a time."""
@@ -230,7 +232,7 @@ class _Stage:
                 if img is not None:
                     ok.append(h)
                     imgs.append(img)
-            self.images.check()  # a wrong --image_root stops after min_tried images, not at the end
+            self.check()  # a wrong --image_root stops after min_tried images, not at the end
             if ok:
                 yield ok, imgs
 
@@ -243,10 +245,24 @@ class _Stage:
         if self.dist.is_main and bad:
             with open(os.path.join(self.cfg.cache_dir, f"unreadable_{self.what}.json"), "w") as f:
                 json.dump(bad, f)
-        self.log.info(f"{self.what}: computed {computed}, {self.images.report()}")
-        self.images.check(final=True)
+        self.log.info(f"{self.what}: computed {computed}, {self.report()}")
+        self.check(final=True)
         return {"images": len(self.hashes), "cached_before": self.n_done, "computed": computed,
                 "unreadable": self.images.bad}
+
+    def report(self):
+        im, cached = self.images, f" ({self.n_done} of them cached before)" if self.n_done else ""
+        return (f"{im.bad} of {self.n_done + im.tried} images unreadable{cached}"
+                + (f" (e.g. {im.bad_paths[:3]})" if im.bad else ""))
+
+    def check(self, final=False):
+        """The one bad-image rule (common.data.too_many_bad) over all the images, the cached ones counted
+        as read: an unreadable image is never cached, so every rerun tries it again, and the few images
+        a rerun or resume has left must not be judged alone."""
+        im = self.images
+        if too_many_bad(self.n_done + im.tried, im.bad, im.max_bad_frac, im.min_tried, final):
+            raise DataError(f"too many unreadable images under {im.root}: {self.report()} "
+                            f"(max_bad_frac {im.max_bad_frac})")
 
 
 def clip_featurizer(cfg, dev):
@@ -280,8 +296,7 @@ def prepare_features(cfg, dist, log, dtype):
     parts = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
     done = {h for n in parts
             for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
-    stage = _Stage(cfg, dist, log, "features", done)
-    barrier()  # every rank has listed the parts before any writes new ones
+    stage = _Stage(cfg, dist, log, "features", done)  # waits until every rank has listed the parts
     features = clip_featurizer(cfg, dist.device)
     for i, (ok, imgs) in enumerate(stage.batches(cfg.feat_batch)):
         f = features(imgs)
@@ -328,7 +343,7 @@ def prepare_captions(cfg, dist, log, dtype):
     """
     captions = blip2_captioner(cfg, dist.device, dtype)
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    stage = _Stage(cfg, dist, log, "captions", load_captions(cfg.cache_dir))
+    stage = _Stage(cfg, dist, log, "captions", load_captions(cfg.cache_dir))  # all ranks listed
     out_path = os.path.join(cfg.cache_dir, f"captions.r{dist.rank}.jsonl")
     with open(out_path, "a", encoding="utf-8") as f:
         for ok, imgs in stage.batches(cfg.caption_batch):

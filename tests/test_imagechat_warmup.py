@@ -215,7 +215,8 @@ def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_pa
     capsys.readouterr()
     second = icw.main(["--mode", "features", "--clip", str(assets / "clip"), *common, "--out_dir", str(tmp_path / "f2")])
     assert second == {"images": 3, "cached_before": 1, "computed": 1, "unreadable": 1}
-    assert f"features: computed 1, 1 of 2 images unreadable (e.g. ['{hashes[2]}.jpg'])" in capsys.readouterr().out
+    want = f"features: computed 1, 1 of 3 images unreadable (1 of them cached before) (e.g. ['{hashes[2]}.jpg'])"
+    assert want in capsys.readouterr().out
     index, feats = ic.load_features(str(tmp_path / "cache"))
     assert sorted(index) == sorted(hashes[:2]) and feats.shape == (2, 9, 12)
     # the resumed cache equals a one-shot run
@@ -237,6 +238,78 @@ def test_fixture_with_missing_images_features_and_captions_resume(assets, tmp_pa
     with open(tmp_path / "cache" / "captions.json") as f:
         caps = json.load(f)
     assert sorted(caps) == sorted(h + ".jpg" for h in hashes[:2]) and all(len(c) == 3 for c in caps.values())
+
+
+def test_reruns_and_resumes_count_the_cached_images_under_the_bad_image_rule(assets, tmp_path):
+    """An unreadable image is never cached, so every rerun tries it again: the bad-image rule counts the images
+    cached before as read.  60 images, 2 of them gone (3%, under the default 5%): a resume with 10 readable ones
+    and the 2 gone left passes (2 of the 12 tried would be 17%), a rerun with nothing left computes nothing, and
+    a share too high over all the images still stops the run."""
+    data, hashes = tmp_path / "ic", [f"{i:032x}" for i in range(60)]
+    os.makedirs(data / "img")
+    for h in hashes[:-2]:
+        Image.new("RGB", (24, 24), (9, 9, 9)).save(data / "img" / f"{h}.jpg")
+    (data / "train.json").write_text(json.dumps([{"image_hash": h, "dialog": [["s", "u"]]} for h in hashes]))
+    args = ["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data), "--image_root",
+            str(data / "img"), "--cache_dir", str(tmp_path / "cache"), "--feat_batch", "16"]
+    assert icw.main([*args, "--stop_after", "48", "--out_dir", str(tmp_path / "a")])["computed"] == 48
+    resumed = icw.main([*args, "--out_dir", str(tmp_path / "b")])
+    assert resumed == {"images": 60, "cached_before": 48, "computed": 10, "unreadable": 2}
+    again = icw.main([*args, "--out_dir", str(tmp_path / "c")])
+    assert again == {"images": 60, "cached_before": 58, "computed": 0, "unreadable": 2}
+    with pytest.raises(DataError, match=r"2 of 60 images unreadable \(58 of them cached before\)"):
+        icw.main([*args, "--max_bad_frac", "0.02", "--out_dir", str(tmp_path / "d")])
+
+
+def _caption_worker(rank, cfg, port, cache_dir):
+    """One of 2 gloo ranks of prepare_captions with a stub captioner.  Rank 1 lists the cache late: only once
+    rank 0 has appended captions or waits at a barrier (the one before any rank writes, when there is one)."""
+    import time
+    import torch.distributed as tdist
+    from common.dist import Dist, cleanup_distributed
+    from common.log import Logger
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ic.blip2_captioner = lambda cfg, dev, dtype: lambda imgs: [[f"caption {rank}"] * 3 for _ in imgs]
+    waiting, written = os.path.join(cache_dir, "rank0_at_barrier"), os.path.join(cache_dir, "captions.r0.jsonl")
+    if rank == 0:
+        barrier = ic.barrier
+        ic.barrier = lambda: open(waiting, "w").close() or barrier()
+    else:
+        listing = ic.load_captions
+
+        def late(folder):
+            for _ in range(6000):  # at most 60 s
+                if os.path.exists(waiting) or os.path.isfile(written) and os.path.getsize(written):
+                    break
+                time.sleep(0.01)
+            return listing(folder)
+        ic.load_captions = late
+    try:
+        ic.prepare_captions(cfg, Dist(rank, rank, 2), Logger("", rank == 0), torch.float32)
+    finally:
+        cleanup_distributed()
+
+
+def test_two_rank_captions_cover_every_image_when_a_rank_lists_late(tmp_path):
+    """prepare_captions on 2 gloo ranks: every rank lists the cache before any rank appends to it (else a late
+    rank shards a shorter list, the shards stop tiling and images are never captioned)."""
+    import socket
+    import torch.multiprocessing as mp
+    data, hashes = tmp_path / "ic", [f"{i:032x}" for i in range(12)]
+    os.makedirs(data / "img")
+    os.makedirs(tmp_path / "cache")
+    for h in hashes:
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(data / "img" / f"{h}.jpg")
+    (data / "train.json").write_text(json.dumps([{"image_hash": h, "dialog": [["s", "u"]]} for h in hashes]))
+    cfg = icw.Config(data_dir=str(data), image_root=str(data / "img"), cache_dir=str(tmp_path / "cache"),
+                     caption_batch=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_caption_worker, args=(cfg, port, str(tmp_path / "cache")), nprocs=2, join=True)
+    caps = ic.load_captions(str(tmp_path / "cache"))
+    assert sorted(caps) == hashes and {c[0] for c in caps.values()} == {"caption 0", "caption 1"}
 
 
 def test_dialogue_cards_escape_text_and_keep_dialogues_without_an_image(tmp_path):
@@ -414,6 +487,21 @@ def test_turns_whose_reference_is_not_among_the_candidates_are_counted(assets):
     m = icw.turn_scores(rows, tok, cfg)
     assert m["no_gold"] == 1 and m["R@1/3"] == 100.0 * (rows[0]["rank"] == 1) and "R@5/3" not in m
     assert m["MRR"] == pytest.approx(100 / rows[0]["rank"])
+
+
+
+def test_a_repeated_or_re_punctuated_reference_ranks_as_parlai_hits_at_k(assets, monkeypatch):
+    """ParlAI's hits@k: a hit when any of the top k candidates equals the reference after its normalize_answer, so
+    a second copy of the reference, or "I love this!", scored best ranks the reference 1 (the first copy: 4)."""
+    model, tok, V = tiny_model(assets, "bb")
+    cfg = icw.Config(num_candidates=4, max_length=8, num_beams=2, min_length=1)
+    base = dict(episode(V), dialog=[("happy", "i love this"), ("sad", "so boring"), ("curious", "why")])
+    eps = [dict(base, candidates=[{"4": ["i love this", "red", "so boring", last]}, None, None])
+           for last in ("i love this", "I love this!")]
+    monkeypatch.setattr(icw, "candidate_scores", lambda *a: torch.tensor([0.1, 0.5, 0.3, 0.9]))
+    rows = icw.eval_rows(model, eps, 1, torch.randn(1, 9, 12), tok, V, cfg, torch.device("cpu"), torch.float32,
+                         icw.generation_kwargs(cfg, model.lm))
+    assert [r["rank"] for r in rows] == [1, 1] and icw.turn_scores(rows, tok, cfg)["R@1/4"] == 100.0
 
 
 # ---------------------------------------------------------------------------- losses
@@ -756,6 +844,7 @@ def test_chat_replies_from_the_history_as_eval_builds_it(assets, cached, tmp_pat
 
 def _ddp_worker(rank, runs):
     torch.set_num_threads(1)
+    icw.mfu = lambda flops, seconds, device, world_size=1, dtype=None: float(world_size)  # logged where CPU has none
     for port, argv, out in runs:  # one process group per run, each on its own port
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -792,6 +881,8 @@ def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
     assert half["steps"] == 2 and half["final_loss"] == pytest.approx(two["final_loss"], rel=1e-6)
     rngs = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+    # MFU: the step's FLOPs are the global batch's, so divided by the peak of both ranks (the stub returns world_size)
+    assert [r["mfu"] for r in read_log(tmp_path / "two") if "loss" in r] == [2.0, 2.0]
 
 
 def test_candidates_rank_by_mean_token_likelihood_and_ties_do_not_favour_the_gold():

@@ -12,8 +12,8 @@ import torch
 from nltk.translate.bleu_score import corpus_bleu
 
 from common.metrics import (bleu, caption_metrics, caption_metrics_by_group, cider_d, coco_tokenize, dialogue_scores,
-                            expand_contractions, hf_bleu, hf_caption_metrics, hf_rouge, normalize_vqa_answer,
-                            okvqa_lemmatize, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1,
+                            expand_contractions, gold_rank, hf_bleu, hf_caption_metrics, hf_rouge, label_matches,
+                            normalize_vqa_answer, okvqa_lemmatize, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1,
                             tokenize_13a, vqa_accuracy, vqa_score, word_f1)
 
 # ---------------------------------------------------------------- COCO tokenisation
@@ -250,6 +250,39 @@ def test_dialogue_scores_hits_at_1_5_10_and_references_missing_from_the_candidat
     assert few["R@1/5"] == 0.0 and few["R@5/5"] == 100.0 and "R@10/5" not in few and few["no_gold"] == 0
     assert "no_gold" not in dialogue_scores(preds, refs, toks, toks, chunk=2) and "R@1/100" not in dialogue_scores(
         preds, refs, toks, toks, chunk=2, ranks=[None] * 5)
+
+
+
+def parlai_hits(scores, cands, label, k):
+    """ParlAI's hits@k as written (parlai/core/metrics.py `_update_ranking_metrics`): the candidates sorted by
+    score (here with no ties), a hit when any of the first k normalises to the label."""
+    ranked = [cands[i] for i in sorted(range(len(cands)), key=lambda i: -scores[i])]
+    return any(parlai_normalize(c) == parlai_normalize(label) for c in ranked[:k])
+
+
+def test_gold_rank_follows_parlai_hits_at_k():
+    """A hit@k when any of the top k candidates equals the label after ParlAI's normalize_answer: a repeated gold
+    scored best, or a variant differing in case, punctuation or articles, ranks 1 (not the first copy's rank)."""
+    cands, ref = ["i love this", "red", "so blue", "i love this"], "i love this"
+    scores = [0.1, 0.5, 0.3, 0.9]  # the second copy of the gold is the best candidate
+    assert label_matches(cands, ref) == [True, False, False, True] and gold_rank(scores, label_matches(cands, ref)) == 1
+    toks = [["x"]]
+    assert dialogue_scores(["x"], ["x"], toks, toks, chunk=1, ranks=[1], n_candidates=4)["R@1/4"] == 100.0
+    variants = ["red", "I love this!", "The dog.", "i love  this", "i loved this"]  # normalisation: 1, 3 match
+    assert label_matches(variants, ref) == [False, True, False, True, False]
+    assert label_matches(variants, "dog") == [False, False, True, False, False]  # "the" and "." dropped
+    sc = [0.9, 0.2, 0.5, 0.4, 0.8]
+    assert gold_rank(sc, label_matches(variants, ref)) == 4  # "i love  this" (0.4) after 0.9, 0.8, 0.5
+    rng = np.random.default_rng(0)
+    words = ["a", "the", "dog", "Dog!", "red", "an", "cat."]
+    for _ in range(200):  # against ParlAI's loop on random lists with repeats and variants, no ties
+        cands = [" ".join(rng.choice(words, rng.integers(1, 3))) for _ in range(12)]
+        label, scores = cands[rng.integers(12)], rng.permutation(12).tolist()
+        rank = gold_rank(scores, label_matches(cands, label))
+        assert all((rank <= k) == parlai_hits(scores, cands, label, k) for k in (1, 2, 5, 10))
+    assert gold_rank([0.5, 0.5, 0.5], label_matches(["dog", "a dog", "cat"], "dog")) == 2  # a tie: behind "cat"
+    assert gold_rank([0.9, 0.1], label_matches(["cat", "red"], "dog")) is None
+    assert gold_rank(torch.zeros(100), 7) == 100 and gold_rank(torch.tensor([0.5, 0.1, 0.5, 0.9]), 0) == 3
 
 
 # ---------------------------------------------------------------- caption_metrics
