@@ -1784,6 +1784,9 @@ def main(argv=None):
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
         logger.info("config:\n" + format_config(cfg))
+        if cfg.stage == "eval" and cfg.hf_export and "llm_proj.weight" in meta.get("init_missing", []):
+            raise SystemExit(f"--hf_export: --init {cfg.init} has no LLM projection (a plain stage 1 "
+                             "trains none); export a stage 2 or caption checkpoint")
         if meta.get("init_missing"):
             missing = meta["init_missing"]
             logger.info(f"note: --init {cfg.init} lacks {len(missing)} of the model's tensors, e.g. "

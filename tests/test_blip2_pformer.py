@@ -803,6 +803,16 @@ def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
     assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])  # same checkpoint, same numbers
 
 
+def test_eval_of_a_plain_stage1_checkpoint_refuses_to_export_an_untrained_projection(pipeline, toy_root, tmp_path):
+    """--stage eval --init <plain stage 1> built a fresh LLM projection (stage 1 trains none) and --hf_export wrote it
+    into the folder as if trained; it is refused before any evaluation, naming the checkpoint."""
+    s1 = str(pipeline["1"][1] / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"^--hf_export: --init .*checkpoint.pt has no LLM projection"):
+        bp.main(["--stage", "eval", "--init", s1, "--eval_tasks", "", "--hf_export", str(tmp_path / "hf")]
+                + common_args(toy_root, tmp_path / "run"))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path, monkeypatch):
     """--k_test (BLIP-2 Sec. 4.4, LAVIS blip2.py compute_sim_matrix): ITM re-scores each ITC top-k. With k covering
     every candidate, the recalls equal ranking all pairs by ITC sim + ITM 'match' logit computed here pair by pair;
