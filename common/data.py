@@ -656,8 +656,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     shuffle, shards in order) seeded by (seed, epoch, slot); a transform's `rng` (ImageTransform's)
     is reseeded per sample by (seed, epoch, shard, key).
 
-    Unreadable samples (bad image bytes, a caption that is not UTF-8, a key without image or .txt,
-    a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
+    Unreadable samples (bad image bytes, a caption that is not UTF-8 or empty, a key without image or
+    .txt, a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
     `max_bad_frac` of at least `min_tried` draws of one stream were bad.  Each yielded dict holds
     image (tensor, or PIL without a transform), caption, key, meta (key.json parsed, or {}), shard
     (index), folder (the shard's folder as the spec names it: part of the image id), and for the
@@ -712,6 +712,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             caption = data["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
             return None, "caption not UTF-8"
+        if not caption:  # img2dataset/writer.py writes "" for a null caption; data/convert.py skips it too
+            return None, "empty caption"
         img = load_image(io.BytesIO(data[ext]), getattr(self.transform, "draft_size", 0))
         if img is None:
             return None, f"unreadable .{ext}"

@@ -173,9 +173,22 @@ def _load_json(path, top_type=None):
     return data
 
 
-def _clean(text):
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = "lone UTF-16 surrogate escape in a text (replaced by U+FFFD)"
+
+
+def _valid_text(text, report, example=None):
+    """`text` with each lone UTF-16 surrogate escape ("\\ud83d": half an emoji, cut off in web-scraped
+    captions) replaced by U+FFFD, counted: json.load accepts one, but it cannot be written as UTF-8."""
+    if _LONE_SURROGATE.search(text) is None:
+        return text
+    report.warn(LONE_SURROGATE, example)
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _clean(text, report, example=None):
     """Captions in COCO / Karpathy / BLIP / VG files often end in ' ' or '\\n' (e.g. COCO ann 2970)."""
-    return text.strip()
+    return _valid_text(text.strip(), report, example)
 
 
 def _join(*parts):
@@ -268,7 +281,7 @@ def convert_coco(ann_path, images_subdir=None, report=None):
         img = coco.loadImgs(img_id)[0]
         captions = []
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
-            cap = _clean(ann["caption"])
+            cap = _clean(ann["caption"], report, ann["id"])
             if cap:
                 captions.append(cap)
             else:
@@ -314,9 +327,11 @@ def convert_karpathy(json_path, split, image_prefix="", merge_restval=False, rep
             continue
         captions = []
         for k, sent in enumerate(sentences):
-            raw = _get(sent, "raw", str, json_path, f"{where} sentences[{k}]")
-            if _clean(raw):
-                captions.append(_clean(raw))
+            raw = _clean(_get(sent, "raw", str, json_path, f"{where} sentences[{k}]"), report, filename)
+            if raw:
+                captions.append(raw)
+            else:
+                report.skip("empty caption", filename)
         if not captions:
             # e.g. some public copies of dataset_flickr8k.json have empty `sentences` on test images
             report.skip("image without sentences", filename)
@@ -351,9 +366,9 @@ def convert_blip(json_path, image_prefix="", report=None):
         captions = [caption] if isinstance(caption, str) else caption
         rec = by_image.setdefault(image, {"image": _image_path(report, image_prefix, image), "captions": []})
         for k, cap in enumerate(captions):
-            _check_type(cap, str, json_path, f"{where} caption[{k}]", "caption")
-            if _clean(cap):
-                rec["captions"].append(_clean(cap))
+            cap = _clean(_check_type(cap, str, json_path, f"{where} caption[{k}]", "caption"), report, image)
+            if cap:
+                rec["captions"].append(cap)
             else:
                 report.skip("empty caption", image)
     records = []
@@ -400,7 +415,7 @@ def convert_nocaps(json_path, image_prefix="", report=None):
         ann_id = _get(ann, "id", int, json_path, f"annotations[{j}]")
         where = f"annotations[{j}] (id {ann_id})"
         image_id = _get(ann, "image_id", int, json_path, where)
-        cap = _clean(_get(ann, "caption", str, json_path, where))
+        cap = _clean(_get(ann, "caption", str, json_path, where), report, ann_id)
         if image_id not in by_id:
             report.skip("annotation of an image not listed in 'images'", ann_id)
         elif not cap:
@@ -555,7 +570,7 @@ def _img2dataset_caption(report, key, txt, meta, path, where, txt_example):
         caption = meta.get("caption")
         if caption is not None:
             _check_type(caption, str, path, where, "caption")
-    caption = _clean(caption or "")
+    caption = _clean(caption or "", report, key)
     if not caption:
         report.skip("no caption (.txt absent and no 'caption' in .json)", key)
         return None
@@ -605,13 +620,19 @@ def convert_img2dataset(folder, image_prefix="", encode_format="jpg", report=Non
     whose image is missing or unreadable).  webdataset: <folder>/<shard>.tar holding the same three members
     per key: see `_img2dataset_tar`.  Failed samples are counted per shard (`_img2dataset_failed`).
     `layout` 'auto' tells the two apart.  Image paths are <image_prefix>/<shard>/<key>.<ext>: in the folder
-    itself (files) or under `extract_to` (webdataset), where the kept samples are written in the files layout.
+    itself (files) or under `extract_to` (webdataset), where the kept samples are written in the files layout
+    (a file there with other bytes, another set's extraction, is a ConversionError: `_extract_file`).
     `jobs` > 1 reads that many .tar shards at once in worker processes (tar headers are parsed in Python).
     """
     report = report if report is not None else Report()
     folder = str(folder)
     layout, shards = _img2dataset_layout(folder, layout)
     if layout == "webdataset":
+        for shard in shards if extract_to else ():  # before anything is written: another set's _stats.json
+            stats = os.path.join(folder, f"{shard}_stats.json")  # (img2dataset's timings differ each run)
+            if os.path.isfile(stats):
+                with open(stats, "rb") as f:
+                    _extract_file(extract_to, f"{shard}_stats.json", f.read(), check_only=True)
         records = []
         tasks = [(folder, shard, image_prefix, check_images, extract_to) for shard in shards]
         with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
@@ -748,7 +769,7 @@ def _img2dataset_tar(folder, shard, image_prefix, report, check_images, extract_
         if extract_to:
             for ext in (img_ext, "txt", "json"):
                 if ext in parts:
-                    _write_bytes(os.path.join(extract_to, shard, f"{key}.{ext}"), parts[ext])
+                    _extract_file(extract_to, os.path.join(shard, f"{key}.{ext}"), parts[ext])
         records.append({"image": _join(image_prefix, shard, f"{key}.{img_ext}"), "captions": [caption]})
     broken = state["broken"]
     if broken:
@@ -756,7 +777,7 @@ def _img2dataset_tar(folder, shard, image_prefix, report, check_images, extract_
     stats = _img2dataset_failed(report, folder, shard, keys, ".tar shard", count_gaps=not broken)
     if stats is not None and extract_to:  # the files layout keeps it: converting the extraction counts the same
         with open(os.path.join(folder, f"{shard}_stats.json"), "rb") as f:
-            _write_bytes(os.path.join(extract_to, f"{shard}_stats.json"), f.read())
+            _extract_file(extract_to, f"{shard}_stats.json", f.read())
     if broken and stats is not None and isinstance(stats.get("successes"), int):
         lost = stats["successes"] - len(keys)  # img2dataset puts only successes in the tar
         if lost > 0:
@@ -817,7 +838,7 @@ def convert_vg(regions_path, image_root=None, image_data_path=None, max_regions_
             rwhere = f"{where} regions[{r}]"
             if isinstance(region, dict) and "region_id" in region:
                 rwhere += f" (region_id {region['region_id']})"
-            phrase = _clean(_get(region, "phrase", str, regions_path, rwhere))
+            phrase = _clean(_get(region, "phrase", str, regions_path, rwhere), report, region.get("region_id"))
             if not phrase:
                 report.skip("empty phrase", region.get("region_id"))
             elif min_words and len(phrase.split()) < min_words:
@@ -875,14 +896,15 @@ def _convert_vqa_json(questions_path, annotations_path, allow_unanswered, report
             answers = _get(ann, "answers", list, annotations_path, where)
             # `answer` is the normalised string the official evaluation compares against; OK-VQA's
             # `raw_answer` is the annotator's text before normalisation, so it is not used.
-            strs = [_get(a, "answer", str, annotations_path, f"{where} answers[{k}]") for k, a in enumerate(answers)]
+            strs = [_valid_text(_get(a, "answer", str, annotations_path, f"{where} answers[{k}]"), report, qid)
+                    for k, a in enumerate(answers)]
             answers_of[qid] = (image_id, strs)
     records, used = [], set()
     for i, q in enumerate(questions):
         qid = _get(q, "question_id", int, questions_path, f"questions[{i}]")
         where = f"questions[{i}] (question_id {qid})"
         image_id = _get(q, "image_id", int, questions_path, where)
-        question = _clean(_get(q, "question", str, questions_path, where))
+        question = _clean(_get(q, "question", str, questions_path, where), report, qid)
         if qid in answers_of:
             ann_image, answers = answers_of[qid]
             used.add(qid)
@@ -938,12 +960,12 @@ def convert_gqa(questions_path, image_dir="images", allow_unanswered=False, repo
     for qid, q in data.items():
         where = f"question {qid!r}"
         image_id = _get(q, "imageId", str, questions_path, where)
-        question = _clean(_get(q, "question", str, questions_path, where))
+        question = _clean(_get(q, "question", str, questions_path, where), report, qid)
         if "answer" in q or not allow_unanswered:
             if "answer" not in q:
                 raise ConversionError(f"{questions_path}: {where}: missing field 'answer' "
                                       f"(pass --allow_unanswered for the unanswered submission files)")
-            answers = [_clean(_get(q, "answer", str, questions_path, where))] * VQA_NUM_ANSWERS
+            answers = [_clean(_get(q, "answer", str, questions_path, where), report, qid)] * VQA_NUM_ANSWERS
         else:
             answers = []
         records.append({"image": _join(image_dir, f"{image_id}.jpg"), "question": question,
@@ -1038,7 +1060,7 @@ def convert_mlslt(root, split, frames_dir, lang="en", sign_langs=("en",), fps=5.
             sign_lang = _get(sign, "lang", str, json_path, f"{where} sign_list[{k}]")
             texts.setdefault(sign_lang, _get(sign, "text", str, json_path, f"{where} sign_list[{k}]"))
             urls.setdefault(sign_lang, sign.get("video_url", ""))
-        caption = _clean(texts.get(lang, ""))
+        caption = _clean(texts.get(lang, ""), report, vid)
         if not caption:
             report.skip(f"no {lang!r} text in sign_list", vid)
             continue
@@ -1210,6 +1232,22 @@ def _write_bytes(path, data):
         raise
 
 
+def _extract_file(extract_to, name, data, check_only=False):
+    """`data` to <extract_to>/<name> (`_write_bytes`), unless the file there already holds these bytes (the same
+    set extracted again).  Other bytes there are a ConversionError: img2dataset numbers every set's keys from
+    000000000, so a second set extracted into the same folder would put its images under the first set's pairs."""
+    path = os.path.join(extract_to, name)
+    if os.path.lexists(path):
+        if os.path.isfile(path) and os.path.getsize(path) == len(data):
+            with open(path, "rb") as f:
+                if f.read() == data:
+                    return
+        raise ConversionError(f"{extract_to}: already holds another extraction ({name} differs from the one "
+                              f"extracted now): use another --extract_to")
+    if not check_only:
+        _write_bytes(path, data)
+
+
 def write_jsonl(records, path):
     """One JSON object per line, UTF-8; written to a temp file then renamed, so a crash leaves no half file.
     The temp file is created exclusively (a fresh random name next to the output, O_EXCL: a file or symlink
@@ -1221,8 +1259,13 @@ def write_jsonl(records, path):
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for i, rec in enumerate(records):
+                line = json.dumps(rec, ensure_ascii=False) + "\n"
+                try:
+                    f.write(line)
+                except UnicodeEncodeError:  # a lone surrogate: the converters replace them in texts, not in paths
+                    raise ConversionError(f"{path}: record {i}: a lone UTF-16 surrogate escape cannot be written "
+                                          f"as UTF-8: {line.strip()[:200]!r}") from None
         os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a converted file is data others read
         os.replace(tmp, path)
     except BaseException:
@@ -1290,7 +1333,8 @@ def build_parser():
                     help="auto: whichever the folder holds")
     sp.add_argument("--extract_to", default=None,
                     help="webdataset: write the kept samples here in the files layout; the pairs' image paths "
-                         "are relative to it (needed for --out)")
+                         "are relative to it (needed for --out). A folder holding another set's files is refused; "
+                         "the same set may be extracted again")
     sp.add_argument("--jobs", type=int, default=1, help="webdataset: .tar shards read at once (processes)")
 
     sp = add("vg", "Visual Genome region_descriptions.json -> pairs (region phrases per image)")

@@ -20,6 +20,7 @@ from common.data import read_pairs, read_video, read_vqa
 from data.convert import (ConversionError, Report, build_parser, check_images, convert_blip, convert_coco,
                           convert_flickr30k_csv, convert_gqa, convert_img2dataset, convert_karpathy, convert_mlslt,
                           convert_nocaps, convert_okvqa, convert_vg, convert_vqav2, main, write_jsonl)
+from data.convert import LONE_SURROGATE
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures"  # copies of the project's shared dataset-layout fixtures (README there)
@@ -171,6 +172,16 @@ def test_karpathy_coco_and_flickr(tmp_path):
     assert [r["image"] for r in convert_karpathy(path, "restval")] == ["val2014/COCO_val2014_000000391895.jpg"]
 
 
+def test_karpathy_counts_an_empty_caption(tmp_path):
+    data = _load(FIX / "karpathy" / "dataset_coco.json")
+    data["images"][0]["sentences"][1]["raw"] = "  "
+    report = Report()
+    recs = convert_karpathy(_dump(data, tmp_path / "dataset_coco.json"), "test", report=report)
+    assert len(recs) == 1 and len(recs[0]["captions"]) == 4  # as coco / nocaps / blip count it
+    assert dict(report.skipped) == {"empty caption": 1}
+    assert report.examples["empty caption"] == ["COCO_val2014_000000391895.jpg"]
+
+
 def test_karpathy_errors(tmp_path):
     data = _load(FIX / "karpathy" / "dataset_coco.json")
     del data["images"][1]["sentences"][2]["raw"]
@@ -225,6 +236,25 @@ def test_blip_errors(tmp_path):
     with pytest.raises(ConversionError) as e:
         convert_blip(bad)
     assert str(e.value) == f"{bad}: [4]: missing field 'image'"
+
+
+def test_a_lone_surrogate_escape_in_a_caption_is_replaced_and_counted(tmp_path, capsys):
+    """json.load accepts a lone UTF-16 surrogate escape ("\\ud83d": half an emoji, in web-scraped captions), which
+    cannot be written as UTF-8: it becomes U+FFFD, counted, instead of a traceback with nothing written."""
+    src = tmp_path / "blip.json"
+    src.write_text('[{"image": "a.jpg", "caption": "smile \\ud83d"},'
+                   ' {"image": "b.jpg", "caption": ["a pair \\ud83d\\ude00 is one emoji", "x\\udc00y\\ud800"]}]')
+    out = tmp_path / "blip.jsonl"
+    assert main(["blip", str(src), "--out", str(out)]) == 0
+    assert list(read_pairs(str(out))) == [{"image": "a.jpg", "captions": ["smile \ufffd"]},
+                                          {"image": "b.jpg", "captions": ["a pair \U0001f600 is one emoji",
+                                                                          "x\ufffdy\ufffd"]}]
+    assert f"warning 2: {LONE_SURROGATE} (e.g. a.jpg, b.jpg)" in capsys.readouterr().out.splitlines()
+    # one left in a path, which no converter rewrites, is a one-line error and no file
+    with pytest.raises(ConversionError, match=r"bad.jsonl: record 1: a lone UTF-16 surrogate escape"):
+        write_jsonl([{"image": "a.jpg", "captions": ["x"]}, {"image": "\ud83d.jpg", "captions": ["x"]}],
+                    tmp_path / "bad.jsonl")
+    assert sorted(os.listdir(tmp_path)) == ["blip.json", "blip.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -744,6 +774,41 @@ def test_img2dataset_webdataset_corrupt_and_truncated_shards(tmp_path):
     report = Report()
     assert convert_img2dataset(root, report=report) == []
     assert report.skipped[lost] == 2 and report.skipped[FAILED_TAR] == 1
+
+
+def test_img2dataset_extract_to_refuses_another_sets_files(tmp_path, capsys):
+    """img2dataset numbers every set's keys from 000000000: a second set extracted into the folder of a first
+    must not put its images under the first set's pairs.  The same set extracted again is allowed."""
+    out = tmp_path / "files"
+    recs = convert_img2dataset(WDS, image_prefix="files", extract_to=out)
+
+    def files():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files()
+    assert len(before) == 7 and convert_img2dataset(WDS, image_prefix="files", extract_to=out) == recs
+    assert files() == before
+    # another set (sbu): the same keys and _stats.json, other image bytes and captions
+    sbu = tmp_path / "sbu"
+    sbu.mkdir()
+    with tarfile.open(WDS / "00000.tar") as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    _write_tar(sbu / "00000.tar", [(name, data + b"SBU" if name.endswith(".jpg") else
+                                    b"an sbu caption" if name.endswith(".txt") else data) for name, data in members])
+    shutil.copy(WDS / "00000_stats.json", sbu)
+    assert main(["img2dataset", str(sbu), "--extract_to", str(out), "--jobs", "2",
+                 "--out", str(tmp_path / "s.jsonl")]) == 1
+    assert capsys.readouterr().err == (f"error: {out}: already holds another extraction (00000/000000000.jpg differs "
+                                       f"from the one extracted now): use another --extract_to\n")
+    assert files() == before and not (tmp_path / "s.jsonl").exists()
+    # its own _stats.json (img2dataset's timings differ each run) stops it before anything is written, even a
+    # sample whose key the first set lacks
+    stats = _load(WDS / "00000_stats.json")
+    _dump(dict(stats, start_time=stats["start_time"] + 1), sbu / "00000_stats.json")
+    _write_tar(sbu / "00000.tar", [("000000001.jpg", _jpeg()), ("000000001.json", _meta("000000001")),
+                                   ("000000001.txt", b"a key the first set lacks")])
+    with pytest.raises(ConversionError, match=r"already holds another extraction \(00000_stats.json differs"):
+        convert_img2dataset(sbu, extract_to=out)
+    assert files() == before
 
 
 def test_img2dataset_webdataset_cli(tmp_path, capsys):

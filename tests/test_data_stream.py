@@ -298,6 +298,25 @@ def test_bad_members_are_counted_and_skipped(tmp_path):
         strict.check(final=True)  # ... over 0.05
 
 
+def test_an_empty_caption_is_a_bad_sample(tmp_path):
+    """img2dataset/writer.py writes "" as the .txt of a null caption: a bad sample, counted under max_bad_frac
+    (data/convert.py skips it too), not an (image, "") pair to train on."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    shard = str(tmp_path / "00000.tar")
+    with tarfile.open(shard, "w") as tf:
+        for key, caption in (("000000000", b""), ("000000001", b"a dog")):
+            for ext, payload in (("jpg", buf.getvalue()), ("json", b'{"caption": null}'), ("txt", caption)):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    got = list(data.ShardStream(shard, shuffle_buffer=0, epochs=1, max_bad_frac=0.5))
+    assert [(s["key"], s["caption"], s["tried"], s["bad"]) for s in got] == [
+        ("000000001", "a dog", 2, ["00000.tar:000000000 (empty caption)"])]
+    with pytest.raises(data.DataError, match=r"1 of 2 samples unreadable .*\(max_bad_frac 0.4\)"):
+        list(data.ShardStream(shard, shuffle_buffer=0, epochs=1, max_bad_frac=0.4))
+
+
 def test_too_many_bad_members_stop_the_stream(tmp_path):
     spec = _bad_shards(str(tmp_path / "b"), n_shards=2, per=20, bad={k: "image" for k in range(0, 40, 3)})
     with pytest.raises(data.DataError, match=r"too many unreadable samples in .*: \d+ of \d+ samples unreadable in "
