@@ -199,6 +199,13 @@ def resolve_config(cfg):
     if cfg.stage == "1" and cfg.hf_export and not (cfg.pformer_ckpt or cfg.hf_import):
         raise SystemExit("--hf_export writes the LLM projection, which a plain --stage 1 lacks: "
                          "pass --pformer_ckpt or --hf_import too, or export after --stage 2")
+    if cfg.stage == "0" and cfg.hf_export:
+        raise SystemExit("--hf_export: --stage 0 trains the P-Former alone, no BLIP-2 model; "
+                         "export after --stage 2 (or --stage eval --init <its checkpoint>)")
+    if cfg.min_new_tokens is not None:  # on the command line (no preset sets it): it replaces the
+        if cfg.min_length is not None:  # recipe's min_length (min_new() reads it only at 0)
+            raise SystemExit("--min_new_tokens counts new tokens, --min_length LAVIS's way: pass one")
+        cfg.min_length = 0
     recipe = STAGE_RECIPES.get(cfg.preset, STAGE_RECIPES["toy"])[cfg.stage]
     fallback = {"train_vision": False, "hflip": False, "randaug": False, "caption_prompt": "",
                 "align_weight": 1.0, "eval_tasks": "", "grad_checkpoint": False,
@@ -1413,11 +1420,11 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
 
 
 # Besides common.checkpoint's, fields that only change what is evaluated or exported after training,
-# or the memory a step takes (grad_checkpoint)
-RESUME_FREE_HERE = RESUME_FREE | {"eval_tasks", "eval_max", "test_file", "k_test", "hf_export", "vqa_prompt",
-                                  "vqa_num_beams", "vqa_max_new_tokens", "vqa_length_penalty", "num_beams",
-                                  "max_new_tokens", "min_new_tokens", "min_length",
-                                  "grad_checkpoint"}
+# or the memory a step takes (grad_checkpoint); not epochs, which sets lavis_lr's cosine
+RESUME_FREE_HERE = (RESUME_FREE - {"epochs"}) | {"eval_tasks", "eval_max", "test_file", "k_test",
+                                  "hf_export", "vqa_prompt", "vqa_num_beams", "vqa_max_new_tokens",
+                                  "vqa_length_penalty", "num_beams", "max_new_tokens", "min_new_tokens",
+                                  "min_length", "grad_checkpoint"}
 
 
 def train(cfg, dist, model, frozen, toks, meta, logger):

@@ -452,6 +452,38 @@ def test_stage1_hf_export_without_a_projection_stops_at_startup(tmp_path, monkey
     assert not os.listdir(tmp_path)  # nothing built or written
     with pytest.raises(Built):
         bp.main(run + ["--pformer_ckpt", "s0.pt"])
+    # --stage 0 trains the P-Former alone: --hf_export exported nothing and the run exited 0
+    with pytest.raises(SystemExit, match=r"^--hf_export: --stage 0 trains the P-Former alone, no BLIP-2 model; "
+                                         r"export after --stage 2 \(or --stage eval --init <its checkpoint>\)$"):
+        bp.main(["--preset", "paper", "--stage", "0", "--text_file", "lines.txt", "--out_dir", str(tmp_path / "s0"),
+                 "--hf_export", str(tmp_path / "hf")])
+    assert os.listdir(tmp_path) == ["run"]  # (the --pformer_ckpt run's log)
+
+
+def test_min_new_tokens_on_the_command_line_replaces_the_recipes_min_length():
+    """The paper recipe's min_length 8 (stage 2, caption, eval) made min_new() ignore --min_new_tokens; now the
+    flag given wins, and the two given together are refused with one line."""
+    from common.config import parse_config
+
+    class Tok:  # OPT-like: </s> + one token a word
+        def __call__(self, s):
+            return type("Ids", (), {"input_ids": [2] + s.split()})()
+
+    def least(*argv):
+        cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, list(argv)))
+        return cfg.min_length, bp.min_new(cfg, Tok(), False, cfg.caption_prompt)
+
+    for stage in ("2", "caption", "eval"):
+        assert least("--preset", "paper", "--stage", stage) == (8, 4)  # LAVIS: 8 - len("</s> a photo of")
+        assert least("--preset", "paper", "--stage", stage, "--min_new_tokens", "12") == (0, 12)
+        assert least("--preset", "paper", "--stage", stage, "--min_length", "5") == (5, 1)
+        assert least("--stage", stage, "--min_new_tokens", "12") == (0, 12)  # toy
+        assert least("--stage", stage) == (0, 1)
+    assert least("--stage", "caption", "--min_length", "6") == (6, 2)  # toy caption prompt "a photo of"
+    for preset in ("paper", "toy"):
+        with pytest.raises(SystemExit, match=r"^--min_new_tokens counts new tokens, --min_length LAVIS's way: "
+                                             r"pass one$"):
+            least("--preset", preset, "--stage", "2", "--min_new_tokens", "3", "--min_length", "8")
 
 
 def test_vqa_rule_and_okvqa_lemmatisation_settings():
@@ -1037,7 +1069,10 @@ def test_resume_checks_config_and_logs_each_step_once(pipeline, toy_root, tmp_pa
     assert steps == [1, 2, 3] and again["final_loss"] == metrics_log(run)[-1]["loss"]
     with pytest.raises(CheckpointMismatch, match=r"lr .*-> 0\.005.*--resume_changes"):
         bp.main(stage1_args(toy_root, run, 2, "--lr", "5e-3", "--resume", str(tmp_path / "step1.pt")))
-    bp.main(stage1_args(toy_root, run, 2, "--lr", "5e-3", "--resume", str(tmp_path / "step1.pt"),
+    # --epochs sets lavis_lr's per-epoch cosine: a changed one reshapes the schedule (--max_steps only stops early)
+    with pytest.raises(CheckpointMismatch, match=r"epochs 1 -> 2.*--resume_changes"):
+        bp.main(stage1_args(toy_root, run, 2, "--epochs", "2", "--resume", str(tmp_path / "step1.pt")))
+    bp.main(stage1_args(toy_root, run, 2, "--lr", "5e-3", "--epochs", "2", "--resume", str(tmp_path / "step1.pt"),
                         "--resume_changes", "true"))
     with pytest.raises(CheckpointMismatch, match="stage 1 checkpoint"):  # a stage-2 run resumes stage 2 only
         bp.main(stage1_args(toy_root, tmp_path / "s2", 2, "--stage", "2", "--resume", str(tmp_path / "step1.pt")))
