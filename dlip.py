@@ -538,7 +538,8 @@ class BLIP(nn.Module):
         """Write the all-gathered momentum features (G, E) and image ids at the pointer; advance."""
         g, q = img_feat.shape[0], self.image_queue.shape[1]
         assert q % g == 0, f"queue_size {q} must be divisible by the global micro batch {g}"
-        cols = self.queue_ptr + torch.arange(g, device=self.queue_ptr.device)  # (G,): no host sync
+        # (G,) on the device, no host sync; wrapped: a resume on more ranks leaves the pointer mid-way
+        cols = (self.queue_ptr + torch.arange(g, device=self.queue_ptr.device)).remainder_(q)
         self.image_queue.index_copy_(1, cols, img_feat.T.to(self.image_queue.dtype))
         self.text_queue.index_copy_(1, cols, txt_feat.T.to(self.text_queue.dtype))
         self.idx_queue.index_copy_(0, cols, idx.to(self.idx_queue.dtype))
@@ -1256,16 +1257,18 @@ def train(cfg, dist, device, dtype, log):
     ddp = cdist.wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scaler, step, stream = camp.make_scaler(dtype), 0, None
+    scaler, step, stream, best = camp.make_scaler(dtype), 0, None, None
     if cfg.resume:
         ck = load_checkpoint(cfg.resume)
         expect_checkpoint(ck, cfg.resume, "dlip", [kind(cfg)], flag="--resume")
-        check_resume_config(ck["config"], vars(cfg), cfg.resume_changes, log.info, RESUME_FREE_DLIP)
+        cosine = cfg.lr_schedule == "cosine"  # max_steps/epochs: its length (step decay: the end)
+        free = RESUME_FREE_DLIP - ({"max_steps", "epochs"} if cosine else set())
+        check_resume_config(ck["config"], vars(cfg), cfg.resume_changes, log.info, free)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        step, stream = ck["step"], ck.get("stream")
+        step, stream, best = ck["step"], ck.get("stream"), ck.get("best")
         set_rng_state(ck["rng"], dist.rank)
         log.resumed(step)
         log.info(f"resumed {cfg.resume} at step {step}")
@@ -1343,7 +1346,6 @@ def train(cfg, dist, device, dtype, log):
 
     timer, history, metrics, flops_step = StepTimer(device), [], {}, None
     best_pt = os.path.join(cfg.out_dir, "best.pt")  # a resumed fine-tuning keeps its best epoch
-    best = load_checkpoint(best_pt)["metrics"] if cfg.resume and os.path.isfile(best_pt) else None
     model.train()
     while step < total:
         timer.start()
@@ -1358,8 +1360,6 @@ def train(cfg, dist, device, dtype, log):
         if step % cfg.log_every == 0 or step == total:
             m = mfu(flops_step, tm["ms_step"] / 1000, device, dist.world_size, dtype)
             log.log(step, **sums, lr=lr, grad_norm=gnorm, **tm, **({} if m is None else {"mfu": m}))
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(cfg, model, opt, scaler, step, metrics, dist, tracker)
         at_epoch = cfg.mode != "pretrain" and cfg.val_file and (step == total
                                                                 or step % max(1, spe) == 0)
         if at_epoch or cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -1367,14 +1367,20 @@ def train(cfg, dist, device, dtype, log):
             if at_epoch and (best is None or val_score(metrics) > val_score(best)):
                 best = dict(metrics, best_epoch=step / max(1, spe), best_step=step)
                 save(cfg, model, opt, scaler, step, best, dist, tracker, "best.pt")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:  # after this step's val
+            save(cfg, model, opt, scaler, step, metrics, dist, tracker, best=best)
     log.info(f"training images: {(tracker or data.loader).report()}")
     (tracker or data.loader).check(final=True)
     metrics = {"final_" + k: v for k, v in history[-1].items()} if history else {}
     metrics.update({"first_" + k: v for k, v in history[0].items()} if history else {})
-    save(cfg, model, opt, scaler, step, metrics, dist, tracker)
+    save(cfg, model, opt, scaler, step, metrics, dist, tracker, best=best)
     shown, took_eval = {}, time.time()
     if best:  # BLIP's train_retrieval.py / train_caption.py: test the best val epoch's weights
-        model.load_state_dict(load_checkpoint(best_pt)["model"])
+        ck = load_checkpoint(best_pt) if os.path.isfile(best_pt) else {}  # from this run?
+        if ck.get("step") != best["best_step"]:
+            raise ValueError(f"{best_pt} is not the best val epoch (step {best['best_step']}) that "
+                             "last.pt records: copy the run's best.pt there, --resume last.pt")
+        model.load_state_dict(ck["model"])
         metrics.update(best)
         log.info(f"best val epoch {best['best_epoch']:.3g} (step {best['best_step']}, score "
                  f"{val_score(best):.4g}): the test split is evaluated with best.pt")
@@ -1393,7 +1399,7 @@ def val_score(m):
     return cap if "val_CIDEr" in m else m.get("val_r_mean", m.get("val_itc_r_mean"))
 
 
-def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None, name="last.pt"):
+def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None, name="last.pt", best=None):
     rngs = cdist.all_gather_object(rng_state())  # every rank's generators: a resume restores each its own
     stream = tracker and StreamTracker.merge_states(cdist.all_gather_object(tracker.state_dict()))
     if dist.is_main:
@@ -1401,7 +1407,7 @@ def save(cfg, model, opt, scaler, step, metrics, dist, tracker=None, name="last.
             "script": "dlip", "kind": kind(cfg), "config": vars(cfg).copy(),
             "model_config": asdict(model.c), "model": model.state_dict(), "step": step,
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-            "metrics": metrics, "stream": stream})
+            "metrics": metrics, "stream": stream, "best": best})  # best: the best val so far
     cdist.barrier()
 
 
@@ -1457,6 +1463,8 @@ def main(argv=None):
                        f"(CapFilt-L), --teacher model_base_capfilt_large.pth: download it from {BLIP_URL}")
     if cfg.mode not in ("pretrain", "retrieval", "caption", "eval", "params"):
         raise ValueError(f"--mode must be pretrain|retrieval|caption|eval|params, got {cfg.mode!r}")
+    if cfg.task not in ("retrieval", "caption", "efficiency", "all"):
+        raise ValueError(f"--task must be retrieval|caption|efficiency|all, got {cfg.task!r}")
     if cfg.mode == "params":
         return params_mode(cfg, Logger("", True))
     if cfg.ft_distill and cfg.mode != "caption":
@@ -1468,6 +1476,9 @@ def main(argv=None):
         camp.seed_everything(cfg.seed)  # the same initial weights on every rank
         log = Logger(cfg.out_dir, dist.is_main)
         if cfg.mode == "eval":
+            if cfg.task != "efficiency" and not os.path.isfile(cfg.test_file):  # before any loading
+                raise ValueError(f"--mode eval --task {cfg.task} reads --test_file ("
+                                 f"{cfg.test_file or 'not given'}: no such file); pass it")
             eval_at_checkpoint_shape(cfg, argv, log)
         log.info(f"dlip.py --mode {cfg.mode} (preset {cfg.preset}, world {dist.world_size}, "
                  f"{device}, {dtype})\n" + format_config(cfg))
@@ -1503,6 +1514,9 @@ def run_eval(cfg, dist, device, dtype, log):
         raise ValueError("--mode eval needs --ckpt")
     tok, special = load_tokenizer(cfg.tokenizer)
     models, out = {"student": load_any(cfg.ckpt, special, cfg, "--ckpt")}, {}
+    part = {"retrieval": "has_encoder", "caption": "has_decoder"}.get(cfg.task)  # all: what it has
+    if part and not getattr(models["student"].c, part):
+        raise ValueError(f"--task {cfg.task}: --ckpt {cfg.ckpt} has no text {part[4:]}")
     if cfg.teacher and (cfg.task in ("efficiency", "all") or cfg.report and os.path.exists(cfg.teacher)):
         models["teacher"] = load_any(cfg.teacher, special, cfg, "--teacher")
     for tag, m in models.items():

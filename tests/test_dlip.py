@@ -396,6 +396,25 @@ def test_enqueue_indexes_on_the_device_and_fills_the_queues_as_before():
     assert m.queue_ptr.is_meta
 
 
+def test_enqueue_wraps_inside_one_write_after_a_resume_on_more_ranks():
+    """A run saved at a global micro batch of 3 (pointer 3) and resumed on twice the ranks (6 a step): the pointer
+    is a multiple of 3, not of 6, so a write runs past the queue's end (before: index_copy_'s IndexError at the
+    second write). The queues and the pointer follow a Python FIFO over the 12 columns."""
+    torch.manual_seed(0)
+    m, q = dlip.BLIP(_shape(queue=12)), 12
+    ref = {k: getattr(m, k).clone() for k in ("image_queue", "text_queue", "idx_queue")}
+    ptr = 0
+    for g in (3, 6, 6, 6):
+        img, txt, idx = torch.randn(g, 16), torch.randn(g, 16), torch.randint(0, 1000, (g,))
+        m.enqueue(img, txt, idx)
+        for i in range(g):  # one column at a time, oldest overwritten first
+            ref["image_queue"][:, ptr], ref["text_queue"][:, ptr], ref["idx_queue"][ptr] = img[i], txt[i], idx[i]
+            ptr = (ptr + 1) % q
+        assert int(m.queue_ptr) == ptr
+        for k, v in ref.items():
+            assert torch.equal(getattr(m, k), v), (g, k)
+
+
 def test_itc_logits_and_their_distillation_stay_fp32_under_bf16_autocast(monkeypatch):
     """Issue 18.6: under bf16 autocast (bf16's spacing at logits of 8-16 is 0.0625) the normalised features come
     out fp32, and the ITC logits (targets and loss), the hard negatives' sampling similarities and both ITC
@@ -969,6 +988,89 @@ def test_resume_names_a_changed_config_and_refuses_it_unless_asked(world, teache
         dlip.main([*args, *resume, "--mode", "retrieval", "--init", str(d / "r1" / "last.pt")])
 
 
+def test_fine_tuning_resume_refuses_a_changed_schedule_length(world, student_run, tmp_path, capsys):
+    """Fine-tuning's cosine schedule runs over max_steps (or epochs): a resume that changes them would reshape the
+    lr of every later step (before: accepted silently, both are in RESUME_FREE). Pretraining's step decay reads
+    neither (test_resume_names_a_changed_config_and_refuses_it_unless_asked resumes with a longer --max_steps)."""
+    d, base, _ = world
+    args = ["--mode", "retrieval", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"), "--report",
+            "false", "--out_dir", str(tmp_path / "ft")]
+    dlip.main([*args, "--max_steps", "1"])
+    resume = [*args, "--max_steps", "2", "--resume", str(tmp_path / "ft" / "last.pt")]
+    with pytest.raises(CheckpointMismatch, match=r"resume changes the config: max_steps 1 -> 2"):
+        dlip.main(resume)
+    assert dlip.main([*resume, "--resume_changes", "true"])["final_itc"] > 0
+    assert "max_steps 1 -> 2 (allowed by --resume_changes)" in capsys.readouterr().out
+
+
+def test_fine_tuning_validates_an_epoch_before_its_save_and_a_resume_keeps_the_best(world, student_run, monkeypatch):
+    """At an epoch end that is also a --save_every step, val (and best.pt) come before last.pt, which records the
+    best val so far: a run killed right after that save and resumed validates each epoch once and tests the same
+    best epoch as an unbroken run (before: last.pt came first, so the resumed run never validated epoch 1 and
+    took epoch 2). A resume into a directory without the run's best.pt is refused (before: any best.pt there
+    was trusted). Val scores forced to fall (60, 40): epoch 1 of 2 wins."""
+    d, base, root = world
+    real_eval, real_save, kill, seen = dlip.evaluate, dlip.save, [], []
+
+    class Killed(Exception):
+        pass
+
+    def evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown=None):
+        out = real_eval(cfg, model, tok, dist, device, dtype, path, split, log, shown)
+        step = _rows(os.path.join(cfg.out_dir, "metrics.jsonl"))[-1]["step"]
+        seen.append((os.path.basename(cfg.out_dir), step))
+        return dict(out, val_r_mean={5: 60.0, 10: 40.0}[step]) if split == "val" else out
+
+    def save(cfg, model, opt, scaler, step, *a, **kw):
+        real_save(cfg, model, opt, scaler, step, *a, **kw)
+        if kill and step == 5 and (a[3:] or [kw.get("name", "last.pt")])[0] == "last.pt":
+            shutil.copy(os.path.join(cfg.out_dir, "last.pt"), d / "ep1_last.pt")
+            raise Killed
+    monkeypatch.setattr(dlip, "evaluate", evaluate)
+    monkeypatch.setattr(dlip, "save", save)
+    args = ["--mode", "retrieval", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"), "--epochs", "2",
+            "--lr", "1e-3", "--save_every", "5", "--val_file", os.path.join(root, "pairs_val.jsonl"), "--report",
+            "false"]
+    full = dlip.main([*args, "--out_dir", str(d / "ep_full")])
+    kill.append(True)
+    with pytest.raises(Killed):
+        dlip.main([*args, "--out_dir", str(d / "ep_killed")])
+    kill.clear()
+    resumed = dlip.main([*args, "--resume", str(d / "ep1_last.pt"), "--out_dir", str(d / "ep_killed")])
+    assert seen == [("ep_full", 5), ("ep_full", 10), ("ep_killed", 5), ("ep_killed", 10)]
+    for m in (full, resumed):
+        assert (m["best_epoch"], m["best_step"], m["val_r_mean"]) == (1.0, 5, 60.0)
+    best = [torch.load(d / r / "best.pt", weights_only=True)["model"] for r in ("ep_full", "ep_killed")]
+    assert all(torch.equal(v, best[1][k]) for k, v in best[0].items())
+    with pytest.raises(ValueError, match="is not the best val epoch \\(step 5\\) that last.pt records"):
+        dlip.main([*args, "--resume", str(d / "ep1_last.pt"), "--out_dir", str(d / "ep_elsewhere")])
+
+
+def test_eval_mode_refuses_a_missing_test_file_and_a_task_the_checkpoint_cannot_run(world, tmp_path):
+    """--mode eval --task retrieval|caption|all reads --test_file: without one it wrote metrics_eval.json as {} (the
+    paper preset has none); a caption task on a checkpoint without a decoder (retrieval without a text encoder) was
+    skipped. Both refused before any evaluation; --task efficiency needs no file."""
+    d, base, root = world
+    _, special = dlip.load_tokenizer(os.path.join(root, "models", "bert"))
+    c = dlip.ModelConfig(image_size=32, patch_size=8, vit_width=64, vit_layers=1, vit_heads=1, vit_mlp=128,
+                         text_width=64, text_layers=1, text_heads=1, text_ffn=128, momentum=False, **special)
+    for name, kw in (("ret.pth", dict(has_decoder=False)), ("cap.pth", dict(has_encoder=False, tie_decoder=False))):
+        torch.save({"model": dlip.BLIP(replace(c, **kw)).state_dict()}, tmp_path / name)
+    args = ["--mode", "eval", *base, *TINY, "--teacher", "", "--report", "false", "--out_dir", str(tmp_path / "e")]
+    for task in ("retrieval", "caption", "all"):  # a --ckpt that does not exist: refused before it is read
+        with pytest.raises(ValueError, match=f"--task {task} reads --test_file \\(not given: no such file\\)"):
+            dlip.main([*args, "--task", task, "--ckpt", str(tmp_path / "none.pth")])
+    test = ["--test_file", os.path.join(root, "pairs_val.jsonl")]
+    for task, name, part in (("caption", "ret.pth", "decoder"), ("retrieval", "cap.pth", "encoder")):
+        with pytest.raises(ValueError, match=f"--task {task}: --ckpt .*{name} has no text {part}"):
+            dlip.main([*args, *test, "--task", task, "--ckpt", str(tmp_path / name)])
+    assert not (tmp_path / "e" / "metrics_eval.json").exists()
+    with pytest.raises(ValueError, match="--task must be"):
+        dlip.main([*args, *test, "--task", "retreival", "--ckpt", str(tmp_path / "ret.pth")])
+    out = dlip.main([*args, "--task", "efficiency", "--ckpt", str(tmp_path / "ret.pth")])
+    assert out["student_images_s"] > 0 and not any(k.startswith("test_") for k in out)
+
+
 def test_checkpoints_of_other_scripts_are_named_not_keyerrors(world, tmp_path):
     """--init/--teacher/--resume/--ckpt with another script's checkpoint (stamped, or an old unstamped one)."""
     d, base, _ = world
@@ -978,7 +1080,7 @@ def test_checkpoints_of_other_scripts_are_named_not_keyerrors(world, tmp_path):
     for flag, mode in (("--init", "retrieval"), ("--teacher", "pretrain"), ("--resume", "pretrain"),
                        ("--ckpt", "eval")):
         for path, what in ((other, "blip2_pformer stage 1"), (old, r"perceiver_caption \(unstamped\)")):
-            extra = ["--teacher", ""] if flag == "--resume" else []
+            extra = {"--resume": ["--teacher", ""], "--ckpt": ["--task", "efficiency"]}.get(flag, [])
             with pytest.raises(CheckpointMismatch, match=f"{flag} .*: this is a {what} checkpoint; dlip expects"):
                 dlip.main(["--mode", mode, *base, *TINY, *_width(32), *extra, flag, str(path), "--max_steps", "1",
                            "--out_dir", str(tmp_path / "run")])
