@@ -47,7 +47,7 @@ from common.hf import published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
-                          run_bench, set_lr, warmup_lr)
+                          peak_flops, run_bench, set_lr, warmup_lr)
 from data.toy import toy_paths
 
 SCRIPT = "perceiver_caption"
@@ -60,8 +60,7 @@ class ModelConfig:
     --mode test|caption rebuild the model from it (nanoVLM's VLMConfig beside its TrainConfig)."""
     clip_model: str = ""           # frozen: HF hub names or local folders ('' = the toy world's)
     lm_model: str = ""
-    # bridge (seed defaults)
-    bridge: str = "both"           # mapper | xattn | both
+    bridge: str = "both"           # mapper | xattn | both (it and the bridge fields below: seed's)
     xattn_prefix: str = "raw"      # --bridge xattn: raw (mean CLIP vector as prefix, seed) | none
     mapper: str = "mlp"            # mlp | transformer (the seed's mapper_type; its default: mlp)
     mapper_hidden: int = 512       # mlp: Linear -> Tanh -> Linear
@@ -104,8 +103,7 @@ class Config(ModelConfig):
     stop_at: int = 0               # end this run after this step (schedule unchanged)
     ckpt: str = ""                 # weights for --mode test|caption ('' = <out_dir>/best.pt)
     frozen_eval: bool = True       # [dev] frozen GPT-2 in eval mode (seed: false, dropout on)
-    # data
-    train_file: str = ""           # canonical pairs or video JSONL ('' = the toy world's)
+    train_file: str = ""           # data: canonical pairs or video JSONL ('' = the toy world's)
     val_file: str = ""
     test_file: str = ""
     image_root: str = ""           # '' = toy_root when a data file is the toy world's
@@ -129,8 +127,7 @@ class Config(ModelConfig):
     eval_every: int = 0            # validation loss every N steps (0 = once per epoch)
     save_every: int = 1000
     test_after_train: bool = True
-    # decoding / evaluation
-    decode: str = "beam"           # beam | greedy | nucleus (sampling, seeded by --seed)
+    decode: str = "beam"           # decoding: beam | greedy | nucleus (sampling, seeded by --seed)
     beams: int = 5
     top_p: float = 0.8             # --decode nucleus: the seed's utils/decoding.py nucleus_sampling
     top_k: int = 0                 # 0 = no top-k cut (seed: None)
@@ -702,9 +699,9 @@ def save_state(name, cfg, bridge, opt, scaler, step, best_val, rngs=None):
         "scaler": scaler.state_dict() if scaler else {}, "rng": rngs or checkpoint.rng_state()})
 
 
-# What a resumed run may change beyond common's list: where it stops and how it tests afterwards.
-RESUME_FREE = checkpoint.RESUME_FREE | {"stop_at", "ckpt", "test_after_train", "max_eval", "inputs",
-                                        "num_return", *DECODING}
+# A resume may also change where it stops and how it tests; not --epochs (--steps 0: the schedule).
+RESUME_FREE = checkpoint.RESUME_FREE - {"epochs"} | {"stop_at", "ckpt", "test_after_train",
+                                                     "max_eval", "inputs", "num_return", *DECODING}
 
 
 def resume(cfg, bridge, opt, scaler, logger):
@@ -727,13 +724,12 @@ def resume(cfg, bridge, opt, scaler, logger):
 
 
 def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
-    device, world = d.device, d.world_size
+    device, world, scaler = d.device, d.world_size, amp.make_scaler(dtype)
     groups = (param_groups(bridge, cfg.weight_decay) if not cfg.decay_all else  # seed: decay all
               [{"params": list(bridge.parameters()), "weight_decay": cfg.weight_decay}])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     # --compile: the trained bridge (train, --bench); `bridge` (plain names) validates and decodes
     model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
-    scaler = amp.make_scaler(dtype)
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
     sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task, cfg.image_root),
                           cfg.image_root, clip.config.image_size, cfg.num_frames, ctok, cfg.blank,
@@ -766,8 +762,9 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
     timer, last, flops, step = StepTimer(device), {}, None, start
     for micros in batches(start, end):
-        if flops is None and device.type == "cuda":  # one step's FLOPs (this rank; 0: skipped)
-            flops = count_flops(lambda: run_step(micros, step, total, update=False)) or None
+        if flops is None and peak_flops(device):  # one step's FLOPs for MFU (this rank; 0: skipped)
+            with torch.random.fork_rng([device] if device.type == "cuda" else []):  # RNG restored
+                flops = count_flops(lambda: run_step(micros, step, total, update=False)) or None
         timer.start()
         last = run_step(micros, step, total)
         step += 1
@@ -789,10 +786,13 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     cdist.barrier()
     metrics = {"train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "best_val_loss": best_val, "steps": step, **bridge_param_table(bridge)}
-    if cfg.test_after_train:
-        best = os.path.join(cfg.out_dir, "best.pt")
-        if os.path.isfile(best):  # caption with the best-val weights, as the seed's test mode does
-            bridge.load_state_dict(checkpoint.load_checkpoint(best)["bridge"])
+    if cfg.test_after_train:  # seed: best-val weights, from a best.pt beside last.pt or --resume
+        found = {p: checkpoint.load_checkpoint(p) for c in (f"{cfg.out_dir}/last.pt", cfg.resume)
+                 if c and os.path.isfile(p := os.path.join(os.path.dirname(c), "best.pt"))}
+        if sel := next((p for p, c in found.items() if c.get("best_val") == best_val), None):
+            bridge.load_state_dict(found[sel]["bridge"])  # that holds this best val loss
+        metrics["tested"] = f"{sel}, step {found[sel]['step']}" if sel else f"the last, step {step}"
+        logger.info(f"test weights: {metrics['tested']} (best val loss {best_val:.4g})")
         metrics.update(evaluate_captions(bridge, lm, clip, sets["test"], cfg, ctok, dtype, d, logger))
     return {**metrics, **image_report(sets, logger)}
 
@@ -822,7 +822,7 @@ def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     for p, r in zip(cfg.inputs, recs):
         if not r["frames"] or load_image(r["frames"][0]) is None:
             raise DataError(f"{p}: no readable image")
-    ds = CaptionSet(recs, "", clip.config.image_size, cfg.num_frames, ctok)
+    ds = CaptionSet(recs, "", clip.config.image_size, cfg.num_frames, ctok, cfg.blank)  # as trained
     out = caption_records(bridge, lm, clip, ds, list(range(len(recs))), cfg, ctok, dtype, d.device, d.is_main)
     for i, p in enumerate(cfg.inputs):
         logger.info(f"{p}: " + " | ".join(out[i]))

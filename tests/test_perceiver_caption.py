@@ -411,11 +411,55 @@ def test_resume_refuses_a_changed_config_unless_asked(world, tmp_path, capsys):
     ck = tmp_path / "a" / "last.pt"
     with pytest.raises(ValueError, match=r"resume changes the config: lr 0\.003 -> 0\.001.*--resume_changes"):
         _run(world, tmp_path / "b", *common, "--resume", ck, "--lr", "1e-3")
-    m = _run(world, tmp_path / "c", *common, "--resume", ck, "--lr", "1e-3", "--resume_changes", "true")
-    assert m["steps"] == 4 and "lr 0.003 -> 0.001 (allowed by --resume_changes)" in capsys.readouterr().out
+    # --epochs is the schedule's length with --steps 0 (--preset paper): a resume may not change it silently
+    with pytest.raises(ValueError, match=r"resume changes the config: epochs 30\.0 -> 1\.0.*--resume_changes"):
+        _run(world, tmp_path / "b", *common, "--resume", ck, "--epochs", "1")
+    m = _run(world, tmp_path / "c", *common, "--resume", ck, "--lr", "1e-3", "--epochs", "1", "--resume_changes",
+             "true")
+    out = capsys.readouterr().out
+    assert m["steps"] == 4 and "epochs 30.0 -> 1.0, lr 0.003 -> 0.001 (allowed by --resume_changes)" in out
     # best.pt keeps weights only: resuming from it is refused in one line, not with a KeyError
     with pytest.raises(ValueError, match=r"best\.pt has no optimizer state"):
         _run(world, tmp_path / "d", *common, "--resume", tmp_path / "a" / "best.pt")
+
+
+def test_resume_into_another_out_dir_tests_the_best_weights(world, tmp_path, monkeypatch):
+    """The final test captions with the weights of the run's best validation loss: after a resume into another
+    --out_dir that never beats the restored best, the best.pt beside --resume, not a stale best.pt left in the
+    new folder by an earlier run; where no best.pt holds the best val loss, the last weights, and it says so."""
+    vals, tested = iter([1.0, 2.0, 2.0]), []  # val loss at step 2 (first run), at step 4 (each resumed run)
+    monkeypatch.setattr(pc, "validation_loss", lambda *a: next(vals))
+    monkeypatch.setattr(pc, "evaluate_captions", lambda bridge, *a: tested.append(
+        {k: v.clone() for k, v in bridge.state_dict().items()}) or {})
+    common = ["--steps", "4", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "2", "--save_every",
+              "2", "--report", "false"]
+    _run(world, tmp_path / "a", *common, "--stop_at", "2")
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    (tmp_path / "b").mkdir()  # an earlier run's best.pt (another val loss, other weights) in the reused out_dir
+    torch.save({**best, "best_val": 0.5, "bridge": {k: v + 1 for k, v in best["bridge"].items()}},
+               tmp_path / "b" / "best.pt")
+    m = _run(world, tmp_path / "b", *common, "--resume", tmp_path / "a" / "last.pt")
+    assert m["best_val_loss"] == 1.0 and m["tested"] == f"{tmp_path / 'a' / 'best.pt'}, step 2"
+    assert all(torch.equal(tested[-1][k], v) for k, v in best["bridge"].items())
+    os.remove(tmp_path / "a" / "best.pt")  # no best.pt of val loss 1.0 left: the last weights, named
+    m = _run(world, tmp_path / "c", *common, "--resume", tmp_path / "a" / "last.pt")
+    last = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["bridge"]
+    assert m["tested"] == "the last, step 4" and all(torch.equal(tested[-1][k], v) for k, v in last.items())
+
+
+def test_flop_count_leaves_the_rng_as_it_was(world, tmp_path, monkeypatch):
+    """Where MFU is known (a GPU) the first step of every run, so of every resume, is counted by an extra forward
+    + backward: its dropout draws are undone, so the next steps' losses are those of a run without the count
+    (GPT-2 dropout on). The count is made to run on the CPU here."""
+    common = ["--steps", "2", "--global_batch", "8", "--micro_batch", "8", "--eval_every", "100",
+              "--test_after_train", "false", "--report", "false", "--frozen_eval", "false"]
+    _run(world, tmp_path / "plain", *common)
+    counted, count_flops = [], pc.count_flops
+    monkeypatch.setattr(pc, "peak_flops", lambda *a, **k: 1e12)
+    monkeypatch.setattr(pc, "count_flops", lambda fn: counted.append(1) or count_flops(fn))
+    _run(world, tmp_path / "counted", *common)
+    assert counted == [1]
+    assert _losses(tmp_path / "counted") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6, abs=1e-7)
 
 
 def test_checkpoints_of_other_scripts_are_named(world, tmp_path):
@@ -754,7 +798,7 @@ def test_non_finite_loss_stops_without_saving(world, tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["bridge"].values())
 
 
-def test_bad_input_and_caption_mode(world, tmp_path):
+def test_bad_input_and_caption_mode(world, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "images/x.png", "captions": ["a"]}\n{"image": "images/y.png"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'captions'"):
@@ -767,6 +811,18 @@ def test_bad_input_and_caption_mode(world, tmp_path):
                    "--max_new_tokens", "5"])
     caps = out[os.path.join(world, first)]
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    # a blank-baseline checkpoint (--blank true) is fed blank images in --mode caption too, as it was trained
+    ck = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    ck["model_config"]["blank"] = ck["config"]["blank"] = True
+    torch.save(ck, tmp_path / "blank.pt")
+    items, getitem = [], pc.CaptionSet.__getitem__
+    monkeypatch.setattr(pc.CaptionSet, "__getitem__", lambda ds, key: items.append(getitem(ds, key)) or items[-1])
+    with open(os.path.join(world, "pairs_test.jsonl")) as f:
+        imgs = [os.path.join(world, json.loads(line)["image"]) for line in f][:2]
+    out = pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "blank.pt"), "--toy_root", str(world),
+                   "--inputs", ",".join(imgs), "--decode", "greedy", "--max_new_tokens", "5"])
+    assert len(items) == 2 and all(not x["tried"] and not x["pixels"].any() for x in items)
+    assert out[imgs[0]] == out[imgs[1]]
 
 
 def test_video_folder_records_apart_from_the_image_root_in_frame_order(world, tmp_path, monkeypatch):
