@@ -44,7 +44,7 @@ from common import amp
 from common import dist as D
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint,
                                load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
-from common.config import format_config, parse_config, save_config
+from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, StreamTracker, draw,
                          make_loader, shard_sample_count)
 from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform, normalize
@@ -156,8 +156,9 @@ PRESETS = {
                   order_image_root="data/coco"),
 }
 
-# what a resumed run may change without changing the training it continues (init: the architecture)
-RESUME_FREE_NEGCLIP = RESUME_FREE - {"init"} | {
+# what a resumed run may change without changing the training it continues (init: the architecture;
+# max_steps, epochs: the cosine's length, hn_start; stop_after stops early on the same schedule)
+RESUME_FREE_NEGCLIP = RESUME_FREE - {"init", "max_steps", "epochs"} | {
     "stop_after", "ckpt_every", "val_every", "eval_after_train", "ckpt", "export_dir", "benchmarks",
     "bench_root", "retrieval_file", "retrieval_image_root", "order_file", "order_image_root",
     "order_seeds", "aro_min_pair_count", "report_before"}
@@ -705,16 +706,15 @@ def export_model(model, cfg, out):
 
 # ================================================================================================ main
 
-def load_for_eval(cfg, log):
-    """The model to eval/export: the init model or a checkpoint's, rebuilt by its ModelConfig."""
+def load_for_eval(cfg, log, argv=()):
+    """The model to eval/export: the init model or a checkpoint's (NG.checkpoint_model_fields)."""
     if not cfg.ckpt:
         return build_model(model_config(cfg))
     ck = load_checkpoint(cfg.ckpt)
     expect_checkpoint(ck, cfg.ckpt, "negclip", flag="--ckpt")
-    names = [f.name for f in dataclasses.fields(ModelConfig)]
-    mc = ck.get("model_config") or {k: ck["config"][k] for k in names}  # unstamped: run config
-    for k in names:
-        setattr(cfg, k, mc[k])
+    mc = ck.get("model_config") or ck["config"]  # unstamped: the run's config
+    mc = {f.name: mc[f.name] for f in dataclasses.fields(ModelConfig)}
+    NG.checkpoint_model_fields(cfg, mc, given_flags(argv), log.info)
     model, tok = build_model(model_config(cfg))
     if missing := set(ck["model"]) - set(model.state_dict()):
         raise ValueError(f"{cfg.ckpt}: weights {sorted(missing)[:3]} do not fit the model")
@@ -759,7 +759,7 @@ def main(argv=None):
         score = lambda m: NG.score_rows(scorer(m.to(dist.device).eval(), tok, cfg, dist, dtype), rows)  # noqa
         before, t_eval = None, time.perf_counter()
         if cfg.mode in ("eval", "export"):
-            model, tok = load_for_eval(cfg, log)
+            model, tok = load_for_eval(cfg, log, argv)
             merge_lora(model).to(dist.device)
             if cfg.mode == "export":
                 out = cfg.export_dir or os.path.join(cfg.out_dir, "export")

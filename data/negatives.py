@@ -812,20 +812,28 @@ def save_mined(tsv, rows, summary, key):
         os.replace(tsv + suffix + ".tmp", tsv + suffix)
 
 
+CKPT_MODES = ("eval", "export")  # negclip.py's modes that load --ckpt (negclip.py load_for_eval)
+MODEL_PATHS = ("clip", "vision", "text")  # ModelConfig's model folders (the rest: architecture)
+
+
 def resolve_paths(cfg, is_main=True):
     """negclip.py's Config: fill empty paths from the toy world, building it (only the backbones
     read) on first use, except the models outside --preset toy (an error); --lr 0: the init's
-    learning rate (init_lr)."""
+    learning rate (init_lr).  --ckpt outside eval/export (where nothing reads it): an error."""
     from data.toy import toy_paths
     if cfg.train_shards and cfg.exclude_images:
         raise DataError("--exclude_images applies to mined or released TSV rows, not --train_shards")
     cfg.lr = cfg.lr or init_lr(cfg.init)
-    uni = cfg.init == "unimodal"
+    uni, reads_ckpt = cfg.init == "unimodal", cfg.mode in CKPT_MODES
     towers = dict(vision="models/clip", text="models/bert") if uni else dict(clip="models/clip")
-    for k in towers if cfg.preset != "toy" and not cfg.ckpt else ():  # toy models: the toy preset's
+    for k in towers if cfg.preset != "toy" and not (cfg.ckpt and reads_ckpt) else ():  # (the ckpt's)
         if not getattr(cfg, k):
             raise ValueError(f"--preset {cfg.preset} --init {cfg.init}: pass --{k} (a model folder "
                              f"or hub name); only --preset toy fills it with the toy world's model")
+    if cfg.ckpt and not reads_ckpt:  # (mine, train, params build the --init model)
+        hint = "to continue a run, pass its checkpoint as --resume; " * (cfg.mode == "train")
+        raise ValueError(f"--mode {cfg.mode} does not read --ckpt (only eval and export do): {hint}"
+                         f"the model is --init's (--clip, or --vision and --text)")
     toy = dict(train_file="pairs_train.jsonl", image_root="", val_file="pairs_val.jsonl",
                bench_root="", retrieval_file="pairs_test.jsonl", retrieval_image_root="",
                order_file=os.path.join("blip", "coco_karpathy_test.json"), order_image_root="", **towers)
@@ -834,6 +842,23 @@ def resolve_paths(cfg, is_main=True):
         setattr(cfg, k, os.path.normpath(getattr(cfg, k)))  # toy_root/"" -> toy_root
     if not cfg.train_shards:  # (shards: nothing is mined)
         cfg.train_tsv = cfg.train_tsv or os.path.join(cfg.out_dir, "train_neg_clip.tsv")
+    return cfg
+
+
+def checkpoint_model_fields(cfg, saved, given, log):
+    """--ckpt (eval, export): set the model fields of negclip.py's Config to the checkpoint's model
+    config `saved`, which rebuilds its architecture, but for the model folders given on the command
+    line (`given`: common.config.given_flags), e.g. a moved or copied folder.  A given architecture
+    field that the checkpoint overrides is named in one warning line."""
+    keep = {k for k in MODEL_PATHS if k in given}
+    if lost := sorted(k for k in given - keep if k in saved and saved[k] != getattr(cfg, k)):
+        log(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
+    for k, v in saved.items():
+        if k not in keep:
+            setattr(cfg, k, v)
+    if moved := [f"--{k} {getattr(cfg, k)} (trained from {saved[k]})" for k in sorted(keep)
+                 if saved.get(k) != getattr(cfg, k)]:
+        log(f"checkpoint's model read from {', '.join(moved)}")
     return cfg
 
 

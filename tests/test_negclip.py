@@ -262,7 +262,7 @@ def _fixed_set_loss(tsv, toy_root, ckpt=None):
     """Mean NegCLIP loss (batches of 16 rows) over every training row, each drawn as in epoch 0 (same negatives,
     neighbours and crops for any model), in eval mode: the init model's or a checkpoint's.  Unlike the training
     losses, which come from different batches step by step, this compares two models on identical inputs."""
-    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--ckpt", str(ckpt or "")])
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--mode", "eval", "--ckpt", str(ckpt or "")])
     N.resolve_paths(cfg)
     model, tok = N.load_for_eval(cfg, N.Logger(None, False))
     rows, _ = NG.filter_rows(NG.read_negclip_tsv(tsv), toy_root, N.ImageFolderLoader(toy_root, None))
@@ -345,7 +345,8 @@ def test_lora_lock_vision_train_and_export_equals_transformers(mined, toy_root, 
     assert not any(k.startswith("vision.") for k in ck["model"])  # locked tower: not in the checkpoint
     exp = N.main(["--mode", "export", *_args(toy_root, tmp_path / "x", "--ckpt", out / "last.pt",
                                              "--export_dir", tmp_path / "exported")])
-    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--ckpt", str(out / "last.pt")])
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--mode", "export",
+                                               "--ckpt", str(out / "last.pt")])
     N.resolve_paths(cfg)
     ours = N.merge_lora(N.load_for_eval(cfg, N.Logger(None, False))[0]).eval()
     ref = CLIPModel.from_pretrained(exp["export_dir"]).eval()
@@ -388,11 +389,15 @@ def test_resume_checks_checkpoint_and_config(mined, toy_root, tmp_path, capsys):
     resume = ["--resume", tmp_path / "a" / "last.pt"]
     with pytest.raises(CheckpointMismatch, match=r"^resume changes the config: lr 0.0001 -> 0.0002 \(an exact"):
         N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--lr", 2e-4, *resume)])
+    # --max_steps (--epochs) sets the cosine schedule's length: a changed one is no exact resume (--stop_after is)
+    with pytest.raises(CheckpointMismatch, match=r"^resume changes the config: max_steps 3 -> 4 \(an exact"):
+        N.main(["--mode", "train", *_args(toy_root, tmp_path / "b", *common, "--lr", 1e-4, "--max_steps", 4, *resume)])
     capsys.readouterr()
-    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common, "--lr", 2e-4, *resume,
-                                            "--resume_changes", "true")])
-    assert res["train/steps"] == 3
-    assert "resume changes the config: lr 0.0001 -> 0.0002 (allowed by --resume_changes)" in capsys.readouterr().out
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", *common, "--lr", 2e-4, "--max_steps", 4,
+                                            *resume, "--resume_changes", "true")])
+    assert res["train/steps"] == 4
+    assert ("resume changes the config: max_steps 3 -> 4, lr 0.0001 -> 0.0002 (allowed by --resume_changes)"
+            in capsys.readouterr().out)
     # a checkpoint of another script, stamped or not, is named in one line (before any key is read)
     other = tmp_path / "dlip.pt"
     save_checkpoint(str(other), {"script": "dlip", "kind": "pretrain", "model": {}, "step": 5})
@@ -668,8 +673,45 @@ def test_paper_preset_takes_no_toy_model(toy_root):
         N.resolve_paths(parse("--init", "unimodal", "--vision", "facebook/dinov2-large"))
     with pytest.raises(ValueError, match="^--preset paper --init clip: pass --clip "):
         N.resolve_paths(parse("--clip", ""))
+    # --ckpt exempts only the modes that read it (eval, export: the checkpoint names its models)
+    with pytest.raises(ValueError, match="^--preset paper --init unimodal: pass --vision "):
+        N.resolve_paths(parse("--init", "unimodal", "--mode", "train", "--ckpt", "x.pt"))
+    assert N.resolve_paths(parse("--init", "unimodal", "--mode", "eval", "--ckpt", "x.pt")).ckpt == "x.pt"
     cfg = N.resolve_paths(N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--init", "unimodal"]))
     assert cfg.text == os.path.join(toy_root, "models/bert")  # the toy preset: the toy world's
+
+
+def test_ckpt_is_refused_where_no_mode_reads_it(toy_root):
+    """Only --mode eval and export load --ckpt; train, mine and params build the --init model, so a --ckpt there
+    (e.g. meant as the weights to fine-tune) is an error pointing at --resume / the model flags, not ignored."""
+    for mode in ("train", "mine", "params"):
+        cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--mode", mode, "--ckpt", "x.pt"])
+        with pytest.raises(ValueError, match=rf"^--mode {mode} does not read --ckpt \(only eval and export do\): "
+                                             + ("to continue a run, pass its checkpoint as --resume; " if
+                                                mode == "train" else "") + r"the model is --init's \(--clip"):
+            N.resolve_paths(cfg)
+
+
+def test_eval_checkpoint_reads_the_given_model_folder(toy_root, tmp_path, capsys):
+    """--ckpt rebuilds the checkpoint's model from its model config, but a model folder given on the command line
+    wins (a moved or copied folder); a given architecture field is the checkpoint's, named in a warning."""
+    trained_from, moved = tmp_path / "clip", tmp_path / "moved" / "clip"
+    shutil.copytree(os.path.join(toy_root, "models", "clip"), trained_from)
+    ck = tmp_path / "x.pt"
+    mc = N.dataclasses.asdict(N.ModelConfig(clip=str(trained_from)))
+    save_checkpoint(str(ck), {"script": "negclip", "kind": "negclip", "step": 7, "model_config": mc,
+                              "model": {"logit_scale": torch.tensor(2.5)}})
+    shutil.move(trained_from, moved)  # the recorded folder is gone
+    argv = ["--mode", "eval", *_args(toy_root, tmp_path / "ev", "--ckpt", ck, "--clip", moved, "--lora_r", 4,
+                                     "--benchmarks", "retrieval", "--report", "false")]
+    res = N.main(argv)
+    out = capsys.readouterr().out
+    assert "warning: the checkpoint's model fields override --lora_r\n" in out and np.isfinite(res["retrieval/r_mean"])
+    assert f"checkpoint's model read from --clip {moved} (trained from {trained_from})" in out
+    cfg = N.resolve_paths(N.parse_config(N.Config, N.PRESETS, argv))
+    model, _ = N.load_for_eval(cfg, N.Logger(None, False), argv)
+    assert (cfg.clip, cfg.lora_r, model.logit_scale.item()) == (str(moved), 0, 2.5)
+    assert not any(isinstance(m, N.LoRALinear) for m in model.modules())
 
 
 def test_unimodal_mining_uses_the_pooled_vision_feature(toy_root, monkeypatch):
