@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from common.amp import autocast, make_scaler, pick_dtype, seed_everything
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
-from common.config import asdict_config, format_config, parse_config, save_config
+from common.config import asdict_config, format_config, given_flags, parse_config, save_config
 from common.data import DataError, StepSampler
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
@@ -51,9 +51,9 @@ from common.metrics import gold_rank, label_matches
 from common.hf import counts_table, hf_model
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
                           set_lr)
-from data.imagechat import (chat_image, chat_styles, load_captions, load_features,
-                            load_split, prepare_captions, prepare_features, results_table, turn_scores,
-                            write_predictions, write_report)
+from data.imagechat import (as_trained, chat_image, chat_styles, load_captions, load_features,
+                            load_split, peek_checkpoint, prepare_captions, prepare_features,
+                            results_table, selected_weights, turn_scores, write_predictions, write_report)
 from data.toy import toy_paths
 
 SCRIPT = "imagechat_warmup"
@@ -642,9 +642,9 @@ def mix(*xs):
     return reduce(lambda h, x: (h * 1_000_003 + int(x)) % (2 ** 61 - 1), xs, 0)
 
 
-def read_checkpoint(path, flag, kinds):
+def read_checkpoint(path, flag, kinds, peek=False):
     """A checkpoint of this script (of one of `kinds`), or a one-line error naming what it is."""
-    ck = load_checkpoint(path)
+    ck = peek_checkpoint(path) if peek else load_checkpoint(path)  # peek: memory-mapped
     expect_checkpoint(ck, path, SCRIPT, kinds, flag=flag)
     return ck
 
@@ -791,10 +791,8 @@ def run_training(cfg, dist, log, dtype):
         log.info(f"stopped after step {end} of {total} (--stop_after); continue with "
                  f"--resume {cfg.out_dir}/last.pt")
     elif not warm and cfg.final_eval:
-        path = os.path.join(cfg.out_dir, "best.pt")
-        if select is not None and os.path.isfile(path):
-            model.load_state_dict(load_checkpoint(path)["model"])
-            log.info(f"loaded the selected weights {path}")
+        if select and (w := selected_weights(best, cfg.out_dir, cfg.resume, log)) is not None:
+            model.load_state_dict(w)  # best.pt of the best score, else the last weights (logged)
         return {**metrics, **run_eval(cfg, dist, log, dtype, (index, feats, caps, model, tok, vocab), end)}
     write_report(cfg, dist.is_main, log)
     return metrics
@@ -825,8 +823,6 @@ def run_chat(cfg, dist, log, dtype):
         raise ValueError("--mode chat needs --init: a warmup or finetune checkpoint of this script")
     style, user = chat_styles(cfg.data_dir, cfg.style, cfg.user_style)  # known personalities only
     ck, dev = read_checkpoint(cfg.init, "--init", ("warmup", "finetune")), dist.device
-    for k in "use_image use_caption grid max_positions share_pos untied_head seg_tokens".split():
-        setattr(cfg, k, ck.get("config", {}).get(k, getattr(cfg, k)))  # the model as trained
     feats, caption = chat_image(cfg, cfg.image, dev, dtype, log)
     model, tok, vocab = build_model(cfg, feats.shape[-1], feats.shape[1])
     model.load_state_dict(ck["model"])
@@ -879,6 +875,9 @@ def main(argv=None):
         resolve_paths(cfg, dist.is_main)
         dtype = pick_dtype(dist.device, cfg.precision)
         log = Logger(cfg.out_dir, dist.is_main)
+        if cfg.init and cfg.mode in ("eval", "chat"):  # the model --init trained, but flags given
+            as_trained(cfg, read_checkpoint(cfg.init, "--init", ("warmup", "finetune"), True),
+                       given_flags(argv), log)
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
         log.info(f"{SCRIPT} --mode {cfg.mode} | world {dist.world_size} | {dist.device} | {dtype}\n"

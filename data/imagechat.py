@@ -12,8 +12,11 @@ Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py
 and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
     prepare_features  CLIP embeddings of a 3x3 grid of crops per image -> <cache>/features/part_*.pt
     prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
+each recording the settings that made it (<cache>/features.meta.json, captions.meta.json) and refusing
+to add entries of other settings (`check_cache_settings`).
 `load_features` / `load_captions` read the caches back for training, `Encoded` / `load_split`
 tokenise a split once; `chat_image` prepares one image as both stages do (--mode chat).
+`as_trained` / `selected_weights` read back what a checkpoint says of the model and of the best weights.
 `turn_scores` scores one evaluated turn as the release does; `results_rows` (the per-turn
 figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) present its runs.
 """
@@ -265,6 +268,34 @@ class _Stage:
                             f"(max_bad_frac {im.max_bad_frac})")
 
 
+def check_cache_settings(cache_dir, what, settings, cached, is_main, log):
+    """The settings that made a cache's entries (<cache_dir>/<what>.meta.json): a rerun or resume with
+    others would take every cached image as done (or mix two models' entries, or two grids that
+    load_features cannot stack), so it is refused in one line.  A cache without the file (an older run,
+    the release's captions.json copied in) is taken as made with these settings, and the file written;
+    an empty cache takes the new settings."""
+    path, saved = os.path.join(cache_dir, f"{what}.meta.json"), None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
+              if saved is not None and saved.get(k) != v]
+    if differ and cached:
+        raise DataError(f"{cache_dir}: the cached {what} were made with {', '.join(differ)}; use another "
+                        f"--cache_dir (or delete its {what} and {path})")
+    if saved is None and cached:
+        log.info(f"{what}: {path} missing: the cached {what} are taken as made with {settings}")
+    if is_main and (saved is None or differ):  # (another rank reads the old file or the same settings)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def model_id(path):
+    """A local model folder as its real path (the same folder however named), a hub name as given."""
+    return os.path.realpath(path) if path and os.path.isdir(path) else path
+
+
 def clip_featurizer(cfg, dev):
     """The frozen CLIP of --mode features, in fp32 as clip_feature_extraction.py: PIL images ->
     (n, 9, D) float32 projected embeddings of each image's 3x3 grid of crops (paper section 3.1)."""
@@ -296,6 +327,8 @@ def prepare_features(cfg, dist, log, dtype):
     parts = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
     done = {h for n in parts
             for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
+    check_cache_settings(cfg.cache_dir, "features", {"clip": model_id(cfg.clip), "grid": cfg.grid,
+                         "dtype": "float16 of fp32 CLIP"}, bool(done), dist.is_main, log)
     stage = _Stage(cfg, dist, log, "features", done)  # waits until every rank has listed the parts
     features = clip_featurizer(cfg, dist.device)
     for i, (ok, imgs) in enumerate(stage.batches(cfg.feat_batch)):
@@ -343,7 +376,11 @@ def prepare_captions(cfg, dist, log, dtype):
     """
     captions = blip2_captioner(cfg, dist.device, dtype)
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    stage = _Stage(cfg, dist, log, "captions", load_captions(cfg.cache_dir))  # all ranks listed
+    done = load_captions(cfg.cache_dir)
+    check_cache_settings(cfg.cache_dir, "captions", {"captioner": model_id(cfg.captioner), **{
+        k: getattr(cfg, k) for k in ("caption_beams", "caption_return", "caption_min_length",
+                                     "caption_max_new_tokens")}}, bool(done), dist.is_main, log)
+    stage = _Stage(cfg, dist, log, "captions", done)  # all ranks listed
     out_path = os.path.join(cfg.cache_dir, f"captions.r{dist.rank}.jsonl")
     with open(out_path, "a", encoding="utf-8") as f:
         for ok, imgs in stage.batches(cfg.caption_batch):
@@ -393,19 +430,59 @@ def chat_styles(data_dir, style, user_style=""):
 
 def chat_image(cfg, path, dev, dtype, log):
     """(features (1, 9, D), caption or None) of one image, computed as the caches hold them: the
-    CLIP of --mode features (fp16-rounded, as load_features reads a part back), and BLIP-2's first
-    caption (Encoded's choice) with --captioner, else --caption, else "" with a warning."""
+    CLIP of --mode features (fp16-rounded, as load_features reads a part back), and --caption when
+    given (it wins over a preset's --captioner), else BLIP-2's first caption (Encoded's choice) with
+    --captioner, else "" with a warning."""
     img = load_image(path)
     if img is None:
         raise DataError(f"--image {path}: missing or unreadable")
     feats = clip_featurizer(cfg, dev)([img]).half().float().cpu()
     if not cfg.use_caption:
         return feats, None
-    if cfg.captioner:
-        return feats, blip2_captioner(cfg, dev, dtype)([img])[0][0]
-    if not cfg.caption:
-        log.info("warning: no --captioner and no --caption: the model reads an empty caption")
-    return feats, cfg.caption.strip()
+    if cfg.caption.strip() or not cfg.captioner:
+        if not cfg.caption.strip():
+            log.info("warning: no --captioner and no --caption: the model reads an empty caption")
+        return feats, cfg.caption.strip()
+    return feats, blip2_captioner(cfg, dev, dtype)([img])[0][0]
+
+
+# ---- what imagechat_warmup.py reads back from its checkpoints
+MODEL_FIELDS = ("use_image", "use_caption", "grid", "max_positions", "share_pos", "untied_head", "seg_tokens")
+
+
+def peek_checkpoint(path):
+    """A checkpoint memory-mapped: what is read of it (its config, a score) is all that leaves the disk."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def as_trained(cfg, ck, given, log):
+    """--mode eval|chat with --init: the fields that shape the model and its input (MODEL_FIELDS) as the
+    checkpoint's run trained it, as ParlAI reads a model file's options, but those given on the command
+    line (`given`, common.config.given_flags), named in a warning where they differ from the checkpoint's."""
+    saved = {k: v for k, v in (ck.get("config") or {}).items() if k in MODEL_FIELDS}
+    kept = [f"--{k} {getattr(cfg, k)!r} (trained: {v!r})" for k, v in saved.items()
+            if k in given and v != getattr(cfg, k)]
+    for k, v in saved.items():
+        setattr(cfg, k, getattr(cfg, k) if k in given else v)
+    if kept:
+        log.info(f"warning: the model is not evaluated as --init was trained: {', '.join(kept)}")
+
+
+def selected_weights(best, out_dir, resume, log):
+    """The model state a fine-tuning's final test reads: best.pt holding the run's best selection score
+    `best`, in out_dir or (a resume into another out_dir) the folder of the checkpoint it resumed; a
+    best.pt of another score (a stale one of an earlier run) is not taken.  None: the last weights."""
+    folders = dict.fromkeys(os.path.abspath(d) for d in
+                            [out_dir, *([os.path.dirname(os.path.abspath(resume))] if resume else [])])
+    for path in (os.path.join(d, "best.pt") for d in folders):
+        ck = peek_checkpoint(path) if best is not None and os.path.isfile(path) else {}
+        if best is not None and ck.get("best") == best:
+            log.info(f"final test on the selected weights: {path} (step {ck.get('step')}, score {best:.4g})")
+            return ck["model"]
+    log.info(f"final test on the last weights: no best.pt with the best score {best} in {', '.join(folders)}")
+    return None
 
 
 # ---- scores, eval figures and the picture report of imagechat_warmup.py

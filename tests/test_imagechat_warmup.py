@@ -261,6 +261,37 @@ def test_reruns_and_resumes_count_the_cached_images_under_the_bad_image_rule(ass
         icw.main([*args, "--max_bad_frac", "0.02", "--out_dir", str(tmp_path / "d")])
 
 
+def test_caches_refuse_other_settings_and_reuse_the_same(assets, tmp_path, capsys):
+    """The feature and caption caches are keyed by image hash: a rerun into the same --cache_dir with another --grid
+    (or --clip) would count every image as cached (or mix two models, or grids load_features cannot stack), so it
+    is refused in one line naming the setting; the same settings reuse the cache; a cache from before the settings
+    file is taken as made with the run's settings (logged); captions likewise for the captioner's settings."""
+    data = tmp_path / "image_chat"
+    shutil.copytree(FIXTURES, data)
+    os.makedirs(data / "images")
+    for i, h in enumerate(ic.all_image_hashes(str(data))):
+        Image.new("RGB", (20, 20), (9 * i, 9, 9)).save(data / "images" / f"{h}.jpg")
+    feats = ["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data), "--cache_dir",
+             str(tmp_path / "cache")]
+    assert icw.main([*feats, "--out_dir", str(tmp_path / "a")])["computed"] == 3
+    with pytest.raises(DataError, match=r"cache: the cached features were made with grid 3 \(now 2\); use another "
+                                        r"--cache_dir"):
+        icw.main([*feats, "--grid", "2", "--out_dir", str(tmp_path / "b")])
+    assert icw.main([*feats, "--out_dir", str(tmp_path / "c")])["cached_before"] == 3
+    os.remove(tmp_path / "cache" / "features.meta.json")  # a cache written before the settings file
+    capsys.readouterr()
+    assert icw.main([*feats, "--out_dir", str(tmp_path / "d")])["cached_before"] == 3
+    assert "features.meta.json missing: the cached features are taken as made with" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"made with grid 3 \(now 2\)"):
+        icw.main([*feats, "--grid", "2", "--out_dir", str(tmp_path / "e")])
+    assert ic.load_features(str(tmp_path / "cache"))[1].shape == (3, 9, 12)
+    caps = ["--mode", "captions", "--captioner", str(assets / "blip2"), "--data_dir", str(data), "--cache_dir",
+            str(tmp_path / "cache")]
+    assert icw.main([*caps, "--out_dir", str(tmp_path / "f")])["computed"] == 3
+    with pytest.raises(DataError, match=r"the cached captions were made with caption_beams 5 \(now 3\)"):
+        icw.main([*caps, "--caption_beams", "3", "--out_dir", str(tmp_path / "g")])
+
+
 def _caption_worker(rank, cfg, port, cache_dir):
     """One of 2 gloo ranks of prepare_captions with a stub captioner.  Rank 1 lists the cache late: only once
     rank 0 has appended captions or waits at a barrier (the one before any rank writes, when there is one)."""
@@ -765,6 +796,70 @@ def test_checkpoints_of_other_scripts_are_named(assets, cached, tmp_path):
         run(train_args(assets, "warmup", 2, resume=stamped), tmp_path / "z", **paths)
 
 
+def test_eval_and_chat_build_the_model_as_init_trained_it_unless_a_flag_says_otherwise(assets, cached, tmp_path,
+                                                                                         capsys):
+    """--mode eval --init: the model-shaping fields (use_caption, use_image, seg_tokens, ...) come from the
+    checkpoint's config, as --mode chat takes them; a caption-free model evaluated without repeating
+    --use_caption false is not fed captions (its contexts hold none).  A flag given wins, with a warning."""
+    _, paths = cached
+    run(train_args(assets, "finetune", 1, use_caption="false", seg_tokens=12, final_eval="false", report="false"),
+        tmp_path / "ft", **paths)
+    ev = train_args(assets, "eval", 0, init=tmp_path / "ft" / "last.pt", eval_max=1, num_candidates=0,
+                    report="false")
+    run(ev, tmp_path / "ev", **paths)
+    with open(tmp_path / "ev" / "config.json") as f:
+        used = json.load(f)
+    assert (used["use_caption"], used["use_image"], used["seg_tokens"]) == (False, True, 12)
+    capsys.readouterr()
+    run([*ev, "--use_caption", "true"], tmp_path / "ev2", **paths)
+    assert "warning: the model is not evaluated as --init was trained: --use_caption True (trained: False)" in \
+        capsys.readouterr().out
+    with open(tmp_path / "ev2" / "config.json") as f:
+        assert json.load(f)["use_caption"] is True
+    contexts = []  # turn 1's encoder text: "style <sty>", behind "caption </s>" where captions are read
+    for run_dir in ("ev", "ev2"):
+        with open(tmp_path / run_dir / "predictions_test_turn1.jsonl") as f:
+            contexts.append(json.loads(f.readline())["context"].strip())
+    assert len(contexts[1]) > len(contexts[0]) and contexts[1].endswith(contexts[0])
+
+
+def test_final_test_reads_the_best_weights_after_a_resume_into_another_out_dir(assets, cached, tmp_path,
+                                                                              monkeypatch, capsys):
+    """A fine-tuning resumed into another --out_dir tests the weights of its best selection score: best.pt of the
+    resumed run's folder, not a stale best.pt of an earlier run in the new out_dir (another score); without a
+    best.pt of that score it tests the last weights, and says so."""
+    _, paths = cached
+    scores, tested = [], []
+
+    def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=None, shown=None):
+        if run_dir is None:  # a selection evaluation
+            return {"IC/F1": scores.pop(0)}
+        tested.append({k: v.clone() for k, v in icw.unwrap(model).state_dict().items()})
+        return {"IC/F1": 0.0}
+    monkeypatch.setattr(icw, "evaluate", evaluate)
+    args = lambda **kw: train_args(assets, "finetune", 4, eval_every=1, report="false", **kw)  # noqa: E731
+    scores[:] = [10.0, 20.0]
+    run(args(stop_after=2), tmp_path / "a", **paths)  # best.pt: step 2, score 20
+    best = torch.load(tmp_path / "a" / "best.pt", weights_only=True)
+    stale = {**best, "best": 30.0, "model": {k: v + 1 if v.is_floating_point() else v for k, v in best["model"].items()}}
+    os.makedirs(tmp_path / "b")
+    torch.save(stale, tmp_path / "b" / "best.pt")  # an earlier run's, in the reused out_dir
+    scores[:] = [5.0, 6.0]
+    capsys.readouterr()
+    run(args(resume=tmp_path / "a" / "last.pt"), tmp_path / "b", **paths)
+    assert scores == [] and len(tested) == 1
+    for k, v in best["model"].items():
+        torch.testing.assert_close(tested[0][k], v, rtol=0, atol=0)
+    assert f"final test on the selected weights: {tmp_path / 'a' / 'best.pt'} (step 2, score 20)" in \
+        capsys.readouterr().out
+    os.remove(tmp_path / "a" / "best.pt")
+    scores[:] = [5.0, 6.0]
+    run(args(resume=tmp_path / "a" / "last.pt"), tmp_path / "c", **paths)
+    assert "final test on the last weights: no best.pt with the best score 20.0 in" in capsys.readouterr().out
+    last = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(tested[1][k], v) for k, v in last.items())
+
+
 def test_wrong_image_root_stops_early(assets, cached, tmp_path):
     """No readable image: the bad-image rule stops the stage after min_tried images with one line."""
     _, paths = cached
@@ -840,6 +935,20 @@ def test_chat_replies_from_the_history_as_eval_builds_it(assets, cached, tmp_pat
         run([*chat, "--style", "Happy", "--user_style", "nobody"], tmp_path / "x", **paths)
     with pytest.raises(ValueError, match=r"--mode chat needs --init"):
         run(chat[:2] + chat[4:] + ["--style", "Happy"], tmp_path / "x", **paths)  # no --init
+
+
+def test_a_given_caption_wins_over_the_presets_captioner(assets, tmp_path, monkeypatch):
+    """--preset paper --mode chat --caption "...": the preset names a BLIP-2 captioner; the caption given is the
+    one read, and no captioner is loaded (a 2.7B model for nothing)."""
+    from common.config import parse_config
+    from common.log import Logger
+    Image.new("RGB", (20, 20), (200, 9, 9)).save(tmp_path / "my.jpg")
+    cfg = parse_config(icw.Config, icw.PRESETS, ["--preset", "paper", "--mode", "chat", "--clip", str(assets / "clip"),
+                                                 "--caption", " a red circle "])
+    assert cfg.captioner
+    monkeypatch.setattr(ic, "blip2_captioner", lambda *a: pytest.fail("the captioner was loaded"))
+    feats, caption = ic.chat_image(cfg, str(tmp_path / "my.jpg"), torch.device("cpu"), torch.float32, Logger("", False))
+    assert caption == "a red circle" and feats.shape == (1, 9, 12)
 
 
 def _ddp_worker(rank, runs):
