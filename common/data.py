@@ -654,7 +654,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     its own, endlessly (`epochs=None`, what a step-counted training loop wants: no rank runs dry)
     or for `epochs` epochs.  Samples pass a bounded shuffle buffer (`shuffle_buffer`; <= 1: no
     shuffle, shards in order) seeded by (seed, epoch, slot); a transform's `rng` (ImageTransform's)
-    is reseeded per sample by (seed, epoch, shard, key).
+    is reseeded per sample by (seed, epoch, shard's folder and name, key).
 
     Unreadable samples (bad image bytes, a caption that is not UTF-8 or empty, a key without image or
     .txt, a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
@@ -718,8 +718,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if img is None:
             return None, f"unreadable .{ext}"
         if self.transform is not None:
-            if hasattr(self.transform, "rng"):
-                name = os.path.basename(path)
+            if hasattr(self.transform, "rng"):  # the folder too: every img2dataset set has a 00000.tar
+                name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
                 self.transform.rng = random.Random(f"{self.seed}-{epoch}-{name}-{key}")
             img = self.transform(img)
         try:  # img2dataset's metadata (url, sizes, ...): informative, so a broken one is no bad sample

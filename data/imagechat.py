@@ -184,6 +184,10 @@ class Encoded:
 
 def load_split(cfg, split, tok, index, caps, log, keep_candidates):
     episodes = read_image_chat(split_path(cfg.data_dir, split), keep_candidates)
+    lists = [c for ep in episodes for c in ep.get("candidates") or [] if c]  # per turn: {"100": [...], ...}
+    if keep_candidates and cfg.num_candidates and lists and not any(str(cfg.num_candidates) in c for c in lists):
+        raise DataError(f"{split_path(cfg.data_dir, split)}: no candidate list of --num_candidates "
+                        f"{cfg.num_candidates}; the file has {sorted({k for c in lists for k in c}, key=int)}")
     return Encoded(episodes, tok, index, caps, cfg, log, split)
 
 

@@ -279,6 +279,25 @@ def test_image_ids_tell_shard_folders_apart(tmp_path):
     assert two == one
 
 
+class _DrawOne:
+    """A transform that returns the first number its per-sample rng draws (what a random crop would read)."""
+    rng = None
+
+    def __call__(self, img):
+        return torch.tensor([self.rng.random()])
+
+
+def test_augmentation_seeds_tell_shard_folders_apart(tmp_path):
+    """cc3m/00000.tar and sbu/00000.tar hold different images under the same keys: their random crops and flips
+    must not be drawn from one seed."""
+    spec = _bad_shards(str(tmp_path / "cc3m"), n_shards=1, per=4) + "," + _bad_shards(str(tmp_path / "sbu"), 1, 4)
+    draws = {}
+    for b in data.stream_loader(data.ShardStream(spec, transform=_DrawOne(), shuffle_buffer=0, epochs=1), 4):
+        for shard, key, x in zip(b["shard"].tolist(), b["key"], b["image"][:, 0].tolist()):
+            draws[(shard, key)] = x
+    assert len(draws) == 8 and len(set(draws.values())) == 8  # the same key in both folders: other draws
+
+
 def test_bad_members_are_counted_and_skipped(tmp_path):
     spec = _bad_shards(str(tmp_path / "a"), bad={3: "image", 17: "text", 25: "missing"})
     batches = list(data.stream_loader(data.ShardStream(spec, seed=0, max_bad_frac=0.5, epochs=1), 4, workers=2))

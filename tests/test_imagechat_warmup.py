@@ -126,6 +126,14 @@ def test_reader_on_published_fixture(tmp_path):
         ic.read_image_chat(str(bad))
 
 
+def test_a_num_candidates_the_split_file_lacks_is_refused():
+    """The published files hold candidate lists of 100 and 1000 per turn (ParlAI's --num-cands choices): another
+    --num_candidates would rank nothing and drop the R@k columns without a word."""
+    with pytest.raises(DataError, match=r"test.json: no candidate list of --num_candidates 10; the file has "
+                                        r"\['100', '1000'\]"):
+        ic.load_split(icw.Config(data_dir=FIXTURES, num_candidates=10), "test", None, None, None, None, True)
+
+
 def test_load_captions_reads_the_release_json_layout_and_the_jsonl_cache(tmp_path):
     """captions.json {"<hash>.jpg": [c1, c2, c3]} (the release's yfcc_images_added_captions.json layout, and what
     --mode captions leaves) is read as well as the resumable captions.r<rank>.jsonl lines."""
