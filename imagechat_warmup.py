@@ -723,7 +723,7 @@ def run_training(cfg, dist, log, dtype):
                 scaler.scale(loss / accum).backward()
             for k, v in {"loss": loss, **terms}.items():  # tensors: no host sync per micro-batch
                 sums[k] = sums.get(k, 0) + v.detach() / accum
-            n_tok += sum(b["src"].numel() + b["dec_in"].numel() for b in tasks.values())
+            n_tok += sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, sums)  # stops on NaN/inf
         return sums, lr, gnorm, n_tok * world  # sums: this rank's terms, read when logged
 

@@ -756,6 +756,18 @@ def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):
     assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
 
 
+def test_training_mfu_counts_the_tokens_bench_counts(assets, cached, tmp_path, monkeypatch):
+    """A training step's MFU counts the same tokens as --bench: text, decoder input and the 11 image slots per
+    example (the encoder's image block)."""
+    _, paths = cached
+    seen = {"train": []}
+    monkeypatch.setattr(icw, "run_bench", lambda *a, flops_per_step=None, **k: seen.update(bench=flops_per_step))
+    monkeypatch.setattr(icw, "mfu", lambda flops, *a: seen["train"].append(flops))
+    for steps, extra in ((1, {"bench": 1}), (1, {})):
+        run(train_args(assets, "warmup", steps, warmup_micro=8, **extra), tmp_path / str(len(extra)), **paths)
+    assert seen["train"] and seen["train"][0] == seen["bench"]
+
+
 def test_training_step_reads_nothing_back_per_micro_batch(assets, cached, tmp_path, monkeypatch):
     """Issue 18.9: the step returns its loss terms as detached tensors (read at logging time), and the tensors that
     this repository's code turns into Python values during a step (host syncs on a GPU: the optimizer update's
