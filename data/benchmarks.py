@@ -177,7 +177,8 @@ def score_sugarcrepe(per_file):
 
 
 def crepe_ranks(true_scores, neg_scores):
-    """0-based rank of the true caption among [true] + negatives; ties count against it."""
+    """0-based rank of the true caption among [true] + negatives; ties count against it (read_crepe
+    has dropped the negatives that are the caption itself, which CREPE's code ranks after it)."""
     return np.array([int((np.asarray(n) >= t).sum()) for t, n in zip(true_scores, neg_scores)])
 
 
@@ -351,12 +352,18 @@ def read_sugarcrepe(folder):
 
 def read_crepe(folder):
     """prod_hard_negatives/<type>/prod_vg_hard_negs_<type>_complexity_<n>.csv -> {(type, n): rows};
-    hard_negs is a Python list *or set* literal (sets have no order, so they are sorted)."""
+    hard_negs is a Python list *or set* literal (sets have no order, so they are sorted).  A
+    negative that is the caption itself up to case and spacing is dropped: the released CSVs have
+    some (swap: exact copies; negate: capitalised ones), and CREPE's code (crepe_eval_utils.py
+    get_one2many_rank: CPU argsort over [caption, negatives]; clip.tokenize lowercases) ties them
+    with the caption and ranks the caption first.  Files beside the type folders (a .DS_Store of
+    the unzipped copy) are not types."""
     out = {}
     base = os.path.join(folder, "prod_hard_negatives")
     if not os.path.isdir(base):
         raise DataError(f"{base}: folder not found")
-    for typ in sorted(os.listdir(base)):
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    for typ in sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))):
         for name in sorted(os.listdir(os.path.join(base, typ))):
             m = re.fullmatch(rf"prod_vg_hard_negs_{re.escape(typ)}_complexity_(\d+)\.csv", name)
             if not m:
@@ -368,8 +375,10 @@ def read_crepe(folder):
                     try:
                         negs = ast.literal_eval(r["hard_negs"])
                         box = tuple(float(r[k]) for k in ("x", "y", "width", "height"))
+                        negs = sorted(negs) if isinstance(negs, set) else list(negs)
+                        negs = [t for t in negs if norm(t) != norm(r["caption"])]
                         rows.append({"image_id": r["image_id"], "caption": r["caption"], "box": box,
-                                     "negs": sorted(negs) if isinstance(negs, set) else list(negs)})
+                                     "negs": negs})
                     except KeyError as e:
                         raise DataError(f"{path}:{line}: missing field {e}") from None
             out[(typ, int(m.group(1)))] = rows
@@ -568,7 +577,13 @@ def order_name(path):
 
 def eval_order(sc, path, image_root, seeds=5, tagger=None, name=""):
     """COCO-/Flickr30k-Order: 5 options per (image, caption); P@1 mean +- std over `seeds` draws.
-    Keys "<name>_p1", ...; name "" = order_name(path)."""
+    Keys "<name>_p1", ...; name "" = order_name(path).  "<name>/tagger" names the part-of-speech
+    tagger the perturbations used (nltk or rule: --tagger auto picks by what is installed, and
+    the two perturb differently); a nested key, so the report's bar charts leave it out.  A
+    perturbation may return a short caption unchanged; ARO (model_zoo/clip_models.py np.einsum,
+    aro_datasets.py argmax) then ties it with the original and picks the original, so here an
+    option whose text is the original's gets the original's score exactly (a batched einsum
+    rounds rows differently)."""
     tagger = tagger or make_tagger("auto")
     refs, caps = [], []
     for img, cs in read_caption_sets(path):
@@ -582,12 +597,14 @@ def eval_order(sc, path, image_root, seeds=5, tagger=None, name=""):
         options = [[pre_caption(c)] + [pre_caption(f(c, tagger, rng)) for f in ORDER_PERTURBATIONS]
                    for c in caps]
         txt = sc.texts([o for opts in options for o in opts]).reshape(len(caps), 5, -1)  # (K, 5, D)
-        s = torch.einsum("kd,kod->ko", img_emb, txt).numpy()
+        s = (img_emb[:, None, :] * txt).sum(-1).numpy()  # (K, 5)
+        same = np.array([[o == opts[0] for o in opts] for opts in options]).reshape(-1, 5)
+        s = np.where(same, s[:, :1], s)
         keep = np.isfinite(s).all(1)
         p1.append(score_order(s[keep]))
     name = name or order_name(path)
     return {f"{name}_p1": float(np.mean(p1)), f"{name}_p1_std": float(np.std(p1)),
-            f"{name}_n": len(caps)}
+            f"{name}_n": len(caps), f"{name}/tagger": getattr(tagger, "name", str(tagger))}
 
 
 def eval_sugarcrepe(sc, root):

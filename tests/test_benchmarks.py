@@ -3,7 +3,9 @@ and every runner end to end through a stand-in model whose answers can be derive
 import json
 import math
 import os
+import random
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 import data.benchmarks as B
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
-from data.negatives import RuleTagger
+from data.negatives import ORDER_PERTURBATIONS, RuleTagger
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")  # the dataset-layout fixtures, published formats (fixtures/README.md)
@@ -236,7 +238,7 @@ def test_benchmark_runners_on_fixture_layouts(tmp_path):
     r = B.eval_order(sc, f"{FIX}/blip/coco_karpathy_test.json", str(root / "coco"),
                      seeds=2, tagger=RuleTagger())
     n_caps = sum(len(c) for _, c in B.read_caption_sets(f"{FIX}/blip/coco_karpathy_test.json"))
-    assert r == {"coco_order_p1": 1.0, "coco_order_p1_std": 0.0, "coco_order_n": n_caps}
+    assert r == {"coco_order_p1": 1.0, "coco_order_p1_std": 0.0, "coco_order_n": n_caps, "coco_order/tagger": "rule"}
 
     # CREPE: VG_100K_2 is searched too; boxes crop
     shutil.copytree(f"{FIX}/crepe", root / "crepe")
@@ -337,12 +339,91 @@ def test_two_order_files_of_one_dataset_keep_their_scores_apart(tmp_path):
                                          log=lambda m: None)
     test, val, other = (str(tmp_path / f) for f in ("coco_karpathy_test.json", "coco_karpathy_val.json",
                                                     "b/coco_karpathy_test.json"))
-    assert run(test) == {"order/coco_order_p1": 1.0, "order/coco_order_p1_std": 0.0, "order/coco_order_n": 1}
+    assert run(test) == {"order/coco_order_p1": 1.0, "order/coco_order_p1_std": 0.0, "order/coco_order_n": 1,
+                         "order/coco_order/tagger": "rule"}
     both = run(f"{test},{val}")
     assert both["order/coco_karpathy_test_order_n"] == 1 and both["order/coco_karpathy_val_order_n"] == 3
-    assert both["order/coco_karpathy_val_order_p1"] == run(val)["order/coco_order_p1"] and len(both) == 6
+    assert both["order/coco_karpathy_val_order_p1"] == run(val)["order/coco_order_p1"] and len(both) == 8
     same_stem = run(f"{test},{other}")  # two files named alike: numbered
     assert same_stem["order/coco_karpathy_test1_order_n"] == 1 and same_stem["order/coco_karpathy_test2_order_n"] == 3
+
+
+def _random_text_scorer(dim=512):
+    """B.Scorer whose text embedding is a fixed random unit vector per string (seeded by the string), so equal
+    strings embed equally and different ones are near-orthogonal in 512-d."""
+    def texts(strs):
+        gens = (torch.Generator().manual_seed(zlib.crc32(t.encode())) for t in strs)
+        return torch.nn.functional.normalize(torch.stack([torch.randn(dim, generator=g) for g in gens]), dim=-1)
+    return B.Scorer(None, texts)
+
+
+def test_order_option_equal_to_the_original_ties_and_counts_right():
+    """A perturbation may return a short caption unchanged (shuffle_trigrams does); ARO (model_zoo/clip_models.py
+    np.einsum, aro_datasets.py argmax) ties it with the original and picks the original.  Each image's embedding is
+    the sum of its captions' random 512-d embeddings, so every original is best or tied: P@1 must be 1.0 (the
+    batched torch.einsum scored such copies ~1e-8 apart from the original and lost about half of those ties)."""
+    path = f"{FIX}/blip/coco_karpathy_test.json"
+    sc, sets, tagger = _random_text_scorer(), B.read_caption_sets(path), RuleTagger()
+    img = {os.path.join("/imgs", i): sc.texts([B.pre_caption(c) for c in cs]).sum(0) for i, cs in sets}
+    sc.images = lambda refs: torch.stack([img[p] for p, _ in refs])
+    unchanged = sum(B.pre_caption(f(c, tagger, random.Random(s))) == B.pre_caption(c)
+                    for s in range(5) for _, cs in sets for c in cs for f in ORDER_PERTURBATIONS)
+    assert unchanged > 0  # the case under test occurs in the fixture
+    r = B.eval_order(sc, path, "/imgs", seeds=5, tagger=tagger)
+    assert r["coco_order_p1"] == 1.0 and r["coco_order_p1_std"] == 0.0
+
+
+def test_order_results_name_the_tagger(tmp_path):
+    """--tagger auto picks nltk when its data is installed, else the rule tagger, and the two perturb differently:
+    the results (results.json, the eval table) name the one used, under a nested key the report's charts skip."""
+    json.dump([{"image": "a.png", "caption": ["a red dog runs on green grass"]}],
+              open(tmp_path / "coco_karpathy_test.json", "w"))
+    _png(str(tmp_path / "a.png"), (255, 0, 0))
+    res = B.run_benchmarks(_colour_scorer(), ["order"], str(tmp_path), order_file=f"{tmp_path}/coco_karpathy_test.json",
+                           order_image_root=str(tmp_path), order_seeds=1, tagger=RuleTagger(), log=lambda m: None)
+    assert res["order/coco_order/tagger"] == "rule"
+    assert any(line.split() == ["order", "coco_order/tagger", "rule"] for line in B.format_table(res).splitlines())
+    json.dumps(res)  # results.json holds it
+
+
+_CREPE_HEADER = open(f"{FIX}/crepe/prod_hard_negatives/atom/prod_vg_hard_negs_atom_complexity_4.csv").readline()
+
+
+def test_crepe_negative_equal_to_the_caption_does_not_count_against_it(tmp_path):
+    """The released CSVs list the caption itself among its hard negatives (swap: exact copies; negate: capitalised
+    copies, e.g. the row below, prod_vg_hard_negs_negate_complexity_4.csv).  CREPE's get_one2many_rank
+    (crepe_eval_utils.py: CPU argsort over [caption, negatives], clip.tokenize lowercases) ties them with the
+    caption and ranks the caption first: rank 0 here, where such a copy used to count against it."""
+    cap = "beacon on top rock mountain. there is a mountain."
+    negs = {"There is no beacon on top rock mountain. There is a mountain.",
+            "Beacon on top rock mountain. There is a mountain. There is no rock mountain.",
+            "Beacon not on top rock mountain. There is a mountain.",
+            "Beacon on top rock mountain. There is a mountain.",
+            "Beacon on top rock mountain. There is a mountain. There is no mountain."}
+    swap_negs = ["snow covering rock. there is a mountain.", "rock covering snow. there is a ground.", cap,
+                 " beacon  on top rock mountain. there is a mountain."]
+    for typ, hard in (("negate", negs), ("swap", swap_negs)):
+        os.makedirs(tmp_path / "crepe" / "prod_hard_negatives" / typ)
+        with open(tmp_path / "crepe" / "prod_hard_negatives" / typ / f"prod_vg_hard_negs_{typ}_complexity_4.csv",
+                  "w") as f:
+            f.write(_CREPE_HEADER + f'2359484,{cap},4,4,1,0,2,"{hard!r}",183.0,4.0,314.0,157.0\n')
+    base = _random_text_scorer()
+    sc = _random_text_scorer()
+    sc.embed_texts = lambda strs: base.embed_texts([" ".join(t.lower().split()) for t in strs])  # clip.tokenize
+    sc.images = lambda refs: base.embed_texts([cap]).expand(len(refs), -1)  # the image "is" the caption
+    d = B.read_crepe(str(tmp_path / "crepe"))
+    assert len(d[("negate", 4)][0]["negs"]) == 4 and len(d[("swap", 4)][0]["negs"]) == 2
+    r = B.eval_crepe(sc, str(tmp_path))
+    assert r["negate_c4_R@1"] == 1.0 and r["swap_c4_R@1"] == 1.0 and r["negate_c4_mean_rank"] == 1.0
+
+
+def test_read_crepe_skips_stray_files_beside_the_type_folders(tmp_path):
+    """The public unzipped prod_hard_negatives/ holds a macOS .DS_Store beside atom/ negate/ swap/; it is not a
+    type folder (listing it raised NotADirectoryError and lost every benchmark's results)."""
+    shutil.copytree(f"{FIX}/crepe", tmp_path / "crepe")
+    (tmp_path / "crepe" / "prod_hard_negatives" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "crepe" / "prod_hard_negatives" / "atom" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert set(B.read_crepe(str(tmp_path / "crepe"))) == set(B.read_crepe(f"{FIX}/crepe"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
