@@ -68,21 +68,29 @@ for _tag, _words in {
           "before while than as via up",
     "TO": "to", "CC": "and or but nor", "MD": "can could will would shall should may might must",
     "WDT": "what which whose", "WP": "who whom", "WRB": "where when why how", "EX": "there",
-    "RB": "not n't", "POS": "'s", "VBZ": "is has does", "VBP": "are am have do 're 'm 've",
+    "RB": "not n't very together just still away almost also too so here yet again well ever "
+          "never always often soon now then quite rather instead ahead apart alone else already "
+          "once twice forward sideways backwards",  # (adverbs the suffix rules would make NN)
+    "POS": "'s", "VBZ": "is has does", "VBP": "are am have do 're 'm 've",
     "VBD": "was were had did",
     "VB": "be", "VBN": "been", "VBG": "being",
 }.items():
     for _w in _words.split():
         _CLOSED[_w] = _tag
 _AUX = set("is are am was were be been being has have had do does did 're 'm 've 's".split())
+_RB_JJ = {"far", "only", "even"}  # adjectives after a determiner ("the far side"), else adverbs
 
 # Multiword prepositions are tagged IN as a whole, so "left"/"front"/"top" are never swapped as
-# nouns (spaCy would tag them NN; ours is the cleaner negative).  Longest first.
+# nouns (spaCy would tag them NN; ours is the cleaner negative).  Longest first.  ARO's order
+# perturbations (multiword=False) tag them as spaCy does instead: the noun after the phrase's
+# first word NN ("in front of", "to the left of"), "the" DT, "other" JJ.
 _MULTI_PREP = sorted([p.split() for p in (
     "next to|in front of|on top of|to the left of|to the right of|on the left of|on the right of|"
     "left of|right of|on the side of|in the middle of|on the other side of|close to|out of|"
     "in between").split("|")],
     key=len, reverse=True)
+_PREP_NOUN = {"front": "NN", "top": "NN", "left": "NN", "right": "NN", "side": "NN", "middle": "NN",
+              "the": "DT", "other": "JJ"}
 
 _ADJ = set("""red blue green yellow white black brown orange purple pink gray grey silver golden
 gold dark bright tan beige large small big little tiny huge tall short long giant medium old young
@@ -207,7 +215,10 @@ _COARSE = {"NN": "NOUN", "NNS": "NOUN", "NNP": "NOUN", "NNPS": "NOUN", "JJ": "AD
 
 
 def coarse(token, tag):
-    """Penn tag -> universal-style coarse tag; be/have/do are AUX (the verb-phrase pattern)."""
+    """Penn tag -> universal-style coarse tag; be/have/do are AUX (the verb-phrase pattern), not/n't
+    PART (as spaCy: neither an adverb swap nor part of a verb phrase)."""
+    if token.lower() in ("not", "n't"):
+        return "PART"
     if tag.startswith("VB"):
         return "AUX" if token.lower() in _AUX else "VERB"
     return _COARSE.get(tag, "PUNCT" if not any(c.isalnum() for c in token) else "X")
@@ -230,13 +241,15 @@ def _suffix_tags(w):
     return {"NN"}
 
 
-def _mark_multiword_preps(low, tags):
-    """Tag every token of a multiword preposition ("in front of") IN, longest match first."""
+def _mark_multiword_preps(low, tags, multiword=True):
+    """Tag every token of a multiword preposition ("in front of") IN, longest match first;
+    multiword=False: its words after the first by _PREP_NOUN ("left" is NN there, not a verb)."""
     i = 0
     while i < len(low):
         mw = next((m for m in _MULTI_PREP if low[i:i + len(m)] == m), None)
         if mw:
-            tags[i:i + len(mw)] = ["IN"] * len(mw)
+            tags[i:i + len(mw)] = [_PREP_NOUN.get(w, "IN") if j and not multiword else "IN"
+                                   for j, w in enumerate(mw)]
         i += len(mw) if mw else 1
     return tags
 
@@ -248,9 +261,9 @@ class RuleTagger:
 
     name = "rule"
 
-    def tag(self, tokens):
+    def tag(self, tokens, multiword=True):
         low = [t.lower() for t in tokens]
-        tags = _mark_multiword_preps(low, [None] * len(tokens))
+        tags = _mark_multiword_preps(low, [None] * len(tokens), multiword)
         cands = [None if tags[i] else self._candidates(w) for i, w in enumerate(low)]
         for i, w in enumerate(low):
             if tags[i] is None:
@@ -266,6 +279,8 @@ class RuleTagger:
     def _candidates(w):
         if w in _CLOSED:
             return {_CLOSED[w]}
+        if w in _RB_JJ:
+            return {"RB", "JJ"}
         if not any(c.isalnum() for c in w):
             return {"."}
         return set(_LEXICON.get(w) or _suffix_tags(w))
@@ -274,6 +289,8 @@ class RuleTagger:
     def _choose(c, prev, prev_word, nxt, w):
         if len(c) == 1:
             return next(iter(c))
+        if c == {"RB", "JJ"}:
+            return "JJ" if prev in ("DT", "PRP$", "POS") else "RB"
         nouns = sorted(t for t in c if t.startswith("NN"))
         order = ["VBG", "VBZ", "VBN", "VBD", "VB"]
         verbs = sorted((t for t in c if t.startswith("VB")), key=order.index)
@@ -315,10 +332,10 @@ class NltkTagger:
 
     name = "nltk"
 
-    def tag(self, tokens):
+    def tag(self, tokens, multiword=True):
         import nltk
         tags = [t for _, t in nltk.pos_tag(tokens)]
-        return _mark_multiword_preps([t.lower() for t in tokens], tags)
+        return _mark_multiword_preps([t.lower() for t in tokens], tags, multiword)
 
 
 def make_tagger(kind="auto"):
@@ -343,13 +360,15 @@ def norm_caption(s):
 
 
 def noun_chunks(coarse_tags):
-    """Maximal spans DET? NUM? (ADJ|NOUN)* NOUN -> list of (start, end)."""
+    """Maximal spans DET? NUM? (ADJ|NOUN|ADV before ADJ)* NOUN -> list of (start, end); spaCy's
+    noun chunks keep an adjective's adverb too ("a very large dog")."""
     spans, i, n = [], 0, len(coarse_tags)
     while i < n:
         j = i + (coarse_tags[i] == "DET")
         j += j < n and coarse_tags[j] == "NUM"
         k = j
-        while k < n and coarse_tags[k] in ("ADJ", "NOUN"):
+        while k < n and (coarse_tags[k] in ("ADJ", "NOUN") or coarse_tags[k] == "ADV" and
+                         k + 1 < n and coarse_tags[k + 1] == "ADJ"):
             k += 1
         last = max((m for m in range(j, k) if coarse_tags[m] == "NOUN"), default=None)
         if last is not None:
@@ -439,7 +458,8 @@ def hard_negatives(caption, tagger, seed=0):
 
 
 # ================================================================================================ ARO order perturbations
-# ARO dataset_zoo/perturbations.py, re-done with the tokeniser and tagger above (evaluation only)
+# ARO dataset_zoo/perturbations.py, re-done with the tokeniser and tagger above (evaluation only);
+# spaCy's tags there move the nouns of "in front of", "to the left of" (tag(multiword=False)).
 
 def _trigrams(tokens):
     return [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
@@ -447,7 +467,7 @@ def _trigrams(tokens):
 
 def shuffle_nouns_and_adj(caption, tagger, rng):
     tokens = tokenize(caption)
-    tags = tagger.tag(tokens)
+    tags = tagger.tag(tokens, multiword=False)
     for group in (("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")):
         _shuffle_at(tokens, [i for i, t in enumerate(tags) if t in group], rng)
     return " ".join(tokens)
@@ -463,7 +483,7 @@ def _shuffle_at(tokens, idx, rng):
 
 def shuffle_allbut_nouns_and_adj(caption, tagger, rng):
     tokens = tokenize(caption)
-    tags = tagger.tag(tokens)
+    tags = tagger.tag(tokens, multiword=False)
     _shuffle_at(tokens, [i for i, t in enumerate(tags) if not t.startswith(("NN", "JJ"))], rng)
     return " ".join(tokens)
 

@@ -168,7 +168,7 @@ def test_order_perturbations():
         assert sorted(out.split()) == sorted(toks)  # a permutation of the tokens
         assert out == f(cap, tagger, random.Random(1))
     out = G.shuffle_nouns_and_adj(cap, tagger, random.Random(0)).split()
-    tags = tagger.tag(toks)
+    tags = tagger.tag(toks, multiword=False)  # ARO's tags: "left" of "to the left of" is a noun
     for i, g in enumerate(tags):  # only nouns/adjectives move, and only among themselves
         if not g.startswith(("NN", "JJ")):
             assert out[i] == toks[i]
@@ -183,6 +183,58 @@ def test_order_perturbations():
     assert out in orders and out != toks  # the trigrams, whole, in another order
     assert pre_caption('A "Man"; riding (a) bike!  ') == "a man riding a bike"
     assert len(pre_caption(" ".join(["w"] * 40)).split()) == 30
+
+
+def test_aro_order_shuffles_move_the_nouns_of_multiword_prepositions():
+    """ARO's shuffles (dataset_zoo/perturbations.py) move every token spaCy tags NN*: the "front" of "in front of"
+    and the "left" of "to the left of" too; they used to get the multiword IN of NegCLIP's swaps, so the noun
+    shuffle never moved "front" and the all-but-nouns shuffle did.  NegCLIP's swaps keep the phrases whole."""
+    tagger, cap = G.RuleTagger(), "A cat sitting in front of a tv."
+    toks = G.tokenize(cap)
+    outs = [G.shuffle_nouns_and_adj(cap, tagger, random.Random(s)).split() for s in range(8)]
+    assert all(sorted(o) == sorted(toks) for o in outs) and any(o[4] != "front" for o in outs)
+    assert {o[4] for o in outs} <= {"cat", "front", "tv"}
+    for s in range(8):  # the nouns (cat, front, tv) stay, the rest moves
+        out = G.shuffle_allbut_nouns_and_adj(cap, tagger, random.Random(s)).split()
+        assert [out[i] for i in (1, 4, 7)] == ["cat", "front", "tv"] and sorted(out) == sorted(toks)
+    # "left" is NN after "the" (the lexicon knows it as a verb only); "other" JJ; bare "left of" stays IN
+    tag = lambda c, mw: tagger.tag(G.tokenize(c), multiword=mw)  # noqa: E731
+    assert tag("a dog to the left of a cat", False) == "DT NN IN DT NN IN DT NN".split()
+    assert tag("a dog on the other side of a cat", False)[2:7] == "IN DT JJ NN IN".split()
+    assert tag("a dog on top of a cat left of a box", False)[2:5] == ["IN", "NN", "IN"]
+    assert tag("a dog on top of a cat left of a box", False)[7:9] == ["IN", "IN"]
+    assert tag("a dog to the left of a cat", True)[2:6] == ["IN"] * 4
+    # NegCLIP's swaps of such captions: the phrases whole, as before the switch
+    assert G.hard_negatives(cap, tagger, seed=0) == [("NN", "A tv sitting in front of a cat .")]
+    cap = "A black cat on top of a red car to the left of a large white dog."
+    assert G.hard_negatives(cap, tagger, seed=1) == [
+        ("noun_chunk", "a red car on top of a black cat to the left of a large white dog ."),
+        ("NN", "A black cat on top of a red dog to the left of a large white car ."),
+        ("ADJ", "A red cat on top of a black car to the left of a large white dog .")]
+
+
+def test_adverbs_and_negation_are_not_swapped_as_nouns_or_adverbs():
+    """Common adverbs the lexicon lacks (very, together, still, away, ...) used to fall through the suffix rules
+    to NN, and not/n't were ADV (spaCy: PART), so NegCLIP's swaps moved them as nouns, adverbs or inside verb
+    phrases: "A dog large very sits", "stands not", "a cat n't have chewed"."""
+    tagger = G.RuleTagger()
+    toks = G.tokenize("Two people are standing together still and far away, almost here again.")
+    assert [g for t, g in zip(toks, tagger.tag(toks)) if t in ("together", "still", "far", "away", "almost",
+                                                               "here", "again")] == ["RB"] * 7
+    assert tagger.tag(G.tokenize("the only man on the far side"))[1:6] == ["JJ", "NN", "IN", "DT", "JJ"]
+    assert tagger.tag(G.tokenize("an image with only a white star"))[3] == "RB"
+    assert G.coarse("not", "RB") == G.coarse("n't", "RB") == "PART"
+    for s in range(4):
+        cap = "A very large dog sits on a couch."
+        negs = G.hard_negatives(cap, tagger, seed=s)
+        assert negs and all(n.split()[1] == "very" for _, n in negs)  # "very" stays before "large"
+        negs = dict(G.hard_negatives("A man not wearing a shirt stands quietly.", tagger, seed=s))
+        assert "ADV" not in negs and negs["verb_phrase"] == "a man not stands a shirt wearing quietly ."
+        negs = G.hard_negatives("The dog shouldn't have chewed the shoe while a cat watches.", tagger, seed=s)
+        assert "verb_phrase" in dict(negs) and all(n.lower().split()[2:4] == ["should", "n't"] for _, n in negs)
+    # spaCy's noun chunks keep an adjective's adverb: "a very large dog" swaps whole
+    negs = dict(G.hard_negatives("A very large dog sits next to a small white cat.", tagger, seed=0))
+    assert negs["noun_chunk"] == "a small white cat sits next to a very large dog ."
 
 
 def test_nearest_neighbours_excludes_self_and_duplicates_and_matches_brute_force():
