@@ -2,9 +2,9 @@
 480, written here) decoded, cropped to 224 and batched by DataLoader workers, as the scripts' loaders do.
 
     old: full-size decode, float32 normalised on the CPU, each micro batch handed to one worker
-    new: JPEG draft decode (PIL's DCT scaling) where the transform allows it, uint8 through the workers (normalised
-         on the device by the step: timed here too, on the CPU), each micro batch split over the workers
-         (common.data.make_loader)
+    new: full-size decode too (the JPEG draft decode it once used is gone: docs/RESULTS.md), uint8 through the
+         workers (normalised on the device by the step: timed here too, on the CPU), each micro batch split over
+         the workers (common.data.make_loader)
 
 Reported per variant: images/s over the whole pass (the new pipeline's normalisation, a GPU kernel in the scripts,
 excluded; and included, as done here on one CPU thread), the wait for the first batch, and the bytes one batch
@@ -41,15 +41,15 @@ def write_jpegs(root, n, seed=0):
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, root, names, tf, draft):
-        self.root, self.names, self.tf, self.draft = root, names, tf, draft
+    def __init__(self, root, names, tf):
+        self.root, self.names, self.tf = root, names, tf
 
     def __len__(self):
         return len(self.names)
 
     def __getitem__(self, i):
         self.tf.rng = random.Random(i)  # per-sample draws, as the scripts seed them
-        return self.tf(load_image(os.path.join(self.root, self.names[i]), self.tf.draft_size if self.draft else 0))
+        return self.tf(load_image(os.path.join(self.root, self.names[i])))
 
 
 def one_pass(ds, batches, workers, new):
@@ -93,7 +93,7 @@ def main():
                 for name in ("old", "new"):
                     new = name == "new"
                     tf = ImageTransform(args.size, train=train, hflip=train, uint8=new)
-                    res[name].append(one_pass(Images(root, names, tf, draft=new), batches, args.workers, new))
+                    res[name].append(one_pass(Images(root, names, tf), batches, args.workers, new))
             for name in ("old", "new"):
                 ips, cpu, first = (statistics.median(r[k] for r in res[name]) for k in range(3))
                 print(f"| {'train (crop 0.5-1, flip)' if train else 'eval'} | {name} | {ips:.1f} | {cpu:.1f} | "

@@ -381,7 +381,7 @@ class ImageFolderLoader:
         self.tried_set.add(rel_path)
         if rel_path in self.bad_set:
             return None
-        img = load_image(os.path.join(self.root, rel_path), getattr(self.transform, "draft_size", 0))
+        img = load_image(os.path.join(self.root, rel_path))
         if img is None:
             self.bad_set.add(rel_path)
             return None
@@ -714,7 +714,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None, "caption not UTF-8"
         if not caption:  # img2dataset/writer.py writes "" for a null caption; data/convert.py skips it too
             return None, "empty caption"
-        img = load_image(io.BytesIO(data[ext]), getattr(self.transform, "draft_size", 0))
+        img = load_image(io.BytesIO(data[ext]))
         if img is None:
             return None, f"unreadable .{ext}"
         if self.transform is not None:

@@ -10,8 +10,9 @@ of", and the references flip without touching the caption.
 
 On a GPU the loader should ship bytes, not floats: `uint8=True` returns the uint8 image (a quarter
 of the float32 bytes through the workers' shared memory and the host-to-device copy) and the step
-normalises it on the device with `normalize` -- the same values as the float path.  JPEGs are
-decoded at a reduced DCT scale (PIL's `draft`) when the transform never needs the full resolution.
+normalises it on the device with `normalize` -- the same values as the float path.  Every image is
+decoded at full resolution, as the references' transforms read it (a JPEG decoded at a reduced DCT
+scale and then resized is another image).
 """
 import math
 import random
@@ -53,14 +54,11 @@ def _to_8bit(im):
     return Image.fromarray(np.clip(np.floor(a), 0, 255).astype(np.uint8))
 
 
-def load_image(path, draft=0):
+def load_image(path):
     """Open an image as RGB; return None when the file is missing or unreadable (callers count these).
-    draft > 0: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, as long as both sides stay >= draft.
     16/32-bit grey images (PNG, TIFF) are first brought to 8 bits (`_to_8bit`)."""
     try:
         with Image.open(path) as im:
-            if draft and im.format == "JPEG":
-                im.draft("RGB", (draft, draft))
             return (_to_8bit(im) or im).convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         # missing, truncated or corrupt files, and images over PIL's decompression-bomb limit (2x
@@ -69,19 +67,30 @@ def load_image(path, draft=0):
 
 
 def resize_short_side(img, size, resample=Image.BICUBIC):
+    """The short side to `size`, the long one to int(size * long / short) (truncated), as torchvision's
+    Resize(int) (transforms/functional.py _compute_resized_output_size; CLIP's clip.load, open_clip) and
+    transformers' get_resize_output_image_size (CLIPImageProcessor) size it."""
     w, h = img.size
-    scale = size / min(w, h)
-    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    return img.resize((size, new_long) if w <= h else (new_long, size), resample)
 
 
 def center_crop(img, size):
+    """The central size x size box at torchvision's CenterCrop offset, int(round((w - size) / 2.0))
+    (rounding half to even).  transformers' CLIPImageProcessor floors it instead: one pixel apart
+    when the margin is odd and its half rounds up."""
     w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
 def random_resized_crop(img, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), rng=random):
-    """Crop a random box of area fraction in `scale` and aspect in `ratio`, resize to size x size."""
+    """Crop a random box of area fraction in `scale` and aspect in `ratio`, resize to size x size.
+    After 10 failed draws, torchvision's RandomResizedCrop.get_params fallback: the whole image when
+    its aspect lies in `ratio`, else the central box of the whole short side at the nearest bound.
+    PIL's resize(box=) lets the bicubic filter read just outside the box where torchvision crops first,
+    so the outermost output pixels may differ slightly from torchvision's."""
     w, h = img.size
     area = w * h
     for _ in range(10):
@@ -91,7 +100,13 @@ def random_resized_crop(img, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), rng=r
         if 0 < cw <= w and 0 < ch <= h:
             left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
             return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-    return center_crop(resize_short_side(img, size), size)  # fallback: whole image
+    cw, ch = w, h
+    if w / h < min(ratio):
+        ch = int(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        cw = int(round(h * max(ratio)))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
 
 
 # ---- BLIP's RandomAugment(2, 5) (BLIP transform/randaugment.py, LAVIS processors/randaugment.py): two
@@ -157,16 +172,9 @@ class ImageTransform:
         self.scale, self.hflip, self.rng = scale, hflip, rng or random
         self.resize, self.randaug, self.uint8 = resize, randaug, uint8
 
-    @property
-    def draft_size(self):
-        """The smallest decode size that loses nothing: a training crop of the smallest area fraction still
-        has `size` pixels across."""
-        return math.ceil(self.size / math.sqrt(self.scale[0])) if self.train else self.size
-
     def load(self, path):
-        """Open `path` (JPEG decoded at the reduced scale `draft_size` allows) and transform it; None when the
-        file is missing or unreadable."""
-        img = load_image(path, self.draft_size)
+        """Open `path` (decoded in full) and transform it; None when the file is missing or unreadable."""
+        img = load_image(path)
         return None if img is None else self(img)
 
     def normalize(self, x):

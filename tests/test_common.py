@@ -356,7 +356,7 @@ def test_image_transforms_and_loading(tmp_path):
     assert all(o.shape == (3, 16, 16) for o in outs) and len({o.sum().item() for o in outs}) > 1
 
 
-def test_square_eval_uint8_path_randaugment_and_jpeg_draft(tmp_path):
+def test_square_eval_uint8_path_randaugment_and_load(tmp_path):
     import random
     arr = np.zeros((40, 80, 3), dtype=np.uint8)
     arr[:, :20] = (255, 0, 0)  # the left quarter red: a centre crop loses it, BLIP's square resize keeps it
@@ -378,16 +378,73 @@ def test_square_eval_uint8_path_randaugment_and_jpeg_draft(tmp_path):
     assert all(o.shape == (24, 24, 3) for o in outs)
     assert np.array_equal(outs[0], np.asarray(image.rand_augment(noisy, random.Random(0))))
     assert sum(not np.array_equal(o, np.asarray(noisy)) for o in outs) >= 4
-    # JPEG draft: decoded at a reduced scale that keeps both sides >= the size the transform needs
     big = Image.fromarray((np.random.RandomState(1).rand(480, 640, 3) * 255).astype(np.uint8))
     big.save(tmp_path / "big.jpg", quality=90)
-    big.save(tmp_path / "big.png")
     assert image.load_image(tmp_path / "big.jpg").size == (640, 480)
-    assert image.load_image(tmp_path / "big.jpg", draft=224).size == (320, 240)
-    assert image.load_image(tmp_path / "big.png", draft=224).size == (640, 480)  # only JPEG decodes scaled
-    ev, tr = image.ImageTransform(224), image.ImageTransform(224, train=True, scale=(0.5, 1.0))
-    assert ev.draft_size == 224 and tr.draft_size == 317  # a 0.5-area crop still has 224 px across
+    ev = image.ImageTransform(224)
     assert ev.load(tmp_path / "big.jpg").shape == (3, 224, 224) and ev.load(tmp_path / "none.jpg") is None
+
+
+def _photo(w, h, seed=0):
+    """A smooth image with texture and edges (a pure-noise image hides resampling differences)."""
+    yy, xx = np.mgrid[0:h, 0:w] / 30.0
+    a = np.stack([128 + 60 * np.sin(xx * (c + 1) * 0.7 + yy * 0.5) + 40 * np.cos(yy * 1.3 * (c + 1))
+                  for c in range(3)], -1) + np.random.RandomState(seed).normal(0, 6, (h, w, 3))
+    a[h // 4:h // 2, w // 3:w // 2] = (250, 20, 20)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def test_clip_eval_geometry_is_torchvision_resize_and_center_crop():
+    # torchvision Resize(224) (_compute_resized_output_size: long side int(224 * long / short), truncated, as
+    # transformers' get_resize_output_image_size) + CenterCrop(224) (offset int(round(margin / 2.0)))
+    tf = image.ImageTransform(224, uint8=True)
+    for (w, h), resized, box in (((640, 480), (298, 224), (37, 0, 261, 224)),   # ours was 299 wide
+                                 ((640, 427), (335, 224), (56, 0, 280, 224)),   # 336; 55.5 rounds to 56
+                                 ((427, 640), (224, 335), (0, 56, 224, 280)),
+                                 ((500, 333), (336, 224), (56, 0, 280, 224))):
+        img = _photo(w, h)
+        assert image.resize_short_side(img, 224).size == resized
+        ref = np.asarray(img.resize(resized, Image.BICUBIC).crop(box)).transpose(2, 0, 1)
+        assert torch.equal(tf(img), torch.from_numpy(ref.copy())), (w, h)
+
+
+def test_transforms_decode_jpegs_in_full(tmp_path):
+    # LAVIS BlipImageEvalProcessor, BLIP's and CLIP's transforms resize the fully decoded image; a 640x480
+    # JPEG decoded at 1/2 DCT scale (320x240) and then resized is another image
+    _photo(640, 480).save(tmp_path / "a.jpg", quality=90)
+    full = Image.open(tmp_path / "a.jpg").convert("RGB")
+    assert full.size == (640, 480)
+    for kw in ({"resize": "square"}, {}):
+        tf = image.ImageTransform(224, uint8=True, **kw)
+        assert torch.equal(tf.load(tmp_path / "a.jpg"), tf(full)), kw
+        assert torch.equal(data.ImageFolderLoader(str(tmp_path), tf)("a.jpg"), tf(full)), kw
+    import random  # training crops too (scale 0.9-1: the old draft decoded this image at 320x240)
+    tr = [image.ImageTransform(224, train=True, scale=(0.9, 1.0), rng=random.Random(5), uint8=True)
+          for _ in range(2)]
+    assert all(torch.equal(tr[0].load(tmp_path / "a.jpg"), tr[1](full)) for _ in range(4))
+
+
+def test_random_resized_crop_fallback_is_torchvisions():
+    import random
+    # torchvision RandomResizedCrop.get_params: after 10 failed draws, the whole image if its aspect lies in
+    # 3/4..4/3, else the central box of the whole short side at aspect 4/3 (3/4); open_clip's scale (0.9, 1.0)
+    # never fits a 4/3 box into 640x427, so every view falls back
+    a = np.full((427, 640, 3), 200, np.uint8)
+    a[:, :96] = (255, 0, 0)  # red left 15%: the old fallback (a centre square) cut it off
+    img = Image.fromarray(a)
+    box = (35, 0, 604, 427)  # width round(427 * 4/3) = 569, left (640 - 569) // 2
+    ref = np.asarray(img.resize((224, 224), Image.BICUBIC, box=box)).transpose(2, 0, 1)
+    tf = image.ImageTransform(224, train=True, scale=(0.9, 1.0), rng=random.Random(0), uint8=True)
+    for _ in range(5):
+        x = tf(img)
+        assert x[0, :, 0].min() > 230 and x[1, :, 0].max() < 30 and torch.equal(x, torch.from_numpy(ref.copy()))
+    tall = image.random_resized_crop(img.transpose(Image.TRANSPOSE), 224, (0.9, 1.0), rng=random.Random(0))
+    assert np.array_equal(np.asarray(tall), np.asarray(img.transpose(Image.TRANSPOSE).resize(
+        (224, 224), Image.BICUBIC, box=(0, 35, 427, 604))))
+    # 640x480 (aspect 4/3, inside the range) at area 1: the whole image, squashed to 224x224
+    whole = _photo(640, 480)
+    out = image.random_resized_crop(whole, 224, (1.0, 1.0), rng=random.Random(1))
+    assert np.array_equal(np.asarray(out), np.asarray(whole.resize((224, 224), Image.BICUBIC)))
 
 
 class _Items(torch.utils.data.Dataset):
