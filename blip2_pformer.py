@@ -994,10 +994,10 @@ class Tokenizers:
             self.suffix = "\n" if self.newline else (llm_tok.eos_token or "")
             self.eos_id = nl[0] if self.newline else llm_tok.eos_token_id
 
-    def bert_batch(self, texts):
+    def bert_batch(self, texts, max_len=0):
         """(B, L) ids and mask, L = the longest text's tokens (LAVIS pads to max_txt_len: the pads
-        are masked out of every loss, so only the compute differs)."""
-        t = self.bert(texts, padding="longest", truncation=True, max_length=self.max_len,
+        are masked out of every loss, so only the compute differs); max_len: another limit."""
+        t = self.bert(texts, padding="longest", truncation=True, max_length=max_len or self.max_len,
                       return_tensors="pt")
         return t.input_ids.to(self.device), t.attention_mask.to(self.device)
 
@@ -1091,10 +1091,10 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
         img2txts.append(list(range(len(texts), len(texts) + len(r["captions"]))))
         texts += [pre_caption(c, 50) for c in r["captions"]]
         txt2img += [i] * len(r["captions"])
-    txt_feats = {}
+    txt_feats, eval_len = {}, max(35, toks.max_len)  # LAVIS compute_sim_matrix: max_length=35
     for s in D.shard_indices((len(texts) + cfg.eval_batch - 1) // cfg.eval_batch, dist):
         chunk = list(range(s * cfg.eval_batch, min(len(texts), (s + 1) * cfg.eval_batch)))
-        ids, mask = toks.bert_batch([texts[i] for i in chunk])
+        ids, mask = toks.bert_batch([texts[i] for i in chunk], eval_len)
         with autocast(ids.device, frozen.dtype):
             f = F.normalize(qf.text_proj(qf.encode_text(ids, mask)[:, 0]), dim=-1).float()
         txt_feats.update({i: f[k].cpu() for k, i in enumerate(chunk)})
@@ -1111,7 +1111,7 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
     metrics = retrieval_recall(sim, txt2img, img2txts)
     if cfg.k_test <= 0:
         return metrics
-    img_embeds, (ids, mask) = gather_dict(img_embeds), toks.bert_batch(texts)
+    img_embeds, (ids, mask) = gather_dict(img_embeds), toks.bert_batch(texts, eval_len)
     image = torch.stack([img_embeds[i] for i in keep])  # (N_img, N, W) on the host
 
     def itm(img, txt_rows):  # LAVIS compute_itm: the 'match' logit averaged over the queries

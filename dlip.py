@@ -973,7 +973,7 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     model.eval()
     emb, img_feat, txt_feat, n = [], [], [], cfg.eval_batch
     mine_i, mine_t = cdist.shard_indices(len(images), dist), cdist.shard_indices(len(texts), dist)
-    ids, mask = tokenize(tok, texts, cfg.max_len, device)  # (N_txt, L): the re-ranking reads all
+    ids, mask = tokenize(tok, texts, max(35, cfg.max_len), device)  # (N_txt, L); BLIP: 35
     with camp.autocast(device, dtype):
         for i in progress(range(0, len(mine_i), n), dist.is_main, desc="images"):
             e, f = model.image_features(images[mine_i[i:i + n]].to(device))

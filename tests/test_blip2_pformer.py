@@ -845,6 +845,17 @@ def test_eval_of_a_plain_stage1_checkpoint_refuses_to_export_an_untrained_projec
     assert not (tmp_path / "hf").exists()
 
 
+def test_retrieval_texts_are_tokenised_at_lavis_eval_length(pipeline, toy_root, tmp_path, monkeypatch):
+    """LAVIS blip2.py compute_sim_matrix tokenises the eval texts at max_length=35 (ITC and the ITM re-ranking),
+    above the training max_txt_len of 32."""
+    lens, real = [], bp.Tokenizers.bert_batch
+    monkeypatch.setattr(bp.Tokenizers, "bert_batch", lambda self, texts, max_len=0: lens.append(max_len) or
+                        real(self, texts, max_len))
+    bp.main(["--stage", "eval", "--init", str(pipeline["1"][1] / "checkpoint.pt"), "--eval_tasks", "retrieval",
+             "--report", "false", "--k_test", "2"] + common_args(toy_root, tmp_path) + ["--eval_max", "2"])
+    assert lens and set(lens) == {35}
+
+
 def test_itm_rerank_equals_all_pairs_scored_by_hand(pipeline, toy_root, tmp_path, monkeypatch):
     """--k_test (BLIP-2 Sec. 4.4, LAVIS blip2.py compute_sim_matrix): ITM re-scores each ITC top-k. With k covering
     every candidate, the recalls equal ranking all pairs by ITC sim + ITM 'match' logit computed here pair by pair;

@@ -858,14 +858,16 @@ def test_eval_mode_evaluates_at_the_checkpoints_image_size_and_text_length(world
     tiny = _drop(TINY, "--image_size", "--max_len")  # the toy preset's: 64 px, 24 tokens
     dlip.main(["--mode", "pretrain", *base, *tiny, *_width(32), "--image_size", "48", "--max_len", "12",
                "--teacher", "", "--max_steps", "1", "--report", "false", "--out_dir", str(tmp_path / "p48")])
-    seen, real = [], dlip.eval_set
+    seen, real, lens, tokenize = [], dlip.eval_set, [], dlip.tokenize
     monkeypatch.setattr(dlip, "eval_set", lambda path, cfg, size: seen.append((size, cfg.max_len)) or
                         real(path, cfg, size))
+    monkeypatch.setattr(dlip, "tokenize", lambda tok, caps, n, dev: lens.append(n) or tokenize(tok, caps, n, dev))
     args = ["--mode", "eval", "--task", "retrieval", *base, *tiny, "--ckpt", str(tmp_path / "p48" / "last.pt"),
             "--teacher", "", "--report", "false", "--test_file", os.path.join(root, "pairs_val.jsonl")]
     dlip.main([*args, "--out_dir", str(tmp_path / "e48")])
     assert seen == [(48, 12)] and "eval at image_size 48, max_len 12 (the checkpoint's: image_size, max_len; given: -)" in \
         capsys.readouterr().out
+    assert lens == [35]  # the retrieval texts: BLIP's evaluation() tokenises at 35 whatever the training length
     dlip.main([*args, "--image_size", "32", "--out_dir", str(tmp_path / "e32")])
     assert seen == [(48, 12), (32, 12)]
 
