@@ -221,7 +221,7 @@ FINETUNE = {
                                 alpha_ramp_epochs=1.0, k_test=256,
                                 grad_ckpt=True),  # BLIP configs/retrieval_coco.yaml
               "caption": dict(FT, image_size=384, max_len=40, global_batch=256, micro_batch=32,
-                              lr=5e-5, min_lr=0.0, weight_decay=0.05, epochs=6)},  # caption_coco.yaml
+                              lr=5e-5, min_lr=0.0, weight_decay=0.05, epochs=5)},  # caption_coco.yaml
 }
 # ================================================================================================ Model
 # Parameter names follow salesforce/BLIP (timm ViT + BERT names), the layout of BLIP's checkpoints;
@@ -1073,7 +1073,8 @@ def generate(model, images, tok, cfg, device, dtype, prompt):
         emb = model.visual_encoder(images.to(device))
         seqs = beam_search(model, emb, p, cfg.num_beams, cfg.gen_max_len, cfg.gen_min_len,
                            model.c.sep_id)
-    return [tok.decode(s[p.shape[1]:], skip_special_tokens=True).strip() for s in seqs]
+    return [tok.decode(s[p.shape[1]:], skip_special_tokens=True,  # BLIP's transformers 4.15 decoded
+                       clean_up_tokenization_spaces=True).strip() for s in seqs]  # "man ' s" -> "man's"
 
 
 @torch.no_grad()
@@ -1192,7 +1193,7 @@ def efficiency(model, cfg, device, dtype, tag):
 def lr_at(cfg, step, total, steps_per_epoch):
     if cfg.lr_schedule == "cosine":
         return cosine_lr(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
-    if step < cfg.warmup_steps:  # BLIP pretraining: linear warm-up, then x lr_decay per epoch
+    if step < min(cfg.warmup_steps, steps_per_epoch):  # BLIP pretrain.py: warm-up in epoch 0 only
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
     return max(cfg.min_lr, cfg.lr * cfg.lr_decay ** (step // steps_per_epoch))
 

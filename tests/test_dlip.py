@@ -1240,6 +1240,43 @@ def test_paper_preset_reranks_the_itc_top_256_as_blip_on_coco(monkeypatch):
         assert dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, argv), argv).k_test == 256, mode
 
 
+def test_pretraining_warms_up_in_epoch_0_only_and_captions_fine_tune_5_epochs(monkeypatch):
+    """salesforce/BLIP pretrain.py warms up only while epoch == 0, then sets init_lr * lr_decay ** epoch: with
+    COCO + VG (~1159 steps an epoch at batch 1152) the warm-up of 3000 steps is cut at the epoch's end.  Caption
+    fine-tuning runs configs/caption_coco.yaml's max_epoch: 5."""
+    from common.config import parse_config
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, a := ["--preset", "paper", "--mode", "pretrain"]), a)
+    assert (cfg.warmup_steps, cfg.lr_schedule) == (3000, "step")
+    blip = lambda step: (min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / 3000) if step < 1159  # noqa
+                         else cfg.lr * cfg.lr_decay ** (step // 1159))
+    for step in (0, 500, 1158, 1159, 2000, 2999, 3000, 5000):
+        assert dlip.lr_at(cfg, step, 20 * 1159, 1159) == pytest.approx(blip(step)), step
+    cap = dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, a := ["--preset", "paper", "--mode", "caption"]), a)
+    assert cap.epochs == 5
+
+
+class _Images(torch.nn.Module):
+    c = type("C", (), {"sep_id": 3})
+
+    def visual_encoder(self, x):
+        return x
+
+
+def test_captions_are_decoded_with_blips_clean_up(tmp_path, monkeypatch):
+    """BLIP decoded with transformers 4.15's clean_up_tokenization_spaces=True ("man ' s" -> "man's"); without
+    it an apostrophe stays split and COCO's tokenizer scores "man s" against the references' "man 's"."""
+    from transformers import BertTokenizer
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture",
+                                                   "of", "man", "'", "s", "hat", "."]))
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    ids = tok("a picture of a man ' s hat .").input_ids[:-1]  # [CLS] prompt caption, no [SEP]
+    monkeypatch.setattr(dlip, "beam_search", lambda *a: torch.tensor([ids]))
+    out = dlip.generate(_Images(), torch.zeros(1, 3, 4, 4), tok, dlip.Config(), torch.device("cpu"), torch.float32,
+                        "a picture of ")
+    assert out == ["a man's hat."]
+
+
 def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
     d, base, root = world
     full = os.path.join(root, "pairs_train.jsonl")  # 300 pairs in the tiny world
