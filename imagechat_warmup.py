@@ -32,7 +32,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 import torch
@@ -49,10 +48,9 @@ from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_di
 from common.log import Logger, progress
 from common.metrics import gold_rank, label_matches
 from common.hf import counts_table, hf_model
-from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench,
-                          set_lr)
+from common.train import StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench
 from data.imagechat import (as_trained, chat_image, chat_styles, load_captions, load_features,
-                            load_split, peek_checkpoint, prepare_captions, prepare_features,
+                            load_split, mix, peek_checkpoint, prepare_captions, prepare_features,
                             results_table, selected_weights, turn_scores, write_predictions, write_report)
 from data.toy import toy_paths
 
@@ -125,7 +123,8 @@ class Config:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     pct_start: float = 0.3
-    legacy_lr: bool = False         # release: scheduler stepped per epoch -> constant lr / 25
+    legacy_lr: bool = False         # release: scheduler stepped per epoch -> lr ~ lr / 25
+    cycle_momentum: bool = True     # release (torch's OneCycleLR default): AdamW beta1 .95-.85-.95
     grad_clip: float = 0.0
     all_turns: bool = False         # release: one example per dialogue per epoch, turn drawn
     log_every: int = 20
@@ -148,13 +147,14 @@ class Config:
 
 
 PRESETS = {
-    "toy": dict(warmup_epochs=6, warmup_batch=32, warmup_micro=16, ft_epochs=6, ft_batch=32, ft_micro=16,
-                lr=1e-3, num_beams=4, min_length=1, max_length=24, length_penalty=1.0, no_repeat_ngram_size=3,
-                encoder_no_repeat_ngram_size=0, eval_batch=32, log_every=10, save_every=200, num_candidates=100),
+    "toy": dict(warmup_epochs=6, warmup_batch=32, warmup_micro=16, ft_epochs=6, ft_batch=32,
+                ft_micro=16, lr=1e-3, cycle_momentum=False, num_beams=4, min_length=1, max_length=24,
+                length_penalty=1.0, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=0,
+                eval_batch=32, log_every=10, save_every=200, num_candidates=100),
     "paper": dict(out_dir="runs/icw/run", cache_dir="runs/icw/cache", data_dir="data/image_chat",
                   image_root="data/image_chat/images", clip="openai/clip-vit-base-patch32",
                   captioner="Salesforce/blip2-opt-2.7b-coco", backbone="facebook/blenderbot-400M-distill",
-                  num_beams=10, min_length=20, eval_every=-1),
+                  num_beams=10, min_length=20, eval_every=-1, cycle_momentum=True),
 }
 TASKS = ("mlm", "isp", "mrm", "gcd")
 # Fields a resume may change (eval, decoding, preparation); not max_steps: it is OneCycle's length.
@@ -204,7 +204,8 @@ def selection(cfg):
 def deviations(cfg):
     """The release-vs-paper choices in force, printed at start-up."""
     rel, c = " (release)", cfg
-    return {"lr schedule": "constant lr/25" + rel if c.legacy_lr else "OneCycle per optimizer step",
+    return {"lr schedule": "OneCycle per " + ("epoch" + rel if c.legacy_lr else "optimizer step"),
+            "AdamW beta1": "OneCycle's 0.95-0.85-0.95" + rel if c.cycle_momentum else "0.9",
             "lm head": "fresh untied Linear" + rel if c.untied_head else "tied to token embedding",
             "decoder positions": "shared with encoder" + rel if c.share_pos else "own table",
             "UL candidates": "per sequence" if c.ul_per_sequence else "whole batch" + rel,
@@ -626,20 +627,17 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
 
 
 # ================================================================================================ Train
-def onecycle_lr(step, total, cfg):
-    """torch's OneCycleLR (linear annealing, div 25, final div 1e4) per optimizer step."""
-    init = cfg.lr / 25
-    if cfg.legacy_lr:  # the release steps its scheduler once per epoch: the lr stays at lr / 25
-        return init
-    final, up = init / 1e4, cfg.pct_start * total - 1
+def onecycle(step, total, cfg, per_epoch):
+    """(lr, AdamW beta1) of optimizer step `step` under torch's OneCycleLR as the release builds
+    it (src/model/model_blender_bot.py: linear annealing, div 25, final div 1e4, cycle_momentum:
+    beta1 0.95 at the start and the end, 0.85 at the lr peak)."""
+    step = step // per_epoch if cfg.legacy_lr else step  # release: stepped once per epoch
+    init, up = cfg.lr / 25, cfg.pct_start * total - 1
     if step <= up:
-        return init + (cfg.lr - init) * step / up
-    return cfg.lr + (final - cfg.lr) * (step - up) / max(total - 1 - up, 1e-8)
-
-
-def mix(*xs):
-    """A seed from integers (step, micro-batch, ...): resume and world size keep the draws."""
-    return reduce(lambda h, x: (h * 1_000_003 + int(x)) % (2 ** 61 - 1), xs, 0)
+        return init + (cfg.lr - init) * step / up, (0.85 - 0.95) * (step / up) + 0.95
+    span = max(total - 1 - up, 1e-8)  # the second phase, down to lr / 25e4
+    lr = cfg.lr + (init / 1e4 - cfg.lr) * (step - up) / span
+    return lr, (0.95 - 0.85) * ((step - up) / span) + 0.85
 
 
 def read_checkpoint(path, flag, kinds, peek=False):
@@ -712,7 +710,9 @@ def run_training(cfg, dist, log, dtype):
         return [micro_batch(step, a, rows) for a, rows in enumerate(sampler.micro_batches(step))]
 
     def train_step(step, micro_batches):
-        set_lr(opt, lr := onecycle_lr(step, total, cfg))
+        lr, b1 = onecycle(step, total, cfg, per_epoch)
+        for g in opt.param_groups:  # beta1 as the release's scheduler sets it (--cycle_momentum)
+            g["lr"], g["betas"] = lr, (b1 if cfg.cycle_momentum else g["betas"][0], g["betas"][1])
         sums, n_tok = {}, 0
         for a, tasks in enumerate(micro_batches):
             torch.manual_seed(mix(cfg.seed, step, a * world + dist.rank, 2))  # dropout masks too

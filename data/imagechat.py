@@ -23,6 +23,7 @@ figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) 
 import json
 import os
 from collections import Counter
+from functools import reduce
 
 import numpy as np
 import torch
@@ -189,6 +190,11 @@ def load_split(cfg, split, tok, index, caps, log, keep_candidates):
         raise DataError(f"{split_path(cfg.data_dir, split)}: no candidate list of --num_candidates "
                         f"{cfg.num_candidates}; the file has {sorted({k for c in lists for k in c}, key=int)}")
     return Encoded(episodes, tok, index, caps, cfg, log, split)
+
+
+def mix(*xs):
+    """A seed from integers (step, micro-batch, ...): resume and world size keep the draws."""
+    return reduce(lambda h, x: (h * 1_000_003 + int(x)) % (2 ** 61 - 1), xs, 0)
 
 
 # ---- preparation

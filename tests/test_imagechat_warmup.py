@@ -756,6 +756,53 @@ def test_resume_equals_unbroken_run(assets, cached, tmp_path, capsys):
     assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
 
 
+@pytest.mark.parametrize("per_epoch", [None, 10])
+def test_schedule_is_torchs_onecyclelr_with_its_momentum_cycle(per_epoch):
+    """The release (src/model/model_blender_bot.py) builds OneCycleLR(AdamW, max_lr, anneal_strategy='linear')
+    with torch's default cycle_momentum: beta1 goes 0.95 -> 0.85 (lr peak) -> 0.95.  onecycle gives its
+    (lr, beta1) per optimizer step, and with --legacy_lr (per_epoch: the release's Lightning steps it once per
+    epoch) what that stepping gives: beta1 stays near 0.95, the lr near lr / 25."""
+    cfg = icw.parse_config(icw.Config, icw.PRESETS, ["--preset", "paper", "--legacy_lr", str(bool(per_epoch))])
+    total, p = 100, torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.lr, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.pct_start,
+                                                anneal_strategy="linear")
+    ours, ref = [], []
+    for step in range(total):
+        ours.append(icw.onecycle(step, total, cfg, per_epoch or 1))
+        ref.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        if per_epoch is None or (step + 1) % per_epoch == 0:
+            sched.step()
+    assert [b for _, b in ours] == [b for _, b in ref] and [lr for lr, _ in ours] == pytest.approx(
+        [lr for lr, _ in ref], rel=1e-12)
+    betas = [b for _, b in ours]
+    if per_epoch:
+        assert min(betas) > 0.91 and max(lr for lr, _ in ours) < 9 * cfg.lr / 25
+    else:
+        assert betas[0] == betas[-1] == 0.95 and min(betas) == pytest.approx(0.85)
+    assert cfg.cycle_momentum and not icw.parse_config(icw.Config, icw.PRESETS, []).cycle_momentum
+
+
+def test_cycle_momentum_moves_adamw_beta1_per_step_and_resumes_exactly(assets, cached, tmp_path, monkeypatch):
+    """--cycle_momentum true: the optimizer steps with the beta1 of the release's scheduler, which changes
+    between steps (the toy preset keeps beta1 0.9); a run stopped after step 1 and resumed (the betas in the
+    optimizer state are set again from the step) ends as the unbroken one."""
+    _, paths = cached
+    seen, update = [], icw.optimizer_update
+    monkeypatch.setattr(icw, "optimizer_update", lambda opt, *a: seen.append(
+        opt.param_groups[0]["betas"]) or update(opt, *a))
+    a = run(train_args(assets, "warmup", 2, cycle_momentum="true"), tmp_path / "a", **paths)
+    cfg = icw.parse_config(icw.Config, icw.PRESETS, [])
+    assert seen == [(icw.onecycle(s, 2, cfg, 1)[1], 0.999) for s in (0, 1)] and seen[0][0] < seen[1][0] == 0.95
+    run(train_args(assets, "warmup", 2, cycle_momentum="true", stop_after=1), tmp_path / "b", **paths)
+    b = run(train_args(assets, "warmup", 2, cycle_momentum="true", resume=tmp_path / "b" / "last.pt"),
+            tmp_path / "b", **paths)
+    assert seen[2:] == seen[:2] and b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-6)
+    run(train_args(assets, "warmup", 1), tmp_path / "c", **paths)
+    assert seen[-1] == (0.9, 0.999)
+
+
 def test_training_mfu_counts_the_tokens_bench_counts(assets, cached, tmp_path, monkeypatch):
     """A training step's MFU counts the same tokens as --bench: text, decoder input and the 11 image slots per
     example (the encoder's image block)."""
