@@ -82,6 +82,7 @@ class Config:
     init: str = ""               # previous stage's checkpoint (1 for stage 2, 2 for caption/eval)
     pformer_ckpt: str = ""       # stage-0 checkpoint; given -> alignment loss in stages 1/2/caption
     pformer_train_mode: bool = False  # BLIText made P* with dropout on (it calls .train())
+    llm_train_mode: bool = False  # frozen LLM's dropout on in training (LAVIS runner_base.py)
     num_query: int = 32
     embed_dim: int = 256         # ITC feature size
     max_txt_len: int = 32
@@ -148,6 +149,9 @@ PRESETS = {
         "llm_path": "facebook/opt-2.7b",  # or google/flan-t5-xl with --t5_dense_act_fn gelu
         "num_workers": 8, "log_every": 50, "save_every": 2000, "eval_batch": 64,
         "k_test": 128,  # LAVIS projects/blip2/eval/ret_coco_eval.yaml
+        "llm_train_mode": True,  # LAVIS blip2_opt.py, blip2_t5.py: LLM frozen by requires_grad only
+        "pformer_train_mode": True,  # BLIText: its runner's model.train() reaches the P-Former too
+        "vqa_length_penalty": 0.0,  # LAVIS blip2_opt.py predict_answers; Flan-T5: -1 (blip2_t5.py)
     },
 }
 
@@ -1129,7 +1133,7 @@ def evaluate_retrieval(model, frozen, toks, records, cfg, dist, shown):
 def generate(model, frozen, toks, pixels, prompts, num_beams, max_new, min_new, length_penalty=1.0):
     """Beam search in the frozen LLM from [P; E(prompt)] via transformers'
     generate(inputs_embeds=...)."""
-    llm, tok = frozen.llm, toks.llm
+    was, llm, tok = frozen.llm.training, frozen.llm.eval(), toks.llm  # no dropout (llm_train_mode)
     _, soft = model.prompts(pixels, frozen)
     soft = soft.to(llm.get_input_embeddings().weight.dtype)
     tok.padding_side = "right" if llm.config.is_encoder_decoder else "left"  # decoder-only: left pad
@@ -1140,6 +1144,7 @@ def generate(model, frozen, toks, pixels, prompts, num_beams, max_new, min_new, 
         out = llm.generate(inputs_embeds=x, attention_mask=att, num_beams=num_beams,
                            max_new_tokens=max_new, min_new_tokens=min_new, length_penalty=length_penalty,
                            eos_token_id=toks.eos_id, pad_token_id=tok.pad_token_id, do_sample=False)
+    llm.train(was)
     return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
 
 
@@ -1181,7 +1186,7 @@ def lemmatize_vqa(cfg, records):
 
 def evaluate_vqa(model, frozen, toks, records, cfg, dist, out_path):
     """Zero-shot VQA (LAVIS blip2_opt.py predict_answers): prompt.format(question) after the soft
-    prompts, beam 5, <= 10 new tokens, length penalty -1; VQA accuracy (official normalisation)."""
+    prompts, beam 5, <= 10 new tokens, --vqa_length_penalty; VQA accuracy, official normalisation"""
     from common.metrics import okvqa_lemmatize, vqa_accuracy
     preds = {}
     if lemmatize_vqa(cfg, records):
@@ -1338,7 +1343,7 @@ def build(cfg, dist):
     elif needs_llm(cfg):
         llm, llm_tok = load_llm(cfg.llm_path, fdtype, cfg.t5_dense_act_fn)
     if llm is not None:
-        llm.requires_grad_(False).eval().to(dist.device)
+        llm.requires_grad_(False).train(cfg.llm_train_mode).to(dist.device)  # generate() evals it
     encdec = llm is not None and llm.config.is_encoder_decoder
     if encdec and dtype == torch.float16:  # T5's FFN activations overflow fp16 (LAVIS: bf16)
         raise SystemExit("--precision fp16 with a T5 LLM: Flan-T5 overflows in fp16; use bf16 or fp32")

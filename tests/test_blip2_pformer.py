@@ -412,6 +412,19 @@ def test_paper_eval_settings_as_lavis(hf_folders):
     assert [c.grad_checkpoint for c in paper.values()] == [False, False, True] and not toy.grad_checkpoint
 
 
+def test_paper_preset_llm_train_mode_and_vqa_length_penalty():
+    """LAVIS blip2_opt.py / blip2_t5.py freeze the LLM by requires_grad alone and the runner's model.train() turns
+    its dropout on (runner_base.py): the paper preset trains with --llm_train_mode true. Its OPT VQA ranks beams
+    by the plain sum of log-probs (LAVIS blip2_opt.py predict_answers: length_penalty=0; docs: deviations). The
+    toy preset keeps both as they were (its T5 counts answer lengths as transformers 4.26 did)."""
+    from common.config import parse_config
+    for stage in ("0", "2", "caption", "eval"):
+        paper = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--preset", "paper", "--stage", stage]))
+        assert paper.llm_train_mode is paper.pformer_train_mode is True and paper.vqa_length_penalty == 0.0
+        toy = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", stage]))
+        assert toy.llm_train_mode is toy.pformer_train_mode is False and toy.vqa_length_penalty == -1.0
+
+
 def test_a_missing_eval_file_stops_before_training(tmp_path, monkeypatch):
     """The paper preset evaluates after stage 1 (retrieval: --val_file) and stage 2 (captions, VQA: --vqa_file too);
     without those files a run stopped only after training, in read_pairs(''). One line names the flag and the way
@@ -798,6 +811,30 @@ def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeyp
     best, last = (torch.load(run / f, weights_only=True) for f in ("best.pt", "checkpoint.pt"))
     assert (best["kind"], best["step"], last["step"]) == ("caption", 2, 4) and "optimizer" not in best
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])  # epoch 2 moved them
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_llm_train_mode_dropout_in_training_steps_eval_in_generation(toy_root, tmp_path, monkeypatch, flag):
+    """--llm_train_mode true (paper preset; LAVIS runner_base.py calls model.train(), which reaches the frozen LLM):
+    the LLM is in training mode (dropout on) in every training step, also after the epoch-end val captions, and in
+    eval mode whenever it generates; false (toy): in eval mode throughout."""
+    seen, real = [], bp.build
+
+    def spied(cfg, dist):
+        built = real(cfg, dist)
+        built[1].llm.register_forward_hook(lambda m, a, o: seen.append((torch.is_grad_enabled(), m.training)))
+        return built
+
+    monkeypatch.setattr(bp, "build", spied)
+    with open(os.path.join(toy_root, "pairs_train.jsonl")) as f:  # 4 images x 5 captions: 2 steps an epoch
+        (tmp_path / "small.jsonl").write_text("".join(f.readlines()[:4]))
+    bp.main(["--stage", "caption", "--train_file", str(tmp_path / "small.jsonl"), "--epochs", "2",
+             "--global_batch", "10", "--micro_batch", "10", "--report", "false", "--max_new_tokens", "3",
+             "--llm_train_mode", flag] + common_args(toy_root, tmp_path / "run") + ["--eval_max", "2"])
+    steps = [i for i, (grad, _) in enumerate(seen) if grad]
+    gens = [i for i, (grad, _) in enumerate(seen) if not grad]
+    assert len(steps) == 4 and gens and gens[0] < steps[-1]  # epoch 1's val captions come before step 3
+    assert {seen[i][1] for i in steps} == {flag == "true"} and {seen[i][1] for i in gens} == {False}
 
 
 def test_toy_blip2_tower_export_captions_like_transformers(pipeline, toy_root, tmp_path):
