@@ -1779,7 +1779,8 @@ def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", spec
     (has_encoder, momentum, ...): fine-tuning builds the retrieval or the caption model from a
     pretrain checkpoint. Every weight of the new model must be in the checkpoint (tied tensors are
     saved under the decoder's names too, so an untied decoder loads completely); the feature queues
-    start fresh. special, prompt: the tokenizer's token ids and a BLIP caption .pth's prompt, which
+    load where their shapes fit, as BLIP's load_checkpoint loads them (models/blip.py), while the
+    image ids and the pointer start fresh (they index the pretraining records). special, prompt: the tokenizer's token ids and a BLIP caption .pth's prompt, which
     a BLIP .pth does not record."""
     ck, blip = load_checkpoint(path), None
     if is_blip_pth(ck):
@@ -1798,7 +1799,8 @@ def load_dlip(path, parts, image_size=None, queue_size=None, flag="--init", spec
         raise ValueError(f"{flag} {path}: the checkpoint lacks {len(missing)} weights of the model "
                          f"(encoder {c.has_encoder}, decoder {c.has_decoder}): {missing[:4]}"
                          + (f"; unknown tensors {odd}" if odd else ""))
-    model.load_state_dict({k: sd[k] for k in own if k in sd and k not in QUEUES}, strict=False)
+    fits = lambda k: k not in QUEUES or k in QUEUES[:2] and sd[k].shape == own[k].shape  # noqa: E731
+    model.load_state_dict({k: sd[k] for k in own if k in sd and fits(k)}, strict=False)
     for on, mo in model.momentum_pairs() if fresh_m else ():
         mo.load_state_dict(on.state_dict())  # the momentum model starts as a copy
     return set_image_size(model, image_size)

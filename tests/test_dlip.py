@@ -790,6 +790,18 @@ def test_finetune_modes_and_eval(world, student_run, teacher_ckpt):
     _check_reports(d, student_run[0])
 
 
+def test_retrieval_fine_tuning_starts_from_the_pretraining_feature_queues(student_run):
+    """BLIP's train_retrieval.py loads every tensor of the pretraining checkpoint whose shape fits (models/blip.py
+    load_checkpoint), the feature queues too; the image-id queue and the pointer start fresh (-100, 0)."""
+    ck = torch.load(os.path.join(student_run[0], "last.pt"), weights_only=True)["model"]
+    ret = dlip.load_dlip(os.path.join(student_run[0], "last.pt"), dict(has_encoder=True, has_decoder=False,
+                                                                       tie_decoder=False, momentum=True))
+    assert torch.equal(ret.image_queue, ck["image_queue"]) and torch.equal(ret.text_queue, ck["text_queue"])
+    assert (ck["idx_queue"] != -100).any() and (ret.idx_queue == -100).all() and int(ret.queue_ptr) == 0
+    small = dlip.load_dlip(os.path.join(student_run[0], "last.pt"), dict(momentum=True), queue_size=8)
+    assert small.image_queue.shape[1] == 8 and not torch.equal(small.image_queue, ck["image_queue"][:, :8])
+
+
 def _check_reports(d, student_dir):
     """Every run above wrote report.html (issue 21): pictures decode, svgs parse, the promised sections are there."""
     from common.report import read_report
