@@ -47,7 +47,7 @@ from common.checkpoint import (RESUME_FREE, CheckpointMismatch, check_loaded, ch
                                save_checkpoint, set_rng_state)
 from common.config import format_config, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, ShardStream, StepSampler, StreamTracker,
-                         make_loader, pre_caption, read_lines, read_pairs, read_vqa,
+                         fit_micro, make_loader, pre_caption, read_lines, read_pairs, read_vqa,
                          shard_sample_count, stream_loader)
 from common.hf import read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform, normalize
@@ -934,7 +934,8 @@ class PairDataset(torch.utils.data.Dataset):
             tried.append(rec["image"])
             if pixels is not None:
                 return {"pixels": pixels, "caption": rec["captions"][j % len(rec["captions"])],
-                        "image_id": (i + n) % len(self.records), "tried": tried, "bad": bad}
+                        "image_id": (i + n) % len(self.records), "tried": tried, "bad": bad,
+                        "key": f"{epoch}-{k}"}  # (make_batch's T5 split)
             bad.append(rec["image"])
         raise DataError(f"no readable image under {cfg.image_root}: {len(bad)} tried in a row, "
                         f"e.g. {bad[:3]}")
@@ -948,11 +949,11 @@ class TextDataset(torch.utils.data.Dataset):
         return len(self.sentences)
 
     def __getitem__(self, key):
-        return {"caption": self.sentences[key[1]]}
+        return {"caption": self.sentences[key[1]], "key": "%d-%d" % key}  # (epoch, index)
 
 
 def collate(samples):
-    out = {"caption": [s["caption"] for s in samples],
+    out = {"caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
            "tried": [p for s in samples for p in s.get("tried", ())],
            "bad": [p for s in samples for p in s.get("bad", ())]}
     if "pixels" in samples[0]:
@@ -976,7 +977,8 @@ def shard_batches(cfg, dist, tracker, state):
         tracker.update(b)
         tracker.check()
         yield {"pixels": b["image"], "caption": b["caption"], "image_id": b["image_id"], "tried": [],
-               "bad": []}
+               "bad": [], "key": [f"{e}-{s}:{k}" for e, s, k in zip(b["epoch"].tolist(),
+                                                                    b["shard"].tolist(), b["key"])]}
 
 
 class Tokenizers:
@@ -1007,8 +1009,8 @@ class Tokenizers:
 
     def llm_batch(self, texts, prompt="", rng=None, stage0=False):
         """Decoder-only: prompt + text + suffix, prompt tokens masked from the loss.
-        Encoder-decoder: `rng` given -> random prefix/suffix split of each text (pre-training,
-        split_prefix); else prompt -> encoder, text -> decoder."""
+        Encoder-decoder: `rng` (a random.Random per text) given -> random prefix/suffix split of
+        each text (pre-training, split_prefix); else prompt -> encoder, text -> decoder."""
         tok = self.llm
         if tok is None:
             return None
@@ -1016,7 +1018,7 @@ class Tokenizers:
         pad = dict(padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
         if self.is_encdec:
             if rng is not None:
-                enc, dec = zip(*(split_prefix(t, rng, stage0) for t in texts))
+                enc, dec = zip(*(split_prefix(t, r, stage0) for t, r in zip(texts, rng)))
             else:
                 enc, dec = [prompt] * len(texts), list(texts)
             e, d = tok(list(enc), **pad), tok(list(dec), **pad)
@@ -1401,11 +1403,12 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     """Tokenise a collated micro-batch for the stage's loss; P* targets from the frozen P-Former."""
     caps = [pre_caption(c, 50) for c in raw["caption"]]  # LAVIS blip_caption keeps 50 words
     b = {"pixels": on_device(raw["pixels"], cfg, device)} if "pixels" in raw else {}
-    rng = random.Random(f"{cfg.seed}-{step}-{micro}")  # T5 prefix split: fixed by the step, not rank
+    split = toks.is_encdec and stage in ("0", "2")  # T5 prefix split: per sample, from its key
+    rng = [random.Random(f"{cfg.seed}-{k}-split") for k in raw["key"]] if split else None
     if stage == "0":
         ids, mask = toks.bert_batch(caps)
         b.update(bert_ids=ids, bert_mask=mask)
-        b.update(toks.llm_batch(caps, rng=rng if toks.is_encdec else None, stage0=True))
+        b.update(toks.llm_batch(caps, rng=rng, stage0=True))
         return b
     b["image_ids"] = raw["image_id"].to(device)
     prompt = cfg.caption_prompt if stage == "caption" else ""
@@ -1415,8 +1418,7 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
         b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
                  noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])
     else:
-        split = toks.is_encdec and stage == "2"
-        b["llm"] = toks.llm_batch(caps, prompt=prompt, rng=rng if split else None)
+        b["llm"] = toks.llm_batch(caps, prompt=prompt, rng=rng)
     if frozen.pformer is not None:
         ptext = [(prompt + " " + c) if prompt else c for c in caps]  # caption FT: "a photo of ..."
         with torch.no_grad(), autocast(device, frozen.dtype):
@@ -1787,6 +1789,8 @@ def main(argv=None):
     try:
         seed_everything(cfg.seed + dist.rank)
         logger = Logger(cfg.out_dir, dist.is_main)
+        if cfg.stage != "eval":  # before any model or data: the micro batch this world size runs
+            fit_micro(cfg, dist.world_size, logger.info)
         if cfg.preset == "toy":  # the toy world's paths; a first run builds only what it reads
             from data.toy import toy_paths
             toy_paths(cfg, *toy_files(cfg), is_main=dist.is_main, barrier=D.barrier)

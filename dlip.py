@@ -42,8 +42,8 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
                                rng_state, save_checkpoint, set_rng_state)
 from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, Records, ShardStream, StepSampler,
-                         StreamTracker, make_loader, pre_caption, read_pairs, shard_sample_count,
-                         stream_loader)
+                         StreamTracker, fit_micro, make_loader, pre_caption, read_pairs,
+                         shard_sample_count, stream_loader)
 from common.hf import counts_table, published_config, read_hf_weights, resolve_local
 from common.image import CLIP_MEAN, CLIP_STD, ImageTransform
 from common.log import Logger, progress
@@ -1442,6 +1442,8 @@ def resolve(cfg, argv, dist=None):
     for k, v in FINETUNE["paper" if cfg.preset == "paper" else "toy"].get(cfg.mode, {}).items():
         if k not in given:
             setattr(cfg, k, v)
+    if cfg.mode != "eval":  # before any model or data: the micro batch this world size runs
+        fit_micro(cfg, dist.world_size if dist else 1, Logger("", not dist or dist.is_main).info)
     toy = {f: v[4:] for f, v in vars(cfg).items() if isinstance(v, str) and v.startswith("toy:")}
     for f in toy:
         setattr(cfg, f, "")

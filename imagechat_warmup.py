@@ -42,7 +42,7 @@ from common.amp import autocast, make_scaler, pick_dtype, seed_everything
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
 from common.config import asdict_config, format_config, given_flags, parse_config, save_config
-from common.data import DataError, StepSampler
+from common.data import DataError, StepSampler, fit_micro
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
@@ -450,8 +450,7 @@ def warmup_batch(eps, feats, vocab, cfg, g):
     src/model/dataset.py).
 
     Shared encoder text: [<s>] c </s> s_1 <sty> u_1 </s> s_2 <sty> u_2 </s> ...   feats (B, 9, D).
-    Decoder input <start> <T> y_1..y_{n-1}, labels <T> y_1..y_n with y ending in </s>.
-    """
+    Decoder input <start> <T> y_1..y_{n-1}, labels <T> y_1..y_n with y ending in </s>."""
     V, B = vocab, len(eps)
     head = [V.bos] if V.bos is not None else []
     tasks = task_list(cfg)
@@ -872,9 +871,11 @@ def main(argv=None):
         return params_mode(resolve_paths(cfg) or cfg, Logger("", True))
     dist = setup_distributed(cfg.device)
     try:
+        log = Logger(cfg.out_dir, dist.is_main)
+        if p := {"warmup": "warmup", "finetune": "ft"}.get(cfg.mode):  # before any data or model,
+            fit_micro(cfg, dist.world_size, log.info, f"{p}_batch", f"{p}_micro")  # the micro run
         resolve_paths(cfg, dist.is_main)
         dtype = pick_dtype(dist.device, cfg.precision)
-        log = Logger(cfg.out_dir, dist.is_main)
         if cfg.init and cfg.mode in ("eval", "chat"):  # the model --init trained, but flags given
             as_trained(cfg, read_checkpoint(cfg.init, "--init", ("warmup", "finetune"), True),
                        given_flags(argv), log)
@@ -884,9 +885,8 @@ def main(argv=None):
                  + format_config(cfg))
         log.info("choices: " + "; ".join(f"{k}: {v}" for k, v in deviations(cfg).items()))
         seed_everything(cfg.seed)
-        run = {"features": prepare_features, "captions": prepare_captions, "warmup": run_training,
-               "finetune": run_training, "eval": run_eval, "chat": run_chat}[cfg.mode]
-        metrics = run(cfg, dist, log, dtype)
+        metrics = {"features": prepare_features, "captions": prepare_captions, "eval": run_eval,
+                   "chat": run_chat}.get(cfg.mode, run_training)(cfg, dist, log, dtype)
         if dist.is_main:
             with open(os.path.join(cfg.out_dir, "final_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)

@@ -46,7 +46,7 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
                                load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
 from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, StreamTracker, draw,
-                         make_loader, shard_sample_count)
+                         fit_micro, make_loader, shard_sample_count)
 from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform, normalize
 from common.hf import counts_table, hf_model, published_config
 from common.log import Logger
@@ -746,10 +746,12 @@ def main(argv=None):
         return params_mode(resolve_paths(cfg), Logger("", True))
     dist = D.setup_distributed(cfg.device)
     try:
+        log = Logger(cfg.out_dir, dist.is_main)
+        if cfg.mode == "train":  # before any data, mining or model: the micro batch this world runs
+            fit_micro(cfg, dist.world_size, log.info)
         resolve_paths(cfg, dist.is_main)
         NG.check_val_file(cfg)  # train: read after an epoch, so a bad --val_file stops the run now
         amp.seed_everything(cfg.seed + dist.rank)
-        log = Logger(cfg.out_dir, dist.is_main)
         log.info("config:\n" + format_config(cfg))
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
@@ -763,14 +765,12 @@ def main(argv=None):
             merge_lora(model).to(dist.device)
             if cfg.mode == "export":
                 out = cfg.export_dir or os.path.join(cfg.out_dir, "export")
-                if dist.is_main:
-                    export_model(model, cfg, out)
-                log.info(f"exported to {out}")
+                if dist.is_main:  # (log.info prints on the main process only)
+                    log.info(f"exported to {export_model(model, cfg, out)}")
                 return {"export_dir": out}
             t_eval, res = time.perf_counter(), evaluate(model, tok, cfg, dist, dtype, log)
         elif cfg.mode == "mine":
-            model, tok = build_model(model_config(cfg))
-            return mine(cfg, model, tok, dist, dtype, log, force=True)
+            return mine(cfg, *build_model(model_config(cfg)), dist, dtype, log, force=True)
         else:
             model, tok = build_model(model_config(cfg))
             before = score(model)  # the report's rows with the initial weights

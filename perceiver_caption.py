@@ -42,7 +42,7 @@ from common import amp, checkpoint, dist as cdist
 from common.attention import attention
 from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
-                         read_pairs, read_video)
+                         fit_micro, read_pairs, read_video)
 from common.hf import published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
@@ -112,7 +112,7 @@ class Config(ModelConfig):
     max_bad_frac: float = 0.05     # stop when more of the distinct images tried are unreadable
     # optimisation (seed: AdamW 1e-4, betas (0.9, 0.98), wd 1e-3 on all, 10 % warm-up, constant)
     global_batch: int = 32
-    micro_batch: int = 32
+    micro_batch: int = 32          # per GPU: fitted to the world size (common.data.fit_micro)
     steps: int = 0                 # 0 = epochs * (len(train) // global_batch)
     epochs: float = 30.0
     lr: float = 1e-4
@@ -580,8 +580,7 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
     n, t0 = len(ds) if cfg.max_eval <= 0 else min(cfg.max_eval, len(ds)), time.perf_counter()
     mine = caption_records(bridge, lm, clip, ds, cdist.shard_indices(n, d), cfg, ctok, dtype,
                            d.device, d.is_main)
-    preds = {i: c for part in cdist.all_gather_object(mine) for i, c in part.items()}
-    metrics = None
+    preds, metrics = {i: c for part in cdist.all_gather_object(mine) for i, c in part.items()}, None
     if d.is_main:
         gts, res = {i: ds.records[i]["captions"] for i in preds}, {i: preds[i][:1] for i in preds}
         scores = {**caption_metrics(gts, res), **hf_caption_metrics(gts, res)}  # COCO; seed's HF
@@ -672,8 +671,7 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
             loss = caption_loss(logits, lab, denom)
             scaler.scale(loss * d.world_size).backward()  # DDP averages gradients over ranks: undo
         loss_sum += loss.detach()
-    for m in (bridge, lm):
-        m.eval()
+    nn.ModuleList([bridge, lm]).eval()
     if not update:
         opt.zero_grad(set_to_none=True)
         return {}
@@ -699,9 +697,9 @@ def save_state(name, cfg, bridge, opt, scaler, step, best_val, rngs=None):
         "scaler": scaler.state_dict() if scaler else {}, "rng": rngs or checkpoint.rng_state()})
 
 
-# A resume may also change where it stops and how it tests; not --epochs (--steps 0: the schedule).
-RESUME_FREE = checkpoint.RESUME_FREE - {"epochs"} | {"stop_at", "ckpt", "test_after_train",
-                                                     "max_eval", "inputs", "num_return", *DECODING}
+# A resume may also change where it stops, how it tests, micro_batch; not --epochs (the schedule).
+RESUME_FREE = checkpoint.RESUME_FREE - {"epochs"} | set(DECODING) | {
+    "stop_at", "ckpt", "test_after_train", "max_eval", "inputs", "num_return", "micro_batch"}
 
 
 def resume(cfg, bridge, opt, scaler, logger):
@@ -737,7 +735,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
             for s in ["train", "val"] + ["test"] * cfg.test_after_train}
     for ds in sets.values() if cfg.cache_feats else []:
         cache_features(ds, clip, dtype, cfg.eval_batch, d, cfg.workers)
-    train_set, micro = sets["train"], min(cfg.micro_batch, cfg.global_batch // world)
+    train_set, micro = sets["train"], cfg.micro_batch  # (main fitted it to the world size)
     steps_per_epoch = max(1, len(train_set) // cfg.global_batch)
     total = cfg.steps if cfg.steps > 0 else int(cfg.epochs * steps_per_epoch)
     end = min(total, cfg.stop_at) if cfg.stop_at > 0 else total
@@ -867,6 +865,8 @@ def main(argv=None):
     d = cdist.setup_distributed(cfg.device)
     logger = Logger(cfg.out_dir if cfg.mode in ("train", "test") and not cfg.bench else "", d.is_main)
     try:
+        if cfg.mode == "train":  # before any data or model: the micro batch this world size runs
+            fit_micro(cfg, d.world_size, logger.info)
         if cfg.mode in ("test", "caption"):  # the model is the checkpoint's ModelConfig
             ckpt = checkpoint.load_checkpoint(path := cfg.ckpt or f"{cfg.out_dir}/best.pt")
             checkpoint.expect_checkpoint(ckpt, path, SCRIPT, flag="--ckpt")

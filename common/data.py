@@ -469,6 +469,33 @@ class StepSampler(torch.utils.data.Sampler):
         return (self.total - self.start) * self.accum
 
 
+def fit_micro_batch(global_batch, micro_batch, world):
+    """The micro batch (rows per process per forward) that `world` processes run: the largest divisor of
+    global_batch // world that is at most the requested `micro_batch`, so that global_batch = micro x world x
+    accumulation (StepSampler).  The global batch is unchanged; only its split (so the memory per GPU) is.  An
+    error, naming both numbers, when global_batch is not a multiple of world."""
+    if world < 1 or global_batch < world or global_batch % world:
+        raise ValueError(f"global_batch {global_batch} must be a multiple of the world size {world} "
+                         "(each process takes an equal share of a step)")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+    share = global_batch // world
+    return max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+
+
+def fit_micro(cfg, world, log=print, batch="global_batch", micro="micro_batch"):
+    """cfg.<micro> <- fit_micro_batch(cfg.<batch>, cfg.<micro>, world), called where a script knows its world
+    size, before it builds any model or data, so its sampler, loaders, logs, checkpoints and resume checks all
+    see the micro batch that runs; one `log` line when that is not the requested one."""
+    asked, total = getattr(cfg, micro), getattr(cfg, batch)
+    fit = fit_micro_batch(total, asked, world)
+    if fit != asked and log:
+        log(f"--{micro} {fit}, not {asked}: {world} processes x {fit} x accumulation {total // (world * fit)} "
+            f"= --{batch} {total} (the global batch unchanged)")
+    setattr(cfg, micro, fit)
+    return cfg
+
+
 def draw(seed, epoch, index, n):
     """A reproducible choice in range(n) for sample `index` in `epoch` (e.g. which of its captions): the same in
     any worker, on any rank, after any resume."""

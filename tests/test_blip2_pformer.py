@@ -450,6 +450,67 @@ def test_a_missing_eval_file_stops_before_training(tmp_path, monkeypatch):
         bp.main(run + ["--stage", "1", "--bench", "2"])
 
 
+@pytest.mark.parametrize("stage, world, micro", [("1", 16, 64), ("0", 8, 48), ("caption", 16, 8)])
+def test_paper_preset_fits_the_micro_batch_to_the_world_size_before_building(tmp_path, monkeypatch, capsys, stage,
+                                                                            world, micro):
+    """The docstring's `torchrun --nnodes 2 --nproc_per_node 8 ... --preset paper --stage 1`: 1024 = 16 ranks x
+    micro 128 x accumulation 0 stopped in StepSampler after ViT-g, BERT and OPT-2.7b had loaded (stage 0's 384 ran
+    on 1 or 3 GPUs only).  main() now fits the micro batch before build(): the largest divisor of a rank's share,
+    the global batch (what a step computes) unchanged, and says so in one line."""
+    from common.dist import Dist
+
+    class Built(Exception):
+        pass
+
+    def build(cfg, dist):
+        raise Built(cfg.micro_batch, cfg.global_batch)
+
+    monkeypatch.setattr(bp.D, "setup_distributed", lambda device: Dist(world_size=world))
+    monkeypatch.setattr(bp, "build", build)
+    with pytest.raises(Built) as got:
+        bp.main(["--preset", "paper", "--stage", stage, "--eval_tasks", "", "--out_dir", str(tmp_path)])
+    recipe = bp.STAGE_RECIPES["paper"][stage]
+    assert got.value.args == (micro, recipe["global_batch"])
+    assert f"--micro_batch {micro}, not {recipe['micro_batch']}: {world} processes x {micro}" in capsys.readouterr().out
+
+
+def test_t5_prefix_split_is_drawn_per_sample_on_any_layout(toy_root, monkeypatch):
+    """BLIText (blip2_pformer_t5.py) cuts each caption on its own; the cut came from random.Random(seed-step-micro),
+    so the k-th caption of every rank got the same cut and 2 processes did not compute what 1 process computes at
+    the same global batch.  A sample's cut now follows its key (seed, epoch, index): the same on 1 rank, 2 ranks or
+    with accumulation (and after a resume, which replays the keys), fresh in each epoch; stages 0 and 2."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from common.data import StepSampler
+    load = lambda name: AutoTokenizer.from_pretrained(os.path.join(toy_root, "models", name))  # noqa: E731
+    toks = bp.Tokenizers(load("bert"), load("t5"), 32, "cpu", is_encdec=True)
+    with open(os.path.join(toy_root, "corpus.txt")) as f:
+        data = bp.TextDataset([line.strip() for line in f.readlines()[:16]])
+    cfg, frozen, calls, split = SimpleNamespace(seed=0, caption_prompt=""), SimpleNamespace(pformer=None), [], \
+        bp.split_prefix
+    monkeypatch.setattr(bp, "split_prefix", lambda t, rng, stage0=False: calls.append(split(t, rng, stage0)) or
+                        calls[-1])
+
+    def cuts(stage, micro, world):  # {(epoch, index): (prefix, suffix)} over 4 steps (2 epochs) of 8
+        out = {}
+        for rank in range(world):
+            sampler = StepSampler(len(data), 8, micro, world, rank, seed=0)
+            for step in range(4):
+                for j, keys in enumerate(sampler.micro_batches(step)):
+                    raw = {**bp.collate([data[k] for k in keys]), "image_id": torch.arange(len(keys))}
+                    calls.clear()
+                    bp.make_batch(raw, stage, cfg, toks, frozen, step, j, "cpu")
+                    out.update(zip(keys, list(calls)))
+        return out
+
+    for stage in ("0", "2"):
+        one = cuts(stage, 8, 1)
+        assert len(one) == 32 and cuts(stage, 4, 2) == one and cuts(stage, 2, 1) == one, stage
+        assert any(one[0, i] != one[1, i] for i in range(16))
+
+
 def test_stage1_hf_export_without_a_projection_stops_at_startup(tmp_path, monkeypatch):
     """A plain stage 1 has no LLM projection, so --hf_export failed in export_hf only after training and evaluation,
     before metrics.json: one line at startup names what to pass; with --pformer_ckpt the run goes on to build."""
@@ -1006,10 +1067,11 @@ def test_stage1_from_shards_resumes_exactly_and_splits_ranks(toy_root, shards, t
 def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     """Stage 2 with retrieval among its evals builds the Q-Former's text parts, which no stage-2 loss uses: they
     must be frozen before DDP, or its unused-parameter check stops the second step. Its ITM re-ranked retrieval,
-    rows split over the two ranks, equals one process's evaluation of the same checkpoint."""
-    args = ["--stage", "2", "--max_steps", "3", "--global_batch", "8", "--micro_batch", "4", "--warmup_steps", "1",
+    rows split over the two ranks, equals one process's evaluation of the same checkpoint. The toy LLM is T5: its
+    prefix/suffix cuts are each sample's, so the 2 processes' losses are one process's at the same global batch."""
+    base = ["--stage", "2", "--max_steps", "3", "--global_batch", "8", "--micro_batch", "4", "--warmup_steps", "1",
             "--device", "cpu", "--eval_tasks", "retrieval", "--k_test", "3"]
-    args += common_args(toy_root, tmp_path) + ["--eval_max", "8"]  # after common_args' --eval_max: it wins
+    args = base + common_args(toy_root, tmp_path) + ["--eval_max", "8"]  # after common_args' --eval_max: it wins
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(REPO, "blip2_pformer.py")] + args, env=env, cwd=REPO, capture_output=True,
@@ -1021,6 +1083,9 @@ def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     one = bp.main(["--stage", "eval", "--init", str(tmp_path / "checkpoint.pt"), "--eval_tasks", "retrieval",
                    "--k_test", "3", "--report", "false"] + common_args(toy_root, tmp_path / "one") + ["--eval_max", "8"])
     assert "itc_r_mean" in one and {k: two[k] for k in one} == pytest.approx(one, abs=1e-6)
+    single = bp.main(base + common_args(toy_root, tmp_path / "single") +  # the global batch in one micro batch
+                     ["--eval_max", "8", "--report", "false", "--micro_batch", "8"])
+    assert single["final_loss"] == pytest.approx(two["final_loss"], rel=1e-4, abs=1e-5)
 
 
 def test_non_finite_loss_stops_with_step_and_terms(toy_root, tmp_path):

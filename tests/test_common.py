@@ -752,6 +752,36 @@ def test_step_sampler_global_batch_is_rank_and_accumulation_invariant():
         data.StepSampler(5, 8, 8)
 
 
+def test_fit_micro_batch_is_the_largest_divisor_of_a_processs_share():
+    """The paper presets at the world sizes where StepSampler stopped them (after the models loaded): 16 ranks x
+    1024 (blip2 stage 1, micro 128), 8 x 1152 (dlip, micro 288), 8 x 2016 (imagechat warm-up, micro 16); a micro
+    batch that already fits is kept; a global batch that the ranks cannot share equally is an error."""
+    fit = data.fit_micro_batch
+    assert fit(1024, 128, 16) == 64 and fit(1152, 288, 8) == 144 and fit(2016, 16, 8) == 14
+    assert fit(384, 128, 3) == 128 and fit(384, 128, 8) == 48 and fit(256, 256, 8) == 32 and fit(32, 32, 1) == 32
+    assert fit(32, 32, 2) == 16 and fit(30, 8, 1) == 6  # perceiver's old clamp gave 8 here: 30 = 6 x 5
+    for G, m, world in ((1024, 128, 16), (1152, 288, 8), (2016, 16, 8), (384, 128, 8), (96, 7, 4)):
+        f = fit(G, m, world)
+        assert f <= m and data.StepSampler(G, G, f, world).accum * f * world == G
+    with pytest.raises(ValueError, match="global_batch 1024 must be a multiple of the world size 3"):
+        fit(1024, 128, 3)
+    with pytest.raises(ValueError, match="micro_batch must be at least 1"):
+        fit(32, 0, 1)
+
+    @dataclass
+    class Run:
+        global_batch: int = 1024
+        micro_batch: int = 128
+        warmup_batch: int = 2016
+        warmup_micro: int = 16
+    lines = []
+    cfg = data.fit_micro(Run(), 16, lines.append)
+    assert cfg.micro_batch == 64 and cfg.warmup_micro == 16 and len(lines) == 1
+    assert "--micro_batch 64, not 128" in lines[0] and "--global_batch 1024" in lines[0]
+    assert data.fit_micro(cfg, 16, lines.append).micro_batch == 64 and len(lines) == 1  # fits: no line
+    assert data.fit_micro(Run(), 8, lines.append, "warmup_batch", "warmup_micro").warmup_micro == 14
+
+
 def test_make_loader_ignores_global_rng():
     """A plain DataLoader draws its base seed from the global RNG (so a resumed run, whose global RNG was restored,
     draws something else than the unbroken run did); make_loader's loaders never touch it."""

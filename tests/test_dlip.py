@@ -1268,6 +1268,26 @@ def test_pretraining_warms_up_in_epoch_0_only_and_captions_fine_tune_5_epochs(mo
     assert cap.epochs == 5
 
 
+def test_paper_presets_fit_the_micro_batch_to_the_world_size_before_any_model(capsys):
+    """README's `torchrun --nproc_per_node=8 dlip.py --preset paper`: 1152 = 8 ranks x micro 288 x accumulation 0
+    stopped in StepSampler once the models had loaded.  resolve() (main: before any model or data) now runs the
+    largest micro batch that divides a rank's share, the global batch unchanged: 8 x 144; the retrieval recipe's
+    256 on 16 ranks: 16 x 16; a fitting one stays; eval trains nothing and keeps its flags."""
+    from common.config import parse_config
+    from common.dist import Dist
+    run = lambda world, *a: dlip.resolve(parse_config(dlip.Config, dlip.PRESETS, list(a)), list(a),  # noqa: E731
+                                         Dist(world_size=world))
+    cfg = run(8, "--preset", "paper", "--mode", "pretrain")
+    assert (cfg.global_batch, cfg.micro_batch) == (1152, 144)
+    out = capsys.readouterr().out
+    assert "--micro_batch 144, not 288: 8 processes x 144 x accumulation 1 = --global_batch 1152" in out
+    assert run(4, "--preset", "paper", "--mode", "pretrain").micro_batch == 288 and not capsys.readouterr().out
+    assert run(16, "--preset", "paper", "--mode", "retrieval").micro_batch == 16
+    assert run(3, "--preset", "paper", "--mode", "eval").micro_batch == 288  # (1152 / 3 would be fitted: 96)
+    with pytest.raises(ValueError, match="global_batch 1152 must be a multiple of the world size 5"):
+        run(5, "--preset", "paper", "--mode", "pretrain")
+
+
 class _Images(torch.nn.Module):
     c = type("C", (), {"sep_id": 3})
 

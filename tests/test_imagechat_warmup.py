@@ -126,6 +126,25 @@ def test_reader_on_published_fixture(tmp_path):
         ic.read_image_chat(str(bad))
 
 
+def test_paper_preset_fits_the_micro_batch_to_the_world_size_before_any_data(tmp_path, monkeypatch):
+    """README's `torchrun --nproc_per_node=8 imagechat_warmup.py --preset paper --mode warmup`: 2016 = 8 ranks x
+    micro 16 stopped in StepSampler (252 per rank is no multiple of 16).  main() now fits the mode's micro batch
+    before any data or model: 8 x 14 x accumulation 18; fine-tuning's 256 runs 8 x 32 as asked."""
+    from common.dist import Dist
+    seen, Stop = [], type("Stop", (Exception,), {})
+
+    def stop(cfg, is_main=True):  # resolve_paths: the first step that reads data or builds the toy world
+        seen.append((cfg.warmup_micro, cfg.ft_micro))
+        raise Stop
+
+    monkeypatch.setattr(icw, "setup_distributed", lambda device: Dist(world_size=8))
+    monkeypatch.setattr(icw, "resolve_paths", stop)
+    for mode in ("warmup", "finetune", "eval"):
+        with pytest.raises(Stop):
+            icw.main(["--preset", "paper", "--mode", mode, "--out_dir", str(tmp_path)])
+    assert seen == [(14, 32), (16, 32), (16, 32)]
+
+
 def test_a_num_candidates_the_split_file_lacks_is_refused():
     """The published files hold candidate lists of 100 and 1000 per turn (ParlAI's --num-cands choices): another
     --num_candidates would rank nothing and drop the R@k columns without a word."""

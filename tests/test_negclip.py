@@ -55,6 +55,25 @@ def test_negclip_loss_layout_and_terms():
     assert torch.allclose(terms2["t2i"], terms["t2i"]) and not torch.allclose(terms2["i2t"], terms["i2t"])
 
 
+def test_paper_preset_fits_the_micro_batch_to_the_world_size_before_mining(tmp_path, monkeypatch, capsys):
+    """README's `torchrun --nproc_per_node=8 negclip.py --preset paper --mode train`: 256 = 8 ranks x micro 256 x
+    accumulation 0 stopped in StepSampler after the mining.  main() now fits the micro batch before any data,
+    mining or model (8 x 32, exact: gradient caching); eval, mine and export keep theirs (no training)."""
+    from common.dist import Dist
+    seen, Stop = [], type("Stop", (Exception,), {})
+
+    def stop(cfg, is_main=True):  # resolve_paths: the first step that reads data or builds the toy world
+        seen.append(cfg.micro_batch)
+        raise Stop
+
+    monkeypatch.setattr(N.D, "setup_distributed", lambda device: Dist(world_size=8))
+    monkeypatch.setattr(N, "resolve_paths", stop)
+    for mode in ("train", "eval"):
+        with pytest.raises(Stop):
+            N.main(["--preset", "paper", "--mode", mode, "--out_dir", str(tmp_path)])
+    assert seen == [32, 256] and "--micro_batch 32, not 256: 8 processes x 32" in capsys.readouterr().out
+
+
 def test_negclip_loss_perfect_alignment_goes_to_zero():
     e = torch.eye(12)[:6]  # 6 orthonormal image embeddings
     txt = torch.cat([e, torch.eye(12)[6:]])  # captions = images; hard captions orthogonal

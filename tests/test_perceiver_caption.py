@@ -423,6 +423,27 @@ def test_resume_refuses_a_changed_config_unless_asked(world, tmp_path, capsys):
         _run(world, tmp_path / "d", *common, "--resume", tmp_path / "a" / "best.pt")
 
 
+def test_micro_batch_is_fitted_before_loading_and_a_resume_may_change_it(tmp_path, monkeypatch):
+    """train() clamped the micro batch to min(micro, global / world): 40 on 2 ranks with --micro_batch 16 ran
+    16 x 2 x accumulation 1 = 32 and stopped in StepSampler after CLIP and GPT-2 had loaded.  main() now runs
+    common.data.fit_micro before any data or model: 2 ranks x 10 x 2 = 40.  A resume on another world size (so
+    another fitted micro batch) continues: the loss divides by the global batch's target tokens on any layout."""
+    from common.checkpoint import resume_config_diff
+    from common.dist import Dist
+    seen, Stop = {}, type("Stop", (Exception,), {})
+
+    def stop(cfg, d):  # resolve_paths: the first step that reads data or builds the toy world
+        seen["micro"] = cfg.micro_batch
+        raise Stop
+
+    monkeypatch.setattr(pc.cdist, "setup_distributed", lambda device: Dist(world_size=2))
+    monkeypatch.setattr(pc, "resolve_paths", stop)
+    with pytest.raises(Stop):
+        pc.main(["--global_batch", "40", "--micro_batch", "16", "--out_dir", str(tmp_path)])
+    assert seen["micro"] == 10
+    assert resume_config_diff({"micro_batch": 32, "lr": 1e-3}, {"micro_batch": 16, "lr": 1e-3}, pc.RESUME_FREE) == []
+
+
 def test_resume_into_another_out_dir_tests_the_best_weights(world, tmp_path, monkeypatch):
     """The final test captions with the weights of the run's best validation loss: after a resume into another
     --out_dir that never beats the restored best, the best.pt beside --resume, not a stale best.pt left in the
