@@ -7,6 +7,7 @@ scripts pass the `Dist` record (rank, world size, device) where it is needed.
 import datetime
 import inspect
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,15 @@ def cleanup_distributed():
     exception").  The wait is bounded, so a run whose other rank failed still exits."""
     if tdist.is_initialized():
         if tdist.get_backend() == "gloo" and tdist.get_world_size() > 1:
+            last = torch.zeros(1)  # alive until the group is gone
             try:
                 tdist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                # torch < 2.8 frees a gloo group while holding the GIL and waits for its worker threads; a worker
+                # that is still freeing a finished collective (a barrier holds the collectives before it) needs
+                # the GIL for their Python tensors: a deadlock (pytorch PR 154976).  One more collective, on a
+                # tensor Python still holds, and a pause, both with the GIL released, let the workers finish.
+                tdist.all_reduce(last)
+                time.sleep(0.05)
             except RuntimeError:
                 pass  # a peer is gone: nothing left to wait for
         tdist.destroy_process_group()
