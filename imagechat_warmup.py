@@ -106,7 +106,7 @@ class Config:
     max_tgt_len: int = 254          # target incl. its final </s>
     # ---- warm-up tasks (paper section 3.4)
     tasks: str = "mlm,isp,mrm,gcd"
-    mlm_frac: float = 0.2           # floor(0.2 * len) tokens of every utterance masked
+    mlm_frac: float = 0.2           # floor(0.2 * n) of the n tokens of each "utterance </s>" masked
     mrm_frac: float = 0.15          # floor(9 * 0.15) = 1 patch zeroed
     task_weight: float = 1.0        # lambda_1..4 (release: 0.25 = 1/|tasks|)
     ul_alpha: float = 1.0
@@ -352,7 +352,9 @@ class ImageChatModel(nn.Module):
         out = {}
         for name, b in tasks.items():
             enc, mask = self.encode(b["src"], b["src_mask"], b["feats"])
-            res = self.lm(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=b["dec_in"],
+            d, pad = b["dec_in"], self.vocab.pad  # pads masked, start kept: release dataset.py ~403
+            res = self.lm(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=d,
+                          decoder_attention_mask=(d != pad).index_fill(1, d.new_zeros(1), 1),
                           output_hidden_states=name == "mrm")
             if name in ("mlm", "gcd", "ft"):
                 mle, ul = mle_ul_loss(res.logits, b["labels"], self.vocab.pad, self.ul_per_sequence)
@@ -460,12 +462,11 @@ def warmup_batch(eps, feats, vocab, cfg, g):
         if cfg.use_caption:
             ids += ([V.mask] * len(ep["caption"]) if mask_caption else ep["caption"]) + [V.eos]
         for s, u in zip(ep["styles"], ep["utts"]):
-            u = u[:cfg.seg_tokens]
-            if mask_utts and len(u):
-                k = int(cfg.mlm_frac * len(u))
-                picked = torch.randperm(len(u), generator=g)[:k].tolist()
+            u = u[:cfg.seg_tokens] + [V.eos]  # release dataset.py ~154: masks drawn over "u </s>"
+            if mask_utts:
+                picked = torch.randperm(len(u), generator=g)[:int(cfg.mlm_frac * len(u))].tolist()
                 u = [V.mask if i in picked else t for i, t in enumerate(u)]
-            ids += s + [V.sty] + u + [V.eos]
+            ids += s + [V.sty] + u
         return ids
 
     def dialogue(ep):
@@ -480,11 +481,10 @@ def warmup_batch(eps, feats, vocab, cfg, g):
     if "mlm" in tasks:  # masked dialogue modelling: reconstruct the whole (unmasked) dialogue
         out["mlm"] = pack([source(ep, mask_utts=True) for ep in eps],
                           [[V.task["mlm"]] + dialogue(ep) for ep in eps], feats)
-    if "isp" in tasks:  # image swap: floor(B/2) items get another (unswapped) item's image
-        perm = torch.randperm(B, generator=g)
+    if "isp" in tasks:  # image swap: floor(B/2) items get distinct unswapped items' images
+        perm = torch.randperm(B, generator=g)  # (release dataset.py image_swapping)
         swapped, kept = perm[:B // 2], perm[B // 2:]
-        src_rows = kept[torch.randint(len(kept), (len(swapped),), generator=g)]
-        f = feats.index_copy(0, swapped, feats[src_rows])  # a copy: feats stays as it was
+        f = feats.index_copy(0, swapped, feats[kept[:len(swapped)]])  # a copy: feats stays as is
         labels = [[V.task["isp"]] + (V.negative if s else V.positive) + [V.eos]
                   for s in torch.isin(torch.arange(B), swapped).tolist()]
         out["isp"] = pack([source(ep) for ep in eps], labels, f)
