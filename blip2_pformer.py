@@ -140,7 +140,7 @@ class Config:
 
 
 PRESETS = {
-    # Tiny backbones learn in a few hundred steps only without dropout in the (2-layer) Q-Former.
+    # Tiny backbones learn in a few hundred steps only without dropout in the (4-layer) Q-Former.
     "toy": {"qformer_dropout": 0.0, "num_query": 8},
     "paper": {
         # EVA ViT-g/14 (39 blocks = penultimate layer) is distributed inside the BLIP-2 checkpoints.
@@ -453,8 +453,8 @@ _LAYER_NAMES = [("self_attn.query", "attention.self.query"), ("self_attn.key", "
 
 
 def load_bert(path):
-    """BERT with its MLM head, loaded as the class its weights were saved from (bert-base-uncased
-    and the toy BERT are BertForPreTraining: + pooler and next-sentence head, unused here)."""
+    """BERT with its MLM head, loaded as the class its config.json names (bert-base-uncased:
+    BertForMaskedLM; the toy BERT: BertForPreTraining, whose pooler and NSP head go unused)."""
     from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
     pretraining = "BertForPreTraining" in (BertConfig.from_pretrained(path).architectures or [])
     return (BertForPreTraining if pretraining else BertForMaskedLM).from_pretrained(path)
@@ -480,7 +480,7 @@ def qformer_from_bert(bert_path, vision_width, cfg, vocab_size, text=True):
     if text:
         V = sd["bert.embeddings.word_embeddings.weight"].shape[0]
         words = qf.word_embeddings.weight.detach().clone()
-        words[:V] = sd["bert.embeddings.word_embeddings.weight"]  # extra rows ([DEC]): N(0, 0.02)
+        words[:V] = sd["bert.embeddings.word_embeddings.weight"]  # extra rows ([DEC]): N(0, 1), nn.Embedding's
         bias = torch.zeros(vocab_size)
         bias[:V] = sd["cls.predictions.bias"]
         head = {f"lm_{a}.{p}": sd[f"cls.predictions.transform.{b}.{p}"]
@@ -1188,7 +1188,7 @@ def lemmatize_vqa(cfg, records):
 
 def evaluate_vqa(model, frozen, toks, records, cfg, dist, out_path):
     """Zero-shot VQA (LAVIS blip2_opt.py predict_answers): prompt.format(question) after the soft
-    prompts, beam 5, <= 10 new tokens, --vqa_length_penalty; VQA accuracy, official normalisation"""
+    prompts, --vqa_num_beams, --vqa_max_new_tokens, --vqa_length_penalty; accuracy by --vqa_rule"""
     from common.metrics import okvqa_lemmatize, vqa_accuracy
     preds = {}
     if lemmatize_vqa(cfg, records):
@@ -1639,8 +1639,8 @@ def qformer_like_hf(folder, bert_path, cfg, vocab_size, text):
 
 def import_hf(folder, model):
     """Load a released BLIP-2 into ln_vision, Q-Former and llm_proj (ViT and LLM: `load_vision`,
-    `load_hf_llm`).  Keys the file lacks (text parts of generation checkpoints) keep their BERT
-    init; returns our keys that were loaded."""
+    `load_hf_llm`).  Keys the file lacks (text parts of generation checkpoints) keep their init
+    (BERT's where the shapes agree, qformer_like_hf); returns our keys that were loaded."""
     sd, ours, new = read_hf_weights(folder, ""), model.state_dict(), {}
     for a, b in hf_qformer_names(len(model.qformer.layers), model.qformer.text):
         if a not in ours or b not in sd:

@@ -22,8 +22,8 @@ eval (beam search per turn: F1 / BLEU-4 / ROUGE-L, mean "IC", PPL, R@1/5/10), ch
 Paper recipe on 8 GPUs (global batch fixed, = micro x world x accumulation: 2016 = 18 x 8 x 14):
     torchrun --nproc_per_node 8 imagechat_warmup.py --preset paper --mode warmup --warmup_micro 18 \
         --out_dir runs/icw/warmup
-Release-vs-paper differences are flags printed at start-up (--legacy_lr, --untied_head, --share_pos,
---ul_per_sequence, --select_on test). BART-base and caption-free variants: docs/imagechat_warmup.md.
+Release-vs-paper choices are printed at start-up: --legacy_lr, --untied_head, --share_pos and
+--select_on test take the release's (its unlikelihood is the default). More: docs/imagechat_warmup.md.
 """
 import json
 import math
@@ -303,7 +303,7 @@ def extended_table(module, n):
 
 class ImageChatModel(nn.Module):
     """transformers encoder-decoder + image projection, segment embedding and MRM head.
-    forward(tasks) runs every task's batch and returns its loss terms: one DDP forward per step."""
+    forward(tasks): every task's batch -> its loss terms, in one DDP forward per micro-batch."""
 
     def __init__(self, lm, vocab, feat_dim, n_patches=9, use_image=True, max_positions=256,
                  share_pos=False, untied_head=False, ul_alpha=1.0, ul_per_sequence=False):
@@ -329,7 +329,7 @@ class ImageChatModel(nn.Module):
             lm.lm_head = nn.Linear(d, lm.config.vocab_size, bias=False)
 
     def embed(self, src, src_mask, feats):
-        """Image block + text embeddings, with segments: (B, L), (B, 9, D) -> (B, 11+L, d)."""
+        """Image block + text embeddings and mask: (B, L), (B, 9, D) -> (B, 11+L, d), (B, 11+L)."""
         emb = self.lm.get_input_embeddings()
         x = emb(src)  # (B, L, d), x sqrt(d) for BlenderBot (scale_embedding)
         if not self.use_image:

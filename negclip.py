@@ -414,7 +414,7 @@ class NegCLIPRows(torch.utils.data.Dataset):
 def collate(items, tok, max_len):
     """Row samples -> the NegCLIP micro batch: pixels [x; x'] (2b, 3, S, S), texts [t; t'; n; n']
     (4b, L); stream rows (no neighbour): [x] and [t; n]; plain CLIP: [x] and [t].  A missing hard
-    caption (None) is an empty text with id -2, its column masked in forward_loss."""
+    caption (None) is an empty text with id -2, its column masked in global_loss."""
     hard, imgs = items[0]["hard"], ("x", "x2") if "x2" in items[0] else ("x",)
     tks = ("t", "t2")[:len(imgs)] + (("n", "n2")[:len(imgs)] if hard else ())
     img_ids = [it[k.replace("x", "img_id")] for k in imgs for it in items]

@@ -23,7 +23,7 @@ Hugging Face `evaluate` BLEU / ROUGE-L (hf_*) from common.metrics.
 
 --preset paper is the seed's COCO recipe (its table of the three ablations: hf_BLEU-4 / hf_ROUGE-L).
 docs/perceiver_caption.md has the toy results, the video, blank-image and --mode test|params
-commands, and the deviations from the seed (each a flag that can take the seed's value).
+commands, and the deviations from the seed (those with a flag can take the seed's value).
 """
 import contextlib
 import dataclasses
@@ -537,7 +537,7 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
 
 @torch.no_grad()
 def validation_loss(bridge, lm, clip, ds, cfg, dtype, device, d):
-    """Mean caption CE on the validation split (caption i % 5 for record i), sharded over ranks."""
+    """Mean caption CE on the validation split (record i: caption i mod its count), over ranks."""
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches_of(ds, [(i, i) for i in cdist.shard_indices(len(ds), d)], cfg.eval_batch):
         feats = batch_feats(clip, batch, dtype, device)
