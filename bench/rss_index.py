@@ -77,7 +77,7 @@ def proc_mem(pid="self"):
 
 
 class BeforeSet(torch.utils.data.Dataset):
-    """blip2_pformer.PairDataset's layout: records as dicts, one Python tuple per pair."""
+    """blip2_pformer.PairDataset's old layout (before Records): records as dicts, one tuple per pair."""
 
     def __init__(self, records):
         self.records = records

@@ -14,7 +14,7 @@ def pick_dtype(device, precision="auto"):
 
     On CUDA this also lets fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and
     later; inputs rounded to 10 mantissa bits, fp32 accumulation and output), which torch leaves off
-    for matmuls: frozen towers kept in fp32, fp32 logits and --precision fp32 runs then compute at
+    for matmuls: frozen towers kept in fp32 and --precision fp32 runs (not fp32() blocks) compute at
     the TF32 peak, the one train.peak_flops measures their MFU against."""
     device = torch.device(device)
     if device.type == "cuda":

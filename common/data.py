@@ -1,6 +1,6 @@
 """Canonical dataset readers (pairs, vqa, video) and bad-image handling shared by the scripts.
 
-Formats (DESIGN.md): JSON Lines, one record per line:
+Formats (data/README.md, "Canonical formats"): JSON Lines, one record per line:
     pairs  {"image": path, "captions": [str, ...]}
     vqa    {"image": path, "question": str, "answers": [str x 10], "question_id": int|str}
     video  {"frames": [path, ...], "captions": [str, ...]}
@@ -261,18 +261,18 @@ def read_lines(path):
     return Lines([path], [(st.st_size, st.st_mtime_ns)], as_np(offsets, np.int64), as_np(lengths, np.int32))
 
 
-def _check_strings(path, i, rec, field):
+def _check_strings(path, lineno, rec, field):
     for j, c in enumerate(rec[field]):
         if not isinstance(c, str):
-            raise DataError(f"{path}: record {i + 1}: field '{field}'[{j}] should be str, got {type(c).__name__}")
+            raise DataError(f"{path}:{lineno}: field '{field}'[{j}] should be str, got {type(c).__name__}")
 
 
 def read_pairs(path):
     """Canonical pairs -> Records with `n_captions` (so `recs.pairs()` works)."""
     def check(rec, i, lineno):
         if not rec["captions"]:
-            raise DataError(f"{path}: record {i + 1}: field 'captions' is empty")
-        _check_strings(path, i, rec, "captions")
+            raise DataError(f"{path}:{lineno}: field 'captions' is empty")
+        _check_strings(path, lineno, rec, "captions")
         return len(rec["captions"])
     return read_jsonl(path, ("image", "captions"), {"image": str, "captions": list}, check)
 
@@ -280,7 +280,7 @@ def read_pairs(path):
 def read_vqa(path):
     return read_jsonl(path, ("image", "question", "answers", "question_id"),
                       {"image": str, "question": str, "answers": list},
-                      lambda rec, i, lineno: _check_strings(path, i, rec, "answers"))
+                      lambda rec, i, lineno: _check_strings(path, lineno, rec, "answers"))
 
 
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -344,7 +344,7 @@ def read_video(path, image_root=None):
             raise DataError(f"{path}:{lineno}: field 'frames' is empty")
         if not rec["captions"]:
             raise DataError(f"{path}:{lineno}: field 'captions' is empty")
-        _check_strings(path, i, rec, "captions")
+        _check_strings(path, lineno, rec, "captions")
         return len(rec["captions"])
     return read_jsonl(path, ("captions",), {"captions": list}, check, _VideoFolders(image_root))
 

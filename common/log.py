@@ -42,7 +42,7 @@ class Logger:
         os.replace(tmp, self.path)
 
     def log(self, step, **scalars):
-        """`step 120 | loss 2.31 | itc 1.02 | lr 1e-4 | ...` to stdout and one JSON object to metrics.jsonl."""
+        """`step 120 | loss 2.31 | itc 1.02 | lr 0.0001 | ...` to stdout and one JSON object to metrics.jsonl."""
         if not self.is_main:
             return
         scalars = {k: (float(v) if hasattr(v, "item") else v) for k, v in scalars.items()}

@@ -4,7 +4,7 @@ Captions follow the COCO caption evaluation (pycocoevalcap, github.com/tylin/coc
 then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which is CIDEr-D: clipping, Gaussian
 length penalty, x10) and ROUGE-L; `hf_bleu` / `hf_rouge` give the Hugging Face `evaluate` bleu and rouge metrics
 that some papers report instead. VQA accuracy follows GT-Vision-Lab/VQA's vqaEval.py in either of its two
-versions (`VQA_RULES`; default: the 2017 one that LAVIS uses), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
+versions (`VQA_RULES`; default: the 2016-10 one, 458a8b2, that LAVIS copies), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
 Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after their ITM re-ranking). Captions
 metrics are fractions (BLEU-4 0.40, CIDEr 1.35), VQA accuracy a fraction, recalls percentages. Dialogue metrics
 (Image-Chat) reuse the one BLEU and the one ROUGE-L with the options that give the rules dialogue evaluations use

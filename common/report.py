@@ -41,7 +41,7 @@ class Html(str):
 
 
 def esc(x):
-    """Text -> escaped markup (Html passes through); floats are shown with 4 significant digits."""
+    """Text -> escaped markup (Html passes through); floats: 4 significant digits (3 below 1e-3 or from 1e5)."""
     if isinstance(x, Html):
         return x
     if getattr(x, "ndim", None) == 0:  # a numpy or torch scalar

@@ -77,10 +77,11 @@ def optimizer_update(optimizer, scaler, params, max_norm, step, terms):
 
 
 # Dense (no sparsity) peak FLOP/s per GPU as (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32), from the
-# vendors' data sheets.  Matched in order against torch.cuda.get_device_name: the PCIe and NVL H100s are slower
-# parts than the SXM one, so they come first.
+# vendors' data sheets.  Matched in order against torch.cuda.get_device_name: the PCIe and NVL parts are slower
+# than the SXM ones, so they come first.
 PEAKS = (("H100 PCIe", (756e12, 378e12, 51e12)), ("H100 NVL", (835e12, 418e12, 60e12)),
-         ("H100", (989e12, 495e12, 67e12)), ("H200", (989e12, 495e12, 67e12)), ("H800", (989e12, 495e12, 67e12)),
+         ("H100", (989e12, 495e12, 67e12)), ("H200 NVL", (835e12, 418e12, 60e12)),
+         ("H200", (989e12, 495e12, 67e12)), ("H800", (989e12, 495e12, 67e12)),
          ("A100", (312e12, 156e12, 19.5e12)), ("A800", (312e12, 156e12, 19.5e12)), ("L40S", (362e12, 183e12, 91.6e12)),
          ("A6000", (155e12, 77e12, 38.7e12)), ("4090", (165e12, 83e12, 82.6e12)), ("V100", (125e12, None, 15.7e12)))
 

@@ -1,6 +1,6 @@
 """Converters from published dataset layouts to the project's canonical JSON Lines formats.
 
-The five method scripts read three record shapes (DESIGN.md, "Canonical formats"):
+The five method scripts read three record shapes (data/README.md, "Canonical formats"):
 
     pairs  {"image": "<path relative to --image_root>", "captions": [str, ...]}
     vqa    {"image": ..., "question": str, "answers": [10 str], "question_id": int | str}
@@ -41,7 +41,7 @@ Examples (run from the repository root):
     python data/convert.py mlslt MLSLT/ --split train --frames_dir mlslt_frames --out mlslt_train.jsonl
     python data/convert.py cifar cifar-100-python/ --out data/benchmarks/classification/cifar100
 
-Every converter is also a function returning the records (`convert_coco`, `convert_karpathy`, ...);
+Every converter is also a function returning the records (`convert_coco`, ...; `convert_cifar`: counts);
 skipped records are counted by reason in a `Report`.  Bad input (missing file, missing or wrong-typed
 field) raises `ConversionError` whose one-line message names the file, the record and the field; the CLI
 prints it and exits with status 1.  Nothing runs at import.
@@ -1141,7 +1141,7 @@ CIFAR_LAYOUTS = {  # the folders the published tarballs unpack to: (train batche
 
 def convert_cifar(src, out, label="fine", report=None):
     """cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or cifar-100-python/ (train, test, meta;
-    label fine (100 classes) or coarse (20)) -> <out>/{train,test}/<label name>/<n>.png, n the image's index in
+    label fine (100 classes) or coarse (20)) -> <out>/{train,test}/<label name>/<n:05d>.png, n the image's index in
     its split.  Each batch row holds 3072 bytes: the red, green and blue 32x32 planes, row-major.  The folder is
     written aside and renamed into place.  -> {split: images}."""
     import numpy as np
@@ -1290,7 +1290,8 @@ def build_parser():
         sp.add_argument("--out", required=out_required,
                         help="output .jsonl file" + ("" if out_required else " (omit to count and check only)"))
         sp.add_argument("--check_images", action="store_true",
-                        help="drop (and count) records whose image is missing or unreadable under --image_root")
+                        help="drop (and count) records whose image is missing or unreadable under --image_root "
+                             "(img2dataset: in its folder or shards)")
         sp.add_argument("--image_root", default=None,
                         help="folder the image paths are relative to (for --check_images; vg also picks "
                              "VG_100K or VG_100K_2 by looking here)")
@@ -1360,7 +1361,7 @@ def build_parser():
                       "frames extracted by the ffmpeg command-line tool")
     sp.add_argument("root", help="folder holding <split>.json and <split>/")
     sp.add_argument("--split", required=True, help="train, dev or test")
-    sp.add_argument("--frames_dir", required=True, help="frame folders go to <frames_dir>/<split>/<id>/<lang>/")
+    sp.add_argument("--frames_dir", required=True, help="frame folders go to <frames_dir>/<split>/<id>/<sign lang>/")
     sp.add_argument("--lang", default="en", help="language of the caption text (default en)")
     sp.add_argument("--sign_langs", default="en", help="comma-separated signing languages whose videos are read")
     sp.add_argument("--fps", type=float, default=5.0, help="frames per second extracted (default 5)")
@@ -1371,7 +1372,7 @@ def build_parser():
     sp.add_argument("--jobs", type=int, default=1, help="ffmpeg processes at once")
 
     sp = sub.add_parser("cifar", help="CIFAR-10/100 python batches -> ImageFolder of PNGs (classification)",
-                        description="CIFAR-10/100 python batches -> <out>/{train,test}/<class>/<n>.png")
+                        description="CIFAR-10/100 python batches -> <out>/{train,test}/<class>/<n:05d>.png")
     sp.add_argument("src", help="cifar-10-batches-py/ or cifar-100-python/ (the published tarballs' folders)")
     sp.add_argument("--out", required=True, help="output folder (must not exist)")
     sp.add_argument("--label", default="fine", choices=("fine", "coarse"), help="CIFAR-100: 100 or 20 classes")

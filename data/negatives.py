@@ -931,11 +931,11 @@ def processor_config(path, meta=False):
 # ---- defaults of the two inits (negclip.py --init clip | unimodal)
 
 def init_lr(init):
-    """The tower learning rate when --lr is 0.  clip: 1e-6, the released NegCLIP command
-    (vinid/neg_clip; the paper's grid was {1e-5, 5e-6, 1e-6}).  unimodal: 1e-5, the one learning
-    rate (towers and fresh heads alike, --head_lr 0) of the uni-modal NegCLIP configs of
-    github.com/JiH00nKw0n/multimodal (configs/train/negclip_dinov2_large_bert_base.yml,
-    negclip_dinov2_lora.yml)."""
+    """The tower learning rate when --lr is 0.  clip: 1e-6, the released NegCLIP command (the
+    README of mertyg/vision-language-models-are-bows; the paper's grid was {1e-5, 5e-6, 1e-6}).
+    unimodal: 1e-5, the one learning rate (towers and fresh heads alike, --head_lr 0) of the
+    uni-modal NegCLIP configs of github.com/JiH00nKw0n/multimodal
+    (configs/train/negclip_dinov2_large_bert_base.yml, negclip_dinov2_lora.yml)."""
     return 1e-5 if init == "unimodal" else 1e-6
 
 

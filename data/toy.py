@@ -1,4 +1,4 @@
-"""The toy world: a deterministic miniature of the vision-language setting (DESIGN.md, "The toy world").
+"""The toy world: a deterministic miniature of the vision-language setting (data/README.md, "The toy world").
 
 Scenes are 64 px RGB images of 1-3 coloured shapes (6 shapes, 7 colours, small/large, placed so that every pair
 of objects stands in exactly one clear relation: left of / right of / above / below).  From the same scenes the

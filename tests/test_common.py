@@ -663,7 +663,7 @@ def test_readers_reject_non_utf8_and_non_string_captions(tmp_path):
     with pytest.raises(data.DataError, match=r"p\.jsonl:2: not UTF-8"):
         data.read_pairs(str(p))
     q = _write(tmp_path / "q.jsonl", [json.dumps({"image": "a.png", "captions": ["ok", 3]})])
-    with pytest.raises(data.DataError, match=r"q\.jsonl: record 1: field 'captions'\[1\] should be str, got int"):
+    with pytest.raises(data.DataError, match=r"q\.jsonl:1: field 'captions'\[1\] should be str, got int"):
         data.read_pairs(q)
     v = _write(tmp_path / "v.jsonl", [json.dumps({"frames": ["f.png"], "captions": [None]})])
     with pytest.raises(data.DataError, match=r"field 'captions'\[0\] should be str"):

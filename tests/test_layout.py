@@ -1,4 +1,4 @@
-"""The house layout (DESIGN.md): line budgets of the method scripts, their reading order, and the import rule
+"""The house layout (README.md, "Layout"): line budgets of the method scripts, their reading order, and the import rule
 (nothing under common/ or data/ imports a method script)."""
 import ast
 import re
