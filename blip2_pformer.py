@@ -479,8 +479,8 @@ def qformer_from_bert(bert_path, vision_width, cfg, vocab_size, text=True):
                 new[f"layers.{i}.{ours}.{p}"] = sd[f"bert.encoder.layer.{i}.{src}.{p}"]
     if text:
         V = sd["bert.embeddings.word_embeddings.weight"].shape[0]
-        words = qf.word_embeddings.weight.detach().clone()
-        words[:V] = sd["bert.embeddings.word_embeddings.weight"]  # extra rows ([DEC]): N(0, 1), nn.Embedding's
+        words = qf.word_embeddings.weight.detach().clone() * 0.02  # new rows ([DEC]): N(0, 0.02),
+        words[:V] = sd["bert.embeddings.word_embeddings.weight"]  # as resize_token_embeddings (LAVIS)
         bias = torch.zeros(vocab_size)
         bias[:V] = sd["cls.predictions.bias"]
         head = {f"lm_{a}.{p}": sd[f"cls.predictions.transform.{b}.{p}"]

@@ -325,6 +325,19 @@ def hf_folders(tmp_path_factory):
     return out
 
 
+def test_qformer_from_bert_draws_new_token_rows_as_resize_token_embeddings(hf_folders):
+    """[DEC], the row BLIP-2 adds to BERT's vocabulary, starts as transformers' resize_token_embeddings drew it for
+    LAVIS (blip2_qformer.py; N(0, initializer_range 0.02)), not at nn.Embedding's N(0, 1) beside BERT's rows."""
+    from transformers import BertForMaskedLM
+    bert = BertForMaskedLM.from_pretrained(hf_folders["bert"])
+    V = bert.config.vocab_size
+    torch.manual_seed(0)
+    qf = bp.qformer_from_bert(hf_folders["bert"], 24, bp.Config(num_query=4), V + 50)  # 50 new rows: a stable std
+    words = qf.word_embeddings.weight.detach()
+    assert torch.equal(words[:V], bert.bert.embeddings.word_embeddings.weight)
+    assert 0.015 < float(words[V:].std()) < 0.025
+
+
 def hf_inputs(model, kind):
     torch.manual_seed(1)
     px = torch.randn(2, 3, 32, 32)
@@ -710,7 +723,7 @@ def pipeline(toy_root, tmp_path_factory):
     s0 = str(root / "s0t5" / "checkpoint.pt")
     # plain BLIP-2 stage 1 (no --pformer_ckpt; stage 1 + alignment is exercised by the resume test below)
     # (the toy ITC sits at log(batch) until the features stop collapsing: 40-100 steps, seed-dependent)
-    res["1"] = run("s1", "--stage", "1", "--max_steps", "120", "--epochs", "5", "--global_batch", "32",
+    res["1"] = run("s1", "--stage", "1", "--max_steps", "160", "--epochs", "5", "--global_batch", "32",
                    "--micro_batch", "32", "--lr", "1e-3", "--warmup_steps", "3", "--eval_max", "50")
     res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
                         "retrieval", "--blank_images", "true", "--eval_max", "50", "--report", "false")
@@ -758,7 +771,7 @@ def test_stage1_losses_fall_and_retrieval_beats_blank(pipeline):
     # with blank images every image looks the same: retrieval sits at chance (R@1 = 2% of 50); the trained
     # Q-Former is far above it
     assert blank["img_r1"] == pytest.approx(2.0) and blank["txt_r1"] == pytest.approx(2.0)
-    # 120 steps (2.6 epochs of the tiny world) get the toy ITC out of its collapsed start; random
+    # 160 steps (3.4 epochs of the tiny world) get the toy ITC out of its collapsed start; random
     # features would give r_mean 10 +- ~2 here
     gap = metrics["r_mean"] - blank["r_mean"]
     assert gap > 15 and metrics["txt_r10"] + metrics["img_r10"] > 80, (metrics, blank)
