@@ -573,9 +573,12 @@ def test_min_new_tokens_on_the_command_line_replaces_the_recipes_min_length():
             least("--preset", preset, "--stage", "2", "--min_new_tokens", "3", "--min_length", "8")
 
 
-def test_vqa_rule_and_okvqa_lemmatisation_settings():
+def test_vqa_rule_and_okvqa_lemmatisation_settings(hf_folders, tmp_path, monkeypatch):
     """Issue 17.3/17.4: the VQA rule reaches vqa_accuracy; OK-VQA records (data/convert.py okvqa) are lemmatised
     unless --vqa_lemmatize false; without WordNet the evaluation stops with one line before decoding."""
+    import nltk
+    import common.metrics
+    from PIL import Image
     from common.config import parse_config
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, ["--stage", "eval"]))
     assert cfg.vqa_rule == "lavis2017" and cfg.vqa_lemmatize is None
@@ -583,6 +586,32 @@ def test_vqa_rule_and_okvqa_lemmatisation_settings():
     assert bp.lemmatize_vqa(cfg, ok) and not bp.lemmatize_vqa(cfg, v2)
     cfg.vqa_lemmatize = False
     assert not bp.lemmatize_vqa(cfg, ok)
+
+    for n in ("a", "b"):
+        Image.new("RGB", (32, 32), (40 * len(n), 90, 200)).save(tmp_path / f"{n}.png")
+
+    def vqa_eval(name, *extra, **mark):  # a quick --stage eval of VQA on 2 questions (the hf_folders model)
+        qs = [{"image": f"{n}.png", "question": "what colour?", "answers": ["blue", "red"], "question_id": i, **mark}
+              for i, n in enumerate("ab")]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+        return bp.main(["--stage", "eval", "--hf_import", hf_folders["opt"], "--bert_path", hf_folders["bert"],
+                        "--eval_tasks", "vqa", "--vqa_file", str(tmp_path / f"{name}.jsonl"), "--image_root",
+                        str(tmp_path), "--image_size", "32", "--out_dir", str(tmp_path / name), "--num_workers", "0",
+                        *extra])
+
+    rules, accuracy = [], common.metrics.vqa_accuracy  # evaluate_vqa imports it from common.metrics when it runs
+    monkeypatch.setattr(common.metrics, "vqa_accuracy", lambda p, a, rule: rules.append(rule) or accuracy(p, a, rule))
+    for rule in ("lavis2017", "official"):  # the default, and the other rule by flag
+        rules.clear()
+        m = vqa_eval(rule, *(["--vqa_rule", rule] if rule != cfg.vqa_rule else []))
+        assert rules == [rule] * 2 and "vqa_acc" in m
+
+    calls = []  # OK-VQA records without WordNet / tagger data: one line before anything is decoded
+    monkeypatch.setattr(bp, "generate", lambda *a, **k: calls.append(1) or [""] * len(a[4]))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_nltk_data")])
+    with pytest.raises(LookupError, match="python -m nltk.downloader wordnet averaged_perceptron_tagger_eng") as e:
+        vqa_eval("okvqa", dataset="okvqa")  # marked by data/convert.py okvqa: lemmatised
+    assert "\n" not in str(e.value) and calls == []
 
 
 def test_hf_export_reloads_in_transformers(hf_folders, tmp_path):
@@ -826,7 +855,7 @@ def test_grad_checkpointing_of_the_trained_vit_keeps_loss_and_gradients(toy_root
         assert torch.allclose(grads0[k], grads1[k], atol=1e-6), k
 
 
-def test_a_vit_run_at_another_size_resizes_its_position_table_once(toy_root, tmp_path):
+def test_a_vit_run_at_another_size_resizes_its_position_table_once(toy_root, tmp_path, monkeypatch):
     """A run at another size than its ViT's (the paper's 364 px caption fine-tuning of a 224 px tower) interpolates
     the position table once, when the tower is loaded, as LAVIS does (eva_vit.py interpolate_pos_embed). A frozen
     tower computes what interpolating on every forward computes; a trained ViT trains the new table itself, its
@@ -847,12 +876,28 @@ def test_a_vit_run_at_another_size_resizes_its_position_table_once(toy_root, tmp
              "--global_batch", "4", "--micro_batch", "4", "--warmup_steps", "1", "--report", "false"]
             + common_args(toy_root, tmp_path / "cap") + ["--eval_max", "2"])
     ck = tmp_path / "cap" / "checkpoint.pt"
-    trained = torch.load(ck, weights_only=True)["model"]["vision.model.embeddings.position_embedding"]
+    tuned = {k[len("vision."):]: v for k, v in torch.load(ck, weights_only=True)["model"].items()
+             if k.startswith("vision.")}  # the trained ViT, as its checkpoint keeps it
+    trained = tuned["model.embeddings.position_embedding"]
     assert trained.shape == start.shape and not torch.equal(trained, start)  # the 12 x 12 grid itself trained
+    built, build = [], bp.build
+
+    def keep(cfg, dist):  # what main builds for --stage eval --init: its size, model, frozen parts
+        out = build(cfg, dist)
+        built.append((cfg.image_size, *out))
+        return out
+    monkeypatch.setattr(bp, "build", keep)
     for size in ([], ["--image_size", "64"]):
         m = bp.main(["--stage", "eval", "--init", str(ck), "--eval_tasks", "caption", "--report", "false"] + size
                     + common_args(toy_root, tmp_path / f"eval{len(size)}") + ["--eval_max", "2"])
         assert "CIDEr" in m
+        (run_size, model, frozen, _, _), = built[-1:]
+        assert model.vision is None and run_size == (int(size[1]) if size else 96)  # a frozen tower, evaluated at
+        tower = frozen.vision_tower                                                 # the checkpoint's size or 64
+        pos = table(tower).detach().cpu()  # the trained 12 x 12 table, kept (interpolated per forward at 64 px)
+        assert tower.image_size == 96 and torch.equal(pos.reshape(trained.shape), trained.to(pos.dtype))
+        got = {k: v.cpu() for k, v in tower.state_dict().items()}  # the whole tower (in the frozen dtype)
+        assert got.keys() == tuned.keys() and all(torch.equal(got[k], tuned[k].to(got[k].dtype)) for k in tuned)
 
 
 def test_caption_finetuning_evaluates_the_best_epoch(toy_root, tmp_path, monkeypatch):
@@ -1016,13 +1061,24 @@ def stage1_args(toy_root, out, steps, *extra):
             "--warmup_steps", "1", *extra] + common_args(toy_root, out) + ["--eval_tasks", ""]
 
 
-def test_bench_times_data_apart_and_names_the_negatives_accumulation_leaves(toy_root, tmp_path, capsys):
+def test_bench_times_data_apart_and_names_the_negatives_accumulation_leaves(toy_root, tmp_path, capsys, monkeypatch):
     """Issue 18 (done when): --bench reports the loader's time apart from the step's; issue 17.2: with
     accumulation, ITC / ITM contrast one micro batch, and the start-up log says how many negatives that is."""
+    import time
+    delay, calls, real = 0.02, [], bp.collate
+
+    def slow_collate(samples):  # the training loader's collate, made slow by a known amount
+        calls.append(len(samples))
+        time.sleep(delay)
+        return real(samples)
+    monkeypatch.setattr(bp, "collate", slow_collate)
     out = bp.main(stage1_args(toy_root, tmp_path, 2, "--micro_batch", "4", "--bench", "1"))
     log = capsys.readouterr().out
     assert "ITC / ITM negatives per sample: 3 (the global batch's 15 need accumulation 1" in log
-    assert out["bench_ms_data"] >= 0 and out["bench_ms_step"] > 0 and "| ms_data " in log
+    assert out["bench_ms_step"] > 0 and "| ms_data " in log
+    # every step draws its 4 micro batches from the loader: (3 warm-up + 1 timed [+ 1 FLOP count on a GPU]) x 4
+    assert calls == [4] * 4 * (3 + 1 + ("bench_max_mem_gib" in out))
+    assert out["bench_ms_data"] >= 4 * 1000 * delay  # the timed step waited for its 4 slow collates
 
 
 def test_resume_continues_exactly(pipeline, toy_root, tmp_path):

@@ -198,20 +198,42 @@ def test_blip2_minimum_caption_length_counts_new_tokens(assets, tmp_path):
 
 
 def test_clip_features_run_in_fp32_as_released(assets, tmp_path, monkeypatch):
-    """The release runs CLIP in fp32 (clip_feature_extraction.py); the cached features do not take the bf16 that
-    frozen models get on a GPU (common.amp.frozen_dtype, made to answer bf16 here on the CPU)."""
+    """The release runs CLIP in fp32 (clip_feature_extraction.py): the cached fp16 features are fp32 CLIP's
+    projected embeddings of each image's 3x3 grid of crops (bilinear resize to 3*crop, row-major crops, CLIP
+    normalisation), computed here by hand, rounded once to fp16; and they do not take the bf16 that frozen
+    models get on a GPU (--precision bf16, common.amp.frozen_dtype made to answer bf16 here on the CPU)."""
+    from transformers import CLIPModel
     data = tmp_path / "image_chat"
     shutil.copytree(FIXTURES, data)
     os.makedirs(data / "images")
-    for i, h in enumerate(ic.all_image_hashes(str(data))):
+    hashes = ic.all_image_hashes(str(data))
+    for i, h in enumerate(hashes):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
             data / "images" / f"{h}.jpg")
     args = ["--mode", "features", "--clip", str(assets / "clip"), "--data_dir", str(data)]
     icw.main([*args, "--cache_dir", str(tmp_path / "fp32"), "--out_dir", str(tmp_path / "a")])
+    index, feats = ic.load_features(str(tmp_path / "fp32"))
+    assert sorted(index) == sorted(hashes) and feats.shape == (3, 9, 12)
+    assert torch.equal(feats.half().float(), feats)  # cached as fp16 (load_features returns them as float32)
+    # by hand: fp32 CLIP on the 9 crops of the 48x48 bilinear resize, OpenAI CLIP mean/std (no preprocessor file)
+    clip = CLIPModel.from_pretrained(assets / "clip").float().eval()
+    mean, std = np.float32([0.48145466, 0.4578275, 0.40821073]), np.float32([0.26862954, 0.26130258, 0.27577711])
+    for h in hashes:
+        img = Image.open(data / "images" / f"{h}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
+        crops = [(np.asarray(img.crop((16 * gx, 16 * gy, 16 * gx + 16, 16 * gy + 16)), np.float32) / 255.0 - mean)
+                 / std for gy in range(3) for gx in range(3)]
+        with torch.no_grad():
+            out = clip.get_image_features(pixel_values=torch.from_numpy(np.stack(crops).transpose(0, 3, 1, 2).copy()))
+        want = getattr(out, "pooler_output", out)
+        assert want.dtype == torch.float32
+        # fp16 rounding of fp32 (relative error <= 2^-11; fp16 subnormals are 6e-8 apart) and nothing more: bf16
+        # CLIP is off by ~1e-2
+        torch.testing.assert_close(feats[index[h]].float(), want, rtol=2 ** -11 + 1e-5, atol=1e-7)
+    # --precision bf16 with frozen models in bf16 (as on a GPU): the very same features
     monkeypatch.setattr(ic, "frozen_dtype", lambda device, dtype: torch.bfloat16)
-    icw.main([*args, "--cache_dir", str(tmp_path / "gpu"), "--out_dir", str(tmp_path / "b")])
-    (i32, f32), (i16, f16) = ic.load_features(str(tmp_path / "fp32")), ic.load_features(str(tmp_path / "gpu"))
-    assert i32 == i16 and torch.equal(f32, f16)
+    icw.main([*args, "--precision", "bf16", "--cache_dir", str(tmp_path / "gpu"), "--out_dir", str(tmp_path / "b")])
+    i16, f16 = ic.load_features(str(tmp_path / "gpu"))
+    assert i16 == index and torch.equal(f16, feats)
 
 
 def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
