@@ -34,3 +34,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def slowed(monkeypatch):
+    """slowed(module, delay) -> a list that receives the batch size of each call of `module.collate`, which now
+    sleeps `delay` s first: a training loader made slow by a known amount, so a test can tell that --bench draws
+    the real loader's batches and times them apart from the step."""
+    import time
+
+    def slow(module, delay):
+        calls, real = [], module.collate
+
+        def collate(items, *args, **kwargs):
+            calls.append(len(items))
+            time.sleep(delay)
+            return real(items, *args, **kwargs)
+        monkeypatch.setattr(module, "collate", collate)
+        return calls
+    return slow

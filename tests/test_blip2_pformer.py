@@ -1061,17 +1061,11 @@ def stage1_args(toy_root, out, steps, *extra):
             "--warmup_steps", "1", *extra] + common_args(toy_root, out) + ["--eval_tasks", ""]
 
 
-def test_bench_times_data_apart_and_names_the_negatives_accumulation_leaves(toy_root, tmp_path, capsys, monkeypatch):
+def test_bench_times_data_apart_and_names_the_negatives_accumulation_leaves(toy_root, tmp_path, capsys, slowed):
     """Issue 18 (done when): --bench reports the loader's time apart from the step's; issue 17.2: with
     accumulation, ITC / ITM contrast one micro batch, and the start-up log says how many negatives that is."""
-    import time
-    delay, calls, real = 0.02, [], bp.collate
-
-    def slow_collate(samples):  # the training loader's collate, made slow by a known amount
-        calls.append(len(samples))
-        time.sleep(delay)
-        return real(samples)
-    monkeypatch.setattr(bp, "collate", slow_collate)
+    delay = 0.02
+    calls = slowed(bp, delay)  # the training loader's collate, made slow by a known amount
     out = bp.main(stage1_args(toy_root, tmp_path, 2, "--micro_batch", "4", "--bench", "1"))
     log = capsys.readouterr().out
     assert "ITC / ITM negatives per sample: 3 (the global batch's 15 need accumulation 1" in log

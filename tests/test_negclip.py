@@ -808,7 +808,7 @@ def test_hub_tower_is_normalised_as_the_same_local_folder(tmp_path, monkeypatch)
     assert NG.processor_config(hub, meta=True) == {}  # --mode params: no network, the family default
 
 
-def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, monkeypatch):
+def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, slowed):
     tsv, _ = mined
     # uni-modal towers (toy CLIP vision + toy BERT) with fresh heads; plain CLIP loss first (hn_start 10%)
     res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "uni", "--init", "unimodal", "--train_tsv", tsv,
@@ -819,17 +819,10 @@ def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, mo
     assert hard == [0, 1, 1] and all(np.isfinite(res["train/losses"]))
     # --bench N: timed steps, samples/s; the loader's time apart (issue 18.7): its collate, made slow by a known
     # amount, runs once per warm-up and timed micro batch, and the timed steps' data time holds its delay
-    import time
-    delay, calls, real = 0.02, [], N.collate
-
-    def slow_collate(items, **kw):
-        calls.append(len(items))
-        time.sleep(delay)
-        return real(items, **kw)
-    with monkeypatch.context() as mp:
-        mp.setattr(N, "collate", slow_collate)
-        b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "bench", "--train_tsv", tsv, "--bench", 2,
-                                              "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
+    delay = 0.02
+    calls = slowed(N, delay)
+    b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "bench", "--train_tsv", tsv, "--bench", 2,
+                                          "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
     assert b["samples_s"] > 0 and b["bench_steps"] == 2
     assert calls == [8] * (3 + 2)  # (3 warm-up + 2 timed) x accumulation 1 (on the CPU: no FLOP count)
     assert b["ms_data"] >= 1000 * delay and b["samples_s_step"] > b["samples_s"]

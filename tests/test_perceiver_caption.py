@@ -734,7 +734,7 @@ def test_unreadable_images_at_test_time_are_counted_over_ranks(world, tmp_path):
     assert "unreadable images | test: 3 of 8 images unreadable" in "\n".join(lines)
 
 
-def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path, monkeypatch):
+def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path, slowed):
     """Issue 18.7: the loader ships uint8 frames (a quarter of float32's bytes, pinned on a GPU) and encode_frames
     normalises them on the device: the CLIP features of the float path, 0 on padded frames.  --bench draws the
     real training loader's batches (here decoding frames, no cache) and reports their time apart from the step's."""
@@ -755,14 +755,8 @@ def test_frames_travel_as_uint8_and_bench_times_the_loader_apart(world, tmp_path
             want = clip(pixel_values=x).last_hidden_state
         torch.testing.assert_close(got[i, :len(x)], want, rtol=1e-5, atol=1e-5)
         assert not got[i, len(x):].any()
-    import time
-    delay, calls, real = 0.02, [], pc.collate
-
-    def slow_collate(items):  # the training loader's collate, made slow by a known amount
-        calls.append(len(items))
-        time.sleep(delay)
-        return real(items)
-    monkeypatch.setattr(pc, "collate", slow_collate)
+    delay = 0.02
+    calls = slowed(pc, delay)  # the training loader's collate, made slow by a known amount
     m = _run(world, tmp_path, "--bench", "2", "--cache_feats", "false", "--global_batch", "8", "--micro_batch", "4")
     assert m["bench_steps"] == 2 and {"ms_data", "ms_step", "samples_s", "samples_s_step"} <= set(m)
     # each step's 2 micro batches come from the loader: (3 warm-up + 2 timed [+ 1 FLOP count on a GPU]) x 2
