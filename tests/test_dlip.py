@@ -198,6 +198,32 @@ def test_original_blip_checkpoint_loads_with_its_outputs_and_names_a_missing_ten
         assert all(n in str(e.value) for n in names) and "\n" not in str(e.value), str(e.value)
 
 
+def test_salesforce_blip_released_checkpoint_layouts_load_every_weight_at_base_size(monkeypatch):
+    """The tensor names and shapes of salesforce/BLIP's released pretrain, caption and retrieval checkpoints at
+    ViT-B / BERT-base (tests/fixtures/blip/released_state_dicts.json, from the released model classes) load into
+    dlip's BLIP on the meta device: every weight of the model found with its shape, the architecture read off the
+    shapes, and only position ids, the tied LM projection, momentum copies and queues left over."""
+    import json
+    here = os.path.join(os.path.dirname(__file__), "fixtures", "blip", "released_state_dicts.json")
+    special = dict(enc_id=30523, dec_id=30522, sep_id=102, pad_id=0, cls_id=101)
+    want = {"model_base.pth": (224, True, True), "model_base_caption_capfilt_large.pth": (384, False, True),
+            "model_base_retrieval_coco.pth": (384, True, False)}  # image size, text encoder + heads, decoder
+    for name, layout in json.load(open(here)).items():
+        with torch.device("meta"):
+            sd = {k.replace("*", str(i)): torch.empty(s) for k, s in layout["tensors"].items()
+                  for i in range(layout["layers"][k.split("*")[0]] if "*" in k else 1)}
+            monkeypatch.setattr(dlip, "load_checkpoint", lambda path: {"model": sd, "config": {}})
+            m = dlip.load_dlip(name, dict(momentum=False), special=special)
+        c, own = m.c, m.state_dict()
+        assert (c.image_size, c.has_encoder, c.has_decoder) == want[name], name
+        assert (c.patch_size, c.vit_width, c.vit_layers, c.vit_heads, c.vit_mlp) == (16, 768, 12, 12, 3072)
+        assert (c.text_width, c.text_layers, c.text_heads, c.text_ffn, c.vocab_size) == (768, 12, 12, 3072, 30524)
+        assert [k for k in own if k not in sd] == [] and len(own) > 300, name
+        assert [k for k in own if own[k].shape != sd[k].shape] == [], name
+        left = {k for k in sd if k not in own}
+        assert left and all(dlip.BLIP_EXTRA.match(k) for k in left), sorted(left)[:5]
+
+
 def test_paper_preset_distils_blips_pretrained_checkpoint_at_224(capsys):
     from common.config import parse_config
     cfg = parse_config(dlip.Config, dlip.PRESETS, ["--preset", "paper"])
