@@ -986,3 +986,37 @@ def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_roo
     assert len(seen[0]) == len(seen[1]) == 8 and not seen[0] & seen[1]
     assert len(_losses(tmp_path / "two")) == 2
     assert N.load_checkpoint(str(tmp_path / "two" / "last.pt"))["stream"]["n_slots"] == 2  # both ranks' states
+
+
+def test_open_clip_checkpoint_converts_to_a_clip_folder_with_open_clips_own_features(toy_root, tmp_path):
+    """data/openclip_to_hf.py: an open_clip training checkpoint (NegCLIP's fork saves {"epoch", "name",
+    "state_dict": DDP's "module." names}) of a tiny ViT CLIP (tests/fixtures/openclip, made by open_clip 2.24) becomes
+    a CLIPModel folder whose image and text features equal open_clip's, under QuickGELU and GELU each (the wrong
+    one is off by 1e-2: sugar-crepe #7); negclip.py evaluates the folder; other layouts stop in one line."""
+    from transformers import CLIPModel
+    import data.openclip_to_hf as C
+    fix = os.path.join(os.path.dirname(__file__), "fixtures", "openclip")
+    want, ckpt = json.load(open(os.path.join(fix, "features.json"))), os.path.join(fix, "epoch_1.pt")
+    pixels = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16).mul(0.37).sin()
+    ids, tok = torch.tensor(want["ids"]), os.path.join(toy_root, "models", "clip")
+    for act, other in (("quick_gelu", "gelu"), ("gelu", "quick_gelu")):
+        C.main([ckpt, "--out", str(tmp_path / act), "--tokenizer", tok, "--act", act, "--head_width", "4"])
+        m = CLIPModel.from_pretrained(str(tmp_path / act)).eval()
+        with torch.no_grad():
+            v = m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)  # (2, 4)
+            t = m.text_projection(m.text_model(input_ids=ids).pooler_output)  # (2, 4)
+        for got, key in ((v, "image"), (t, "text")):
+            torch.testing.assert_close(got, torch.tensor(want[act][key]), atol=1e-5, rtol=1e-5)
+            assert (got - torch.tensor(want[other][key])).abs().max() > 1e-3
+    ev = N.main(["--mode", "eval", *_args(toy_root, tmp_path / "ev", "--clip", tmp_path / "quick_gelu",
+                                          "--benchmarks", "retrieval", "--max_text_len", 8, "--report", "false")])
+    assert 0 <= ev["retrieval/r_mean"] <= 100
+    sd = torch.load(ckpt, weights_only=True)["state_dict"]
+    for edit, match in (({"module.visual.layer1.0.conv1.weight": torch.zeros(1)}, "a ResNet CLIP"),
+                        ({"module.visual.extra.weight": torch.zeros(1)}, r"1 tensors .*'visual.extra.weight'")):
+        torch.save({**sd, **edit}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=match):
+            C.main([str(tmp_path / "bad.pt"), "--out", str(tmp_path / "bad"), "--tokenizer", tok, "--head_width", "4"])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"text.pt: not a state dict torch.load\(weights_only=True\) reads"):
+        C.main([str(tmp_path / "text.pt"), "--out", str(tmp_path / "bad"), "--tokenizer", tok])
