@@ -202,7 +202,8 @@ def test_salesforce_blip_released_checkpoint_layouts_load_every_weight_at_base_s
     """The tensor names and shapes of salesforce/BLIP's released pretrain, caption and retrieval checkpoints at
     ViT-B / BERT-base (tests/fixtures/blip/released_state_dicts.json, from the released model classes) load into
     dlip's BLIP on the meta device: every weight of the model found with its shape, the architecture read off the
-    shapes, and only position ids, the tied LM projection, momentum copies and queues left over."""
+    shapes, and only position ids, the tied LM projection, momentum copies and queues left over; a momentum model
+    finds its momentum copies and feature queues there too."""
     import json
     here = os.path.join(os.path.dirname(__file__), "fixtures", "blip", "released_state_dicts.json")
     special = dict(enc_id=30523, dec_id=30522, sep_id=102, pad_id=0, cls_id=101)
@@ -222,6 +223,12 @@ def test_salesforce_blip_released_checkpoint_layouts_load_every_weight_at_base_s
         assert [k for k in own if own[k].shape != sd[k].shape] == [], name
         left = {k for k in sd if k not in own}
         assert left and all(dlip.BLIP_EXTRA.match(k) for k in left), sorted(left)[:5]
+        if "visual_encoder_m.cls_token" in sd:  # pretrain / retrieval: momentum copies and 57,600-long queues
+            with torch.device("meta"):
+                own = dlip.load_dlip(name, dict(momentum=True), None, 57600, special=special).state_dict()
+            bookkeeping = {"idx_queue", "queue_ptr"}  # start fresh: they index BLIP's own pretraining records
+            assert sum("_m." in k for k in own) > 300 and "image_queue" in own, name
+            assert [k for k in own if k not in bookkeeping and (k not in sd or own[k].shape != sd[k].shape)] == []
 
 
 def test_paper_preset_distils_blips_pretrained_checkpoint_at_224(capsys):
