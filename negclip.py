@@ -23,6 +23,7 @@ Modes: mine (NegCLIP TSV) | train (mines first when needed; or from webdataset s
 
 `--preset paper` is the paper's recipe (ViT-B/32, COCO with the released TSV, 5 epochs, batch 256,
 lr 1e-6; ARO VG-R 0.59 -> 0.81, VG-A 0.62 -> 0.71 in the paper). Toy figures: docs/RESULTS.md.
+The released NegCLIP (open_clip weights) reads as --clip after data/openclip_to_hf.py converts it.
 """
 import contextlib
 import dataclasses
