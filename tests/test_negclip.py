@@ -1008,6 +1008,13 @@ def test_open_clip_checkpoint_converts_to_a_clip_folder_with_open_clips_own_feat
         for got, key in ((v, "image"), (t, "text")):
             torch.testing.assert_close(got, torch.tensor(want[act][key]), atol=1e-5, rtol=1e-5)
             assert (got - torch.tensor(want[other][key])).abs().max() > 1e-3
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--clip", str(tmp_path / "quick_gelu")])
+    dual, _ = N.build_model(N.model_config(cfg))  # what negclip.py trains and scores: open_clip's embeddings
+    with torch.no_grad():
+        got = (dual.eval().encode_image(pixels), dual.encode_text(ids, (ids > 0).long()))
+    for g, key in zip(got, ("image", "text")):
+        torch.testing.assert_close(g, torch.nn.functional.normalize(torch.tensor(want["quick_gelu"][key]), dim=-1),
+                                   atol=1e-5, rtol=0)
     ev = N.main(["--mode", "eval", *_args(toy_root, tmp_path / "ev", "--clip", tmp_path / "quick_gelu",
                                           "--benchmarks", "retrieval", "--max_text_len", 8, "--report", "false")])
     assert 0 <= ev["retrieval/r_mean"] <= 100
