@@ -8,7 +8,9 @@ mertyg/vision-language-models-are-bows model_zoo/__init__.py) and SugarCrepe's r
 tensor names; NegCLIP's fork saves {"epoch", "name", "state_dict": the DDP model's, every name prefixed "module."}
 (vinid/neg_clip src/training/main.py). This reads
 the architecture off the tensor shapes, renames every tensor (splitting each fused q/k/v projection in three),
-checks that every CLIPModel weight was filled, and writes config + weights + the tokenizer of --tokenizer:
+checks that every CLIPModel weight was filled, and writes config + weights + the tokenizer of --tokenizer + the
+image processor open_clip uses for these models (shortest side resized bicubic to the input size, centre crop, OpenAI's
+mean and std: open_clip's default preprocessing):
 
     python data/openclip_to_hf.py negclip.pth --out runs/negclip_released
     python negclip.py --mode eval --clip runs/negclip_released --out_dir runs/negclip_released_eval
@@ -118,7 +120,7 @@ def hf_state_dict(sd):
 
 def convert(path, out, tokenizer="openai/clip-vit-base-patch32", act="quick_gelu", head_width=64):
     """Write a CLIPModel folder for the checkpoint at `path`; returns the model (eval mode)."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, logging as hf_logging
     from common.hf import resolve_local
     sd, tok = read_state_dict(path), AutoTokenizer.from_pretrained(resolve_local(tokenizer))
     model = CLIPModel(clip_config(sd, act, head_width, tok)).eval()
@@ -134,13 +136,19 @@ def convert(path, out, tokenizer="openai/clip-vit-base-patch32", act="quick_gelu
     model.load_state_dict({k: v.float() for k, v in new.items()}, strict=False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    side, level = model.config.vision_config.image_size, hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # not its note that torchvision is missing: only the config is written
+    try:  # CLIPImageProcessor's defaults: bicubic, OpenAI's mean and std
+        CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(out)
+    finally:
+        hf_logging.set_verbosity(level)
     return model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="open_clip checkpoint (.pt/.pth) or OpenAI-layout state dict")
-    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--out", required=True, help="folder to write (config, weights, tokenizer, image processor)")
     p.add_argument("--tokenizer", default="openai/clip-vit-base-patch32", help="folder or hub name")
     p.add_argument("--act", default="quick_gelu", help="quick_gelu (OpenAI-initialised) | gelu")
     p.add_argument("--head_width", type=int, default=64, help="attention head width (64 in every released CLIP)")

@@ -991,7 +991,7 @@ def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_roo
 def test_open_clip_checkpoint_converts_to_a_clip_folder_with_open_clips_own_features(toy_root, tmp_path):
     """data/openclip_to_hf.py: an open_clip training checkpoint (NegCLIP's fork saves {"epoch", "name",
     "state_dict": DDP's "module." names}) of a tiny ViT CLIP (tests/fixtures/openclip, made by open_clip 2.24) becomes
-    a CLIPModel folder whose image and text features equal open_clip's, under QuickGELU and GELU each (the wrong
+    a CLIPModel folder (with open_clip's image preprocessing) whose image and text features equal open_clip's, under QuickGELU and GELU each (the wrong
     one is off by 1e-2: sugar-crepe #7); negclip.py evaluates the folder; other layouts stop in one line."""
     from transformers import CLIPModel
     import data.openclip_to_hf as C
@@ -1008,8 +1008,12 @@ def test_open_clip_checkpoint_converts_to_a_clip_folder_with_open_clips_own_feat
         for got, key in ((v, "image"), (t, "text")):
             torch.testing.assert_close(got, torch.tensor(want[act][key]), atol=1e-5, rtol=1e-5)
             assert (got - torch.tensor(want[other][key])).abs().max() > 1e-3
+    proc = json.load(open(tmp_path / "gelu" / "preprocessor_config.json"))  # open_clip's preprocessing, 16 px
+    assert proc["size"] == {"shortest_edge": 16} and proc["crop_size"] == {"height": 16, "width": 16}
+    assert proc["resample"] == 3 and (tuple(proc["image_mean"]), tuple(proc["image_std"])) == (N.CLIP_MEAN, N.CLIP_STD)
     cfg = N.parse_config(N.Config, N.PRESETS, ["--clip", str(tmp_path / "quick_gelu")])
     dual, _ = N.build_model(N.model_config(cfg))  # what negclip.py trains and scores: open_clip's embeddings
+    assert (dual.image_size, dual.image_mean, dual.image_std) == (16, N.CLIP_MEAN, N.CLIP_STD)
     with torch.no_grad():
         got = (dual.eval().encode_image(pixels), dual.encode_text(ids, (ids > 0).long()))
     for g, key in zip(got, ("image", "text")):
