@@ -172,6 +172,10 @@ class Config(Size):
     k_test: int = 16                   # ITM re-ranks the ITC top-k (128 Flickr30K, 256 COCO)
     prompt: str = "a picture of "      # caption mode: used at training and at decoding
     num_beams: int = 3
+    decode: str = "beam"               # beam | nucleus (BLIP's sample=True, CapFilt's captioner)
+    top_p: float = 0.9                 # nucleus: BLIP models/blip.py generate(top_p=0.9)
+    top_k: int = 50                    # nucleus: transformers' default, BLIP's sampling ran with it
+    repetition_penalty: float = 1.1    # nucleus: BLIP models/blip.py hard-codes 1.1 when sampling
     gen_max_len: int = 20              # counted including the prompt tokens (BLIP)
     gen_min_len: int = 5
     eval_batch: int = 64
@@ -207,8 +211,7 @@ PRESETS = {
                   teacher="model_base_capfilt_large.pth", teacher_caption="", global_batch=1152,
                   micro_batch=288, epochs=20, lr=5e-4, warmup_steps=3000,
                   weight_decay=0.02, k_test=256, eval_batch=128, num_workers=8, log_every=50,
-                  hflip=True, randaug=True,
-                  save_every=2000, out_dir="runs/dlip"),
+                  hflip=True, randaug=True, save_every=2000, out_dir="runs/dlip"),
 }
 # Fine-tuning recipes (BLIP's retrieval/caption configs, V2's student lr) that --mode retrieval|caption
 # applies over the preset, except keys given on the command line (the toy's: docs/dlip.md).
@@ -1065,14 +1068,42 @@ def beam_search(model, image_embeds, prompt_ids, num_beams, max_len, min_len, eo
 
 
 @torch.no_grad()
-def generate(model, images, tok, cfg, device, dtype, prompt):
-    """Captions for images: [DEC] + prompt, beam search (1 beam: greedy), prompt stripped."""
+def nucleus_sample(model, image_embeds, prompt_ids, max_len, min_len, eos, top_p=0.9, top_k=50,
+                   penalty=1.1, gen=None):
+    """Nucleus sampling (arXiv 1904.09751), BLIP's CapFilt captioner (arXiv 2201.12086 Sec. 3.3):
+    BLIP models/blip.py sample=True is transformers' generate, one sequence per image. Its steps,
+    in its order, on fp32 logits: repetition penalty (arXiv 1909.05858 Sec. 4.1) on every id so far
+    ([DEC], prompt), [SEP] blocked before min_len, top-k (0: off), top-p (drop the unlikeliest while
+    their mass <= 1 - top_p), a draw from `gen` (None: torch's global RNG); [PAD] after [SEP]."""
+    seq, dev, pad = with_first(prompt_ids, model.c.dec_id), prompt_ids.device, model.c.pad_id
+    kv = [{"self": {}, "cross": {}} for _ in model.text_decoder.bert.encoder.layer]  # KV cache
+    inp, done, inf = seq, torch.zeros(len(seq), dtype=torch.bool, device=dev), float("inf")
+    while seq.shape[1] < max_len and not done.all():
+        h = model.decode(inp, torch.ones_like(seq), image_embeds, cache=kv, head=False)[1]
+        with camp.fp32(dev):
+            s = model.text_decoder.head(h[:, -1].float())  # (B, V)
+        g = s.gather(1, seq)
+        s = s.scatter(1, seq, torch.where(g < 0, g * penalty, g / penalty))
+        s[:, eos] = -inf if seq.shape[1] < min_len else s[:, eos]
+        s = s.masked_fill(s < s.topk(min(top_k, s.shape[1]))[0][:, -1:], -inf) if top_k else s
+        srt, order = s.sort()  # ascending; the likeliest token (last) always stays
+        drop = F.pad(srt.softmax(-1).cumsum(-1)[:, :-1] <= 1 - top_p, (0, 1), value=False)
+        s = s.masked_fill(drop.scatter(1, order, drop), -inf)
+        inp = torch.multinomial(s.softmax(-1), 1, generator=gen).masked_fill(done[:, None], pad)
+        seq, done = torch.cat([seq, inp], 1), done | (inp[:, 0] == eos)
+    return F.pad(seq, (0, max_len - seq.shape[1]), value=pad)  # (B, max_len) padded
+
+
+@torch.no_grad()
+def generate(model, images, tok, cfg, device, dtype, prompt, gen=None):
+    """Captions: [DEC] + prompt, --decode beam (1 beam: greedy) or nucleus, prompt stripped."""
     model.eval()
     p = tok([prompt] * len(images), return_tensors="pt").input_ids[:, :-1].to(device)  # no [SEP]
     with camp.autocast(device, dtype):
-        emb = model.visual_encoder(images.to(device))
-        seqs = beam_search(model, emb, p, cfg.num_beams, cfg.gen_max_len, cfg.gen_min_len,
-                           model.c.sep_id)
+        emb, n = model.visual_encoder(images.to(device)), (cfg.gen_max_len, cfg.gen_min_len)
+        seqs = nucleus_sample(model, emb, p, *n, model.c.sep_id, cfg.top_p, cfg.top_k,
+                              cfg.repetition_penalty, gen) if cfg.decode == "nucleus" else \
+            beam_search(model, emb, p, cfg.num_beams, *n, model.c.sep_id)
     return [tok.decode(s[p.shape[1]:], skip_special_tokens=True,  # BLIP's transformers 4.15 decoded
                        clean_up_tokenization_spaces=True).strip() for s in seqs]  # "man ' s" -> "man's"
 
@@ -1082,9 +1113,10 @@ def caption_eval(model, images, recs, tok, cfg, dist, device, dtype, prompt, out
     """BLEU-1..4, CIDEr(-D), ROUGE-L against all references; writes the COCO-format result file."""
     from common.metrics import caption_metrics
     rows, res = cdist.shard_indices(len(images), dist), {}
+    gen = torch.Generator(device).manual_seed(cfg.seed + dist.rank)  # --decode nucleus: the draws
     for i in progress(range(0, len(rows), cfg.eval_batch), dist.is_main, desc="captions"):
         sl = rows[i:i + cfg.eval_batch]
-        res.update(zip(sl, generate(model, images[sl], tok, cfg, device, dtype, prompt)))
+        res.update(zip(sl, generate(model, images[sl], tok, cfg, device, dtype, prompt, gen)))
     merged = {i: c for part in cdist.all_gather_object(res) for i, c in part.items()}
     gts = {i: [pre_caption(c) for c in recs[i]["captions"]] for i in merged}
     metrics = caption_metrics(gts, {i: [c] for i, c in merged.items()})
@@ -1237,7 +1269,8 @@ def kind(cfg):
 
 # Fields a resumed run may change: RESUME_FREE plus what only evaluation reads.
 RESUME_FREE_DLIP = RESUME_FREE | {"val_file", "test_file", "max_eval_images", "k_test", "num_beams",
-                                  "gen_max_len", "gen_min_len", "task"}
+                                  "gen_max_len", "gen_min_len", "task", "decode", "top_p", "top_k",
+                                  "repetition_penalty"}
 
 
 def train(cfg, dist, device, dtype, log):
@@ -1464,10 +1497,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B "
                        f"(CapFilt-L), --teacher model_base_capfilt_large.pth: download it from {BLIP_URL}")
-    if cfg.mode not in ("pretrain", "retrieval", "caption", "eval", "params"):
-        raise ValueError(f"--mode must be pretrain|retrieval|caption|eval|params, got {cfg.mode!r}")
-    if cfg.task not in ("retrieval", "caption", "efficiency", "all"):
-        raise ValueError(f"--task must be retrieval|caption|efficiency|all, got {cfg.task!r}")
+    for flag, ok in (("mode", "pretrain|retrieval|caption|eval|params"),
+                     ("task", "retrieval|caption|efficiency|all"), ("decode", "beam|nucleus")):
+        if getattr(cfg, flag) not in ok.split("|"):
+            raise ValueError(f"--{flag} must be {ok}, got {getattr(cfg, flag)!r}")
     if cfg.mode == "params":
         return params_mode(cfg, Logger("", True))
     if cfg.ft_distill and cfg.mode != "caption":

@@ -124,6 +124,92 @@ def _until_eos(seqs, eos=2):
     return out
 
 
+def _bias(hf, ours, bias, token=2):  # makes a token ([SEP]: 2) likelier in both copies of the same decoder
+    hf_bias = hf.text_decoder.cls.predictions
+    for b in {id(hf_bias.bias): hf_bias.bias, id(hf_bias.decoder.bias): hf_bias.decoder.bias}.values():
+        b[token] += bias
+    ours.text_decoder.cls.predictions.bias[token] += bias
+
+
+def test_nucleus_sampling_matches_transformers_generate_and_its_processors(hf_folders):
+    """BLIP's sampling (models/blip.py sample=True) is transformers' generate(do_sample=True): dlip's
+    nucleus_sample (KV cache) draws the same tokens from the same torch generator stream as (a) the
+    transformers model's generate and (b) a loop without a cache applying transformers' own processors
+    (repetition penalty on every id so far, [DEC] and prompt included; min length; top-k; top-p)."""
+    from transformers import (BlipForConditionalGeneration, LogitsProcessorList, MinLengthLogitsProcessor,
+                              RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper)
+    hf = BlipForConditionalGeneration.from_pretrained(hf_folders[1]).eval()
+    ours = dlip.load_hf_blip(hf_folders[1], SPECIAL).eval()
+    image, ids, _ = _inputs(1)
+    prompt, ended = ids[:, :3], 0
+    with torch.no_grad():
+        emb = ours.visual_encoder(image)
+        _bias(hf, ours, 2.0, SPECIAL["dec_id"])  # a likely [DEC]: its penalty (it leads the ids) matters
+        for eos_bias in (0.0, 2.5):  # 2.5: rows end mid-sequence, after min_len only
+            _bias(hf, ours, eos_bias)
+            for top_p, top_k, pen, seed in ((0.9, 50, 1.1, 0), (0.9, 50, 1.1, 1), (0.5, 0, 1.3, 2), (0.95, 10, 1.0, 3)):
+                procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(pen), MinLengthLogitsProcessor(5, 2),
+                                             *([TopKLogitsWarper(top_k)] if top_k else []), TopPLogitsWarper(top_p)])
+                torch.manual_seed(seed)  # transformers draws from torch's global generator
+                ref = hf.generate(pixel_values=image, input_ids=torch.cat([prompt, prompt[:, :1]], 1), do_sample=True,
+                                  top_p=top_p, top_k=top_k, repetition_penalty=pen, max_length=12, min_length=5)
+                got = dlip.nucleus_sample(ours, emb, prompt, 12, 5, 2, top_p, top_k, pen,
+                                          torch.Generator().manual_seed(seed))
+                seq, g = dlip.with_first(prompt, SPECIAL["dec_id"]), torch.Generator().manual_seed(seed)
+                done = torch.zeros(len(seq), dtype=torch.bool)
+                while seq.shape[1] < 12 and not done.all():  # transformers' _sample, pad 0 after [SEP]
+                    z = ours.decode(seq, torch.ones_like(seq), emb)[0][:, -1]  # the whole sequence again
+                    nxt = torch.multinomial(procs(seq, z).softmax(-1), 1, generator=g).masked_fill(done[:, None], 0)
+                    seq, done = torch.cat([seq, nxt], 1), done | (nxt[:, 0] == 2)
+                case = (eos_bias, top_p, top_k, pen, seed, got)
+                assert torch.equal(got, F.pad(ref, (0, 12 - ref.shape[1]))), (*case, ref)
+                assert torch.equal(got, F.pad(seq, (0, 12 - seq.shape[1]))), (*case, seq)
+                assert not (got[:, :5] == 2).any()  # [SEP] blocked before min_len
+                ended += sum(2 in row for row in got.tolist())
+    assert ended >= 3, ended  # the finished-row path (pads after [SEP]) was exercised
+
+
+def test_nucleus_sampling_with_a_tiny_top_p_is_greedy(hf_folders):
+    """top_p -> 0 keeps the most likely token alone: any seed gives transformers' greedy decoding with the same
+    repetition penalty; without one (1.0) that is dlip's beam_search with one beam."""
+    from transformers import BlipForConditionalGeneration
+    hf = BlipForConditionalGeneration.from_pretrained(hf_folders[1]).eval()
+    ours = dlip.load_hf_blip(hf_folders[1], SPECIAL).eval()
+    image, ids, _ = _inputs(2)
+    prompt = ids[:, :3]
+    with torch.no_grad():
+        emb, greedy = ours.visual_encoder(image), {}
+        for pen in (1.0, 1.5):
+            ref = hf.generate(pixel_values=image, input_ids=torch.cat([prompt, prompt[:, :1]], 1), do_sample=False,
+                              repetition_penalty=pen, max_length=12, min_length=5)
+            greedy[pen] = F.pad(ref, (0, 12 - ref.shape[1]))
+            for seed in range(3):
+                gen = torch.Generator().manual_seed(seed)
+                got = dlip.nucleus_sample(ours, emb, prompt, 12, 5, 2, 1e-6, 50, pen, gen)
+                assert torch.equal(got, greedy[pen]), (pen, seed, got, greedy[pen])
+        beam = dlip.beam_search(ours, emb, prompt, 1, 12, 5, 2)
+    assert torch.equal(beam[:, 1:], greedy[1.0][:, 1:])  # beam_search's column 0 stays [CLS]
+    assert not torch.equal(greedy[1.0], greedy[1.5])  # the penalty changes what greedy picks here
+
+
+def test_nucleus_sampling_is_reproducible_per_seed_and_respects_min_length(hf_folders):
+    """The same generator seed gives the same captions, other seeds others (a random decoder: ~50 likely
+    tokens a step); a decoder that all but always says [SEP] says it exactly at min_len, then pads."""
+    ours = dlip.load_hf_blip(hf_folders[1], SPECIAL).eval()
+    prompt = torch.tensor([[SPECIAL["cls_id"], 14, 67]]).expand(8, -1)
+    with torch.no_grad():
+        emb = ours.visual_encoder(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        draw = lambda seed, min_len=5: dlip.nucleus_sample(  # noqa: E731
+            ours, emb, prompt, 12, min_len, 2, 0.9, 50, 1.1, torch.Generator().manual_seed(seed))
+        a, b, c = draw(0), draw(0), draw(1)
+        assert torch.equal(a, b) and (a != c).any(dim=1).all()  # every one of the 8 captions differs
+        ours.text_decoder.cls.predictions.bias[2] += 30.0
+        for min_len in (4, 7):
+            got = draw(0, min_len)
+            assert not (got[:, :min_len] == 2).any() and (got[:, min_len] == 2).all(), got
+            assert (got[:, min_len + 1:] == SPECIAL["pad_id"]).all(), got
+
+
 def test_teacher_load_is_strict(hf_folders, tmp_path):
     from safetensors.torch import load_file, save_file
     import shutil
@@ -1358,6 +1444,30 @@ def test_captions_are_decoded_with_blips_clean_up(tmp_path, monkeypatch):
     out = dlip.generate(_Images(), torch.zeros(1, 3, 4, 4), tok, dlip.Config(), torch.device("cpu"), torch.float32,
                         "a picture of ")
     assert out == ["a man's hat."]
+
+
+def test_caption_mode_decodes_with_nucleus_sampling_end_to_end(world, teacher_ckpt, tmp_path, monkeypatch):
+    """--decode nucleus: a caption run samples its test captions (beam search unused) with BLIP's top_p 0.9 and
+    repetition penalty 1.1 and writes them; eval mode of its checkpoint draws the same captions (the draws are
+    seeded by --seed); --decode of another name is refused before any work."""
+    import json
+    d, base, root = world
+    seen = []
+    monkeypatch.setattr(dlip, "beam_search", lambda *a: pytest.fail("beam search under --decode nucleus"))
+    real = dlip.nucleus_sample
+    monkeypatch.setattr(dlip, "nucleus_sample", lambda *a: seen.append(a[6:9]) or real(*a))
+    args = [*base, *TINY, "--teacher", "", "--report", "false", "--decode", "nucleus",
+            "--test_file", os.path.join(root, "pairs_test.jsonl")]
+    m = dlip.main(["--mode", "caption", *args, "--init", teacher_ckpt, "--max_steps", "1",
+                   "--out_dir", str(tmp_path / "cap")])
+    res = json.load(open(tmp_path / "cap" / "captions_test.json"))
+    assert len(res) == 8 and all(r["caption"] for r in res) and "test_CIDEr" in m
+    assert seen and set(seen) == {(0.9, 50, 1.1)}
+    e = dlip.main(["--mode", "eval", "--task", "caption", *args, "--ckpt", str(tmp_path / "cap" / "last.pt"),
+                   "--out_dir", str(tmp_path / "eval")])
+    assert json.load(open(tmp_path / "eval" / "captions_test.json")) == res and e["test_CIDEr"] == m["test_CIDEr"]
+    with pytest.raises(ValueError, match=r"--decode must be beam\|nucleus"):
+        dlip.main(["--mode", "caption", *args, "--decode", "topk", "--out_dir", str(tmp_path / "bad")])
 
 
 def test_train_limit_trains_on_the_first_pairs(world, tmp_path, capsys):
