@@ -7,7 +7,8 @@ and ClipCap (arXiv 2111.09734):
 - gated cross-attention dense blocks (Flamingo Sec. 2.2) before the frozen GPT-2 blocks: text
   attends to Z through tanh(alpha) gates that start at 0: at step 0 the model is the frozen GPT-2;
 - a mapper (ClipCap): an MLP (or `--mapper transformer`: a transformer encoder over the frames)
-  from each frame's mean CLIP token to one GPT-2 input embedding.
+  from each frame's mean CLIP token to one GPT-2 input embedding ([dev] `--mapper clipcap_mlp|
+  clipcap_tf`: ClipCap's own mappers, K tokens a frame from CLIP's projected image embedding).
 `--bridge mapper|xattn|both` gives the seed's three ablations. Only the bridge trains: CLIP runs
 under no_grad; GPT-2 is frozen, but the loss gradient flows through its blocks to the xattn blocks
 and the prefix. An image is a one-frame video. Loss: next-token cross-entropy on caption tokens;
@@ -26,12 +27,12 @@ docs/perceiver_caption.md has the toy results, the video, blank-image and --mode
 commands, and the deviations from the seed (those with a flag can take the seed's value).
 """
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -39,11 +40,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from common import amp, checkpoint, dist as cdist
-from common.attention import attention
+from common.attention import attention, merge_heads, split_heads
 from common.config import format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
                          fit_micro, read_pairs, read_video)
-from common.hf import published_config
+from common.hf import clip_vision_config, clip_vision_tower, published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
@@ -54,7 +55,7 @@ SCRIPT = "perceiver_caption"
 
 
 # ================================================================================================ Config
-@dataclass
+@dataclasses.dataclass
 class ModelConfig:
     """What a trained bridge is: architecture, frozen backbones, inputs. Saved in every checkpoint;
     --mode test|caption rebuild the model from it (nanoVLM's VLMConfig beside its TrainConfig)."""
@@ -62,7 +63,8 @@ class ModelConfig:
     lm_model: str = ""
     bridge: str = "both"           # mapper | xattn | both (it and the bridge fields below: seed's)
     xattn_prefix: str = "raw"      # --bridge xattn: raw (mean CLIP vector as prefix, seed) | none
-    mapper: str = "mlp"            # mlp | transformer (the seed's mapper_type; its default: mlp)
+    mapper: str = "mlp"            # mlp | transformer (seed's mapper_type) | [dev] clipcap_mlp|_tf
+    prefix_len: int = 10           # clipcap_*: K GPT-2 tokens per frame (ClipCap README: 10 | 40)
     mapper_hidden: int = 512       # mlp: Linear -> Tanh -> Linear
     mapper_depth: int = 8          # transformer: nn.TransformerEncoder layers, heads, FFN width
     mapper_heads: int = 8
@@ -86,7 +88,7 @@ class ModelConfig:
     blank: bool = False            # every image replaced by a blank one (the no-image baseline)
 
 
-@dataclass
+@dataclasses.dataclass
 class Config(ModelConfig):
     """The run: the model fields above (also flags) plus mode, data, optimisation and decoding."""
     preset: str = "toy"
@@ -136,7 +138,7 @@ class Config(ModelConfig):
     num_return: int = 1            # captions per input (n-best beams, or samples)
     eval_batch: int = 32
     max_eval: int = 0              # caption at most this many test items (0 = all)
-    inputs: list[str] = field(default_factory=list)  # --mode caption: image files or frame folders
+    inputs: list[str] = dataclasses.field(default_factory=list)  # --mode caption: files, folders
     report: bool = True            # train|test: <out_dir>/report.html (curves, gates, captions)
 
 
@@ -177,18 +179,9 @@ def checkpoint_run(cfg, saved, ran, argv, logger):
 
 
 # ================================================================================================ Model
-def feed_forward(dim, mult):
-    """Pre-norm FFW of the resampler and xattn blocks: LN -> Linear -> GELU -> Linear, no bias."""
+def feed_forward(dim, mult):  # the pre-norm FFW of the resampler and xattn blocks, no biases
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
                          nn.Linear(dim * mult, dim, bias=False))
-
-
-def _heads(x, h):
-    return x.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
-
-
-def _merge(x):
-    return x.transpose(1, 2).flatten(2)  # (B, H, N, Dh) -> (B, N, H*Dh)
 
 
 class PerceiverAttention(nn.Module):
@@ -204,12 +197,12 @@ class PerceiverAttention(nn.Module):
     def forward(self, media, latents, media_mask=None):
         """media (B, N, D), latents (B, n, D), media_mask (B, N) bool or None -> (B, n, D)."""
         media, latents = self.norm_media(media), self.norm_latents(latents)
-        q = _heads(self.to_q(latents), self.heads)                         # (B, H, n, Dh)
+        q = split_heads(self.to_q(latents), self.heads)                    # (B, H, n, Dh)
         kv = self.to_kv(torch.cat([media, latents], 1)).chunk(2, -1)       # (B, N+n, inner) each
-        k, v = (_heads(t, self.heads) for t in kv)                         # (B, H, N+n, Dh)
+        k, v = (split_heads(t, self.heads) for t in kv)                    # (B, H, N+n, Dh)
         if media_mask is not None:  # latent keys are always valid: (B, N) -> (B, 1, 1, N+n)
             media_mask = F.pad(media_mask, (0, latents.shape[1]), value=True)[:, None, None, :]
-        return self.to_out(_merge(attention(q, k, v, media_mask)))
+        return self.to_out(merge_heads(attention(q, k, v, media_mask)))
 
 
 class PerceiverResampler(nn.Module):
@@ -241,9 +234,7 @@ class PerceiverResampler(nn.Module):
 
 class GatedXAttnDense(nn.Module):
     """Flamingo's GATED XATTN-DENSE (Sec. 2.2): y += tanh(a_attn) * XAttn(y, Z); y += tanh(a_ff) * FFW(y).
-
-    Gates start at 0: the frozen LM is untouched at initialisation (OpenFlamingo #286: without gates
-    the initial loss is twice as high)."""
+    Gates start at 0: the frozen LM as it was (OpenFlamingo #286: no gates, 2x the first loss)."""
 
     def __init__(self, dim, media_dim, heads, dim_head, ff_mult):
         super().__init__()
@@ -255,39 +246,62 @@ class GatedXAttnDense(nn.Module):
 
     def forward(self, y, z):
         """y (B, L, D) LM hidden states, z (B, n, Dm) visual tokens -> (B, L, D); no mask."""
-        q = _heads(self.to_q(self.norm(y)), self.heads)            # (B, H, L, Dh)
-        k, v = (_heads(t, self.heads) for t in self.to_kv(z).chunk(2, -1))  # (B, H, n, Dh) each
-        y = y + self.attn_gate.tanh() * self.to_out(_merge(attention(q, k, v)))
+        q = split_heads(self.to_q(self.norm(y)), self.heads)                  # (B, H, L, Dh)
+        k, v = (split_heads(t, self.heads) for t in self.to_kv(z).chunk(2, -1))  # (B, H, n, Dh)
+        y = y + self.attn_gate.tanh() * self.to_out(merge_heads(attention(q, k, v)))
         return y + self.ff_gate.tanh() * self.ff(y)
 
 
+class ClipCapTransformer(nn.TransformerEncoder):
+    """ClipCap's TransformerMapper (arXiv 2111.09734 Sec. 3; CLIP_prefix_caption train.py): a Linear
+    maps the E-d CLIP image embedding to K' tokens of width D (K' = K here: ClipCap's separate
+    --prefix_length_clip is 40 = K in its README), which go with K learned constants through
+    `depth` pre-LN layers (h heads, MLP ratio 2, ReLU, no dropout or final norm): out at their K."""
+
+    def __init__(self, e, d, k, depth=8, h=8):
+        layer = nn.TransformerEncoderLayer(d, h, 2 * d, 0, "relu", batch_first=True, norm_first=True)
+        layer.self_attn.in_proj_bias = None  # no bias in ClipCap's q, k, v maps (in its output map)
+        super().__init__(layer, depth, enable_nested_tensor=False)
+        self.linear, self.const = nn.Linear(e, k * d), nn.Parameter(torch.randn(k, d))
+
+    def forward(self, emb):  # (N, E) -> (N, K, D)
+        x = self.linear(emb).unflatten(-1, (len(self.const), -1))          # (N, K', D)
+        x = torch.cat([x, self.const.expand(len(emb), -1, -1)], 1)         # (N, K'+K, D)
+        return super().forward(x)[:, -len(self.const):]
+
+
 class Bridge(nn.Module):
-    """Everything trainable: mapper (prefix), resampler and xattn blocks, per `--bridge`.
+    """The trained mapper (prefix), resampler and xattn blocks per `--bridge` (and ClipCap's frozen
+    CLIP head). In `conditioned(lm, z)` a forward pre-hook on GPT-2 block i runs xattn block i
+    first: GPT-2's modules and state-dict keys stay as they are (hooks for both call styles)."""
 
-    The xattn blocks live here, not inside GPT-2: while `conditioned(lm, z)` is active, a forward
-    pre-hook on GPT-2 block i runs xattn block i on the hidden states before the block. GPT-2's
-    module tree and state-dict keys stay untouched, only this module is trained, checkpointed and
-    wrapped in DDP, and the hooks work with both calling conventions of GPT2Block (keywords in
-    transformers 4.x, positional in 5.x)."""
-
-    def __init__(self, cfg, vis_dim, lm_dim, lm_layers):
+    def __init__(self, cfg, vis_dim, lm_dim, lm_layers, clip=None):
         super().__init__()
-        if cfg.bridge not in ("mapper", "xattn", "both"):
-            raise ValueError(f"--bridge must be mapper|xattn|both, got {cfg.bridge!r}")
-        if cfg.xattn_prefix not in ("raw", "none") or cfg.mapper not in ("mlp", "transformer"):
-            raise ValueError(f"--xattn_prefix must be raw|none and --mapper mlp|transformer, got "
-                             f"{cfg.xattn_prefix!r}, {cfg.mapper!r}")
+        for k, v in (("bridge", "mapper|xattn|both"), ("xattn_prefix", "raw|none"),
+                     ("mapper", "mlp|transformer|clipcap_mlp|clipcap_tf")):
+            if getattr(cfg, k) not in v.split("|"):
+                raise ValueError(f"--{k} must be {v}, got {getattr(cfg, k)!r}")
         self.use_mapper, self.use_xattn = cfg.bridge in ("mapper", "both"), cfg.bridge in ("xattn", "both")
         self.prefix = "mapper" if self.use_mapper else cfg.xattn_prefix
         self.tf_mapper = self.use_mapper and cfg.mapper == "transformer"
         if (self.prefix == "raw" or self.tf_mapper) and vis_dim != lm_dim:
             raise ValueError(f"--xattn_prefix raw and --mapper transformer keep the CLIP width, "
                              f"which GPT-2 must share (CLIP {vis_dim}, LM {lm_dim})")
+        k, clipcap = cfg.prefix_len, cfg.mapper.startswith("clipcap")
+        if clipcap and (not self.use_mapper or k < 1):
+            raise ValueError(f"--mapper {cfg.mapper} needs --bridge mapper|both, --prefix_len > 0")
         self.position_fix = cfg.position_fix
+        self.per_frame = 0 if self.prefix == "none" else k if clipcap else 1  # prefix tokens
+        self.clip_head = None if not clipcap else copy.deepcopy(nn.Sequential(  # ClipCap's, frozen
+            clip.vision_model.post_layernorm, clip.visual_projection)).float().requires_grad_(False)
         self.mapper = None  # seed model/encoder_decoder.py Mapper: MLP or nn.TransformerEncoder,
         if self.tf_mapper:  # PyTorch defaults (post-LN, ReLU, dropout 0.1), padding masked as keys
             layer = nn.TransformerEncoderLayer(vis_dim, cfg.mapper_heads, cfg.mapper_ff, batch_first=True)
             self.mapper = nn.TransformerEncoder(layer, cfg.mapper_depth, enable_nested_tensor=False)
+        elif clipcap:  # ClipCap train.py: MLP (hidden D*K/2) or TransformerMapper, K tokens a frame
+            e, h = self.clip_head[1].out_features, k * lm_dim // 2
+            self.mapper = (ClipCapTransformer(e, lm_dim, k) if cfg.mapper == "clipcap_tf" else
+                           nn.Sequential(nn.Linear(e, h), nn.Tanh(), nn.Linear(h, k * lm_dim)))
         elif self.use_mapper:
             self.mapper = nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
                                         nn.Linear(cfg.mapper_hidden, lm_dim))
@@ -300,25 +314,28 @@ class Bridge(nn.Module):
             self.xattn = nn.ModuleList(GatedXAttnDense(lm_dim, vis_dim, cfg.xattn_heads, cfg.xattn_dim_head,
                                                        cfg.xattn_ff_mult) for _ in self.layer_ids)
 
-    # ---- visual inputs -> GPT-2 prefix and xattn media
     def visual(self, feats, frame_mask):
-        """feats (B, T, S, Dv), frame_mask (B, T) -> prefix (B, P, D), its mask (B, P), and
-        Z (B, n, Dv) or None."""
+        """feats (B, T, S, Dv), frame_mask (B, T) -> prefix (B, P, D) of P = T * per_frame tokens,
+        its mask (B, P), and Z (B, n, Dv) or None."""
+        pmask = frame_mask.repeat_interleave(self.per_frame, 1)  # (B, P): a padded frame's too
         if self.prefix == "none":
-            prefix, pmask = feats.new_zeros(feats.shape[0], 0, 1), frame_mask[:, :0]
+            prefix = feats.new_zeros(*pmask.shape, 1)
+        elif self.clip_head is not None:
+            emb = self.clip_head(feats[:, :, 0]).flatten(0, 1)   # (B*T, E): CLIP's CLS -> embedding
+            prefix = self.mapper(emb).reshape(*pmask.shape, -1)  # (B*T, K*D | K, D) -> (B, T*K, D)
         else:
             pooled = feats.mean(2)                           # (B, T, Dv): mean of the S CLIP tokens
             kw = {"src_key_padding_mask": ~frame_mask.bool()} if self.tf_mapper else {}  # True: pad
             prefix = self.mapper(pooled, **kw) if self.use_mapper else pooled      # (B, T, D)
-            prefix, pmask = prefix * frame_mask.to(feats.dtype)[..., None], frame_mask
+        prefix = prefix * pmask.to(feats.dtype)[..., None]
         return prefix, pmask, self.resampler(feats, frame_mask) if self.use_xattn else None
 
-    # ---- side channel into GPT-2
     @contextlib.contextmanager
     def conditioned(self, lm, z):
         """Within this block GPT-2 runs with xattn on visual tokens z (B, n, Dv); hooks go after."""
-        handles = [lm.transformer.h[i].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
-                   for i, layer in zip(self.layer_ids, self.xattn or [])]  # h: GPT-2's blocks
+        hooks = [functools.partial(self._hook, layer) for layer in self.xattn or []]
+        handles = [lm.transformer.h[i].register_forward_pre_hook(f, with_kwargs=True)
+                   for i, f in zip(self.layer_ids, hooks)]  # h: GPT-2's blocks
         self._z = z
         try:
             yield
@@ -327,25 +344,26 @@ class Bridge(nn.Module):
                 h.remove()
             self._z = None
 
-    def _make_hook(self, layer):
-        def hook(block, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            z = self._z.repeat_interleave(h.shape[0] // len(self._z), 0)  # generate(): x num_beams
-            out = layer(h, z.to(h.dtype)).to(h.dtype)
-            return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
-        return hook
+    def _hook(self, layer, block, args, kwargs):  # xattn `layer` on the input of GPT-2's `block`
+        h = args[0] if args else kwargs["hidden_states"]
+        z = self._z.repeat_interleave(h.shape[0] // len(self._z), 0)  # generate(): x num_beams
+        out = layer(h, z.to(h.dtype)).to(h.dtype)
+        return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
 
-    def lm_inputs(self, lm, prefix, pmask, tokens, tok_mask):
-        """[prefix ; wte(tokens)] with mask and positions: (B, P+L, D), (B, P+L), (B, P+L)."""
+    def lm_inputs(self, lm, feats, frame_mask, tokens, tok_mask):
+        """[prefix ; wte(tokens)], its mask, GPT-2 positions ((B, P+L, D), (B, P+L) twice) and Z;
+        positions count over the mask (padded frames take no slot) or run 0..N-1 (seed)."""
+        prefix, pmask, z = self.visual(feats, frame_mask)
         tok = lm.get_input_embeddings()(tokens)
         embeds = torch.cat([prefix.to(tok.dtype), tok], 1) if prefix.shape[1] else tok
         mask = torch.cat([pmask.long(), tok_mask.long()], 1)
-        return embeds, mask, position_ids(mask, self.position_fix)
+        pos = ((mask.cumsum(1) - 1).clamp(min=0) * mask if self.position_fix else
+               torch.arange(mask.shape[1], device=mask.device).expand_as(mask))
+        return embeds, mask, pos, z
 
     def forward(self, lm, feats, frame_mask, tokens, tok_mask):
         """Teacher-forced logits (B, P+L, V) of the frozen GPT-2; P = prefix length."""
-        prefix, pmask, z = self.visual(feats, frame_mask)
-        embeds, mask, pos = self.lm_inputs(lm, prefix, pmask, tokens, tok_mask)
+        embeds, mask, pos, z = self.lm_inputs(lm, feats, frame_mask, tokens, tok_mask)
         with self.conditioned(lm, z):
             return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
@@ -354,9 +372,8 @@ class Bridge(nn.Module):
                  num_return=1, **decode):
         """Decode with HF generate from [prefix ; BOS]: ids (B*num_return, <= max_new_tokens);
         decode: num_beams (beam or greedy search), or do_sample=True, top_p, top_k, temperature."""
-        prefix, pmask, z = self.visual(feats, frame_mask)
         bos = torch.full((feats.shape[0], 1), bos_id, dtype=torch.long, device=feats.device)
-        embeds, mask, pos = self.lm_inputs(lm, prefix, pmask, bos, torch.ones_like(bos))
+        embeds, mask, pos, z = self.lm_inputs(lm, feats, frame_mask, bos, torch.ones_like(bos))
         with self.conditioned(lm, z):
             return lm.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                max_new_tokens=max_new_tokens, num_return_sequences=num_return,
@@ -364,16 +381,9 @@ class Bridge(nn.Module):
                                bos_token_id=bos_id, **{"do_sample": False, **decode})
 
 
-def position_ids(mask, fix):
-    """GPT-2 positions: cumulative over the mask (padded frames take no slot) or 0..N-1 (seed)."""
-    if fix:
-        return ((mask.cumsum(1) - 1).clamp(min=0) * mask).long()
-    return torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-
-
 def bridge_param_table(bridge):  # a part this --bridge lacks (None): 0
     return {**{k: count_params(getattr(bridge, k) or []) for k in ("mapper", "resampler", "xattn")},
-            "trainable": count_params(bridge)}
+            "trainable": count_params(bridge, trainable=True)}  # not the frozen clip_head
 
 
 # ================================================================================================ Losses
@@ -394,8 +404,7 @@ def caption_loss(logits, labels, denom):
 
 
 # ================================================================================================ Data
-def read_records(path, task, image_root=None):
-    """Canonical pairs or video JSONL -> [{"frames": [paths], "captions": [...]}]."""
+def read_records(path, task, image_root=None):  # pairs or video JSONL -> [{frames, captions}]
     if task == "image":
         return [{"frames": [r["image"]], "captions": r["captions"]} for r in read_pairs(path)]
     return read_video(path, image_root)  # {"folder": dir} records are listed under image_root
@@ -422,8 +431,7 @@ class CaptionTokenizer:
 
 class CaptionSet(torch.utils.data.Dataset):
     """Key (record i, caption c) -> frames (or cached CLIP features) + caption token ids. Unreadable
-    frames are dropped, counted once per image (common ImageFolderLoader) and listed in the item, so
-    counts made in DataLoader workers reach the main process (`usable`)."""
+    frames are dropped and listed in the item: workers' counts reach the loader (`usable`)."""
 
     def __init__(self, records, image_root, image_size, num_frames, ctok, blank=False, max_bad_frac=0.05):
         self.records, self.ctok, self.num_frames, self.blank = records, ctok, num_frames, blank
@@ -470,16 +478,9 @@ def collate(items):
             "index": torch.tensor([x["index"] for x in items]), **seen}
 
 
-def usable(ds, batch):
-    """Add the batch's image counts to ds.loader (DataLoader workers count in their own copies)."""
+def usable(ds, batch):  # adds the batch's image counts (DataLoader workers' copies) to ds.loader
     ds.loader.merge(batch["tried"], batch["bad"])
     return "tokens" in batch
-
-
-def gather_counts(ds):  # ds.loader with every rank's image counts (a rank reads its shard)
-    for tried, bad in cdist.all_gather_object((sorted(ds.loader.tried_set), ds.loader.bad_paths)):
-        ds.loader.merge(tried, bad)
-    return ds.loader
 
 
 def caption_draws(sampler, records, seed):
@@ -498,20 +499,17 @@ def batch_feats(clip, batch, dtype, device):
     return encode_frames(clip, batch["pixels"], batch["frame_mask"], dtype)
 
 
-def batches_of(ds, keys, n, workers=0):
-    """The rows of ds under `keys`, n keys a batch, in order (batches of no readable image skipped)."""
+def batches_of(ds, keys, n):  # the rows of ds under keys, n keys a batch, in order (usable ones)
     keys = [keys[i:i + n] for i in range(0, len(keys), n)]  # pinned on a GPU machine: async copies
-    for batch in make_loader(ds, keys, collate, workers, pin_memory=torch.cuda.is_available()):
+    for batch in make_loader(ds, keys, collate, pin_memory=torch.cuda.is_available()):
         if usable(ds, batch):
             yield batch
 
 
 @torch.no_grad()
 def cache_features(ds, clip, dtype, bs, d, workers=0):
-    """Encode every record once with the frozen CLIP (no augmentation: features never change). Each
-    rank encodes its shard, bs records a round, and each round is all-gathered: every rank ends with
-    the whole cache, in record order. Records without a readable frame leave the set; max_bad_frac
-    is checked over all ranks' counts."""
+    """Encode every record once with the frozen CLIP (no augmentation): each rank its shard, bs
+    records a round, all-gathered: every rank holds all, in record order; unreadable ones leave."""
     mine, per, c = cdist.shard_indices(len(ds), d), -(-len(ds) // d.world_size), clip.config
     keys = [[(i, 0) for i in mine[k:k + bs]] for k in range(0, per, bs)]  # same count per rank
     loader = iter(make_loader(ds, [k for k in keys if k], collate, workers,
@@ -528,7 +526,7 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
         for q, m in enumerate(n):  # row q: rank q // bs's record (q // bs) * per + k * bs + q % bs
             if m:
                 feats[q // bs * per + k * bs + q % bs] = f[q, :m].clone()  # (T, S, D): real frames
-    gather_counts(ds).check(final=True)
+    ds.loader.gather().check(final=True)  # all ranks' counts
     keep = sorted(feats)
     if not keep:
         raise DataError(f"no readable image under {ds.loader.root!r} ({ds.loader.report()})")
@@ -597,9 +595,8 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
 
 
 def write_report(cfg, metrics, logger):
-    """<out_dir>/report.html (common/report.py): the curves, with the tanh gate of every xattn block
-    (Flamingo Sec. 2.2: 0 at step 0, the frozen GPT-2 opened up as they grow), the run's figures,
-    and test captions beside their image or, for a video, the strip of the frames the model saw."""
+    """<out_dir>/report.html (common/report.py): curves with each xattn block's tanh gates (Flamingo
+    Sec. 2.2), the run's figures, test captions beside their image (a video: its frames' strip)."""
     from common.report import caption_report
     gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
              "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
@@ -634,9 +631,10 @@ def resolve_paths(cfg, d):
 
 def load_frozen(cfg, device, dtype):
     """Frozen CLIP vision tower + GPT-2 + caption tokenizer from local folders or hub names."""
-    from transformers import AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel, logging as hf_logging
+    from transformers import AutoTokenizer, GPT2LMHeadModel, logging as hf_logging
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
-    clip = CLIPVisionModel.from_pretrained(cfg.clip_model, dtype=amp.frozen_dtype(device, dtype))
+    clip = clip_vision_tower(cfg.clip_model, cfg.mapper.startswith("clipcap"),  # + ClipCap's input
+                             dtype=amp.frozen_dtype(device, dtype))
     # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
     lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=torch.float32)
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
@@ -651,7 +649,7 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
     set_lr(opt, lr)
     to = functools.partial(torch.Tensor.to, device=device, non_blocking=True)  # (pinned batches)
     labels = [caption_labels(to(b["tokens"]), to(b["tok_mask"]),  # (B, P+L), P prefix tokens
-                             0 if bridge.prefix == "none" else b["frame_mask"].shape[1],
+                             bridge.per_frame * b["frame_mask"].shape[1],
                              cfg.bos_target) for b in micros]
     # Target tokens of the global batch: dividing by them makes N ranks x K micro batches one batch.
     n = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
@@ -724,7 +722,8 @@ def resume(cfg, bridge, opt, scaler, logger):
 def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     device, world, scaler = d.device, d.world_size, amp.make_scaler(dtype)
     groups = (param_groups(bridge, cfg.weight_decay) if not cfg.decay_all else  # seed: decay all
-              [{"params": list(bridge.parameters()), "weight_decay": cfg.weight_decay}])
+              [{"params": [p for p in bridge.parameters() if p.requires_grad],
+                "weight_decay": cfg.weight_decay}])
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     # --compile: the trained bridge (train, --bench); `bridge` (plain names) validates and decodes
     model = cdist.wrap_ddp(torch.compile(bridge) if cfg.compile else bridge, d)
@@ -797,7 +796,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
 def image_report(sets, logger):
     """The bad-image rule at the end of a run (all ranks' counts): a log line, then max_bad_frac."""
-    loaders = {s: gather_counts(ds) for s, ds in sets.items()}
+    loaders = {s: ds.loader.gather() for s, ds in sets.items()}
     logger.info("unreadable images | " + " | ".join(f"{s}: {x.report()}" for s, x in loaders.items()))
     for x in loaders.values():
         x.check(final=True)
@@ -831,26 +830,27 @@ def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 def param_counts(cfg, clip_config, lm_config, text_len=20):
     """Parameters per --bridge and of the frozen backbones, and GFLOPs per training sample (one image:
     frozen CLIP forward, bridge and GPT-2 forward + backward), all on the meta device."""
-    from transformers import CLIPVisionModel, GPT2LMHeadModel
+    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection, GPT2LMHeadModel
     rows, lm_config._attn_implementation = {}, "eager"  # (SDPA's mask code reads values: none on meta)
+    tower = CLIPVisionModelWithProjection if cfg.mapper.startswith("clipcap") else CLIPVisionModel
     with torch.device("meta"):
-        clip = CLIPVisionModel(clip_config).requires_grad_(False)
+        clip = tower(clip_config).requires_grad_(False)
         lm, tok = GPT2LMHeadModel(lm_config).requires_grad_(False), torch.zeros(1, text_len).long()
         px = torch.zeros(1, 3, clip_config.image_size, clip_config.image_size)  # one image
         feats, vit = clip(pixel_values=px).last_hidden_state[:, None], count_flops(lambda: clip(pixel_values=px))
         for b in ("mapper", "xattn", "both"):
-            one = Bridge(dataclasses.replace(cfg, bridge=b, xattn_prefix="none"), clip_config.hidden_size,
-                         lm_config.n_embd, lm_config.n_layer)
+            mapper = "mlp" if b == "xattn" else cfg.mapper  # (--bridge xattn has no mapper)
+            one = Bridge(dataclasses.replace(cfg, bridge=b, xattn_prefix="none", mapper=mapper),
+                         clip_config.hidden_size, lm_config.n_embd, lm_config.n_layer, clip)
             run = lambda: one(lm, feats, torch.ones(1, 1).bool(), tok, tok + 1).float().sum().backward()  # noqa
             rows[b] = {**bridge_param_table(one), "gflops_per_sample": (vit + count_flops(run)) / 1e9}
         rows["frozen_clip"], rows["frozen_lm"] = count_params(clip), count_params(lm)
     return rows
 
 
-def params_mode(cfg, logger):
-    """The two hub names' released architectures, offline (common.hf.published_config)."""
+def params_mode(cfg, logger):  # the two hub names' released architectures, offline
     clip_config, lm_config = (published_config(n) for n in (cfg.clip_model, cfg.lm_model))
-    rows = param_counts(cfg, getattr(clip_config, "vision_config", clip_config), lm_config)
+    rows = param_counts(cfg, clip_vision_config(clip_config), lm_config)
     for b in ("mapper", "xattn", "both"):
         logger.info(f"--bridge {b:6s}: " + ", ".join(f"{k} {v:,}" for k, v in rows[b].items()))
     logger.info(f"frozen: CLIP vision {rows['frozen_clip']:,} + LM {rows['frozen_lm']:,}")
@@ -881,7 +881,7 @@ def main(argv=None):
         if d.is_main and cfg.mode == "train" and cfg.bench == 0:
             save_config(cfg, cfg.out_dir)
         clip, lm, ctok = load_frozen(cfg, d.device, dtype)
-        bridge = Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer).to(d.device)
+        bridge = Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer, clip).to(d.device)
         amp.seed_everything(cfg.seed + d.rank)  # weights above alike on all ranks; dropout per rank
         n = ", ".join(f"{k} {v:,}" for k, v in bridge_param_table(bridge).items())
         logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_params(clip):,} + GPT-2 {count_params(lm):,}")

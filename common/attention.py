@@ -3,7 +3,8 @@
 q: (B, H, Lq, D), k and v: (B, H, Lk, D).  `mask` is bool (True = may attend) or an additive float
 tensor, broadcastable to (B, H, Lq, Lk).  Boolean masks are turned into additive ones so a fully
 masked row (e.g. a padded query) yields a finite, uniform average instead of NaN.
-`attention_math` is the explicit softmax(QK^T / sqrt(D)) V that the fused path is tested against.
+`attention_math` is the explicit softmax(QK^T / sqrt(D)) V that the fused path is tested against;
+`split_heads` and `merge_heads` go from (B, L, H*D) to those shapes and back.
 """
 import math
 
@@ -22,6 +23,14 @@ def _with_causal(mask, lq, lk, dtype, device):
     causal = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
     causal = _additive(causal, dtype)
     return causal if mask is None else (mask + causal).clamp(min=torch.finfo(dtype).min)  # no -inf overflow
+
+
+def split_heads(x, h):
+    return x.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
+
+
+def merge_heads(x):
+    return x.transpose(1, 2).flatten(2)  # (B, H, N, Dh) -> (B, N, H*Dh)
 
 
 def attention(q, k, v, mask=None, causal=False, dropout_p=0.0):

@@ -393,6 +393,13 @@ class ImageFolderLoader:
         self.bad_set.update(bad)
         self.tried_set.update(bad)
 
+    def gather(self):
+        """Merge every rank's counts into this one (each rank reads its own images); returns self."""
+        from common.dist import all_gather_object
+        for tried, bad in all_gather_object((sorted(self.tried_set), self.bad_paths)):
+            self.merge(tried, bad)
+        return self
+
     @property
     def tried(self):
         return len(self.tried_set)

@@ -2,7 +2,8 @@
 padded frames, loss masking, decoding, and train/test/caption/params through main() on the tiny toy world
 (losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process), the
 bad-image rule, checkpoint identity and resume-config checks, the seed's HF metrics beside the COCO ones,
---compile, the report.html of train and test runs (per-layer gate curves, captioned images, video strips)."""
+--compile, the report.html of train and test runs (per-layer gate curves, captioned images, video strips), and
+ClipCap's mappers (CLIP's projected embedding in, K tokens a frame, ClipCap's layer and counts, train + test)."""
 import dataclasses
 import json
 import os
@@ -161,6 +162,122 @@ def test_transformer_mapper_shapes_and_padding_mask(tiny):
     with pytest.raises(ValueError, match="--mapper transformer keep the CLIP width"):
         pc.Bridge(_cfg(bridge="both", mapper="transformer"), 32, 48, 3)
     pc.Bridge(_cfg(bridge="xattn", mapper="transformer", xattn_prefix="none"), 32, 48, 3)  # no mapper: no check
+
+
+def _clipcap(tiny, mapper, k=3, bridge="mapper"):
+    """A Bridge with ClipCap's `mapper` (K = k) on the tiny CLIP (width 32, projection 16) and GPT-2 (width 32)."""
+    from common.hf import clip_vision_tower
+    clip = clip_vision_tower(str(tiny["gpt_dir"].parent / "clip"), projection=True).eval()
+    return pc.Bridge(_cfg(bridge=bridge, mapper=mapper, prefix_len=k), 32, 32, 3, clip).eval()
+
+
+@pytest.mark.parametrize("mapper", ["clipcap_mlp", "clipcap_tf"])
+def test_clipcap_prefix_is_k_tokens_a_frame_and_padded_frames_are_masked(tiny, mapper):
+    """ClipCap's mappers, K = 3: an image gives K prefix tokens, a clip of T frames T*K. A 2-frame clip padded to 3
+    frames in a batch (the padding filled with noise) gives the same prefix, text logits and decoded tokens as
+    alone: its padded frame's K tokens are masked (and 0), positions and labels count P = T*K."""
+    torch.manual_seed(0)
+    bridge = _clipcap(tiny, mapper)
+    assert bridge.per_frame == 3 and not any(p.requires_grad for p in bridge.clip_head.parameters())
+    prefix, pmask, z = bridge.visual(_feats(2, 1), torch.ones(2, 1, dtype=torch.bool))
+    assert prefix.shape == (2, 3, 32) and pmask.shape == (2, 3) and pmask.all() and z is None
+    short = _feats(1, 2, seed=4)
+    batch = torch.cat([_feats(1, 3, seed=5), torch.cat([short, 3 * _feats(1, 1, seed=6)], 1)])
+    fm = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    prefix, pmask, _ = bridge.visual(batch, fm)
+    assert prefix.shape == (2, 9, 32) and pmask.tolist() == [[True] * 9, [True] * 6 + [False] * 3]
+    assert not prefix[1, 6:].any() and torch.allclose(prefix[1:, :6], bridge.visual(short, fm[1:, :2])[0], atol=1e-5)
+    tokens = torch.tensor([[2, 4, 5, 3]] * 2)
+    tm = torch.ones_like(tokens, dtype=torch.bool)
+    logits = bridge(tiny["lm"], batch, fm, tokens, tm)
+    labels = pc.caption_labels(tokens, tm, bridge.per_frame * fm.shape[1])  # as train_step
+    assert logits.shape == (2, 9 + 4, 15) and labels.shape == (2, 13) and (labels[:, :9] == -100).all()
+    alone = bridge(tiny["lm"], short, fm[1:, :2], tokens[:1], tm[:1])
+    assert alone.shape == (1, 6 + 4, 15) and torch.allclose(alone[:, 6:], logits[1:, 9:], atol=1e-4)
+    for beams in (1, 2):  # generate() from inputs_embeds: the prefix of 9 (6 real) tokens, z repeated per beam
+        both = bridge.generate(tiny["lm"], batch, fm, 2, 3, 0, num_beams=beams, max_new_tokens=5)
+        one = bridge.generate(tiny["lm"], short, fm[1:, :2], 2, 3, 0, num_beams=beams, max_new_tokens=5)
+        assert torch.equal(both[1, :one.shape[1]], one[0]) and (both[1, one.shape[1]:] == 0).all()
+    # --bridge both: ClipCap's prefix beside the xattn blocks
+    both = _clipcap(tiny, mapper, bridge="both")
+    assert both(tiny["lm"], batch, fm, tokens, tm).shape == (2, 13, 15) and both.per_frame == 3
+    with pytest.raises(ValueError, match=f"--mapper {mapper} needs --bridge mapper|both"):
+        pc.Bridge(_cfg(bridge="xattn", mapper=mapper), 32, 32, 3)
+    with pytest.raises(ValueError, match=r"--mapper must be mlp\|transformer\|clipcap_mlp\|clipcap_tf, got 'clip'"):
+        pc.Bridge(_cfg(mapper="clip"), 32, 32, 3)
+
+
+def test_clipcap_transformer_is_clipcaps_transformer_mapper(tiny):
+    """clipcap_tf is ClipCap's TransformerMapper (CLIP_prefix_caption train.py), written out here with the module's
+    own weights: [Linear(emb) as K' tokens ; K constants] through 8 pre-LN layers x += Wo attn(LN1 x) (8 heads, q, k,
+    v without biases), x += W2 relu(W1 LN2 x) (MLP ratio 2), no final norm; the prefix is the K constants' places.
+    Trainable count: 8 D^2 + 8 D a layer, as ClipCap's layer."""
+    torch.manual_seed(0)
+    m = _clipcap(tiny, "clipcap_tf").mapper
+    assert len(m.layers) == 8 and all(x.self_attn.num_heads == 8 and x.linear1.out_features == 64 for x in m.layers)
+    emb = torch.randn(2, 16)
+    with torch.no_grad():
+        x = torch.cat([m.linear(emb).view(2, 3, 32), m.const.expand(2, -1, -1)], 1)  # (N, K'+K, D)
+        for layer in m.layers:
+            q, k, v = (layer.norm1(x) @ layer.self_attn.in_proj_weight.T).chunk(3, -1)  # no bias
+            q, k, v = (t.view(2, 6, 8, 4).transpose(1, 2) for t in (q, k, v))       # (N, H, 6, 4)
+            att = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v                    # scale 1 / sqrt(4)
+            x = x + layer.self_attn.out_proj(att.transpose(1, 2).reshape(2, 6, 32))
+            x = x + layer.linear2(torch.relu(layer.linear1(layer.norm2(x))))
+        out = m(emb)
+    assert out.shape == (2, 3, 32) and torch.allclose(out, x[:, 3:], atol=1e-5)
+    assert not torch.allclose(out, x[:, :3], atol=1e-2)  # not the K' clip tokens' places
+    m.train()  # with autograd and in training mode (PyTorch's other path): the same, no dropout
+    assert torch.allclose(m(emb), out, atol=1e-5)
+    with torch.no_grad():
+        m.const.add_(0.5)
+    assert not torch.allclose(m(emb), out, atol=1e-3)  # the learned constants are inputs
+    assert pc.count_params(m) == 8 * (8 * 32 ** 2 + 8 * 32) + (16 * 96 + 96) + 96
+
+
+def test_clipcap_mappers_read_clips_projected_image_embedding(world):
+    """--mapper clipcap_*: what the mapper receives, through the script's own path (load_frozen, the cached
+    last_hidden_state, the bridge's frozen copy of post_layernorm + visual_projection), is transformers'
+    CLIPModel.get_image_features of the same pixels (the toy CLIP projects to 64, not its vision_config's 512).
+    Only the mapper is trainable and counted; the other mappers keep the plain CLIPVisionModel."""
+    from transformers import CLIPModel
+    from common.image import normalize
+    models = os.path.join(world, "models")
+    cfg = _cfg(bridge="mapper", mapper="clipcap_mlp", prefix_len=2, clip_model=os.path.join(models, "clip"),
+               lm_model=os.path.join(models, "gpt2"))
+    clip, lm, ctok = pc.load_frozen(cfg, torch.device("cpu"), torch.float32)
+    bridge = pc.Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer, clip).eval()
+    ds = pc.CaptionSet(pc.read_records(os.path.join(world, "pairs_val.jsonl"), "image")[:3], world,
+                       clip.config.image_size, 1, ctok)
+    pixels = torch.cat([ds[(i, 0)]["pixels"] for i in range(3)])  # (3, 3, H, W) uint8
+    pc.cache_features(ds, clip, torch.float32, 2, pc.cdist.setup_distributed("cpu"))
+    seen = []
+    bridge.mapper.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        bridge.visual(torch.stack(ds.cache), torch.ones(3, 1, dtype=torch.bool))
+        want = CLIPModel.from_pretrained(cfg.clip_model).eval().get_image_features(pixel_values=normalize(pixels))
+    want = getattr(want, "pooler_output", want)
+    assert seen[0].shape == want.shape == (3, 64) and torch.allclose(seen[0], want, atol=1e-5, rtol=0)
+    trained = sum(p.numel() for p in bridge.parameters() if p.requires_grad)
+    assert pc.bridge_param_table(bridge)["trainable"] == pc.count_params(bridge.mapper) == trained
+    assert trained == 64 * 64 + 64 + 64 * 128 + 128  # Linear(E, D*K/2) + Linear(D*K/2, D*K), D = 64, K = 2
+    plain = pc.load_frozen(dataclasses.replace(cfg, mapper="mlp"), torch.device("cpu"), torch.float32)[0]
+    assert type(plain).__name__ == "CLIPVisionModel"
+
+
+def test_clipcap_param_counts_at_paper_sizes():
+    """--mode params, offline, at ViT-B/32 (E = 512) + GPT-2 small (D = 768): ClipCap's MLP at K = 10 is
+    512*3840+3840 + 3840*7680+7680 = 31,468,800 trained; its TransformerMapper at K = K' = 40 (its README) is
+    8 layers of 8 D^2 + 8 D, Linear(512, 40 D) and 40 D constants = 53,587,968. CLIP's projection is frozen."""
+    mlp = pc.main(["--mode", "params", "--preset", "paper", "--mapper", "clipcap_mlp"])
+    assert 512 * 3840 + 3840 + 3840 * 7680 + 7680 == 31_468_800
+    assert mlp["mapper"]["mapper"] == mlp["mapper"]["trainable"] == 31_468_800
+    assert mlp["both"]["trainable"] == 38_238_744 + 31_468_800 and mlp["xattn"]["trainable"] == 38_238_744
+    assert mlp["frozen_clip"] == 87_456_000 + 768 * 512  # + visual_projection (no bias)
+    tf = pc.main(["--mode", "params", "--preset", "paper", "--mapper", "clipcap_tf", "--prefix_len", "40"])
+    assert 8 * (8 * 768 ** 2 + 8 * 768) + 512 * 40 * 768 + 40 * 768 + 40 * 768 == 53_587_968
+    assert tf["mapper"]["mapper"] == tf["mapper"]["trainable"] == 53_587_968 == tf["both"]["mapper"]
+    assert tf["both"]["trainable"] == 38_238_744 + 53_587_968 == 91_826_712 and tf["frozen_clip"] == 87_849_216
 
 
 def test_padded_frames_change_nothing(tiny):
@@ -961,3 +1078,30 @@ def test_test_mode_decodes_as_the_checkpoints_run_unless_given():
         assert (run.beams, run.max_new_tokens, run.decode, run.clip_model) == (beams, 100, "beam", ran["clip_model"])
     assert lines == ["warning: decoding as the checkpoint's run: {'beams': 5, 'max_new_tokens': 100}",
                      "warning: decoding as the checkpoint's run: {'max_new_tokens': 100}"]
+
+
+@pytest.mark.parametrize("mapper,extra", [("clipcap_mlp", []),
+                                          ("clipcap_tf", ["--task", "video", "--cache_feats", "false",
+                                                          "--num_frames", "3"])])
+def test_clipcap_train_then_test_mode_rebuilds_the_mapper(world, tmp_path, mapper, extra):
+    """A short --bridge mapper run with ClipCap's mapper (K = 2; images with cached features, or 3-frame videos: 6
+    prefix tokens): only the mapper trains (the checkpoint's CLIP head is the CLIP's own, AdamW holds state for the
+    mapper's tensors alone), and --mode test rebuilds the same mapper from the checkpoint and decodes the same."""
+    from transformers import CLIPModel
+    m = _run(world, tmp_path, "--bridge", "mapper", "--mapper", mapper, "--prefix_len", "2", "--steps", "6",
+             "--global_batch", "8", "--micro_batch", "8", "--eval_every", "3", "--max_eval", "4", "--decode",
+             "greedy", "--max_new_tokens", "6", "--lr", "3e-3", "--report", "false", *extra)
+    assert m["n"] == 4 and m["trainable"] == m["mapper"] > 0 and m["xattn"] == 0 and m["train_loss"] > 0
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ck["model_config"]["mapper"], ck["model_config"]["prefix_len"]) == (mapper, 2)
+    ref = CLIPModel.from_pretrained(os.path.join(world, "models", "clip"))
+    assert torch.equal(ck["bridge"]["clip_head.0.weight"], ref.vision_model.post_layernorm.weight)
+    assert torch.equal(ck["bridge"]["clip_head.1.weight"], ref.visual_projection.weight)
+    mapper_keys = [k for k in ck["bridge"] if k.startswith("mapper.")]
+    assert len(ck["optimizer"]["state"]) == len(ck["optimizer"]["param_groups"][0]["params"]) == len(mapper_keys)
+    t = pc.main(["--mode", "test", "--ckpt", str(tmp_path / "best.pt"), "--out_dir", str(tmp_path / "t"),
+                 "--toy_root", str(world), "--decode", "greedy", "--max_new_tokens", "6", "--max_eval", "4",
+                 "--report", "false"])  # the mapper, --task and --num_frames come from the checkpoint
+    assert t["n"] == 4
+    rows = [json.load(open(p / "predictions_test.json")) for p in (tmp_path, tmp_path / "t")]
+    assert [r["prediction"] for r in rows[0]] == [r["prediction"] for r in rows[1]]
