@@ -662,8 +662,7 @@ def train(cfg, model, tok, dist, dtype, log):
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
             checkpoint(os.path.join(cfg.out_dir, "last.pt"), step)
     checkpoint(os.path.join(cfg.out_dir, "last.pt"), step)
-    for tried, bad in D.all_gather_object((seen.tried_set, seen.bad_set)):
-        seen.merge(tried, bad)
+    seen.gather()  # every rank's image counts
     if tracker:  # every rank's stream counts
         counts.tried, counts.bad = map(sum, zip(*D.all_gather_object((counts.tried, counts.bad))))
     log.info(f"train: {counts.report()}")

@@ -41,10 +41,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from common import amp, checkpoint, dist as cdist
 from common.attention import attention, merge_heads, split_heads
-from common.config import format_config, given_flags, parse_config, save_config
+from common.config import check_choices, format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
                          fit_micro, read_pairs, read_video)
-from common.hf import clip_vision_config, clip_vision_tower, published_config
+from common.hf import published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
@@ -234,7 +234,8 @@ class PerceiverResampler(nn.Module):
 
 class GatedXAttnDense(nn.Module):
     """Flamingo's GATED XATTN-DENSE (Sec. 2.2): y += tanh(a_attn) * XAttn(y, Z); y += tanh(a_ff) * FFW(y).
-    Gates start at 0: the frozen LM as it was (OpenFlamingo #286: no gates, 2x the first loss)."""
+    Gates start at 0: at initialisation the frozen LM is untouched (OpenFlamingo #286: without gates
+    the initial loss is twice as high)."""
 
     def __init__(self, dim, media_dim, heads, dim_head, ff_mult):
         super().__init__()
@@ -271,25 +272,22 @@ class ClipCapTransformer(nn.TransformerEncoder):
 
 
 class Bridge(nn.Module):
-    """The trained mapper (prefix), resampler and xattn blocks per `--bridge` (and ClipCap's frozen
-    CLIP head). In `conditioned(lm, z)` a forward pre-hook on GPT-2 block i runs xattn block i
-    first: GPT-2's modules and state-dict keys stay as they are (hooks for both call styles)."""
+    """Everything trained (mapper, resampler, xattn blocks per `--bridge`; ClipCap's CLIP head frozen).
+    The xattn blocks live here, not inside GPT-2: while `conditioned(lm, z)` is active, a forward
+    pre-hook on GPT-2 block i runs xattn block i on its input (keywords or positional: transformers
+    4.x or 5.x). GPT-2's modules and state-dict keys stay untouched; only this module is trained."""
 
     def __init__(self, cfg, vis_dim, lm_dim, lm_layers, clip=None):
         super().__init__()
-        for k, v in (("bridge", "mapper|xattn|both"), ("xattn_prefix", "raw|none"),
-                     ("mapper", "mlp|transformer|clipcap_mlp|clipcap_tf")):
-            if getattr(cfg, k) not in v.split("|"):
-                raise ValueError(f"--{k} must be {v}, got {getattr(cfg, k)!r}")
+        check_choices(cfg, bridge="mapper|xattn|both", xattn_prefix="raw|none",
+                      mapper="mlp|transformer|clipcap_mlp|clipcap_tf")
         self.use_mapper, self.use_xattn = cfg.bridge in ("mapper", "both"), cfg.bridge in ("xattn", "both")
         self.prefix = "mapper" if self.use_mapper else cfg.xattn_prefix
         self.tf_mapper = self.use_mapper and cfg.mapper == "transformer"
         if (self.prefix == "raw" or self.tf_mapper) and vis_dim != lm_dim:
             raise ValueError(f"--xattn_prefix raw and --mapper transformer keep the CLIP width, "
                              f"which GPT-2 must share (CLIP {vis_dim}, LM {lm_dim})")
-        k, clipcap = cfg.prefix_len, cfg.mapper.startswith("clipcap")
-        if clipcap and (not self.use_mapper or k < 1):
-            raise ValueError(f"--mapper {cfg.mapper} needs --bridge mapper|both, --prefix_len > 0")
+        k, clipcap = cfg.prefix_len, self.use_mapper and cfg.mapper.startswith("clipcap")
         self.position_fix = cfg.position_fix
         self.per_frame = 0 if self.prefix == "none" else k if clipcap else 1  # prefix tokens
         self.clip_head = None if not clipcap else copy.deepcopy(nn.Sequential(  # ClipCap's, frozen
@@ -553,8 +551,6 @@ def validation_loss(bridge, lm, clip, ds, cfg, dtype, device, d):
 def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_main):
     """Decode captions for records `indices` of ds -> {index: [caption, ...]} (num_return each).
     Sampling draws from --seed and the batch's first record: a run's captions are reproducible."""
-    if cfg.decode not in ("beam", "greedy", "nucleus"):
-        raise ValueError(f"--decode must be beam|greedy|nucleus, got {cfg.decode!r}")
     kw = (dict(do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k, temperature=cfg.temperature)
           if cfg.decode == "nucleus" else dict(num_beams=cfg.beams if cfg.decode == "beam" else 1))
     if cfg.num_return > kw.get("num_beams", cfg.num_return):
@@ -618,8 +614,6 @@ def write_report(cfg, metrics, logger):
 # ================================================================================================ Train
 def resolve_paths(cfg, d):
     """Empty model and data paths the mode reads -> the toy world's (built with these backbones)."""
-    if cfg.task not in ("image", "video"):
-        raise ValueError(f"--task must be image|video, got {cfg.task!r}")
     stem = "pairs" if cfg.task == "image" else "video"
     splits = {"train": ["train", "val"] + ["test"] * cfg.test_after_train, "test": ["test"]}
     files = {f"{s}_file": f"{stem}_{s}.jsonl" for s in splits.get(cfg.mode, [])}
@@ -629,12 +623,20 @@ def resolve_paths(cfg, d):
               ["clip", "gpt2"], d.is_main, cdist.barrier)
 
 
+def clip_vision_config(conf):  # a CLIPConfig's vision part, at the model's projection width
+    vision = getattr(conf, "vision_config", conf)  # (which it holds as transformers' default, 512)
+    vision.projection_dim = conf.projection_dim
+    return vision
+
+
 def load_frozen(cfg, device, dtype):
     """Frozen CLIP vision tower + GPT-2 + caption tokenizer from local folders or hub names."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel, logging as hf_logging
+    from transformers import (AutoConfig, AutoTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection,
+                              GPT2LMHeadModel, logging as hf_logging)
     hf_logging.set_verbosity_error()  # the vision tower of a full CLIPModel: text keys unused
-    clip = clip_vision_tower(cfg.clip_model, cfg.mapper.startswith("clipcap"),  # + ClipCap's input
-                             dtype=amp.frozen_dtype(device, dtype))
+    tower = CLIPVisionModelWithProjection if cfg.mapper.startswith("clipcap") else CLIPVisionModel
+    clip = tower.from_pretrained(cfg.clip_model, config=clip_vision_config(AutoConfig.from_pretrained(
+        cfg.clip_model)), dtype=amp.frozen_dtype(device, dtype))  # + projection: ClipCap's input
     # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
     lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=torch.float32)
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
@@ -839,9 +841,8 @@ def param_counts(cfg, clip_config, lm_config, text_len=20):
         px = torch.zeros(1, 3, clip_config.image_size, clip_config.image_size)  # one image
         feats, vit = clip(pixel_values=px).last_hidden_state[:, None], count_flops(lambda: clip(pixel_values=px))
         for b in ("mapper", "xattn", "both"):
-            mapper = "mlp" if b == "xattn" else cfg.mapper  # (--bridge xattn has no mapper)
-            one = Bridge(dataclasses.replace(cfg, bridge=b, xattn_prefix="none", mapper=mapper),
-                         clip_config.hidden_size, lm_config.n_embd, lm_config.n_layer, clip)
+            one = Bridge(dataclasses.replace(cfg, bridge=b, xattn_prefix="none"), clip_config.hidden_size,
+                         lm_config.n_embd, lm_config.n_layer, clip)
             run = lambda: one(lm, feats, torch.ones(1, 1).bool(), tok, tok + 1).float().sum().backward()  # noqa
             rows[b] = {**bridge_param_table(one), "gflops_per_sample": (vit + count_flops(run)) / 1e9}
         rows["frozen_clip"], rows["frozen_lm"] = count_params(clip), count_params(lm)
@@ -860,8 +861,6 @@ def params_mode(cfg, logger):  # the two hub names' released architectures, offl
 # ================================================================================================ main
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[0])
-    if cfg.mode not in ("train", "test", "caption", "params"):
-        raise SystemExit(f"--mode must be train|test|caption|params, got {cfg.mode!r}")
     d = cdist.setup_distributed(cfg.device)
     logger = Logger(cfg.out_dir if cfg.mode in ("train", "test") and not cfg.bench else "", d.is_main)
     try:
@@ -872,6 +871,7 @@ def main(argv=None):
             checkpoint.expect_checkpoint(ckpt, path, SCRIPT, flag="--ckpt")
             saved = model_config(ckpt.get("model_config") or ckpt["config"])  # older: run config
             cfg = checkpoint_run(cfg, saved, ckpt.get("config", {}), argv, logger)
+        check_choices(cfg, mode="train|test|caption|params", task="image|video", decode="beam|greedy|nucleus")
         resolve_paths(cfg, d)
         if cfg.mode == "params":
             return params_mode(cfg, logger)

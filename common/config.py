@@ -97,5 +97,12 @@ def save_config(cfg, run_dir):
     return d
 
 
+def check_choices(cfg, **choices):
+    """A one-line ValueError for a field outside its choices: check_choices(cfg, mode="train|test")."""
+    for name, ok in choices.items():
+        if getattr(cfg, name) not in ok.split("|"):
+            raise ValueError(f"--{name} must be {ok}, got {getattr(cfg, name)!r}")
+
+
 def format_config(cfg):
     return "\n".join(f"  {k} = {v!r}" for k, v in asdict_config(cfg).items())

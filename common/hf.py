@@ -146,25 +146,6 @@ def published_config(name):
     return getattr(transformers, cls)(**copy.deepcopy(values))  # configs may pop from the sub-config dicts
 
 
-def clip_vision_config(config):
-    """The vision config of a CLIPConfig (or a CLIPVisionConfig) with the model's projection width: a CLIPModel's
-    vision_config holds transformers' default (512), which CLIPVisionModelWithProjection would build."""
-    vision = getattr(config, "vision_config", config)
-    vision.projection_dim = config.projection_dim
-    return vision
-
-
-def clip_vision_tower(path, projection=False, **kw):
-    """transformers' CLIPVisionModel of a CLIP folder or hub name, or with `projection` its
-    CLIPVisionModelWithProjection (image_embeds: what CLIPModel.get_image_features returns) built with the
-    checkpoint's projection width; kw go to from_pretrained."""
-    import transformers
-    if not projection:
-        return transformers.CLIPVisionModel.from_pretrained(path, **kw)
-    config = clip_vision_config(transformers.AutoConfig.from_pretrained(path))
-    return transformers.CLIPVisionModelWithProjection.from_pretrained(path, config=config, **kw)
-
-
 def meta_model(model_class, config):
     """model_class(config) on the meta device (shapes, no memory, no weights), in eval mode as from_pretrained
     returns it, with the LM head untied where the released checkpoint stores its own: T5 v1.1 / Flan-T5

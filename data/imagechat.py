@@ -252,9 +252,7 @@ class _Stage:
     def finish(self):
         """Merge the ranks' counts, log and record unreadable images, enforce max_bad_frac."""
         computed = sum(all_gather_object(self.computed))
-        for tried, bad in all_gather_object((sorted(self.images.tried_set), self.images.bad_paths)):
-            self.images.merge(tried, bad)
-        bad = self.images.bad_paths
+        bad = self.images.gather().bad_paths
         if self.dist.is_main and bad:
             with open(os.path.join(self.cfg.cache_dir, f"unreadable_{self.what}.json"), "w") as f:
                 json.dump(bad, f)
