@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from common import dist as D
 from common.amp import autocast, fp32, frozen_dtype, make_scaler, pick_dtype, seed_everything
-from common.attention import attention
+from common.attention import attention, merge_heads, split_heads
 from common.checkpoint import (RESUME_FREE, CheckpointMismatch, check_loaded, check_resume_config,
                                describe, expect_checkpoint, load_checkpoint, rng_state,
                                save_checkpoint, set_rng_state)
@@ -292,24 +292,19 @@ class Attention(nn.Module):
         self.dense, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def split(self, t):  # C // heads, not -1: ITM's remote images may be 0 rows (itm_cross_kv)
-        return t.unflatten(-1, (self.heads, t.shape[-1] // self.heads)).transpose(1, 2)  # B,H,L,C/H
-
-    def keys_values(self, kv):
-        return self.split(self.key(kv)), self.split(self.value(kv))
+    def keys_values(self, kv):  # (B, L, W) -> (B, H, L, C/H) twice; L may be 0 (itm_cross_kv)
+        return split_heads(self.key(kv), self.heads), split_heads(self.value(kv), self.heads)
 
     def forward(self, x, kv, mask=None, past=None):
         """`kv`: the (B, L, W) sequence attended to, or its (keys, values) made earlier; `past`:
         keys and values prepended to them (the query rows' of the query pass, read by ITG's text
         rows). Returns the output and this call's (keys, values), so that later passes can reuse
         them."""
-        B, Lq, C = x.shape
         k, v = kv if isinstance(kv, tuple) else self.keys_values(kv)
         ka, va = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        o = attention(self.split(self.query(x)), ka, va, mask,
+        o = attention(split_heads(self.query(x), self.heads), ka, va, mask,
                       dropout_p=self.dropout if self.training else 0.0)  # (B, H, Lq, C/H)
-        o = o.transpose(1, 2).reshape(B, Lq, C)  # (B, Lq, C)
-        return self.norm(x + self.drop(self.dense(o))), (k, v)
+        return self.norm(x + self.drop(self.dense(merge_heads(o)))), (k, v)  # (B, Lq, C)
 
 
 class FFN(nn.Module):
@@ -1241,7 +1236,8 @@ def query_attention(qf, image):
     for layer in qf.layers:
         if layer.cross_attn is not None:
             a, h = layer.cross_attn, layer.self_attn(x, x)[0]
-            scores = a.split(a.query(h)) @ a.keys_values(image)[0].transpose(-1, -2)  # (B, H, Nq, N)
+            q, k = split_heads(a.query(h), a.heads), a.keys_values(image)[0]
+            scores = q @ k.transpose(-1, -2)  # (B, H, Nq, N)
             probs = (scores / math.sqrt(h.shape[-1] // a.heads)).softmax(-1).mean(1)
         x = layer(x, None, qf.num_query, image)[0]
     return probs

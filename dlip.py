@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from common import amp as camp
 from common import dist as cdist
-from common.attention import attention
+from common.attention import attention, merge_heads, split_heads
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
-from common.config import format_config, given_flags, parse_config, save_config
+from common.config import check_choices, format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, Records, ShardStream, StepSampler,
                          StreamTracker, fit_micro, make_loader, pre_caption, read_pairs,
                          shard_sample_count, stream_loader)
@@ -309,7 +309,7 @@ class BertSelfAttention(nn.Module):
         self.key, self.value = nn.Linear(kv_dim, d), nn.Linear(kv_dim, d)
 
     def _split(self, x):  # (B, L, D) -> (B, H, L, Dh)
-        return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+        return split_heads(x, self.heads)
 
     def forward(self, x, mask, kv=None, cache=None, need_probs=False):
         q = self._split(self.query(x))
@@ -334,7 +334,7 @@ class BertSelfAttention(nn.Module):
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             probs = scores.softmax(-1)
             out = F.dropout(probs, p) @ v
-        return out.transpose(1, 2).flatten(2), probs  # (B, L, D), (B, H, Lq, Lk) or None
+        return merge_heads(out), probs  # (B, L, D), (B, H, Lq, Lk) or None
 
 
 class BertAttention(nn.Module):
@@ -1497,10 +1497,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B "
                        f"(CapFilt-L), --teacher model_base_capfilt_large.pth: download it from {BLIP_URL}")
-    for flag, ok in (("mode", "pretrain|retrieval|caption|eval|params"),
-                     ("task", "retrieval|caption|efficiency|all"), ("decode", "beam|nucleus")):
-        if getattr(cfg, flag) not in ok.split("|"):
-            raise ValueError(f"--{flag} must be {ok}, got {getattr(cfg, flag)!r}")
+    check_choices(cfg, mode="pretrain|retrieval|caption|eval|params",
+                  task="retrieval|caption|efficiency|all", decode="beam|nucleus")
     if cfg.mode == "params":
         return params_mode(cfg, Logger("", True))
     if cfg.ft_distill and cfg.mode != "caption":

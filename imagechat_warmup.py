@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from common.amp import autocast, make_scaler, pick_dtype, seed_everything
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
+from common import config
 from common.config import asdict_config, format_config, given_flags, parse_config, save_config
 from common.data import DataError, StepSampler, fit_micro
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
@@ -165,9 +166,7 @@ RESUME_FREE_ICW = (RESUME_FREE - {"max_steps"}) | set(
 
 def check_choices(cfg):
     cfg.mode = {"evaluate": "eval"}.get(cfg.mode, cfg.mode)
-    modes = ("features", "captions", "warmup", "finetune", "eval", "chat", "params")
-    if cfg.mode not in modes:
-        raise ValueError(f"--mode must be {'|'.join(modes)}, got {cfg.mode!r}")
+    config.check_choices(cfg, mode="features|captions|warmup|finetune|eval|chat|params")
     tasks = task_list(cfg)
     if set(tasks) - set(TASKS):
         raise ValueError(f"unknown warm-up tasks {sorted(set(tasks) - set(TASKS))}; use {TASKS}")

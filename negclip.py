@@ -45,7 +45,7 @@ from common import amp
 from common import dist as D
 from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoint,
                                load_checkpoint, restore, rng_state, save_checkpoint, set_rng_state)
-from common.config import format_config, given_flags, parse_config, save_config
+from common.config import check_choices, format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, StreamTracker, draw,
                          fit_micro, make_loader, shard_sample_count)
 from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageTransform, normalize
@@ -740,8 +740,7 @@ def params_mode(cfg, log):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description="NegCLIP: mine | train | eval | export")
-    if cfg.mode not in ("mine", "train", "eval", "export", "params"):
-        raise ValueError(f"mode must be mine|train|eval|export|params, got {cfg.mode!r}")
+    check_choices(cfg, mode="mine|train|eval|export|params")
     if cfg.mode == "params":  # hub names from common.hf's table; the toy's folders (built if missing)
         return params_mode(resolve_paths(cfg), Logger("", True))
     dist = D.setup_distributed(cfg.device)

@@ -25,8 +25,8 @@ def _with_causal(mask, lq, lk, dtype, device):
     return causal if mask is None else (mask + causal).clamp(min=torch.finfo(dtype).min)  # no -inf overflow
 
 
-def split_heads(x, h):
-    return x.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
+def split_heads(x, h):  # Dh spelled out, not -1: a tensor of 0 rows has no -1 to infer
+    return x.unflatten(-1, (h, x.shape[-1] // h)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
 
 
 def merge_heads(x):
