@@ -159,12 +159,11 @@ def _itm_rank(rank, port, out_dir):
     bp.D.cleanup_distributed()
 
 
-def test_itm_with_no_remote_negatives_on_a_rank_matches_one_process(tmp_path):
+def test_itm_with_no_remote_negatives_on_a_rank_matches_one_process(tmp_path, spawn):
     """2 gloo processes, rank 1's ITM negatives all its own images (R = 0, which once crashed Attention.split):
     each rank's ITM loss and, through fetch_rows' backward, the image and parameter gradients equal the full passes
     of one process."""
     import socket
-    import torch.multiprocessing as mp
     qf, image_all, ids, neg_img = _itm_case()
     image_all.requires_grad_()
     ref = []
@@ -178,7 +177,7 @@ def test_itm_with_no_remote_negatives_on_a_rank_matches_one_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_itm_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_itm_rank, args=(port, str(tmp_path)))
     got = [torch.load(tmp_path / f"itm{r}.pt", weights_only=True) for r in (0, 1)]
     assert [g["R"] for g in got] == [1, 0]
     assert [g["loss"].item() for g in got] == pytest.approx([x.item() for x in ref], abs=1e-5)

@@ -8,7 +8,6 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
@@ -196,11 +195,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gather_matches_one_process(tmp_path):
+def test_two_process_gather_matches_one_process(tmp_path, spawn):
     model, x_img, x_txt = _make_model_and_data()
     ref_loss = _clip_loss(model(x_img), model(x_txt))
     ref_loss.backward()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, args=(2, _free_port(), str(tmp_path)))
     r0 = torch.load(tmp_path / "r0.pt", weights_only=True)
     torch.testing.assert_close(r0["loss"], ref_loss.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(r0["grad"], model.weight.grad, atol=1e-6, rtol=1e-5)
@@ -239,14 +238,14 @@ def _ddp_flags_worker(rank, world, port, out_dir):
     dist.cleanup_distributed()
 
 
-def test_wrap_ddp_bucket_view_and_no_per_step_buffer_broadcast(tmp_path):
+def test_wrap_ddp_bucket_view_and_no_per_step_buffer_broadcast(tmp_path, spawn):
     model, x_img, x_txt = _make_model_and_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     for _ in range(2):
         _clip_loss(model(x_img), model(x_txt)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    mp.spawn(_ddp_flags_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_flags_worker, args=(2, _free_port(), str(tmp_path)))
     ranks = torch.load(tmp_path / "flags.pt", weights_only=True)
     assert set(ranks[0]) == ({True, False} if dist._FORWARD_SYNC else {False})  # both paths ran
     for r, out in enumerate(ranks):
@@ -289,11 +288,11 @@ def _fetch_worker(rank, world, port, out_dir):
     dist.cleanup_distributed()
 
 
-def test_fetch_rows_and_pad_across_ranks(tmp_path):
+def test_fetch_rows_and_pad_across_ranks(tmp_path, spawn):
     """blip2's ITM negatives from other ranks: point to point, the same rows and gradients as all-gathering the
     whole batch and indexing it (rank 1 wants 4 rows of rank 0; rank 0 wants 3 of rank 1 and reads 1 itself).
     Texts of 3 and 5 tokens on the two ranks are padded to 5 on both."""
-    mp.spawn(_fetch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_fetch_worker, args=(2, _free_port(), str(tmp_path)))
     for r, n in ((0, 3), (1, 4)):
         out = torch.load(tmp_path / f"fetch{r}.pt")
         assert out["got"].shape == (n, 2, 3) and torch.equal(out["got"], out["ref"])

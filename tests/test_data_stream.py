@@ -9,7 +9,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from common import data
@@ -406,12 +405,12 @@ def _rank_keys(rank, world, port, spec, out_dir):
     cdist.cleanup_distributed()
 
 
-def test_two_process_gloo_ranks_see_disjoint_samples(shards, tmp_path):
+def test_two_process_gloo_ranks_see_disjoint_samples(shards, tmp_path, spawn):
     spec, _ = shards
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_keys, args=(2, port, spec, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_keys, args=(2, port, spec, str(tmp_path)))
     keys = json.load(open(tmp_path / "keys.json"))
     assert len(keys) == 2 and not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == _keys(data.ShardStream(spec, shuffle_buffer=0, epochs=1))

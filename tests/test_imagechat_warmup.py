@@ -371,11 +371,10 @@ def _caption_worker(rank, cfg, port, cache_dir):
         cleanup_distributed()
 
 
-def test_two_rank_captions_cover_every_image_when_a_rank_lists_late(tmp_path):
+def test_two_rank_captions_cover_every_image_when_a_rank_lists_late(tmp_path, spawn):
     """prepare_captions on 2 gloo ranks: every rank lists the cache before any rank appends to it (else a late
     rank shards a shorter list, the shards stop tiling and images are never captioned)."""
     import socket
-    import torch.multiprocessing as mp
     data, hashes = tmp_path / "ic", [f"{i:032x}" for i in range(12)]
     os.makedirs(data / "img")
     os.makedirs(tmp_path / "cache")
@@ -387,7 +386,7 @@ def test_two_rank_captions_cover_every_image_when_a_rank_lists_late(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_caption_worker, args=(cfg, port, str(tmp_path / "cache")), nprocs=2, join=True)
+    spawn(_caption_worker, args=(cfg, port, str(tmp_path / "cache")))
     caps = ic.load_captions(str(tmp_path / "cache"))
     assert sorted(caps) == hashes and {c[0] for c in caps.values()} == {"caption 0", "caption 1"}
 
@@ -1125,11 +1124,10 @@ def _ddp_worker(rank, runs):
                 json.dump(res, f)
 
 
-def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
+def test_two_process_gloo_matches_one_process(assets, cached, tmp_path, spawn):
     """2 gloo processes = 1 process; their checkpoint holds each rank's own RNG states (issue 18.5), and a
     2-process run stopped after step 1 and resumed ends as the unbroken 2-process run."""
     import socket
-    import torch.multiprocessing as mp
     _, paths = cached
     one = run(train_args(assets, "warmup", 2), tmp_path / "one", **paths)
 
@@ -1143,7 +1141,7 @@ def test_two_process_gloo_matches_one_process(assets, cached, tmp_path):
     runs = [(port(), argv("two"), str(tmp_path / "two.json")),
             (port(), argv("half", stop_after=1, report="false"), str(tmp_path / "half1.json")),
             (port(), argv("half", resume=ck, report="false"), str(tmp_path / "half.json"))]
-    mp.spawn(_ddp_worker, args=(runs,), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(runs,))
     two, half = ((tmp_path / f"{n}.json").read_text() for n in ("two", "half"))
     two, half = json.loads(two), json.loads(half)
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)

@@ -609,13 +609,12 @@ def _rank_accumulate(rank, world, port, tsv, toy_root, out_dir):
         N.D.cleanup_distributed()
 
 
-def test_gradient_caching_on_two_gloo_processes_equals_one_full_batch(mined, toy_root, tmp_path):
+def test_gradient_caching_on_two_gloo_processes_equals_one_full_batch(mined, toy_root, tmp_path, spawn):
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_accumulate, args=(2, port, mined[0], toy_root, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_accumulate, args=(2, port, mined[0], toy_root, str(tmp_path)))
     cfg, model, tok, items = _grad_rows(mined[0], toy_root)
     full = _full_batch(cfg, model, tok, items)
     for r in range(2):  # DDP: every rank holds the global batch's gradients
@@ -970,16 +969,15 @@ def _rank_shard_run(rank, world, port, argv, out_dir):
         json.dump(keys, f)
 
 
-def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_root, tmp_path):
+def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_root, tmp_path, spawn):
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["--mode", "train", *_args(toy_root, tmp_path / "two", "--train_shards", shards, "--max_steps", 2,
                                       "--global_batch", 8, "--micro_batch", 2, "--lr", 1e-4, "--val_file", "none",
                                       "--eval_after_train", "false", "--report", "false")]
-    mp.spawn(_rank_shard_run, args=(2, port, argv, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_shard_run, args=(2, port, argv, str(tmp_path)))
     keys = [json.load(open(tmp_path / f"keys{r}.json")) for r in range(2)]
     assert [len(k) for k in keys] == [4, 4] and all(len(b) == 2 for k in keys for b in k)  # 2 steps x accum 2
     seen = [{x for b in k for x in b} for k in keys]

@@ -696,18 +696,17 @@ def _spawned(rank, runs):
         pc.main(argv)
 
 
-def test_two_rank_resume_equals_unbroken_run_with_dropout(world, tmp_path):
+def test_two_rank_resume_equals_unbroken_run_with_dropout(world, tmp_path, spawn):
     """Issue 18.5: with GPT-2 dropout on, each rank draws its own masks (seeded seed + rank after the
     weights) and a resume restores each rank its own generators: 2 processes stopped at step 2 and
     resumed log the losses of an unbroken 2-process run."""
-    import torch.multiprocessing as mp
     common = ["--toy_root", world, "--log_every", "1", *SMALL, "--steps", "4", "--global_batch", "8",
               "--micro_batch", "4", "--eval_every", "100", "--test_after_train", "false",
               "--save_every", "2", "--frozen_eval", "false", "--report", "false", "--device", "cpu"]
     argv = lambda out, *a: [str(x) for x in common + ["--out_dir", tmp_path / out, *a]]  # noqa: E731
     runs = [(_free_port(), argv("full")), (_free_port(), argv("half", "--stop_at", "2")),
             (_free_port(), argv("half", "--resume", tmp_path / "half" / "last.pt"))]
-    mp.spawn(_spawned, args=(runs,), nprocs=2, join=True)
+    spawn(_spawned, args=(runs,))
     full = _losses(tmp_path / "full")
     assert sorted(full) == [1, 2, 3, 4]
     assert _losses(tmp_path / "half") == pytest.approx(full, rel=1e-6, abs=1e-7)
@@ -736,18 +735,17 @@ def _cache_rank(rank, world, root, out, port):
     pc.cdist.cleanup_distributed()
 
 
-def test_cache_feats_shards_over_ranks_and_gathers(world, tmp_path):
+def test_cache_feats_shards_over_ranks_and_gathers(world, tmp_path, spawn):
     """Issue 18.10: each of 2 gloo ranks encodes only its shard of the images (half of the frames), and after the
     all-gather both hold the whole cache, in record order, with every rank's unreadable images counted: the
     cache one process makes."""
-    import torch.multiprocessing as mp
     with open(os.path.join(world, "video_val.jsonl")) as f, open(tmp_path / "video.jsonl", "w") as g:
         for i, line in enumerate(f):  # clips of 1, 2 and 3 frames: padding to the longest differs per batch
             r = json.loads(line)
             g.write(json.dumps({**r, "frames": r["frames"][:1 + i % 3]}) + "\n")
     _train_file(world, tmp_path / "pairs.jsonl", 13, bad_every=6)  # records 0, 6 and 12 unreadable
     _cache_rank(0, 1, world, str(tmp_path), _free_port())
-    mp.spawn(_cache_rank, args=(2, world, str(tmp_path), _free_port()), nprocs=2, join=True)
+    spawn(_cache_rank, args=(2, world, str(tmp_path), _free_port()))
     one, two = (torch.load(tmp_path / f"cache_{w}_{r}.pt", weights_only=False) for w, r in ((1, 0), (2, 0)))
     other = torch.load(tmp_path / "cache_2_1.pt", weights_only=False)
     # frames encoded: 19 of the clips + 10 readable images; rank 0 clips 0-4 (9) + images 1-5 (5), rank 1 the rest
@@ -797,12 +795,11 @@ def _skip_rank(rank, port, out):
     pc.cdist.cleanup_distributed()
 
 
-def test_a_rank_without_readable_images_skips_the_step_on_every_rank(tmp_path):
+def test_a_rank_without_readable_images_skips_the_step_on_every_rank(tmp_path, spawn):
     """A rank whose micro batches all lost their images (batches() drops them) runs no forward/backward, so DDP's
     gradient all-reduce never happens there: every rank learns it from the token-count all-reduce and skips the
     step (no optimizer step, replicas unchanged and equal); the next step trains as usual."""
-    import torch.multiprocessing as mp
-    mp.spawn(_skip_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_skip_rank, args=(_free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"skip_{r}.pt", weights_only=False) for r in (0, 1))
     for r in (r0, r1):
         assert r["res"][0]["skipped_step"] == 1 and "loss" not in r["res"][0] and r["res"][0]["adam_states"] == 0
@@ -836,16 +833,15 @@ def _test_rank(rank, port, world, out):
     pc.cdist.cleanup_distributed()
 
 
-def test_unreadable_images_at_test_time_are_counted_over_ranks(world, tmp_path):
+def test_unreadable_images_at_test_time_are_counted_over_ranks(world, tmp_path, spawn):
     """Uncached --mode test on 2 ranks: each rank reads only its block of the test split, and the 3 missing
     images of 8 all fall in rank 1's (records 4-7). The report and the max_bad_frac check use every rank's counts:
     rank 0 reports all 3, and both ranks decide alike (3/8 passes 0.5, where rank 1's own 3/4 would stop it,
     and fails 0.25, where rank 0's own 0/4 would pass)."""
-    import torch.multiprocessing as mp
     with open(os.path.join(world, "pairs_test.jsonl")) as f, open(tmp_path / "test.jsonl", "w") as g:
         for i, line in enumerate(list(f)[:8]):
             g.write(json.dumps({**json.loads(line), **({"image": f"missing/{i}.png"} if i >= 5 else {})}) + "\n")
-    mp.spawn(_test_rank, args=(_free_port(), world, str(tmp_path)), nprocs=2, join=True)
+    spawn(_test_rank, args=(_free_port(), world, str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"test_{r}.pt", weights_only=False)["res"] for r in (0, 1))
     assert r0[0.5] == r1[0.5] == 3
     assert re.match(r"too many unreadable images .*3 of 8 images unreadable", r0[0.25]) and r1[0.25] == r0[0.25]
