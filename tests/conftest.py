@@ -88,11 +88,14 @@ def spawn():
     import multiprocessing
 
     import torch.multiprocessing as mp
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "blip2_pformer", "dlip", "negclip",
-                                            "perceiver_caption", "imagechat_warmup"])
+    method = "spawn"  # where there is no fork server (Windows)
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        method = "forkserver"
+        multiprocessing.set_forkserver_preload(["torch", "transformers", "blip2_pformer", "dlip", "negclip",
+                                                "perceiver_caption", "imagechat_warmup"])
 
     def run(fn, args=(), nprocs=2):
-        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method=method)
     return run
 
 
