@@ -7,8 +7,8 @@ builder writes every task file the five methods read, in the canonical formats (
 Image-Chat, ImageFolder classification sets), and it pretrains tiny HF-format backbones (CLIP, BERT, GPT-2, OPT,
 T5) on the toy text and images, so a frozen backbone carries real signal just as a real checkpoint does.
 
-    python data/toy.py --out data/toy                 # full world  (~2000/250/250 scenes; <= ~3 min on 2 cores)
-    python data/toy.py --out data/toy_tiny --tiny     # test world  (~300/50/50 scenes; well under a minute)
+    python data/toy.py --out data/toy                 # full world  (~2000/250/250 scenes; 4-6 min on 2 cores)
+    python data/toy.py --out data/toy_tiny --tiny     # test world  (~300/50/50 scenes; under 2 min)
     python data/toy.py --out /tmp/w --tiny --data_only  # only the data files, no backbones
     python data/toy.py --models clip,bert             # data + these backbones (others are added when a run needs them)
     python data/toy.py --shards 8                     # + the train pairs as webdataset shards (write_shards)

@@ -45,7 +45,8 @@ def pytest_unconfigure(config):
 
 @contextlib.contextmanager
 def _exclusive(path):
-    """One process at a time (the xdist workers) inside the block; no lock where fcntl is missing (Windows)."""
+    """One process at a time (the xdist workers) inside the block.  Where fcntl is missing (Windows) there is no
+    lock: each worker may then build the toy world, and ensure_toy_world keeps the first one renamed into place."""
     try:
         import fcntl
     except ImportError:
@@ -66,17 +67,14 @@ def toy_root(tmp_path_factory):
     Set TOY_TINY_ROOT to a folder built with `python data/toy.py --tiny --out <dir>` to skip the build (its
     missing backbones are added); TOY_SEED picks the seed of a world built here.  The first worker builds it, the
     other waits and reads the same folder."""
-    from data.toy import build_toy_world, ensure_toy_world
+    from data.toy import ensure_toy_world
     shared = tmp_path_factory.getbasetemp()
     shared = shared.parent if WORKER else shared  # the session's folder, above the workers' own
     with _exclusive(str(shared / "toy_world.lock")):
         env = os.environ.get("TOY_TINY_ROOT")
         if env and os.path.isfile(os.path.join(env, "manifest.json")):
             return ensure_toy_world(env, tiny=True)
-        root = shared / "toy_world"
-        if not (root / "manifest.json").is_file():
-            build_toy_world(str(root), tiny=True, seed=int(os.environ.get("TOY_SEED", "0")))
-        return str(root)
+        return ensure_toy_world(str(shared / "toy_world"), tiny=True, seed=int(os.environ.get("TOY_SEED", "0")))
 
 
 @pytest.fixture(scope="session")
