@@ -72,9 +72,8 @@ def toy_root(tmp_path_factory):
     shared = shared.parent if WORKER else shared  # the session's folder, above the workers' own
     with _exclusive(str(shared / "toy_world.lock")):
         env = os.environ.get("TOY_TINY_ROOT")
-        if env and os.path.isfile(os.path.join(env, "manifest.json")):
-            return ensure_toy_world(env, tiny=True)
-        return ensure_toy_world(str(shared / "toy_world"), tiny=True, seed=int(os.environ.get("TOY_SEED", "0")))
+        root = env if env and os.path.isfile(os.path.join(env, "manifest.json")) else str(shared / "toy_world")
+        return ensure_toy_world(root, tiny=True, seed=int(os.environ.get("TOY_SEED", "0")))  # (a built world: its seed)
 
 
 @pytest.fixture(scope="session")
