@@ -9,9 +9,9 @@ distillation term from a frozen teacher (`distill_losses`: ITC logits, represent
 logits, attention maps). Read ModelConfig, BLIP.forward, blip_losses, distill_losses, train.
 
 Modes: pretrain (student + frozen teacher; --teacher "" = plain BLIP) | retrieval (ITC+ITM
-fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam search;
---ft_distill also distils a teacher decoder) | eval (--task retrieval|caption|efficiency|all)
-| params (the preset's student and teacher at their published sizes, offline, on the meta device).
+fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam search); with
+--ft_distill either also distils a fine-tuned teacher | eval (--task retrieval|caption|efficiency
+|all) | params (the preset's student and teacher at their published sizes, offline, meta device).
     python dlip.py --preset toy_teacher && python dlip.py    # toy teacher, then the student
     python dlip.py --mode retrieval --init runs/dlip_toy/last.pt --out_dir runs/dlip_toy_ret
     torchrun --nproc_per_node 4 dlip.py --preset paper --image_root /data --train_files coco.jsonl
@@ -150,7 +150,8 @@ class Config(Size):
     w_attn_ca: float = 1.0
     w_attn_dec: float = 1.0
     w_itm_kd: float = 0.0              # not in V2: one more teacher fusion pass on the negatives
-    ft_distill: bool = False           # caption mode: also distil a teacher decoder
+    ft_distill: bool = False           # fine-tuning: also distil the teacher's decoder (caption)
+    #                                    or its encoders' terms, w_* as in pretraining (retrieval)
     # ---- fine-tuning / evaluation inputs
     init: str = ""                     # checkpoint to fine-tune (a pretrain run's last.pt)
     ckpt: str = ""                     # eval mode: dlip checkpoint or HF folder
@@ -1501,8 +1502,8 @@ def main(argv=None):
                   task="retrieval|caption|efficiency|all", decode="beam|nucleus")
     if cfg.mode == "params":
         return params_mode(cfg, Logger("", True))
-    if cfg.ft_distill and cfg.mode != "caption":
-        raise ValueError("--ft_distill is for --mode caption (retrieval trains ITC + ITM only)")
+    if cfg.ft_distill and cfg.mode not in ("caption", "retrieval"):
+        raise ValueError("--ft_distill is for --mode caption or retrieval (fine-tuning)")
     dist = cdist.setup_distributed(cfg.device)
     try:
         cfg = resolve(cfg, argv, dist)
@@ -1620,35 +1621,45 @@ def params_mode(cfg, log):
 # What is not trained here: the frozen teacher (a dlip checkpoint or transformers BLIP folders,
 # through the name map below), dlip checkpoints as other parts, HF ViT / CLIP / BERT student inits.
 
+DEC_TERMS = ("lm_kd", "rep_dec", "attn_dec")  # the distillation terms that read a teacher decoder
+
+
 def load_teacher(cfg, model, special, device, dtype, log):
     """((ret, cap), distillation weights) of the run, or (None, {}). `ret` is the frozen teacher's
     retrieval part (text encoder and heads), `cap` its decoder: one model for a dlip checkpoint, two
-    for split transformers folders; --ft_distill: (None, the decoder of the teacher)."""
+    for split transformers folders; --ft_distill: (None, the teacher's decoder) for caption,
+    (the teacher's encoders and heads, None) for retrieval fine-tuning."""
     if not cfg.ft_distill and (cfg.mode != "pretrain" or not cfg.teacher):
         if cfg.mode == "pretrain":
             log.info("no teacher: plain BLIP pretraining (ITC + ITM + LM)")
         return None, {}
-    path = (cfg.teacher_caption or cfg.teacher) if cfg.ft_distill else cfg.teacher
-    if cfg.ft_distill:  # caption fine-tuning: the decoder terms only
+    ft_cap, ft_ret = (cfg.ft_distill and cfg.mode == m for m in ("caption", "retrieval"))
+    path = (cfg.teacher_caption or cfg.teacher) if ft_cap else cfg.teacher
+    if ft_cap:  # caption fine-tuning: the decoder terms only
         w = {"lm_kd": cfg.w_lm_kd, "attn_dec": cfg.w_attn_dec}
     else:  # {term: weight} of every distillation term (distill_losses) and the ITC-KD variant
         names = ("itc_kd", "rep_img", "rep_txt", "rep_fus", "rep_dec", "lm_kd", "attn_sa", "attn_ca",
-                 "attn_dec", "itm_kd")
-        w = dict({k: getattr(cfg, "w_" + k) for k in names}, itc_kd_kind=cfg.itc_kd)
+                 "attn_dec", "itm_kd")  # retrieval fine-tuning: all but the decoder's
+        w = dict({k: getattr(cfg, "w_" + k) for k in names if not (ft_ret and k in DEC_TERMS)},
+                 itc_kd_kind=cfg.itc_kd)
     ckpt = path.endswith((".pt", ".pth"))
     if path.endswith(".pth") and not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path} not found; BLIP's pretrained ViT-B: {BLIP_URL}")
     if ckpt and not os.path.isfile(path):
-        how = "--mode caption --init runs/dlip_toy_teacher/last.pt" if cfg.ft_distill else \
+        how = f"--mode {cfg.mode} --init runs/dlip_toy_teacher/last.pt" if cfg.ft_distill else \
             "--preset toy_teacher"
         raise FileNotFoundError(f"teacher checkpoint {path} not found; train one first: "
                                 f"python dlip.py {how} --out_dir {os.path.dirname(path)}")
     frozen = dict(momentum=False, dropout=0.0)
-    if cfg.ft_distill:  # a pretrain or a caption checkpoint: the untied decoder loads from both
+    if ft_cap:  # a pretrain or a caption checkpoint: the untied decoder loads from both
         dec = dict(frozen, has_encoder=False, has_decoder=True, tie_decoder=False)
         ret, cap = None, load_dlip(path, dec, cfg.image_size, flag="--teacher", special=special,
                                    prompt=cfg.prompt) if ckpt else \
             load_hf_blip(path, special, cfg.image_size)
+    elif ft_ret:  # a pretrain or a retrieval checkpoint, or a BlipForImageTextRetrieval folder
+        enc = dict(frozen, has_encoder=True, has_decoder=False, tie_decoder=False)
+        ret, cap = load_dlip(path, enc, cfg.image_size, flag="--teacher", special=special) if ckpt \
+            else load_hf_blip(path, special, cfg.image_size, cfg.teacher_temp), None
     elif ckpt:
         ret = cap = load_dlip(path, frozen, cfg.image_size, flag="--teacher", special=special)
     else:
@@ -1659,8 +1670,8 @@ def load_teacher(cfg, model, special, device, dtype, log):
         raise ValueError(f"{path}: the teacher needs a text encoder and heads (a retrieval model)")
     if cap is not None and not cap.c.has_decoder:
         raise ValueError(f"{cfg.teacher_caption or path}: has no decoder")
-    for k in ("lm_kd", "rep_dec", "attn_dec"):
-        if cap is None and w[k] > 0:
+    for k in DEC_TERMS:
+        if cap is None and w.get(k, 0) > 0:
             raise ValueError(f"w_{k} > 0 needs a teacher decoder: --teacher_caption, or --w_{k} 0")
     for m in {id(ret): ret, id(cap): cap}.values():
         if m is not None:

@@ -26,6 +26,9 @@ MARGINS = {
     "ft_distill": dict(lm=0.95,  # 0.901 / 0.897 / 0.905
                        lm_kd=0.92,  # 0.740 / 0.781 / 0.750
                        attn_dec=0.8),  # 0.501 / 0.587 / 0.463
+    "ft_distill_ret": dict(rep_img=0.9,  # 0.382 / 0.779 / 0.664
+                           rep_txt=0.5, rep_fus=0.45,  # 0.229 / 0.200 / 0.286; 0.168 / 0.172 / 0.229
+                           attn_sa=0.5),  # 0.190 / 0.286 / 0.247 (attn_ca: 1e-4, ratios 0.76-0.90)
 }
 SPECIAL = dict(enc_id=99, dec_id=98, sep_id=2, pad_id=0, cls_id=1, vocab_size=100)
 
@@ -371,6 +374,25 @@ def test_blip_caption_pth_evaluates_and_distils_with_the_prompt_a_pretrain_pth_w
         cfg = dlip.Config(mode="caption", ft_distill=True, teacher=path, teacher_caption="", image_size=32)
         (ret, cap), _ = dlip.load_teacher(cfg, None, special, torch.device("cpu"), torch.float32, log)
         assert ret is None and cap.c.prompt == prompt and cap.c.dec_id == special["dec_id"] != 0
+
+
+def test_retrieval_ft_distill_teacher_is_its_encoders_and_heads(hf_folders, tmp_path):
+    """--ft_distill in retrieval fine-tuning loads no teacher decoder, from a transformers BlipForImageTextRetrieval
+    folder or from a BLIP .pth that has one, and weighs the encoders' terms only; a caption folder is refused."""
+    import types
+    log = types.SimpleNamespace(info=lambda *a: None)
+    c = dlip.ModelConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=1, vit_heads=2, vit_mlp=64,
+                         text_width=32, text_layers=1, text_heads=2, text_ffn=64, embed_dim=16, queue_size=8,
+                         **SPECIAL)
+    student, pth = dlip.BLIP(c), _blip_pth(dlip.BLIP(c), tmp_path / "model_base.pth")
+    for path in (hf_folders[0], pth):
+        cfg = dlip.Config(mode="retrieval", ft_distill=True, teacher=path, image_size=32)
+        (ret, cap), w = dlip.load_teacher(cfg, student, SPECIAL, torch.device("cpu"), torch.float32, log)
+        assert cap is None and ret.c.has_encoder and not hasattr(ret, "text_decoder"), path
+        assert set(w) == {"itc_kd", "rep_img", "rep_txt", "rep_fus", "attn_sa", "attn_ca", "itm_kd", "itc_kd_kind"}
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        cfg = dlip.Config(mode="retrieval", ft_distill=True, teacher=hf_folders[1], image_size=32)
+        dlip.load_teacher(cfg, student, SPECIAL, torch.device("cpu"), torch.float32, log)
 
 
 def test_student_image_encoder_init_from_hf_vit_and_clip(tmp_path):
@@ -1104,9 +1126,30 @@ def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teach
         first, last = _thirds(rows, k)
         assert last < bound * first, (k, first, last)
     with pytest.raises(ValueError, match="ft_distill"):
-        dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"),
-                   "--ft_distill", "true", "--max_steps", "1",
-                   "--out_dir", str(d / "ret_kd")])
+        dlip.main(["--mode", "pretrain", *base, *TINY, "--ft_distill", "true", "--max_steps", "1",
+                   "--out_dir", str(d / "pre_kd")])
+
+
+def test_retrieval_fine_tuning_distils_a_teacher(world, student_run, teacher_ckpt):
+    """--ft_distill in retrieval fine-tuning: the encoders' terms of pretraining (ITC-KD, the representation and
+    attention terms, ITM-KD when weighted) against a frozen fine-tuned teacher, whose decoder is not loaded.
+    Against itself every term but the soft-target ITC-KD is 0; against the teacher they fall."""
+    d, base, _ = world
+    dlip.main(["--mode", "retrieval", *base, *TINY, "--init", teacher_ckpt, "--max_steps", "2",
+               "--out_dir", str(d / "t_ret")])
+    t_ret = str(d / "t_ret" / "last.pt")
+    same = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", t_ret, "--ft_distill", "true", "--teacher",
+                      t_ret, "--w_itm_kd", "1", "--max_steps", "1", "--out_dir", str(d / "self_ret_kd")])
+    zero = ("rep_img", "rep_txt", "rep_fus", "attn_sa", "attn_ca", "itm_kd")
+    assert all(abs(same["first_" + k]) < 1e-5 for k in zero), same
+    assert "first_itc_kd" in same and not {"first_lm_kd", "first_rep_dec", "first_attn_dec"} & set(same)
+    dlip.main(["--mode", "retrieval", *base, *TINY, "--init", os.path.join(student_run[0], "last.pt"),
+               "--ft_distill", "true", "--teacher", t_ret, "--max_steps", "30", "--lr", "2e-3",
+               "--out_dir", str(d / "ret_kd")])
+    rows = _rows(d / "ret_kd" / "metrics.jsonl")
+    for k, bound in MARGINS["ft_distill_ret"].items():
+        first, last = _thirds(rows, k)
+        assert last < bound * first, (k, first, last)
 
 
 def test_resume_continues_exactly(world, teacher_ckpt):
