@@ -385,7 +385,9 @@ def test_retrieval_ft_distill_teacher_is_its_encoders_and_heads(hf_folders, tmp_
                          text_width=32, text_layers=1, text_heads=2, text_ffn=64, embed_dim=16, queue_size=8,
                          **SPECIAL)
     student, pth = dlip.BLIP(c), _blip_pth(dlip.BLIP(c), tmp_path / "model_base.pth")
-    for path in (hf_folders[0], pth):
+    ret_pth = str(tmp_path / "model_base_retrieval_coco.pth")  # BLIP_Retrieval: no decoder, momentum copies
+    torch.save({"model": dlip.BLIP(replace(c, has_decoder=False)).state_dict()}, ret_pth)
+    for path in (hf_folders[0], pth, ret_pth):
         cfg = dlip.Config(mode="retrieval", ft_distill=True, teacher=path, image_size=32)
         (ret, cap), w = dlip.load_teacher(cfg, student, SPECIAL, torch.device("cpu"), torch.float32, log)
         assert cap is None and ret.c.has_encoder and not hasattr(ret, "text_decoder"), path
