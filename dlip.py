@@ -1395,6 +1395,9 @@ def train(cfg, dist, device, dtype, log):
         if step % cfg.log_every == 0 or step == total:
             m = mfu(flops_step, tm["ms_step"] / 1000, device, dist.world_size, dtype)
             log.log(step, **sums, lr=lr, grad_norm=gnorm, **tm, **({} if m is None else {"mfu": m}))
+        if step == 1 and cfg.ft_distill and sums.get("rep_txt", 0) > 0.5:  # cosine < 0.5: not aligned
+            log.info(f"warning: the student's text head starts far from the teacher's (rep_txt "
+                     f"{sums['rep_txt']:.2f}); --ft_distill suits a student distilled from it (docs/dlip.md)")
         at_epoch = cfg.mode != "pretrain" and cfg.val_file and (step == total
                                                                 or step % max(1, spe) == 0)
         if at_epoch or cfg.eval_every and step % cfg.eval_every == 0 and step < total:

@@ -1132,10 +1132,11 @@ def test_caption_fine_tuning_distils_a_teacher_decoder(world, student_run, teach
                    "--out_dir", str(d / "pre_kd")])
 
 
-def test_retrieval_fine_tuning_distils_a_teacher(world, student_run, teacher_ckpt):
+def test_retrieval_fine_tuning_distils_a_teacher(world, student_run, teacher_ckpt, capsys):
     """--ft_distill in retrieval fine-tuning: the encoders' terms of pretraining (ITC-KD, the representation and
     attention terms, ITM-KD when weighted) against a frozen fine-tuned teacher, whose decoder is not loaded.
-    Against itself every term but the soft-target ITC-KD is 0; against the teacher they fall."""
+    Against itself every term but the soft-target ITC-KD is 0; against the teacher they fall. A student whose heads
+    no teacher aligned is warned about: this distillation swamps its fine-tuning (docs/dlip.md)."""
     d, base, _ = world
     dlip.main(["--mode", "retrieval", *base, *TINY, "--init", teacher_ckpt, "--max_steps", "2",
                "--out_dir", str(d / "t_ret")])
@@ -1152,6 +1153,12 @@ def test_retrieval_fine_tuning_distils_a_teacher(world, student_run, teacher_ckp
     for k, bound in MARGINS["ft_distill_ret"].items():
         first, last = _thirds(rows, k)
         assert last < bound * first, (k, first, last)
+    assert "starts far from" not in capsys.readouterr().out  # a student distilled from the teacher: aligned
+    dlip.main(["--mode", "pretrain", *base, *TINY, *_width(32), "--teacher", "", "--max_steps", "1",
+               "--report", "false", "--out_dir", str(d / "no_kd")])  # a student no teacher aligned
+    dlip.main(["--mode", "retrieval", *base, *TINY, "--init", str(d / "no_kd" / "last.pt"), "--ft_distill", "true",
+               "--teacher", t_ret, "--max_steps", "1", "--report", "false", "--out_dir", str(d / "no_kd_ret")])
+    assert "text head starts far from the teacher's" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(world, teacher_ckpt):
