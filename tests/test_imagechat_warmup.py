@@ -1031,6 +1031,35 @@ def test_wrong_image_root_stops_early(assets, cached, tmp_path):
     assert not os.path.isdir(tmp_path / "cache" / "features") or not os.listdir(tmp_path / "cache" / "features")
 
 
+def test_training_without_the_features_stops_instead_of_reading_zeros(assets, cached, tmp_path, capsys):
+    """Absent features are an error, never silent zero features (ParlAI #2394, where a run without the image
+    features scored near chance): an empty cache names the stage to run, and a cache that covers too few of the
+    episodes stops with the count; a few missing ones (under --max_missing_frac) are skipped and counted."""
+    _, paths = cached
+    os.makedirs(tmp_path / "empty")
+    args = train_args(assets, "finetune", 1, final_eval="false", report="false")
+    with pytest.raises(DataError, match=r"no CLIP features in .*empty.features: run --mode features first"):
+        run(args, tmp_path / "a", **{**paths, "cache_dir": tmp_path / "empty"})
+    index, feats = ic.load_features(str(paths["cache_dir"]))
+    with open(os.path.join(paths["data_dir"], "train.json")) as f:
+        train = [ep["image_hash"] for ep in json.load(f)]  # 48 episodes, one image each
+    for gone, error in ((train[:24], True), (train[:1], False)):
+        cache = tmp_path / f"cache_{len(gone)}"
+        shutil.copytree(paths["cache_dir"], cache, ignore=shutil.ignore_patterns("features"))
+        os.makedirs(cache / "features")
+        kept = [h for h in sorted(index) if h not in gone]
+        torch.save({"hashes": kept, "feats": feats[[index[h] for h in kept]]}, cache / "features" / "part.pt")
+        if error:
+            with pytest.raises(DataError, match=r"train: 24 of 48 episodes lack features or captions "
+                                                r"\(> max_missing_frac 0.05\)"):
+                run(args, tmp_path / "b", **{**paths, "cache_dir": cache})
+        else:  # 1 of 48 (2%): skipped and counted, under the 5% a run accepts
+            capsys.readouterr()
+            run(args, tmp_path / "c", **{**paths, "cache_dir": cache})
+            want = "train: 47 episodes, 1 skipped for a missing feature/caption ({'feature': 1})"
+            assert want in capsys.readouterr().out
+
+
 def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
     _, paths = cached
     run(train_args(assets, "finetune", 1, final_eval="false", report="false"), tmp_path / "ok", **paths)

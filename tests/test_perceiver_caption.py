@@ -94,6 +94,29 @@ def test_gate_identity_equals_transformers_gpt2(tiny):
     assert not torch.allclose(bridge(tiny["lm"], _feats(2, 1), fm, tokens, mask)[mask], want[mask], atol=1e-3)
 
 
+def test_xattn_every_places_blocks_before_every_kth_gpt2_block(tiny):
+    """--xattn_every 2 on a 3-block GPT-2: xattn blocks before blocks 0 and 2 only (the larger Flamingo models,
+    arXiv 2204.14198, insert one every few LM blocks). Its live blocks give the logits of --xattn_every 1
+    whose block 1 is gated off and whose others carry the same weights."""
+    every1 = pc.Bridge(_cfg(bridge="xattn", xattn_every=1), 32, 32, 3).eval()
+    every2 = pc.Bridge(_cfg(bridge="xattn", xattn_every=2), 32, 32, 3).eval()
+    assert every1.layer_ids == [0, 1, 2] and every2.layer_ids == [0, 2] and len(every2.xattn) == 2
+    with torch.no_grad():
+        for x in every2.xattn:
+            x.attn_gate.fill_(0.5)
+            x.ff_gate.fill_(-0.3)
+    state = {k.replace("xattn.1.", "xattn.2."): v for k, v in every2.state_dict().items()}
+    missing = every1.load_state_dict(state, strict=False).missing_keys
+    assert missing and all(k.startswith("xattn.1.") for k in missing)  # block 1 keeps its zero gates
+    tokens = torch.tensor([[2, 4, 5, 8, 3], [2, 6, 7, 3, 0]])
+    mask, fm = tokens != 0, torch.ones(2, 1, dtype=torch.bool)
+    feats = _feats(2, 1)
+    out2, out1 = every2(tiny["lm"], feats, fm, tokens, mask), every1(tiny["lm"], feats, fm, tokens, mask)
+    torch.testing.assert_close(out2, out1, atol=1e-5, rtol=0)
+    ref = pc.Bridge(_cfg(bridge="xattn"), 32, 32, 3).eval()(tiny["lm"], feats, fm, tokens, mask)
+    assert not torch.allclose(out2, ref, atol=1e-3)  # the gated blocks do change the logits
+
+
 def test_one_step_changes_only_trainable_and_gates_get_grad_first(tiny):
     bridge = pc.Bridge(_cfg(bridge="both"), 32, 32, 3)
     frozen = {k: v.clone() for k, v in tiny["lm"].state_dict().items()}
