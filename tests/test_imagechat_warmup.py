@@ -1032,8 +1032,8 @@ def test_wrong_image_root_stops_early(assets, cached, tmp_path):
 
 
 def test_training_without_the_features_stops_instead_of_reading_zeros(assets, cached, tmp_path, capsys):
-    """Absent features are an error, never silent zero features (ParlAI #2394, where a run without the image
-    features scored near chance): an empty cache names the stage to run, and a cache that covers too few of the
+    """Absent features are an error, never silent zero features (ParlAI #2394: an evaluation near chance, traced
+    to the image features it was given): an empty cache names the stage to run, and a cache that covers too few of the
     episodes stops with the count; a few missing ones (under --max_missing_frac) are skipped and counted."""
     _, paths = cached
     os.makedirs(tmp_path / "empty")
