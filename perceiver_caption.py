@@ -308,7 +308,9 @@ class Bridge(nn.Module):
             self.resampler = PerceiverResampler(
                 vis_dim, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
                 cfg.num_latents, cfg.max_time_emb, cfg.resampler_ff_mult, cfg.frame_key_mask)
-            self.layer_ids = [i for i in range(lm_layers) if i % cfg.xattn_every == 0]
+            if cfg.xattn_every < 1:  # range() refuses 0; a step below 0 gives no block
+                raise ValueError(f"--xattn_every must be >= 1, got {cfg.xattn_every}")
+            self.layer_ids = list(range(0, lm_layers, cfg.xattn_every))
             self.xattn = nn.ModuleList(GatedXAttnDense(lm_dim, vis_dim, cfg.xattn_heads, cfg.xattn_dim_head,
                                                        cfg.xattn_ff_mult) for _ in self.layer_ids)
 
@@ -446,13 +448,11 @@ class CaptionSet(torch.utils.data.Dataset):
         item = {"index": i, "tokens": torch.tensor(self.ctok.encode(caps[c % len(caps)])),
                 "tried": [], "bad": []}
         if self.cache is not None:
-            item["feats"] = self.cache[i]
-            return item
+            return {**item, "feats": self.cache[i]}
         paths = self.records[i]["frames"]
         paths = [paths[j] for j in sample_frames(len(paths), self.num_frames)]
         if self.blank:  # the no-image baseline: a constant (dataset-mean) image
-            item["pixels"] = torch.zeros(len(paths), 3, self.size, self.size)
-            return item
+            return {**item, "pixels": torch.zeros(len(paths), 3, self.size, self.size)}
         imgs = [self.loader(p) for p in paths]
         item["tried"], item["bad"] = paths, [p for p, x in zip(paths, imgs) if x is None]
         imgs = [x for x in imgs if x is not None]

@@ -115,6 +115,9 @@ def test_xattn_every_places_blocks_before_every_kth_gpt2_block(tiny):
     torch.testing.assert_close(out2, out1, atol=1e-5, rtol=0)
     ref = pc.Bridge(_cfg(bridge="xattn"), 32, 32, 3).eval()(tiny["lm"], feats, fm, tokens, mask)
     assert not torch.allclose(out2, ref, atol=1e-3)  # the gated blocks do change the logits
+    for k in (0, -1):  # a clear error, not range()'s, nor a bridge with no xattn block
+        with pytest.raises(ValueError, match=f"--xattn_every must be >= 1, got {k}"):
+            pc.Bridge(_cfg(bridge="xattn", xattn_every=k), 32, 32, 3)
 
 
 def test_one_step_changes_only_trainable_and_gates_get_grad_first(tiny):
