@@ -630,7 +630,8 @@ def eval_crepe(sc, root):
     for (typ, n), rows in data.items():
         img = sc.images([ref(r) for r in rows])
         true = (img * sc.texts([r["caption"] for r in rows])).sum(-1).numpy()  # (K,)
-        negs = [(img[k:k + 1] * sc.texts(r["negs"])).sum(-1).numpy() for k, r in enumerate(rows)]
+        negs = [(img[k:k + 1] * sc.texts(r["negs"])).sum(-1).numpy() if r["negs"] else np.zeros(0)
+                for k, r in enumerate(rows)]  # no negative left (read_crepe): the caption ranks first
         keep = np.isfinite(true)
         ranks = crepe_ranks(true[keep], [x for x, k in zip(negs, keep) if k])
         res = score_crepe(ranks)

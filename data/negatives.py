@@ -224,6 +224,24 @@ def coarse(token, tag):
     return _COARSE.get(tag, "PUNCT" if not any(c.isalnum() for c in token) else "X")
 
 
+_HAVE_DO = set("has have had having do does did doing".split())
+
+
+def coarse_tags(tokens, tags):
+    """coarse() over a sentence. A have/do form with no verb after it (past adverbs and not) is the
+    main verb, VERB, as spaCy tags "a man has a dog"; before a verb ("has eaten", "does not eat")
+    it stays AUX. Be stays AUX either way: spaCy tags the copula AUX too."""
+    out = [coarse(t, g) for t, g in zip(tokens, tags)]
+    for i in reversed(range(len(out))):  # right to left: "does not have a dog" settles "have" first
+        if tokens[i].lower() in _HAVE_DO and out[i] == "AUX":
+            j = i + 1
+            while j < len(out) and out[j] in ("ADV", "PART"):
+                j += 1
+            if j == len(out) or out[j] not in ("VERB", "AUX"):
+                out[i] = "VERB"
+    return out
+
+
 def _suffix_tags(w):
     """Unknown words: suffix rules, default NN."""
     if w.isdigit() or re.fullmatch(r"\d+(?:[.,:]\d+)*", w):
@@ -409,20 +427,19 @@ def hard_negatives(caption, tagger, seed=0):
     """Up to six hard negative captions (the authors' generation script): swap two noun chunks of
     more than 2 words, two verb phrases, two NN, two NNS, two adverbs, two adjectives -> list of
     (type, negative).  Deterministic given (caption, seed).  Swaps equal to the caption after the
-    filter are dropped."""
+    filter are dropped; two types' equal swaps are both kept, as the authors' list keeps them."""
     rng = random.Random(f"{seed}|{caption}")  # str seeds hash with sha512: stable across runs
     tokens = tokenize(caption)
     if len(tokens) < 2:
         return []
     tags = tagger.tag(tokens)
-    ctags = [coarse(t, g) for t, g in zip(tokens, tags)]
-    out, seen = [], {norm_caption(caption)}
+    ctags = coarse_tags(tokens, tags)
+    out, same = [], norm_caption(caption)
 
     def keep(kind, new_tokens, lower):
         s = " ".join(new_tokens)
         s = s.lower() if lower else s
-        if norm_caption(s) not in seen:
-            seen.add(norm_caption(s))
+        if norm_caption(s) != same:
             out.append((kind, s))
 
     def swap_spans(spans, kind):

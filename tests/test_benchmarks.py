@@ -70,13 +70,16 @@ def test_crepe_reports_the_std_of_recall_as_its_released_eval(tmp_path):
     """CREPE's get_one2many_metrics (crepe_eval_utils.py) reports R@k_std = np.std(ranks < k) and rank_std =
     np.std(ranks) next to the means; eval_crepe used to compute them and drop them from the results.  CSVs in the
     published layout (the fixture's header), a red image, captions scored by their colour words: red (1.00) >
-    red-and-blue (0.88) > no colour (0.80) > blue (0.53) > green (0.51); ties count against the true caption."""
+    red-and-blue (0.88) > no colour (0.80) > blue (0.53) > green (0.51); ties count against the true caption. A row
+    whose negatives are all its caption (up to case and spacing) ranks first, as CREPE's tie rule has it (it
+    stopped the evaluation with an empty stack before)."""
     header = open(f"{FIX}/crepe/prod_hard_negatives/atom/prod_vg_hard_negs_atom_complexity_4.csv").readline()
     rows = {4: [("red box.", ["a box.", "blue box.", "green box.", "box.", "one box."]),  # rank 0
                 ("a box.", ["red box.", "blue box.", "green box.", "box here.", "one box."]),  # rank 3
                 ("blue box.", ["red box.", "a box.", "green box.", "red and blue box.", "box."])],  # 4
             5: [("red and blue box.", ["red box.", "a box.", "blue box.", "green box.", "box."]),  # 1
-                ("red box.", ["a box.", "box.", "one box.", "box here.", "the box."])]}  # 0
+                ("red box.", ["a box.", "box.", "one box.", "box here.", "the box."]),  # 0
+                ("blue box.", ["Blue box.", "blue  box."])]}  # 0: no negative left
     folder = tmp_path / "crepe" / "prod_hard_negatives" / "atom"
     os.makedirs(folder)
     for n, rs in rows.items():
@@ -88,8 +91,8 @@ def test_crepe_reports_the_std_of_recall_as_its_released_eval(tmp_path):
     assert r["atom_c4_R@1_std"] == pytest.approx(math.sqrt(2) / 3)  # sqrt(p (1 - p)), p = 1/3
     assert r["atom_c4_R@3_std"] == pytest.approx(math.sqrt(2) / 3) and r["atom_c4_R@5_std"] == 0.0
     assert r["atom_c4_rank_std"] == pytest.approx(math.sqrt(26) / 3)  # mean 7/3: (49 + 4 + 25) / 27 = 26/9
-    assert r["atom_c5_R@1_std"] == pytest.approx(0.5)  # ranks 1, 0
-    assert r["atom_R@1"] == pytest.approx(0.4) and r["atom_R@1_std"] == pytest.approx(math.sqrt(0.24))  # pooled
+    assert r["atom_c5_R@1"] == pytest.approx(2 / 3) and r["atom_c5_R@1_std"] == pytest.approx(math.sqrt(2) / 3)
+    assert r["atom_R@1"] == pytest.approx(0.5) and r["atom_R@1_std"] == pytest.approx(0.5)  # pooled: 0,3,4,1,0,0
     table = B.format_table({f"crepe/{k}": v for k, v in r.items()})
     assert any(line.split()[1:] == ["atom_c4_R@1_std", f"{math.sqrt(2) / 3:.4f}"] for line in table.splitlines())
 

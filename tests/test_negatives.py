@@ -213,6 +213,29 @@ def test_aro_order_shuffles_move_the_nouns_of_multiword_prepositions():
         ("ADJ", "A red cat on top of a black car to the left of a large white dog .")]
 
 
+def test_have_and_do_as_main_verbs_swap_as_verb_phrases():
+    """spaCy tags have/do AUX before a verb ("has eaten", "does not have") and VERB as the main verb ("a man has a
+    dog"); every have/do form was AUX here, so the authors' VERB? ADV* AUX* VERB+ pattern skipped the main verb and
+    a caption such as "A man has a dog and a woman holds a cat." got no verb-phrase negative."""
+    tagger = G.RuleTagger()
+    tags = lambda cap: G.coarse_tags(G.tokenize(cap), tagger.tag(G.tokenize(cap)))  # noqa: E731
+    assert tags("A man has a dog.")[2] == "VERB" and tags("A dog does a trick.")[2] == "VERB"
+    assert tags("A man has eaten.")[2:4] == ["AUX", "VERB"] and tags("A man is tall.")[2] == "AUX"
+    assert tags("A boy does not have a kite.")[2:5] == ["AUX", "PART", "VERB"]
+    for s in range(3):
+        negs = dict(G.hard_negatives("A man has a dog and a woman holds a cat.", tagger, seed=s))
+        assert negs["verb_phrase"] == "a man holds a dog and a woman has a cat ."
+        negs = dict(G.hard_negatives("A man has eaten a pizza and a dog sits.", tagger, seed=s))
+        assert negs["verb_phrase"] == "a man sits a pizza and a dog has eaten ."
+
+
+def test_equal_swaps_of_two_types_are_both_kept():
+    """The authors' global_find_hard_negatives lists one negative per swap type and drops only the failed ones, so a
+    noun-chunk swap and an NN swap that read the same are drawn twice as often in training; this list kept one."""
+    negs = G.hard_negatives("The red ball near the red box.", G.RuleTagger())
+    assert negs == [("noun_chunk", "the red box near the red ball ."), ("NN", "The red box near the red ball .")]
+
+
 def test_adverbs_and_negation_are_not_swapped_as_nouns_or_adverbs():
     """Common adverbs the lexicon lacks (very, together, still, away, ...) used to fall through the suffix rules
     to NN, and not/n't were ADV (spaCy: PART), so NegCLIP's swaps moved them as nouns, adverbs or inside verb
