@@ -124,7 +124,7 @@ class Config:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     pct_start: float = 0.3
-    legacy_lr: bool = False         # release: scheduler stepped per epoch -> lr ~ lr / 25
+    legacy_lr: bool = False         # release: scheduler stepped per epoch -> lr stays ~ lr / 25
     cycle_momentum: bool = True     # release (torch's OneCycleLR default): AdamW beta1 .95-.85-.95
     grad_clip: float = 0.0
     all_turns: bool = False         # release: one example per dialogue per epoch, turn drawn
@@ -210,7 +210,7 @@ def deviations(cfg):
             "UL candidates": "per sequence" if c.ul_per_sequence else "whole batch" + rel,
             "ISP target": "<cid> positive|negative </s> (paper; release leaks the answer)",
             "model selection": (f"{c.select_on} {' '.join(s)}" + rel * (c.select_on == "test")
-                                if (s := selection(c)) else "lowest epoch MLM train loss" + rel
+                                if (s := selection(c)) else "lowest epoch-mean MLM loss"
                                 if c.mode == "warmup" else "last"),
             "turn-2 style": "s_2 (release trains with s_1)", "features/captions": "keyed by hash"}
 
@@ -626,9 +626,9 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
 
 # ================================================================================================ Train
 def onecycle(step, total, cfg, per_epoch):
-    """(lr, AdamW beta1) of optimizer step `step` under torch's OneCycleLR as the release builds
-    it (src/model/model_blender_bot.py: linear annealing, div 25, final div 1e4, cycle_momentum:
-    beta1 0.95 at the start and the end, 0.85 at the lr peak)."""
+    """(lr, AdamW beta1) at optimizer step `step` of the release's OneCycleLR (model_blender_bot.py:
+    linear, div 25, final div 1e4, beta1 0.95 at the ends, 0.85 at the peak); --legacy_lr: stepped
+    once an epoch, over the release's `total` = epochs x (N // batch + 1) (pretrain_ablation.py)."""
     step = step // per_epoch if cfg.legacy_lr else step  # release: stepped once per epoch
     init, up = cfg.lr / 25, cfg.pct_start * total - 1
     if step <= up:
@@ -686,7 +686,9 @@ def run_training(cfg, dist, log, dtype):
     G, m = (cfg.warmup_batch, cfg.warmup_micro) if warm else (cfg.ft_batch, cfg.ft_micro)
     sampler = StepSampler(len(items), G, m, world, dist.rank, cfg.seed)
     accum, per_epoch = sampler.accum, sampler.steps_per_epoch
-    total = cfg.max_steps or math.ceil((cfg.warmup_epochs if warm else cfg.ft_epochs) * per_epoch)
+    epochs = cfg.warmup_epochs if warm else cfg.ft_epochs
+    total = cfg.max_steps or math.ceil(epochs * per_epoch)
+    cycle = math.ceil(epochs * (len(train) // m + 1)) if cfg.legacy_lr else total  # onecycle()
     log.info(f"{cfg.mode}: {len(items)} examples, global batch {G} = micro {m} x accumulation "
              f"{accum} x world {world}, {per_epoch} steps/epoch, {total} steps, tasks {active}")
 
@@ -708,7 +710,7 @@ def run_training(cfg, dist, log, dtype):
         return [micro_batch(step, a, rows) for a, rows in enumerate(sampler.micro_batches(step))]
 
     def train_step(step, micro_batches):
-        lr, b1 = onecycle(step, total, cfg, per_epoch)
+        lr, b1 = onecycle(step, cycle, cfg, per_epoch)
         for g in opt.param_groups:  # beta1 as the release's scheduler sets it (--cycle_momentum)
             g["lr"], g["betas"] = lr, (b1 if cfg.cycle_momentum else g["betas"][0], g["betas"][1])
         sums, n_tok = {}, 0
@@ -764,7 +766,7 @@ def run_training(cfg, dist, log, dtype):
         speed = timer.stop(G)
         if (u := mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev, world, dtype)) is not None:
             speed["mfu"] = u  # toks: the global batch's, over the peak of all `world` GPUs
-        # warm-up model choice (release): the epoch of lowest MLM training loss, summed on device
+        # warm-up choice: lowest epoch-mean MLM loss (the release: its last batch's, Lightning 1.9)
         epoch_sum, epoch_n = epoch_sum + terms.get("mlm", terms["loss"]).double(), epoch_n + 1
         if warm and ((step + 1) % per_epoch == 0 or step + 1 == total):
             mean = float(all_reduce_mean(epoch_sum)) / epoch_n

@@ -543,9 +543,10 @@ _FIX, _FIX_LENGTHS = _fix_table()
 
 
 def expand_contractions(text):
-    """`contractions.fix(text.strip().lower())`, as the release scores ("u r gonna" -> "you are
-    going to"). textsearch's replace: every key found (by end position, the longest first) with a
-    word boundary on both sides; one that starts before the last kept match ends replaces that match
+    """`contractions.fix(text.strip().lower())`, as the release scores ("i'm gonna" -> "i am going
+    to"; "u r gonna" -> "you r going to": the package's "r " key wants no letter after its space).
+    textsearch's replace: every key found (by end position, the longest first) with a word
+    boundary on both sides; one that starts before the last kept match ends replaces that match
     only if longer (so "to cause" keeps "cause" -> "because" away). Each value takes the case of its
     match: lower case here."""
     text = text.strip().lower()

@@ -539,7 +539,7 @@ def test_startup_line_names_the_checkpoint_choice_that_runs():
     assert shown("--mode", "finetune", "--select_on", "test", "--eval_every", "-1") == "test turn1/F1 each epoch (release)"
     assert shown("--mode", "finetune", "--eval_every", "50") == "valid IC/F1 every 50 steps"
     assert shown("--mode", "finetune", "--select_on", "none", "--eval_every", "-1") == "last"
-    assert shown("--mode", "warmup", "--preset", "paper") == "lowest epoch MLM train loss (release)"
+    assert shown("--mode", "warmup", "--preset", "paper") == "lowest epoch-mean MLM loss"  # release: last batch's
 
 
 def test_beam_search_takes_early_stopping_from_the_generation_config(assets):
@@ -876,6 +876,31 @@ def test_schedule_is_torchs_onecyclelr_with_its_momentum_cycle(per_epoch):
     else:
         assert betas[0] == betas[-1] == 0.95 and min(betas) == pytest.approx(0.85)
     assert cfg.cycle_momentum and not icw.parse_config(icw.Config, icw.PRESETS, []).cycle_momentum
+
+
+def test_legacy_lr_is_the_release_cycle_stepped_once_an_epoch(assets, cached, tmp_path, monkeypatch, capsys):
+    """--legacy_lr: the release sizes OneCycleLR in loader batches, steps_per_epoch = N // batch + 1 for
+    max_epochs (pretrain_ablation.py; batch = the micro batch), and Lightning steps it once an epoch. The cycle
+    was sized in optimizer steps, so the lr rose ~1.8x over the paper's warm-up instead of ~1.0065x."""
+    _, paths = cached
+    seen, update = [], icw.optimizer_update
+    monkeypatch.setattr(icw, "optimizer_update", lambda opt, *a: seen.append(
+        opt.param_groups[0]["lr"]) or update(opt, *a))
+    capsys.readouterr()
+    run(train_args(assets, "warmup", 9, legacy_lr="true"), tmp_path, **paths)
+    n, per_epoch = map(int, re.search(r"warmup: (\d+) examples, .*, (\d+) steps/epoch", capsys.readouterr().out)
+                       .groups())
+    cfg = icw.parse_config(icw.Config, icw.PRESETS, [])
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, steps_per_epoch=n // 4 + 1,
+                                                epochs=cfg.warmup_epochs, anneal_strategy="linear")
+    ref = []
+    for step in range(len(seen)):
+        ref.append(opt.param_groups[0]["lr"])
+        if (step + 1) % per_epoch == 0:
+            sched.step()
+    assert len(seen) == 9 > per_epoch and seen == pytest.approx(ref, rel=1e-12)
+    assert seen[0] == pytest.approx(cfg.lr / 25) and seen[per_epoch] > seen[per_epoch - 1] == seen[0]
 
 
 def test_cycle_momentum_moves_adamw_beta1_per_step_and_resumes_exactly(assets, cached, tmp_path, monkeypatch):
