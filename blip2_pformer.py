@@ -157,8 +157,8 @@ PRESETS = {
 
 # Per-stage recipes (BLIText / LAVIS configs).  Stage 1/2 "epochs" are over COCO+VG+CC3M+SBU (4.6M
 # pairs), stage 0 over ~12M sentences.  Linear warm-up from warmup_lr inside epoch 0, then a
-# per-epoch cosine to min_lr.  Caption: BLIText caption_coco_ft.yaml (blip2_image_train, no
-# RandAugment; LAVIS's own has blip_image_train: --randaug true), ViT gradient checkpointing on.
+# per-epoch cosine to min_lr.  Caption: BLIText's and LAVIS's caption_coco_ft.yaml (blip2_image_train,
+# no RandAugment; LAVIS's before 3ac397a: --randaug true), ViT gradient checkpointing on.
 _PAPER_GEN = dict(num_beams=5, max_new_tokens=30, min_length=8, caption_prompt="a photo of",
                   eval_tasks="caption,vqa")
 _TOY_GEN = dict(image_size=64, train_vision=False, num_beams=3, max_new_tokens=20, min_new_tokens=1)
@@ -457,7 +457,8 @@ def load_bert(path):
 
 def qformer_from_bert(bert_path, vision_width, cfg, vocab_size, text=True):
     """Q-Former initialised from BERT (BLIP-2 Sec. 3.1): embeddings, self-attention, both FFNs (the
-    query FFN is a copy of BERT's), MLM head; cross-attention and queries random."""
+    query FFN is a copy of BERT's), MLM head; cross-attention and queries random, N(0, 0.02) with
+    zero biases (BERT's init, which transformers' from_pretrained gives LAVIS's missing keys)."""
     bert = load_bert(bert_path)
     bc, sd = bert.config, bert.state_dict()
     qf = QFormer(bc.hidden_size, bc.num_hidden_layers, bc.num_attention_heads, bc.intermediate_size,
@@ -482,6 +483,11 @@ def qformer_from_bert(bert_path, vision_width, cfg, vocab_size, text=True):
                 for a, b in (("dense", "dense"), ("norm", "LayerNorm")) for p in ("weight", "bias")}
         new.update({"word_embeddings.weight": words, "lm_bias": bias, **head,
                     "position_embeddings.weight": sd["bert.embeddings.position_embeddings.weight"]})
+    for layer in qf.layers:
+        for m in layer.cross_attn.modules() if layer.cross_attn is not None else []:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=bc.initializer_range)
+                nn.init.zeros_(m.bias)
     missing, unexpected = qf.load_state_dict(new, strict=False)
     assert not unexpected, unexpected
     return qf
@@ -1410,7 +1416,7 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     prompt = cfg.caption_prompt if stage == "caption" else ""
     if stage == "1":  # ITM all-gathers the token ids: one length on every rank
         b["ids"], b["mask"] = D.pad_across_ranks(*toks.bert_batch(caps), toks.bert.pad_token_id)
-        seed, B = cfg.seed * 1_000_003 + step * 101 + micro, len(caps)  # ITM negatives' noise: drawn
+        seed, B = cfg.seed * 1_000_003 + step * 1024 + 2 * micro, len(caps)  # ITM negatives' noise: drawn
         b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
                  noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])
     else:
