@@ -897,6 +897,7 @@ def test_legacy_lr_is_the_release_cycle_stepped_once_an_epoch(assets, cached, tm
     ref = []
     for step in range(len(seen)):
         ref.append(opt.param_groups[0]["lr"])
+        opt.step()
         if (step + 1) % per_epoch == 0:
             sched.step()
     assert len(seen) == 9 > per_epoch and seen == pytest.approx(ref, rel=1e-12)
