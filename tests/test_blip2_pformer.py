@@ -341,7 +341,7 @@ def test_qformer_from_bert_draws_new_token_rows_as_resize_token_embeddings(hf_fo
 def test_qformer_from_bert_draws_cross_attention_as_bert_init(hf_folders):
     """The cross-attention layers BERT lacks start as BertPreTrainedModel._init_weights draws the keys
     from_pretrained is missing (LAVIS blip2.py init_Qformer): N(0, 0.02) weights, zero biases, LayerNorm 1 and 0;
-    not nn.Linear's uniform +-1/sqrt(fan_in) (std 0.12 here) with non-zero biases."""
+    not nn.Linear's uniform +-1/sqrt(fan_in) (std 0.11 here) with non-zero biases."""
     torch.manual_seed(0)
     qf = bp.qformer_from_bert(hf_folders["bert"], 24, bp.Config(num_query=4), 120)
     cross = [layer.cross_attn for layer in qf.layers if layer.cross_attn is not None]

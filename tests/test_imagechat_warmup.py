@@ -892,7 +892,7 @@ def test_legacy_lr_is_the_release_cycle_stepped_once_an_epoch(assets, cached, tm
                        .groups())
     cfg = icw.parse_config(icw.Config, icw.PRESETS, [])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, steps_per_epoch=n // 4 + 1,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, steps_per_epoch=n // 4 + 1,  # 4: the micro
                                                 epochs=cfg.warmup_epochs, anneal_strategy="linear")
     ref = []
     for step in range(len(seen)):
