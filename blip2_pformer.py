@@ -1368,7 +1368,8 @@ def build(cfg, dist):
     if pck:  # the frozen P-Former of stage 0: the alignment target P*
         frozen.pformer = build_pformer(bert, cfg.num_query, d_llm, cfg.embed_dim, from_config=True)
         frozen.pformer.load_state_dict(pck["model"])
-        frozen.pformer.requires_grad_(False).train(cfg.pformer_train_mode).to(dist.device, fdtype)
+        # fp32 weights under autocast, as BLIText's frozen BertModel (blip2_qformer_pformer.py)
+        frozen.pformer.requires_grad_(False).train(cfg.pformer_train_mode).to(dist.device)
     vision, ln = load_vision(cfg.hf_import or cfg.vision_path)
     tuned = init and any(k.startswith("vision.") for k in init["model"])  # its table has this size:
     vision = vision.resize(init["config"]["image_size"] if tuned else cfg.image_size).to(dist.device)

@@ -1020,6 +1020,20 @@ def test_eval_stage_from_checkpoint(pipeline, toy_root, tmp_path):
     assert m["r_mean"] == pytest.approx(pipeline["1"][0]["r_mean"])  # same checkpoint, same numbers
 
 
+def test_frozen_pformer_keeps_fp32_weights_where_frozen_backbones_are_bf16(pipeline, toy_root, tmp_path, monkeypatch):
+    """BLIText runs its frozen P-Former (a BertModel, never cast) in fp32 under autocast, beside a half LLM."""
+    from common.config import parse_config
+    from common.dist import Dist
+    monkeypatch.setattr(bp, "frozen_dtype", lambda device, dtype: torch.bfloat16)  # what a GPU run stores
+    from data.toy import toy_paths
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, common_args(toy_root, tmp_path) + [
+        "--stage", "2", "--pformer_ckpt", str(pipeline["0t5"][1] / "checkpoint.pt")]))
+    toy_paths(cfg, *bp.toy_files(cfg))  # as main: the toy world's backbones
+    frozen = bp.build(cfg, Dist())[1]
+    assert {p.dtype for p in frozen.llm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in frozen.pformer.parameters()} == {torch.float32}
+
+
 def test_eval_of_a_plain_stage1_checkpoint_refuses_to_export_an_untrained_projection(pipeline, toy_root, tmp_path):
     """--stage eval --init <plain stage 1> built a fresh LLM projection (stage 1 trains none) and --hf_export wrote it
     into the folder as if trained; it is refused before any evaluation, naming the checkpoint."""
