@@ -1548,8 +1548,8 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     D.barrier()  # rank 0 wrote best.pt
     path = os.path.join(cfg.out_dir, "best.pt")
     sel = load_checkpoint(path) if select and os.path.isfile(path) else {}
-    chosen = {"selected_epoch": best["epoch"], "selected_step": best["step"]} \
-        if sel.get("best") == best else {}  # (a run resumed in another out_dir may lack it)
+    chosen = D.same_on_every_rank({"selected_epoch": best["epoch"], "selected_step": best["step"]}
+                                  if sel.get("best") == best else {}, "the best.pt a final test reads")
     if chosen:  # the final evaluations read the selected epoch's weights
         model.load_state_dict(sel["model"])
     if select:  # the final evaluations read best.pt, or the last weights where it lacks the epoch

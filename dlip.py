@@ -1415,7 +1415,7 @@ def train(cfg, dist, device, dtype, log):
     shown, took_eval = {}, time.time()
     if best:  # BLIP's train_retrieval.py / train_caption.py: test the best val epoch's weights
         ck = load_checkpoint(best_pt) if os.path.isfile(best_pt) else {}  # from this run?
-        if ck.get("step") != best["best_step"]:
+        if cdist.same_on_every_rank(ck.get("step"), f"the step of {best_pt}") != best["best_step"]:
             raise ValueError(f"{best_pt} is not the best val epoch (step {best['best_step']}) that "
                              "last.pt records: copy the run's best.pt there, --resume last.pt")
         model.load_state_dict(ck["model"])

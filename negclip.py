@@ -669,6 +669,7 @@ def train(cfg, model, tok, dist, dtype, log):
     counts.check(final=True)
     sel = load_checkpoint(best_ck) if best_ck and os.path.isfile(best_ck) else {}
     sel = sel if sel.get("best") == best else {}  # (a resumed run's: if it holds the best restored)
+    D.same_on_every_rank(sel.get("step"), "the step of the best.pt the final test reads")
     if sel:  # paper: the best epoch by COCO-val retrieval; without validation, the last weights
         model.load_state_dict(sel["model"], strict=False)
     log.info(f"selected weights: {best_ck} (step {sel['step']}, val r_mean {best:.2f})" if sel else

@@ -226,6 +226,17 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def same_on_every_rank(value, what):
+    """`value` (picklable), checked to be what every rank holds: e.g. the best.pt a final test reads,
+    which a rank that does not share --out_dir with rank 0 would silently replace by its last weights
+    while the test is sharded over the ranks.  Raises on every rank, naming what differs."""
+    seen = all_gather_object(value)
+    if any(v != seen[0] for v in seen):
+        raise RuntimeError(f"{what} differs between ranks ({', '.join(map(repr, seen))}): every rank "
+                           "must read the same --out_dir (a shared filesystem, as LAVIS and BLIP assume)")
+    return value
+
+
 def barrier():
     if _active():
         tdist.barrier()

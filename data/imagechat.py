@@ -32,7 +32,7 @@ from PIL import Image
 from common.amp import frozen_dtype
 from common.checkpoint import save_checkpoint
 from common.data import DataError, ImageFolderLoader, too_many_bad
-from common.dist import all_gather_object, barrier, shard_indices
+from common.dist import all_gather_object, barrier, same_on_every_rank, shard_indices
 from common.image import CLIP_MEAN, CLIP_STD, load_image, normalize
 from common.log import progress
 from common.metrics import dialogue_scores, expand_contractions
@@ -484,11 +484,16 @@ def selected_weights(best, out_dir, resume, log):
     best.pt of another score (a stale one of an earlier run) is not taken.  None: the last weights."""
     folders = dict.fromkeys(os.path.abspath(d) for d in
                             [out_dir, *([os.path.dirname(os.path.abspath(resume))] if resume else [])])
+    found = {}
     for path in (os.path.join(d, "best.pt") for d in folders):
         ck = peek_checkpoint(path) if best is not None and os.path.isfile(path) else {}
         if best is not None and ck.get("best") == best:
-            log.info(f"final test on the selected weights: {path} (step {ck.get('step')}, score {best:.4g})")
-            return ck["model"]
+            found = {"path": path, "step": ck.get("step"), "model": ck["model"]}
+            break
+    same_on_every_rank(found.get("step"), "the step of the final test's best.pt")
+    if found:
+        log.info(f"final test on the selected weights: {found['path']} (step {found['step']}, score {best:.4g})")
+        return found["model"]
     log.info(f"final test on the last weights: no best.pt with the best score {best} in {', '.join(folders)}")
     return None
 

@@ -257,6 +257,42 @@ def test_wrap_ddp_bucket_view_and_no_per_step_buffer_broadcast(tmp_path, spawn):
             torch.testing.assert_close(res["weight"], model.weight.detach(), atol=1e-6, rtol=1e-5)
 
 
+def _same_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.setup_distributed("cpu")
+    from common.checkpoint import save_checkpoint
+    from data.imagechat import selected_weights
+    log = type("Log", (), {"info": staticmethod(lambda msg: None)})
+    shared, own = os.path.join(out_dir, "shared"), os.path.join(out_dir, f"own{rank}")  # own0 holds best.pt
+    if rank == 0:
+        for d in (shared, own):
+            save_checkpoint(os.path.join(d, "best.pt"), {"model": {"w": torch.ones(1)}, "best": 0.5, "step": 7})
+    dist.barrier()
+    out = {"agreed": dist.same_on_every_rank(3, "three"), "shared": selected_weights(0.5, shared, None, log)}
+    for name, value in (("own", None), ("value", rank)):
+        try:
+            out[name] = selected_weights(0.5, own, None, log) if name == "own" else \
+                dist.same_on_every_rank(value, "the rank")
+        except RuntimeError as e:
+            out[name] = str(e)
+    torch.save(out, os.path.join(out_dir, f"same{rank}.pt"))
+    dist.cleanup_distributed()
+
+
+def test_a_rank_that_finds_another_best_pt_stops_every_rank(tmp_path, spawn):
+    """A final test sharded over ranks that do not share --out_dir (rank 1 finds no best.pt where rank 0 finds
+    it) would mix the selected and the last weights: every rank raises instead (Image-Chat's selection here;
+    blip2, dlip, negclip and perceiver check their best.pt's step the same way)."""
+    spawn(_same_worker, args=(2, _free_port(), str(tmp_path)))
+    for r in (0, 1):
+        out = torch.load(tmp_path / f"same{r}.pt")
+        assert out["agreed"] == 3 and torch.equal(out["shared"]["w"], torch.ones(1))
+        assert "the step of the final test's best.pt differs between ranks (7, None)" in out["own"]
+        assert "shared filesystem" in out["own"] and "the rank differs between ranks (0, 1)" in out["value"]
+
+
 def test_single_process_fallback():
     d = dist.setup_distributed("cpu")
     assert (d.rank, d.world_size, d.is_main) == (0, 1, True)
