@@ -17,15 +17,13 @@ Hugging Face `evaluate` BLEU / ROUGE-L (hf_*) from common.metrics.
 
     python perceiver_caption.py --bridge both      # toy world (built on first use), train + test
     python perceiver_caption.py --mode caption --ckpt runs/perceiver_caption/best.pt --inputs a.png
-    torchrun --nnodes 2 --nproc_per_node 8 --node_rank $R --master_addr $ADDR --master_port 29500 \\
-        perceiver_caption.py --preset paper --global_batch 32 --micro_batch 2 \\
-        --train_file coco_train2017.jsonl --val_file coco_val2017.jsonl \\
-        --test_file coco_val2017.jsonl --image_root /data/coco
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank $R --master_addr $IP perceiver_caption.py \\
+        --preset paper --train_file coco_train2017.jsonl --val_file coco_val2017.jsonl \\
+        --test_file coco_val2017.jsonl --image_root /data/coco    # batch 32: 16 ranks x 2
 
 --preset paper is the seed's COCO recipe (its table of the three ablations: hf_BLEU-4 / hf_ROUGE-L).
 docs/perceiver_caption.md has the toy results, the video, blank-image and --mode test|params
-commands, and the deviations from the seed (those with a flag can take the seed's value).
-"""
+commands, and the deviations from the seed (those with a flag can take the seed's value)."""
 import contextlib
 import copy
 import dataclasses
@@ -80,7 +78,7 @@ class ModelConfig:
     xattn_ff_mult: int = 1
     xattn_every: int = 1           # xattn before GPT-2 block i if i % xattn_every == 0 (seed: 1)
     frame_key_mask: bool = True    # [dev] padded frames give no resampler keys (seed: false)
-    position_fix: bool = True      # [dev] GPT-2 positions from the cumulative mask (seed: false)
+    position_fix: bool = True      # [dev] positions skip padding, which goes first (seed: false)
     task: str = "image"            # image | video (toy defaults for the data files)
     num_frames: int = 8            # frames sampled per video (segment centres); shorter: masked
     max_len: int = 64              # caption tokens incl. BOS/EOS (dynamic padding below this)
@@ -156,7 +154,7 @@ DECODING = ("decode", "beams", "top_p", "top_k", "temperature", "max_new_tokens"
 
 
 def model_config(src):
-    """The ModelConfig of a run config, or of a dict of its fields (a checkpoint's "model_config")."""
+    """The ModelConfig of a run config or of a dict of fields (a checkpoint's "model_config")."""
     src = src if isinstance(src, dict) else dataclasses.asdict(src)
     return ModelConfig(**{k: src[k] for k in ModelConfig.__dataclass_fields__ if k in src})
 
@@ -354,6 +352,9 @@ class Bridge(nn.Module):
         """[prefix ; wte(tokens)], its mask, GPT-2 positions ((B, P+L, D), (B, P+L) twice) and Z;
         positions count over the mask (padded frames take no slot) or run 0..N-1 (seed)."""
         prefix, pmask, z = self.visual(feats, frame_mask)
+        if self.position_fix:  # padding first: a clip's last prefix slot, BOS's predictor, is real
+            o = pmask.long().argsort(dim=1, stable=True)  # (B, P): padded slots, then real ones
+            prefix, pmask = prefix.gather(1, o[..., None].expand_as(prefix)), pmask.gather(1, o)
         tok = lm.get_input_embeddings()(tokens)
         embeds = torch.cat([prefix.to(tok.dtype), tok], 1) if prefix.shape[1] else tok
         mask = torch.cat([pmask.long(), tok_mask.long()], 1)
@@ -525,8 +526,7 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
             if m:
                 feats[q // bs * per + k * bs + q % bs] = f[q, :m].clone()  # (T, S, D): real frames
     ds.loader.gather().check(final=True)  # all ranks' counts
-    keep = sorted(feats)
-    if not keep:
+    if not (keep := sorted(feats)):
         raise DataError(f"no readable image under {ds.loader.root!r} ({ds.loader.report()})")
     ds.records, ds.cache = [ds.records[i] for i in keep], [feats[i] for i in keep]
 
@@ -650,9 +650,8 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
     lr, device = warmup_lr(cfg.schedule, step, total, cfg.lr, cfg.warmup_frac), d.device
     set_lr(opt, lr)
     to = functools.partial(torch.Tensor.to, device=device, non_blocking=True)  # (pinned batches)
-    labels = [caption_labels(to(b["tokens"]), to(b["tok_mask"]),  # (B, P+L), P prefix tokens
-                             bridge.per_frame * b["frame_mask"].shape[1],
-                             cfg.bos_target) for b in micros]
+    labels = [caption_labels(to(b["tokens"]), to(b["tok_mask"]), bridge.per_frame * b["frame_mask"].shape[1],
+                             cfg.bos_target) for b in micros]  # (B, P+L), P prefix tokens
     # Target tokens of the global batch: dividing by them makes N ranks x K micro batches one batch.
     n = sum((lab[:, 1:] != -100).sum() for lab in labels) + torch.zeros((), device=device)
     denom, empty = cdist.all_reduce_mean(torch.stack([n, (n == 0).float()])) * d.world_size
@@ -778,7 +777,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
             if last["val_loss"] < best_val and d.is_main:  # keep the one best-val checkpoint (seed)
                 save_state("best.pt", cfg, bridge, None, None, step, last["val_loss"])
             best_val = cdist.broadcast_object(min(best_val, last["val_loss"]))
-        if step % cfg.save_every == 0 or step == end:  # every rank's RNG: a resume gives each its own
+        if step % cfg.save_every == 0 or step == end:  # all ranks' RNGs: each resumes its own
             rngs = cdist.all_gather_object(checkpoint.rng_state())
             if d.is_main:
                 save_state("last.pt", cfg, bridge, opt, scaler, step, best_val, rngs)
@@ -790,7 +789,8 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
                  if c and os.path.isfile(p := os.path.join(os.path.dirname(c), "best.pt"))}
         if sel := next((p for p, c in found.items() if c.get("best_val") == best_val), None):
             bridge.load_state_dict(found[sel]["bridge"])  # that holds this best val loss
-        metrics["tested"] = f"{sel}, step {found[sel]['step']}" if sel else f"the last, step {step}"
+        metrics["tested"] = cdist.same_on_every_rank(f"{sel}, step {found[sel]['step']}" if sel else
+                                                     f"the last, step {step}", "the weights tested")
         logger.info(f"test weights: {metrics['tested']} (best val loss {best_val:.4g})")
         metrics.update(evaluate_captions(bridge, lm, clip, sets["test"], cfg, ctok, dtype, d, logger))
     return {**metrics, **image_report(sets, logger)}

@@ -190,6 +190,29 @@ def test_transformer_mapper_shapes_and_padding_mask(tiny):
     pc.Bridge(_cfg(bridge="xattn", mapper="transformer", xattn_prefix="none"), 32, 48, 3)  # no mapper: no check
 
 
+@pytest.mark.parametrize("bridge", ["mapper", "both"])
+def test_a_short_clip_predicts_its_bos_from_its_own_last_frame(tiny, bridge):
+    """--position_fix: padded prefix slots go first, so a 2-frame clip batched with a 4-frame one predicts BOS from
+    its last real slot, as alone: its caption loss, BOS's term included, is its loss alone.  The seed's layout
+    (false) predicts that BOS from a padding slot."""
+    torch.manual_seed(0)
+    short = _feats(1, 2, seed=4)
+    batch = torch.cat([_feats(1, 4, seed=5), torch.cat([short, 3 * _feats(1, 2, seed=6)], 1)])
+    fm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    tokens, tm = torch.tensor([[2, 4, 5, 3]] * 2), torch.ones(2, 4, dtype=torch.bool)
+    for fix in (True, False):
+        b = pc.Bridge(_cfg(bridge=bridge, position_fix=fix), 32, 32, 3).eval()
+        for x in b.xattn or []:  # open gates: the text also reads the frames through cross-attention
+            torch.nn.init.constant_(x.attn_gate, 0.5), torch.nn.init.constant_(x.ff_gate, 0.5)
+        with torch.no_grad():  # (B, P+L, V)
+            alone = b(tiny["lm"], short, fm[1:, :2], tokens[:1], tm[:1])
+            batched = b(tiny["lm"], batch, fm, tokens, tm)[1:]
+        # the last prefix slot (P - 1) gives BOS's logits, the slots after it the text's
+        assert torch.allclose(alone[:, 1], batched[:, 3], atol=1e-4) == fix
+        loss = [pc.caption_loss(lg, pc.caption_labels(tokens[:1], tm[:1], p), 1) for lg, p in ((alone, 2), (batched, 4))]
+        assert torch.allclose(*loss, atol=1e-4) == fix and loss[0] > 0
+
+
 def _clipcap(tiny, mapper, k=3, bridge="mapper"):
     """A Bridge with ClipCap's `mapper` (K = k) on the tiny CLIP (width 32, projection 16) and GPT-2 (width 32)."""
     from transformers import AutoConfig, CLIPVisionModelWithProjection
