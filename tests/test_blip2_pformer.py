@@ -1024,8 +1024,8 @@ def test_frozen_pformer_keeps_fp32_weights_where_frozen_backbones_are_bf16(pipel
     """BLIText runs its frozen P-Former (a BertModel, never cast) in fp32 under autocast, beside a half LLM."""
     from common.config import parse_config
     from common.dist import Dist
-    monkeypatch.setattr(bp, "frozen_dtype", lambda device, dtype: torch.bfloat16)  # what a GPU run stores
     from data.toy import toy_paths
+    monkeypatch.setattr(bp, "frozen_dtype", lambda device, dtype: torch.bfloat16)  # what a GPU run stores
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, common_args(toy_root, tmp_path) + [
         "--stage", "2", "--pformer_ckpt", str(pipeline["0t5"][1] / "checkpoint.pt")]))
     toy_paths(cfg, *bp.toy_files(cfg))  # as main: the toy world's backbones

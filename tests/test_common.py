@@ -262,21 +262,25 @@ def _same_worker(rank, world, port, out_dir):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.setup_distributed("cpu")
+    import logging
+
     from common.checkpoint import save_checkpoint
     from data.imagechat import selected_weights
-    log = type("Log", (), {"info": staticmethod(lambda msg: None)})
+
+    def error(fn):  # what fn raised, as text
+        try:
+            return fn()
+        except RuntimeError as e:
+            return str(e)
+    log = logging.getLogger("same_on_every_rank")
     shared, own = os.path.join(out_dir, "shared"), os.path.join(out_dir, f"own{rank}")  # own0 holds best.pt
     if rank == 0:
         for d in (shared, own):
             save_checkpoint(os.path.join(d, "best.pt"), {"model": {"w": torch.ones(1)}, "best": 0.5, "step": 7})
     dist.barrier()
-    out = {"agreed": dist.same_on_every_rank(3, "three"), "shared": selected_weights(0.5, shared, None, log)}
-    for name, value in (("own", None), ("value", rank)):
-        try:
-            out[name] = selected_weights(0.5, own, None, log) if name == "own" else \
-                dist.same_on_every_rank(value, "the rank")
-        except RuntimeError as e:
-            out[name] = str(e)
+    out = {"agreed": dist.same_on_every_rank(3, "three"), "shared": selected_weights(0.5, shared, None, log),
+           "own": error(lambda: selected_weights(0.5, own, None, log)),
+           "value": error(lambda: dist.same_on_every_rank(rank, "the rank"))}
     torch.save(out, os.path.join(out_dir, f"same{rank}.pt"))
     dist.cleanup_distributed()
 
