@@ -431,30 +431,34 @@ def collate(items, tok, max_len):
 
 # ================================================================================================ Eval
 
-def scorer(model, tok, cfg, dist, dtype, pooled=False):
-    """A data/benchmarks.py Scorer of the model's embeddings (pooled: the vision tower's feature)."""
+def scorer(model, tok, cfg, dist, dtype=None, pooled=False):
+    """A data/benchmarks.py Scorer of the model's embeddings (pooled: the vision tower's feature).
+    dtype None (evaluation): true fp32, as the benchmarks' scripts run open_clip (its default
+    precision); a bf16 bracket would flip near-ties such as VG-Relation's reordered captions. A
+    tower kept in bf16 (locked, on GPU) keeps its dtype. Mining passes the run's autocast dtype."""
     tf = ImageTransform(model.image_size, mean=model.image_mean, std=model.image_std)
-    dev = dist.device
+    dev, vdt = dist.device, next(model.vision.parameters()).dtype
+    ctx = (lambda: amp.autocast(dev, dtype)) if dtype else (lambda: amp.fp32(dev))
 
     @torch.no_grad()
     def images(pils):
-        x = torch.stack([tf(im) for im in pils]).to(dev)  # (n, 3, S, S)
-        with amp.autocast(dev, dtype):
+        x = torch.stack([tf(im) for im in pils]).to(dev, vdt)  # (n, 3, S, S)
+        with ctx():
             return F.normalize(model.pool_image(x).float(), dim=1) if pooled else model.encode_image(x)
 
     @torch.no_grad()
     def texts(strs):
         t = tok(strs, padding=True, truncation=True, max_length=cfg.max_text_len, return_tensors="pt")
-        with amp.autocast(dev, dtype):
+        with ctx():
             return model.encode_text(t["input_ids"].to(dev), t["attention_mask"].to(dev))
 
     return B.Scorer(images, texts, cfg.eval_batch, dist, cfg.max_bad_frac)
 
 
-def evaluate(model, tok, cfg, dist, dtype, log):
+def evaluate(model, tok, cfg, dist, log):
     """Every benchmark of cfg.benchmarks -> flat {"bench/metric": value}."""
     return B.run_benchmarks(
-        scorer(model.eval(), tok, cfg, dist, dtype), cfg.benchmarks, cfg.bench_root,
+        scorer(model.eval(), tok, cfg, dist), cfg.benchmarks, cfg.bench_root,
         cfg.retrieval_file, cfg.retrieval_image_root, cfg.order_file, cfg.order_image_root,
         cfg.order_seeds, cfg.aro_min_pair_count, NG.make_tagger(cfg.tagger), log.info)
 
@@ -652,7 +656,7 @@ def train(cfg, model, tok, dist, dtype, log):
                     grad_norm=gnorm, scale=float(model.logit_scale.detach().exp()), hard=int(hard),
                     bad_images=counts.bad, **t, **({"mfu": m} if m else {}))
         if cfg.val_file != "none" and (step % val_every == 0 or step == total):
-            sc = scorer(model.eval(), tok, cfg, dist, dtype)
+            sc = scorer(model.eval(), tok, cfg, dist)
             r = B.eval_retrieval(sc, cfg.val_file, cfg.image_root)
             train_mode()
             log.log(step, val_r_mean=r["r_mean"], val_txt_r1=r["txt_r1"], val_img_r1=r["img_r1"])
@@ -758,7 +762,7 @@ def main(argv=None):
         dtype = amp.pick_dtype(dist.device, cfg.precision)
         report = cfg.report and dist.is_main and cfg.mode in ("train", "eval") and not cfg.bench
         rows = NG.negative_rows(cfg) if report else []  # validation images with captions, negatives
-        score = lambda m: NG.score_rows(scorer(m.to(dist.device).eval(), tok, cfg, dist, dtype), rows)  # noqa
+        score = lambda m: NG.score_rows(scorer(m.to(dist.device).eval(), tok, cfg, dist), rows)  # noqa
         before, t_eval = None, time.perf_counter()
         if cfg.mode in ("eval", "export"):
             model, tok = load_for_eval(cfg, log, argv)
@@ -768,7 +772,7 @@ def main(argv=None):
                 if dist.is_main:  # (log.info prints on the main process only)
                     log.info(f"exported to {export_model(model, cfg, out)}")
                 return {"export_dir": out}
-            t_eval, res = time.perf_counter(), evaluate(model, tok, cfg, dist, dtype, log)
+            t_eval, res = time.perf_counter(), evaluate(model, tok, cfg, dist, log)
         elif cfg.mode == "mine":
             return mine(cfg, *build_model(model_config(cfg)), dist, dtype, log, force=True)
         else:
@@ -776,7 +780,7 @@ def main(argv=None):
             before = score(model)  # the report's rows with the initial weights
             res, t_eval = train(cfg, model, tok, dist, dtype, log), time.perf_counter()
             if cfg.eval_after_train and not cfg.bench:
-                res.update(evaluate(merge_lora(model), tok, cfg, dist, dtype, log))
+                res.update(evaluate(merge_lora(model).float(), tok, cfg, dist, log))
         if dist.is_main and not cfg.bench:
             scalars = {k: v for k, v in res.items() if not isinstance(v, list)}
             log.info(B.format_table(scalars))

@@ -662,6 +662,28 @@ def test_eval_after_training_uses_the_best_validation_checkpoint(mined, toy_root
     assert all(torch.equal(v, last["model"][n]) for n, v in evaluated[1].items())
 
 
+def test_benchmarks_score_in_fp32_where_the_run_autocasts_to_bf16(toy_root, tmp_path, monkeypatch):
+    """The benchmarks' released scripts score at open_clip's default fp32; a GPU run's dtype is bf16
+    (pick_dtype). --mode eval under that dtype embeds as the fp32 model does, to the last bit."""
+    from PIL import Image
+    monkeypatch.setattr(N.amp, "pick_dtype", lambda device, precision="auto": torch.bfloat16)
+    seen = []
+    monkeypatch.setattr(N.B, "run_benchmarks", lambda sc, *a, **k: seen.append(sc) or {"n": 0})
+    N.main(["--mode", "eval", *_args(toy_root, tmp_path, "--benchmarks", "retrieval", "--report", "false")])
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    caps = ["a large red circle to the left of a small blue square", "a green triangle"]
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--mode", "eval"])
+    N.resolve_paths(cfg)
+    model, tok = N.load_for_eval(cfg, N.Logger(None, False))
+    ref = N.scorer(model.eval(), tok, cfg, N.D.Dist(), torch.float32)  # no autocast at all
+    for got, want in ((seen[0].embed_images(ims), ref.embed_images(ims)),
+                      (seen[0].embed_texts(caps), ref.embed_texts(caps))):
+        assert torch.equal(got, want), (got - want).abs().max()
+    bf16 = N.scorer(model, tok, cfg, N.D.Dist(), torch.bfloat16).embed_images(ims)  # mining's bracket: the test can
+    assert (bf16 - ref.embed_images(ims)).abs().max() > 1e-4                          # tell the two apart
+
+
 def test_a_bad_val_file_stops_training_before_any_step(mined, toy_root, tmp_path, monkeypatch):
     """--val_file is first read after an epoch: a missing file, a bad layout or no readable image stops --mode train
     before its first step, with the flag named; --val_file none trains."""
