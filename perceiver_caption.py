@@ -639,6 +639,7 @@ def load_frozen(cfg, device, dtype):
         cfg.clip_model)), dtype=amp.frozen_dtype(device, dtype))  # + projection: ClipCap's input
     # fp32, run under autocast: in a bf16 residual stream the gates' first ~1e-3 x outputs vanish
     lm = GPT2LMHeadModel.from_pretrained(cfg.lm_model, dtype=torch.float32)
+    amp.fp32_output(lm.lm_head)  # fp32 logits, as the seed's fp32 model gives (loss, beam scores)
     for m in (clip, lm):  # eval: no dropout (seed: GPT-2 dropout on; --frozen_eval false)
         m.requires_grad_(False).eval().to(device)
     return clip, lm, CaptionTokenizer(AutoTokenizer.from_pretrained(cfg.lm_model), cfg.max_len)
@@ -764,8 +765,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
             with torch.random.fork_rng([device] if device.type == "cuda" else []):  # RNG restored
                 flops = count_flops(lambda: run_step(micros, step, total, update=False)) or None
         timer.start()
-        last = run_step(micros, step, total)
-        step += 1
+        last, step = run_step(micros, step, total), step + 1
         if step % cfg.log_every == 0 or step == end or step == start + 1 or "skipped_step" in last:
             train_set.loader.check()
             t = timer.stop(sum(len(b["tokens"]) for b in micros) * world)

@@ -51,6 +51,18 @@ def fp32(device):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def fp32_output(linear):
+    """Make a frozen nn.Linear (a language model's output layer) compute in true fp32 under autocast too, so
+    its logits are not rounded to bf16, whose spacing is 0.25 at |logit| 32-64.  Replaces the module's
+    forward (a hook would compute the bf16 output first); returns the module."""
+    def forward(x):
+        with fp32(x.device):
+            bias = None if linear.bias is None else linear.bias.float()
+            return torch.nn.functional.linear(x.float(), linear.weight.float(), bias)
+    linear.forward = forward
+    return linear
+
+
 def make_scaler(dtype):
     """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
     return torch.amp.GradScaler(enabled=dtype == torch.float16)

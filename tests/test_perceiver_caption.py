@@ -466,6 +466,27 @@ def test_gated_xattn_output_survives_bf16_autocast(world, monkeypatch):
     assert float((got - want).norm() / want.norm()) < 0.05               # a bf16 stream: ~0.7
 
 
+def test_gpt2_logits_stay_fp32_under_bf16_autocast(world):
+    """The seed's GPT-2 is fp32 throughout; under bf16 autocast (a GPU run) its output layer still computes in fp32:
+    the logits (loss, beam scores) are the fp32 product of GPT-2's final hidden states with its output matrix,
+    not bf16 values 0.25 apart at |logit| 32-64."""
+    cfg = _cfg(bridge="mapper", clip_model=os.path.join(world, "models", "clip"),
+               lm_model=os.path.join(world, "models", "gpt2"))
+    clip, lm, _ = pc.load_frozen(cfg, torch.device("cpu"), torch.bfloat16)
+    torch.manual_seed(0)
+    bridge = pc.Bridge(cfg, clip.config.hidden_size, lm.config.n_embd, lm.config.n_layer)
+    feats, fm = torch.randn(2, 1, 10, clip.config.hidden_size), torch.ones(2, 1, dtype=torch.bool)
+    tokens = torch.randint(0, lm.config.vocab_size - 1, (2, 12))
+    seen = []
+    hook = lm.transformer.ln_f.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad(), pc.amp.autocast("cpu", torch.bfloat16):
+        logits = bridge(lm, feats, fm, tokens, torch.ones_like(tokens, dtype=torch.bool))  # (B, P+L, V)
+    hook.remove()
+    assert logits.dtype == torch.float32
+    want = seen[0].float() @ lm.lm_head.weight.float().t()
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
 SMALL = ["--resampler_depth", "1", "--num_latents", "8", "--resampler_heads", "2", "--resampler_dim_head", "16",
          "--xattn_heads", "2", "--xattn_dim_head", "16", "--mapper_hidden", "64"]
 
