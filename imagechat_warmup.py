@@ -536,6 +536,7 @@ def generation_kwargs(cfg, lm):
         value, saved = getattr(cfg, name), getattr(gc, name, None)
         return value if value >= 0 else (saved if saved is not None else default)
     return dict(num_beams=cfg.num_beams, min_length=cfg.min_length, do_sample=False,
+                forced_bos_token_id=None,  # BART may force <s>; our targets begin with the reply
                 early_stopping=getattr(gc, "early_stopping", None) or False,  # BlenderBot: unset
                 max_length=pick("max_length", 60), length_penalty=pick("length_penalty", 1.0),
                 **{k: pick(k, 0) for k in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size")})
@@ -825,8 +826,7 @@ def run_chat(cfg, dist, log, dtype):
     ck, dev = read_checkpoint(cfg.init, "--init", ("warmup", "finetune")), dist.device
     feats, caption = chat_image(cfg, cfg.image, dev, dtype, log)
     model, tok, vocab = build_model(cfg, feats.shape[-1], feats.shape[1])
-    model.load_state_dict(ck["model"])
-    model.to(dev).eval()
+    model.to(dev).eval().load_state_dict(ck["model"])
     gen_kw, turns = generation_kwargs(cfg, model.lm), []
     enc = lambda s, n: tok.encode(s, add_special_tokens=False)[:n]  # noqa: E731 (as Encoded)
     ep = {"caption": enc(caption or "", cfg.seg_tokens), "styles": [], "utts": []}

@@ -520,6 +520,26 @@ def test_generate_from_encoder_states_matches_inputs_embeds(assets, kind):
         assert not {tuple(row[i:i + 2]) for i in range(1, len(row) - 1)} & src_bigrams - {(vocab.eos, vocab.pad)}
 
 
+def test_bart_decoding_does_not_force_a_bos_that_training_never_saw(assets):
+    """A BART config may force <s> as the first generated token (facebook/bart-large's does); fine-tuning targets
+    start with the reply itself (finetune_batch), so decoding must not force it: its first token is the
+    teacher-forced argmax."""
+    model, tok, vocab = tiny_model(assets, "bart")
+    model.lm.generation_config.forced_bos_token_id = vocab.bos  # as facebook/bart-large's config sets it
+    cfg = icw.Config(backbone=str(assets / "bart"), num_beams=1, min_length=0, max_length=4, length_penalty=1.0,
+                     no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0)
+    src = torch.tensor([tok.encode("happy i love this red circle", add_special_tokens=False) + [vocab.eos],
+                        tok.encode("sad so boring", add_special_tokens=False) + [vocab.eos] + [vocab.pad] * 3])
+    mask, feats = (src != vocab.pad).long(), torch.randn(2, 9, 12)
+    out = icw.generate(model, src, mask, feats, icw.generation_kwargs(cfg, model.lm))
+    with torch.no_grad():
+        enc, m = model.encode(src, mask, feats)
+        first = model.lm(encoder_outputs=enc, attention_mask=m,
+                         decoder_input_ids=torch.full((2, 1), vocab.start)).logits[:, 0].argmax(-1)  # (B,)
+    assert vocab.bos not in first.tolist()  # else forcing would go unseen
+    assert out[:, 0].tolist() == [vocab.start] * 2 and out[:, 1].tolist() == first.tolist()
+
+
 def test_untied_head_option(assets):
     tied, _, _ = tiny_model(assets, "bb")
     assert tied.lm.lm_head.weight.data_ptr() == tied.lm.get_input_embeddings().weight.data_ptr()
