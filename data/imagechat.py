@@ -27,7 +27,7 @@ from functools import reduce
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from common.amp import frozen_dtype
 from common.checkpoint import save_checkpoint
@@ -201,10 +201,13 @@ def mix(*xs):
 def grid_crops(img, crop, grid):
     """PIL image -> uint8 (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to
     grid*crop, row-major crops (release clip_feature_extraction.py: patchify of the resized image).
+    The resize is the release's torchvision `Resize` on a uint8 tensor (torch 1.13): bilinear in
+    float, no antialiasing, rounded. PIL's BILINEAR would smooth an image larger than grid*crop.
     uint8, a quarter of float32's bytes: common.image.normalize finishes them on the device."""
     size = grid * crop
-    x = torch.from_numpy(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), np.uint8).copy())
-    x = x.permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    x = F.interpolate(x[None].float(), (size, size), mode="bilinear", align_corners=False, antialias=False)
+    x = x[0].round().clamp(0, 255).to(torch.uint8)  # (3, S, S)
     x = x.reshape(3, grid, crop, grid, crop).permute(1, 3, 0, 2, 4)  # (gy, gx, 3, crop, crop)
     return x.reshape(grid * grid, 3, crop, crop)
 

@@ -215,11 +215,16 @@ def test_clip_features_run_in_fp32_as_released(assets, tmp_path, monkeypatch):
     index, feats = ic.load_features(str(tmp_path / "fp32"))
     assert sorted(index) == sorted(hashes) and feats.shape == (3, 9, 12)
     assert torch.equal(feats.half().float(), feats)  # cached as fp16 (load_features returns them as float32)
-    # by hand: fp32 CLIP on the 9 crops of the 48x48 bilinear resize, OpenAI CLIP mean/std (no preprocessor file)
+    # by hand: fp32 CLIP on the 9 crops of the 48x48 bilinear resize, OpenAI CLIP mean/std (no preprocessor file);
+    # the resize is torchvision's Resize on a uint8 tensor under torch 1.13 (the release): interpolate, no
+    # antialiasing, rounded
     clip = CLIPModel.from_pretrained(assets / "clip").float().eval()
     mean, std = np.float32([0.48145466, 0.4578275, 0.40821073]), np.float32([0.26862954, 0.26130258, 0.27577711])
     for h in hashes:
-        img = Image.open(data / "images" / f"{h}.jpg").convert("RGB").resize((48, 48), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(Image.open(data / "images" / f"{h}.jpg").convert("RGB")).copy())
+        x = torch.nn.functional.interpolate(x.permute(2, 0, 1)[None].float(), (48, 48), mode="bilinear",
+                                            align_corners=False, antialias=False)
+        img = Image.fromarray(x[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
         crops = [(np.asarray(img.crop((16 * gx, 16 * gy, 16 * gx + 16, 16 * gy + 16)), np.float32) / 255.0 - mean)
                  / std for gy in range(3) for gx in range(3)]
         with torch.no_grad():
@@ -449,6 +454,17 @@ def test_grid_crops_row_major():
     col_means = crops.float().mean(dim=(1, 2, 3)).reshape(3, 3)
     assert torch.all(col_means[:, 0] < col_means[:, 1]) and torch.all(col_means[:, 1] < col_means[:, 2])
     torch.testing.assert_close(col_means[0], col_means[2])
+
+
+def test_grid_crops_shrink_without_antialiasing_as_the_release():
+    # release clip_feature_extraction.py resizes a uint8 tensor with torchvision's Resize under torch 1.13: bilinear,
+    # align_corners False, no antialiasing. A 3x shrink then reads source coordinate 3j + 1 exactly: the centre
+    # pixel of each 3x3 block, untouched by its neighbours (PIL's BILINEAR averages the block instead)
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)
+    crops = ic.grid_crops(Image.fromarray(src), crop=2, grid=3)  # 18 px -> 6 px -> 9 crops of 2x2
+    whole = crops.reshape(3, 3, 3, 2, 2).permute(2, 0, 3, 1, 4).reshape(3, 6, 6)  # (gy, gx, 3, c, c) -> (3, 6, 6)
+    assert torch.equal(whole, torch.from_numpy(src[1::3, 1::3].copy()).permute(2, 0, 1))
 
 
 # ---------------------------------------------------------------------------- model
