@@ -1,6 +1,7 @@
 """Precision choice: bf16 autocast on capable GPUs, fp32 on CPU, fp16 + GradScaler only when asked."""
 import contextlib
 import random
+import types
 
 import numpy as np
 import torch
@@ -54,12 +55,13 @@ def fp32(device):
 def fp32_output(linear):
     """Make a frozen nn.Linear (a language model's output layer) compute in true fp32 under autocast too, so
     its logits are not rounded to bf16, whose spacing is 0.25 at |logit| 32-64.  Replaces the module's
-    forward (a hook would compute the bf16 output first); returns the module."""
-    def forward(x):
+    forward (a hook would compute the bf16 output first; bound, so a deepcopy reads its own weight); returns
+    the module."""
+    def forward(self, x):
         with fp32(x.device):
-            bias = None if linear.bias is None else linear.bias.float()
-            return torch.nn.functional.linear(x.float(), linear.weight.float(), bias)
-    linear.forward = forward
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+    linear.forward = types.MethodType(forward, linear)
     return linear
 
 
