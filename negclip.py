@@ -133,6 +133,7 @@ class Config(ModelConfig):
     order_image_root: str = ""    # one root, or one per file
     order_seeds: int = 5          # ARO authors: mean +- std over 5 random perturbation draws
     aro_min_pair_count: int = 25  # VG-Attribution macro: attribute pairs with >= this many cases
+    vlc_max_num: int = 0          # VL-CheckList: first n // 2 cases a file (0: all; authors': 2000)
     eval_batch: int = 256
     eval_after_train: bool = True
     export_dir: str = ""
@@ -162,7 +163,7 @@ PRESETS = {
 RESUME_FREE_NEGCLIP = RESUME_FREE - {"init", "max_steps", "epochs"} | {
     "stop_after", "ckpt_every", "val_every", "eval_after_train", "ckpt", "export_dir", "benchmarks",
     "bench_root", "retrieval_file", "retrieval_image_root", "order_file", "order_image_root",
-    "order_seeds", "aro_min_pair_count", "report_before"}
+    "order_seeds", "aro_min_pair_count", "vlc_max_num", "report_before"}
 resolve_paths = NG.resolve_paths  # empty paths: the toy world's (built on first use)
 
 
@@ -460,7 +461,7 @@ def evaluate(model, tok, cfg, dist, log):
     return B.run_benchmarks(
         scorer(model.eval(), tok, cfg, dist), cfg.benchmarks, cfg.bench_root,
         cfg.retrieval_file, cfg.retrieval_image_root, cfg.order_file, cfg.order_image_root,
-        cfg.order_seeds, cfg.aro_min_pair_count, NG.make_tagger(cfg.tagger), log.info)
+        cfg.order_seeds, cfg.aro_min_pair_count, NG.make_tagger(cfg.tagger), log.info, cfg.vlc_max_num)
 
 
 # ================================================================================================ Train

@@ -773,7 +773,7 @@ def file_list(files, roots, what):
 
 def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_root="",
                    order_file="", order_image_root="", order_seeds=5, aro_min_pair_count=25,
-                   tagger=None, log=print):
+                   tagger=None, log=print, vlc_max_num=0):
     """Run the listed benchmarks with Scorer `sc` -> flat {"bench/metric": value}.  bench_root holds
     aro/ sugarcrepe/ crepe/ svo_probes/ winoground/ vl_checklist/ in their published layouts and
     classification/<dataset>/ ImageFolders.  retrieval_file / order_file may be comma lists (file_list;
@@ -803,7 +803,7 @@ def run_benchmarks(sc, names, bench_root, retrieval_file="", retrieval_image_roo
                "sugarcrepe": lambda: eval_sugarcrepe(sc, bench_root),
                "crepe": lambda: eval_crepe(sc, bench_root), "svo": lambda: eval_svo(sc, bench_root),
                "winoground": lambda: eval_winoground(sc, bench_root),
-               "vlc": lambda: eval_vlc(sc, bench_root),
+               "vlc": lambda: eval_vlc(sc, bench_root, vlc_max_num),
                "classification": lambda: eval_classification(sc, bench_root, log=log)}
     res = {}
     for b in names:

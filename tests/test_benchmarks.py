@@ -513,6 +513,8 @@ def test_eval_vlc_on_fixture_hand_checked(tmp_path):
     assert r["n"] == 16 and r["relation_action"] == 0.5 and r["attribute_state"] == 1.0
     res = B.run_benchmarks(_length_scorer(), ["vlc"], str(tmp_path), log=lambda *a: None)
     assert res["vlc/object"] == pytest.approx((5 / 6 + (2 / 6 + 3 / 10) / 2) / 2) and "vlc" in B.BENCHMARKS
+    res = B.run_benchmarks(_length_scorer(), ["vlc"], str(tmp_path), log=lambda *a: None, vlc_max_num=4)
+    assert res["vlc/n"] == 16 and res["vlc/relation_action"] == 0.5  # negclip.py --vlc_max_num
     shutil.rmtree(tmp_path / "vl_checklist" / "vg")
     shutil.rmtree(tmp_path / "vl_checklist" / "hake")
     shutil.rmtree(tmp_path / "vl_checklist" / "swig")

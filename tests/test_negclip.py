@@ -684,6 +684,14 @@ def test_benchmarks_score_in_fp32_where_the_run_autocasts_to_bf16(toy_root, tmp_
     assert (bf16 - ref.embed_images(ims)).abs().max() > 1e-4                          # tell the two apart
 
 
+def test_vlc_max_num_reaches_the_vl_checklist_cut(toy_root, tmp_path):
+    """--vlc_max_num n scores the first n // 2 cases of each VL-CheckList file (the authors' MAX_NUM)."""
+    files = N.B.read_vlc(os.path.join(toy_root, "vl_checklist"))
+    res = N.main(["--mode", "eval", *_args(toy_root, tmp_path, "--benchmarks", "vlc", "--vlc_max_num", 6,
+                                           "--report", "false")])
+    assert len(files) > 1 and res["vlc/n"] == 3 * len(files) and min(map(len, files.values())) > 3
+
+
 def test_a_bad_val_file_stops_training_before_any_step(mined, toy_root, tmp_path, monkeypatch):
     """--val_file is first read after an epoch: a missing file, a bad layout or no readable image stops --mode train
     before its first step, with the flag named; --val_file none trains."""
