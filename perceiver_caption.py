@@ -95,7 +95,7 @@ class Config(ModelConfig):
     toy_root: str = "data/toy"
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"        # auto = bf16 on GPU, fp32 on CPU
+    precision: str = "auto"        # auto = bf16 on a GPU with native bf16, else fp32
     bench: int = 0                 # >0: time this many training steps and exit
     compile: bool = False          # torch.compile the trained bridge (train, --bench: see train())
     resume: str = ""               # checkpoint to continue training from
@@ -119,7 +119,7 @@ class Config(ModelConfig):
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 1e-3
-    decay_all: bool = True         # seed: weight decay also on gates, norms, latents
+    decay_all: bool = True         # seed: weight decay also on gates, norms, biases
     schedule: str = "constant"     # constant (warm-up then flat, seed) | cosine | linear_decay
     warmup_frac: float = 0.1
     clip_grad: float = 0.0         # 0 = no clipping (seed); the norm is logged either way
@@ -173,7 +173,7 @@ def checkpoint_run(cfg, saved, ran, argv, logger):
         logger.info(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
     if dec:  # the checkpoint's recipe (--preset paper: 5 beams), not this run's preset
         logger.info(f"warning: decoding as the checkpoint's run: {dec}")
-    return run
+    return dataclasses.replace(run, num_frames=frames)  # image: 1 frame, a folder's middle one
 
 
 # ================================================================================================ Model
@@ -232,8 +232,7 @@ class PerceiverResampler(nn.Module):
 
 class GatedXAttnDense(nn.Module):
     """Flamingo's GATED XATTN-DENSE (Sec. 2.2): y += tanh(a_attn) * XAttn(y, Z); y += tanh(a_ff) * FFW(y).
-    Gates start at 0: at initialisation the frozen LM is untouched (OpenFlamingo #286: without gates
-    the initial loss is twice as high)."""
+    Gates start at 0: the LM starts as it was (OpenFlamingo #286: ungated xattn starts worse)."""
 
     def __init__(self, dim, media_dim, heads, dim_head, ff_mult):
         super().__init__()
@@ -271,9 +270,8 @@ class ClipCapTransformer(nn.TransformerEncoder):
 
 class Bridge(nn.Module):
     """Everything trained (mapper, resampler, xattn blocks per `--bridge`; ClipCap's CLIP head frozen).
-    The xattn blocks live here, not inside GPT-2: while `conditioned(lm, z)` is active, a forward
-    pre-hook on GPT-2 block i runs xattn block i on its input (keywords or positional: transformers
-    4.x or 5.x). GPT-2's modules and state-dict keys stay untouched; only this module is trained."""
+    The xattn blocks live outside GPT-2: while `conditioned(lm, z)` is active, forward pre-hooks run
+    xattn block i before GPT-2 block i; GPT-2's modules and state-dict keys stay untouched."""
 
     def __init__(self, cfg, vis_dim, lm_dim, lm_layers, clip=None):
         super().__init__()
@@ -343,8 +341,8 @@ class Bridge(nn.Module):
             self._z = None
 
     def _hook(self, layer, block, args, kwargs):  # xattn `layer` on the input of GPT-2's `block`
-        h = args[0] if args else kwargs["hidden_states"]
-        z = self._z.repeat_interleave(h.shape[0] // len(self._z), 0)  # generate(): x num_beams
+        h = args[0] if args else kwargs["hidden_states"]  # transformers 5's GPT2Model: positional
+        z = self._z.repeat_interleave(h.shape[0] // len(self._z), 0)  # generate(): x beams|samples
         out = layer(h, z.to(h.dtype)).to(h.dtype)
         return ((out, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": out})
 
@@ -534,6 +532,7 @@ def cache_features(ds, clip, dtype, bs, d, workers=0):
 @torch.no_grad()
 def validation_loss(bridge, lm, clip, ds, cfg, dtype, device, d):
     """Mean caption CE on the validation split (record i: caption i mod its count), over ranks."""
+    bridge.eval()  # dropout off: train_step turns it on for its own step only
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches_of(ds, [(i, i) for i in cdist.shard_indices(len(ds), d)], cfg.eval_batch):
         feats = batch_feats(clip, batch, dtype, device)
@@ -551,6 +550,7 @@ def validation_loss(bridge, lm, clip, ds, cfg, dtype, device, d):
 def caption_records(bridge, lm, clip, ds, indices, cfg, ctok, dtype, device, is_main):
     """Decode captions for records `indices` of ds -> {index: [caption, ...]} (num_return each).
     Sampling draws from --seed and the batch's first record: a run's captions are reproducible."""
+    bridge.eval()  # as validation_loss; a train run of 0 steps (a finished --resume) tests at once
     kw = (dict(do_sample=True, top_p=cfg.top_p, top_k=cfg.top_k, temperature=cfg.temperature)
           if cfg.decode == "nucleus" else dict(num_beams=cfg.beams if cfg.decode == "beam" else 1))
     if cfg.num_return > kw.get("num_beams", cfg.num_return):

@@ -1069,6 +1069,43 @@ def test_video_folder_records_apart_from_the_image_root_in_frame_order(world, tm
     assert len(out[folder]) == 1 and [x["tried"] for x in items] == [[os.path.join(folder, n) for n in order]]
 
 
+def test_caption_mode_gives_an_image_model_one_frame_of_a_folder(world, tmp_path, monkeypatch):
+    """An image model (one time row trained) captions a frame folder in --inputs from one frame, the one
+    sample_frames picks for 1 (the middle), as it took one image a record in training; beside an image file,
+    as the docs' `--inputs a.png,frames_dir/` example."""
+    import shutil
+    _run(world, tmp_path / "r", "--steps", "1", "--global_batch", "4", "--micro_batch", "4",
+         "--test_after_train", "false", "--report", "false")
+    with open(os.path.join(world, "pairs_test.jsonl")) as f:
+        imgs = [os.path.join(world, json.loads(line)["image"]) for line in f][:5]
+    (folder := tmp_path / "frames").mkdir()
+    for k, img in enumerate(imgs):
+        shutil.copy(img, folder / f"{k}.png")
+    items, getitem = [], pc.CaptionSet.__getitem__
+    monkeypatch.setattr(pc.CaptionSet, "__getitem__", lambda ds, key: items.append(getitem(ds, key)) or items[-1])
+    out = pc.main(["--mode", "caption", "--ckpt", str(tmp_path / "r" / "best.pt"), "--toy_root", str(world),
+                   "--inputs", f"{imgs[0]},{folder}", "--decode", "greedy", "--max_new_tokens", "3"])
+    assert sorted(out) == sorted([imgs[0], str(folder)]) and pc.sample_frames(5, 1) == [2]
+    assert sorted(x["tried"] for x in items) == sorted([[imgs[0]], [str(folder / "2.png")]])
+    assert all(len(x["pixels"]) == 1 for x in items)
+
+
+def test_train_run_of_zero_steps_tests_in_eval_mode(world, tmp_path, monkeypatch):
+    """A resume with no step left (here --stop_at at the resumed step) goes straight to the final test: the
+    bridge decodes in eval mode (no dropout), as after any training step, not in nn.Module's default train mode."""
+    modes, generate = [], pc.Bridge.generate  # each decoding batch: the bridge's modules' modes
+    monkeypatch.setattr(pc.Bridge, "generate", lambda self, *a, **kw: modes.append(
+        [m.training for m in self.modules()]) or generate(self, *a, **kw))
+    common = ["--steps", "4", "--global_batch", "4", "--micro_batch", "4", "--eval_every", "2", "--save_every",
+              "2", "--report", "false", "--stop_at", "2", "--max_eval", "2", "--decode", "greedy",
+              "--max_new_tokens", "2"]
+    _run(world, tmp_path / "a", *common)
+    assert len(modes) == 1 and not any(modes[0])  # after a training step
+    m = _run(world, tmp_path / "b", *common, "--resume", tmp_path / "a" / "last.pt")
+    assert m["steps"] == 2 and m["train_loss"] is None and m["n"] == 2  # no step ran, then the test
+    assert len(modes) == 2 and not any(modes[1])
+
+
 def test_nucleus_sampling_returns_seeded_samples(world, tmp_path):
     """--decode nucleus, the seed's third decoding (utils/decoding.py nucleus_sampling; config.yaml: top_p 0.8,
     temperature 0.9, no top-k): --num_return samples per input, the same again for the same --seed, not all
