@@ -80,7 +80,7 @@ class Config:
     # ---- data and local model folders ("" = inside toy_root for the toy preset)
     data_dir: str = ""              # train.json / valid.json / test.json as published
     image_root: str = ""            # <image_hash>.jpg
-    cache_dir: str = "runs/icw_toy/cache"   # features/ and captions.jsonl, keyed by image hash
+    cache_dir: str = "runs/icw_toy/cache"   # features/, captions(.r<rank>.jsonl|.json), *.meta.json
     clip: str = ""
     captioner: str = ""             # BLIP-2 (Blip2ForConditionalGeneration) folder
     backbone: str = ""              # encoder-decoder (BlenderBot / BART / T5) folder
@@ -102,7 +102,7 @@ class Config:
     max_positions: int = 256        # learned position tables extended to this (BlenderBot: 128)
     share_pos: bool = False         # release: the decoder reuses the encoder's extended table
     untied_head: bool = False       # release: a fresh random LM head instead of the tied embedding
-    seg_tokens: int = 40            # caption / history utterance truncation (release: 40)
+    seg_tokens: int = 40            # caption, style, utterance cut to this + </s> (release: 40 incl. </s>; styles whole)
     max_src_len: int = 256
     max_tgt_len: int = 254          # target incl. its final </s>
     # ---- warm-up tasks (paper section 3.4)
@@ -135,7 +135,7 @@ class Config:
     eval_every: int = 0             # steps per selection eval (-1 = each epoch, 0 = keep the last)
     eval_split: str = "test"
     final_eval: bool = True
-    eval_batch: int = 32            # also the unit of the paper's batch-averaged metrics
+    eval_batch: int = 32            # the batches the paper's metrics average over (release: 64)
     eval_max: int = 0               # at most N examples per turn (0 = all)
     num_candidates: int = 100       # R@1/5/10 of 100 over the published candidate lists (0 = skip)
     num_beams: int = 10
@@ -155,7 +155,7 @@ PRESETS = {
     "paper": dict(out_dir="runs/icw/run", cache_dir="runs/icw/cache", data_dir="data/image_chat",
                   image_root="data/image_chat/images", clip="openai/clip-vit-base-patch32",
                   captioner="Salesforce/blip2-opt-2.7b-coco", backbone="facebook/blenderbot-400M-distill",
-                  num_beams=10, min_length=20, eval_every=-1, cycle_momentum=True),
+                  num_beams=10, min_length=20, eval_every=-1, cycle_momentum=True, eval_batch=64),
 }
 TASKS = ("mlm", "isp", "mrm", "gcd")
 # Fields a resume may change (eval, decoding, preparation); not max_steps: it is OneCycle's length.
@@ -202,7 +202,7 @@ def selection(cfg):
 
 def deviations(cfg):
     """The release-vs-paper choices in force, printed at start-up."""
-    rel, c = " (release)", cfg
+    rel, c, crit = " (release)", cfg, "MLM" if "mlm" in task_list(cfg) else "summed"
     return {"lr schedule": "OneCycle per " + ("epoch" + rel if c.legacy_lr else "optimizer step"),
             "AdamW beta1": "OneCycle's 0.95-0.85-0.95" + rel if c.cycle_momentum else "0.9",
             "lm head": "fresh untied Linear" + rel if c.untied_head else "tied to token embedding",
@@ -210,7 +210,7 @@ def deviations(cfg):
             "UL candidates": "per sequence" if c.ul_per_sequence else "whole batch" + rel,
             "ISP target": "<cid> positive|negative </s> (paper; release leaks the answer)",
             "model selection": (f"{c.select_on} {' '.join(s)}" + rel * (c.select_on == "test")
-                                if (s := selection(c)) else "lowest epoch-mean MLM loss"
+                                if (s := selection(c)) else f"lowest epoch-mean {crit} loss"
                                 if c.mode == "warmup" else "last"),
             "turn-2 style": "s_2 (release trains with s_1)", "features/captions": "keyed by hash"}
 
@@ -266,8 +266,8 @@ class Positions(nn.Module):
     """Learned position table for BlenderBot/BART-style models, called like their position module.
 
     Encoder (`n_prefix` = 11): the image block gets no position; text positions restart at 0
-    (release src/model/model_blender_bot.py).
-    Decoder (`n_prefix` = 0): plain positions (+ the generation cache offset).  Returns (1, L, d).
+    (release src/model/model_blender_bot.py).  Decoder (`n_prefix` = 0): plain positions (+ the
+    generation cache offset).  Returns (1, L, d); given `position_ids`, their rows, unchecked.
     """
 
     def __init__(self, weight, n_prefix=0):
@@ -277,7 +277,7 @@ class Positions(nn.Module):
 
     def forward(self, shape_or_ids, past_key_values_length=0, position_ids=None):
         length = shape_or_ids.shape[1] if torch.is_tensor(shape_or_ids) else shape_or_ids[1]
-        if position_ids is not None:  # (L,) or (B, L) given by the caller
+        if position_ids is not None:  # (L,) or (B, L) ids from the caller -> (1 or B, L, d)
             out = self.weight[position_ids]
             return out if out.dim() == 3 else out.unsqueeze(0)
         n_text = length - self.n_prefix
@@ -628,8 +628,9 @@ def evaluate(model, data, feats, tok, vocab, cfg, dist, dtype, split, run_dir=No
 # ================================================================================================ Train
 def onecycle(step, total, cfg, per_epoch):
     """(lr, AdamW beta1) at optimizer step `step` of the release's OneCycleLR (model_blender_bot.py:
-    linear, div 25, final div 1e4, beta1 0.95 at the ends, 0.85 at the peak); --legacy_lr: stepped
-    once an epoch, over the release's `total` = epochs x (N // batch + 1) (pretrain_ablation.py)."""
+    linear, div 25, final div 1e4, beta1 0.95 at the ends, 0.85 at the peak); --legacy_lr: stepped once
+    an epoch (Lightning's default) over `total` = epochs x (N // batch + 1), batch = the release's
+    loader batch: 16 warm-up (pretrain_preprocessing.py), 64 fine-tuning (training_ablation.py)."""
     step = step // per_epoch if cfg.legacy_lr else step  # release: stepped once per epoch
     init, up = cfg.lr / 25, cfg.pct_start * total - 1
     if step <= up:
@@ -689,7 +690,7 @@ def run_training(cfg, dist, log, dtype):
     accum, per_epoch = sampler.accum, sampler.steps_per_epoch
     epochs = cfg.warmup_epochs if warm else cfg.ft_epochs
     total = cfg.max_steps or math.ceil(epochs * per_epoch)
-    cycle = math.ceil(epochs * (len(train) // m + 1)) if cfg.legacy_lr else total  # onecycle()
+    cycle = math.ceil(epochs * (len(train) // (16 if warm else 64) + 1)) if cfg.legacy_lr else total  # onecycle(): release batches
     log.info(f"{cfg.mode}: {len(items)} examples, global batch {G} = micro {m} x accumulation "
              f"{accum} x world {world}, {per_epoch} steps/epoch, {total} steps, tasks {active}")
 
@@ -724,14 +725,14 @@ def run_training(cfg, dist, log, dtype):
                 scaler.scale(loss / accum).backward()
             for k, v in {"loss": loss, **terms}.items():  # tensors: no host sync per micro-batch
                 sums[k] = sums.get(k, 0) + v.detach() / accum
-            n_tok += sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
+            n_tok += sum(b["src"].numel() + n_img * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, sums)  # stops on NaN/inf
         return sums, lr, gnorm, n_tok * world  # sums: this rank's terms, read when logged
 
-    n_params = sum(p.numel() for p in params)
+    n_params, n_img = sum(p.numel() for p in params), model.n_img * cfg.use_image
     if cfg.bench:  # the data (a step's micro-batches, built and copied) timed apart from the step
         steps, mb = iter(range(10 ** 9)), micro_batch(0, 0, sampler.micro_batches(0)[0])
-        toks = sum(b["src"].numel() + 11 * len(b["src"]) + b["dec_in"].numel() for b in mb.values())
+        toks = sum(b["src"].numel() + n_img * len(b["src"]) + b["dec_in"].numel() for b in mb.values())
         return run_bench(lambda mbs: train_step(0, mbs), cfg.bench, G, dev, world_size=world,
                          flops_per_step=6 * n_params * toks * accum * world,
                          data_fn=lambda: step_data(next(steps)))
@@ -767,14 +768,13 @@ def run_training(cfg, dist, log, dtype):
         speed = timer.stop(G)
         if (u := mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev, world, dtype)) is not None:
             speed["mfu"] = u  # toks: the global batch's, over the peak of all `world` GPUs
-        # warm-up choice: lowest epoch-mean MLM loss (the release: its last batch's, Lightning 1.9)
+        # warm-up choice: lowest epoch-mean MLM loss (summed loss without mlm; release: last batch's)
         epoch_sum, epoch_n = epoch_sum + terms.get("mlm", terms["loss"]).double(), epoch_n + 1
         if warm and ((step + 1) % per_epoch == 0 or step + 1 == total):
-            mean = float(all_reduce_mean(epoch_sum)) / epoch_n
+            mean, epoch_sum, epoch_n = float(all_reduce_mean(epoch_sum)) / epoch_n, 0.0, 0
             if best is None or mean < best:
                 best = mean
                 save("best.pt", step + 1)
-            epoch_sum, epoch_n = 0.0, 0
         if select is not None and ((step + 1) % every == 0 or step + 1 == total):
             score = evaluate(model, select, feats, tok, vocab, cfg, dist, dtype, cfg.select_on)[sel[0]]
             log.log(step + 1, **{f"{cfg.select_on}/{sel[0].replace('/', '_')}": score})  # a curve

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.amp import frozen_dtype
+from common.amp import fp32, frozen_dtype
 from common.checkpoint import save_checkpoint
 from common.data import DataError, ImageFolderLoader, too_many_bad
 from common.dist import all_gather_object, barrier, same_on_every_rank, shard_indices
@@ -200,7 +200,7 @@ def mix(*xs):
 # ---- preparation
 def grid_crops(img, crop, grid):
     """PIL image -> uint8 (grid*grid, 3, crop, crop): non-aspect-preserving bilinear resize to
-    grid*crop, row-major crops (release clip_feature_extraction.py: patchify of the resized image).
+    grid*crop, row-major crops (release clip_feature_extraction.py: extract_patches, Tensor.unfold).
     The resize is the release's torchvision `Resize` on a uint8 tensor (torch 1.13): bilinear in
     float, no antialiasing, rounded. PIL's BILINEAR would smooth an image larger than grid*crop.
     uint8, a quarter of float32's bytes: common.image.normalize finishes them on the device."""
@@ -309,7 +309,10 @@ def model_id(path):
 
 def clip_featurizer(cfg, dev):
     """The frozen CLIP of --mode features, in fp32 as clip_feature_extraction.py: PIL images ->
-    (n, 9, D) float32 projected embeddings of each image's 3x3 grid of crops (paper section 3.1)."""
+    (n, 9, D) float32 projected embeddings of each image's 3x3 grid of crops (paper section 3.1).
+    True fp32: common.amp.fp32 keeps autocast and the TF32 matmuls that pick_dtype allows on CUDA off,
+    as under the release's torch 1.13, whose fp32 matmuls default to full precision (cuDNN's TF32
+    convolutions, the patch embedding, are on in both)."""
     from transformers import CLIPModel
     clip = CLIPModel.from_pretrained(cfg.clip, local_files_only=True)
     clip = clip.to(dev, torch.float32).eval().requires_grad_(False)
@@ -320,7 +323,8 @@ def clip_featurizer(cfg, dev):
     def features(imgs):
         x = torch.cat([grid_crops(im, crop, cfg.grid) for im in imgs])  # (n*9, 3, c, c) uint8
         x = normalize((x.pin_memory() if pin else x).to(dev, non_blocking=pin), mean, std)
-        out = clip.get_image_features(pixel_values=x.float())
+        with fp32(dev):
+            out = clip.get_image_features(pixel_values=x.float())
         f = getattr(out, "pooler_output", out).float()  # (n*9, D), projected
         return f.reshape(len(imgs), cfg.grid ** 2, -1)  # (n, 9, D)
     return features
@@ -377,9 +381,11 @@ def blip2_captioner(cfg, dev, dtype):
 
 @torch.no_grad()
 def prepare_captions(cfg, dist, log, dtype):
-    """BLIP-2 captions (paper section 3.2; release captioning_blip2-*.py: beam 5, 3 returned, min
-    length 5, 16 new tokens, no 3-gram repeats).  The minimum is min_new_tokens: BLIP-2's generate
-    passes the query-token placeholders and <s> as input_ids, which min_length would count.
+    """BLIP-2 captions (paper section 3.2; release captioning_blip2-*.py: beam 5, 3 returned,
+    min_length 5, max_length 16, read here as new tokens; no 3-gram repeats, which only its
+    captioning_blip2-opt-2.7b.py, the OPT captioner of the paper preset, sets).  The minimum is
+    min_new_tokens: BLIP-2's generate passes the query-token placeholders and <s> as input_ids,
+    which min_length would count.
 
     Appended per batch to captions.r<rank>.jsonl ({"image": "<hash>.jpg", "captions": [c1, c2,
     c3]}), so a rerun skips captioned images; at the end rank 0 writes the release layout
@@ -503,7 +509,8 @@ def selected_weights(best, out_dir, resume, log):
 
 # ---- scores, eval figures and the picture report of imagechat_warmup.py
 def turn_scores(rows, tok, cfg):
-    """One turn scored as the release does (common.metrics, batches of eval_batch): references
+    """One turn scored as the release does (common.metrics, batches of eval_batch: the release's
+    val/test loaders hold 64, training_ablation.py --batch_size, the paper preset's): references
     tokenizer round-tripped, both sides contractions-expanded; ParlAI's word F1 on the raw strings.
     rows: {"prediction", "reference", "nll", "n_tok", "rank"?}; a rank of None (the reference is
     not among the turn's candidates) is counted in "no_gold", not ranked."""

@@ -234,11 +234,40 @@ def test_clip_features_run_in_fp32_as_released(assets, tmp_path, monkeypatch):
         # fp16 rounding of fp32 (relative error <= 2^-11; fp16 subnormals are 6e-8 apart) and nothing more: bf16
         # CLIP is off by ~1e-2
         torch.testing.assert_close(feats[index[h]].float(), want, rtol=2 ** -11 + 1e-5, atol=1e-7)
-    # --precision bf16 with frozen models in bf16 (as on a GPU): the very same features
+    # --precision bf16 with frozen models in bf16 (as on a GPU), fp32 matmuls allowed TF32 (what pick_dtype does on
+    # CUDA, done here on the CPU too) and the stage run under a bf16 autocast: the CLIP forward sees neither (it
+    # runs under common.amp.fp32, true fp32 as under the release's torch 1.13), and the very same features
+    state, pick, prepare, forward = [], icw.pick_dtype, icw.prepare_features, CLIPModel.get_image_features
+
+    def pick_tf32(device, precision):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return pick(device, precision)
+
+    def prepare_in_autocast(*a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return prepare(*a)
     monkeypatch.setattr(ic, "frozen_dtype", lambda device, dtype: torch.bfloat16)
-    icw.main([*args, "--precision", "bf16", "--cache_dir", str(tmp_path / "gpu"), "--out_dir", str(tmp_path / "b")])
+    monkeypatch.setattr(icw, "pick_dtype", pick_tf32)
+    monkeypatch.setattr(icw, "prepare_features", prepare_in_autocast)
+    monkeypatch.setattr(CLIPModel, "get_image_features", lambda self, *a, **k: state.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu"))) or forward(self, *a, **k))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        icw.main([*args, "--precision", "bf16", "--cache_dir", str(tmp_path / "gpu"), "--out_dir", str(tmp_path / "b")])
+        assert torch.backends.cuda.matmul.allow_tf32  # restored after the CLIP forward
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert state and set(state) == {(False, False)}
     i16, f16 = ic.load_features(str(tmp_path / "gpu"))
     assert i16 == index and torch.equal(f16, feats)
+
+
+def test_paper_preset_averages_the_metrics_over_the_release_eval_batches():
+    """The paper's batch-averaged F1 / BLEU-4 / ROUGE-L / PPL are means over the release's val/test loader batches,
+    64 examples (training_ablation.py --batch_size; model_blender_bot.py averages per batch): the paper preset
+    evaluates in batches of 64; the toy preset keeps 32."""
+    assert icw.parse_config(icw.Config, icw.PRESETS, ["--preset", "paper"]).eval_batch == 64
+    assert icw.parse_config(icw.Config, icw.PRESETS, []).eval_batch == 32
 
 
 def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
@@ -576,6 +605,7 @@ def test_startup_line_names_the_checkpoint_choice_that_runs():
     assert shown("--mode", "finetune", "--eval_every", "50") == "valid IC/F1 every 50 steps"
     assert shown("--mode", "finetune", "--select_on", "none", "--eval_every", "-1") == "last"
     assert shown("--mode", "warmup", "--preset", "paper") == "lowest epoch-mean MLM loss"  # release: last batch's
+    assert shown("--mode", "warmup", "--tasks", "isp,mrm") == "lowest epoch-mean summed loss"  # no MLM to read
 
 
 def test_beam_search_takes_early_stopping_from_the_generation_config(assets):
@@ -792,7 +822,10 @@ def test_warmup_finetune_eval_pipeline(assets, cached, tmp_path, capsys):
     # first third's loss (tiny worlds of seeds 0/1/2 give 0.735/0.731/0.728; docs/imagechat_warmup.md)
     loss = [r["loss"] for r in logs]
     assert len(loss) == 9 and np.mean(loss[-3:]) < 0.85 * np.mean(loss[:3])
-    assert os.path.isfile(tmp_path / "wu" / "best.pt")
+    # best.pt is written at an epoch's end (step 6 of 9) after the epoch's MLM mean is reset: a resume from it
+    # starts the next epoch's mean afresh instead of folding the finished epoch in
+    pos = torch.load(tmp_path / "wu" / "best.pt", weights_only=True)["data_position"]
+    assert (pos["epoch_n"], pos["epoch_sum"]) == (0, 0.0)
     wu = torch.load(tmp_path / "wu" / "last.pt", weights_only=True)
     assert (wu["script"], wu["kind"]) == ("imagechat_warmup", "warmup")
     ft = run(train_args(assets, "finetune", 4, init=tmp_path / "wu" / "last.pt"), tmp_path / "ft", **paths)
@@ -914,29 +947,34 @@ def test_schedule_is_torchs_onecyclelr_with_its_momentum_cycle(per_epoch):
     assert cfg.cycle_momentum and not icw.parse_config(icw.Config, icw.PRESETS, []).cycle_momentum
 
 
-def test_legacy_lr_is_the_release_cycle_stepped_once_an_epoch(assets, cached, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("mode,steps,release_batch", [("warmup", 9, 16), ("finetune", 8, 64)])
+def test_legacy_lr_is_the_release_cycle_stepped_once_an_epoch(assets, cached, tmp_path, monkeypatch, capsys, mode,
+                                                              steps, release_batch):
     """--legacy_lr: the release sizes OneCycleLR in loader batches, steps_per_epoch = N // batch + 1 for
-    max_epochs (pretrain_ablation.py; batch = the micro batch), and Lightning steps it once an epoch. The cycle
-    was sized in optimizer steps, so the lr rose ~1.8x over the paper's warm-up instead of ~1.0065x."""
+    max_epochs, batch its DataLoader's --batch_size (16: pretrain_preprocessing.py, the warm-up script its README
+    runs; 64: training_ablation.py), and Lightning steps it once an epoch (the default interval).  The cycle is
+    the release's whatever this run's micro batch (4 here) or world size; it was sized with the micro batch, and
+    before that in optimizer steps (the lr rose ~1.8x over the paper's warm-up instead of ~1.0065x)."""
     _, paths = cached
     seen, update = [], icw.optimizer_update
     monkeypatch.setattr(icw, "optimizer_update", lambda opt, *a: seen.append(
         opt.param_groups[0]["lr"]) or update(opt, *a))
     capsys.readouterr()
-    run(train_args(assets, "warmup", 9, legacy_lr="true"), tmp_path, **paths)
-    n, per_epoch = map(int, re.search(r"warmup: (\d+) examples, .*, (\d+) steps/epoch", capsys.readouterr().out)
+    run(train_args(assets, mode, steps, legacy_lr="true", final_eval="false", report="false"), tmp_path, **paths)
+    n, per_epoch = map(int, re.search(rf"{mode}: (\d+) examples, .*, (\d+) steps/epoch", capsys.readouterr().out)
                        .groups())
     cfg = icw.parse_config(icw.Config, icw.PRESETS, [])
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, steps_per_epoch=n // 4 + 1,  # 4: the micro
-                                                epochs=cfg.warmup_epochs, anneal_strategy="linear")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, steps_per_epoch=n // release_batch + 1,
+                                                epochs=cfg.warmup_epochs if mode == "warmup" else cfg.ft_epochs,
+                                                anneal_strategy="linear")
     ref = []
     for step in range(len(seen)):
         ref.append(opt.param_groups[0]["lr"])
         opt.step()
         if (step + 1) % per_epoch == 0:
             sched.step()
-    assert len(seen) == 9 > per_epoch and seen == pytest.approx(ref, rel=1e-12)
+    assert len(seen) == steps > per_epoch and seen == pytest.approx(ref, rel=1e-12)
     assert seen[0] == pytest.approx(cfg.lr / 25) and seen[per_epoch] > seen[per_epoch - 1] == seen[0]
 
 
@@ -969,6 +1007,22 @@ def test_training_mfu_counts_the_tokens_bench_counts(assets, cached, tmp_path, m
     for steps, extra in ((1, {"bench": 1}), (1, {})):
         run(train_args(assets, "warmup", steps, warmup_micro=8, **extra), tmp_path / str(len(extra)), **paths)
     assert seen["train"] and seen["train"][0] == seen["bench"]
+
+
+@pytest.mark.parametrize("use_image", [True, False])
+def test_training_flops_count_the_image_slots_the_model_has(assets, cached, tmp_path, monkeypatch, use_image):
+    """MFU's FLOPs (6 x trained parameters x tokens) count per example the text, the decoder input and the
+    model's image slots: 11 (<img>, the 9 crops, </img>), none with --use_image false (no image block)."""
+    _, paths = cached
+    seen, make, update = {"flops": [], "batches": []}, icw.finetune_batch, icw.optimizer_update
+    monkeypatch.setattr(icw, "finetune_batch", lambda *a: seen["batches"].append(make(*a)) or seen["batches"][-1])
+    monkeypatch.setattr(icw, "optimizer_update", lambda opt, scaler, params, *a: seen.update(
+        params=params) or update(opt, scaler, params, *a))
+    monkeypatch.setattr(icw, "mfu", lambda flops, *a: seen["flops"].append(flops))
+    run(train_args(assets, "finetune", 1, use_image=str(use_image).lower(), final_eval="false", report="false"),
+        tmp_path, **paths)
+    toks = sum(b["src"].numel() + 11 * use_image * len(b["src"]) + b["dec_in"].numel() for b in seen["batches"])
+    assert len(seen["batches"]) == 2 and seen["flops"] == [6 * sum(p.numel() for p in seen["params"]) * toks]
 
 
 def test_training_step_reads_nothing_back_per_micro_batch(assets, cached, tmp_path, monkeypatch):
