@@ -66,7 +66,7 @@ class ModelConfig:
     text: str = ""                # unimodal text tower: BertModel, RobertaModel, CLIPTextModel
     embed_dim: int = 512          # joint space of the fresh projections (unimodal init)
     vision_pool: str = "cls"      # unimodal: cls (CLIP/DINOv2 post-LN CLS, ViT raw CLS) | mean
-    text_pool: str = "mean"       # unimodal: mean (masked) | cls
+    text_pool: str = "mean"       # unimodal: mean (masked) | cls (a CLIP text tower: its EOS state)
     lock_vision: bool = False     # LiT: freeze the image tower (its projection still trains)
     lock_text: bool = False
     lora_r: int = 0               # >0: LoRA adapters on the unlocked towers, towers frozen
@@ -131,7 +131,7 @@ class Config(ModelConfig):
     retrieval_image_root: str = ""  # one root, or a comma list: one per file ("" = toy)
     order_file: str = ""          # BLIP coco_karpathy_test.json, flickr30k_test.json (one or both)
     order_image_root: str = ""    # one root, or one per file
-    order_seeds: int = 5          # ARO authors: mean +- std over 5 random perturbation draws
+    order_seeds: int = 5          # *-Order: P@1 mean +- std over this many perturbation draws
     aro_min_pair_count: int = 25  # VG-Attribution macro: attribute pairs with >= this many cases
     vlc_max_num: int = 0          # VL-CheckList: first n // 2 cases a file (0: all; authors': 2000)
     eval_batch: int = 256
@@ -147,7 +147,7 @@ PRESETS = {
                 weight_decay=0.1, max_text_len=32, crop_scale_min=0.9, log_every=20, order_seeds=2,
                 aro_min_pair_count=5, eval_batch=128, val_every=250),
     # Paper (Sec. 4; vinid/neg_clip): the Config defaults are its recipe (batch 256, 5 epochs, lr
-    # 1e-6, warm-up 50, cosine, AdamW (0.9, 0.98), eps 1e-6, wd 0.2, best epoch by COCO-val retrieval);
+    # 1e-6, warm-up 50, cosine, AdamW (0.9, 0.98), eps 1e-6, wd 0.2, validated each epoch; best.pt is ours);
     # here ViT-B/32 OpenAI, COCO Karpathy train+restval, the released TSV (109,468 rows, 1 caption each).
     "paper": dict(clip="openai/clip-vit-base-patch32", train_tsv="data/negclip/train_neg_clip.tsv",
                   image_root="data", train_file="data/coco/coco_karpathy_train.json",
@@ -223,8 +223,8 @@ def merge_lora(module):
 class DualEncoder(nn.Module):
     """Image tower + text tower + linear projections into one space + learnable log-temperature.
     pool = "clip": HF CLIP's pooling (vision: post-LN CLS; text: final-LN state at the EOS token):
-    embeddings equal CLIPModel.get_image_features / get_text_features.  Otherwise vision_pool /
-    text_pool.  image = (size, mean, std) the vision tower expects."""
+    embeddings equal CLIPModel.get_image_features / get_text_features.  Else vision_pool / text_pool
+    (a CLIP text tower: its EOS state always); image = (size, mean, std) for the vision tower."""
 
     def __init__(self, vision, text, visual_projection, text_projection, logit_scale, pool="clip",
                  vision_pool="cls", text_pool="mean", image=(224, CLIP_MEAN, CLIP_STD)):
@@ -241,7 +241,7 @@ class DualEncoder(nn.Module):
             return out.pooler_output
         if self.vision_pool == "mean":
             return out.last_hidden_state[:, 1:].mean(1)  # patch tokens (drop CLS)
-        # CLIPVision / DINOv2 pooler = layer-normed CLS; ViT's tanh pooler is untrained: raw CLS
+        # CLIPVision / DINOv2 pooler = layer-normed CLS; ViT: that CLS too (see load_tower)
         ln_cls = self.vision.config.model_type in ("clip_vision_model", "dinov2")
         return out.pooler_output if ln_cls else out.last_hidden_state[:, 0]
 
@@ -277,7 +277,7 @@ def load_tower(path, side, meta=False):
     mtype = (published_config(path) if meta else AutoConfig.from_pretrained(path)).model_type
     if mtype == "clip":  # one side of a full CLIP checkpoint
         return hf_model(CLIPVisionModel if side == "vision" else CLIPTextModel, path, meta, side + "_config")
-    no_pooler = mtype in ("bert", "roberta", "xlm-roberta", "vit")  # random/NSP poolers: unused weights
+    no_pooler = mtype in ("bert", "roberta", "xlm-roberta", "vit")  # NSP/random, ViT in21k pre-logits: unused
     return hf_model(AutoModel, path, meta, **({"add_pooling_layer": False} if no_pooler else {}))
 
 
@@ -296,13 +296,12 @@ def build_model(mc, meta=False):
         vision, text = load_tower(mc.vision, "vision", meta), load_tower(mc.text, "text", meta)
         dv, dt = vision.config.hidden_size, text.config.hidden_size
         vp, tp = (nn.Linear(d, mc.embed_dim, bias=False, device=vision.device) for d in (dv, dt))
-        for lin in (vp, tp):
+        for lin in (vp, tp):  # fresh heads; their temperature 0.07 as in CLIP's own initialisation
             nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         image = NG.vision_preprocessing(mc.vision, vision.config, meta)  # (size, mean, std)
         for n, p in vision.named_parameters():  # no loss reaches these: DDP would stop at step 2
             if n.endswith("mask_token") or (mc.vision_pool == "mean" and "post_layernorm" in n):
                 p.requires_grad_(False)  # DINOv2's mask token; a mean-pooled CLIP tower's pooled LN
-        # fresh heads: temperature 0.07 as in CLIP's own initialisation
         model = DualEncoder(vision, text, vp, tp, math.log(1 / 0.07), "towers", mc.vision_pool, mc.text_pool, image)
         tok = tokenizer(mc.text)
     else:
@@ -342,8 +341,8 @@ def negclip_loss(img, txt, scale, dup_mask=None):
 
 
 def duplicate_mask(img_ids, txt_ids):
-    """(N,), (M,) image ids (-1 for hard captions) -> (N, M) True where text j describes image
-    i's picture but j != i (the same COCO image as anchor and as someone's neighbour)."""
+    """(N,), (M,) image ids (-1 a hard caption, -2 a missing one) -> (N, M) True where text j
+    describes image i's picture but j != i (the same COCO image as anchor and as a neighbour)."""
     same = img_ids[:, None] == txt_ids[None, :]  # (N, M)
     eye = torch.eye(*same.shape, dtype=torch.bool, device=same.device)  # (N, M): label j = i
     return same & ~eye & (txt_ids[None, :] >= 0)
@@ -358,10 +357,9 @@ def gather_blocks(xs, n_blocks, grad=True):
 
 
 # ================================================================================================ Data
-# NegCLIP's sample (vinid/neg_clip src/training/data.py CsvDataset): a TSV row gives image x,
-# caption t and its hard captions; one hard caption n of t, one neighbour row (image x', caption
-# t') and one hard caption n' of t' are drawn uniformly each time the row is loaded.  A micro
-# batch is laid out [x; x'] and [t; t'; n; n'].
+# NegCLIP's sample (vinid/neg_clip src/training/data.py CsvDataset): a TSV row has image x, caption
+# t and its hard captions; each load draws uniformly one hard caption n of t, one neighbour row
+# (image x', caption t') and one hard caption n' of t'.  A micro batch: [x; x'] and [t; t'; n; n'].
 
 class NegCLIPRows(torch.utils.data.Dataset):
     """Item (step, epoch, i) -> row i's sample for that epoch.  Every draw (negatives, neighbour,
@@ -436,7 +434,7 @@ def scorer(model, tok, cfg, dist, dtype=None, pooled=False):
     """A data/benchmarks.py Scorer of the model's embeddings (pooled: the vision tower's feature).
     dtype None (evaluation): true fp32, as the benchmarks' scripts run open_clip (its default
     precision); a bf16 bracket would flip near-ties such as VG-Relation's reordered captions. A
-    tower kept in bf16 (locked, on GPU) keeps its dtype. Mining passes the run's autocast dtype."""
+    tower kept in a GPU run's dtype (locked) keeps it. Mining passes the run's autocast dtype."""
     tf = ImageTransform(model.image_size, mean=model.image_mean, std=model.image_std)
     dev, vdt = dist.device, next(model.vision.parameters()).dtype
     ctx = (lambda: amp.autocast(dev, dtype)) if dtype else (lambda: amp.fp32(dev))
@@ -555,9 +553,9 @@ def train(cfg, model, tok, dist, dtype, log):
     log.info(f"train: {spe} steps/epoch, {total} steps, accum {accum}"
              f"{' (gradient caching)' * (accum > 1)}, hard negatives from step "
              f"{hn_start if cfg.hard_negatives else '-'}")
-    for tower, locked in ((model.vision, cfg.lock_vision), (model.text, cfg.lock_text)):
-        if locked:  # frozen towers: bf16 on GPU, eval mode, run under no_grad outside DDP
-            tower.to(amp.frozen_dtype(dev, dtype)).eval()
+    locked = [t for t, f in ((model.vision, cfg.lock_vision), (model.text, cfg.lock_text)) if f]
+    for tower in locked:  # on a GPU the run's dtype, else fp32 (amp.frozen_dtype); no_grad, no DDP
+        tower.to(amp.frozen_dtype(dev, dtype)).eval()
     # open_clip: weight decay on matrices only (not biases, norms, logit_scale); heads: own lr
     towers = param_groups(nn.ModuleList([model.vision, model.text]), cfg.weight_decay)
     heads = param_groups(nn.ModuleList([model.visual_projection, model.text_projection]), cfg.weight_decay)
@@ -627,17 +625,17 @@ def train(cfg, model, tok, dist, dtype, log):
 
     def train_mode():
         net.train()
-        for tower, locked in ((model.vision, cfg.lock_vision), (model.text, cfg.lock_text)):
-            if locked:
-                tower.eval()  # locked towers keep dropout off
+        for tower in locked:
+            tower.eval()  # locked towers keep dropout off
 
     train_mode()
     if cfg.bench:  # on a GPU, a first step's FLOPs give the MFU
         flops = count_flops(lambda: opt_step(step)) * world if dev.type == "cuda" else None
-        steps = iter(range(step + (flops is not None), 1 << 62))
-        rows_per_step = cfg.global_batch * (1 + (cfg.hard_negatives and not cfg.train_shards))
-        return run_bench(lambda b: opt_step(next(steps), b), cfg.bench, rows_per_step, dev, 3, flops,
-                         world, data_fn=next_batches)  # the loader's time apart
+        steps = iter(range(s0 := step + (flops is not None), 1 << 62))  # 3 warm-up, then timed
+        pairs = cfg.hard_negatives and not cfg.train_shards  # [x; x'] from hn_start; streams: [x]
+        x2 = sum(pairs and s >= hn_start for s in range(s0 + 3, s0 + 3 + cfg.bench)) / cfg.bench
+        return run_bench(lambda b: opt_step(next(steps), b), cfg.bench, cfg.global_batch * (1 + x2),
+                         dev, 3, flops, world, data_fn=next_batches)  # the loader's time apart
 
     timer, history, flops_step, val_every = StepTimer(dev), [], None, cfg.val_every or spe
     stop = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
@@ -661,7 +659,7 @@ def train(cfg, model, tok, dist, dtype, log):
             r = B.eval_retrieval(sc, cfg.val_file, cfg.image_root)
             train_mode()
             log.log(step, val_r_mean=r["r_mean"], val_txt_r1=r["txt_r1"], val_img_r1=r["img_r1"])
-            if r["r_mean"] > best:  # paper: best epoch by COCO-val retrieval
+            if r["r_mean"] > best:  # best.pt: ours (the release validates and saves each epoch)
                 best, best_ck = r["r_mean"], os.path.join(cfg.out_dir, "best.pt")
                 checkpoint(best_ck, step)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
@@ -675,7 +673,7 @@ def train(cfg, model, tok, dist, dtype, log):
     sel = load_checkpoint(best_ck) if best_ck and os.path.isfile(best_ck) else {}
     sel = sel if sel.get("best") == best else {}  # (a resumed run's: if it holds the best restored)
     D.same_on_every_rank(sel.get("step"), "the step of the best.pt the final test reads")
-    if sel:  # paper: the best epoch by COCO-val retrieval; without validation, the last weights
+    if sel:  # the best validation retrieval's weights; without validation, the last weights
         model.load_state_dict(sel["model"], strict=False)
     log.info(f"selected weights: {best_ck} (step {sel['step']}, val r_mean {best:.2f})" if sel else
              f"selected weights: the last (step {step}; no validation checkpoint)")
@@ -746,7 +744,9 @@ def params_mode(cfg, log):
 
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description="NegCLIP: mine | train | eval | export")
-    check_choices(cfg, mode="mine|train|eval|export|params")
+    check_choices(cfg, mode="mine|train|eval|export|params", init="clip|unimodal",
+                  tagger="auto|nltk|rule", precision="auto|fp32|bf16|fp16", vision_pool="cls|mean",
+                  text_pool="mean|cls")
     if cfg.mode == "params":  # hub names from common.hf's table; the toy's folders (built if missing)
         return params_mode(resolve_paths(cfg), Logger("", True))
     dist = D.setup_distributed(cfg.device)

@@ -270,7 +270,7 @@ def linear_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, lambdas=
     """CLIP's protocol (Sec. 3.2, Appendix A.3) on a grid: lam is chosen on a held-out fifth of the train
     split (the largest lam among the best, so ties go to the simpler model), then the probe is refit on
     the whole train split and scored once on the test split (on the GPU when there is one: ImageNet's
-    1.28M x 1000 problem takes hours of CPU time).  -> (test top-1, lam)."""
+    1.28M x 1000 problem takes a full-batch L-BFGS fit per lam, then the refit).  -> (test top-1, lam)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x_train, y_train, x_test, y_test = (t.to(dev) for t in (x_train, y_train, x_test, y_test))
     perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed)).to(dev)

@@ -952,7 +952,8 @@ def init_lr(init):
     README of mertyg/vision-language-models-are-bows; the paper's grid was {1e-5, 5e-6, 1e-6}).
     unimodal: 1e-5, the one learning rate (towers and fresh heads alike, --head_lr 0) of the
     uni-modal NegCLIP configs of github.com/JiH00nKw0n/multimodal
-    (configs/train/negclip_dinov2_large_bert_base.yml, negclip_dinov2_lora.yml)."""
+    (configs/train/negclip_dinov2_large_bert_base.yml; negclip_dinov2_lora.yml at commit b188164,
+    deleted in 0e68822)."""
     return 1e-5 if init == "unimodal" else 1e-6
 
 

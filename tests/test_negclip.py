@@ -4,6 +4,7 @@ helpers are tested in test_negatives.py, the benchmark readers and scoring rules
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -740,6 +741,17 @@ def test_ckpt_is_refused_where_no_mode_reads_it(toy_root):
             N.resolve_paths(cfg)
 
 
+def test_choice_flags_are_checked_at_start_up(monkeypatch):
+    """A flag with a fixed set of values stops main() with one line naming it and its choices, before any setup:
+    --tagger spacy used to tag with the rules, --vision_pool / --text_pool typos pooled CLS / mean unasked."""
+    monkeypatch.setattr(N.D, "setup_distributed", lambda *a: pytest.fail("ran past the start-up check"))
+    for flag, bad, ok in (("tagger", "spacy", "auto|nltk|rule"), ("vision_pool", "avg", "cls|mean"),
+                          ("text_pool", "eos", "mean|cls"), ("init", "lit", "clip|unimodal"),
+                          ("precision", "bf32", "auto|fp32|bf16|fp16")):
+        with pytest.raises(ValueError, match=rf"^--{flag} must be {re.escape(ok)}, got '{bad}'$"):
+            N.main(["--mode", "eval", "--toy_root", "unused", f"--{flag}", bad])
+
+
 def test_eval_checkpoint_reads_the_given_model_folder(toy_root, tmp_path, capsys):
     """--ckpt rebuilds the checkpoint's model from its model config, but a model folder given on the command line
     wins (a moved or copied folder); a given architecture field is the checkpoint's, named in a warning."""
@@ -863,6 +875,30 @@ def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, sl
                                           "--val_file", "none", "--ckpt_every", 1)])
     last = N.load_checkpoint(str(tmp_path / "nan" / "last.pt"))  # the last good step's checkpoint is kept
     assert 1 <= last["step"] < 6 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_bench_counts_the_images_its_timed_steps_load(mined, toy_root, tmp_path, monkeypatch):
+    """--bench's samples/s counts the images the timed steps load: a row's neighbour image x' only from hn_start
+    (--init unimodal: 10% in; here --hn_start_step 4, the second timed step), not 2 images a row on every step."""
+    tsv, _ = mined
+    seen, real = [], N.run_bench
+
+    def spy(step_fn, n, samples, *args, data_fn, **kwargs):
+        imgs = []
+
+        def data():  # the step's micro batches, their images counted
+            batches = data_fn()
+            imgs.append(sum(len(b["pixels"]) for b in batches))
+            return batches
+        out = real(step_fn, n, samples, *args, data_fn=data, **kwargs)
+        seen.append((samples, imgs))
+        return out
+    monkeypatch.setattr(N, "run_bench", spy)
+    N.main(["--mode", "train", *_args(toy_root, tmp_path, "--train_tsv", tsv, "--bench", 2, "--global_batch", 8,
+                                      "--micro_batch", 8, "--max_steps", 2, "--hn_start_step", 4)])
+    [(samples, imgs)] = seen
+    assert imgs == [8, 8, 8, 8, 16]  # steps 0-2 warm-up, 3-4 timed (on the CPU: no FLOP-count step); x' at 4
+    assert samples == sum(imgs[3:]) / 2 == 12  # images per timed step (before: 2 x 8 on every step)
 
 
 def test_teaching_edition_layout():
