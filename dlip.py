@@ -9,7 +9,7 @@ distillation term from a frozen teacher (`distill_losses`: ITC logits, represent
 logits, attention maps). Read ModelConfig, BLIP.forward, blip_losses, distill_losses, train.
 
 Modes: pretrain (student + frozen teacher; --teacher "" = plain BLIP) | retrieval (ITC+ITM
-fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning, beam search); with
+fine-tuning; eval: ITC top-k + ITM re-rank) | caption (decoder fine-tuning; beam|nucleus); with
 --ft_distill either also distils a fine-tuned teacher | eval (--task retrieval|caption|efficiency
 |all) | params (the preset's student and teacher at their published sizes, offline, meta device).
     python dlip.py --preset toy_teacher && python dlip.py    # toy teacher, then the student
@@ -130,9 +130,9 @@ class Config(Size):
     no_momentum: bool = False          # no EMA encoders/queues: in-batch ITC over the global batch
     alpha: float = 0.4                 # weight of the momentum model's soft ITC targets
     alpha_ramp_epochs: float = 2.0     # alpha ramps up from 0 (BLIP: 2 epochs pretrain, 1 finetune)
-    # ---- teacher and distillation: one weight per loss term (0 = not computed)
+    # ---- teacher and distillation: one weight per loss term (a KD term at 0 is not computed)
     teacher: str = "runs/dlip_toy_teacher/last.pt"  # dlip or BLIP .pth or BlipForImageTextRetrieval
-    teacher_caption: str = ""          # BlipForConditionalGeneration folder of a split HF teacher
+    teacher_caption: str = ""          # its BlipForConditionalGeneration folder (or .pt)
     teacher_temp: float = 0.07         # ITC temperature of an HF teacher (its folder has none)
     itc_kd: str = "v2"                 # v2: teacher feats vs student queue; kl: in-batch row KL
     rep_loss: str = "cos"              # cos: 1 - cos of the heads (V2); mse: mapped hidden states
@@ -153,8 +153,8 @@ class Config(Size):
     ft_distill: bool = False           # fine-tuning: also distil the teacher's decoder (caption)
     #                                    or its encoders' terms, w_* as in pretraining (retrieval)
     # ---- fine-tuning / evaluation inputs
-    init: str = ""                     # checkpoint to fine-tune (a pretrain run's last.pt)
-    ckpt: str = ""                     # eval mode: dlip checkpoint or HF folder
+    init: str = ""                     # to fine-tune (pretrain's last.pt); pretrain: copied in part
+    ckpt: str = ""                     # eval mode: dlip checkpoint, BLIP .pth or HF folder
     # ---- optimisation
     global_batch: int = 32
     micro_batch: int = 32              # per GPU; accumulation = global / (micro * world)
@@ -475,7 +475,7 @@ class Features:
     fused: torch.Tensor = None         # (B, L, Dt) image-grounded encoder, positive pairs
     logits: torch.Tensor = None        # (B, L, V) decoder
     dec_h: torch.Tensor = None         # (B, L, Dt) decoder hidden states
-    pos: torch.Tensor = None           # (B, G+Q) positives among the ITC candidates
+    pos: torch.Tensor = None           # (B, G+Q) positives among ITC candidates; (B, G) no momentum
     queues: tuple = None               # (Q, E) x 2, before this step's enqueue
     neg: tuple = None                  # ITM negatives: ids (2B, L), mask (2B, L), images (B,)
     itm: torch.Tensor = None           # (3B, 2) ITM logits
@@ -644,8 +644,8 @@ def itc_targets(pos, sim_m, alpha):
 def multinomial_negatives(sim, same, generator):
     """One negative column per row, drawn with probability softmax(sim row) (BLIP Sec. 3.2), never
     a positive. sim (G, G) logits, same (G, G) bool = same image -> (G,) columns. fp32 + nan_to_num:
-    AMP overflow cannot crash it (salesforce/BLIP #76, ALBEF #107); a row of positives only (G = 1)
-    draws uniformly, so the shapes stay fixed."""
+    AMP overflow cannot crash it (salesforce/BLIP #76, salesforce/LAVIS #107); a row of positives
+    only (G = 1) draws uniformly, so the shapes stay fixed."""
     w = F.softmax(sim.float(), dim=1) + 1e-4
     w = torch.nan_to_num(w, nan=1e-4, posinf=1.0, neginf=0.0).masked_fill(same, 0.0)
     w = torch.where(w.sum(1, keepdim=True) <= 0, torch.ones_like(w), w)
@@ -830,8 +830,8 @@ def distill_losses(s, t, w, alpha=0.4, maps=None, rep_layers="last"):
 @torch.no_grad()
 def teacher_features(ret, cap, image, ids, mask, s=None, itm=False, **need):
     """The frozen teacher on the student's batch -> Features. `ret` has the text encoder and heads,
-    `cap` the decoder: one model for a dlip checkpoint, two for split transformers folders, ret None
-    for --ft_distill. itm: also its ITM logits on the student's 3B pairs (its own image tokens)."""
+    `cap` the decoder: one model for a dlip checkpoint, two for split transformers folders, one of
+    them None for --ft_distill. itm: also its ITM logits on the student's 3B pairs (its image)."""
     t = (ret or cap)(image, ids, mask, **need)
     if ret is not None and cap is not None and cap is not ret:
         d = cap(image, ids, mask, **need)
@@ -911,8 +911,8 @@ def shard_batches(cfg, transform, dist, tracker, state, pin=False):
 
 
 def tokenize(tok, caps, max_len, device):
-    """(B, L) ids and mask, L = the longest caption's tokens (BLIP pads to max_len: the pads are
-    masked out of every loss, so only the compute differs)."""
+    """(B, L) ids and mask, L = the longest caption's tokens, as BLIP's captioner (models/blip.py);
+    blip_pretrain.py / blip_retrieval.py pad to max_len: the pads are masked out of every loss."""
     t = tok(caps, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return t.input_ids.to(device), t.attention_mask.to(device)
 
@@ -1129,7 +1129,7 @@ def caption_eval(model, images, recs, tok, cfg, dist, device, dtype, prompt, out
 
 
 @torch.no_grad()
-def write_report(cfg, model, teacher, tok, shown, metrics, device, dtype, log, since):
+def write_report(cfg, teacher, tok, shown, metrics, device, dtype, log, since):
     """<out_dir>/report.html (common/report.py): training curves, the eval figures, and teacher vs
     student side by side on the last eval split: captions of the same images, ITC top-5 images of
     the same caption queries. teacher: (ret, cap), either None; none: the student is shown alone."""
@@ -1426,7 +1426,7 @@ def train(cfg, dist, device, dtype, log):
         if path:
             metrics.update(evaluate(cfg, model, tok, dist, device, dtype, path, split, log, shown))
     if cfg.report and dist.is_main:
-        write_report(cfg, model, teacher, tok, shown, metrics, device, dtype, log, took_eval)
+        write_report(cfg, teacher, tok, shown, metrics, device, dtype, log, took_eval)
     return metrics
 
 
@@ -1502,7 +1502,8 @@ def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, f"--preset paper distils BLIP's pretrained ViT-B "
                        f"(CapFilt-L), --teacher model_base_capfilt_large.pth: download it from {BLIP_URL}")
     check_choices(cfg, mode="pretrain|retrieval|caption|eval|params",
-                  task="retrieval|caption|efficiency|all", decode="beam|nucleus")
+                  task="retrieval|caption|efficiency|all", decode="beam|nucleus", itc_kd="v2|kl",
+                  lr_schedule="step|cosine", rep_loss="cos|mse", rep_layers="last|uniform")
     if cfg.mode == "params":
         return params_mode(cfg, Logger("", True))
     if cfg.ft_distill and cfg.mode not in ("caption", "retrieval"):
@@ -1510,6 +1511,8 @@ def main(argv=None):
     dist = cdist.setup_distributed(cfg.device)
     try:
         cfg = resolve(cfg, argv, dist)
+        if cfg.eval_every and cfg.mode != "eval" and not cfg.val_file:  # before any training step
+            raise ValueError(f"--eval_every {cfg.eval_every} needs --val_file (none given)")
         device, dtype = dist.device, camp.pick_dtype(dist.device, cfg.precision)
         camp.seed_everything(cfg.seed)  # the same initial weights on every rank
         log = Logger(cfg.out_dir, dist.is_main)
@@ -1555,7 +1558,8 @@ def run_eval(cfg, dist, device, dtype, log):
     part = {"retrieval": "has_encoder", "caption": "has_decoder"}.get(cfg.task)  # all: what it has
     if part and not getattr(models["student"].c, part):
         raise ValueError(f"--task {cfg.task}: --ckpt {cfg.ckpt} has no text {part[4:]}")
-    if cfg.teacher and (cfg.task in ("efficiency", "all") or cfg.report and os.path.exists(cfg.teacher)):
+    there = os.path.exists(cfg.teacher)  # --task all, the page: the default --teacher may be absent
+    if cfg.teacher and (cfg.task == "efficiency" or there and (cfg.task == "all" or cfg.report)):
         models["teacher"] = load_any(cfg.teacher, special, cfg, "--teacher")
     for tag, m in models.items():
         m.to(device).eval().requires_grad_(False)
@@ -1572,8 +1576,7 @@ def run_eval(cfg, dist, device, dtype, log):
     log.info(json.dumps(out, indent=1))
     t = models.get("teacher")
     if cfg.report and dist.is_main:
-        write_report(cfg, models["student"], t and (t if t.c.has_encoder else None,
-                                                     t if t.c.has_decoder else None),
+        write_report(cfg, t and (t if t.c.has_encoder else None, t if t.c.has_decoder else None),
                      tok, shown, out, device, dtype, log, since)
     return out
 
@@ -1685,8 +1688,6 @@ def load_teacher(cfg, model, special, device, dtype, log):
     if ret is not None:
         if ret.c.embed_dim != model.c.embed_dim:
             raise ValueError(f"teacher projection width {ret.c.embed_dim} != student embed_dim")
-        if cfg.rep_loss not in ("cos", "mse"):
-            raise ValueError(f"--rep_loss {cfg.rep_loss!r}: expected cos or mse")
         if cfg.rep_loss == "mse":
             model.rep_maps = rep_maps(model.c, ret.c, (cap or ret).c, cfg.rep_layers, w).to(device)
         n_t, n_s = count_params(retrieval_parts(ret)), count_params(retrieval_parts(model))

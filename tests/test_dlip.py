@@ -1275,6 +1275,43 @@ def test_eval_mode_refuses_a_missing_test_file_and_a_task_the_checkpoint_cannot_
     assert out["student_images_s"] > 0 and not any(k.startswith("test_") for k in out)
 
 
+def test_eval_every_without_a_val_file_and_a_mistyped_choice_flag_stop_before_training(world, tmp_path,
+                                                                                        monkeypatch):
+    """--eval_every N without --val_file read "" after N training steps; --itc_kd / --lr_schedule values other
+    than v2 / cosine quietly ran kl / the step decay (--rep_loss / --rep_layers: only once a teacher loaded).
+    All are refused by main() with a one-line error naming the flag, before train() starts."""
+    _, base, _ = world
+
+    def train(*a, **k):
+        raise AssertionError("train() started")
+    monkeypatch.setattr(dlip, "train", train)
+    args = ["--mode", "pretrain", *base, *TINY, "--teacher", "", "--max_steps", "4", "--out_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"^--eval_every 2 needs --val_file \(none given\)$"):
+        dlip.main([*args, "--eval_every", "2"])
+    for flag, bad, ok in (("itc_kd", "V2", "v2|kl"), ("lr_schedule", "cos", "step|cosine"),
+                          ("rep_loss", "cosine", "cos|mse"), ("rep_layers", "all", "last|uniform")):
+        with pytest.raises(ValueError, match=re.escape(f"--{flag} must be {ok}, got '{bad}'")):
+            dlip.main([*args, f"--{flag}", bad])
+
+
+def test_eval_all_goes_without_an_absent_default_teacher_and_efficiency_asks_for_it(world, tmp_path, monkeypatch):
+    """--mode eval (--task all, the default) loaded --teacher even when that path did not exist: with the default
+    runs/dlip_toy_teacher/last.pt absent, `--mode eval --ckpt X --test_file Y` stopped. Now --task all (and the
+    report) use the teacher when its path exists; --task efficiency, a student / teacher comparison, still loads it."""
+    _, base, root = world
+    _, special = dlip.load_tokenizer(os.path.join(root, "models", "bert"))
+    c = dlip.ModelConfig(image_size=32, patch_size=8, vit_width=64, vit_layers=1, vit_heads=1, vit_mlp=128,
+                         text_width=64, text_layers=1, text_heads=1, text_ffn=128, momentum=False, **special)
+    torch.save({"model": dlip.BLIP(replace(c, has_decoder=False)).state_dict()}, tmp_path / "ret.pth")
+    monkeypatch.chdir(tmp_path)  # no runs/dlip_toy_teacher/last.pt here: the default --teacher is absent
+    args = ["--mode", "eval", *base, *TINY, "--ckpt", str(tmp_path / "ret.pth"), "--out_dir", str(tmp_path / "e")]
+    out = dlip.main([*args, "--test_file", os.path.join(root, "pairs_val.jsonl")])
+    assert "test_itc_txt_r1" in out and out["student_images_s"] > 0 and not any("teacher" in k for k in out)
+    assert "No teacher in this run: the student is shown alone." in (tmp_path / "e" / "report.html").read_text()
+    with pytest.raises(FileNotFoundError, match="runs/dlip_toy_teacher/last.pt"):
+        dlip.main([*args, "--task", "efficiency", "--report", "false"])
+
+
 def test_checkpoints_of_other_scripts_are_named_not_keyerrors(world, tmp_path):
     """--init/--teacher/--resume/--ckpt with another script's checkpoint (stamped, or an old unstamped one)."""
     d, base, _ = world
