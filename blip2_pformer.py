@@ -79,7 +79,7 @@ class Config:
     t5_dense_act_fn: str = ""    # LAVIS sets Flan-T5's FFN activation to "gelu"; "" keeps it
     hf_import: str = ""          # Blip2ForConditionalGeneration folder (ViT, Q-Former, LLM ...)
     hf_export: str = ""          # write the trained model as a Blip2ForConditionalGeneration folder
-    init: str = ""               # previous stage's checkpoint (1 for stage 2, 2 for caption/eval)
+    init: str = ""               # a stage-1, stage-2 or caption checkpoint (load_own), any stage
     pformer_ckpt: str = ""       # stage-0 checkpoint; given -> alignment loss in stages 1/2/caption
     pformer_train_mode: bool = False  # BLIText made P* with dropout on (it calls .train())
     llm_train_mode: bool = False  # frozen LLM's dropout on in training (LAVIS runner_base.py)
@@ -88,7 +88,7 @@ class Config:
     max_txt_len: int = 32
     cross_attention_freq: int = 2
     qformer_dropout: float = 0.1
-    reset_ln_vision: bool = True  # stage 1 from scratch: ln_vision starts as identity (LAVIS)
+    reset_ln_vision: bool = True  # stage 1 from scratch: fresh ln_vision, weight 1 bias 0 (LAVIS)
     train_vision: Optional[bool] = None  # caption fine-tuning unfreezes the ViT in the paper
     image_size: Optional[int] = None
     hflip: Optional[bool] = None   # training flips (LAVIS blip2_image_train, blip_image_train)
@@ -130,7 +130,7 @@ class Config:
     num_beams: Optional[int] = None
     max_new_tokens: Optional[int] = None
     min_new_tokens: Optional[int] = None
-    min_length: Optional[int] = None  # LAVIS's count (paper: 8), prompt or decoder-start tokens included
+    min_length: Optional[int] = None  # BLIText's (8): counts OPT's prompt or T5's start token
     vqa_prompt: str = "Question: {} Short answer:"  # LAVIS configs; the BLIP-2 paper: "Answer:"
     vqa_num_beams: int = 5
     vqa_max_new_tokens: int = 10
@@ -140,7 +140,6 @@ class Config:
 
 
 PRESETS = {
-    # Tiny backbones learn in a few hundred steps only without dropout in the (4-layer) Q-Former.
     "toy": {"qformer_dropout": 0.0, "num_query": 8},
     "paper": {
         # EVA ViT-g/14 (39 blocks = penultimate layer) is distributed inside the BLIP-2 checkpoints.
@@ -178,7 +177,7 @@ STAGE_RECIPES = {
         "eval": dict(image_size=224, train_vision=False, **_PAPER_GEN),
     },
     # toy: no flips (its captions say left / right; LAVIS flips without touching the caption)
-    "toy": {  # minutes on a laptop CPU for the full toy world (10k pairs, 20k sentences)
+    "toy": {  # an epoch: the full toy world (10k pairs, 20k sentences)
         "0": dict(epochs=1, global_batch=64, micro_batch=64, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
                   warmup_steps=20, eval_tasks=""),
         "1": dict(epochs=1, global_batch=32, micro_batch=32, lr=2e-3, min_lr=1e-4, warmup_lr=1e-5,
@@ -292,7 +291,7 @@ class Attention(nn.Module):
         self.dense, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def keys_values(self, kv):  # (B, L, W) -> (B, H, L, C/H) twice; L may be 0 (itm_cross_kv)
+    def keys_values(self, kv):  # (B, L, W) -> (B, H, L, C/H) twice; B may be 0 (itm_cross_kv)
         return split_heads(self.key(kv), self.heads), split_heads(self.value(kv), self.heads)
 
     def forward(self, x, kv, mask=None, past=None):
@@ -317,7 +316,7 @@ class FFN(nn.Module):
         return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))  # BERT's exact (erf) GELU
 
 
-# Q-Former parameters that only the text side uses (stage 1's ITC/ITM/ITG); stage 2 reads the queries only.
+# Q-Former parameters only stage 1's ITC/ITM/ITG and retrieval use (text side, ITC/ITM heads)
 TEXT_ONLY = {"word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "temp",
              "lm_dense", "lm_norm", "lm_bias"}
 
@@ -617,7 +616,7 @@ class Blip2Trainable(nn.Module):
 
     def __init__(self, qformer, vision_width, d_llm=0, vision=None):
         super().__init__()
-        self.ln_vision = nn.LayerNorm(vision_width, eps=1e-6)  # starts as identity (LAVIS blip2.py)
+        self.ln_vision = nn.LayerNorm(vision_width, eps=1e-6)  # weight 1, bias 0 (LAVIS blip2.py)
         self.qformer = qformer
         self.llm_proj = nn.Linear(qformer.query_tokens.shape[-1], d_llm) if d_llm else None
         self.vision = vision  # only when the image encoder is fine-tuned
@@ -727,10 +726,10 @@ def token_ce(logits, labels, label_smoothing=0.0):
 
 def itm_cross_kv(qf, cache, remote_img, neg_img, rank):
     """Per layer, the cross-attention (keys, values) of the 3B ITM rows [positive; negative;
-    positive] images, each distinct image projected once per step: the positives' and a negative
-    drawn from this rank's own images come from the ITC query pass (`cache`); only the other ranks'
-    images this rank drew (`remote_img` (R, N, W), fetched row by row; None in one process) are
-    projected here (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
+    positive] images: the positives' and a negative drawn from this rank's own images come from
+    the ITC query pass (`cache`); the other ranks' images this rank drew (`remote_img` (R, N, W),
+    a row per draw, repeats included; None in one process) are projected again here, as their
+    owners did (LAVIS blip2_qformer.py projects all 3B rows, the positive image twice)."""
     B = neg_img.shape[0]
     local = neg_img - rank * B
     remote = None if remote_img is None else ((local < 0) | (local >= B)).nonzero()[:, 0]  # (R,)
@@ -1152,9 +1151,9 @@ def generate(model, frozen, toks, pixels, prompts, num_beams, max_new, min_new, 
 
 
 def min_new(cfg, tok, is_encdec, prompt):
-    """New tokens at least: LAVIS hands min_length to generate() with the prompt as input_ids (OPT),
-    or with the decoder's start token counted (T5); only new tokens are generated here, so those are
-    subtracted."""
+    """New tokens at least: BLIText (transformers 4.26, blip2_opt.py) hands min_length to generate()
+    with the OPT prompt as input_ids, or with T5's decoder start token, and both count (LAVIS since
+    4.27 passes inputs_embeds: prompt left out); only new tokens are generated here: subtracted."""
     if not cfg.min_length:
         return cfg.min_new_tokens
     return max(0, cfg.min_length - (1 if is_encdec else len(tok(prompt).input_ids)))
@@ -1417,8 +1416,8 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
     prompt = cfg.caption_prompt if stage == "caption" else ""
     if stage == "1":  # ITM all-gathers the token ids: one length on every rank
         b["ids"], b["mask"] = D.pad_across_ranks(*toks.bert_batch(caps), toks.bert.pad_token_id)
-        seed, B = cfg.seed * 1_000_003 + step * 1024 + 2 * micro, len(caps)  # ITM negatives' noise: drawn
-        b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # here, not in a compiled
+        seed, B = cfg.seed * 1_000_003 + step * 1024 + 2 * micro, len(caps)  # ITM negatives' noise:
+        b.update(dec_id=toks.bert.bos_token_id, pad_id=toks.bert.pad_token_id,  # drawn uncompiled
                  noise=[gumbel_noise(seed + k, B, B * D.world_size(), frozen.rank, device) for k in (0, 1)])
     else:
         b["llm"] = toks.llm_batch(caps, prompt=prompt, rng=rng)
@@ -1430,11 +1429,12 @@ def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
 
 
 # Besides common.checkpoint's, fields that only change what is evaluated or exported after training,
-# or the memory a step takes (grad_checkpoint); not epochs, which sets lavis_lr's cosine
-RESUME_FREE_HERE = (RESUME_FREE - {"epochs"}) | {"eval_tasks", "eval_max", "test_file", "k_test",
-                                  "hf_export", "vqa_prompt", "vqa_num_beams", "vqa_max_new_tokens",
-                                  "vqa_length_penalty", "num_beams", "max_new_tokens", "min_new_tokens",
-                                  "min_length", "grad_checkpoint"}
+# or the memory a step takes (grad_checkpoint); not epochs, which sets lavis_lr's cosine. At --stage
+# caption VAL_SET also drives the val scores that pick best.pt (LAVIS runner_base.py): not free there
+VAL_SET = {"eval_tasks", "eval_max", "num_beams", "max_new_tokens", "min_new_tokens", "min_length"}
+RESUME_FREE_HERE = (RESUME_FREE - {"epochs"}) | VAL_SET | {
+    "test_file", "k_test", "hf_export", "vqa_prompt", "vqa_num_beams", "vqa_max_new_tokens",
+    "vqa_length_penalty", "grad_checkpoint"}
 
 
 def train(cfg, dist, model, frozen, toks, meta, logger):
@@ -1461,7 +1461,7 @@ def train(cfg, dist, model, frozen, toks, meta, logger):
     if cfg.resume:
         ck = load_own(cfg.resume, "--resume", [KINDS[stage]])
         check_resume_config(ck.get("config"), dataclasses.asdict(cfg), cfg.resume_changes,
-                            logger.info, RESUME_FREE_HERE)
+                            logger.info, RESUME_FREE_HERE - {"caption": VAL_SET}.get(stage, set()))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
@@ -1754,7 +1754,7 @@ def param_counts(cfg, batch=2, text_len=32):
                      vc.hidden_size, Nq, bc.vocab_size + 1, bc.max_position_embeddings, cfg.embed_dim,
                      cfg.cross_attention_freq, 0.0, bc.layer_norm_eps, text)  # + [DEC]
         model = Blip2Trainable(qf, vc.hidden_size, d_llm if stage != "1" or pstar else 0,
-                               vision if cfg.train_vision and stage in ("2", "caption") else None)
+                               vision if cfg.train_vision else None)  # as build()
         pformer = PFormer(BertModel(bc, add_pooling_layer=False), Nq, d_llm, cfg.embed_dim)
         llm = meta_model(AutoModelForSeq2SeqLM if lc.is_encoder_decoder else AutoModelForCausalLM, lc)
         for name, p in qf.named_parameters():  # as build(): text parts kept for eval only, frozen

@@ -238,6 +238,9 @@ def test_mode_params_counts_the_paper_models_offline(monkeypatch):
     assert s2["gflops_per_sample"] > s1["gflops_per_sample"]  # + the frozen OPT-2.7B forward and backward
     t5 = bp.main(["--preset", "paper", "--mode", "params", "--stage", "2", "--llm_path", "google/flan-t5-xl"])
     assert t5["llm"] == 2_849_757_184 and t5["trainable"] == 107_133_696 - (768 + 1) * (2560 - 2048)  # llm_proj
+    # --train_vision trains the ViT at stage 1 too (build()): counted as trainable there, not as frozen
+    s1v = bp.main(["--preset", "paper", "--mode", "params", "--stage", "1", "--train_vision", "true"])
+    assert s1v["trainable"] == 186_705_470 + s1["vision"] and s1v["frozen"] == 0
 
 
 def test_losses_alone():
@@ -780,7 +783,7 @@ def pipeline(toy_root, tmp_path_factory):
     res["0t5"], res["0t5ctrl"] = run("s0t5", *s0_args), run("s0t5ctrl", *s0_args, *frozen)
     s0 = str(root / "s0t5" / "checkpoint.pt")
     # plain BLIP-2 stage 1 (no --pformer_ckpt; stage 1 + alignment is exercised by the resume test below)
-    # (the toy ITC sits at log(batch) until the features stop collapsing: 45-110 steps, seed-dependent)
+    # (the toy ITC sits at log(batch) until the features stop collapsing: 44-110 steps, seed-dependent)
     res["1"] = run("s1", "--stage", "1", "--max_steps", "230", "--epochs", "5", "--global_batch", "32",
                    "--micro_batch", "32", "--lr", "1e-3", "--warmup_steps", "3", "--eval_max", "50")
     res["1blank"] = run("s1blank", "--stage", "eval", "--init", str(root / "s1" / "checkpoint.pt"), "--eval_tasks",
@@ -1295,6 +1298,28 @@ def test_resume_checks_config_and_logs_each_step_once(pipeline, toy_root, tmp_pa
                         "--resume_changes", "true"))
     with pytest.raises(CheckpointMismatch, match="stage 1 checkpoint"):  # a stage-2 run resumes stage 2 only
         bp.main(stage1_args(toy_root, tmp_path / "s2", 2, "--stage", "2", "--resume", str(tmp_path / "step1.pt")))
+
+
+def test_caption_resume_must_keep_the_settings_of_the_val_captions_that_pick_best_pt(pipeline, toy_root, tmp_path):
+    """At --stage caption the epoch-end val captions (decoding, eval_tasks, eval_max) pick best.pt (LAVIS
+    runner_base.py): a resume that changes them needs --resume_changes; at stage 2 they only change the final
+    evaluation and stay free (both runs resume at their last step: nothing is trained again)."""
+    from common.checkpoint import CheckpointMismatch
+    root = pipeline["cap"][1].parent
+    ck = lambda name: str(root / name / "checkpoint.pt")  # noqa: E731
+    same = ["--pformer_ckpt", ck("s0t5"), "--train_file", str(root / "pairs_small.jsonl"), "--epochs", "100",
+            "--lr", "1e-3", "--report", "false", "--val_file", os.path.join(toy_root, "pairs_val.jsonl")]
+    same += common_args(toy_root, tmp_path / "run")  # (the eval files given: --eval_tasks '' keeps them)
+    cap = same + ["--stage", "caption", "--max_steps", "16", "--global_batch", "16", "--micro_batch", "16",
+                  "--warmup_steps", "1", "--init", ck("s2"), "--eval_max", "4", "--resume", ck("cap")]
+    for change, saved in ((("--num_beams", "2"), "3"), (("--eval_tasks", ""), "'caption'"),
+                          (("--min_length", "9"), "0"), (("--eval_max", "3"), "4")):
+        with pytest.raises(CheckpointMismatch, match=rf"config: {change[0][2:]} {saved} -> [^,]* \(an exact"):
+            bp.main(cap + list(change))
+    s2 = same + ["--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
+                 "--warmup_steps", "2", "--init", ck("s1"), "--eval_max", "6", "--resume", ck("s2"),
+                 "--vqa_file", os.path.join(toy_root, "vqa_val.jsonl")]
+    assert bp.main(s2 + ["--num_beams", "2", "--eval_tasks", ""]) == {}
 
 
 def test_toy_files_name_only_the_backbones_a_stage_reads():
