@@ -42,11 +42,11 @@ class Records:
     read by DataLoader workers, is copied into each of them (every access writes the objects'
     reference counts, so copy-on-write duplicates their pages); numpy arrays are single buffers that
     no access writes, so forked workers keep sharing them.  Supports len, int indexing (negative
-    too), slices (`recs[:n]`: a view sharing the arrays), integer lists/arrays, iteration,
-    `Records.concat`, and `pairs()` (every (record, caption) pair as two numpy arrays, no Python
-    tuples). Pickles as paths + arrays; each process opens the files itself on first read, never
-    using a descriptor it inherited through fork, and refuses a file whose size or mtime changed
-    since it was indexed.
+    too), slices (`recs[:n]`: a view sharing the arrays), integer lists/arrays, boolean masks,
+    iteration, `Records.concat` (of one reader's Records: Lines stay Lines), and `pairs()` (every
+    (record, caption) pair as two numpy arrays, no Python tuples).  Pickles as paths + arrays; each
+    process opens the files itself on first read, never using a descriptor it inherited through
+    fork, and refuses a file whose size or mtime changed since it was indexed.
     """
 
     def __init__(self, paths, stamps, offsets, lengths, n_captions=None, file_ids=None, expand=None):
@@ -76,8 +76,13 @@ class Records:
     def __getitem__(self, key):
         if isinstance(key, slice):
             return self._view(key)  # numpy basic slicing: views, no copy
-        if isinstance(key, (list, tuple, np.ndarray)):
-            return self._view(np.asarray(key, dtype=np.int64))
+        if isinstance(key, (list, tuple, np.ndarray)) and np.ndim(key):
+            sel = np.asarray(key)
+            if sel.dtype == bool:  # a mask, as numpy reads it (int64 would make it indices 0 and 1)
+                if sel.shape != (len(self),):
+                    raise IndexError(f"boolean index of shape {sel.shape} for {len(self)} records")
+                return self._view(np.flatnonzero(sel))
+            return self._view(sel.astype(np.int64))
         i = int(key)
         n = len(self)
         if not -n <= i < n:
@@ -157,7 +162,7 @@ class Records:
         parts = list(parts)
         if not parts:
             raise ValueError("Records.concat needs at least one Records")
-        if len({p.expand for p in parts}) > 1:
+        if len({p.expand for p in parts}) > 1 or len({type(p) for p in parts}) > 1:
             raise ValueError("Records.concat: parts were read by different readers")
         slots, paths, stamps, ids = {}, [], [], []
         for p in parts:
@@ -172,9 +177,9 @@ class Records:
             ids.append(where[p.file_ids] if p.file_ids is not None else np.full(len(p), where[0], np.int32))
         caps = [p.n_captions for p in parts]
         caps = None if any(c is None for c in caps) else np.concatenate(caps)
-        return Records(paths, stamps, np.concatenate([p.offsets for p in parts]),
-                       np.concatenate([p.lengths for p in parts]), caps,
-                       None if len(paths) == 1 else np.concatenate(ids), parts[0].expand)
+        return type(parts[0])(paths, stamps, np.concatenate([p.offsets for p in parts]),
+                              np.concatenate([p.lengths for p in parts]), caps,
+                              None if len(paths) == 1 else np.concatenate(ids), parts[0].expand)
 
 
 def read_jsonl(path, required=(), types=None, check=None, expand=None):
@@ -316,6 +321,8 @@ class _VideoFolders:
         if "frames" not in rec:
             root = os.path.dirname(os.path.abspath(path)) if self.root is None else self.root
             rec["frames"] = _list_frames(rec["folder"], root, path)
+            if not rec["frames"]:  # emptied since read_video checked it: a clip of no frames
+                raise DataError(f"{path}: frame folder '{rec['folder']}' holds no frames")
         return rec
 
 
@@ -350,8 +357,10 @@ def read_video(path, image_root=None):
 
 
 def pre_caption(caption, max_words=30):
-    """BLIP's caption cleaning (salesforce/BLIP data/utils.py `pre_caption`): lowercase, the marks . ! " ( ) * # : ;
-    ~ become spaces, runs of spaces collapse, keep the first `max_words` words."""
+    """BLIP's caption cleaning (salesforce/BLIP data/utils.py `pre_caption`): lowercase, the marks
+    . ! " ( ) * # : ; ~ become spaces, runs of spaces collapse, keep the first `max_words` words.
+    30 is what BLIP's caption datasets pass (data/coco_karpathy_dataset.py, flickr30k_dataset.py);
+    utils.py's own default is 50."""
     caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
     caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
     return " ".join(caption.split(" ")[:max_words])
@@ -473,7 +482,7 @@ class StepSampler(torch.utils.data.Sampler):
             yield from self.micro_batches(step)
 
     def __len__(self):
-        return (self.total - self.start) * self.accum
+        return max(0, self.total - self.start) * self.accum  # a resume past total_steps: no steps
 
 
 def fit_micro_batch(global_batch, micro_batch, world):
@@ -682,9 +691,10 @@ def _shuffled(items, size, rng):
 class ShardStream(torch.utils.data.IterableDataset):
     """Streaming (image, caption) samples from img2dataset's webdataset tar shards.
 
-    Split: each epoch the shard list is shuffled by (seed, epoch) and dealt to the world x workers
-    streams ("slots", slot = rank * workers + worker): shard k goes to slot k % slots, so every
-    sample is seen by exactly one (rank, worker) per epoch.  Each slot runs through its epochs on
+    Split: each epoch the shard list is shuffled by (seed, epoch) (kept in order when
+    `shuffle_buffer` <= 1) and dealt to the world x workers streams ("slots", slot = rank * workers
+    + worker): the k-th shard of that list goes to slot k % slots, so every sample is seen by
+    exactly one (rank, worker) per epoch.  Each slot runs through its epochs on
     its own, endlessly (`epochs=None`, what a step-counted training loop wants: no rank runs dry)
     or for `epochs` epochs.  Samples pass a bounded shuffle buffer (`shuffle_buffer`; <= 1: no
     shuffle, shards in order) seeded by (seed, epoch, slot); a transform's `rng` (ImageTransform's)
@@ -703,7 +713,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     `pos` draws it had made (reading tar headers only) puts it where it was; and as DataLoader
     takes batch b from worker b % workers, a resume after b batches makes worker w play slot
     (w + b) % workers.  `resume` is StreamTracker.state_dict() (or StreamTracker.merge_states of
-    every rank's); the world size and the number of workers must be unchanged.
+    every rank's); the world size and the number of workers must be unchanged (a state saved
+    before any batch was consumed, n_slots None, starts afresh with any).
     """
 
     def __init__(self, shards, transform=None, rank=0, world=1, seed=0, shuffle_buffer=1000,
@@ -776,7 +787,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if len(self.shards) < n_slots:
             raise DataError(f"{self.spec}: {len(self.shards)} shards for {self.world} ranks x "
                             f"{n_workers} workers; each stream needs at least one shard")
-        if state and state["n_slots"] != n_slots:
+        if state.get("n_slots") not in (None, n_slots):  # None: saved before any batch was consumed
             raise DataError(f"resume state is for {state['n_slots']} streams (ranks x workers), this "
                             f"run has {n_slots}: resume with the same world size and workers")
         slot = self.rank * n_workers + (worker + state.get("batches", 0)) % n_workers
@@ -870,12 +881,17 @@ class StreamTracker:
 
     @staticmethod
     def merge_states(states):
-        """Every rank's state_dict -> one (ranks own disjoint slots and consume equal batches)."""
+        """Every rank's state_dict -> one (ranks own disjoint slots and consume equal batches).
+        Each slot keeps the furthest (epoch, pos) any state holds: after a resume every rank's
+        tracker also holds the other ranks' slots as the resumed state had them, stale by now."""
         if len({s["batches"] for s in states}) > 1:
             raise ValueError("ranks consumed different numbers of batches: "
                              f"{[s['batches'] for s in states]}")
-        return {"batches": states[0]["batches"], "n_slots": states[0]["n_slots"],
-                "slots": {k: v for s in states for k, v in s["slots"].items()}}
+        slots = {}
+        for s in states:
+            for k, v in s["slots"].items():
+                slots[k] = max(slots.get(k, v), v, key=tuple)
+        return {"batches": states[0]["batches"], "n_slots": states[0]["n_slots"], "slots": slots}
 
     def report(self):
         eg = f" (e.g. {self.examples})" if self.bad else ""

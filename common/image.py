@@ -4,9 +4,12 @@ Every script turns a PIL image into a (3, S, S) tensor with `ImageTransform`.
 Evaluation: CLIP's resize of the short side to S (bicubic) + centre crop, or BLIP's / BLIP-2's bicubic
 resize of the whole image to S x S (`resize="square"`).  Training: random resized crop (area scale
 range, aspect 3/4..4/3), an optional horizontal flip and BLIP's RandomAugment.  The random draws come
-from Python's `random` module (or a `random.Random` you pass), so checkpoints that save RNG state
-resume the same augmentations.  Flip is off by default: the toy world's captions say "left of"/"right
-of", and the references flip without touching the caption.
+from `rng`: Python's `random` module unless a `random.Random` is passed or set.  The scripts set one
+per sample, seeded by the run's seed and the sample (its epoch and index; ShardStream: its epoch,
+shard and key), so every worker and a resumed run draw the same augmentations: the module's global
+state lives in each DataLoader worker, which reseeds it, and a checkpoint's saved RNG state never
+reaches it.  Flip is off by default: the toy world's captions say "left of"/"right of", and the
+references flip without touching the caption.
 
 On a GPU the loader should ship bytes, not floats: `uint8=True` returns the uint8 image (a quarter
 of the float32 bytes through the workers' shared memory and the host-to-device copy) and the step

@@ -81,6 +81,40 @@ def test_slices_concat_and_pairs(toy_root, tmp_path):
         data.read_vqa(os.path.join(toy_root, "vqa_val.jsonl")).pairs()
 
 
+def test_concat_keeps_lines(tmp_path):
+    """Records.concat builds the parts' own class: Lines concatenated stay plain-text lines (a
+    Records would parse each as JSON: "12" -> 12, "hello" -> a DataError), and a Lines part beside
+    a JSONL one is refused."""
+    a = data.read_lines(_write(tmp_path / "a.txt", ["hello", "12"]))
+    b = data.read_lines(_write(tmp_path / "b.txt", ["x y"]))
+    both = data.Records.concat([a, b])
+    assert isinstance(both, data.Lines) and list(both) == ["hello", "12", "x y"]
+    lines = [json.dumps({"image": f"{k}.png", "captions": ["c"]}) for k in range(4)]
+    pairs = data.read_pairs(_write(tmp_path / "p.jsonl", lines))
+    with pytest.raises(ValueError, match="different readers"):
+        data.Records.concat([a, pairs])
+
+
+def test_boolean_mask_selects_records(tmp_path):
+    """A boolean mask selects its True records, as numpy reads it (not records 0 and 1)."""
+    lines = [json.dumps({"image": f"{k}.png", "captions": ["c"]}) for k in range(4)]
+    pairs = data.read_pairs(_write(tmp_path / "p.jsonl", lines))
+    mask = np.array([False, False, True, True])
+    assert [r["image"] for r in pairs[mask]] == ["2.png", "3.png"]
+    assert [r["image"] for r in pairs[[True, False, False, True]]] == ["0.png", "3.png"]
+    assert pairs[np.array(1)]["image"] == "1.png"  # a 0-d array is one index
+    with pytest.raises(IndexError, match="boolean index"):
+        pairs[np.array([True, False])]
+
+
+def test_step_sampler_resumed_past_its_total_has_no_steps():
+    """A resume whose checkpoint step is past total_steps runs no steps: len 0 (DataLoader and
+    list() call len(), which refuses a negative one), not a ValueError."""
+    sampler = data.StepSampler(50, 8, 4, seed=3, start_step=10, total_steps=5)
+    assert len(sampler) == 0 and list(sampler) == []
+    assert list(data.make_loader(list(range(50)), sampler)) == []
+
+
 class _Reads(torch.utils.data.Dataset):
     def __init__(self, recs):
         self.recs = recs
@@ -390,6 +424,36 @@ def test_resume_is_exact(tmp_path):
         data.StreamTracker.merge_states([ranks[0], dict(ranks[1], batches=4)])
     with pytest.raises(data.DataError, match="resume state is for 2 streams"):
         next(iter(data.stream_loader(make(state), 3, workers=1)))
+
+
+def test_resume_from_a_state_saved_before_any_batch(tmp_path):
+    """A checkpoint saved before any batch was consumed (a run of zero steps) holds StreamTracker's
+    fresh state, n_slots None: resuming it starts the streams afresh instead of a DataError."""
+    spec = _bad_shards(str(tmp_path / "z"))
+    state = json.loads(json.dumps(data.StreamTracker(spec).state_dict()))
+    assert state == {"batches": 0, "n_slots": None, "slots": {}}
+
+    def make(resume=None):
+        return data.ShardStream(spec, seed=5, shuffle_buffer=6, resume=resume)
+
+    for workers in (0, 2):
+        fresh = [b["key"] for _, b in zip(range(4), data.stream_loader(make(), 3, workers))]
+        resumed = [b["key"] for _, b in zip(range(4), data.stream_loader(make(state), 3, workers))]
+        assert resumed == fresh
+
+
+def test_merge_after_a_resume_keeps_each_ranks_own_progress():
+    """Resumed from a merged state, each rank's tracker holds every slot, the other ranks' ones
+    stale; merging the next states keeps every slot's furthest position (taking the last rank's
+    stale copy would send rank 0's streams back to the previous resume point: samples seen
+    twice)."""
+    merged = {"batches": 2, "n_slots": 2, "slots": {"0": [0, 5], "1": [0, 5]}}
+    ranks = [data.StreamTracker("x", state=merged) for _ in range(2)]
+    for slot, tracker in enumerate(ranks):  # rank r owns slot r (one worker each)
+        tracker.update({"tried": 2, "bad": [], "n_slots": 2, "slot": torch.tensor([slot, slot]),
+                        "epoch": torch.tensor([0, 0]), "pos": torch.tensor([6, 9 - slot])})
+    state = data.StreamTracker.merge_states([json.loads(json.dumps(t.state_dict())) for t in ranks])
+    assert state == {"batches": 3, "n_slots": 2, "slots": {"0": [0, 9], "1": [0, 8]}}
 
 
 def _rank_keys(rank, world, port, spec, out_dir):

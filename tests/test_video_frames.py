@@ -77,6 +77,18 @@ def test_missing_video_folder_is_a_one_line_data_error(tmp_path):
         v[0]
 
 
+def test_video_folder_emptied_after_indexing_is_a_data_error(tmp_path):
+    """A folder listed non-empty by read_video and emptied before a record is read gives a DataError
+    naming it, not a record of zero frames (which the frame sampler turns into an empty clip)."""
+    _frames(tmp_path / "clip", 2)
+    v = data.read_video(_jsonl(tmp_path / "v.jsonl", [{"folder": "clip", "captions": ["a"]}]))
+    assert len(v[0]["frames"]) == 2
+    for name in os.listdir(tmp_path / "clip"):
+        os.remove(tmp_path / "clip" / name)
+    with pytest.raises(data.DataError, match=r"v\.jsonl: frame folder 'clip' holds no frames"):
+        v[0]
+
+
 def test_toy_world_video_as_folder_records(toy_root, tmp_path):
     """The toy world's own layout (videos/<id>/<k>.png under the toy root) read as folder records from a JSONL
     file outside the world gives exactly the toy files' frame lists."""
