@@ -65,9 +65,12 @@ def fp32_output(linear):
     return linear
 
 
-def make_scaler(dtype):
-    """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
-    return torch.amp.GradScaler(enabled=dtype == torch.float16)
+def make_scaler(dtype, device=None):
+    """GradScaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none), for `device`'s type
+    (None: cuda where a GPU is visible, else cpu).  GradScaler's default device is cuda, which torch disables
+    with a warning where no GPU is visible: --precision fp16 on a CPU would run unscaled."""
+    kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.amp.GradScaler(kind, enabled=dtype == torch.float16)
 
 
 def frozen_dtype(device, dtype):

@@ -163,6 +163,9 @@ def check_loaded(n_loaded, n_expected, path, what, script, min_frac=0.5):
 
 
 # Fields a resumed run may change without changing what it computes (where it writes, how often it logs...).
+# epochs and max_steps only where they just say when to stop: a script whose LR schedule spans
+# them takes them out (negclip both, blip2_pformer and perceiver_caption epochs, imagechat_warmup
+# max_steps, dlip both under its cosine schedule).
 RESUME_FREE = {"resume", "out_dir", "log_every", "save_every", "eval_every", "bench", "device", "num_workers",
                "workers", "max_steps", "epochs", "report", "resume_changes", "eval_batch", "init", "compile"}
 

@@ -201,10 +201,10 @@ def pad_across_ranks(ids, mask, pad_id):
 
 
 def all_reduce_mean(x):
-    """Average a tensor (e.g. a logged loss) over ranks; returns a new tensor."""
+    """Average a tensor (e.g. a logged loss) over ranks; returns a new, detached tensor on one process too."""
+    x = x.detach().clone()
     if not _active():
         return x
-    x = x.detach().clone()
     tdist.all_reduce(x)
     return x / tdist.get_world_size()
 
@@ -243,7 +243,8 @@ def barrier():
 
 
 def shard_indices(n, dist):
-    """This rank's evaluation slice of range(n): contiguous, near-equal, together covering all n exactly once."""
+    """This rank's evaluation slice of range(n): contiguous, in rank order, together covering all n exactly
+    once; ceil(n / world) rows each, the last ranks fewer or none (9 rows on 4 ranks: 3, 3, 3, 0)."""
     per = -(-n // dist.world_size)
     return list(range(dist.rank * per, min(n, (dist.rank + 1) * per)))
 

@@ -156,6 +156,8 @@ def run_bench(step_fn, n, samples_per_step, device, warmup=3, flops_per_step=Non
     decoding, augmenting, collating) is reported apart from the step's compute (synchronised on a GPU):
     `ms_data`, `ms_step`, and samples/s end to end (`samples_s`) and for compute alone (`samples_s_step`).
     A loader that keeps up shows ms_data near zero; one that does not is the bottleneck the sum shows."""
+    if n < 1:  # else a division by zero after the warm-up steps
+        raise ValueError(f"--bench must be a number of timed steps >= 1, got {n}")
     if data_fn is None:
         sec = seconds_per_call(step_fn, n, device, warmup)
         out = {"bench_steps": n, "ms_step": 1000 * sec, "samples_s": samples_per_step / sec}

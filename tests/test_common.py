@@ -983,3 +983,37 @@ def test_given_flags_names_the_fields_set_on_the_command_line(monkeypatch):
     assert config.given_flags(argv) == {"mode", "image_size", "num_frames"}
     monkeypatch.setattr("sys.argv", ["dlip.py", "--max_len", "35"])
     assert config.given_flags() == {"max_len"} and config.given_flags([]) == set()
+
+
+def test_fp16_scaler_is_on_where_no_gpu_is_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    scaler = amp.make_scaler(torch.float16)  # torch's default, cuda, is disabled here (a warning)
+    assert scaler.is_enabled() and not amp.make_scaler(torch.bfloat16).is_enabled()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    before = lin.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = lin(torch.randn(3, 4)).float().mean()  # d loss / d output: 2**16 / 6 in fp16
+    scaler.scale(loss).backward()
+    assert lin.weight.grad.abs().max() > 1.0  # scaled by the scaler's 2**16
+    gnorm = train.optimizer_update(opt, scaler, list(lin.parameters()), 0.0, 1,
+                                   {"loss": loss.detach()})
+    assert 0 < gnorm < 1e3 and not torch.equal(lin.weight.detach(), before)  # unscaled, stepped
+
+
+def test_all_reduce_mean_is_a_detached_copy_on_one_process_too():
+    x = torch.ones(2, requires_grad=True)
+    y = dist.all_reduce_mean(x)
+    assert y is not x and not y.requires_grad and torch.equal(y, x.detach())
+    y += 1  # a caller's in-place update leaves the input alone
+    assert torch.equal(x.detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_run_bench_refuses_no_timed_steps(n):
+    with pytest.raises(ValueError, match=f"--bench must be .* got {n}"):
+        train.run_bench(lambda: None, n=n, samples_per_step=1, device="cpu", warmup=0)
+    with pytest.raises(ValueError, match="--bench"):
+        train.run_bench(lambda b: None, n=n, samples_per_step=1, device="cpu", warmup=0,
+                        data_fn=lambda: 0)
