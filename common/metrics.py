@@ -5,11 +5,11 @@ then BLEU-1..4 (via nltk, see `bleu`), CIDEr-D (`Cider` of that toolkit, which i
 length penalty, x10) and ROUGE-L; `hf_bleu` / `hf_rouge` give the Hugging Face `evaluate` bleu and rouge metrics
 that some papers report instead. VQA accuracy follows GT-Vision-Lab/VQA's vqaEval.py in either of its two
 versions (`VQA_RULES`; default: the 2016-10 one, 458a8b2, that LAVIS copies), with LAVIS's OK-VQA lemmatiser (`okvqa_lemmatize`).
-Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after their ITM re-ranking). Captions
-metrics are fractions (BLEU-4 0.40, CIDEr 1.35), VQA accuracy a fraction, recalls percentages. Dialogue metrics
-(Image-Chat) reuse the one BLEU and the one ROUGE-L with the options that give the rules dialogue evaluations use
-(torchmetrics' BLEU, the rouge-score package's ROUGE-L), plus unigram F1 (on token ids, or on words normalised as
-ParlAI does).
+Recall@K follows the ALBEF/BLIP `itm_eval` convention (`reranked_recall`: after BLIP's ITM
+re-ranking). Captions metrics are fractions (BLEU-4 0.40, CIDEr 1.35), VQA accuracy a fraction,
+recalls percentages. Dialogue metrics (Image-Chat) reuse the one BLEU and the one ROUGE-L with the
+options that give the rules dialogue evaluations use (torchmetrics' BLEU, the rouge-score package's
+ROUGE-L), plus unigram F1 (on token ids, or on words normalised as ParlAI does).
 """
 import itertools
 import json
@@ -208,7 +208,7 @@ def bleu(gts, res, smooth=True):
     precision up to order n is 0 (the toolkit's epsilons would leave ~1e-4). Counting, clipping and the brevity
     penalty are the same; with several references torchmetrics breaks a closest-length tie by list order.
     """
-    from nltk.translate.bleu_score import corpus_bleu  # here, not at the top: importing nltk takes ~2 s
+    from nltk.translate.bleu_score import corpus_bleu  # here, not at the top: nltk is a slow import
 
     ids, hyps = _check(gts, res)
     refs = [[r.split() for r in gts[i]] for i in ids]
@@ -873,11 +873,13 @@ def rerank_scores(sim, itm_fn, k, rows):
 
 @torch.no_grad()
 def reranked_recall(sim, i2t, t2i, k, txt2img, img2txts, dist):
-    """Recall@K of the two-step retrieval of ALBEF/BLIP (`evaluation` in train_retrieval.py) and
-    BLIP-2 (LAVIS blip2.py `compute_sim_matrix`): for each image the k best texts by the ITC sim
-    (N_img, N_txt) are scored i2t(image, texts) + sim, for each text the k best images t2i(text,
-    images) + sim, every other pair -100. Rows are split over ranks, the scores gathered; text
-    retrieval is read from the image->text scores, image retrieval from the text->image ones."""
+    """Recall@K of the two-step retrieval of BLIP (salesforce/BLIP train_retrieval.py `evaluation`)
+    and BLIP-2 (LAVIS blip2.py `compute_sim_matrix`): for each image the k best texts by the ITC
+    sim (N_img, N_txt) are scored i2t(image, texts) + sim, for each text the k best images
+    t2i(text, images) + sim, every other pair -100. (ALBEF's Retrieval.py `evaluation` ranks its
+    shortlist by the ITM score alone, without + sim.) Rows are split over ranks, the scores
+    gathered; text retrieval is read from the image->text scores, image retrieval from the
+    text->image ones."""
     from common import dist as D
     recalls = []
     for s, fn in ((sim, i2t), (sim.T, t2i)):

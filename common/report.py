@@ -210,7 +210,7 @@ def training_plots(path, groups=None, log_loss=None):
     taken = {k for keys in grouped.values() for k in keys}
     logged = [list(_scalars(r)) for r in records if "event" not in r]  # the keys of each record
     train = {k for keys in logged if any(LR_KEYS.match(k) for k in keys) for k in keys} - taken
-    lrs = [k for k in cs if LR_KEYS.match(k)]
+    lrs = [k for k in cs if LR_KEYS.match(k) and k not in taken]
     losses = [k for k in cs if k in train and k not in lrs and k not in SPEED_KEYS]
     out = []
     if losses:
@@ -219,7 +219,7 @@ def training_plots(path, groups=None, log_loss=None):
         out.append(plot(losses, "loss terms", auto if log_loss is None else log_loss))
     if lrs:
         out.append(plot(lrs, "learning rate"))
-    if "grad_norm" in cs:
+    if "grad_norm" in cs and "grad_norm" not in taken:
         out.append(plot(["grad_norm"], "gradient norm"))
     out += [plot(keys, title) for title, keys in grouped.items() if keys]
     evals, seen = [], train | taken | SPEED_KEYS
@@ -425,19 +425,24 @@ def to_pil(img, mean=None, std=None):
     """A picture in any form the scripts hold -> an RGB PIL image.
 
     A PIL image; an (H, W, 3) or (H, W) array, uint8 or float in [0, 1]; a (3, H, W) tensor or
-    array in [0, 1], or normalised as common/image.to_tensor leaves it: then pass its mean and std.
+    array in [0, 1], or normalised as common/image.to_tensor leaves it: then pass its mean and std;
+    a uint8 one (torchvision.io.read_image's) in 0..255, as a uint8 array.
     """
     if isinstance(img, Image.Image):
         return img.convert("RGB")
     is_tensor = hasattr(img, "detach")
-    a = img.detach().float().cpu().numpy() if is_tensor else np.asarray(img)
+    if is_tensor:  # floats as float32 (numpy has no bfloat16); integer tensors stay 0..255
+        img = img.detach().cpu()
+        a = (img.float() if img.is_floating_point() else img).numpy()
+    else:
+        a = np.asarray(img)
     if a.ndim == 3 and (is_tensor or (a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3))):
         a = a.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if a.ndim == 2:
         a = a[:, :, None]  # (H, W) -> (H, W, 1)
     if a.ndim != 3 or a.shape[-1] not in (1, 3):
         raise ValueError(f"not an image: shape {tuple(np.shape(img))}")
-    if a.dtype.kind in "iub":  # integers (uint8 above all) are 0..255 already
+    if a.dtype.kind in "iu":  # integers (uint8 above all) are 0..255; a bool mask is 0.0 or 1.0
         a = np.clip(a, 0, 255).astype(np.uint8)
     else:
         a = a.astype(np.float32)

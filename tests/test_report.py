@@ -168,6 +168,17 @@ def test_training_plots_sort_keys_into_plots(tmp_path):
     assert R.training_plots(tmp_path / "missing.jsonl") == [R.text("no metrics logged")]
 
 
+def test_training_plots_group_takes_its_keys_from_the_lr_and_grad_norm_plots(tmp_path):
+    # a group may name learning rates or the grad norm; they then leave the other plots
+    write_metrics(tmp_path / "metrics.jsonl")
+    parts = R.training_plots(tmp_path / "metrics.jsonl", groups={"lr and norm": ["lr", "grad_norm"]})
+    roots = [ET.fromstring(p) for p in parts if p.startswith("<svg")]
+    shown = {r.find(SVG + "text").text: set(polylines(r)) for r in roots}
+    assert shown["lr and norm"] == {"lr", "grad_norm"}
+    assert "learning rate" not in shown and "gradient norm" not in shown
+    assert shown["loss terms"] == {"loss", "itc", "gate_attn_0", "gate_attn_1"}
+
+
 def test_line_plot_one_point_per_finite_value_and_dots():
     nan, inf = math.nan, math.inf
     root = ET.fromstring(R.line_plot({"a": ([0, 1, 2, 3, 4, 5], [1.0, nan, 3.0, inf, -inf, 2.0]),
@@ -242,6 +253,19 @@ def test_to_pil_reads_every_form_and_undoes_normalisation():
     assert gray.size == (7, 5) and gray.mode == "RGB"
     with pytest.raises(ValueError, match="not an image"):
         R.to_pil(np.zeros((4, 5, 6)))
+
+
+def test_to_pil_keeps_a_uint8_tensor_in_0_255_and_shows_a_bool_mask():
+    # torchvision.io.read_image gives (3, H, W) uint8: 200 stays 200, not 200.0 clipped to white
+    img = scene()
+    ref = np.asarray(img)
+    t = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    assert (np.asarray(R.to_pil(t)) == ref).all()
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True  # a bool mask: black and white, as the same mask in floats
+    for m in (mask, torch.from_numpy(mask)):
+        assert set(np.unique(np.asarray(R.to_pil(m)))) == {0, 255}
+    assert (np.asarray(R.to_pil(mask)) == np.asarray(R.to_pil(mask.astype(np.float32)))).all()
 
 
 def decode(tag):
