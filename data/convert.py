@@ -61,8 +61,10 @@ import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-# VQA answers are 10 per question: the official accuracy is min(#humans that said it / 3, 1),
-# averaged over the 10 leave-one-out subsets (Antol et al. 2015, Sec. 2; VQAv2, Goyal et al. 2017).
+# VQA answers are 10 per question: the official accuracy is min(#humans that said it / 3, 1)
+# (Antol et al. 2015, arXiv 1505.00468, Sec. 3 "Answers"), averaged over the 10 leave-one-out
+# sets of 9 annotators (visualqa.org/evaluation.html, the official evaluation code; VQAv2:
+# arXiv 1612.00837).
 VQA_NUM_ANSWERS = 10
 
 
@@ -280,7 +282,9 @@ def convert_coco(ann_path, images_subdir=None, report=None):
     for img_id in coco.getImgIds():  # insertion order = order of the 'images' list
         img = coco.loadImgs(img_id)[0]
         captions = []
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
+        # imgToAnns holds the annotation objects themselves; loadAnns(getAnnIds(...)) would look
+        # them up by id again, and a repeated annotation id would give one image another's caption.
+        for ann in coco.imgToAnns[img_id]:
             cap = _clean(ann["caption"], report, ann["id"])
             if cap:
                 captions.append(cap)
@@ -655,7 +659,17 @@ def convert_img2dataset(folder, image_prefix="", encode_format="jpg", report=Non
             if key + ".txt" in names:
                 with open(os.path.join(shard_dir, key + ".txt"), "rb") as f:
                     txt = f.read()
-            caption = _img2dataset_caption(report, key, txt, _load_json(meta_path, dict), meta_path, f"key {key}",
+            with open(meta_path, "rb") as f:
+                meta = f.read()
+            try:  # a sidecar cut short (a crashed download run): one bad sample, as in a .tar shard
+                meta = json.loads(meta.decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+            except (UnicodeDecodeError, ValueError) as e:
+                report.skip(f"unreadable .json sidecar ({type(e).__name__})",
+                            os.path.join(shard, key + ".json"))
+                continue
+            caption = _img2dataset_caption(report, key, txt, meta, meta_path, f"key {key}",
                                            os.path.join(shard, key + ".txt"))
             if caption is None:
                 continue
@@ -808,8 +822,14 @@ def convert_vg(regions_path, image_root=None, image_data_path=None, max_regions_
     VG files say `image_id`).  Phrases are stripped ("shade is along the street ").  The image folder is
     whichever of VG_100K / VG_100K_2 holds <id>.jpg under `image_root`, else the folder in image_data.json's
     url, else VG_100K with a warning.  `max_regions_per_image` keeps the first N phrases (0 = all); `min_words` drops
-    shorter phrases (BLIP's VG captions keep phrases of more than 4 words, so min_words=5 matches).
+    shorter phrases.  Neither reproduces BLIP's vg_caption.json (821k texts, salesforce/BLIP
+    issue #27): that is ALBEF's filtered set, made by several filters (images of the COCO /
+    RefCOCO+ evaluation sets, repeated sentences, small regions, ...: salesforce/ALBEF issue #2),
+    with no code released.
     """
+    if max_regions_per_image < 0 or min_words < 0:  # phrases[:-1] would drop each last phrase
+        raise ValueError(f"max_regions_per_image and min_words must be >= 0, got "
+                         f"{max_regions_per_image}, {min_words}")
     report = report if report is not None else Report()
     regions_path = str(regions_path)
     data = _load_json(regions_path, list)
@@ -1143,7 +1163,7 @@ def convert_cifar(src, out, label="fine", report=None):
     """cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) or cifar-100-python/ (train, test, meta;
     label fine (100 classes) or coarse (20)) -> <out>/{train,test}/<label name>/<n:05d>.png, n the image's index in
     its split.  Each batch row holds 3072 bytes: the red, green and blue 32x32 planes, row-major.  The folder is
-    written aside and renamed into place.  -> {split: images}."""
+    written aside and renamed into place.  -> {split: images written}."""
     import numpy as np
     from PIL import Image
     report = report if report is not None else Report()
@@ -1170,7 +1190,7 @@ def convert_cifar(src, out, label="fine", report=None):
         for split, files in (("train", train_files), ("test", [test_file])):
             for name in names:  # every class in both splits, with or without images
                 os.makedirs(os.path.join(tmp, split, name))
-            n = 0
+            n = written = 0  # n: the row's index in its split (its file name); written: saved
             for fn in files:
                 path = os.path.join(src, fn)
                 d = _load_cifar_batch(path)
@@ -1186,8 +1206,9 @@ def convert_cifar(src, out, label="fine", report=None):
                         report.skip(f"label outside 0..{len(names) - 1}", f"{fn}[{n}]")
                     else:
                         Image.fromarray(x).save(os.path.join(tmp, split, names[y], f"{n:05d}.png"))
+                        written += 1
                     n += 1
-            counts[split] = n
+            counts[split] = written  # a row with a bad label is counted as skipped, not as written
         for dirpath, dirnames, filenames in os.walk(tmp):  # mkdtemp makes the folder private; this is data
             os.chmod(dirpath, 0o755)
             for f in filenames:
@@ -1433,6 +1454,8 @@ def main(argv=None):
         parser.error("--merge_restval only applies to --split train")
     if args.kind == "flickr30k_csv" and (args.karpathy is None) != (args.split is None):
         parser.error("--karpathy and --split go together")
+    if args.kind == "vg" and (args.max_regions_per_image < 0 or args.min_words < 0):
+        parser.error("vg needs --max_regions_per_image >= 0 (0 = all) and --min_words >= 0")
     if args.kind == "mlslt" and (args.check_images or args.fps <= 0 or args.max_frames < 1):
         parser.error("mlslt needs --fps > 0 and --max_frames >= 1, and takes no --check_images")
     # img2dataset checks its images in place (files) or in the shards (webdataset): no image root needed

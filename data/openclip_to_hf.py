@@ -3,14 +3,16 @@ transformers CLIPModel folder, which every script here reads (negclip.py --clip,
 imagechat_warmup.py --clip).
 
 The released NegCLIP (`negclip.pth`, which the ARO repository's model zoo downloads:
-mertyg/vision-language-models-are-bows model_zoo/__init__.py) and SugarCrepe's re-trained NegCLIP variants
-(RAIVNLab/sugar-crepe, README "Re-evaluating NegCLIP") are open_clip training checkpoints of ViT-B/32 in OpenAI's
-tensor names; NegCLIP's fork saves {"epoch", "name", "state_dict": the DDP model's, every name prefixed "module."}
-(vinid/neg_clip src/training/main.py). This reads
-the architecture off the tensor shapes, renames every tensor (splitting each fused q/k/v projection in three),
-checks that every CLIPModel weight was filled, and writes config + weights + the tokenizer of --tokenizer + the
-image processor open_clip uses for these models (shortest side resized bicubic to the input size, centre crop, OpenAI's
-mean and std: open_clip's default preprocessing):
+mertyg/vision-language-models-are-bows model_zoo/__init__.py) and SugarCrepe's re-trained NegCLIP
+variants fine-tuned from OpenAI's ViT-B/32 (RAIVNLab/sugar-crepe, README "Re-evaluating NegCLIP";
+its from-scratch ones are RN50, sugar-crepe issue #3, and stop below) are open_clip training
+checkpoints of ViT-B/32 in OpenAI's tensor names; NegCLIP's fork saves {"epoch", "name",
+"state_dict": the DDP model's, every name prefixed "module."} (vinid/neg_clip src/training/main.py).
+This reads the architecture off the tensor shapes, renames every tensor (splitting each fused q/k/v
+projection in three), checks that every CLIPModel weight was filled, and writes config + weights +
+the tokenizer of --tokenizer + the image processor open_clip uses for these models (shortest side
+resized bicubic to the input size, centre crop, OpenAI's mean and std: open_clip's default
+preprocessing):
 
     python data/openclip_to_hf.py negclip.pth --out runs/negclip_released
     python negclip.py --mode eval --clip runs/negclip_released --out_dir runs/negclip_released_eval
@@ -47,13 +49,17 @@ TOP = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
        "ln_final.weight": "text_model.final_layer_norm.weight",
        "ln_final.bias": "text_model.final_layer_norm.bias",
        "logit_scale": "logit_scale"}
+CLIP_SIZE_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 TOWERS = (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
           ("transformer.resblocks.", "text_model.encoder.layers."))
 
 
 def read_state_dict(path):
-    """{name: tensor} of an open_clip checkpoint ({"state_dict": ...}, DDP's "module." prefix) or a plain state
-    dict; loaded with weights_only=True. The `clip` package's integer entries (input_resolution ...) are dropped."""
+    """{name: tensor} of an open_clip checkpoint ({"state_dict": ...}, DDP's "module." prefix) or a
+    plain state dict; loaded with weights_only=True. The `clip` package's size entries
+    (input_resolution, context_length, vocab_size) are dropped: its TorchScript models hold them as
+    0-dim tensors (openai/CLIP clip/clip.py reads model.input_resolution.item(); clip/model.py
+    build_model deletes the three keys), and the sizes are read off the weights' shapes."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a TorchScript archive (OpenAI's own ViT-B-32.pt), a pickle of other objects ...
@@ -68,12 +74,16 @@ def read_state_dict(path):
     if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
         raise ValueError(f"{path}: no tensor visual.conv1.weight / token_embedding.weight: not an OpenAI-layout "
                          f"ViT CLIP (first names: {sorted(sd)[:3]})")
-    return {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    return {k: v for k, v in sd.items() if torch.is_tensor(v) and k not in CLIP_SIZE_ENTRIES}
 
 
-def clip_config(sd, act="quick_gelu", head_width=64, tokenizer=None):
-    """transformers CLIPConfig from the tensor shapes. Heads are head_width (64) wide in every OpenAI and
-    open_clip ViT CLIP (open_clip CLIPVisionCfg.head_width, CLIP's transformer_heads = width // 64)."""
+def clip_config(sd, act="quick_gelu", head_width=64, tokenizer=None, vision_head_width=None):
+    """transformers CLIPConfig from the tensor shapes. Heads are width // head_width;
+    vision_head_width (None: head_width) sets the vision tower's apart. The shapes cannot tell the
+    head count, and a wrong one converts without error into another model. 64 holds for OpenAI's
+    ViT CLIPs (openai/CLIP clip/model.py: heads = width // 64) and open_clip's ViT-B/L configs, not
+    for the vision towers of open_clip's ViT-H-14 / g-14 / bigG-14 (head_width 80 / 88 / 104 in
+    src/open_clip/model_configs; their text heads are 64 wide)."""
     from transformers import CLIPConfig
     depth = lambda p: 1 + max(int(k[len(p):].split(".")[0]) for k in sd if k.startswith(p))  # noqa: E731
     vw, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
@@ -89,7 +99,8 @@ def clip_config(sd, act="quick_gelu", head_width=64, tokenizer=None):
                 layer_norm_eps=1e-5, **ids)
     vision = dict(hidden_size=vw, num_hidden_layers=depth("visual.transformer.resblocks."), patch_size=patch,
                   intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  num_attention_heads=vw // head_width, image_size=patch * grid, hidden_act=act,
+                  num_attention_heads=vw // (vision_head_width or head_width),
+                  image_size=patch * grid, hidden_act=act,
                   layer_norm_eps=1e-5)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["visual.proj"].shape[1],
                       logit_scale_init_value=float(sd["logit_scale"]))
@@ -118,12 +129,13 @@ def hf_state_dict(sd):
     return out
 
 
-def convert(path, out, tokenizer="openai/clip-vit-base-patch32", act="quick_gelu", head_width=64):
+def convert(path, out, tokenizer="openai/clip-vit-base-patch32", act="quick_gelu", head_width=64,
+            vision_head_width=None):
     """Write a CLIPModel folder for the checkpoint at `path`; returns the model (eval mode)."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, logging as hf_logging
     from common.hf import resolve_local
     sd, tok = read_state_dict(path), AutoTokenizer.from_pretrained(resolve_local(tokenizer))
-    model = CLIPModel(clip_config(sd, act, head_width, tok)).eval()
+    model = CLIPModel(clip_config(sd, act, head_width, tok, vision_head_width)).eval()
     own, new = model.state_dict(), hf_state_dict(sd)
     missing = [k for k in own if k not in new and not k.endswith("position_ids")]
     bad = [k for k in new if k in own and own[k].shape != new[k].shape]
@@ -151,9 +163,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder to write (config, weights, tokenizer, image processor)")
     p.add_argument("--tokenizer", default="openai/clip-vit-base-patch32", help="folder or hub name")
     p.add_argument("--act", default="quick_gelu", help="quick_gelu (OpenAI-initialised) | gelu")
-    p.add_argument("--head_width", type=int, default=64, help="attention head width (64 in every released CLIP)")
+    p.add_argument("--head_width", type=int, default=64,
+                   help="attention head width (64: OpenAI's ViT CLIPs, open_clip's ViT-B/L, their "
+                        "text towers)")
+    p.add_argument("--vision_head_width", type=int, default=None,
+                   help="the vision tower's, where it differs (open_clip ViT-H-14: 80, g-14: 88, "
+                        "bigG-14: 104)")
     a = p.parse_args(argv)
-    m = convert(a.checkpoint, a.out, a.tokenizer, a.act, a.head_width)
+    m = convert(a.checkpoint, a.out, a.tokenizer, a.act, a.head_width, a.vision_head_width)
     v, t = m.config.vision_config, m.config.text_config
     print(f"wrote {a.out}: ViT {v.num_hidden_layers} x {v.hidden_size} (patch {v.patch_size}, {v.image_size} px), "
           f"text {t.num_hidden_layers} x {t.hidden_size}, embed {m.config.projection_dim}, {t.hidden_act}")

@@ -94,6 +94,25 @@ def test_coco_orphan_annotation_and_errors(tmp_path):
     assert str(e2.value) == f"{bad}: images[2]: field 'id' should be an integer, got str"  # one line, exact
 
 
+def test_coco_repeated_annotation_id_keeps_each_images_own_captions(tmp_path):
+    """Captions are taken from each image's own annotations, not looked up again by annotation id:
+    an id that two annotations share (a merged or hand-edited file) must not give one image the
+    other's caption."""
+    data = _load(COCO)
+    anns = data["annotations"]
+    first = anns[0]
+    other = next(a for a in anns if a["image_id"] != first["image_id"])
+    first["id"] = other["id"]
+    recs = convert_coco(_dump(data, tmp_path / "repeated_id.json"), "val2017")
+    by_image = {r["image"]: r["captions"] for r in recs}
+    for ann in (first, other):
+        image = next(f"val2017/{im['file_name']}" for im in data["images"]
+                     if im["id"] == ann["image_id"])
+        want = [a["caption"].strip() for a in anns if a["image_id"] == ann["image_id"]]
+        assert by_image[image] == want and ann["caption"].strip() in by_image[image]
+    assert sum(len(c) for c in by_image.values()) == 37
+
+
 # ---------------------------------------------------------------------------------------------------
 # NoCaps
 # ---------------------------------------------------------------------------------------------------
@@ -275,6 +294,21 @@ def test_img2dataset_files_folder():
     assert any("HTTP Error 404" in n for n in report.notes)
 
 
+def test_img2dataset_files_cut_short_json_sidecar_is_a_counted_bad_sample(tmp_path):
+    """A sidecar .json cut short (img2dataset writes it in place, so a crashed run leaves one) or not
+    UTF-8 is one bad sample, skipped and counted as in a .tar shard, not the end of the conversion."""
+    root = tmp_path / "i2d"
+    shutil.copytree(FIX / "img2dataset", root)
+    (root / "00000" / "000000000.json").write_bytes(b'{\n    "caption": "a river has bu')
+    (root / "00000" / "000000002.json").write_bytes(b'{"status": "success", "caption": "\xff"}')
+    report = Report()
+    assert convert_img2dataset(root, report=report) == []
+    assert report.skipped["unreadable .json sidecar (JSONDecodeError)"] == 1
+    assert report.skipped["unreadable .json sidecar (UnicodeDecodeError)"] == 1
+    assert report.examples["unreadable .json sidecar (JSONDecodeError)"] == [
+        os.path.join("00000", "000000000.json")]
+
+
 def test_img2dataset_caption_fallback_status_and_errors(tmp_path):
     root = tmp_path / "i2d"
     shutil.copytree(FIX / "img2dataset", root)
@@ -325,6 +359,17 @@ def test_vg_regions(tmp_path):
     assert report.total_skipped == 3
     assert convert_vg(VG, min_words=5)[0]["captions"] == [
         "the clock is green in colour", "shade is along the street", "bicycles are seen in the bckground"]
+
+
+def test_vg_negative_counts_are_refused_not_a_dropped_last_phrase(tmp_path):
+    """--max_regions_per_image keeps the first N phrases (0 = all): a negative N would slice
+    phrases[:-1] and silently drop each image's last phrase; the CLI stops in one line instead."""
+    with pytest.raises(ValueError, match="max_regions_per_image and min_words must be >= 0"):
+        convert_vg(VG, max_regions_per_image=-1)
+    for flag in ("--max_regions_per_image", "--min_words"):
+        with pytest.raises(SystemExit) as e:
+            main(["vg", str(VG), flag, "-1", "--out", str(tmp_path / "vg.jsonl")])
+        assert e.value.code == 2 and not (tmp_path / "vg.jsonl").exists()
 
 
 def test_vg_errors(tmp_path):
@@ -947,3 +992,67 @@ def test_mlslt_test_split_languages_and_errors(tmp_path):
     _dump(data, root / "test.json")
     with pytest.raises(ConversionError, match=r"\[1\] \(id ../21742\): field 'id' cannot name a folder"):
         convert_mlslt(root, "test", tmp_path / "frames")
+
+
+# --------------------------------------------------------------------------------------------------
+# data/openclip_to_hf.py (the full conversion is tested in tests/test_negclip.py)
+# --------------------------------------------------------------------------------------------------
+
+def test_openclip_state_dict_drops_the_clip_packages_size_tensors(tmp_path):
+    """The `clip` package's TorchScript models hold input_resolution, context_length and vocab_size
+    as 0-dim tensors (openai/CLIP clip/clip.py calls model.input_resolution.item()), so their state
+    dicts carry them: they are sizes, not weights, and must not stop the renaming as unknown."""
+    import torch
+
+    import data.openclip_to_hf as C
+    sd = torch.load(FIX / "openclip" / "epoch_1.pt", weights_only=True)["state_dict"]
+    sizes = {"input_resolution": torch.tensor(16), "context_length": torch.tensor(8),
+             "vocab_size": torch.tensor(64)}
+    plain = {k[len("module."):]: v for k, v in sd.items()}
+    torch.save({**plain, **sizes}, tmp_path / "jit_state_dict.pt")
+    got = C.read_state_dict(str(tmp_path / "jit_state_dict.pt"))
+    assert not set(sizes) & set(got) and len(got) == len(sd)
+    assert len(C.hf_state_dict(got)) > len(got)  # renamed, every fused q/k/v split in three
+
+
+def test_cifar_counts_the_images_it_writes_not_the_rows_it_skips(tmp_path, capsys):
+    """A row whose label is outside the class list is skipped (counted); the counts returned and
+    printed are the images written, so they match the ImageFolder on disk."""
+    import pickle
+
+    import numpy as np
+
+    from data.convert import convert_cifar
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane", b"bird"]}, f, protocol=2)
+    batches = [(f"data_batch_{i}", [0, 1]) for i in range(1, 5)]
+    batches += [("data_batch_5", [1, 7]), ("test_batch", [0, -1, 1])]
+    for name, labels in batches:
+        pixels = np.zeros((len(labels), 3072), np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"labels": labels, b"data": pixels}, f, protocol=2)
+    report = Report()
+    counts = convert_cifar(str(src), str(tmp_path / "out"), report=report)
+    on_disk = {s: sum(len(os.listdir(tmp_path / "out" / s / c)) for c in ("airplane", "bird"))
+               for s in ("train", "test")}
+    assert counts == on_disk == {"train": 9, "test": 2}
+    assert report.skipped["label outside 0..1"] == 2
+    assert os.listdir(tmp_path / "out" / "test" / "bird") == ["00002.png"]  # the row's index
+    assert main(["cifar", str(src), "--out", str(tmp_path / "cli")]) == 0
+    assert "wrote 9 train and 2 test images" in capsys.readouterr().out
+
+
+def test_openclip_vision_head_width_sets_the_vision_towers_heads_apart():
+    """The head count cannot be read off the shapes, and open_clip's ViT-H-14 / g-14 / bigG-14 vision
+    towers have 80 / 88 / 104-wide heads where their text towers have 64: --vision_head_width sets the
+    vision tower's alone (a wrong count converts without error into another model)."""
+    import data.openclip_to_hf as C
+    sd = C.read_state_dict(str(FIX / "openclip" / "epoch_1.pt"))
+    vw, tw = sd["visual.conv1.weight"].shape[0], sd["positional_embedding"].shape[1]
+    both = C.clip_config(sd, head_width=4)
+    apart = C.clip_config(sd, head_width=4, vision_head_width=2)
+    assert both.vision_config.num_attention_heads == vw // 4
+    assert apart.vision_config.num_attention_heads == vw // 2 != vw // 4
+    assert apart.text_config.num_attention_heads == both.text_config.num_attention_heads == tw // 4
