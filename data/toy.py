@@ -13,11 +13,14 @@ T5) on the toy text and images, so a frozen backbone carries real signal just as
     python data/toy.py --models clip,bert             # data + these backbones (others are added when a run needs them)
     python data/toy.py --shards 8                     # + the train pairs as webdataset shards (write_shards)
 
-Python: `build_toy_world(out, tiny=False, seed=0)` -> manifest dict; `ensure_toy_world(root, models=(...))` builds
-the data when `<root>/manifest.json` is missing and each listed backbone not built yet (a script's first run
-builds only what it reads; `toy_paths` does this for a config).  Everything is written to a temporary folder that is renamed at the end,
-so a half-built world is never mistaken for a complete one.  The same seed gives the same bytes (seeded
-`random.Random` / numpy generators per component; torch single-process with a fixed thread count).
+Python: `build_toy_world(out, tiny=False, seed=0)` -> manifest dict; `ensure_toy_world(root, models=(...))`
+builds the data when `<root>/manifest.json` is missing and each listed backbone not built yet (a script's
+first run builds only what it reads; `toy_paths` does this for a config).  The data are written to a
+temporary folder renamed into place at the end, and a backbone into models/<name>, finished when its
+toy_model.json is written last, so a half-built world or backbone is never mistaken for a complete one;
+ensure_toy_world builds under a lock, so two processes never build the same part at once.  A folder that is
+not a toy world is never replaced.  The same seed gives the same bytes (seeded `random.Random` / numpy
+generators per component; torch single-process with a fixed thread count).
 
 Why compositional negatives work here: every scene has distinct colours and distinct shapes, so swapping the
 colours (or shapes) of two objects, replacing a colour/shape with one absent from the scene, flipping a size or
@@ -26,6 +29,7 @@ property that makes ARO / SugarCREPE / CREPE / Winoground separate bag-of-words 
 (Yuksekgonul et al. 2023, "When and why VLMs behave like bags-of-words", sec. 2-3).
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -631,7 +635,8 @@ def write_vlc(out, test_scenes, image_of, per_file, seed):
             f.write(json.dumps([[p, {"POS": [pos], "NEG": [neg]}] for _, p, pos, neg in rows]))
         os.makedirs(os.path.join(root, "corpus", "v1", sub), exist_ok=True)
         with open(os.path.join(root, "corpus", "v1", sub, f"{name}.yaml"), "w", encoding="utf-8") as f:
-            f.write(f'ANNO_PATH: "{anno}"\nIMG_ROOT: "vg/"\nTYPE: "TUPLE_JSON"')  # no final newline, as upstream
+            # no final newline, as 55 of the 56 corpus/v1 files of om-ai-lab/VL-CheckList
+            f.write(f'ANNO_PATH: "{anno}"\nIMG_ROOT: "vg/"\nTYPE: "TUPLE_JSON"')
         counts[f"vlc_{sub.lower().replace('/', '_')}_{name}"] = len(rows)
     for sid, p in sorted({(sid, p) for rows in files.values() for sid, p, _, _ in rows}):
         _save_jpg(image_of(sid), os.path.join(root, "vg", p))
@@ -1351,8 +1356,8 @@ def _scene_documents(groups, seed, per_scene=2):
 
     Real GPT-2 learns from documents whose earlier text predicts later text, which is why a prefix (ClipCap's
     mapper, perceiver_caption.py --bridge mapper) can steer it. A toy GPT-2 trained only on isolated captions
-    always starts from the same token and learns to ignore what precedes a caption: a mapped prefix then scored
-    47 test CIDEr against 45 for blank images; with these documents added, 67 against 40 (docs/RESULTS.md).
+    always starts from the same token and learns to ignore what precedes a caption, and a mapped prefix then
+    scored about as well as blank images (the figures: docs/perceiver_caption.md).
     """
     rng = _rng(seed, "gpt2-documents")
     return [" <|endoftext|> ".join(rng.sample(g, 2)) for g in groups for _ in range(per_scene) if len(g) > 1]
@@ -1475,8 +1480,8 @@ def _qa_examples(pairs, vqa):
 
 
 # Examples of each task in a batch of 64.  The reading tasks (paraphrase, continuation, QA) dominate: with span
-# corruption and prefix -> suffix alone the toy T5 ignores soft prompts (BLIP-2 stage-2 captions came out the same
-# for every image; measured CIDEr 0.77 vs 0.72 for the blank-image pipeline).
+# corruption and prefix -> suffix alone the toy T5 ignores soft prompts (BLIP-2 stage-2 captions came out
+# the same for every image, scoring like the blank-image pipeline; data/README.md has the figures).
 T5_MIX = dict(span=8, prefix=8, paraphrase=16, continuation=16, qa=16)
 
 
@@ -1498,7 +1503,7 @@ def train_t5(root, words, texts, val_texts, groups, qa, val_qa, sizes, steps, se
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
     # Word embeddings start at N(0, 0.2) instead of T5's N(0, 1): the tiny model pretrains faster in its few
-    # hundred steps (measured at 300 steps: QA from a caption 54% vs 49%, final loss 1.44 vs 1.94).
+    # hundred steps (data/README.md has the figures).
     torch.nn.init.normal_(model.shared.weight, std=0.2)
     words_only = [s[:-1] for s in tok(texts)["input_ids"]]  # drop the appended </s>
     val_words = [s[:-1] for s in tok(val_texts)["input_ids"]]
@@ -1592,8 +1597,9 @@ def with_deps(names):
 
 
 def _train_one(name, root, tiny, seed, log):
-    """Pretrain one backbone into <root>/models/<name>.  Each backbone's inputs come only from the data files and
-    its own seed, so building one alone gives the same bytes as building all (on a given machine)."""
+    """Pretrain one backbone into <root>/models/<name>.  Each backbone's inputs come only from the data files,
+    its own seed and (the BLIP-2 tower) the toy CLIP, so building one alone gives the same bytes as building
+    all (on a given machine)."""
     import torch
     from common.data import read_pairs, read_vqa
     prev = torch.get_num_threads()
@@ -1649,6 +1655,10 @@ def write_shards(root, split="train", n_shards=8, out_dir=None, fmt="jpg"):
     (written.json says which).  Returns the brace spec.
     """
     from common.data import read_pairs
+    if not isinstance(n_shards, int) or n_shards < 1:  # 0 divided by zero; below 0 wrote no shard at all
+        raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
+    if fmt not in ("jpg", "png"):  # any other name held PNG bytes under that extension
+        raise ValueError(f"fmt must be 'jpg' or 'png', got {fmt!r}")
     out_dir = out_dir or os.path.join(root, "shards", split)
     spec = os.path.join(out_dir, "{00000..%05d}.tar" % (n_shards - 1))
     marker, want = os.path.join(out_dir, "written.json"), {"split": split, "n_shards": n_shards, "fmt": fmt}
@@ -1741,21 +1751,36 @@ def _repo_on_path():
         sys.path.insert(0, repo)
 
 
+def _check_replaceable(out):
+    """Raise FileExistsError unless `out` is missing, an empty folder or a toy world (a folder holding
+    manifest.json, or scenes.jsonl: a world whose manifest was deleted): a mistyped --out must not delete
+    someone's folder, and a file in the way is not a world either."""
+    if not os.path.lexists(out):
+        return
+    names = set(os.listdir(out)) if os.path.isdir(out) else None
+    if names is not None and (not names or names & {"manifest.json", "scenes.jsonl"}):
+        return
+    raise FileExistsError(f"{out} exists and is not a toy world (no manifest.json or scenes.jsonl in it); "
+                          f"not replacing it: choose another folder, or move it away first")
+
+
 def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=True):
     """Build the world into `out` via a temporary sibling folder + rename.  An existing complete world is
     replaced, unless `replace=False`, in which case a world another process finished meanwhile is kept.
     `models`: True = every backbone, False = data only, or a list of backbone names (more are built on demand by
-    `ensure_toy_world`).  Returns the manifest dict (<out>/manifest.json, whose presence marks complete data)."""
+    `ensure_toy_world`).  Returns the manifest dict (<out>/manifest.json, whose presence marks complete data).
+    An existing `out` that is not a toy world (`_check_replaceable`) is refused before anything is built."""
     _repo_on_path()
     t0 = time.time()
     out = os.path.abspath(out)
+    names = MODEL_NAMES if models is True else with_deps(models or ())  # unknown names: before any folder
+    _check_replaceable(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = f"{out}.building-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    names = MODEL_NAMES if models is True else with_deps(models or ())
     try:
         log(f"building {'tiny ' if tiny else ''}toy world (seed {seed}) into {out}")
         part, texts = build_data(tmp, tiny=tiny, seed=seed, log=log)
@@ -1774,7 +1799,8 @@ def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=Tru
             shutil.rmtree(tmp, ignore_errors=True)
             with open(done, encoding="utf-8") as f:
                 return json.load(f)
-        if os.path.exists(out):  # an older world, or a stale folder without manifest
+        if os.path.lexists(out):  # an older world, or a stale world folder without manifest
+            _check_replaceable(out)  # (again: it may have changed during the build)
             trash = f"{out}.old-{os.getpid()}"
             os.rename(out, trash)
             os.rename(tmp, out)
@@ -1788,29 +1814,69 @@ def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=Tru
     return manifest
 
 
+@contextlib.contextmanager
+def _build_lock(root, log=print):
+    """An exclusive flock on the folder that holds `root` (the directory itself: no lock file is left behind),
+    held while ensure_toy_world builds.  Without it two processes that found the same backbone missing both
+    trained it into models/<name>, one deleting or overwriting the files the other was writing or reading.
+    Where flock is missing (Windows) or refused (some network file systems) the build runs unlocked."""
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        import fcntl
+        fd = os.open(parent, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another process building a toy world in {parent} ...")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _world_complete(root, names):
+    return (os.path.isfile(os.path.join(root, "manifest.json")) and all(
+        os.path.isdir(os.path.join(root, d)) for d in ("vl_checklist", "classification"))
+        and all(model_ready(root, n) for n in names))
+
+
 def ensure_toy_world(root="data/toy", tiny=False, seed=0, models=MODEL_NAMES, log=print):
     """Return `root`, building what is missing: the data when `<root>/manifest.json` is absent, then each
     backbone of `models` (and what it is built from) that is not finished yet.  A script's first toy run thus
-    builds only the backbones it reads.  Backbones added to an existing world use the world's own seed and size."""
-    if not os.path.isfile(os.path.join(root, "manifest.json")):
-        try:
-            build_toy_world(root, tiny=tiny, seed=seed, models=list(models), log=log, replace=False)
-        except OSError:
-            # a concurrent builder renamed its world into place between our check and our rename: accept theirs
-            if not os.path.isfile(os.path.join(root, "manifest.json")):
-                raise
-    else:
-        if not os.path.isdir(os.path.join(root, "vl_checklist")):
-            add_vlc(root, log)
-        if not os.path.isdir(os.path.join(root, "classification")):
-            add_classification(root, log)
-    missing = [n for n in with_deps(models) if not model_ready(root, n)]
-    if missing:
-        _repo_on_path()
-        with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
-            man = json.load(f)
-        for n in missing:
-            build_model(root, n, man["tiny"], man["seed"], log)
+    builds only the backbones it reads.  An existing world is kept whatever `tiny` and `seed` say: backbones
+    added to it use the world's own seed and size.  Building happens under `_build_lock`, so a second process
+    waits and then finds done what the first built; a complete world is returned without the lock."""
+    names = with_deps(models)  # unknown names fail here, before anything is built
+    if _world_complete(root, names):
+        return root
+    with _build_lock(root, log):
+        if not os.path.isfile(os.path.join(root, "manifest.json")):
+            try:
+                build_toy_world(root, tiny=tiny, seed=seed, models=names, log=log, replace=False)
+            except OSError:
+                # an unlocked builder renamed its world into place between our check and our rename: take it
+                if not os.path.isfile(os.path.join(root, "manifest.json")):
+                    raise
+        else:
+            if not os.path.isdir(os.path.join(root, "vl_checklist")):
+                add_vlc(root, log)
+            if not os.path.isdir(os.path.join(root, "classification")):
+                add_classification(root, log)
+        missing = [n for n in names if not model_ready(root, n)]
+        if missing:
+            _repo_on_path()
+            with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+                man = json.load(f)
+            for n in missing:
+                build_model(root, n, man["tiny"], man["seed"], log)
     return root
 
 
@@ -1846,12 +1912,21 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
     names = [] if a.data_only else [n for n in a.models.split(",") if n]
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:  # refused before anything is built
+        p.error(f"--models: unknown toy backbone(s) {', '.join(unknown)}; choose from {','.join(MODEL_NAMES)}")
+    if a.shards < 0:
+        p.error(f"--shards must be 0 (none) or a positive number, got {a.shards}")
     if not a.force and os.path.isfile(os.path.join(a.out, "manifest.json")):
         ensure_toy_world(a.out, models=names)
-        print(f"{a.out} already built (manifest.json present; missing backbones added); use --force to rebuild")
-        manifest = json.load(open(os.path.join(a.out, "manifest.json")))
+        with open(os.path.join(a.out, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        kind = f"{'tiny' if manifest['tiny'] else 'full'} world of seed {manifest['seed']}"
+        # the built world's own size and seed: --tiny and --seed do not change it
+        print(f"{a.out} already built ({kind}; missing backbones added); use --force to rebuild")
     else:
         manifest = build_toy_world(a.out, tiny=a.tiny, seed=a.seed, models=names)
     if a.shards:

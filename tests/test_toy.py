@@ -102,7 +102,8 @@ def test_deterministic_data(toy_root, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".building-" in p]  # temp folder renamed away
     pairs_ref = (tmp_path / "a" / "pairs_train.jsonl").read_text()
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "half_built.txt").write_text("x")  # a stale folder without manifest is replaced
+    (tmp_path / "b" / "scenes.jsonl").write_text("")  # a stale world folder without manifest is replaced
+    (tmp_path / "b" / "half_built.txt").write_text("x")
     toy.build_toy_world(str(tmp_path / "b"), tiny=True, seed=1, models=False, log=lambda *a: None)
     assert (tmp_path / "b" / "pairs_train.jsonl").read_text() != pairs_ref
     assert not (tmp_path / "b" / "half_built.txt").exists()
@@ -112,6 +113,87 @@ def test_deterministic_data(toy_root, tmp_path):
     assert man["seed"] == 1 and (tmp_path / "b" / "pairs_train.jsonl").read_text() != pairs_ref
     # no temp or trash folders left behind ("ref" exists when the session's world was built from another seed)
     assert sorted(p for p in os.listdir(tmp_path) if p != "ref") == ["a", "b"]
+
+
+def test_a_folder_that_is_not_a_toy_world_is_never_replaced(tmp_path):
+    """A mistyped --out or toy_root naming someone's folder stops before any build; it was replaced (deleted)."""
+    quiet = lambda *a: None  # noqa: E731
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "a_file").write_text("keep")
+    for out, call in ((mine, toy.build_toy_world), (mine, toy.ensure_toy_world), (tmp_path / "a_file",
+                                                                                  toy.build_toy_world)):
+        with pytest.raises(FileExistsError, match="not a toy world"):
+            call(str(out), tiny=True, models=[], log=quiet)
+    assert (mine / "notes.txt").read_text() == "keep" and (tmp_path / "a_file").read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "mine"] and os.listdir(mine) == ["notes.txt"]
+
+
+def test_bad_arguments_are_refused_before_anything_is_built(tmp_path, capsys):
+    """An unknown backbone or a shard count below 1 stops at once: the CLI with a usage error, the functions
+    with a ValueError; no folder is left behind (an unknown backbone left <out>.building-<pid>, and
+    --shards -1 went on to write no shard, 0 divided by zero)."""
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--out", str(tmp_path / "w"), "--models", "clip,vicuna", "--tiny"])
+    assert e.value.code == 2 and "vicuna" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown toy backbone"):
+        toy.build_toy_world(str(tmp_path / "w"), tiny=True, models=["vicuna"], log=lambda *a: None)
+    assert os.listdir(tmp_path) == []
+    world = tmp_path / "built"  # a world's marker files only: nothing below may read or build anything
+    for d in ("vl_checklist", "classification"):
+        (world / d).mkdir(parents=True)
+    (world / "manifest.json").write_text(json.dumps({"seed": 0, "tiny": True}))
+    for n in ("-1", "-3"):
+        with pytest.raises(SystemExit) as e:
+            toy.main(["--out", str(world), "--data_only", "--shards", n])
+        assert e.value.code == 2 and "--shards" in capsys.readouterr().err
+    for n in (0, -2):
+        with pytest.raises(ValueError, match="n_shards"):
+            toy.write_shards(str(world), n_shards=n)
+    with pytest.raises(ValueError, match="fmt"):  # PNG bytes were written as <key>.webp
+        toy.write_shards(str(world), fmt="webp")
+    assert sorted(os.listdir(world)) == ["classification", "manifest.json", "vl_checklist"]
+
+
+def test_two_builders_at_once_build_each_part_once(tmp_path, monkeypatch):
+    """Two processes that find the same world incomplete (two runs started together) build each part once: the
+    second waits for the first's lock and finds it done.  Unlocked, both built the data and both trained the same
+    backbone into models/<name>, one deleting or overwriting the files the other was writing or reading."""
+    import threading
+    import time
+    calls, root = [], str(tmp_path / "w")
+
+    def fake_world(out, tiny, seed, models, log, replace):  # stands for the data build (seconds)
+        calls.append("data")
+        time.sleep(0.5)
+        for d in ("vl_checklist", "classification"):
+            os.makedirs(os.path.join(out, d), exist_ok=True)
+        with open(os.path.join(out, "manifest.json"), "w") as f:
+            json.dump({"seed": seed, "tiny": tiny}, f)
+
+    def fake_train(name, root_, tiny, seed, log):  # stands for training one backbone
+        calls.append(name)
+        time.sleep(0.5)
+        os.makedirs(os.path.join(root_, "models", name), exist_ok=True)
+        return {}
+
+    monkeypatch.setattr(toy, "build_toy_world", fake_world)
+    monkeypatch.setattr(toy, "_train_one", fake_train)
+    errors = []
+
+    def run():  # a second open file description of the folder: flock treats it as another process's
+        try:
+            toy.ensure_toy_world(root, tiny=True, models=["bert"], log=lambda *a: None)
+        except Exception as e:  # noqa: BLE001  -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and calls == ["data", "bert"], (errors, calls)
+    assert toy.model_ready(root, "bert")
 
 
 def test_ensure_reuses_complete_world(toy_root):
