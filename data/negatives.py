@@ -45,13 +45,21 @@ from common.image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, load_
 
 # ================================================================================================ Tagger
 # Tokeniser: words (internal hyphens, o'clock), numbers, Penn-style clitics ('s, n't), each
-# punctuation mark.
-_TOKEN_RE = re.compile(r"(?i)[a-z]+(?=n't\b)|n't\b|'(?:s|re|ve|ll|m|d)\b|\d+(?:[.,:]\d+)*|"
-                       r"[a-z0-9]+(?:-[a-z0-9]+)*(?:'(?!(?:s|re|ve|ll|m|d)\b)[a-z]+)*|[^\sa-z0-9]")
+# punctuation mark.  Words are of any script ("café" is one word, not "caf" + "é", which the tagger
+# read as two nouns); the typographic apostrophe (’) works as ' does ("It’s" -> "It", "’s").
+_L, _A, _Q = r"[^\W\d_]", r"[^\W_]", "['\u2019]"  # a letter, a letter or digit, an apostrophe
+_TOKEN_RE = re.compile(
+    rf"(?i){_L}+(?=n{_Q}t\b)|n{_Q}t\b|{_Q}(?:s|re|ve|ll|m|d)\b|\d+(?:[.,:]\d+)*|"
+    rf"{_A}+(?:-{_A}+)*(?:{_Q}(?!(?:s|re|ve|ll|m|d)\b){_L}+)*|[^\s\w]|_")
 
 
 def tokenize(text):
     return _TOKEN_RE.findall(text)
+
+
+def _low(token):
+    """The form the lexicon and the closed classes are looked up by: lower case, ' for ’."""
+    return token.lower().replace("\u2019", "'")
 
 
 # Closed classes win over everything (Penn tags).
@@ -115,7 +123,7 @@ plate food room kitchen bathroom counter shelf picture photo image fence pole tr
 area top side front back background city park air wood tile mirror lamp pillow blanket box court net
 game shower towel curtain rock leaf flower bush vehicle desk screen monitor camera house home
 restaurant store market vegetable fruit meat cheese bread dish pan pot stove station passenger
-headlight railroad fountain faucet control panel space combination cart cash apron pizza pizzas
+headlight railroad fountain faucet control panel space combination cart cash apron pizza
 baker dough wall fixture post appliance trick air athlete commuter view circle square triangle star
 cross diamond heart hexagon ring rectangle shape object thing scene canvas umbrella yak hydrant
 street corner crowd group team family pair couple bunch lot number variety side middle edge bottom
@@ -196,7 +204,8 @@ def _build_lexicon():
             add(_plural(w), "NNS")
         else:
             add(w, "NNS")
-    lex.get("people", set()).discard("NN")
+    for w in ("scissors", "pants", "people"):  # plural only (Penn NNS): no NN reading
+        lex[w].discard("NN")
     for v in _VERB:
         for form, tag in _verb_forms(v).items():
             add(form, tag)
@@ -217,10 +226,10 @@ _COARSE = {"NN": "NOUN", "NNS": "NOUN", "NNP": "NOUN", "NNPS": "NOUN", "JJ": "AD
 def coarse(token, tag):
     """Penn tag -> universal-style coarse tag; be/have/do are AUX (the verb-phrase pattern), not/n't
     PART (as spaCy: neither an adverb swap nor part of a verb phrase)."""
-    if token.lower() in ("not", "n't"):
+    if _low(token) in ("not", "n't"):
         return "PART"
     if tag.startswith("VB"):
-        return "AUX" if token.lower() in _AUX else "VERB"
+        return "AUX" if _low(token) in _AUX else "VERB"
     return _COARSE.get(tag, "PUNCT" if not any(c.isalnum() for c in token) else "X")
 
 
@@ -252,7 +261,8 @@ def _suffix_tags(w):
         return {"VBG", "NN"}
     if w.endswith("ed") and len(w) > 4:
         return {"VBN", "JJ"}
-    if w.endswith(("ous", "ful", "ive", "al", "ic", "less", "ish", "able", "y")) and len(w) > 4:
+    adj = w.endswith(("ous", "ful", "ive", "al", "ic", "less", "ish", "able"))
+    if (adj or re.search("[^aeiou]y$", w)) and len(w) > 4:  # rocky; vowel + y: runway, jersey
         return {"JJ"}
     if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
         return {"NNS"}
@@ -280,7 +290,7 @@ class RuleTagger:
     name = "rule"
 
     def tag(self, tokens, multiword=True):
-        low = [t.lower() for t in tokens]
+        low = [_low(t) for t in tokens]
         tags = _mark_multiword_preps(low, [None] * len(tokens), multiword)
         cands = [None if tags[i] else self._candidates(w) for i, w in enumerate(low)]
         for i, w in enumerate(low):
@@ -305,6 +315,8 @@ class RuleTagger:
 
     @staticmethod
     def _choose(c, prev, prev_word, nxt, w):
+        if c == {"VB"} and prev in ("DT", "PRP$", "POS", "JJ", "CD"):
+            return "NN"  # a verb of the lexicon as a noun: "a stack of", "the skate park"
         if len(c) == 1:
             return next(iter(c))
         if c == {"RB", "JJ"}:
@@ -352,8 +364,9 @@ class NltkTagger:
 
     def tag(self, tokens, multiword=True):
         import nltk
-        tags = [t for _, t in nltk.pos_tag(tokens)]
-        return _mark_multiword_preps([t.lower() for t in tokens], tags, multiword)
+        low = [_low(t) for t in tokens]
+        tags = [t for _, t in nltk.pos_tag([t.replace("\u2019", "'") for t in tokens])]
+        return _mark_multiword_preps(low, tags, multiword)
 
 
 def make_tagger(kind="auto"):
@@ -397,27 +410,24 @@ def noun_chunks(coarse_tags):
     return spans
 
 
+_VP = re.compile("v?a*x*v+")  # VERB? ADV* AUX* VERB+ over verb_phrases' one letter per tag
+
+
 def verb_phrases(coarse_tags):
-    """Non-overlapping matches of VERB? ADV* AUX* VERB+ (the authors' spaCy Matcher pattern)."""
-    spans, i, n = [], 0, len(coarse_tags)
-    while i < n:
-        j = i + (coarse_tags[i] == "VERB")
-        while j < n and coarse_tags[j] == "ADV":
-            j += 1
-        while j < n and coarse_tags[j] == "AUX":
-            j += 1
-        k = j
-        while k < n and coarse_tags[k] == "VERB":
-            k += 1
-        if k > j:
-            spans.append((i, k))
-            i = k
-        elif coarse_tags[i] == "VERB":  # no VERB after "VERB ADV* AUX*": the verb alone is "VERB+"
-            spans.append((i, i + 1))
-            i += 1
-        else:
-            i += 1
-    return spans
+    """Spans of VERB? ADV* AUX* VERB+ (the authors' spaCy Matcher pattern) as the authors keep them:
+    the Matcher yields every span the pattern matches, overlapping ones too, and spaCy's
+    filter_spans (spacy/util.py) keeps the longest first, the earlier of two equally long, and none
+    that overlaps a kept one -> list of (start, end) in sentence order.  ("is walking slowly
+    carrying": one span, "walking slowly carrying", not "is walking" and "slowly carrying".)"""
+    code = "".join({"VERB": "v", "ADV": "a", "AUX": "x"}.get(c, "-") for c in coarse_tags)
+    spans = [(i, j) for run in re.finditer("[vax]+", code) for i in range(*run.span())
+             for j in range(i + 1, run.end() + 1) if _VP.fullmatch(code, i, j)]
+    kept, used = [], set()
+    for i, j in sorted(spans, key=lambda s: (s[0] - s[1], s[0])):  # longest, then earliest
+        if used.isdisjoint(range(i, j)):
+            kept.append((i, j))
+            used.update(range(i, j))
+    return sorted(kept)
 
 
 SWAP_TYPES = ("noun_chunk", "verb_phrase", "NN", "NNS", "ADV", "ADJ")
@@ -523,7 +533,8 @@ ORDER_PERTURBATIONS = (shuffle_nouns_and_adj, shuffle_allbut_nouns_and_adj, shuf
 
 
 # ================================================================================================ NegCLIP TSV
-# columns: <index>, title, filepath, neg_caption, neg_image (as vinid/neg_clip's train_neg_clip.tsv)
+# columns: <index>, title, filepath, neg_caption, neg_image, as the released train_neg_clip.tsv
+# (mertyg/vision-language-models-are-bows, temp_data/) that vinid/neg_clip src/training/data.py reads
 
 def read_training_records(path, all_captions=False):
     """-> list of {"image", "caption", "image_id"}: one caption per image (the first) unless
@@ -705,8 +716,14 @@ def nearest_neighbours(x, img_id, k, chunk):
     return torch.cat(out)
 
 
+# Raised whenever hard_negatives() gives other captions for the same input, so that a TSV mined by an
+# older version is mined again (2: words of any script, spaCy's filter_spans for verb phrases).
+GENERATOR_VERSION = 2
+
+
 def mining_key(train_file, image_root, **settings):
-    """What a mined TSV is made from: train file (absolute path, size, sha256), root, settings."""
+    """What a mined TSV is made from: train file (absolute path, size, sha256), root, the caption
+    generator's version, settings."""
     if not os.path.isfile(train_file):
         raise DataError(f"{train_file}: file not found")
     h = hashlib.sha256()
@@ -714,7 +731,8 @@ def mining_key(train_file, image_root, **settings):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return {"train_file": os.path.abspath(train_file), "size": os.path.getsize(train_file),
-            "sha256": h.hexdigest(), "image_root": os.path.abspath(image_root), **settings}
+            "sha256": h.hexdigest(), "image_root": os.path.abspath(image_root),
+            "generator": GENERATOR_VERSION, **settings}
 
 
 def stale_reason(tsv, make_key):
@@ -841,12 +859,20 @@ def ensure_mined(cfg, embed_images, model, dtype, dist, force=False, log=print):
 
 
 def save_mined(tsv, rows, summary, key):
-    """The TSV, its summary and, last (a killed write leaves no valid key), the key sidecar."""
-    write_negclip_tsv(tsv, rows)
-    for suffix, obj in ((".summary.json", summary), (".key.json", key)):
-        with open(tsv + suffix + ".tmp", "w") as f:
+    """The summary, the TSV and, last, the key sidecar, each file replaced whole.  A key of other
+    inputs is removed first, so that a write killed on the way leaves our summary and no key, a
+    TSV that stale_reason mines again (not the new rows under the old key, nor a first mined TSV
+    without sidecars, which would pass for the released file and be used as is)."""
+    def dump(path, obj):
+        with open(path + ".tmp", "w") as f:
             json.dump(obj, f, indent=2)
-        os.replace(tsv + suffix + ".tmp", tsv + suffix)
+        os.replace(path + ".tmp", path)
+    if os.path.isfile(tsv + ".key.json"):
+        os.remove(tsv + ".key.json")
+    os.makedirs(os.path.dirname(os.path.abspath(tsv)), exist_ok=True)
+    dump(tsv + ".summary.json", summary)
+    write_negclip_tsv(tsv, rows)
+    dump(tsv + ".key.json", key)
 
 
 CKPT_MODES = ("eval", "export")  # negclip.py's modes that load --ckpt (negclip.py load_for_eval)
