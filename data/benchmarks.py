@@ -24,9 +24,11 @@ cosine.  Then one reader and one scoring rule per benchmark, as its authors' cod
   (CLIP, arXiv 2103.00020, Sec. 3.1.4) and a linear probe (L2-regularised logistic regression on the
   frozen image embeddings, Sec. 3.2) when a train/ split is there.
 Comparisons are strict (">"): a tie counts as wrong, except in the *-Order sets, where ARO's argmax
-takes the first option (the original caption) on ties.  Unreadable images score NaN and their cases
-are skipped; they are counted once per image (`Scorer.images_seen`, common.data.ImageFolderLoader),
-reported, and more than max_bad_frac of them stops the evaluation.
+takes the first option (the original caption) on ties, and in retrieval, where
+common.metrics.retrieval_recall counts a tie at its expected value under random tie-breaking.
+Unreadable images score NaN and their cases are skipped; they are counted once per image
+(`Scorer.images_seen`, common.data.ImageFolderLoader), reported, and more than max_bad_frac of them
+stops the evaluation.
 """
 import ast
 import csv
@@ -105,9 +107,11 @@ class Scorer:
 
 
 # ================================================================================================ Scoring rules
-# pure functions on score arrays; strict ">" everywhere, ties count as wrong
+# pure functions on score arrays; strict ">" (a tie is wrong), but score_order: first option wins
 
-# ARO's VG-Relation macro accuracy leaves out these 157 relations (the authors' notebook)
+# ARO's VG-Relation macro accuracy leaves out these 157 relations: the list `symmetric` of the
+# authors' notebook (mertyg/vision-language-models-are-bows, notebooks/"Replicate ARO! VG-Relation,
+# VG-Attribution.ipynb"), which drops them from evaluate_scores' relation records before the mean
 VG_R_EXCLUDED = set("""adjusting;attached to;between;bigger than;biting;boarding;brushing;chewing;
 cleaning;climbing;close to;coming from;coming out of;contain;crossing;dragging;draped over;drinking;
 drinking from;driving;driving down;driving on;eating from;eating in;enclosing;exiting;facing;
@@ -311,21 +315,29 @@ def read_aro_vg(path):
 
 
 def read_caption_sets(path):
-    """-> list of (image path, [raw captions]) from pairs .jsonl | BLIP test .json (list of
-    {"image", "caption": [..]}, one entry per image) | NegCLIP .tsv (title, filepath; by image)."""
+    """-> list of (image path, [raw captions]) from pairs .jsonl | BLIP .json: a list of {"image",
+    "caption": [..]}, one entry per image (val / test), or {"image", "caption": str}, one entry
+    per caption (train) | NegCLIP .tsv (title, filepath).  The .json and .tsv entries are grouped
+    by image in order of first appearance (as data/convert.py blip), so that retrieval has each
+    image once."""
+    recs = {}
     if path.endswith(".tsv"):
-        recs = {}
         for r in read_negclip_tsv(path):
             recs.setdefault(r["image"], []).append(r["caption"])
         return list(recs.items())
     if path.endswith(".jsonl"):
         return [(r["image"], r["captions"]) for r in read_pairs(path)]
-    out = []
-    for i, r in enumerate(_load_json(path)):
-        if "image" not in r or "caption" not in r:
+    data = _load_json(path)
+    if not isinstance(data, list):  # e.g. Karpathy's dataset_coco.json: {"images": [..], ..}
+        raise DataError(f"{path}: not a BLIP annotation list of {{image, caption}} records (a "
+                        "Karpathy dataset_*.json becomes a pairs .jsonl with "
+                        "data/convert.py karpathy)")
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or "image" not in r or "caption" not in r:
             raise DataError(f"{path}: record {i}: missing field 'image' or 'caption'")
-        out.append((r["image"], r["caption"] if isinstance(r["caption"], list) else [r["caption"]]))
-    return out
+        caps = r["caption"] if isinstance(r["caption"], list) else [r["caption"]]
+        recs.setdefault(r["image"], []).extend(caps)
+    return list(recs.items())
 
 
 def read_retrieval(path):
@@ -398,6 +410,8 @@ def _crepe_image(folder, image_id):
 def read_svo(path):
     """svo_probes.csv read by column name; neg_triplet may be a list literal; keeps rows with
     exactly one *_neg flag true -> [{"sentence", "pos_image_id", "neg_image_id", "kind"}]."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for line, r in enumerate(csv.DictReader(f), 2):
@@ -466,6 +480,8 @@ def read_vlc(root, version="v1"):
 
 
 def read_winoground(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
     recs = []
     with open(path) as f:
         for line, s in enumerate(f, 1):
@@ -583,7 +599,8 @@ def eval_order(sc, path, image_root, seeds=5, tagger=None, name=""):
     perturbation may return a short caption unchanged; ARO (model_zoo/clip_models.py np.einsum,
     aro_datasets.py argmax) then ties it with the original and picks the original, so here an
     option whose text is the original's gets the original's score exactly (a batched einsum
-    rounds rows differently)."""
+    rounds rows differently).  "<name>_n" counts the scored cases, those of unreadable images
+    left out, as the other benchmarks' n."""
     tagger = tagger or make_tagger("auto")
     refs, caps = [], []
     for img, cs in read_caption_sets(path):
@@ -602,9 +619,9 @@ def eval_order(sc, path, image_root, seeds=5, tagger=None, name=""):
         s = np.where(same, s[:, :1], s)
         keep = np.isfinite(s).all(1)
         p1.append(score_order(s[keep]))
-    name = name or order_name(path)
+    name, n = name or order_name(path), int(torch.isfinite(img_emb).all(1).sum())
     return {f"{name}_p1": float(np.mean(p1)), f"{name}_p1_std": float(np.std(p1)),
-            f"{name}_n": len(caps), f"{name}/tagger": getattr(tagger, "name", str(tagger))}
+            f"{name}_n": n, f"{name}/tagger": getattr(tagger, "name", str(tagger))}
 
 
 def eval_sugarcrepe(sc, root):

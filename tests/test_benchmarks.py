@@ -520,3 +520,110 @@ def test_eval_vlc_on_fixture_hand_checked(tmp_path):
     shutil.rmtree(tmp_path / "vl_checklist" / "swig")
     with pytest.raises(B.DataError, match="none of the 48 VL-CheckList images is present"):
         B.eval_vlc(_length_scorer(), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real-layout fixtures through the readers and runners
+def test_blip_train_layout_is_grouped_by_image_for_retrieval(tmp_path):
+    """BLIP's train files (blip/coco_karpathy_train.json) hold one {"image", "caption": str} entry
+    per caption, so an image recurs once per caption.  read_caption_sets groups them by image, as
+    data/convert.py blip does: it used to put one copy of the image in the retrieval gallery per
+    caption, each copy right for its own caption only, so the copies tied and image R@1 fell to
+    2/3 here although the (colour) model ranks every pair right."""
+    first, second = json.load(open(f"{FIX}/blip/coco_karpathy_train.json"))
+    layout = [dict(first, caption="A red cake on a table. "), dict(first, caption="a red net"),
+              dict(second, caption="A blue bowl.")]
+    path = tmp_path / "coco_karpathy_train.json"
+    json.dump(layout, open(path, "w"))
+    assert B.read_caption_sets(str(path)) == [
+        (first["image"], ["A red cake on a table. ", "a red net"]),
+        (second["image"], ["A blue bowl."])]
+    images, texts, t2i, i2t = B.read_retrieval(str(path))
+    assert images == [first["image"], second["image"]] and t2i == [0, 0, 1] and i2t == [[0, 1], [2]]
+    _png(str(tmp_path / first["image"]), (255, 0, 0))
+    _png(str(tmp_path / second["image"]), (0, 0, 255))
+    r = B.eval_retrieval(_colour_scorer(), str(path), str(tmp_path))
+    assert r["img_r1"] == pytest.approx(100.0) and r["txt_r1"] == pytest.approx(100.0)
+
+
+def test_a_karpathy_split_file_given_as_a_blip_file_names_the_converter():
+    """Karpathy's dataset_coco.json is a dict ({"images": [..], "dataset": "coco"}), not BLIP's
+    list: the error says so and names the converter (it used to read the dict's keys as records
+    and report a missing field)."""
+    with pytest.raises(B.DataError, match=r"dataset_coco\.json: not a BLIP annotation list"
+                                          r".*convert\.py karpathy"):
+        B.read_caption_sets(f"{FIX}/karpathy/dataset_coco.json")
+
+
+def test_missing_svo_csv_and_winoground_jsonl_are_data_errors(tmp_path):
+    """A present svo_probes/images/ or winoground/ folder without its annotation file stops with a
+    DataError naming the file, as every other reader here (it raised a bare FileNotFoundError)."""
+    os.makedirs(tmp_path / "svo_probes" / "images")
+    os.makedirs(tmp_path / "winoground")
+    with pytest.raises(B.DataError, match=r"svo_probes\.csv: file not found"):
+        B.run_benchmarks(_colour_scorer(), ["svo"], str(tmp_path), log=lambda m: None)
+    with pytest.raises(B.DataError, match=r"examples\.jsonl: file not found"):
+        B.run_benchmarks(_colour_scorer(), ["winoground"], str(tmp_path), log=lambda m: None)
+
+
+def test_eval_aro_on_the_fixture_layout_ties_swapped_captions_as_wrong(tmp_path):
+    """The ARO fixtures through eval_aro: images at aro/images/<image_path>, each record's box
+    cropped.  The true and false captions hold the same words (VG-Relation swaps the objects,
+    VG-Attribution the attributes), so the colour model scores them alike; ARO's argmax over
+    [false, true] (dataset_zoo/aro_datasets.py evaluate_scores) takes the false one on a tie:
+    every case is wrong."""
+    shutil.copytree(f"{FIX}/aro", tmp_path / "aro")
+    recs = [r for kind in ("relation", "attribution")
+            for r in B.read_aro_vg(f"{FIX}/aro/visual_genome_{kind}.json")]
+    for name in {r["image_path"] for r in recs}:
+        _png(str(tmp_path / "aro" / "images" / name), (255, 0, 0), (500, 500))
+    sc = _colour_scorer()
+    r = B.eval_aro(sc, str(tmp_path), min_pair_count=1)
+    assert r["vg_relation_n"] == 12 and r["vg_relation_groups"] == 7
+    assert r["vg_relation_macro"] == r["vg_relation_micro"] == 0.0
+    assert r["vg_relation/to the left of"] == 0.0
+    assert r["vg_attribution_n"] == 4 and r["vg_attribution_groups"] == 4
+    assert r["vg_attribution_macro"] == r["vg_attribution/white_open"] == 0.0
+    assert sc.images_seen.tried == 4 and sc.images_seen.bad == 0
+    r = B.eval_aro(sc, str(tmp_path))  # ARO's 25 cases per attribute pair: none in the fixture
+    assert r["vg_attribution_groups"] == 0 and math.isnan(r["vg_attribution_macro"])
+
+
+def test_eval_winoground_on_the_fixture_layout(tmp_path):
+    """The Winoground fixture (ids 0-9, 21, 73) through eval_winoground, images at
+    images/<image_k>.png.  Image k is embedded as its own caption under a bag-of-words text model:
+    the 10 pairs whose two captions hold the same words tie (wrong); ids 6 ("organism," /
+    "plant,") and 73 ("watching the present" / "presenting the watch") do not, and score right.
+    Per collapsed_tag: Object 1/6 (id 6), Relation 0/5, Both 1/1 (id 73)."""
+    shutil.copytree(f"{FIX}/winoground", tmp_path / "winoground")
+    recs = B.read_winoground(str(tmp_path / "winoground" / "examples.jsonl"))
+
+    def vec(w):
+        return torch.randn(64, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+
+    def bag(strs):  # the words summed in sorted order: a permutation gives the same bits
+        return torch.nn.functional.normalize(
+            torch.stack([sum(vec(w) for w in sorted(t.lower().split())) for t in strs]), dim=-1)
+    sc = B.Scorer(None, bag)
+    folder = os.path.join(str(tmp_path), "winoground", "images")
+    of = {os.path.join(folder, f"{r[f'image_{k}']}.png"): r[f"caption_{k}"]
+          for r in recs for k in (0, 1)}
+    sc.images = lambda refs: bag([of[p] for p, _ in refs])
+    r = B.eval_winoground(sc, str(tmp_path))
+    assert r["n"] == 12 and r["text"] == r["image"] == r["group"] == pytest.approx(2 / 12)
+    assert r["Object_group"] == pytest.approx(1 / 6) and r["Relation_group"] == 0.0
+    assert r["Both_group"] == 1.0
+
+
+def test_order_n_counts_the_scored_cases_only(tmp_path):
+    """*-Order skips the cases of an unreadable image (NaN scores); its n counts the scored cases,
+    as ARO's, CREPE's, SVO's and Winoground's n do (it counted every caption of the file)."""
+    json.dump([{"image": "a.png", "caption": ["a red dog runs on green grass"]},
+               {"image": "b.png", "caption": ["a man rides a horse", "two kids play ball"]}],
+              open(tmp_path / "coco_karpathy_test.json", "w"))
+    _png(str(tmp_path / "a.png"), (255, 0, 0))
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    sc = _colour_scorer()
+    r = B.eval_order(sc, str(tmp_path / "coco_karpathy_test.json"), str(tmp_path), seeds=1,
+                     tagger=RuleTagger())
+    assert r["coco_order_n"] == 1 and r["coco_order_p1"] == 1.0 and sc.images_seen.bad == 1
