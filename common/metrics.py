@@ -603,13 +603,18 @@ def label_matches(cands, label):
 
 
 def gold_rank(scores, gold):
-    """ParlAI's hits@k rank: the 1-based position, in the candidates sorted by `scores` (higher is better), of the
-    first gold one (a hit@k when it is <= k: any of the top k matches the label).  `gold`: an index, or a mask as
-    `label_matches` gives; None when no candidate is gold.  A candidate that ties the best gold ranks before it
-    (ParlAI leaves that order to torch's sort): a model that scores every candidate alike ranks the gold last."""
+    """ParlAI's hits@k rank: the 1-based position, in the candidates sorted by `scores` (higher is
+    better), of the first gold one (a hit@k when it is <= k: any of the top k matches the label).
+    `gold`: an index, or a mask as `label_matches` gives; None when no candidate is gold (also with
+    no candidates: `label_matches` gives []).  A candidate that ties the best gold ranks before it
+    (ParlAI leaves that order to torch's sort): a model that scores every candidate alike ranks the
+    gold last."""
     scores = torch.as_tensor(scores).detach().cpu()  # one turn's candidates: read once
+    gold = torch.as_tensor(gold)
+    if gold.numel() == 0:  # an empty mask or index list (torch reads [] as float, no index)
+        return None
     is_gold = torch.zeros(len(scores), dtype=torch.bool)
-    is_gold[torch.as_tensor(gold)] = True
+    is_gold[gold] = True
     if not is_gold.any():
         return None
     return 1 + int((scores[~is_gold] >= scores[is_gold].max()).sum())

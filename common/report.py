@@ -19,6 +19,7 @@ caption, a question, a key of metrics.jsonl) is text and is escaped, so a captio
 from data stays text. `read_report(path)` parses a written page back and checks it (each script's
 test uses it); `python -m common.report RUN_DIR` writes a curves-and-results report for any run.
 """
+import argparse
 import base64
 import html
 import io
@@ -26,7 +27,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
@@ -661,8 +661,14 @@ def read_report(path):
 
 
 def main(argv=None):
-    """`python -m common.report RUN_DIR`: the curves and results.json of any run, then a check."""
-    run_dir = (sys.argv[1:] if argv is None else argv)[0]
+    """`python -m common.report RUN_DIR`: the curves and results.json of any run, then a check.
+    No RUN_DIR, or one that is not a folder, is a usage error (exit status 2), as argparse gives."""
+    parser = argparse.ArgumentParser(prog="python -m common.report",
+                                     description="Write RUN_DIR/report.html, a run's curves.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's folder (metrics.jsonl, ...)")
+    run_dir = parser.parse_args(argv).run_dir
+    if not os.path.isdir(run_dir):  # else the page would go into a new folder holding no run
+        parser.error(f"{run_dir}: not a folder")
     rep = Report(f"run {os.path.basename(os.path.normpath(run_dir))}")
     with rep.timed():
         rep.section("Training curves", training_plots(os.path.join(run_dir, "metrics.jsonl")))

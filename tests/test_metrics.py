@@ -285,6 +285,15 @@ def test_gold_rank_follows_parlai_hits_at_k():
     assert gold_rank(torch.zeros(100), 7) == 100 and gold_rank(torch.tensor([0.5, 0.1, 0.5, 0.9]), 0) == 3
 
 
+def test_gold_rank_of_a_turn_without_candidates_is_none():
+    """No candidates: label_matches gives [] and no candidate is gold (None, counted in no_gold),
+    not an IndexError from indexing with torch's float reading of []."""
+    assert label_matches([], "dog") == [] and gold_rank([], label_matches([], "dog")) is None
+    assert gold_rank(torch.zeros(0), []) is None and gold_rank([0.3, 0.2], []) is None
+    toks = [["x"]]
+    assert dialogue_scores(["x"], ["x"], toks, toks, chunk=1, ranks=[None])["no_gold"] == 1
+
+
 # ---------------------------------------------------------------- caption_metrics
 def test_caption_metrics_tokenises_then_scores():
     gts = {1: ["A cat sits on the mat.", "There is a cat on the mat!"], 2: ["A dog (brown) runs fast."]}

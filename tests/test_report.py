@@ -346,3 +346,13 @@ def test_command_line_report_of_a_run_directory(tmp_path):
     assert info["svgs"] == 4  # loss terms (gates among them), lr, grad norm, eval pair
     page = (tmp_path / "report.html").read_text()
     assert "<td>coco/cider</td><td>95.9</td>" in page and "<script>" not in page
+
+
+def test_command_line_without_a_run_directory_is_a_usage_error(tmp_path, capsys):
+    """No RUN_DIR is argparse's usage message and exit status 2, not an IndexError; a RUN_DIR that
+    is not a folder is one too (a mistyped path would get a new folder holding an empty page)."""
+    for argv in ([], [str(tmp_path / "no-such-run")]):
+        with pytest.raises(SystemExit) as e:
+            R.main(argv)
+        assert e.value.code == 2 and "usage: python -m common.report" in capsys.readouterr().err
+    assert not (tmp_path / "no-such-run").exists()
