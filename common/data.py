@@ -664,6 +664,11 @@ def _tar_samples(path, shard):
         yield shard, "", {}, error
 
 
+def _has_sample(path):
+    """Whether a shard's headers hold a complete sample (a broken tar, keys with a problem: no)."""
+    return any(problem is None for *_, problem in _tar_samples(path, 0))
+
+
 def _incomplete(members):
     if not any(e in members for e in IMAGE_EXTS):
         return "no image member"
@@ -702,7 +707,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Unreadable samples (bad image bytes, a caption that is not UTF-8 or empty, a key without image or
     .txt, a broken tar) are skipped and counted with ImageFolderLoader's rule: a DataError once more than
-    `max_bad_frac` of at least `min_tried` draws of one stream were bad.  Each yielded dict holds
+    `max_bad_frac` of at least `min_tried` draws of one stream were bad.  An endless stream whose
+    pass yielded no sample stops too: at once when no shard holds a complete sample or shards are
+    not shuffled, else after 100 such passes in a row.  Each yielded dict holds
     image (tensor, or PIL without a transform), caption, key, meta (key.json parsed, or {}), shard
     (index), folder (the shard's folder as the spec names it: part of the image id), and for the
     main process (StreamTracker) slot, n_slots, epoch, pos (draws of this slot in this epoch, bad
@@ -711,10 +718,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Resume is exact: a slot's stream is a function of (seed, epoch, slot) alone, so skipping the
     `pos` draws it had made (reading tar headers only) puts it where it was; and as DataLoader
-    takes batch b from worker b % workers, a resume after b batches makes worker w play slot
-    (w + b) % workers.  `resume` is StreamTracker.state_dict() (or StreamTracker.merge_states of
-    every rank's); the world size and the number of workers must be unchanged (a state saved
-    before any batch was consumed, n_slots None, starts afresh with any).
+    takes the batches from its workers in turn, passing over a worker whose stream has ended
+    (finite `epochs`), a resumed worker w plays the slot w places after the one whose batch came
+    last (the state's `turns`): endless, after b batches, slot (w + b) % workers.  `resume` is
+    StreamTracker.state_dict() (or StreamTracker.merge_states of every rank's); the world size
+    and the number of workers must be unchanged (a state saved before any batch was consumed,
+    n_slots None, starts afresh with any).
     """
 
     def __init__(self, shards, transform=None, rank=0, world=1, seed=0, shuffle_buffer=1000,
@@ -790,13 +799,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         if state.get("n_slots") not in (None, n_slots):  # None: saved before any batch was consumed
             raise DataError(f"resume state is for {state['n_slots']} streams (ranks x workers), this "
                             f"run has {n_slots}: resume with the same world size and workers")
-        slot = self.rank * n_workers + (worker + state.get("batches", 0)) % n_workers
+        turns = {int(k): v for k, v in state.get("turns", {}).items()}
+        own = [s for s in range(self.rank * n_workers, (self.rank + 1) * n_workers) if s in turns]
+        first = state.get("batches", 0) if not own else max(own, key=turns.get) + 1  # the next slot
+        slot = self.rank * n_workers + (worker + first) % n_workers
         epoch, skip = {int(k): v for k, v in state.get("slots", {}).items()}.get(slot, (0, 0))
         tried, bad, pending, examples, empty = 0, 0, [], [], 0
         while self.epochs is None or epoch < self.epochs:
-            drawn = 0
+            got = 0  # samples yielded in this pass (bad draws, a broken tar's among them, are none)
             for pos, (shard, key, members, problem) in self._draws(slot, n_slots, epoch, skip):
-                drawn += 1
                 out = None
                 if problem is None:
                     out, problem = self._decode(shard, key, members, epoch)
@@ -809,13 +820,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 out.update(key=key, shard=shard, folder=os.path.dirname(self.shards[shard]), slot=slot,
                            n_slots=n_slots, epoch=epoch, pos=pos, tried=1 + len(pending), bad=pending)
-                pending = []
+                pending, got = [], got + 1
                 yield out
-            empty = 0 if drawn or skip else empty + 1
-            stuck = empty and self.epochs is None  # endless, yet nothing drawn
-            if stuck and (self.shuffle_buffer <= 1 or empty > 100
-                          or not any(next(_tar_samples(p, 0), None) for p in self.shards)):
-                raise DataError(f"{self.spec}: the shards of stream {slot} hold no samples")
+            empty = 0 if got or skip else empty + 1
+            stuck = empty and self.epochs is None  # endless, yet a whole pass yielded nothing
+            if stuck and (self.shuffle_buffer <= 1 or empty > 100  # in order: same shards each pass
+                          or not any(_has_sample(p) for p in self.shards)):
+                eg = f" that can be read ({bad} of {tried} draws bad, e.g. {examples[:3]})" if bad \
+                    else ""
+                raise DataError(f"{self.spec}: the shards of stream {slot} hold no samples{eg}")
             epoch, skip = epoch + 1, 0
         self._check(tried, bad, examples, final=True)
 
@@ -855,9 +868,10 @@ def stream_loader(stream, micro_batch, workers=0, pin_memory=False):
 class StreamTracker:
     """The main process's side of a ShardStream: merges the bad-sample counts the consumed batches
     report (the bad-image rule over everything this process consumed: `report()`, `check()`) and
-    records how far each slot's consumed samples got -- `state_dict()`, the resume state to save
-    with a checkpoint.  Batches prefetched but not consumed are not counted, so the state matches
-    the step saved.  Counts restart at zero on resume."""
+    records how far each slot's consumed samples got and which batch each slot gave last --
+    `state_dict()`, the resume state to save with a checkpoint.  Batches prefetched but not
+    consumed are not counted, so the state matches the step saved.  Counts restart at zero on
+    resume."""
 
     def __init__(self, spec="shards", max_bad_frac=0.05, min_tried=20, state=None):
         self.spec, self.max_bad_frac, self.min_tried = spec, max_bad_frac, min_tried
@@ -865,6 +879,7 @@ class StreamTracker:
         state = state or {}
         self.batches, self.n_slots = state.get("batches", 0), state.get("n_slots")
         self.slots = {int(k): tuple(v) for k, v in state.get("slots", {}).items()}
+        self.turns = {int(k): v for k, v in state.get("turns", {}).items()}  # slot: its last batch
 
     def update(self, batch):
         self.batches += 1
@@ -874,24 +889,30 @@ class StreamTracker:
         positions = zip(batch["slot"].tolist(), batch["epoch"].tolist(), batch["pos"].tolist())
         for slot, epoch, pos in positions:
             self.slots[slot] = max(self.slots.get(slot, (0, 0)), (epoch, pos))
+            self.turns[slot] = self.batches
 
     def state_dict(self):
         return {"batches": self.batches, "n_slots": self.n_slots,
-                "slots": {k: list(v) for k, v in sorted(self.slots.items())}}
+                "slots": {k: list(v) for k, v in sorted(self.slots.items())},
+                "turns": dict(sorted(self.turns.items()))}
 
     @staticmethod
     def merge_states(states):
         """Every rank's state_dict -> one (ranks own disjoint slots and consume equal batches).
-        Each slot keeps the furthest (epoch, pos) any state holds: after a resume every rank's
-        tracker also holds the other ranks' slots as the resumed state had them, stale by now."""
+        Each slot keeps the furthest (epoch, pos) and the latest turn any state holds: after a
+        resume every rank's tracker also holds the other ranks' slots as the resumed state had
+        them, stale by now."""
         if len({s["batches"] for s in states}) > 1:
             raise ValueError("ranks consumed different numbers of batches: "
                              f"{[s['batches'] for s in states]}")
-        slots = {}
+        slots, turns = {}, {}
         for s in states:
             for k, v in s["slots"].items():
                 slots[k] = max(slots.get(k, v), v, key=tuple)
-        return {"batches": states[0]["batches"], "n_slots": states[0]["n_slots"], "slots": slots}
+            for k, v in s.get("turns", {}).items():  # none in a state saved before turns were kept
+                turns[k] = max(turns.get(k, v), v)
+        return {"batches": states[0]["batches"], "n_slots": states[0]["n_slots"], "slots": slots,
+                "turns": turns}
 
     def report(self):
         eg = f" (e.g. {self.examples})" if self.bad else ""

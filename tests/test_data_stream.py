@@ -388,6 +388,34 @@ def test_too_many_bad_members_stop_the_stream(tmp_path):
         list(data.stream_loader(data.ShardStream(f"{broken}/00001.tar,{tmp_path}/e0.tar", shuffle_buffer=0), 4, 2))
 
 
+def test_unreadable_shards_stop_an_endless_stream_after_one_pass(tmp_path, monkeypatch):
+    """Shards that are all broken tars or hold no complete sample yield nothing, pass after pass:
+    an endless stream stops once one pass yielded no sample (with max_bad_frac 1 the bad-sample
+    rule never would), while a broken shard beside good ones is only counted."""
+    passes = []
+    draws = data.ShardStream._draws
+
+    def counted(self, slot, n_slots, epoch, skip):
+        passes.append(epoch)
+        assert len(passes) <= 3, "still drawing after 3 passes that yielded nothing"
+        return draws(self, slot, n_slots, epoch, skip)
+    monkeypatch.setattr(data.ShardStream, "_draws", counted)
+    (tmp_path / "0.tar").write_bytes(b"not a tar" * 100)
+    _bad_shards(str(tmp_path / "t"), n_shards=1, per=3, bad={k: "missing" for k in range(3)})
+    names = f"{tmp_path}/0.tar,{tmp_path}/t/00000.tar"
+    for buffer in (0, 1000):
+        passes.clear()
+        msg = r"stream 0 hold no samples that can be read \(4 of 4 draws bad"
+        with pytest.raises(data.DataError, match=msg):
+            next(iter(data.ShardStream(names, shuffle_buffer=buffer, max_bad_frac=1.0)))
+        assert len(passes) == 1
+    good = _bad_shards(str(tmp_path / "g"), n_shards=1, per=4)
+    passes.clear()
+    stream = iter(data.ShardStream(f"{tmp_path}/0.tar,{good}", world=2, seed=3, shuffle_buffer=4,
+                                   max_bad_frac=1.0))  # seed 3: stream 0 gets the broken tar
+    assert [next(stream)["epoch"] for _ in range(4)] == [2] * 4 and passes == [0, 1, 2]
+
+
 def test_resume_is_exact(tmp_path):
     """Stop after 5 batches, resume from the tracker's state: the next batches are the unbroken run's, keys and
     augmented pixels alike, across epoch boundaries and bad samples (4 shards of 10 -> 2 slots of 20 per epoch)."""
@@ -426,12 +454,36 @@ def test_resume_is_exact(tmp_path):
         next(iter(data.stream_loader(make(state), 3, workers=1)))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 slots
+def test_resume_is_exact_after_a_finite_stream_ends(tmp_path):
+    """With `epochs` set, a worker whose streams ended is passed over: batches no longer come from
+    worker b % workers. A resume must go on with the slot after the one whose batch came last, not
+    slot b % workers (3 slots of 14, 4 and 10 samples a pass: after 14 or 20 batches the unbroken
+    run goes on 0, 2, 0, ...; (w + b) % workers would start with slot 2)."""
+    names = ",".join(_bad_shards(str(tmp_path / str(i)), n_shards=1, per=n)
+                     for i, n in enumerate([8, 2, 5, 6, 2, 5]))  # shard k goes to slot k % 3
+
+    def make(resume=None):
+        return data.stream_loader(data.ShardStream(names, seed=1, shuffle_buffer=0, epochs=2,
+                                                   resume=resume), 2, workers=3)
+    unbroken, states, tracker = [], [], data.StreamTracker(names)
+    for b in make():
+        unbroken.append((b["slot"].tolist(), b["shard"].tolist(), b["key"]))
+        tracker.update(b)
+        states.append(json.loads(json.dumps(tracker.state_dict())))
+    assert len(unbroken) == 28 and [s[0] for s, _, _ in unbroken[12:16]] == [0, 2, 0, 2]
+    for stop in (14, 20):
+        resumed = [(b["slot"].tolist(), b["shard"].tolist(), b["key"])
+                   for b in make(states[stop - 1])]
+        assert resumed == unbroken[stop:]
+
+
 def test_resume_from_a_state_saved_before_any_batch(tmp_path):
     """A checkpoint saved before any batch was consumed (a run of zero steps) holds StreamTracker's
     fresh state, n_slots None: resuming it starts the streams afresh instead of a DataError."""
     spec = _bad_shards(str(tmp_path / "z"))
     state = json.loads(json.dumps(data.StreamTracker(spec).state_dict()))
-    assert state == {"batches": 0, "n_slots": None, "slots": {}}
+    assert state == {"batches": 0, "n_slots": None, "slots": {}, "turns": {}}
 
     def make(resume=None):
         return data.ShardStream(spec, seed=5, shuffle_buffer=6, resume=resume)
@@ -453,7 +505,8 @@ def test_merge_after_a_resume_keeps_each_ranks_own_progress():
         tracker.update({"tried": 2, "bad": [], "n_slots": 2, "slot": torch.tensor([slot, slot]),
                         "epoch": torch.tensor([0, 0]), "pos": torch.tensor([6, 9 - slot])})
     state = data.StreamTracker.merge_states([json.loads(json.dumps(t.state_dict())) for t in ranks])
-    assert state == {"batches": 3, "n_slots": 2, "slots": {"0": [0, 9], "1": [0, 8]}}
+    assert state == {"batches": 3, "n_slots": 2, "slots": {"0": [0, 9], "1": [0, 8]},
+                     "turns": {"0": 3, "1": 3}}
 
 
 def _rank_keys(rank, world, port, spec, out_dir):
