@@ -1062,14 +1062,16 @@ def convert_mlslt(root, split, frames_dir, lang="en", sign_langs=("en",), fps=5.
     video, captioned with the `lang` text whatever the signing language (sign-to-text translation).  Frames
     are extracted by ffmpeg (`extract_frames`) into <frames_dir>/<split>/<id>/<sign lang>/; frame paths are
     <image_prefix>/<split>/<id>/<sign lang>/NNNNN.jpg, relative to frames_dir as the image root.  Entries
-    without a `lang` text, languages without a video and videos ffmpeg cannot decode are skipped and counted.
+    without a `lang` text, languages without a video and videos ffmpeg cannot decode are skipped
+    and counted; so is a repeated (id, signing language) (ids 7 and "7" too): it names the same
+    video and frame folder, which two extraction jobs would replace under each other.
     """
     report = report if report is not None else Report()
     root, frames_dir = str(root), str(frames_dir)
     ffmpeg = find_ffmpeg(ffmpeg)
     json_path = os.path.join(root, f"{split}.json")
     data = _load_json(json_path, list)
-    tasks = []  # (video path, frame folder, frame path prefix, caption)
+    tasks, taken = [], set()  # (video, frame folder, frame path prefix, caption); the folders
     for i, entry in enumerate(data):
         vid = str(_get(entry, "id", (str, int), json_path, f"[{i}]"))
         where = f"[{i}] (id {vid})"
@@ -1095,8 +1097,12 @@ def convert_mlslt(root, split, frames_dir, lang="en", sign_langs=("en",), fps=5.
             if not os.path.isfile(video):
                 report.skip("video file missing", os.path.join(split, vid, f"{sign_lang}.mp4"))
                 continue
-            tasks.append((video, os.path.join(frames_dir, split, vid, sign_lang),
-                          _join(image_prefix, split, vid, sign_lang), caption))
+            folder = os.path.join(frames_dir, split, vid, sign_lang)
+            if folder in taken:
+                report.skip("repeated id and signing language", f"{vid}/{sign_lang}")
+                continue
+            taken.add(folder)
+            tasks.append((video, folder, _join(image_prefix, split, vid, sign_lang), caption))
 
     def run(task):
         try:

@@ -967,6 +967,25 @@ def test_mlslt_frames_captions_and_skips(tmp_path):
 
 
 @needs_ffmpeg
+def test_mlslt_repeated_id_is_one_record_and_one_extraction(tmp_path):
+    """Two entries with one id (635 and "635") name one video and one frame folder: the repeat is
+    skipped and counted, not a second record of the same frames, nor a second ffmpeg job replacing
+    that folder while the first writes it (os.replace onto a full folder, rmtree of a gone one)."""
+    root = tmp_path / "SP-10"
+    data = _load(MLSLT / "dev.json")[:1]
+    root.mkdir()
+    _dump(data + [dict(data[0], id=str(data[0]["id"]))], root / "dev.json")
+    _tiny_mp4(root / "dev" / "635" / "en.mp4", seconds=1)
+    for jobs in (1, 2, 2):
+        report = Report()
+        recs = convert_mlslt(root, "dev", tmp_path / "frames", fps=5, max_frames=3, jobs=jobs,
+                             report=report)
+        frames = [f"dev/635/en/0000{i}.jpg" for i in range(3)]
+        assert recs == [{"frames": frames, "captions": ["Where to?"]}]
+        assert dict(report.skipped) == {"repeated id and signing language": 1}
+        assert report.examples["repeated id and signing language"] == ["635/en"]
+
+@needs_ffmpeg
 def test_mlslt_test_split_languages_and_errors(tmp_path):
     root = tmp_path / "SP-10"
     shutil.copy(MLSLT / "test.json", root.mkdir() or root / "test.json")
