@@ -91,7 +91,7 @@ def save_config(cfg, run_dir):
     os.makedirs(run_dir, exist_ok=True)
     d = asdict_config(cfg)
     tmp = os.path.join(run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(d, f, indent=2)
     os.replace(tmp, os.path.join(run_dir, "config.json"))
     return d

@@ -71,7 +71,7 @@ def read_hf_weights(path, prefixes=("",)):
     prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
     index = next((os.path.join(folder, f) for f in INDEXES if os.path.isfile(os.path.join(folder, f))), None)
     if index:
-        with open(index) as f:
+        with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
         files = sorted({v for k, v in weight_map.items() if _strip(k, prefixes) is not None})
     else:

@@ -48,7 +48,7 @@ class Logger:
         scalars = {k: (float(v) if hasattr(v, "item") else v) for k, v in scalars.items()}
         print(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()), flush=True)
         if self.path:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
 
     def info(self, msg):

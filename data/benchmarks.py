@@ -298,7 +298,7 @@ _SVO = ("subj", "verb", "obj")
 def _load_json(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -483,7 +483,7 @@ def read_winoground(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     recs = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line, s in enumerate(f, 1):
             if s.strip():
                 r = json.loads(s)

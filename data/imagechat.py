@@ -216,7 +216,7 @@ def preprocessor_stats(folder, default_mean=CLIP_MEAN, default_std=CLIP_STD):
     """Normalisation of the image processor saved in the CLIP folder (CLIP's own when absent)."""
     path = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             pc = json.load(f)
         return pc.get("image_mean", default_mean), pc.get("image_std", default_std)
     return default_mean, default_std
@@ -257,7 +257,8 @@ class _Stage:
         computed = sum(all_gather_object(self.computed))
         bad = self.images.gather().bad_paths
         if self.dist.is_main and bad:
-            with open(os.path.join(self.cfg.cache_dir, f"unreadable_{self.what}.json"), "w") as f:
+            with open(os.path.join(self.cfg.cache_dir, f"unreadable_{self.what}.json"), "w",
+                      encoding="utf-8") as f:
                 json.dump(bad, f)
         self.log.info(f"{self.what}: computed {computed}, {self.report()}")
         self.check(final=True)
@@ -546,7 +547,8 @@ def write_predictions(run_dir, split, k, rows):
     """<run_dir>/predictions_<split>_turn<k>.jsonl: per evaluated example its hash, the decoded
     encoder text, the reference and the generated reply."""
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w") as f:
+    with open(os.path.join(run_dir, f"predictions_{split}_turn{k}.jsonl"), "w",
+              encoding="utf-8") as f:
         f.writelines(json.dumps({n: r[n] for n in ("hash", "context", "reference", "prediction")})
                      + "\n" for r in rows)
 

@@ -585,7 +585,7 @@ def write_negclip_tsv(path, rows):
     literals); an extra image_id column (readers pick columns by name)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["", "title", "filepath", "neg_caption", "neg_image", "image_id"])
         for i, r in enumerate(rows):
@@ -599,7 +599,7 @@ def read_negclip_tsv(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         for line, r in enumerate(reader, 2):
             try:
@@ -746,7 +746,7 @@ def stale_reason(tsv, make_key):
     if not os.path.isfile(side):
         old_mined = os.path.isfile(tsv + ".summary.json")
         return f"{tsv} has no {os.path.basename(side)}" if old_mined else None
-    with open(side) as f:
+    with open(side, encoding="utf-8") as f:
         old = json.load(f)
     key = make_key()
     diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
@@ -864,7 +864,7 @@ def save_mined(tsv, rows, summary, key):
     TSV that stale_reason mines again (not the new rows under the old key, nor a first mined TSV
     without sidecars, which would pass for the released file and be used as is)."""
     def dump(path, obj):
-        with open(path + ".tmp", "w") as f:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
         os.replace(path + ".tmp", path)
     if os.path.isfile(tsv + ".key.json"):
@@ -967,7 +967,7 @@ def processor_config(path, meta=False):
             return {}
     if not os.path.isfile(file):
         return {}
-    with open(file) as f:
+    with open(file, encoding="utf-8") as f:
         return json.load(f)
 
 

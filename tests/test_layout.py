@@ -1,5 +1,5 @@
 """The house layout (README.md, "Layout"): line budgets of the method scripts, their reading order, and the import rule
-(nothing under common/ or data/ imports a method script)."""
+(nothing under common/ or data/ imports a method script), and shared code opening text as UTF-8."""
 import ast
 import re
 from pathlib import Path
@@ -63,3 +63,20 @@ def test_common_and_data_never_import_a_method_script():
     assert len(files) > 10
     bad = {str(f.relative_to(REPO)): sorted(set(_imports(f)) & methods) for f in files}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_shared_code_opens_text_files_as_utf8():
+    """Published annotations are UTF-8 (COCO and Image-Chat captions hold non-ASCII text); open() without an
+    encoding uses the locale's, so a cp1252 machine read them as other characters or stopped on them."""
+    files = sorted((REPO / "common").glob("*.py")) + sorted((REPO / "data").glob("*.py"))
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open"):
+                continue
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                  ast.Constant("r"))
+            binary = isinstance(mode, ast.Constant) and "b" in mode.value
+            if not binary and not any(k.arg == "encoding" for k in node.keywords):
+                bad.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert len(files) > 10 and not bad, f"text files opened without encoding=: {bad}"
