@@ -78,6 +78,12 @@ def test_hard_negative_sampler_never_picks_positive():
     picks = torch.stack([bp.sample_hard_negatives(s, torch.tensor([[True, False, False, False]]),
                                                   bp.gumbel_noise(k, 1, 4, 0, "cpu")) for k in range(300)])
     assert (picks == 1).float().mean() > 0.7 and (picks == 0).sum() == 0
+    # ... at softmax's own frequencies (an argmax that ignores the noise, or noise not Gumbel, passes the line above)
+    n, s = 2000, torch.tensor([[0.0, 3.0, 0.0, 1.0]])
+    idx = bp.sample_hard_negatives(s.expand(n, 4), torch.tensor([[True, False, False, False]]).expand(n, 4),
+                                   bp.gumbel_noise(0, n, 4, 0, "cpu"))
+    freq = torch.bincount(idx, minlength=4).float() / n  # softmax over the negatives: 0.844, 0.042, 0.114
+    assert freq[0] == 0 and torch.allclose(freq[1:], torch.softmax(s[0, 1:], 0), atol=0.03), freq
 
 
 def test_gumbel_noise_independent_of_process_split():
@@ -241,6 +247,22 @@ def test_mode_params_counts_the_paper_models_offline(monkeypatch):
     # --train_vision trains the ViT at stage 1 too (build()): counted as trainable there, not as frozen
     s1v = bp.main(["--preset", "paper", "--mode", "params", "--stage", "1", "--train_vision", "true"])
     assert s1v["trainable"] == 186_705_470 + s1["vision"] and s1v["frozen"] == 0
+
+
+def test_mode_params_counts_stage0_and_caption_offline(monkeypatch):
+    """--mode params of the other trained stages. Stage 0 trains the P-Former alone beside the frozen OPT-2.7B:
+    BERT-base without its pooler (109,482,240 - 590,592) + cls_proj (768 -> 32 x 768) + pooler + llm_proj (-> 2560)
+    + text_proj (-> 256) + temp; no ViT. Caption fine-tuning trains the Q-Former part (107,133,696) and the ViT at
+    364 px: 26 x 26 patch positions instead of 16 x 16, 1408 wide."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    s0 = bp.main(["--preset", "paper", "--mode", "params", "--stage", "0"])
+    pformer = (109_482_240 - 590_592) + (768 * 32 * 768 + 32 * 768) + (768 * 768 + 768) + (768 * 2560 + 2560) + \
+        (768 * 256 + 256) + 1
+    assert s0["trainable"] == s0["pformer"] == pformer and s0["frozen"] == s0["llm"] == 2_651_596_800
+    assert s0["gflops_per_sample"] > 0
+    cap = bp.main(["--preset", "paper", "--mode", "params", "--stage", "caption"])
+    assert cap["vision"] == 985_952_256 - 2 * 1408 + (26 * 26 - 16 * 16) * 1408
+    assert cap["trainable"] == 107_133_696 + cap["vision"] and cap["frozen"] == cap["llm"] == 2_651_596_800
 
 
 def test_losses_alone():
@@ -1126,7 +1148,8 @@ def test_resume_continues_exactly(pipeline, toy_root, tmp_path):
     drop = ("--qformer_dropout", "0.1", "--pformer_ckpt", str(pipeline["0"][1] / "checkpoint.pt"))
     full = bp.main(stage1_args(toy_root, tmp_path / "a", 2, *drop))
     bp.main(stage1_args(toy_root, tmp_path / "b", 1, *drop))
-    resumed = bp.main(stage1_args(toy_root, tmp_path / "b", 2, *drop, "--resume", str(tmp_path / "b" / "checkpoint.pt")))
+    resumed = bp.main(stage1_args(toy_root, tmp_path / "b", 2, *drop, "--resume",
+                                  str(tmp_path / "b" / "checkpoint.pt")))
     assert resumed["final_loss"] == full["final_loss"]  # bit-exact, dropout included
     assert resumed["final_itm"] == full["final_itm"] and "final_align" in full
 
@@ -1157,8 +1180,9 @@ def shards(toy_root, tmp_path_factory):
 def test_stage1_from_shards_resumes_exactly_and_splits_ranks(toy_root, shards, tmp_path):
     """--train_shards (issue 20.2): stage 1 from webdataset shards; a resume continues the stream exactly; two
     gloo processes each read their own stream (ranks x workers split the shards)."""
-    args = lambda out, steps, *a: stage1_args(toy_root, out, steps, "--train_shards", shards, "--qformer_dropout",  # noqa
-                                              "0", "--global_batch", "8", "--micro_batch", "8", *a)
+    args = lambda out, steps, *a: stage1_args(toy_root, out, steps, "--train_shards", shards,  # noqa: E731
+                                              "--qformer_dropout", "0", "--global_batch", "8", "--micro_batch", "8",
+                                              *a)
     full = bp.main(args(tmp_path / "a", 3))
     bp.main(args(tmp_path / "b", 2))
     resumed = bp.main(args(tmp_path / "b", 3, "--resume", str(tmp_path / "b" / "checkpoint.pt")))
@@ -1190,7 +1214,8 @@ def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     assert ck["step"] == 3 and any(k.startswith("qformer.itm_head") for k in ck["model"])
     two = json.load(open(tmp_path / "metrics.json"))  # the ITM re-ranking's rows split over the two ranks
     one = bp.main(["--stage", "eval", "--init", str(tmp_path / "checkpoint.pt"), "--eval_tasks", "retrieval",
-                   "--k_test", "3", "--report", "false"] + common_args(toy_root, tmp_path / "one") + ["--eval_max", "8"])
+                   "--k_test", "3", "--report", "false"] + common_args(toy_root, tmp_path / "one")
+                  + ["--eval_max", "8"])
     assert "itc_r_mean" in one and {k: two[k] for k in one} == pytest.approx(one, abs=1e-6)
     single = bp.main(base + common_args(toy_root, tmp_path / "single") +  # the global batch in one micro batch
                      ["--eval_max", "8", "--report", "false", "--micro_batch", "8"])

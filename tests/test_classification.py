@@ -150,6 +150,10 @@ def test_linear_probe_separates_blobs_and_stays_at_chance_on_random_labels():
     loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5e-3 * (w * w).sum()
     loss.backward()
     assert w.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-3
+    # lambda: chosen on a held-out fifth, the largest among the best (a tie goes to the simpler model); on classes
+    # that every lambda of the grid separates on the held-out fifth that is the largest of the grid
+    x = torch.nn.functional.one_hot(y, 16).float() * 10 + 0.1 * torch.randn(400, 16, generator=g)
+    assert B.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, lambdas=(1e-4, 1e-2, 1.0)) == (1.0, 1.0)
 
 
 def _colour_scorer():
@@ -189,6 +193,32 @@ def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
     lines = []
     assert B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path / "colours"), log=lines.append) == {}
     assert lines[0].startswith("classification: no ") and lines[0].endswith("skipped")
+
+
+def test_zero_shot_averages_each_class_prompts_and_renormalises(tmp_path):
+    """CLIP's prompt ensembling: a class's text embedding is the mean over templates.txt's prompts, re-normalised.
+    Here each template alone points every class half-way to a neighbour (either template alone: every image wrong),
+    and each class's prompts have a norm of their own (the mean without re-normalising: the widest class wins)."""
+    root = tmp_path / "classification" / "prompts"
+    _folder(root, ["blue", "green", "red"], 2, split="test", colour=lambda k, i: tuple(200 * (j == 2 - k)
+                                                                                       for j in range(3)))
+    (root / "templates.txt").write_text("a left {} square.\na right {} square.\n")
+    words, eye = ["red", "green", "blue"], torch.eye(3)
+
+    def texts(ts):
+        out = []
+        for t in ts:
+            k = next(k for k, w in enumerate(words) if w in t.split())
+            v = eye[k] + 1.2 * eye[(k + (1 if "left" in t.split() else -1)) % 3]
+            out.append((1 + 3 * k) * v)
+        return torch.stack(out)
+    sc = _colour_scorer()
+    r = B.eval_classification(B.Scorer(sc.embed_images, texts), str(tmp_path), log=lambda *a: None)
+    assert r == {"prompts_zeroshot_top1": 1.0, "prompts_n": 6}
+    for line in ("a left {} square.", "a right {} square."):  # either template alone: every image wrong
+        (root / "templates.txt").write_text(line + "\n")
+        r = B.eval_classification(B.Scorer(sc.embed_images, texts), str(tmp_path), log=lambda *a: None)
+        assert r["prompts_zeroshot_top1"] == 0, line
 
 
 def test_classification_on_two_gloo_processes_equals_one(toy_root, tmp_path):

@@ -149,8 +149,11 @@ def test_resume_is_exact(tmp_path):
 def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"obj": _Net()}, path)  # a whole pickled module is not weights-only data
-    with pytest.raises(Exception):
+    import pickle
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # refused, not missing or broken
         checkpoint.load_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 # ---------------------------------------------------------------- distributed: gather with gradient
@@ -615,12 +618,21 @@ def test_check_finite_and_clip():
     assert train.clip_grad([p], 1.0) == pytest.approx(4.0) and p.grad.norm().item() == pytest.approx(1.0)
 
 
-def test_bench_and_flops_and_logger(tmp_path, capsys):
+def test_bench_and_flops_and_logger(tmp_path, capsys, monkeypatch):
+    import types
     lin = torch.nn.Linear(16, 8)
     x = torch.randn(4, 16)
     assert train.count_flops(lambda: lin(x)) == 2 * 4 * 16 * 8
-    out = train.run_bench(lambda: lin(x), n=3, samples_per_step=4, device="cpu", warmup=1)
-    assert out["samples_s"] > 0 and "mfu" not in out
+    now = [0.0]  # a fake clock: each step takes 0.5 s, so 4 samples a step run at 8 samples/s
+
+    def step():
+        now[0] += 0.5
+        return lin(x)
+    with monkeypatch.context() as m:
+        m.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+        out = train.run_bench(step, n=3, samples_per_step=4, device="cpu", warmup=1)
+    assert out == {"bench_steps": 3, "ms_step": 500.0, "samples_s": 8.0}  # no mfu on a CPU
+    assert "bench | bench_steps 3 | ms_step 500 | samples_s 8" in capsys.readouterr().out
     lg = log.Logger(str(tmp_path), is_main=True)
     lg.log(5, loss=torch.tensor(1.5), lr=1e-3)
     assert "step 5 | loss 1.5 | lr 0.001" in capsys.readouterr().out
@@ -970,10 +982,18 @@ def test_step_timer_measures_stop_to_stop_without_syncing(monkeypatch):
     assert timer.stop(8) == {"ms_step": 1000.0, "samples_s": 8.0}
 
 
-def test_samples_per_second_runs_warmup_and_timed_calls():
-    calls = []
-    rate = train.samples_per_second(lambda: calls.append(1), 16, "cpu", n=3, warmup=2)
-    assert len(calls) == 5 and rate > 0
+def test_samples_per_second_runs_warmup_and_timed_calls(monkeypatch):
+    """2 untimed calls, then 3 timed ones: call i takes i seconds of a fake clock, so the timed mean is
+    (3 + 4 + 5) / 3 = 4 s a call and 16 samples a call run at 4 samples/s."""
+    import types
+    calls, now = [], [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def fn():
+        calls.append(1)
+        now[0] += len(calls)
+    rate = train.samples_per_second(fn, 16, "cpu", n=3, warmup=2)
+    assert len(calls) == 5 and rate == pytest.approx(16 / 4)
 
 
 def test_given_flags_names_the_fields_set_on_the_command_line(monkeypatch):
@@ -1000,6 +1020,31 @@ def test_fp16_scaler_is_on_where_no_gpu_is_visible(monkeypatch):
     gnorm = train.optimizer_update(opt, scaler, list(lin.parameters()), 0.0, 1,
                                    {"loss": loss.detach()})
     assert 0 < gnorm < 1e3 and not torch.equal(lin.weight.detach(), before)  # unscaled, stepped
+
+
+def test_fp32_output_computes_logits_in_fp32_under_autocast():
+    """fp32_output: a frozen output layer's logits are fp32 under a bf16 autocast (not rounded to bf16), equal to
+    the fp32 layer's; a deepcopy reads its own weight."""
+    import copy
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(8, 5), torch.randn(3, 8) * 40
+    amp.fp32_output(lin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin(x.bfloat16())
+        twin = copy.deepcopy(lin)
+        with torch.no_grad():
+            twin.weight.mul_(2)
+        doubled = twin(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x.bfloat16().float(), lin.weight, lin.bias), rtol=0, atol=0)
+    torch.testing.assert_close(doubled, F.linear(x, 2 * lin.weight, lin.bias), rtol=1e-6, atol=1e-5)
+
+
+def test_set_lr_scales_each_group_by_its_lr_scale():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 0.1}], lr=1.0)
+    train.set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, pytest.approx(0.05)]
 
 
 def test_all_reduce_mean_is_a_detached_copy_on_one_process_too():

@@ -1,4 +1,5 @@
-"""dlip.py: transformers equivalence, losses, momentum/queues, every mode on the tiny toy world, resume, 2-process DDP."""
+"""dlip.py: transformers equivalence, losses, momentum/queues, every mode on the tiny toy world, resume,
+2-process DDP."""
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from common.checkpoint import CheckpointMismatch
 MARGINS = {
     "pretrain": dict(loss=0.85,  # 0.735 / 0.741 / 0.722
                      lm=0.9,  # 0.808 / 0.807 / 0.804
+                     lm_kd=0.6,  # 0.455 / 0.398 / 0.435 (0.554 on seed 0 without its own gradient)
+                     attn_sa=0.85, attn_dec=0.75,  # 0.669 / 0.406 / 0.467; 0.584 / 0.363 / 0.425
                      rep_img=0.7,  # 0.181 / 0.339 / 0.302
                      rep_txt=0.6,  # 0.208 / 0.172 / 0.175
                      rep_fus=0.4, rep_dec=0.4),  # 0.066 / 0.082 / 0.060; 0.092 / 0.085 / 0.076
@@ -195,7 +198,7 @@ def test_nucleus_sampling_with_a_tiny_top_p_is_greedy(hf_folders):
     assert not torch.equal(greedy[1.0], greedy[1.5])  # the penalty changes what greedy picks here
 
 
-def test_nucleus_sampling_is_reproducible_per_seed_and_respects_min_length(hf_folders):
+def test_nucleus_sampling_is_reproducible_per_seed_and_keeps_min_length(hf_folders):
     """The same generator seed gives the same captions, other seeds others (a random decoder: ~50 likely
     tokens a step); a decoder that all but always says [SEP] says it exactly at min_len, then pads."""
     ours = dlip.load_hf_blip(hf_folders[1], SPECIAL).eval()
@@ -334,17 +337,22 @@ def test_paper_preset_distils_blips_pretrained_checkpoint_at_224(capsys):
 
 
 def test_pretrain_distils_a_blip_pth_teacher_and_inits_the_student_from_it(world, tmp_path, capsys):
+    """A BLIP .pth as --teacher and as --init of a student of its shape: the student starts as the teacher, so at
+    the first step every representation, logit and attention term is 0 (only ITC-KD's soft targets are not)."""
     d, base, root = world
     _, special = dlip.load_tokenizer(os.path.join(root, "models", "bert"))
     c = dlip.ModelConfig(image_size=32, patch_size=8, vit_width=64, vit_layers=1, vit_heads=1, vit_mlp=128,
                          text_width=64, text_layers=1, text_heads=1, text_ffn=128, queue_size=8, **special)
     pth = _blip_pth(dlip.BLIP(c), tmp_path / "model_base.pth")
-    m = dlip.main(["--mode", "pretrain", *base, *TINY, *_width(64), "--teacher", pth, "--init", pth, "--max_steps", "1",
-                   "--report", "false", "--out_dir", str(tmp_path / "run")])
+    m = dlip.main(["--mode", "pretrain", *base, *TINY, *_width(64), "--vit_heads", "1", "--text_heads", "1",
+                   "--teacher", pth, "--init", pth, "--w_itm_kd", "1", "--max_steps", "1", "--report", "false",
+                   "--out_dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert f"distilling {pth}" in out and m["final_itc_kd"] > 0 and "final_lm_kd" in m
     n_fit, n_all = map(int, re.search(r"(\d+) of (\d+) tensors fit the student", out).groups())
     assert 0.5 * n_all < n_fit < n_all  # everything but the queues and what the pth lacks (its momentum copies)
+    zero = ("rep_img", "rep_txt", "rep_fus", "rep_dec", "lm_kd", "attn_sa", "attn_ca", "attn_dec", "itm_kd")
+    assert all(abs(m["first_" + k]) < 1e-5 for k in zero) and m["first_lm"] > 0, m
 
 
 def test_blip_caption_pth_evaluates_and_distils_with_the_prompt_a_pretrain_pth_without(world, tmp_path,
@@ -458,6 +466,14 @@ def test_distillation_losses_zero_for_identical_models_and_ignore_padding():
     B[0, :, 4:] = torch.randn(4, 2, 6).softmax(-1)  # padded query rows differ: not counted
     assert dlip.attn_kd_loss(A, B, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert dlip.attn_kd_loss(A, torch.randn(2, 2, 6, 6).softmax(-1), mask).item() > 0  # head counts differ
+    # the direction, by hand: KL(teacher || student) over the target positions / the non-padding query rows
+    zs, keep = torch.randn(2, 6, 100), labels[:, 1:] != -100
+    t, s = z[:, :-1][keep].log_softmax(-1), zs[:, :-1][keep].log_softmax(-1)
+    assert dlip.lm_kd_loss(zs, z, labels).item() == pytest.approx((t.exp() * (t - s)).sum(-1).mean().item(), rel=1e-5)
+    S = torch.randn(2, 4, 6, 6).softmax(-1)
+    kl = (A * (A.log() - S.log())).sum(-1)  # (B, H, Lq)
+    by_hand = kl[mask[:, None, :].expand_as(kl) > 0].mean()  # 4 heads x (4 + 6) rows
+    assert dlip.attn_kd_loss(A, S, mask).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_hard_negatives_vectorised_never_positive_and_nan_safe():
@@ -471,6 +487,8 @@ def test_hard_negatives_vectorised_never_positive_and_nan_safe():
     assert len(set(draws[:, 2].tolist())) > 2  # it samples, not argmax
     sim[2, 3], sim[3, 2], sim[4, 0] = float("nan"), float("inf"), -float("inf")  # AMP overflow must not crash
     assert dlip.multinomial_negatives(sim, same, g).shape == (6,)
+    draws = torch.stack([dlip.multinomial_negatives(sim, same, g) for _ in range(100)])  # row 3's softmax: all NaN
+    assert not same[torch.arange(6)[None].expand(100, -1), draws].any() and len(set(draws[:, 3].tolist())) > 2
     t = dlip.itc_targets(same, sim.nan_to_num(0, 50, -50), 0.4)
     torch.testing.assert_close(t.sum(1), torch.ones(6))
 
@@ -872,6 +890,9 @@ def _rows(path):
 
 
 def test_pretrain_distillation_every_term_logged_and_falls(student_run):
+    """Every loss term is logged; those that leave their start within 24 steps fall (MARGINS["pretrain"]). Not
+    asserted: ITC, ITM and ITC-KD (ratios 0.92-0.97: ITC's plateau lasts ~50 steps), attn_ca (~1e-4) and ITM-KD
+    (from ~0.03, ratios 0.01-0.47, and it falls as far without its own gradient)."""
     out, m = student_run
     rows = _rows(os.path.join(out, "metrics.jsonl"))
     terms = ["itc", "itm", "lm", "itc_kd", "rep_img", "rep_txt", "rep_fus", "rep_dec", "lm_kd", "attn_sa", "attn_ca",
@@ -879,7 +900,7 @@ def test_pretrain_distillation_every_term_logged_and_falls(student_run):
     for k in terms + ["lr", "grad_norm", "ms_step", "samples_s"]:
         assert k in rows[0], k
     assert len(rows) == 24
-    for k, bound in MARGINS["pretrain"].items():  # (ITC needs ~50 steps to leave its plateau: not asserted)
+    for k, bound in MARGINS["pretrain"].items():
         first, last = _thirds(rows, k)
         assert last < bound * first, (k, first, last)
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
@@ -1038,7 +1059,8 @@ def test_eval_mode_evaluates_at_the_checkpoints_image_size_and_text_length(world
     args = ["--mode", "eval", "--task", "retrieval", *base, *tiny, "--ckpt", str(tmp_path / "p48" / "last.pt"),
             "--teacher", "", "--report", "false", "--test_file", os.path.join(root, "pairs_val.jsonl")]
     dlip.main([*args, "--out_dir", str(tmp_path / "e48")])
-    assert seen == [(48, 12)] and "eval at image_size 48, max_len 12 (the checkpoint's: image_size, max_len; given: -)" in \
+    assert seen == [(48, 12)]
+    assert "eval at image_size 48, max_len 12 (the checkpoint's: image_size, max_len; given: -)" in \
         capsys.readouterr().out
     assert lens == [35]  # the retrieval texts: BLIP's evaluation() tokenises at 35 whatever the training length
     dlip.main([*args, "--image_size", "32", "--out_dir", str(tmp_path / "e32")])
@@ -1095,7 +1117,8 @@ def test_fine_tuning_tests_the_best_val_epoch(world, student_run, monkeypatch):
             tested.append({k: v.clone() for k, v in model.state_dict().items()})
         return dict(out, val_r_mean=next(vals)) if split == "val" else out
     monkeypatch.setattr(dlip, "evaluate", evaluate)
-    splits = ["--val_file", os.path.join(root, "pairs_val.jsonl"), "--test_file", os.path.join(root, "pairs_test.jsonl")]
+    splits = ["--val_file", os.path.join(root, "pairs_val.jsonl"),
+              "--test_file", os.path.join(root, "pairs_test.jsonl")]
     r = dlip.main(["--mode", "retrieval", *base, *TINY, "--init", ckpt, "--epochs", "2", "--lr", "1e-3", *splits,
                    "--report", "false", "--out_dir", str(d / "ret_best")])
     assert (r["best_epoch"], r["best_step"], r["val_r_mean"]) == (1.0, 5, 60.0) and "test_r_mean" in r

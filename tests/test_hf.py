@@ -1,4 +1,5 @@
-"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), hub names from the cache or a download; the published architectures (--mode params) and their parameter counts."""
+"""common/hf.py: HF folders as state dicts (safetensors or .bin, single or sharded, prefixes), hub names from the
+cache or a download; the published architectures (--mode params) and their parameter counts."""
 import json
 
 import pytest
@@ -51,8 +52,9 @@ def test_sharded_reads_open_only_the_shards_holding_the_prefix(tmp_path):
     first, second = _sharded(tmp_path, "safetensors")
     (tmp_path / second).write_bytes(b"not a safetensors file")  # opening it would fail
     assert set(read_hf_weights(str(tmp_path), "vision_model.")) == {"embeddings.w", "post_layernorm.bias"}
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as e:  # the text keys' shard is opened: its bytes fail (not "no weights")
         read_hf_weights(str(tmp_path), "text_model.")
+    assert not isinstance(e.value, FileNotFoundError), e.value
 
 
 def test_unnamed_safetensors_files_without_an_index_are_all_read(tmp_path):
@@ -66,7 +68,8 @@ def test_unnamed_safetensors_files_without_an_index_are_all_read(tmp_path):
 
 def test_hub_names_that_cannot_be_had_fail_in_one_line(tmp_path):
     assert resolve_local(str(tmp_path)) == str(tmp_path) and resolve_local("") == ""
-    with pytest.raises(FileNotFoundError, match="not a local path, and not in the Hugging Face cache nor downloadable") as e:
+    with pytest.raises(FileNotFoundError,
+                       match="not a local path, and not in the Hugging Face cache nor downloadable") as e:
         resolve_local("someone/not-downloaded-model")
     assert "\n" not in str(e.value)
 
@@ -166,3 +169,33 @@ def test_model_loads_and_saves_draw_no_progress_bars(tmp_path, toy_root):
         assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr, \
             (head, proc.stderr[-800:])
         assert proc.stdout.split()[-1] == "on", head
+
+
+def test_hf_model_builds_the_meta_architecture_of_a_sub_config_or_loads_the_weights(tmp_path):
+    """hf_model (--mode params of negclip / imagechat_warmup): meta=True builds the folder's architecture (or a
+    sub-config's) on the meta device in eval mode, dropping the loading-only keywords; meta=False loads the
+    weights; counts_table aligns the printed counts."""
+    from common.hf import counts_table, hf_model
+    clip, bert = tmp_path / "clip", tmp_path / "bert"
+    cc = transformers.CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, vocab_size=50),
+                                 vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=32, patch_size=8),
+                                 projection_dim=8)
+    transformers.CLIPModel(cc).save_pretrained(clip)
+    transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32).save_pretrained(bert)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    vis = hf_model(transformers.CLIPVisionModel, str(clip), meta=True, sub="vision_config")
+    assert isinstance(vis, transformers.CLIPVisionModel) and not vis.training
+    assert {p.device.type for p in vis.parameters()} == {"meta"}
+    assert count(vis) == count(transformers.CLIPVisionModel(cc.vision_config)) and vis.config.hidden_size == 24
+    enc = hf_model(transformers.AutoModel, str(bert), meta=True, add_pooling_layer=False, local_files_only=True,
+                   dtype=torch.float16)  # the loading-only keywords go, the model's own stays
+    assert isinstance(enc, transformers.BertModel) and enc.pooler is None and not enc.training
+    assert {p.device.type for p in enc.parameters()} == {"meta"}
+    loaded = hf_model(transformers.CLIPVisionModel, str(clip))
+    saved = transformers.CLIPModel.from_pretrained(clip).vision_model.state_dict()
+    got = {k.removeprefix("vision_model."): v for k, v in loaded.state_dict().items()}  # (transformers < 5 nests)
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert counts_table({"trainable": 1234567, "gflops": 1.5}) == "trainable  1,234,567\ngflops     1.50"

@@ -266,8 +266,22 @@ def test_paper_preset_averages_the_metrics_over_the_release_eval_batches():
     """The paper's batch-averaged F1 / BLEU-4 / ROUGE-L / PPL are means over the release's val/test loader batches,
     64 examples (training_ablation.py --batch_size; model_blender_bot.py averages per batch): the paper preset
     evaluates in batches of 64; the toy preset keeps 32."""
-    assert icw.parse_config(icw.Config, icw.PRESETS, ["--preset", "paper"]).eval_batch == 64
-    assert icw.parse_config(icw.Config, icw.PRESETS, []).eval_batch == 32
+    import types
+    paper = icw.parse_config(icw.Config, icw.PRESETS, ["--preset", "paper"])
+    assert paper.eval_batch == 64 and icw.parse_config(icw.Config, icw.PRESETS, []).eval_batch == 32
+    # turn_scores means each batch of cfg.eval_batch, then the batches: replies right, wrong, right give F1 and
+    # ROUGE-L (100 + 0) / 2 and 100 -> 75 in batches of 2, 200 / 3 in one; PPL exp(15 / 10), exp(5 / 5) -> their mean
+    vocab, ref = {}, "i love this red circle"
+    tok = types.SimpleNamespace(  # whitespace words: the reference's round trip leaves it as written
+        encode=lambda text, **kw: [vocab.setdefault(w, len(vocab)) for w in text.split()],
+        decode=lambda ids, **kw: " ".join({i: w for w, i in vocab.items()}[i] for i in ids))
+    rows = [{"prediction": p, "reference": ref, "nll": nll, "n_tok": 5} for p, nll in
+            ((ref, 5.0), ("so boring", 10.0), (ref, 5.0))]
+    two = icw.turn_scores(rows, tok, types.SimpleNamespace(eval_batch=2, num_candidates=100))
+    one = icw.turn_scores(rows, tok, paper)
+    assert two["F1"] == two["ROUGE-L"] == pytest.approx(75.0) and two["corpus_F1"] == pytest.approx(200 / 3)
+    assert one["F1"] == one["ROUGE-L"] == pytest.approx(200 / 3)
+    assert two["PPL"] == pytest.approx((math.exp(1.5) + math.e) / 2) and one["PPL"] == pytest.approx(math.exp(20 / 15))
 
 
 def test_toy_paths_build_only_the_backbones_a_mode_reads(monkeypatch):
@@ -1348,7 +1362,17 @@ def test_params_mode_builds_the_paper_model_offline_at_its_published_size():
 
 def test_compile_flag_compiles_the_trained_model_once(assets, cached, tmp_path, monkeypatch):
     root, paths = cached
-    seen = []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
-    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or module)
+    seen, calls = [], []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the module the steps must call
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            calls.append(1)
+            return self.module(*a, **k)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or Compiled(module))
     res = run(train_args(assets, "warmup", 2, bench=1, compile="true"), tmp_path / "c", **paths)
     assert res["bench_steps"] == 1 and len(seen) == 1 and isinstance(seen[0], icw.ImageChatModel)
+    assert len(calls) == 4 * 2  # 3 warm-up + 1 timed steps of 2 micro-batches each ran the compiled module

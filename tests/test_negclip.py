@@ -88,8 +88,16 @@ def test_duplicate_mask():
     m = N.duplicate_mask(img_ids, txt_ids)
     assert m.shape == (4, 8)
     assert m[0, 2] and m[2, 0] and m.sum() == 2      # off-diagonal same-image only; hard captions never masked
-    loss, _ = N.negclip_loss(_unit(torch.randn(4, 5)), _unit(torch.randn(8, 5)), torch.tensor(5.0), m)
-    assert torch.isfinite(loss)
+    torch.manual_seed(0)
+    img, txt = _unit(torch.randn(4, 5)), _unit(torch.randn(8, 5))
+    loss, terms = N.negclip_loss(img, txt, torch.tensor(5.0), m)
+    # the masked logits leave both softmaxes: the loss of the other logits, and not the unmasked loss
+    logits = (5.0 * img @ txt.t()).masked_fill(m, float("-inf"))
+    i2t = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    t2i = torch.nn.functional.cross_entropy(logits[:, :4].t(), torch.arange(4))
+    assert torch.isfinite(loss) and torch.allclose(terms["i2t"], i2t) and torch.allclose(terms["t2i"], t2i)
+    assert torch.allclose(loss, (i2t + t2i) / 2)
+    assert (loss - N.negclip_loss(img, txt, torch.tensor(5.0))[0]).abs() > 1e-3
 
 
 def test_lora_counts_and_merge_equals_unmerged():
@@ -112,6 +120,8 @@ def test_lora_counts_and_merge_equals_unmerged():
                 m.lora_B.normal_()
     y1 = net(x)
     assert not torch.allclose(y0, y1)
+    q = net.q_proj  # W x + (alpha / r) B A x, alpha / r = 2 (Hu et al.; PEFT's scaling)
+    assert torch.allclose(q(x), q.base(x) + 2 * x @ q.lora_A.t() @ q.lora_B.t(), atol=1e-5)
     N.merge_lora(net)
     assert not any(isinstance(m, N.LoRALinear) for m in net.modules())
     assert torch.allclose(net(x), y1, atol=1e-5)
@@ -325,6 +335,21 @@ def test_train_eval_export_pipeline(mined, toy_root, tmp_path):
                 "svo/pairwise", "svo/coverage", "winoground/group"):
         assert key in ev and np.isfinite(ev[key]), key
     assert ev["retrieval/r_mean"] == pytest.approx(res["retrieval/r_mean"], abs=1e-6)
+    # export of the checkpoint (both towers trained, no LoRA): a CLIPModel folder with the checkpoint's features
+    from transformers import AutoTokenizer, CLIPModel
+    exp = N.main(["--mode", "export", *_args(toy_root, tmp_path / "x", "--ckpt", out / "best.pt",
+                                             "--export_dir", tmp_path / "exported")])
+    cfg = N.parse_config(N.Config, N.PRESETS, ["--toy_root", toy_root, "--mode", "export", "--ckpt",
+                                               str(out / "best.pt")])
+    ours = N.load_for_eval(N.resolve_paths(cfg), N.Logger(None, False))[0].eval()
+    ref, x = CLIPModel.from_pretrained(exp["export_dir"]).eval(), torch.randn(2, 3, 64, 64)
+    t = AutoTokenizer.from_pretrained(exp["export_dir"])(["a red circle left of a square", "a"], padding=True,
+                                                         return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(x, normalize=False),
+                              ref.get_image_features(pixel_values=x).pooler_output, atol=1e-5)
+        assert torch.allclose(ours.encode_text(t["input_ids"], t["attention_mask"], normalize=False),
+                              ref.get_text_features(**t).pooler_output, atol=1e-5)
     saved = json.load(open(tmp_path / "eval" / "results.json"))
     assert saved["winoground/text"] == ev["winoground/text"]
     # ARO's accuracy per relation and per attribute pair (its evaluate_scores records) are in results.json
@@ -380,6 +405,30 @@ def test_lora_lock_vision_train_and_export_equals_transformers(mined, toy_root, 
                               ref.get_image_features(pixel_values=x).pooler_output, atol=1e-5)
         base = CLIPModel.from_pretrained(os.path.join(toy_root, "models", "clip")).eval()
         assert not torch.allclose(base.get_text_features(**t).pooler_output, ref.get_text_features(**t).pooler_output)
+
+
+def test_unimodal_export_writes_towers_and_heads_that_give_the_embeddings(toy_root, tmp_path, monkeypatch):
+    """--init unimodal --mode export: vision/ and text/ (transformers folders) and heads.safetensors (the two
+    projections and the log-temperature) rebuild the exported model's embeddings with transformers alone."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+    seen, export = [], N.export_model
+    monkeypatch.setattr(N, "export_model", lambda model, *a: seen.append(model) or export(model, *a))
+    exp = N.main(["--mode", "export", *_args(toy_root, tmp_path / "x", "--init", "unimodal", "--embed_dim", 16,
+                                             "--export_dir", tmp_path / "exported")])
+    ours, out = seen[0].eval(), exp["export_dir"]
+    vision, text = (AutoModel.from_pretrained(os.path.join(out, side)).eval() for side in ("vision", "text"))
+    heads = load_file(os.path.join(out, "heads.safetensors"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "text"))
+    assert heads["logit_scale"].item() == pytest.approx(ours.logit_scale.item())
+    t = tok(["a red circle above a blue square", "a small green star"], padding=True, return_tensors="pt")
+    x = torch.randn(2, 3, ours.image_size, ours.image_size)
+    with torch.no_grad():
+        m = t["attention_mask"][..., None].float()
+        want_t = ((text(**t).last_hidden_state * m).sum(1) / m.sum(1)) @ heads["text_projection"].t()
+        want_i = vision(pixel_values=x).pooler_output @ heads["visual_projection"].t()
+        assert torch.allclose(ours.encode_text(t["input_ids"], t["attention_mask"]), _unit(want_t), atol=1e-5)
+        assert torch.allclose(ours.encode_image(x), _unit(want_i), atol=1e-5)
 
 
 def test_resume_equals_unbroken_run(mined, toy_root, tmp_path):
@@ -849,15 +898,28 @@ def test_hub_tower_is_normalised_as_the_same_local_folder(tmp_path, monkeypatch)
     assert NG.processor_config(hub, meta=True) == {}  # --mode params: no network, the family default
 
 
-def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, slowed):
+def test_unimodal_init_clip_ft_bench_and_nonfinite(mined, toy_root, tmp_path, slowed, monkeypatch):
     tsv, _ = mined
-    # uni-modal towers (toy CLIP vision + toy BERT) with fresh heads; plain CLIP loss first (hn_start 10%)
+    # CLIP-FT (--hard_negatives false), the paper's baseline: each step's batch is B images x B captions (no
+    # neighbour image, no hard caption), and the checkpoint says it is one
+    blocks, global_loss = [], N.global_loss
+    monkeypatch.setattr(N, "global_loss", lambda i, t, s, batches, *a: blocks.extend(
+        (b["blocks"], len(b["pixels"]), len(b["ids"])) for b in batches) or global_loss(i, t, s, batches, *a))
+    res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "ft", "--train_tsv", tsv, "--max_steps", 2,
+                                            "--hard_negatives", "false", "--global_batch", 8, "--micro_batch", 8,
+                                            "--val_file", "none", "--eval_after_train", "false", "--report", "false")])
+    hard = [json.loads(s)["hard"] for s in open(tmp_path / "ft" / "metrics.jsonl") if '"hard"' in s]
+    assert blocks == [((1, 1), 8, 8)] * 2 and hard == [0, 0] and all(np.isfinite(res["train/losses"]))
+    assert N.load_checkpoint(str(tmp_path / "ft" / "last.pt"))["kind"] == "clip-ft"
+    monkeypatch.setattr(N, "global_loss", global_loss)
+    # uni-modal towers (toy CLIP vision + toy BERT) with fresh heads; plain CLIP loss first (--hn_start_step -1:
+    # the first 10% of the schedule, here steps 0-1 of 20; the first 3 run)
     res = N.main(["--mode", "train", *_args(toy_root, tmp_path / "uni", "--init", "unimodal", "--train_tsv", tsv,
-                                            "--max_steps", 3, "--hn_start_step", 1, "--global_batch", 8,
+                                            "--max_steps", 20, "--stop_after", 3, "--global_batch", 8,
                                             "--micro_batch", 8, "--lr", 1e-4, "--head_lr", 1e-3,
                                             "--val_file", "none", "--eval_after_train", "false")])
     hard = [json.loads(s)["hard"] for s in open(tmp_path / "uni" / "metrics.jsonl") if '"hard"' in s]
-    assert hard == [0, 1, 1] and all(np.isfinite(res["train/losses"]))
+    assert hard == [0, 0, 1] and all(np.isfinite(res["train/losses"]))
     # --bench N: timed steps, samples/s; the loader's time apart (issue 18.7): its collate, made slow by a known
     # amount, runs once per warm-up and timed micro batch, and the timed steps' data time holds its delay
     delay = 0.02
@@ -945,8 +1007,8 @@ def test_compile_flag_compiles_the_trained_model_once(mined, toy_root, tmp_path,
     tsv, _ = mined
     seen = []  # torch.compile stays eager here: the test checks what is compiled, a GPU run the speed-up
     monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(module) or module)
-    b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", "--train_tsv", tsv, "--bench", 2, "--compile", "true",
-                                          "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
+    b = N.main(["--mode", "train", *_args(toy_root, tmp_path / "c", "--train_tsv", tsv, "--bench", 2, "--compile",
+                                          "true", "--global_batch", 8, "--micro_batch", 8, "--max_steps", 2)])
     assert b["bench_steps"] == 2 and len(seen) == 1 and isinstance(seen[0], N.DualEncoder)
 
 
@@ -1054,9 +1116,10 @@ def test_two_process_gloo_from_shards_ranks_see_disjoint_samples(shards, toy_roo
 
 def test_open_clip_checkpoint_converts_to_a_clip_folder_with_open_clips_own_features(toy_root, tmp_path):
     """data/openclip_to_hf.py: an open_clip training checkpoint (NegCLIP's fork saves {"epoch", "name",
-    "state_dict": DDP's "module." names}) of a tiny ViT CLIP (tests/fixtures/openclip, made by open_clip 2.24) becomes
-    a CLIPModel folder (with open_clip's image preprocessing) whose image and text features equal open_clip's, under QuickGELU and GELU each (the wrong
-    one is off by 1e-2: sugar-crepe #7); negclip.py evaluates the folder; other layouts stop in one line."""
+    "state_dict": DDP's "module." names}) of a tiny ViT CLIP (tests/fixtures/openclip, made by open_clip 2.24)
+    becomes a CLIPModel folder (with open_clip's image preprocessing) whose image and text features equal
+    open_clip's, under QuickGELU and GELU each (the wrong one is off by 1e-2: sugar-crepe #7); negclip.py evaluates
+    the folder; other layouts stop in one line."""
     from transformers import CLIPModel
     import data.openclip_to_hf as C
     fix = os.path.join(os.path.dirname(__file__), "fixtures", "openclip")

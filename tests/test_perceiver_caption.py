@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------ tiny random backbones (no toy world needed)
 def _tiny_backbones(path):
-    """A random tiny CLIP (vision width 32) and GPT-2 (width 32, 3 layers) + word-level tokenizer, saved in HF format."""
+    """A random tiny CLIP (vision width 32) and GPT-2 (width 32, 3 layers) + word-level tokenizer, in HF format."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     torch.manual_seed(0)
@@ -209,7 +209,8 @@ def test_a_short_clip_predicts_its_bos_from_its_own_last_frame(tiny, bridge):
             batched = b(tiny["lm"], batch, fm, tokens, tm)[1:]
         # the last prefix slot (P - 1) gives BOS's logits, the slots after it the text's
         assert torch.allclose(alone[:, 1], batched[:, 3], atol=1e-4) == fix
-        loss = [pc.caption_loss(lg, pc.caption_labels(tokens[:1], tm[:1], p), 1) for lg, p in ((alone, 2), (batched, 4))]
+        loss = [pc.caption_loss(lg, pc.caption_labels(tokens[:1], tm[:1], p), 1)
+                for lg, p in ((alone, 2), (batched, 4))]
         assert torch.allclose(*loss, atol=1e-4) == fix and loss[0] > 0
 
 
@@ -421,6 +422,8 @@ def test_caption_draws_follow_common_sampler_and_are_reproducible():
     assert one == [mb for pair in zip(*two) for mb in pair]
     assert len({i for mb in one[:4] for i, _ in mb}) == 8  # the 2 steps of an epoch: 8 distinct images
     assert len({c for mb in one for _, c in mb}) > 1 and all(0 <= c < 5 for mb in one for _, c in mb)
+    epoch = [{i: c for mb in one[k:k + 4] for i, c in mb} for k in (0, 4)]  # 2 steps of 2 micro batches each
+    assert any(epoch[0][i] != epoch[1][i] for i in epoch[0].keys() & epoch[1].keys())  # drawn again per epoch
     late = list(pc.caption_draws(StepSampler(10, 4, 2, 1, 0, seed=3, start_step=3, total_steps=5), recs, 3))
     assert late == one[6:]  # a resumed sampler continues the same stream
     assert pc.sample_frames(10, 4) == [1, 3, 6, 8] and pc.sample_frames(3, 4) == [0, 1, 2]
@@ -1108,8 +1111,8 @@ def test_train_run_of_zero_steps_tests_in_eval_mode(world, tmp_path, monkeypatch
 
 def test_nucleus_sampling_returns_seeded_samples(world, tmp_path):
     """--decode nucleus, the seed's third decoding (utils/decoding.py nucleus_sampling; config.yaml: top_p 0.8,
-    temperature 0.9, no top-k): --num_return samples per input, the same again for the same --seed, not all
-    the greedy caption."""
+    temperature 0.9, no top-k): --num_return samples per input, the same again for the same --seed, others for
+    another --seed, not all the greedy caption."""
     _run(world, tmp_path / "r", "--steps", "1", "--global_batch", "4", "--micro_batch", "4",
          "--test_after_train", "false")
     with open(os.path.join(world, "pairs_test.jsonl")) as f:
@@ -1123,6 +1126,7 @@ def test_nucleus_sampling_returns_seeded_samples(world, tmp_path):
     greedy = caption("--decode", "greedy")
     assert a == b and all(len(c) == 3 and all(isinstance(x, str) for x in c) for c in a.values())
     assert any(set(a[p]) != set(greedy[p]) for p in imgs), (a, greedy)
+    assert caption("--decode", "nucleus", "--num_return", "3", "--seed", "1") != a  # --seed draws them
     assert sum(map(len, (x for c in a.values() for x in c))) > 0  # some text, not 12 empty samples
     with pytest.raises(ValueError, match="needs --decode nucleus or as many beams"):
         caption("--decode", "greedy", "--num_return", "2")
