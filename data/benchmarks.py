@@ -19,7 +19,8 @@ cosine.  Then one reader and one scoring rule per benchmark, as its authors' cod
 - VL-CheckList (Zhao et al., arXiv 2207.00221; om-ai-lab/VL-CheckList vl_checklist/evaluate.py,
   radar.py): pairwise accuracy per corpus file, averaged per sub-category and per Object /
   Attribute / Relation;
-- classification (NegCLIP, arXiv 2210.01936, Table 6: what hard negatives cost elsewhere): every
+- classification (NegCLIP, arXiv 2210.01936, Table 6: what hard negatives cost elsewhere, by linear
+  probes; the authors in mertyg/vision-language-models-are-bows issues #18 and #29): every
   ImageFolder dataset under <root>/classification, zero-shot top-1/top-5 from class-name prompts
   (CLIP, arXiv 2103.00020, Sec. 3.1.4) and a linear probe (L2-regularised logistic regression on the
   frozen image embeddings, Sec. 3.2) when a train/ split is there.
@@ -167,8 +168,9 @@ def score_order(scores):
 
 
 def score_sugarcrepe(per_file):
-    """{category: (pos, neg)} -> per-category accuracy, micro REPLACE/SWAP/ADD (maintainers in
-    sugar-crepe issue #3) and the macro mean."""
+    """{category: (pos, neg)} -> per-category accuracy, micro REPLACE/SWAP/ADD (the paper's Table 5
+    columns are micro-averages: the maintainers in RAIVNLab/sugar-crepe issue #3) and the macro
+    mean."""
     out, pooled = {}, {}
     for cat, (pos, neg) in per_file.items():
         c = np.asarray(pos) > np.asarray(neg)
@@ -198,16 +200,25 @@ def score_crepe(ranks, ks=(1, 3, 5, 10)):
     return out
 
 
-def score_svo(pos, neg, kinds):
+def score_svo(pos, neg, kinds, keys=None):
     """Pairwise accuracy s(sentence, pos image) > s(sentence, neg image), overall and per type.  Not
     the paper's binary matching (probing_image_text_models.ipynb: a 0/1 match decision per pair, i.e.
-    a threshold on a dual encoder's cosine, which neither gives); see docs/negclip.md."""
+    a threshold on a dual encoder's cosine, which neither gives); see docs/negclip.md.  keys: one
+    (sentence, pos image, neg image) per case; a case whose key came before counts once, overall and
+    within its type, as that notebook's accuracy() counts each distinct (sentence, image) once
+    (drop_duplicates over each type's rows and over all of them): a repeated row counts once."""
     c = np.asarray(pos) > np.asarray(neg)
     kinds = np.asarray(kinds)
-    out = {"pairwise": float(c.mean()) if len(c) else float("nan"), "n": int(len(c))}
+    keys = list(range(len(c))) if keys is None else list(keys)
+
+    def once(idx):  # the first case of each key among idx
+        seen = set()
+        return np.array([i for i in idx if not (keys[i] in seen or seen.add(keys[i]))], dtype=int)
+    first = once(range(len(c)))
+    out = {"pairwise": float(c[first].mean()) if len(first) else float("nan"), "n": int(len(first))}
     for k in ("subj", "verb", "obj"):
         if (kinds == k).any():
-            out[k] = float(c[kinds == k].mean())
+            out[k] = float(c[once(np.flatnonzero(kinds == k))].mean())
     return out
 
 
@@ -302,16 +313,30 @@ def _load_json(path):
         return json.load(f)
 
 
-def read_aro_vg(path):
+def read_aro_vg(path, kind=""):
     """visual_genome_{relation,attribution}.json: list of records; the true/false captions are found
     by field name (some re-formatted copies reorder them), boxes (bbox_x, bbox_y, bbox_w, bbox_h)
-    crop the image."""
+    crop the image.  kind "relation": each record needs relation_name; "attribution": an attributes
+    list of at least two (what ARO's loaders group by)."""
     recs = _load_json(path)
     for i, r in enumerate(recs):
         for k in ("image_path", "true_caption", "false_caption", *_BOX):
             if k not in r:
                 raise DataError(f"{path}: record {i}: missing field '{k}'")
+        if kind == "relation" and "relation_name" not in r:
+            raise DataError(f"{path}: record {i}: missing field 'relation_name'")
+        if kind == "attribution" and not (isinstance(r.get("attributes"), list)
+                                          and len(r["attributes"]) >= 2):
+            raise DataError(f"{path}: record {i}: 'attributes' is not a list of at least two")
     return recs
+
+
+def aro_attribute_pair(record):
+    """The group of a VG-Attribution record: its first two attributes joined by '_', as ARO's
+    VG_Attribution (dataset_zoo/aro_datasets.py, all_attributes) keys it; any further attribute
+    is not part of the key."""
+    a = record["attributes"]
+    return f"{a[0]}_{a[1]}"
 
 
 def read_caption_sets(path):
@@ -566,14 +591,16 @@ def eval_retrieval(sc, path, image_root):
 
 def eval_aro(sc, root, min_pair_count=25):
     """VG-Relation (relations of VG_R_EXCLUDED left out of the macro) and VG-Attribution (attribute
-    pairs with >= min_pair_count cases), each case an image region with its true and its swapped
-    caption.  Also the accuracy of each relation ("vg_relation/<relation>", all of them) and of
-    each attribute pair ("vg_attribution/<attr>_<attr>"), as ARO's evaluate_scores records."""
+    pairs, aro_attribute_pair, with >= min_pair_count cases), each case an image region with its
+    true and its swapped caption.  Also the accuracy of each relation ("vg_relation/<relation>",
+    all of them) and of each attribute pair ("vg_attribution/<attr>_<attr>"), as ARO's
+    evaluate_scores records."""
     out = {}
     for name, group_of, kw in (
             ("vg_relation", lambda r: r["relation_name"], {"exclude": VG_R_EXCLUDED}),
-            ("vg_attribution", lambda r: "_".join(r["attributes"]), {"min_count": min_pair_count})):
-        recs = read_aro_vg(os.path.join(root, "aro", f"visual_genome_{name.split('_')[1]}.json"))
+            ("vg_attribution", aro_attribute_pair, {"min_count": min_pair_count})):
+        kind = name.split("_")[1]
+        recs = read_aro_vg(os.path.join(root, "aro", f"visual_genome_{kind}.json"), kind)
         refs = [(os.path.join(root, "aro", "images", r["image_path"]),
                  (r["bbox_x"], r["bbox_y"], r["bbox_w"], r["bbox_h"])) for r in recs]
         pos = sc.pair_scores(refs, [r["true_caption"] for r in recs])
@@ -672,7 +699,9 @@ def eval_svo(sc, root):
     pos = sc.pair_scores([(img(r["pos_image_id"]), None) for r in have], sentences)
     neg = sc.pair_scores([(img(r["neg_image_id"]), None) for r in have], sentences)
     keep = _finite(pos, neg)
-    out = score_svo(pos[keep], neg[keep], [r["kind"] for r, k in zip(have, keep) if k])
+    kept = [r for r, k in zip(have, keep) if k]
+    out = score_svo(pos[keep], neg[keep], [r["kind"] for r in kept],
+                    [(r["sentence"], r["pos_image_id"], r["neg_image_id"]) for r in kept])
     out["coverage"] = len(have) / len(rows)  # many SVO URLs are dead (svo_probes issue #1)
     return out
 

@@ -1764,9 +1764,39 @@ def _check_replaceable(out):
                           f"not replacing it: choose another folder, or move it away first")
 
 
+def _pid_gone(pid):
+    """True only when no process `pid` exists here (os.kill(pid, 0) raises ProcessLookupError); a running
+    process, one of another user (PermissionError) or any doubt counts as alive.  Windows: never gone (its
+    os.kill would terminate the process)."""
+    if os.name == "nt" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_dead_builds(out, log=print):
+    """Delete the `<out>.building-<pid>` folders that a build_toy_world killed half-way left beside `out`,
+    those whose process no longer runs: a live builder's folder and any other name are kept.  (A pid is only
+    checked on this machine: on a folder shared by several hosts another host's live build counts as dead.)"""
+    parent, base = os.path.split(os.path.abspath(out))
+    pattern = re.compile(re.escape(base) + r"\.building-([0-9]+)")
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        m = pattern.fullmatch(name)
+        path = os.path.join(parent, name)
+        if m and os.path.isdir(path) and not os.path.islink(path) and _pid_gone(int(m.group(1))):
+            log(f"removing {path}, left by a toy build (pid {m.group(1)}) that no longer runs")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=True):
     """Build the world into `out` via a temporary sibling folder + rename.  An existing complete world is
-    replaced, unless `replace=False`, in which case a world another process finished meanwhile is kept.
+    replaced, unless `replace=False`, in which case a world another process finished meanwhile is kept; the
+    temporary folders of killed builds of `out` are removed first (remove_dead_builds).
     `models`: True = every backbone, False = data only, or a list of backbone names (more are built on demand by
     `ensure_toy_world`).  Returns the manifest dict (<out>/manifest.json, whose presence marks complete data).
     An existing `out` that is not a toy world (`_check_replaceable`) is refused before anything is built."""
@@ -1777,6 +1807,7 @@ def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=Tru
     _check_replaceable(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    remove_dead_builds(out, log)
     tmp = f"{out}.building-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

@@ -589,6 +589,46 @@ def test_eval_aro_on_the_fixture_layout_ties_swapped_captions_as_wrong(tmp_path)
     assert r["vg_attribution_groups"] == 0 and math.isnan(r["vg_attribution_macro"])
 
 
+def test_eval_aro_groups_attributes_by_their_first_two_as_aro(tmp_path):
+    """ARO's VG_Attribution keys a case by f"{attributes[0]}_{attributes[1]}" (dataset_zoo/aro_datasets.py):
+    a record with a third attribute joins the pair of its first two.  Joining all of them made one group per
+    record here, none with 4 cases, so the macro was NaN; a list of fewer than two is a data error."""
+    shutil.copytree(f"{FIX}/aro", tmp_path / "aro")
+    path = tmp_path / "aro" / "visual_genome_attribution.json"
+    recs = B.read_aro_vg(str(path))
+    for i, r in enumerate(recs):
+        r["attributes"] = ["white", "open", f"extra{i}"]
+        _png(str(tmp_path / "aro" / "images" / r["image_path"]), (255, 0, 0), (500, 500))
+    path.write_text(json.dumps(recs))
+    r = B.eval_aro(_colour_scorer(), str(tmp_path), min_pair_count=4)
+    assert r["vg_attribution_groups"] == 1 and r["vg_attribution_n"] == 4
+    assert r["vg_attribution_macro"] == r["vg_attribution/white_open"] == 0.0  # same words: ties, wrong
+    assert not [k for k in r if "extra" in k]
+    recs[2]["attributes"] = ["white"]
+    path.write_text(json.dumps(recs))
+    with pytest.raises(B.DataError, match=r"record 2: 'attributes'"):
+        B.eval_aro(_colour_scorer(), str(tmp_path))
+
+
+def test_svo_a_repeated_row_counts_once(tmp_path):
+    """The SVO-Probes notebook (probing_image_text_models.ipynb, accuracy()) drops duplicate (sentence, image,
+    score) rows before averaging, over each negative type and over all types; here a repeated (sentence, pos
+    image, neg image) case counts once.  It counted as often as it appeared."""
+    os.makedirs(tmp_path / "svo_probes")
+    row = "A red car.,\"car,be,red\",\"car,be,blue\",u,v,1,2,False,False,True\n"
+    with open(tmp_path / "svo_probes" / "svo_probes.csv", "w") as f:
+        f.write("sentence,pos_triplet,neg_triplet,pos_url,neg_url,pos_image_id,neg_image_id,subj_neg,verb_neg,"
+                "obj_neg\n" + row + row + row + "A blue car.,\"car,be,blue\",\"car,be,red\",u,v,1,2,"
+                "True,False,False\n")
+    _png(str(tmp_path / "svo_probes" / "images" / "1.jpg"), (255, 0, 0))
+    _png(str(tmp_path / "svo_probes" / "images" / "2.jpg"), (0, 0, 255))
+    r = B.eval_svo(_colour_scorer(), str(tmp_path))
+    assert r["n"] == 2 and r["pairwise"] == 0.5 and r["obj"] == 1.0 and r["subj"] == 0.0
+    assert r["coverage"] == 1.0
+    r = B.score_svo([0.5, 0.5, 0.1], [0.2, 0.2, 0.3], ["obj"] * 3, [("s", 1, 2), ("s", 1, 2), ("t", 1, 2)])
+    assert r == {"pairwise": 0.5, "n": 2, "obj": 0.5}
+
+
 def test_eval_winoground_on_the_fixture_layout(tmp_path):
     """The Winoground fixture (ids 0-9, 21, 73) through eval_winoground, images at
     images/<image_k>.png.  Image k is embedded as its own caption under a bag-of-words text model:

@@ -156,6 +156,35 @@ def test_bad_arguments_are_refused_before_anything_is_built(tmp_path, capsys):
     assert sorted(os.listdir(world)) == ["classification", "manifest.json", "vl_checklist"]
 
 
+def test_a_killed_builds_folder_is_removed_by_the_next_build(tmp_path, monkeypatch):
+    """A build killed half-way left <out>.building-<pid> for ever.  The next build of <out> removes those whose
+    process no longer runs (os.kill(pid, 0): ProcessLookupError), and nothing else: not a live builder's folder,
+    not another world's, not a name without a pid."""
+    import subprocess
+    import sys
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # reaped: its pid names no process now
+    out = tmp_path / "w"
+    dead, live = tmp_path / f"w.building-{done.pid}", tmp_path / f"w.building-{os.getppid()}"
+    keep = [live, tmp_path / "w.building-x1", tmp_path / f"v.building-{done.pid}", tmp_path / f"w.old-{done.pid}"]
+    for d in [dead, *keep]:
+        (d / "images").mkdir(parents=True)
+        (d / "images" / "0.png").write_bytes(b"half")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    monkeypatch.setattr(toy, "build_data", stop)  # only the clean-up before the build is under test
+    lines = []
+    with pytest.raises(Stop):
+        toy.build_toy_world(str(out), tiny=True, models=False, log=lines.append)
+    assert not dead.exists() and all((d / "images" / "0.png").read_bytes() == b"half" for d in keep)
+    assert sorted(os.listdir(tmp_path)) == sorted(d.name for d in keep)  # (its own temp folder: gone too)
+    assert any(str(dead) in line for line in lines)
+
+
 def test_two_builders_at_once_build_each_part_once(tmp_path, monkeypatch):
     """Two processes that find the same world incomplete (two runs started together) build each part once: the
     second waits for the first's lock and finds it done.  Unlocked, both built the data and both trained the same
