@@ -3,6 +3,7 @@
 Formats (data/README.md, "Canonical formats"): JSON Lines, one record per line:
     pairs  {"image": path, "captions": [str, ...]}
     vqa    {"image": path, "question": str, "answers": [str x 10], "question_id": int|str}
+           (answers: [] for the unanswered test questions data/convert.py --allow_unanswered writes)
     video  {"frames": [path, ...], "captions": [str, ...]}
 Paths are relative to an image root.  Errors name the file, the line and the field.
 The readers return `Records`: a numpy index of byte offsets into the file, each record parsed
@@ -283,9 +284,16 @@ def read_pairs(path):
 
 
 def read_vqa(path):
+    """Canonical vqa -> Records.  question_id must be an int or a str: it names the prediction in
+    the run's vqa.json, so null, a fraction, true/false, a list or an object is refused here."""
+    def check(rec, i, lineno):
+        qid = rec["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise DataError(f"{path}:{lineno}: field 'question_id' should be int or str, "
+                            f"got {type(qid).__name__}")
+        _check_strings(path, lineno, rec, "answers")
     return read_jsonl(path, ("image", "question", "answers", "question_id"),
-                      {"image": str, "question": str, "answers": list},
-                      lambda rec, i, lineno: _check_strings(path, lineno, rec, "answers"))
+                      {"image": str, "question": str, "answers": list}, check)
 
 
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -299,8 +307,12 @@ def natural_key(name):
 
 
 def frame_paths(folder, root=""):
-    """The frames (image files) of `root/folder` in frame order (`natural_key`), as `folder/<name>`."""
-    names = [n for n in os.listdir(os.path.join(root, folder)) if n.lower().endswith(FRAME_EXTS)]
+    """The frames (image files) of `root/folder` in frame order (`natural_key`), as `folder/<name>`.
+    Hidden files are no frames: macOS puts an AppleDouble `._<name>` beside a file (one with
+    extended attributes) on a foreign volume and in the tars it makes; it would lengthen the clip
+    and sort before the frames."""
+    names = [n for n in os.listdir(os.path.join(root, folder))
+             if n.lower().endswith(FRAME_EXTS) and not n.startswith(".")]
     return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
 
 
@@ -598,21 +610,34 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key: up to the basename
 
 
 def _braces(spec):
-    m = re.search(r"\{([^{}]*)\}", spec)
-    if not m:
-        return [spec]
-    body, head, tail = m.group(1), spec[:m.start()], spec[m.end():]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if r:  # a range keeps the first number's zero padding
-        items = [str(k).zfill(len(r.group(1))) for k in range(int(r.group(1)), int(r.group(2)) + 1)]
-    else:
-        items = body.split(",")
-    return [x for item in items for x in _braces(head + item + tail)]
+    """Brace expansion of one spec as bash (and braceexpand, which webdataset uses) does it: the
+    leftmost outermost group first, so groups nest ("{a,b{1..2}}": a, b1, b2); a range counts up or
+    down and keeps the first number's zero padding; a "{" without its "}" stays as it is."""
+    for start in (i for i, c in enumerate(spec) if c == "{"):
+        depth, cuts = 0, [start]  # cuts: the group's "{" and its top-level commas
+        for end in range(start, len(spec)):
+            depth += (spec[end] == "{") - (spec[end] == "}")
+            if spec[end] == "," and depth == 1:
+                cuts.append(end)
+            if depth == 0:
+                break
+        if depth:  # no matching "}"
+            continue
+        head, tail = spec[:start], spec[end + 1:]
+        items = [spec[a + 1:b] for a, b in zip(cuts, cuts[1:] + [end])]
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", items[0]) if len(items) == 1 else None
+        if r:
+            lo, hi = int(r.group(1)), int(r.group(2))
+            step = 1 if hi >= lo else -1
+            items = [str(k).zfill(len(r.group(1))) for k in range(lo, hi + step, step)]
+        return [x for item in items for x in _braces(head + item + tail)]
+    return [spec]
 
 
 def expand_shards(spec):
     """Shard names from a spec: brace ranges as webdataset writes them ("cc3m/{00000..00331}.tar",
-    zero padding kept from the first number), brace lists ("{a,b}.tar"), comma-separated specs,
+    zero padding kept from the first number), brace lists ("{a,b}.tar"), nested as in bash
+    (`_braces`), comma-separated specs,
     globs ("cc3m/*.tar", sorted), or a list of specs.  Order is kept; an empty result or a glob
     matching nothing is a DataError."""
     if isinstance(spec, (list, tuple)):
@@ -676,8 +701,10 @@ def _incomplete(members):
 
 
 def _shuffled(items, size, rng):
-    """Bounded-buffer shuffle (webdataset's `shuffle`): fill `size` items, then each new one takes
-    the place of a random one, which is yielded; the rest leave in random order at the end."""
+    """Bounded-buffer shuffle: fill `size` items, then each new one takes the place of a random one,
+    which is yielded; the rest leave in random order at the end.  Bounded as webdataset's `shuffle`
+    (filters.py _shuffle) is, not its algorithm: that one starts yielding at 100 items held and
+    reads two items a yield until its buffer is full."""
     if size <= 1:
         yield from items
         return

@@ -59,7 +59,12 @@ def _to_8bit(im):
 
 def load_image(path):
     """Open an image as RGB; return None when the file is missing or unreadable (callers count these).
-    16/32-bit grey images (PNG, TIFF) are first brought to 8 bits (`_to_8bit`)."""
+    16/32-bit grey images (PNG, TIFF) are first brought to 8 bits (`_to_8bit`).  As LAVIS's datasets
+    (caption_datasets.py: Image.open(path).convert("RGB")) and transformers' CLIPImageProcessor
+    (do_convert_rgb first) do, the image is made RGB before any resize -- CLIP's `_transform`
+    converts after its crop, so there a palette image is resized nearest-neighbour.  An EXIF
+    orientation tag is not applied, as in LAVIS's and CLIP's loading (transformers' load_image
+    helper, image_utils.py, does apply it: a rotated phone photo differs from its image there)."""
     try:
         with Image.open(path) as im:
             return (_to_8bit(im) or im).convert("RGB")

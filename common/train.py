@@ -139,11 +139,16 @@ class StepTimer:
 
 
 def count_flops(fn):
-    """FLOPs of one call of fn() by torch's FlopCounterMode (matmuls/convs/SDPA; forward+backward if fn does both)."""
+    """FLOPs of one call of fn() by torch's FlopCounterMode (matmuls/convs/SDPA; forward+backward if fn does both).
+
+    A torch.compile'd module called under FlopCounterMode runs eagerly, and afterwards (torch 2.13) neither it nor
+    another compiled instance of its class ran a compiled graph again: a --bench compile row would time eager
+    steps.  Resetting Dynamo's caches after counting makes the next call compile again."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
+    torch.compiler.reset()
     return counter.get_total_flops()
 
 

@@ -618,6 +618,29 @@ def test_check_finite_and_clip():
     assert train.clip_grad([p], 1.0) == pytest.approx(4.0) and p.grad.norm().item() == pytest.approx(1.0)
 
 
+@pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")
+def test_counting_flops_leaves_a_compiled_module_compiled():
+    """FlopCounterMode over a compiled module's call used to leave it (and its class) eager for good."""
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the calls of each compiled graph
+        def run(*args):
+            graphs.append(1)
+            return gm.forward(*args)
+        return run
+    x = torch.randn(2, 8)
+    compiled = torch.compile(torch.nn.Linear(8, 8), backend=backend)
+    compiled(x)
+    # forward 2*2*8*8, backward the weight gradient alone (x needs none): the same again
+    assert train.count_flops(lambda: compiled(x).sum().backward()) == 2 * (2 * 2 * 8 * 8)
+    del graphs[:]
+    compiled(x), compiled(x)
+    assert len(graphs) == 2
+    other = torch.compile(torch.nn.Linear(8, 8), backend=backend)
+    other(x)
+    assert len(graphs) == 3
+
+
 def test_bench_and_flops_and_logger(tmp_path, capsys, monkeypatch):
     import types
     lin = torch.nn.Linear(16, 8)

@@ -173,6 +173,11 @@ _P = json.dumps({"image": "a.png", "captions": ["x"]})
     ("vqa", [json.dumps({"image": "a", "question": "q", "answers": ["a"]})], r"p.jsonl:1: missing field 'question_id'"),
     ("vqa", [json.dumps({"image": "a", "question": "q", "answers": [1], "question_id": 1})],
      r"p.jsonl:1: field 'answers'\[0\] should be str, got int"),
+    # the id names the prediction in vqa.json (a list crashed the run's report after the whole eval)
+    *[("vqa", [json.dumps({"image": "a", "question": "q", "answers": [], "question_id": "7"}),
+               json.dumps({"image": "a", "question": "q", "answers": [], "question_id": qid})],
+       rf"p.jsonl:2: field 'question_id' should be int or str, got {name}")
+      for qid, name in [(None, "NoneType"), (1.5, "float"), (True, "bool"), ([1], "list")]],
     ("video", [json.dumps({"captions": ["x"]})], r"p.jsonl:1: missing field 'frames' \(or 'folder'\)"),
     ("video", [json.dumps({"frames": [], "captions": ["x"]})], r"p.jsonl:1: field 'frames' is empty"),
     ("video", [json.dumps({"frames": ["f.png"], "captions": [None]})],
@@ -215,6 +220,17 @@ def test_expand_shards(tmp_path):
         data.expand_shards(f"{tmp_path}/*.tgz")
     with pytest.raises(data.DataError, match=r"00003.tar: shard not found \(1 of 4 missing\)"):
         data.ShardStream(f"{tmp_path}/{{00000..00003}}.tar")
+
+
+def test_expand_shards_nests_and_counts_down():
+    """Nested groups expand as bash and braceexpand (webdataset's) expand them: the innermost group
+    first listed a twice and never b's second shard; a descending range gave no shards at all."""
+    assert data.expand_shards("{a,b{1..2}}.tar") == ["a.tar", "b1.tar", "b2.tar"]
+    assert data.expand_shards("s/{x/{0..1},y}.tar,z.tar") == ["s/x/0.tar", "s/x/1.tar", "s/y.tar",
+                                                              "z.tar"]
+    assert data.expand_shards("c/{00002..00000}.tar") == ["c/00002.tar", "c/00001.tar",
+                                                          "c/00000.tar"]
+    assert data.expand_shards("a{b/{1..2}.tar") == ["a{b/1.tar", "a{b/2.tar"]  # a lone "{" stays
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,17 @@ def test_frame_folders_are_read_in_frame_order(tmp_path):
     assert v[0]["frames"] == [os.path.join("clip", f"{k}.png") for k in range(12)]
 
 
+def test_hidden_files_are_no_frames(tmp_path):
+    """A folder copied from a Mac can hold an AppleDouble `._<name>` beside each frame: listed as
+    frames they doubled the clip (every other one unreadable) and came first, so the sampled frames
+    were the wrong ones."""
+    _frames(tmp_path / "clip", 3)
+    for k in range(3):
+        (tmp_path / "clip" / f"._{k}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    v = data.read_video(_jsonl(tmp_path / "v.jsonl", [{"folder": "clip", "captions": ["a"]}]))
+    assert v[0]["frames"] == [os.path.join("clip", f"{k}.png") for k in range(3)]
+
+
 def test_natural_key_compares_digit_runs_as_numbers():
     names = ["f10_2.png", "f2_10.png", "f2_9.png", "f1.png", "01.png", "1.png", "b.png", "a10.jpg", "a9.jpg"]
     assert sorted(names, key=data.natural_key) == ["01.png", "1.png", "a9.jpg", "a10.jpg", "b.png", "f1.png",
