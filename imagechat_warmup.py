@@ -28,6 +28,7 @@ Release-vs-paper choices are printed at start-up: --legacy_lr, --untied_head, --
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -267,8 +268,7 @@ class Positions(nn.Module):
 
     Encoder (`n_prefix` = 11): the image block gets no position; text positions restart at 0
     (release src/model/model_blender_bot.py).  Decoder (`n_prefix` = 0): plain positions (+ the
-    generation cache offset).  Returns (1, L, d); given `position_ids`, their rows, unchecked.
-    """
+    generation cache offset).  Returns (1, L, d); given `position_ids`, their rows, unchecked."""
 
     def __init__(self, weight, n_prefix=0):
         super().__init__()
@@ -669,8 +669,7 @@ def run_training(cfg, dist, log, dtype):
     warm, dev, world = cfg.mode == "warmup", dist.device, dist.world_size
     resume = read_checkpoint(cfg.resume, "--resume", (cfg.mode,)) if cfg.resume else None
     if resume is not None:
-        check_resume_config(resume.get("config"), asdict_config(cfg), cfg.resume_changes, log.info,
-                            RESUME_FREE_ICW)
+        check_resume_config(resume.get("config"), asdict_config(cfg), cfg.resume_changes, log.info, RESUME_FREE_ICW)
     index, feats, caps, model, tok, vocab = setup(cfg, log)
     train = load_split(cfg, "train", tok, index, caps, log, keep_candidates=False)
     active = task_list(cfg) if warm else ["ft"]
@@ -678,9 +677,8 @@ def run_training(cfg, dist, log, dtype):
     nn.ModuleList([model.img_proj, model.img_norm]).requires_grad_(cfg.use_image)
     model.to(dev).train()
     ddp = wrap_ddp(torch.compile(model) if cfg.compile else model, dist)  # `model`: plain names
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)  # on norms and biases too, as the release's
     scaler, params = make_scaler(dtype), [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)  # decay on all (release)
 
     # items: (episode, turn); turn 0 = drawn per batch (release), --all_turns expands every turn
     items = [(i, k + 1) for i, ep in enumerate(train.episodes) for k in range(len(ep["utts"]))] \
@@ -715,7 +713,7 @@ def run_training(cfg, dist, log, dtype):
         lr, b1 = onecycle(step, cycle, cfg, per_epoch)
         for g in opt.param_groups:  # beta1 as the release's scheduler sets it (--cycle_momentum)
             g["lr"], g["betas"] = lr, (b1 if cfg.cycle_momentum else g["betas"][0], g["betas"][1])
-        sums, n_tok = {}, 0
+        sums, n_flop = {}, 0
         for a, tasks in enumerate(micro_batches):
             torch.manual_seed(mix(cfg.seed, step, a * world + dist.rank, 2))  # dropout masks too
             with ddp.no_sync() if world > 1 and a < accum - 1 else nullcontext():
@@ -725,17 +723,20 @@ def run_training(cfg, dist, log, dtype):
                 scaler.scale(loss / accum).backward()
             for k, v in {"loss": loss, **terms}.items():  # tensors: no host sync per micro-batch
                 sums[k] = sums.get(k, 0) + v.detach() / accum
-            n_tok += sum(b["src"].numel() + n_img * len(b["src"]) + b["dec_in"].numel() for b in tasks.values())
+            n_flop += flops(tasks.values())
         gnorm = optimizer_update(opt, scaler, params, cfg.grad_clip, step, sums)  # stops on NaN/inf
-        return sums, lr, gnorm, n_tok * world  # sums: this rank's terms, read when logged
+        return sums, lr, gnorm, n_flop * world  # sums: this rank's terms, read when logged
 
-    n_params, n_img = sum(p.numel() for p in params), model.n_img * cfg.use_image
+    # MFU: 6 x params x tokens (arXiv 2001.08361, 2.1); a source token passes encoder + cross-attn K/V, a target the rest
+    n_src = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and re.search(
+        r"^img_|^lm\.(model\.)?encoder\.|encoder_attn\.[kv]_proj\.|EncDecAttention\.[kv]\.", n))
+    n_tgt, n_img = sum(p.numel() for p in params) - n_src, model.n_img * cfg.use_image
+    flops = lambda micro_batches: 6 * sum(n_src * (b["src"].numel() + n_img * len(b["src"]))
+                                          + n_tgt * b["dec_in"].numel() for b in micro_batches)
     if cfg.bench:  # the data (a step's micro-batches, built and copied) timed apart from the step
         steps, mb = iter(range(10 ** 9)), micro_batch(0, 0, sampler.micro_batches(0)[0])
-        toks = sum(b["src"].numel() + n_img * len(b["src"]) + b["dec_in"].numel() for b in mb.values())
         return run_bench(lambda mbs: train_step(0, mbs), cfg.bench, G, dev, world_size=world,
-                         flops_per_step=6 * n_params * toks * accum * world,
-                         data_fn=lambda: step_data(next(steps)))
+                         flops_per_step=flops(mb.values()) * accum * world, data_fn=lambda: step_data(next(steps)))
 
     start, best, epoch_sum, epoch_n = 0, None, 0.0, 0
     if resume is not None:
@@ -764,10 +765,10 @@ def run_training(cfg, dist, log, dtype):
     timer, logged = StepTimer(dev), {}
     for step in range(start, end):
         timer.start()
-        terms, lr, gnorm, toks = train_step(step, step_data(step))
+        terms, lr, gnorm, step_flops = train_step(step, step_data(step))
         speed = timer.stop(G)
-        if (u := mfu(6 * n_params * toks, speed["ms_step"] / 1000, dev, world, dtype)) is not None:
-            speed["mfu"] = u  # toks: the global batch's, over the peak of all `world` GPUs
+        if (u := mfu(step_flops, speed["ms_step"] / 1000, dev, world, dtype)) is not None:
+            speed["mfu"] = u  # the global batch's FLOPs, over the peak of all `world` GPUs
         # warm-up choice: lowest epoch-mean MLM loss (summed loss without mlm; release: last batch's)
         epoch_sum, epoch_n = epoch_sum + terms.get("mlm", terms["loss"]).double(), epoch_n + 1
         if warm and ((step + 1) % per_epoch == 0 or step + 1 == total):
@@ -809,10 +810,9 @@ def run_eval(cfg, dist, log, dtype, trained=None, step=0):
     shown, start = {}, time.perf_counter()  # shown: the rows the report's dialogues show
     res = evaluate(model.to(dist.device), data, feats, tok, vocab, cfg, dist, dtype, cfg.eval_split,
                    cfg.out_dir, shown)
-    took = time.perf_counter() - start
     log.log(step, **{k: v for k, v in res.items() if k.startswith("IC/") or k.endswith("/no_gold")})
     log.info(results_table(res))
-    write_report(cfg, dist.is_main, log, took, res, data.episodes, shown)
+    write_report(cfg, dist.is_main, log, time.perf_counter() - start, res, data.episodes, shown)
     return res
 
 

@@ -6,7 +6,9 @@ Image-Chat (Shuster et al., ACL 2020, arXiv 1811.00945) as ParlAI publishes it
 `test.json`, each a JSON list of episodes
     {"image_hash": "<hash>", "dialog": [[style, utterance], ...],
      "candidates": [{"100": [...], "1000": [...]} per turn]}
-with the images at `<image_root>/<image_hash>.jpg`.  `read_image_chat` reads them unchanged.
+with the images at `<image_root>/<image_hash>.jpg`, and `personalities.json`, the style names
+(parlai/tasks/image_chat/agents.py reads both; `known_styles`).  `read_image_chat` reads the
+split files unchanged.
 
 Preparation (VLAW-MDM release: clip_feature_extraction.py, captioning_blip2-*.py), both resumable
 and keyed by image hash, both under the project's one bad-image rule (ImageFolderLoader):
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.amp import fp32, frozen_dtype
-from common.checkpoint import save_checkpoint
+from common.checkpoint import clean_stale_temps, save_checkpoint
 from common.data import DataError, ImageFolderLoader, too_many_bad
 from common.dist import all_gather_object, barrier, same_on_every_rank, shard_indices
 from common.image import CLIP_MEAN, CLIP_STD, load_image, normalize
@@ -45,7 +47,9 @@ SPLITS = ("train", "valid", "test")
 def read_image_chat(path, keep_candidates=True):
     """An Image-Chat split file as published: a JSON list of {image_hash, dialog: [[style,
     utterance], ...], candidates?: [{"100": [...], "1000": [...]} per turn]}.  Errors name the file,
-    the episode and the field."""
+    the episode and the field.  An episode with an empty dialog is kept as one without turns (the
+    release's readers, e.g. VLAW-MDM training_ablation.py, skip `len(dialog) < 1`): Encoded and
+    all_image_hashes leave it out, Encoded counting it in its log."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:
@@ -66,19 +70,30 @@ def read_image_chat(path, keep_candidates=True):
         for key in ("image_hash", "dialog"):
             if key not in ep:
                 raise DataError(f"{where}: missing field '{key}'")
+        if not (isinstance(ep["image_hash"], str) and ep["image_hash"].strip()):
+            # str() would read a null hash as the image "None.jpg", later counted as unreadable
+            raise DataError(f"{where}: field 'image_hash' should be a non-empty string, got "
+                            f"{ep['image_hash']!r}")
+        _check_text(ep["image_hash"], f"{where}: field 'image_hash'")
         dialog = ep["dialog"]
-        if not isinstance(dialog, list) or not dialog:
-            raise DataError(f"{where}: field 'dialog' should be a non-empty list")
+        if not isinstance(dialog, list):
+            raise DataError(f"{where}: field 'dialog' should be a list of [style, utterance]")
         for t, turn in enumerate(dialog):
             if not (isinstance(turn, list) and len(turn) == 2
                     and all(isinstance(s, str) for s in turn)):
                 raise DataError(f"{where}: field 'dialog' turn {t} should be [style, utterance]")
-        rec = {"hash": str(ep["image_hash"]), "dialog": [tuple(t) for t in dialog],
+            for name, text in zip(("style", "utterance"), turn):
+                _check_text(text, f"{where}: field 'dialog' turn {t} {name}")
+        rec = {"hash": ep["image_hash"], "dialog": [tuple(t) for t in dialog],
                "candidates": None}
         if keep_candidates and ep.get("candidates") is not None:
             cands = ep["candidates"]
             if not isinstance(cands, list) or len(cands) != len(dialog):
                 raise DataError(f"{where}: field 'candidates' should hold one entry per turn")
+            for t, c in enumerate(cands):  # ParlAI's agents.py reads candidates[turn][num_cands]
+                if c is not None and not isinstance(c, dict):
+                    raise DataError(f"{where}: field 'candidates' turn {t} should be "
+                                    f"{{\"100\": [...], \"1000\": [...]}}, got {type(c).__name__}")
             rec["candidates"] = cands
         episodes.append(rec)
     if not episodes:
@@ -86,19 +101,31 @@ def read_image_chat(path, keep_candidates=True):
     return episodes
 
 
+def _check_text(text, where):
+    """A JSON \\u escape can decode to a lone UTF-16 surrogate, a str that no tokenizer takes (the
+    Rust tokenizers fail far from the data with "TextInputSequence must be str"): refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: unpaired surrogate {text[e.start]!r} at character {e.start}: "
+                        "the JSON escape names half of a character") from None
+
+
 def split_path(data_dir, split):
     return os.path.join(data_dir, f"{split}.json")
 
 
 def all_image_hashes(data_dir):
-    """Sorted distinct image hashes of every split file present."""
-    hashes = set()
+    """Sorted distinct image hashes of the episodes with turns in every split file present."""
+    hashes, found = set(), False
     for split in SPLITS:
         if os.path.isfile(split_path(data_dir, split)):
             episodes = read_image_chat(split_path(data_dir, split), keep_candidates=False)
-            hashes.update(ep["hash"] for ep in episodes)
+            found = True
+            hashes.update(ep["hash"] for ep in episodes if ep["dialog"])
     if not hashes:
-        raise DataError(f"{data_dir}: no Image-Chat split files (train/valid/test.json)")
+        raise DataError(f"{data_dir}: " + ("no episode with a turn in its split files" if found else
+                                           "no Image-Chat split files (train/valid/test.json)"))
     return sorted(hashes)
 
 
@@ -114,7 +141,7 @@ def load_features(cache_dir):
     for name in parts:
         part = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
         for h, f in zip(part["hashes"], part["feats"]):
-            if h not in index:  # a hash computed twice (an interrupted run) keeps its first copy
+            if h not in index:  # a hash in two parts (two runs at once in one cache): the first
                 index[h] = len(rows)
                 rows.append(f)
     return index, torch.stack(rows).float()  # (N, 9, D)
@@ -157,13 +184,17 @@ class Encoded:
     """Image-Chat episodes tokenised once: caption, per-turn style and utterance ids, feature."""
 
     def __init__(self, episodes, tok, feat_index, captions, cfg, log, name):
+        n_empty = sum(not ep["dialog"] for ep in episodes)
+        episodes = [ep for ep in episodes if ep["dialog"]]  # no turn: nothing to train on or score
+        if not episodes:
+            raise DataError(f"{name}: no episode has a turn ({n_empty} with an empty dialog)")
         lacks = [("feature" if ep["hash"] not in feat_index else "caption" if cfg.use_caption
                   and ep["hash"] not in captions else "") for ep in episodes]  # "": nothing
         kept = [ep for ep, why in zip(episodes, lacks) if not why]
         missing = Counter(why for why in lacks if why)
         n_missing, self.episodes = sum(missing.values()), []
         log.info(f"{name}: {len(kept)} episodes, {n_missing} skipped for a missing feature/caption "
-                 f"({dict(missing)})")
+                 f"({dict(missing)})" + (f", {n_empty} without turns skipped" if n_empty else ""))
         if not kept or n_missing > cfg.max_missing_frac * len(episodes):
             raise DataError(f"{name}: {n_missing} of {len(episodes)} episodes lack features or "
                             f"captions (> max_missing_frac {cfg.max_missing_frac}); --cache_dir?")
@@ -336,10 +367,16 @@ def prepare_features(cfg, dist, log, dtype):
     """CLIP features of a 3x3 grid of crops per image (paper section 3.1), in parts keyed by hash.
 
     Each part file holds {"hashes", "feats" (n, 9, D) fp16} and is written atomically, so an
-    interrupted run loses at most one batch and a rerun skips every image already in a part.
+    interrupted run loses at most one batch per rank and a rerun skips every image in a part.
+    The temp file of the part a killed run was writing has a name no later save_checkpoint cleans
+    (each part has its own), so rank 0 removes such temps before any rank writes.
     """
     folder = os.path.join(cfg.cache_dir, "features")
     os.makedirs(folder, exist_ok=True)
+    if dist.is_main:
+        for n in os.listdir(folder):
+            if ".pt.tmp." in n:  # <part>.pt.tmp.<pid>: kept while its writer lives
+                clean_stale_temps(os.path.join(folder, n.rsplit(".tmp.", 1)[0]))
     parts = sorted(n for n in os.listdir(folder) if n.endswith(".pt"))
     done = {h for n in parts
             for h in torch.load(os.path.join(folder, n), weights_only=True)["hashes"]}
@@ -353,6 +390,17 @@ def prepare_features(cfg, dist, log, dtype):
                         {"hashes": ok, "feats": f.half().cpu()})
         stage.computed += len(ok)
     return stage.finish()
+
+
+def end_cut_line(path):
+    """End the line a killed run left cut off at the end of a JSONL file: appended to unchanged, the
+    first record of the resume would join it and be skipped with it by load_captions."""
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
 
 
 def blip2_captioner(cfg, dev, dtype):
@@ -389,17 +437,19 @@ def prepare_captions(cfg, dist, log, dtype):
     which min_length would count.
 
     Appended per batch to captions.r<rank>.jsonl ({"image": "<hash>.jpg", "captions": [c1, c2,
-    c3]}), so a rerun skips captioned images; at the end rank 0 writes the release layout
+    c3]}), so a rerun skips captioned images (a line a killed run cut off is ended first, see
+    end_cut_line); at the end rank 0 writes the release layout
     captions.json {"<hash>.jpg": [...]}.
     """
-    captions = blip2_captioner(cfg, dist.device, dtype)
     os.makedirs(cfg.cache_dir, exist_ok=True)
     done = load_captions(cfg.cache_dir)
     check_cache_settings(cfg.cache_dir, "captions", {"captioner": model_id(cfg.captioner), **{
         k: getattr(cfg, k) for k in ("caption_beams", "caption_return", "caption_min_length",
                                      "caption_max_new_tokens")}}, bool(done), dist.is_main, log)
+    captions = blip2_captioner(cfg, dist.device, dtype)  # once the cache is known to take them
     stage = _Stage(cfg, dist, log, "captions", done)  # all ranks listed
     out_path = os.path.join(cfg.cache_dir, f"captions.r{dist.rank}.jsonl")
+    end_cut_line(out_path)
     with open(out_path, "a", encoding="utf-8") as f:
         for ok, imgs in stage.batches(cfg.caption_batch):
             for h, caps in zip(ok, captions(imgs)):  # a line per image; flushed per batch
@@ -421,14 +471,19 @@ def prepare_captions(cfg, dist, log, dtype):
 
 
 # ---- one image for --mode chat (ParlAI's interactive script; ParlAI issue #4260)
+# Styles that a few Image-Chat dialogues use although personalities.json lacks them (ParlAI,
+# parlai/tasks/image_chat/agents.py, get_category_map adds both to its map)
+RARE_STYLES = ("Crude", "Earnest")
+
+
 def known_styles(data_dir):
-    """The personalities a model trained on <data_dir> knows: ParlAI's personalities.json
-    ({"positive": [...], "neutral": [...], "negative": [...]}, 215 names) when present, else the
-    styles of train.json."""
+    """The personalities a model trained on <data_dir> knows: where ParlAI's personalities.json
+    ({"positive": [...], "neutral": [...], "negative": [...]}, 215 names) is present, its names and
+    RARE_STYLES, else the styles of train.json."""
     path = os.path.join(data_dir, "personalities.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
-            return sorted({s for names in json.load(f).values() for s in names})
+            return sorted({s for names in json.load(f).values() for s in names} | set(RARE_STYLES))
     episodes = read_image_chat(split_path(data_dir, "train"), keep_candidates=False)
     return sorted({style for ep in episodes for style, _ in ep["dialog"]})
 
@@ -448,12 +503,20 @@ def chat_styles(data_dir, style, user_style=""):
 
 def chat_image(cfg, path, dev, dtype, log):
     """(features (1, 9, D), caption or None) of one image, computed as the caches hold them: the
-    CLIP of --mode features (fp16-rounded, as load_features reads a part back), and --caption when
+    CLIP of --mode features (fp16-rounded, as load_features reads a part back; a warning where
+    --cache_dir's features were made by another --clip), and --caption when
     given (it wins over a preset's --captioner), else BLIP-2's first caption (Encoded's choice) with
     --captioner, else "" with a warning."""
     img = load_image(path)
     if img is None:
         raise DataError(f"--image {path}: missing or unreadable")
+    meta = os.path.join(cfg.cache_dir, "features.meta.json")
+    if os.path.isfile(meta):  # the settings of the features training read (check_cache_settings)
+        with open(meta, encoding="utf-8") as f:
+            made = json.load(f).get("clip")
+        if made != model_id(cfg.clip):
+            log.info(f"warning: --clip {cfg.clip} is not the CLIP that made the cached features "
+                     f"({made}, {meta}): the image's features are not of the kind training read")
     feats = clip_featurizer(cfg, dev)([img]).half().float().cpu()
     if not cfg.use_caption:
         return feats, None

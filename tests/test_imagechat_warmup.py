@@ -126,6 +126,161 @@ def test_reader_on_published_fixture(tmp_path):
         ic.read_image_chat(str(bad))
 
 
+def test_a_null_or_empty_image_hash_is_refused_not_read_as_an_image_name(tmp_path):
+    """A record whose image_hash is null or empty names no image: the reader refuses it (naming the
+    episode) instead of reading it as the image "None.jpg", later counted as merely unreadable."""
+    bad = tmp_path / "train.json"
+    for h in (None, "", 7):
+        bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["s", "u"]]},
+                                   {"image_hash": h, "dialog": [["s", "u"]]}]))
+        with pytest.raises(DataError, match=r"train.json: episode 1: field 'image_hash' should be "
+                                            r"a non-empty string"):
+            ic.read_image_chat(str(bad))
+
+
+def test_an_episode_with_an_empty_dialog_is_skipped_and_counted_not_fatal(tmp_path):
+    """The release's readers skip `len(dialog) < 1` (VLAW-MDM training_ablation.py): such an
+    episode leaves the split readable; it is no image to prepare, and the tokenised split leaves it
+    out and says so."""
+    data = tmp_path / "ic"
+    os.makedirs(data)
+    (data / "train.json").write_text(json.dumps([
+        {"image_hash": "aa", "dialog": [["Happy", "so nice"]]},
+        {"image_hash": "bb", "dialog": []}]))
+    assert [len(ep["dialog"]) for ep in ic.read_image_chat(str(data / "train.json"))] == [1, 0]
+    assert ic.all_image_hashes(str(data)) == ["aa"]
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+    class Log(list):
+        info = list.append
+    log = Log()
+    enc = ic.Encoded(ic.read_image_chat(str(data / "train.json")), Tok(), {"aa": 0},
+                     {"aa": ["a cap"]}, icw.Config(), log, "train")
+    assert [ep["hash"] for ep in enc.episodes] == ["aa"] and enc.episodes[0]["utts"] == [[2, 4]]
+    assert log == ["train: 1 episodes, 0 skipped for a missing feature/caption ({}), "
+                   "1 without turns skipped"]
+    (data / "train.json").write_text(json.dumps([{"image_hash": "bb", "dialog": []}]))
+    with pytest.raises(DataError, match=r"no episode with a turn in its split files"):
+        ic.all_image_hashes(str(data))
+
+
+def test_unpaired_surrogates_and_candidate_lists_of_another_shape_are_named(tmp_path):
+    """A JSON escape of half a UTF-16 pair decodes to a str no tokenizer reads, and a turn's
+    candidates given as a plain list cannot be read as ParlAI reads candidates[turn]["100"]: the
+    reader names the episode and the field."""
+    bad = tmp_path / "test.json"
+    bad.write_text('[{"image_hash": "ab", "dialog": [["Happy", "ok \\ud83d\\ude00"], '
+                   '["Sad", "no \\ud83d"]]}]')
+    with pytest.raises(DataError, match=r"episode 0: field 'dialog' turn 1 utterance: unpaired "
+                                        r"surrogate '\\ud83d' at character 3"):
+        ic.read_image_chat(str(bad))
+    bad.write_text(json.dumps([{"image_hash": "ab", "dialog": [["Happy", "ok"]],
+                                "candidates": [["ok", "no"]]}]))
+    with pytest.raises(DataError, match=r"episode 0: field 'candidates' turn 0 should be "
+                                        r"\{\"100\""):
+        ic.read_image_chat(str(bad))
+    assert ic.read_image_chat(str(bad), keep_candidates=False)[0]["candidates"] is None
+
+
+def _tiny_split(tmp_path, n):
+    """<tmp_path>/ic/train.json of n one-turn episodes and their 8x8 images under ic/img."""
+    data, hashes = tmp_path / "ic", [f"{i:032x}" for i in range(n)]
+    os.makedirs(data / "img")
+    for h in hashes:
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(data / "img" / f"{h}.jpg")
+    (data / "train.json").write_text(json.dumps([{"image_hash": h, "dialog": [["s", "u"]]}
+                                                 for h in hashes]))
+    return icw.Config(data_dir=str(data), image_root=str(data / "img"),
+                      cache_dir=str(tmp_path / "cache")), hashes
+
+
+def test_a_caption_resume_after_a_cut_off_line_keeps_its_first_caption(tmp_path, monkeypatch):
+    """A killed --mode captions leaves its JSONL's last line cut off; the resume appends after it,
+    and its first record must not join that line (load_captions skips a line it cannot parse, and
+    with it that record).  A rerun with other settings is refused before the captioner loads."""
+    from common.dist import Dist
+    from common.log import Logger
+    cfg, hashes = _tiny_split(tmp_path, 3)
+    os.makedirs(tmp_path / "cache")
+    (tmp_path / "cache" / "captions.r0.jsonl").write_text(
+        json.dumps({"image": hashes[0] + ".jpg", "captions": ["c"] * 3}) + "\n"
+        + '{"image": "' + hashes[1])
+    monkeypatch.setattr(ic, "blip2_captioner",
+                        lambda cfg, dev, dtype: lambda imgs: [["new"] * 3 for _ in imgs])
+    stats = ic.prepare_captions(cfg, Dist(), Logger("", True), torch.float32)
+    assert stats["cached_before"] == 1 and stats["computed"] == 2
+    caps = ic.load_captions(str(tmp_path / "cache"))
+    assert sorted(caps) == hashes and caps[hashes[1]] == ["new"] * 3
+    with open(tmp_path / "cache" / "captions.json") as f:
+        assert sorted(json.load(f)) == [h + ".jpg" for h in hashes]
+    # a rerun with other settings is refused before the captioner (BLIP-2: 2.7B weights) is loaded
+
+    def no_load(cfg, dev, dtype):
+        raise AssertionError("captioner loaded")
+    monkeypatch.setattr(ic, "blip2_captioner", no_load)
+    cfg.caption_beams = 3
+    with pytest.raises(DataError, match=r"the cached captions were made with caption_beams 5 "
+                                        r"\(now 3\)"):
+        ic.prepare_captions(cfg, Dist(), Logger("", True), torch.float32)
+
+
+def test_a_feature_rerun_removes_the_temp_part_a_killed_run_left(tmp_path, monkeypatch):
+    """A features run killed while saving leaves <part>.pt.tmp.<pid>; the rerun writes parts of
+    other names, so save_checkpoint's own cleaning never reaches it: the rerun removes it (its
+    writer is gone) and reads no temp."""
+    from common.dist import Dist
+    from common.log import Logger
+    cfg, hashes = _tiny_split(tmp_path, 3)
+    cfg.feat_batch, cfg.stop_after = 1, 1
+    folder = tmp_path / "cache" / "features"
+    monkeypatch.setattr(ic, "clip_featurizer",
+                        lambda cfg, dev: lambda imgs: torch.ones(len(imgs), 9, 4))
+    assert ic.prepare_features(cfg, Dist(), Logger("", True), torch.float32)["computed"] == 1
+    stale = folder / "part_00000_r0_00001.pt.tmp.999999999"  # its 2nd part; no such pid: killed
+    stale.write_bytes(b"cut off")
+    cfg.stop_after = 0
+    assert ic.prepare_features(cfg, Dist(), Logger("", True), torch.float32)["computed"] == 2
+    assert not stale.exists() and not [n for n in os.listdir(folder) if ".tmp." in n]
+    index, feats = ic.load_features(str(tmp_path / "cache"))
+    assert sorted(index) == hashes and feats.shape == (3, 9, 4)
+
+
+def test_chat_warns_when_its_clip_is_not_the_one_that_made_the_cached_features(tmp_path,
+                                                                            monkeypatch):
+    """--mode chat computes the image's features with --clip; the model read the features cached
+    in --cache_dir, so another CLIP there (features.meta.json) gets a warning naming both."""
+    from common.log import Logger
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "x.jpg")
+    os.makedirs(tmp_path / "cache")
+    os.makedirs(tmp_path / "clip")
+    monkeypatch.setattr(ic, "clip_featurizer", lambda cfg, dev: lambda imgs: torch.ones(1, 9, 4))
+    cfg = icw.Config(cache_dir=str(tmp_path / "cache"), clip=str(tmp_path / "clip"),
+                     use_caption=False)
+    for made, warned in ((str(tmp_path / "other_clip"), True), (str(tmp_path / "clip"), False)):
+        (tmp_path / "cache" / "features.meta.json").write_text(json.dumps({"clip": made}))
+        log = Logger("", True)
+        said = []
+        monkeypatch.setattr(log, "info", said.append)
+        feats, cap = ic.chat_image(cfg, str(tmp_path / "x.jpg"), torch.device("cpu"),
+                                   torch.float32, log)
+        assert feats.shape == (1, 9, 4) and cap is None
+        assert any("is not the CLIP that made the cached features" in m and made in m
+                   for m in said) == warned
+
+
+def test_chat_knows_the_styles_parlai_names_beside_personalities_json():
+    """ParlAI's get_category_map (parlai/tasks/image_chat/agents.py) adds "Crude" and "Earnest":
+    styles of the dialogues that personalities.json lacks, so a model trained on them is asked for
+    them by name."""
+    assert ic.chat_styles(FIXTURES, "crude", "Earnest") == ("Crude", "Earnest")
+    assert len(ic.known_styles(FIXTURES)) == 217
+    with pytest.raises(ValueError, match=r"--style 'Grumpy Pirate' is not one of the model's 217 "):
+        ic.chat_styles(FIXTURES, "Grumpy Pirate")
+
+
 def test_paper_preset_fits_the_micro_batch_to_the_world_size_before_any_data(tmp_path, monkeypatch):
     """README's `torchrun --nproc_per_node=8 imagechat_warmup.py --preset paper --mode warmup`: 2016 = 8 ranks x
     micro 16 stopped in StepSampler (252 per rank is no multiple of 16).  main() now fits the mode's micro batch
@@ -1012,8 +1167,8 @@ def test_cycle_momentum_moves_adamw_beta1_per_step_and_resumes_exactly(assets, c
 
 
 def test_training_mfu_counts_the_tokens_bench_counts(assets, cached, tmp_path, monkeypatch):
-    """A training step's MFU counts the same tokens as --bench: text, decoder input and the 11 image slots per
-    example (the encoder's image block)."""
+    """A training step's MFU counts the FLOPs of the same tokens as --bench: text, decoder input and the 11 image
+    slots per example (the encoder's image block)."""
     _, paths = cached
     seen = {"train": []}
     monkeypatch.setattr(icw, "run_bench", lambda *a, flops_per_step=None, **k: seen.update(bench=flops_per_step))
@@ -1025,18 +1180,32 @@ def test_training_mfu_counts_the_tokens_bench_counts(assets, cached, tmp_path, m
 
 @pytest.mark.parametrize("use_image", [True, False])
 def test_training_flops_count_the_image_slots_the_model_has(assets, cached, tmp_path, monkeypatch, use_image):
-    """MFU's FLOPs (6 x trained parameters x tokens) count per example the text, the decoder input and the
-    model's image slots: 11 (<img>, the 9 crops, </img>), none with --use_image false (no image block)."""
+    """MFU's FLOPs, 6 x trained parameters x tokens, each token over the parameters it passes (arXiv 2001.08361,
+    Sec. 2.1): a source token (the text and the model's image slots: 11, <img>, the 9 crops, </img>; none with
+    --use_image false) the encoder, the image projection and the decoder's cross-attention keys and values; a
+    decoder input token every other trained parameter (the shared embedding as the output layer)."""
     _, paths = cached
-    seen, make, update = {"flops": [], "batches": []}, icw.finetune_batch, icw.optimizer_update
+    seen, make, update, wrap = {"flops": [], "batches": []}, icw.finetune_batch, icw.optimizer_update, icw.wrap_ddp
     monkeypatch.setattr(icw, "finetune_batch", lambda *a: seen["batches"].append(make(*a)) or seen["batches"][-1])
     monkeypatch.setattr(icw, "optimizer_update", lambda opt, scaler, params, *a: seen.update(
         params=params) or update(opt, scaler, params, *a))
+    monkeypatch.setattr(icw, "wrap_ddp", lambda model, dist: seen.update(model=model) or wrap(model, dist))
     monkeypatch.setattr(icw, "mfu", lambda flops, *a: seen["flops"].append(flops))
     run(train_args(assets, "finetune", 1, use_image=str(use_image).lower(), final_eval="false", report="false"),
         tmp_path, **paths)
-    toks = sum(b["src"].numel() + 11 * use_image * len(b["src"]) + b["dec_in"].numel() for b in seen["batches"])
-    assert len(seen["batches"]) == 2 and seen["flops"] == [6 * sum(p.numel() for p in seen["params"]) * toks]
+    model = seen["model"]
+    lm = model.lm  # the toy's T5: its encoder, and each decoder block's cross-attention (layer 1) k and v
+    src_side = [*lm.get_encoder().parameters(), *model.img_proj.parameters(), *model.img_norm.parameters(),
+                *(p for blk in lm.get_decoder().block for m in (blk.layer[1].EncDecAttention.k,
+                                                                blk.layer[1].EncDecAttention.v)
+                  for p in m.parameters())]
+    src_ids = {id(p) for p in src_side} - {id(lm.shared.weight)}  # the embedding: a lookup there
+    n_src = sum(p.numel() for p in seen["params"] if id(p) in src_ids)
+    n_tgt = sum(p.numel() for p in seen["params"]) - n_src
+    assert 0 < n_src < n_tgt
+    want = 6 * sum(n_src * (b["src"].numel() + 11 * use_image * len(b["src"])) + n_tgt * b["dec_in"].numel()
+                   for b in seen["batches"])
+    assert len(seen["batches"]) == 2 and seen["flops"] == [want]
 
 
 def test_training_step_reads_nothing_back_per_micro_batch(assets, cached, tmp_path, monkeypatch):
