@@ -1,6 +1,6 @@
-"""BLIP-2 stage 1, old code against new, side by side in one run: losses, FLOPs and CPU time of a forward+backward
-of the stage-1 losses (ITC + ITM + ITG, the frozen ViT excluded: its features are the input) on the same random
-weights and inputs.
+"""BLIP-2 stage 1, old code against new, side by side in one run: losses, FLOPs and wall time (on
+the CPU) of a forward+backward of the stage-1 losses (ITC + ITM + ITG, the frozen ViT excluded: its
+features are the input) on the same random weights and inputs.
 
     python bench/blip2_stage1.py --old 12c4d55                  # paper size: BERT-base Q-Former, 32 queries,
                                                                 # 257 x 1408 features, batch 8, 32 text tokens
@@ -55,7 +55,9 @@ def setup(bp, size, state=None, dropout=0.0):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000 % V, V, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.long)
-    mask[:, L - 1 - torch.arange(B) % (L // 2)] = 0  # padding of various lengths
+    # columns L - 1 - b % (L // 2), b < B, padded in every row: one text length for all (paper size:
+    # 24 of 32 tokens, tiny: 6 of 12), not a length per row
+    mask[:, L - 1 - torch.arange(B) % (L // 2)] = 0
     batch = {"pixels": torch.randn(B, N, W, generator=g), "ids": ids, "mask": mask,
              "image_ids": torch.arange(B), "dec_id": 1, "pad_id": 0, "noise_seed": 7,
              "noise": [bp.gumbel_noise(7 + k, B, B, 0, "cpu") for k in (0, 1)]}  # (the old side reads the seed)

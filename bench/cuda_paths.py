@@ -1,5 +1,5 @@
-"""The CUDA-only code paths of the five scripts, each run once: the NCCL process group (init, the
-all-reduce and gather-with-gradient of common.dist, a DDP backward), fused SDPA kernels behind
+"""The CUDA-only code paths of the five scripts, each run once: the NCCL process group (init, an
+all-reduce, common.dist's gather-with-gradient, a DDP backward), fused SDPA kernels behind
 common.attention, pinned-memory loading through common.data.make_loader, and bf16 frozen towers
 (common.amp's dtype choice applied to a model folder).
 
@@ -26,43 +26,70 @@ from common.attention import attention, attention_math  # noqa: E402
 
 
 def check_process_group(device):
-    """init_process_group with the backend common.dist picks, its collectives, a DDP backward."""
+    """init_process_group with the backend common.dist picks, its collectives, a DDP backward.
+
+    common.dist.all_reduce_mean and all_gather_with_grad return their input untouched in a group of
+    one process (they skip the collective where world <= 1), so at world 1 they would pass without
+    NCCL running: the collectives are called here directly, and the gather through common.dist's
+    autograd function (_GatherWithGrad: all_gather forward, all_reduce of the gradient backward)."""
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                  rank=int(os.environ.get("RANK", 0)),
                                  world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    world = tdist.get_world_size()
     x = torch.arange(4.0, device=device, requires_grad=True)
-    mean = dist.all_reduce_mean(x.detach().clone())
-    dist.all_gather_with_grad(x).sum().backward()  # (world * 4,)
+    total = x.detach().clone()
+    tdist.all_reduce(total)  # every rank holds the same x: the sum is world * x
+    gathered = dist._GatherWithGrad.apply(x)  # (world * 4,)
+    gathered.sum().backward()  # backward: the all_reduce of the gradient, this rank's slice
     ids = [device.index] if device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2).to(device), device_ids=ids)
     ddp(x.detach()[None]).sum().backward()
-    ok = torch.equal(mean, x.detach()) and x.grad is not None and ddp.module.weight.grad is not None
-    return ok, (f"{tdist.get_backend()} world {tdist.get_world_size()}: all_reduce, "
-                f"all_gather_with_grad, DDP backward")
+    ok = (torch.equal(total, world * x.detach())
+          and torch.equal(gathered.detach(), x.detach().repeat(world))
+          and x.grad is not None and torch.equal(x.grad, torch.full_like(x, world))
+          and ddp.module.weight.grad is not None)
+    return ok, f"{tdist.get_backend()} world {world}: all_reduce, gather with grad, DDP backward"
 
 
 def check_sdpa(device):
-    """common.attention.attention with only the fused kernels allowed (no math fallback), causal and
-    with the scripts' boolean padding mask: bf16 forward + backward against the explicit softmax."""
+    """common.attention.attention with only the fused kernels allowed (no math fallback), causal
+    and with the scripts' boolean padding mask: the bf16 output and the q, k, v gradients of its
+    backward (the fused kernels' backward) against the explicit softmax's in fp32."""
     if device.type != "cuda":
         return None, "no CUDA"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    out_err, grad_err = sdpa_errors(device, fused)
+    ok = out_err < 5e-2 and grad_err < 5e-2
+    return ok, (f"fused kernels only, bf16 vs fp32 math: max |d| {out_err:.2e} (output), "
+                f"{grad_err:.2e} (gradients, relative to their largest)")
+
+
+def sdpa_errors(device, backends, dtype=torch.bfloat16):
+    """(largest |output - reference|, largest |grad - reference grad| / largest |reference grad|)
+    of attention() under sdpa_kernel(backends), over the causal and the padding-mask case; the
+    reference: attention_math on the same inputs in fp32."""
+    from torch.nn.attention import sdpa_kernel
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(4, 12, 40, 64, device=device, generator=g, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(4, 12, 40, 64, device=device, generator=g, dtype=dtype)
                for _ in range(3))
     mask = torch.ones(4, 1, 1, 40, dtype=torch.bool, device=device)
     mask[:, :, :, 30:] = False  # padded keys
-    worst = 0.0
+    out_err = grad_err = 0.0
     for kw in (dict(causal=True), dict(mask=mask)):
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        with sdpa_kernel(fused):
+        with sdpa_kernel(backends):
             out = attention(qq, kk, vv, **kw)
         out.float().sum().backward()
-        ref = attention_math(q.float(), k.float(), v.float(), **kw)
-        worst = max(worst, (out.float() - ref).abs().max().item())
-    return worst < 5e-2, f"fused kernels only, bf16 vs fp32 math: max |d| {worst:.2e}"
+        rq, rk, rv = (t.float().clone().requires_grad_(True) for t in (q, k, v))
+        ref = attention_math(rq, rk, rv, **kw)
+        ref.sum().backward()
+        out_err = max(out_err, (out.float() - ref).abs().max().item())
+        for got, want in ((qq, rq), (kk, rk), (vv, rv)):
+            err = (got.grad.float() - want.grad).abs().max() / want.grad.abs().max()
+            grad_err = max(grad_err, err.item())
+    return out_err, grad_err
 
 
 class _Rows(torch.utils.data.Dataset):

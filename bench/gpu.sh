@@ -13,7 +13,9 @@
 #   on first use, ~10 s); COMPILE 1: also the --compile true rows, only: those alone (default 1
 #   on cuda, else 0: inductor on 2 CPU cores takes minutes); TOTAL_S the whole script's limit
 #   (570): a row gets what is left minus 40 s kept for the CUDA paths and the table, at most
-#   ROW_TIMEOUT_S (240), and is skipped when that is under 30 s; ROWS comma-separated row names
+#   ROW_TIMEOUT_S (240), and is skipped when that is under 30 s; PATHS_S the CUDA-path checks'
+#   limit (default what is left of TOTAL_S less 5 s for the table, at least 30 s: a hung NCCL
+#   init still leaves the table written); ROWS comma-separated row names
 #   (default all); BATCH one batch for every row (e.g. DEVICE=cpu BATCH=2 STEPS=1: the paper
 #   architectures on CPU); MODELS a subset of random_models.py's folders; PYTHON (python).
 #   A rerun reuses the toy data, the model folders and inductor's cache: e.g. COMPILE=only
@@ -37,8 +39,10 @@ if [ "$TINY" = 1 ]; then
     X_DLIP="--image_size 64 --vit_width 64 --vit_layers 2 --vit_heads 4 --vit_mlp 128
             --text_width 64 --text_layers 2 --text_heads 4 --text_ffn 128"
 else
-    # blip2 stages 1/2: 128 (LAVIS configs); dlip: 288 (V2's 1152 on 4 GPUs); negclip: 256 rows;
-    # perceiver: the seed's 32; Image-Chat warm-up: 16 (the release's 2016 = 126 x 16)
+    # blip2 stages 1/2: 128 (the preset's micro batch of its global 1024; LAVIS's own
+    # pretrain_stage1/2.yaml have batch_size_train 100 / 64); dlip: 288 (V2's 1152 on 4 GPUs);
+    # negclip: 256 rows; perceiver: the seed's 32; Image-Chat warm-up: 16 (the release's
+    # 2016 = 126 x 16)
     B_BLIP2=128; B_DLIP=288; B_NEG=256; B_PERC=32; B_ICW=16; WORKERS=8; MODEL_FLAGS=""
     X_BLIP2=""; X_DLIP=""
 fi
@@ -126,7 +130,8 @@ run_row() {  # $1 row index, $2 compile (false | true)
     status=ok
     [ $rc = 124 ] && status="timeout after $limit s"
     if [ $rc != 0 ] && [ $rc != 124 ]; then
-        status="failed (rc $rc): $(grep -v '^\s*$' "$log" | tail -1 | cut -c1-100)"
+        # the log's last line, without the tabs (results.tsv's separator) and bars (the table's)
+        status="failed (rc $rc): $(grep -v '^\s*$' "$log" | tail -1 | tr '\t|' '  ' | cut -c1-100)"
     fi
     grep -q '^bench | ' "$log" || { [ "$status" = ok ] && status="no bench line"; }
     result "$name" "$comp" "$status" $((SECONDS - t0)) "$(grep '^bench | ' "$log" | tail -1)"
@@ -137,9 +142,14 @@ for i in "${!NAMES[@]}"; do run_row "$i" false; done  # every eager row first, t
 for i in "${!NAMES[@]}"; do run_row "$i" true; done
 
 # ---- the CUDA-only paths, once each, in a 1-process torchrun (the launcher the scripts run under)
-$PY -m torch.distributed.run --nproc_per_node 1 bench/cuda_paths.py \
+if [ -z "${PATHS_S:-}" ]; then
+    PATHS_S=$((TOTAL_S - 5 - $(elapsed))); [ "$PATHS_S" -lt 30 ] && PATHS_S=30
+fi
+timeout "$PATHS_S" $PY -m torch.distributed.run --nproc_per_node 1 bench/cuda_paths.py \
     --clip "$M/clip-vit-base-patch32" --device "$DEVICE" > "$LOGS/cuda_paths.log" 2>&1
 CUDA_RC=$?
+[ $CUDA_RC = 124 ] && echo "cuda_path | bench/cuda_paths.py | FAIL | timeout after $PATHS_S s" \
+    >> "$LOGS/cuda_paths.log"
 
 # ---- the table (markdown) from results.tsv and the CUDA-path lines
 $PY - "$RESULTS" "$LOGS/cuda_paths.log" "$DEVICE" "$TINY" > "$OUT/table.md" <<'EOF'

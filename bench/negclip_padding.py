@@ -1,7 +1,7 @@
 """NegCLIP's training step, old collate (texts padded to 77 tokens) against new (padded to the longest caption),
 side by side in one run: the same random CLIP ViT-B/32 (the released architecture, common.hf.published_config),
 the same rows of toy captions with word-reversed hard negatives, loss and gradients compared, FLOPs (FlopCounterMode) and
-CPU time per step (median of interleaved reps).
+wall time per step on the CPU (median of interleaved reps).
 
     python bench/negclip_padding.py --old fa7c09f --rows 8     # fa7c09f: the last commit padding to 77
 """

@@ -132,8 +132,9 @@ def write_image_processor(conf, out):
 
 
 def write_model(folder, out_root, words, tiny, device):
-    """One folder: random weights from the released config, built on `device` (a GPU initialises
-    2.7B parameters in a second), saved as safetensors, with its tokenizer and image preprocessor.
+    """One folder: random weights from the released config, built on `device` (the GPU where there
+    is one: OPT-2.7B's initialisation is slow on a CPU), saved as safetensors, with its tokenizer and
+    image preprocessor.
     Returns (GB written, seconds); (0, s) when an earlier run wrote the same folder."""
     import transformers
     t0 = time.time()

@@ -3,12 +3,14 @@
     python bench/rss_index.py                       # 1M images x 5 captions = 5M pairs, 4 workers (~5 min, 2 cores)
     python bench/rss_index.py --images 100000       # a quick look
 
-Writes a synthetic canonical pairs JSONL (default /tmp/rss_pairs.jsonl, kept for reruns), then runs each reader in
-a fresh process (so each main-process peak is its own): read the file, build a Dataset with one item per (image,
-caption) pair -- `before` as the scripts did (a list of dicts + a list of (record, caption) tuples), `after` with
-Records + `pairs()` -- and iterate one shuffled epoch with 4 DataLoader workers.  Each worker reports its peak RSS
-(VmHWM) and its private memory (Private_Clean + Private_Dirty from /proc/self/smaps_rollup: the pages it does not
-share with the main process, i.e. what copy-on-write duplicated); the table goes to docs/data.md.  Linux only.
+Writes a synthetic canonical pairs JSONL (--file with the size appended: by default
+/tmp/rss_pairs_1000000x5.jsonl, kept for reruns), then runs each reader in a fresh process (so each
+main-process peak is its own): read the file, build a Dataset with one item per (image, caption)
+pair -- `before` as the scripts did (a list of dicts + a list of (record, caption) index tuples),
+`after` with Records + `pairs()` -- and iterate one shuffled epoch with 4 DataLoader workers.  Each
+worker reports its peak RSS (VmHWM) and its private memory (Private_Clean + Private_Dirty from
+/proc/self/smaps_rollup: the pages it does not share with the main process, i.e. what copy-on-write
+duplicated); the table goes to docs/data.md.  Linux only.
 """
 import argparse
 import json
