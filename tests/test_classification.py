@@ -1,6 +1,7 @@
 """Classification as NegCLIP's Table 6 checks it (zero-shot and linear probe): the CIFAR converter on batches written
 in the published layout, the ImageFolder reader and the scoring rules (the toy world's sets: test_toy.py)."""
 import json
+import math
 import os
 import pickle
 import stat
@@ -156,6 +157,16 @@ def test_linear_probe_separates_blobs_and_stays_at_chance_on_random_labels():
     assert B.linear_probe(x[:300], y[:300], x[300:], y[300:], 4, lambdas=(1e-4, 1e-2, 1.0)) == (1.0, 1.0)
 
 
+def test_linear_probe_leaves_the_bias_unpenalised():
+    """Only W is penalised (lam/2 |W|^2, as scikit-learn's intercept): with features that carry nothing (all 0) the
+    fit is the bias alone, and the maximum-likelihood bias puts softmax(b) at the class frequencies 6/10, 3/10, 1/10
+    whatever lam is (a penalised bias would be pulled toward uniform: softmax(b) - freq + lam * b = 0)."""
+    y = torch.tensor([0] * 6 + [1] * 3 + [2])
+    w, b = B.fit_linear_probe(torch.zeros(10, 4), y, 3, 1.0)
+    assert torch.equal(w, torch.zeros(4, 3))
+    torch.testing.assert_close(b.softmax(0), torch.tensor([0.6, 0.3, 0.1]), atol=1e-4, rtol=0)
+
+
 def _colour_scorer():
     """Images embed as their mean colour's one-hot (red, green, blue); texts as the one-hot of the colour word."""
     words = ["red", "green", "blue"]
@@ -193,6 +204,28 @@ def test_eval_classification_zero_shot_and_probe_end_to_end(tmp_path):
     lines = []
     assert B.run_benchmarks(_colour_scorer(), ["classification"], str(tmp_path / "colours"), log=lines.append) == {}
     assert lines[0].startswith("classification: no ") and lines[0].endswith("skipped")
+
+
+def test_zero_shot_top5_of_more_than_five_classes_and_the_probes_lambda(tmp_path):
+    """More than 5 classes (7): a top-5 figure beside the top-1.  Image k embeds as e_k, class j's prompt as
+    e_j / 2 + e_(j+1): every image's own class scores second (behind class k-1), so top-1 0 and top-5 1."""
+    root = tmp_path / "classification" / "greys"
+    names = [f"c{k}" for k in range(7)]
+    for split in ("train", "test"):
+        _folder(root, names, 1 if split == "test" else 4, split=split, colour=lambda k, i: (30 * k,) * 3)
+    eye = torch.eye(7)
+
+    def images(ims):
+        return torch.stack([eye[round(float(np.asarray(im).mean()) / 30)] for im in ims])
+
+    def texts(ts):
+        return torch.stack([eye[int(t.split()[-1].strip(".c"))] / 2 + eye[(int(t.split()[-1].strip(".c")) + 1) % 7]
+                            for t in ts])
+    r = B.eval_classification(B.Scorer(images, texts), str(tmp_path), log=lambda *a: None)
+    assert r["greys_zeroshot_top1"] == 0 and r["greys_zeroshot_top5"] == 1 and r["greys_n"] == 7
+    # one-hot image features: the probe separates the 7 classes; its lambda is reported as log10 of a grid value
+    assert r["greys_probe_top1"] == 1 and r["greys_probe_log10_lambda"] in [round(math.log10(v), 3)
+                                                                            for v in B.PROBE_LAMBDAS]
 
 
 def test_zero_shot_averages_each_class_prompts_and_renormalises(tmp_path):

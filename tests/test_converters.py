@@ -94,6 +94,27 @@ def test_coco_orphan_annotation_and_errors(tmp_path):
     assert str(e2.value) == f"{bad}: images[2]: field 'id' should be an integer, got str"  # one line, exact
 
 
+def test_coco_image_folder_from_2014_names_or_the_file_name_and_no_type_key(tmp_path):
+    """The image folder comes from a 2014 file name (COCO_train2014_...), else coco_url, else the annotation
+    file's own name; none of them: a one-line error.  The top-level "type" key (unverified for 2017) is not read."""
+    want = convert_coco(COCO)
+    data = _load(COCO)
+    del data["type"]
+    for im in data["images"]:
+        del im["coco_url"]
+    # no coco_url: the folder from the file's name
+    assert convert_coco(_dump(data, tmp_path / "captions_val2017.json")) == want
+    with pytest.raises(ConversionError, match=r"other.json: cannot tell the image folder .* pass --images_subdir"):
+        convert_coco(_dump(data, tmp_path / "other.json"))
+    assert convert_coco(tmp_path / "other.json", "val2017") == want
+    # a 2014 file name carries its folder, whatever the annotation file is called
+    for im in data["images"]:
+        im["file_name"] = f"COCO_train2014_{im['file_name']}"
+    recs = convert_coco(_dump(data, tmp_path / "captions_val2017_copy.json"))
+    assert [r["image"] for r in recs] == [f"train2014/COCO_train2014_{r['image'].split('/')[1]}" for r in want]
+    assert [r["captions"] for r in recs] == [r["captions"] for r in want]
+
+
 def test_coco_repeated_annotation_id_keeps_each_images_own_captions(tmp_path):
     """Captions are taken from each image's own annotations, not looked up again by annotation id:
     an id that two annotations share (a merged or hand-edited file) must not give one image the
@@ -199,6 +220,22 @@ def test_karpathy_counts_an_empty_caption(tmp_path):
     assert len(recs) == 1 and len(recs[0]["captions"]) == 4  # as coco / nocaps / blip count it
     assert dict(report.skipped) == {"empty caption": 1}
     assert report.examples["empty caption"] == ["COCO_val2014_000000391895.jpg"]
+
+
+def test_karpathy_image_without_sentences_is_counted_not_written(tmp_path):
+    """Some public copies of dataset_flickr8k.json have empty `sentences` on their test images (fixtures README):
+    such an image is skipped and counted, not a record with no captions; a split name outside the four is warned."""
+    data = _load(FIX / "karpathy" / "dataset_flickr8k.json")
+    data["images"][1]["split"] = "test"
+    data["images"][1]["sentences"] = []
+    data["images"][2]["split"] = "dev"
+    path = _dump(data, tmp_path / "dataset_flickr8k.json")
+    report = Report()
+    assert convert_karpathy(path, "test", report=report) == []
+    assert dict(report.skipped) == {"image without sentences": 1}
+    assert report.examples["image without sentences"] == ["2903617548_d3e38d7f88.jpg"]
+    assert dict(report.warnings) == {"unknown split 'dev' (ignored)": 1}
+    assert [r["image"] for r in convert_karpathy(path, "train")] == ["2513260012_03d33305cf.jpg"]
 
 
 def test_karpathy_errors(tmp_path):
@@ -500,8 +537,10 @@ def test_check_images_drops_missing_and_unreadable(tmp_path):
 
 
 def test_cli_help_for_every_kind(capsys):
-    for kind in ("coco", "nocaps", "karpathy", "blip", "flickr30k_csv", "img2dataset", "vg", "vqav2", "okvqa", "gqa",
-                 "mlslt"):
+    kinds = list(build_parser()._subparsers._group_actions[0].choices)  # every kind the parser has, cifar included
+    assert set(kinds) >= {"coco", "nocaps", "karpathy", "blip", "flickr30k_csv", "img2dataset", "vg", "vqav2",
+                          "okvqa", "gqa", "mlslt", "cifar"}
+    for kind in kinds:
         with pytest.raises(SystemExit) as e:
             main([kind, "--help"])
         assert e.value.code == 0

@@ -13,7 +13,8 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from common.metrics import (bleu, caption_metrics, caption_metrics_by_group, cider_d, coco_tokenize, dialogue_scores,
                             expand_contractions, gold_rank, hf_bleu, hf_caption_metrics, hf_rouge, label_matches,
-                            normalize_vqa_answer, okvqa_lemmatize, parlai_normalize, retrieval_recall, rouge_l, rouge_score_tokens, token_f1,
+                            normalize_vqa_answer, okvqa_lemmatize, parlai_normalize, retrieval_recall, rouge_l,
+                            rouge_score_tokens, token_f1,
                             tokenize_13a, vqa_accuracy, vqa_score, word_f1)
 
 # ---------------------------------------------------------------- COCO tokenisation
@@ -162,8 +163,12 @@ def test_bleu_torchmetrics_rule_is_exact_and_zero_without_ngram_matches():
     assert bleu({0: ["a b c d e"]}, {0: "a b c d e"}, smooth=False)[3] == pytest.approx(1.0)
     # no 4-gram match: torchmetrics gives exactly 0, the COCO toolkit's epsilons leave a small positive number
     gts, res = {0: ["a b c x e"]}, {0: "a b c d e"}
-    assert bleu(gts, res, smooth=False)[3] == 0.0 and bleu(gts, res, smooth=False)[2] > 0.3
-    assert 0.0 < bleu(gts, res)[3] < 0.01
+    # "a b c d e" vs "a b c x e": unigrams 4/5, bigrams 2/4 ("a b", "b c"), trigrams 1/3 ("a b c"), 4-grams 0/2;
+    # equal lengths: bp 1. BLEU-3 = (4/5 * 2/4 * 1/3) ** (1/3) = 0.5109; the toolkit's BLEU-4 keeps 1e-15 / 2
+    exact = bleu(gts, res, smooth=False)
+    assert exact[3] == 0.0 and exact[2] == pytest.approx((4 / 5 * 2 / 4 * 1 / 3) ** (1 / 3), rel=1e-12)
+    coco = [(c + 1e-15) / (t + 1e-9) for c, t in ((4, 5), (2, 4), (1, 3), (0, 2))]
+    assert bleu(gts, res)[3] == pytest.approx(math.prod(coco) ** (1 / 4), rel=1e-9) and bleu(gts, res)[3] < 1e-4
     assert bleu({0: ["x y z"]}, {0: "a b c"}, smooth=False) == [0.0] * 4
     # a hypothesis shorter than n: no phantom n-gram (as torchmetrics); BLEU-4 is 0, BLEU-2 exact
     two = bleu({0: ["a b c"]}, {0: "a b"}, smooth=False)
@@ -308,7 +313,10 @@ def test_caption_metrics_tokenises_then_scores():
     assert 0 < got["BLEU-4"] < got["BLEU-1"] <= 1
     perfect = caption_metrics({1: ["a red circle"], 2: ["a blue square"]}, {1: "A red circle.", 2: "a blue square"})
     assert perfect["BLEU-1"] == pytest.approx(1.0) and perfect["ROUGE-L"] == pytest.approx(1.0)
-    assert perfect["CIDEr"] > 0
+    # CIDEr-D by hand: 2 images, "a" in both references -> idf log2 - log2 = 0; every other n-gram idf log2.
+    # Each image: unigram cosine 1 ("a" weighs 0 on both sides), bigram 1, trigram 1, no 4-gram -> 0; equal
+    # lengths, no penalty; 10 * (1 + 1 + 1 + 0) / 4 = 7.5 per image and as the mean
+    assert perfect["CIDEr"] == pytest.approx(7.5, rel=1e-12)
 
 
 def test_caption_metrics_by_group_scores_each_group_alone():

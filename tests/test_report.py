@@ -130,6 +130,8 @@ def test_report_with_every_helper(tmp_path):
     svgs = re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
     assert len(svgs) == 6 and all(ET.fromstring(s).tag == SVG + "svg" for s in svgs)
     assert "<td>k/v</td><td>&lt;v&gt;</td>" in page  # a nested dict as outer/inner rows
+    # mark=True: a hit's green frame, False: a miss's red one, None: plain
+    assert re.findall(r'<figure class="([^"]+)">', page) == ["card", "card ok", "card bad", "card"]
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # no fetches
 
 
@@ -202,10 +204,13 @@ def test_line_plot_one_point_per_finite_value_and_dots():
 
 
 def test_long_series_are_thinned_keeping_the_last_point():
-    n = 5001
-    svg = R.line_plot({"s": (list(range(n)), [float(i) for i in range(n)])})
-    pts = polylines(ET.fromstring(svg))["s"]
-    assert len(pts) <= R.MAX_POINTS + 1 and pts[-1] == max(pts)
+    n = 5001  # thinned to every 3rd point: the last (index 5000) is not one of them and is added
+    spike = [0.0] * (n - 1) + [1.0]  # only the last point is high
+    svg = R.line_plot({"s": (list(range(n)), spike), "ends": ([0, n - 1], [0.0, 1.0])})
+    lines = polylines(ET.fromstring(svg))
+    pts = lines["s"]
+    assert R.MAX_POINTS // 2 < len(pts) <= R.MAX_POINTS + 1
+    assert pts[0] == lines["ends"][0] and pts[-1] == lines["ends"][-1]  # drawn where the 2-point series ends
 
 
 def test_ticks_are_round_and_inside():
@@ -297,7 +302,9 @@ def test_heatmap_colours_where_the_weights_are():
     assert (np.asarray(R.heatmap(img, np.ones((4, 4)), alpha=0.0)) == 128).all()  # the picture
     with pytest.raises(ValueError, match="square"):
         R.heatmap(img, np.ones(15))
-    assert np.isfinite(np.asarray(R.heatmap(img, np.full((4, 4), 2.0)), np.float32)).all()
+    # a constant map has no spread: it is all "little attention" (COLORMAP[0] = (0, 0, 4)), not a division by 0;
+    # half of grey 128 and half of (0, 0, 4) is (64, 64, 66) everywhere
+    assert (np.asarray(R.heatmap(img, np.full((4, 4), 2.0))) == (64, 64, 66)).all()
 
 
 def test_strip_puts_frames_side_by_side():
@@ -306,6 +313,32 @@ def test_strip_puts_frames_side_by_side():
     assert s.size == (4 * 32 + 3 * 2, 32)  # the 64-px frame scaled to the first one's height
     assert (np.asarray(s)[:, 32:34] == 255).all()  # the white gap
     assert (np.asarray(s)[:, :32] == np.asarray(frames[0])).all()
+
+
+def test_caption_report_shows_16_image_cards_or_8_clip_strips(tmp_path):
+    """caption_report: training curves, the results table and the first 16 predictions as cards (a clip's frames
+    as one strip per card, the first 8); a picture smaller than 128 px is shown enlarged by a whole factor."""
+    rows = [{"prediction": f"pred {i} {EVIL}", "target": [f"ref {i}", "another"]} for i in range(20)]
+    for video, frames, want in ((False, [scene(64)], ((64, 64), 'width="128" height="128"')),
+                                (True, [scene(32, k) for k in range(4)], ((4 * 32 + 3 * 2, 32),
+                                                                           'width="536" height="128"'))):
+        out = tmp_path / str(video)
+        out.mkdir()
+        write_metrics(out / "metrics.jsonl")
+        path, secs = R.caption_report(str(out), "run", {"CIDEr": 95.9}, rows=rows, frames_of=lambda r: frames,
+                                      video=video)
+        n = 8 if video else 16
+        info = R.read_report(path)
+        assert info["sections"] == ["Training", "Results", "Video captions (test)" if video else "Captions (test)"]
+        assert info["images"] == n and secs > 0
+        page = open(path, encoding="utf-8").read()
+        assert re.findall(r"pred (\d+) ", page) == [str(i) for i in range(n)]  # in order, the first n
+        assert "<script>" not in page and "<td>CIDEr</td><td>95.9</td>" in page
+        assert page.count("<b>references:</b> ref ") == n and ('<div class="grid">' in page) != video
+        imgs = re.findall(r"<img[^>]*>", page)
+        assert len(imgs) == n and all(want[1] in t and 'class="px"' in t and decode(t).size == want[0] for t in imgs)
+    assert R.read_report(R.caption_report(str(tmp_path / "False"), "run", {}, rows=[])[0])["sections"] == [
+        "Training", "Results"]
 
 
 def test_disabled_report_writes_nothing_and_timing_counts_once(tmp_path):
