@@ -196,8 +196,9 @@ class Encoded:
         log.info(f"{name}: {len(kept)} episodes, {n_missing} skipped for a missing feature/caption "
                  f"({dict(missing)})" + (f", {n_empty} without turns skipped" if n_empty else ""))
         if not kept or n_missing > cfg.max_missing_frac * len(episodes):
+            why = "all of them" if not kept else f"> max_missing_frac {cfg.max_missing_frac}"
             raise DataError(f"{name}: {n_missing} of {len(episodes)} episodes lack features or "
-                            f"captions (> max_missing_frac {cfg.max_missing_frac}); --cache_dir?")
+                            f"captions ({why}); --cache_dir?")
 
         def enc(s, n):
             return tok.encode(s, add_special_tokens=False)[:n]

@@ -1359,6 +1359,16 @@ def test_training_without_the_features_stops_instead_of_reading_zeros(assets, ca
             assert want in capsys.readouterr().out
 
 
+def test_a_split_without_any_feature_says_so_whatever_max_missing_frac():
+    """--max_missing_frac 1 accepts any share of missing features, but not none kept: the error says all are missing
+    (it named the fraction, as if it had been exceeded)."""
+    from types import SimpleNamespace
+    eps = [{"hash": h, "dialog": [("Happy", "hi")]} for h in ("a", "b")]
+    cfg, log = SimpleNamespace(use_caption=False, max_missing_frac=1.0), SimpleNamespace(info=lambda *a: None)
+    with pytest.raises(DataError, match=r"^valid: 2 of 2 episodes lack features or captions \(all of them\)"):
+        ic.Encoded(eps, None, {}, {}, cfg, log, "valid")
+
+
 def test_non_finite_loss_stops_without_saving(assets, cached, tmp_path):
     _, paths = cached
     run(train_args(assets, "finetune", 1, final_eval="false", report="false"), tmp_path / "ok", **paths)
