@@ -648,6 +648,7 @@ def _join_world(root, name, write, log):
     manifest)` writes <tmp>/<name> aside, and it is renamed into place, so a concurrent reader never sees half."""
     with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
         man = json.load(f)
+    _remove_dead(root, re.compile(rf"\.{re.escape(name)}-([0-9]+)"), log)  # what a killed join left
     tmp = os.path.join(root, f".{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp, man)
@@ -1779,18 +1780,24 @@ def _pid_gone(pid):
     return False
 
 
-def remove_dead_builds(out, log=print):
-    """Delete the `<out>.building-<pid>` folders that a build_toy_world killed half-way left beside `out`,
-    those whose process no longer runs: a live builder's folder and any other name are kept.  (A pid is only
+def _remove_dead(parent, pattern, log):
+    """Delete the folders in `parent` whose name fullmatches `pattern` (group 1: the pid of the process that
+    made it) when that process no longer runs; a live one's folder and any other name are kept.  (A pid is only
     checked on this machine: on a folder shared by several hosts another host's live build counts as dead.)"""
-    parent, base = os.path.split(os.path.abspath(out))
-    pattern = re.compile(re.escape(base) + r"\.building-([0-9]+)")
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
         m = pattern.fullmatch(name)
         path = os.path.join(parent, name)
         if m and os.path.isdir(path) and not os.path.islink(path) and _pid_gone(int(m.group(1))):
             log(f"removing {path}, left by a toy build (pid {m.group(1)}) that no longer runs")
             shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_dead_builds(out, log=print):
+    """Delete what a build_toy_world killed half-way left beside `out`: its `<out>.building-<pid>` folder, and
+    the `<out>.old-<pid>` it renames the world it replaces to (killed between its two renames, the old world
+    stays there, out of use), each only once its process no longer runs (`_remove_dead`)."""
+    parent, base = os.path.split(os.path.abspath(out))
+    _remove_dead(parent, re.compile(re.escape(base) + r"\.(?:building|old)-([0-9]+)"), log)
 
 
 def build_toy_world(out, tiny=False, seed=0, models=True, log=print, replace=True):

@@ -157,17 +157,19 @@ def test_bad_arguments_are_refused_before_anything_is_built(tmp_path, capsys):
 
 
 def test_a_killed_builds_folder_is_removed_by_the_next_build(tmp_path, monkeypatch):
-    """A build killed half-way left <out>.building-<pid> for ever.  The next build of <out> removes those whose
-    process no longer runs (os.kill(pid, 0): ProcessLookupError), and nothing else: not a live builder's folder,
-    not another world's, not a name without a pid."""
+    """A build killed half-way left <out>.building-<pid> (and, killed between its renames, <out>.old-<pid>) for
+    ever.  The next build of <out> removes those whose process no longer runs (os.kill(pid, 0):
+    ProcessLookupError), and nothing else: not a live builder's folder, not another world's, not a name without a
+    pid."""
     import subprocess
     import sys
     done = subprocess.Popen([sys.executable, "-c", "pass"])
     done.wait()  # reaped: its pid names no process now
     out = tmp_path / "w"
-    dead, live = tmp_path / f"w.building-{done.pid}", tmp_path / f"w.building-{os.getppid()}"
-    keep = [live, tmp_path / "w.building-x1", tmp_path / f"v.building-{done.pid}", tmp_path / f"w.old-{done.pid}"]
-    for d in [dead, *keep]:
+    dead = [tmp_path / f"w.building-{done.pid}", tmp_path / f"w.old-{done.pid}"]
+    keep = [tmp_path / f"w.building-{os.getppid()}", tmp_path / f"w.old-{os.getppid()}", tmp_path / "w.building-x1",
+            tmp_path / f"v.building-{done.pid}", tmp_path / f"w.older-{done.pid}"]
+    for d in [*dead, *keep]:
         (d / "images").mkdir(parents=True)
         (d / "images" / "0.png").write_bytes(b"half")
 
@@ -180,9 +182,17 @@ def test_a_killed_builds_folder_is_removed_by_the_next_build(tmp_path, monkeypat
     lines = []
     with pytest.raises(Stop):
         toy.build_toy_world(str(out), tiny=True, models=False, log=lines.append)
-    assert not dead.exists() and all((d / "images" / "0.png").read_bytes() == b"half" for d in keep)
+    assert not any(d.exists() for d in dead) and all((d / "images" / "0.png").read_bytes() == b"half" for d in keep)
     assert sorted(os.listdir(tmp_path)) == sorted(d.name for d in keep)  # (its own temp folder: gone too)
-    assert any(str(dead) in line for line in lines)
+    assert all(any(str(d) in line for line in lines) for d in dead)
+    # a killed _join_world (a part added to an older world) left <root>/.<part>-<pid>: the next join removes it
+    root = tmp_path / "old_world"
+    (root / f".vl_checklist-{done.pid}").mkdir(parents=True)
+    (root / f".vl_checklist-{os.getppid()}").mkdir()
+    (root / "manifest.json").write_text("{}")
+    toy._join_world(str(root), "vl_checklist", lambda tmp, man: os.makedirs(os.path.join(tmp, "vl_checklist")),
+                    lines.append)
+    assert sorted(os.listdir(root)) == [f".vl_checklist-{os.getppid()}", "manifest.json", "vl_checklist"]
 
 
 def test_two_builders_at_once_build_each_part_once(tmp_path, monkeypatch):
