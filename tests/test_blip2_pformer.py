@@ -812,9 +812,10 @@ def pipeline(toy_root, tmp_path_factory):
     res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
                    "--lr", "1e-3", "--warmup_steps", "2", "--init", str(root / "s1" / "checkpoint.pt"),
                    "--pformer_ckpt", s0, "--eval_max", "6", *small)
-    res["cap"] = run("cap", "--stage", "caption", "--max_steps", "16", "--global_batch", "16", "--micro_batch", "16",
-                     "--lr", "1e-3", "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"),
-                     "--pformer_ckpt", s0, "--eval_max", "4", *small)
+    cap = ("--stage", "caption", "--max_steps", "24", "--global_batch", "16", "--micro_batch", "16", "--lr", "1e-3",
+           "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"), "--pformer_ckpt", s0, "--eval_max",
+           "4", *small)
+    res["cap"], res["capctrl"] = run("cap", *cap), run("capctrl", *cap, *frozen, "--report", "false")
     return res
 
 
@@ -872,7 +873,12 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert "llm_proj.weight" in ck["model"] and not any("word_embeddings" in k for k in ck["model"])
     metrics, run_dir = pipeline["cap"]
-    assert_fell(run_dir, "lm", 0.95)  # 16 steps on the same 16 pairs: a smooth fall
+    # 24 steps on the same 16 pairs: the LM loss of the last third against a control run of the same batches
+    # without updates (seeds 0/1/2: 0.795/0.850/0.575; against the run's own first third it was 0.89/0.93/0.69 at 16
+    # steps). (A run on blank images falls as far, 0.81/0.86/0.57: in this many steps the toy Q-Former learns the
+    # captions' prior, not the image, so no blank-image control is asserted.)
+    trained, control = fell(run_dir, "lm")[1], fell(pipeline["capctrl"][1], "lm")[1]
+    assert trained < 0.95 * control, (trained, control)
     assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
 
 
@@ -1334,7 +1340,7 @@ def test_caption_resume_must_keep_the_settings_of_the_val_captions_that_pick_bes
     same = ["--pformer_ckpt", ck("s0t5"), "--train_file", str(root / "pairs_small.jsonl"), "--epochs", "100",
             "--lr", "1e-3", "--report", "false", "--val_file", os.path.join(toy_root, "pairs_val.jsonl")]
     same += common_args(toy_root, tmp_path / "run")  # (the eval files given: --eval_tasks '' keeps them)
-    cap = same + ["--stage", "caption", "--max_steps", "16", "--global_batch", "16", "--micro_batch", "16",
+    cap = same + ["--stage", "caption", "--max_steps", "24", "--global_batch", "16", "--micro_batch", "16",
                   "--warmup_steps", "1", "--init", ck("s2"), "--eval_max", "4", "--resume", ck("cap")]
     for change, saved in ((("--num_beams", "2"), "3"), (("--eval_tasks", ""), "'caption'"),
                           (("--min_length", "9"), "0"), (("--eval_max", "3"), "4")):
