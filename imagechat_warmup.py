@@ -44,16 +44,17 @@ from common.checkpoint import (RESUME_FREE, check_resume_config, expect_checkpoi
                                rng_state, save_checkpoint, set_rng_state)
 from common import config
 from common.config import asdict_config, format_config, given_flags, parse_config, save_config
-from common.data import DataError, StepSampler, fit_micro
+from common.data import StepSampler, fit_micro
 from common.dist import (all_gather_object, all_reduce_mean, barrier, cleanup_distributed,
                          setup_distributed, shard_indices, unwrap, wrap_ddp)
 from common.log import Logger, progress
 from common.metrics import gold_rank, label_matches
 from common.hf import counts_table, hf_model
 from common.train import StepTimer, count_flops, count_params, mfu, optimizer_update, run_bench
-from data.imagechat import (as_trained, chat_image, chat_styles, load_captions, load_features,
-                            load_split, mix, peek_checkpoint, prepare_captions, prepare_features,
-                            results_table, selected_weights, turn_scores, write_predictions, write_report)
+from data.imagechat import (as_trained, chat_image, chat_styles, feature_parts, load_split, mix,
+                            peek_checkpoint, prepare_captions, prepare_features, results_table,
+                            run_captions, run_features, selected_weights, turn_scores,
+                            write_predictions, write_report)
 from data.toy import toy_paths
 
 SCRIPT = "imagechat_warmup"
@@ -180,11 +181,14 @@ def check_choices(cfg):
 
 def resolve_paths(cfg, is_main=True):
     """Fill the empty paths this mode reads from the toy world, building it with only the backbones
-    read (features: CLIP; warmup/finetune/eval: T5; params/chat: both)."""
+    read (features: CLIP; warmup/finetune/eval: T5, and CLIP's config for a --use_image false run
+    without features, data/imagechat.py run_features; params/chat: both)."""
     both, cb = {"clip": "models/clip", "backbone": "models/t5"}, ["clip", "t5"]
+    no_feats = not (cfg.use_image or feature_parts(cfg.cache_dir))
     reads = {"features": {"clip": "models/clip"}, "captions": {}, "params": both, "chat": both}.get(
-        cfg.mode, {"backbone": "models/t5"})
-    models = {"features": ["clip"], "captions": [], "params": cb, "chat": cb}.get(cfg.mode, ["t5"])
+        cfg.mode, both if no_feats else {"backbone": "models/t5"})
+    models = {"features": ["clip"], "captions": [], "params": cb, "chat": cb}.get(
+        cfg.mode, cb if no_feats else ["t5"])
     toy_paths(cfg, {"data_dir": "image_chat", **reads}, models, is_main, barrier)
     cfg.image_root = cfg.image_root or os.path.join(cfg.data_dir, "images")
 
@@ -648,14 +652,10 @@ def read_checkpoint(path, flag, kinds, peek=False):
 
 
 def setup(cfg, log):
-    """Cached features and captions, the model (with --init's weights) and its tokenizer."""
+    """Features and captions a run reads, the model (with --init's weights) and its tokenizer."""
     init = read_checkpoint(cfg.init, "--init", ("warmup", "finetune")) if cfg.init else None
-    index, feats = load_features(cfg.cache_dir)
-    if cfg.blank_images:
-        feats.zero_()
-    caps = load_captions(cfg.cache_dir) if cfg.use_caption else {}
-    if cfg.use_caption and not caps:
-        raise DataError(f"no captions in {cfg.cache_dir}: run --mode captions first (or --use_caption false)")
+    index, feats = run_features(cfg, log)  # one zero row for --use_image false without a cache
+    caps = run_captions(cfg)
     seed_everything(cfg.seed)  # identical fresh initialisation on every rank
     model, tok, vocab = build_model(cfg, feats.shape[-1], feats.shape[1])
     if init is not None:
@@ -875,11 +875,11 @@ def main(argv=None):
         log = Logger(cfg.out_dir, dist.is_main)
         if p := {"warmup": "warmup", "finetune": "ft"}.get(cfg.mode):  # before any data or model,
             fit_micro(cfg, dist.world_size, log.info, f"{p}_batch", f"{p}_micro")  # the micro run
-        resolve_paths(cfg, dist.is_main)
-        dtype = pick_dtype(dist.device, cfg.precision)
         if cfg.init and cfg.mode in ("eval", "chat"):  # the model --init trained, but flags given
             as_trained(cfg, read_checkpoint(cfg.init, "--init", ("warmup", "finetune"), True),
                        given_flags(argv), log)
+        resolve_paths(cfg, dist.is_main)  # after as_trained: --use_image decides what eval reads
+        dtype = pick_dtype(dist.device, cfg.precision)
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
         log.info(f"{SCRIPT} --mode {cfg.mode} | world {dist.world_size} | {dist.device} | {dtype}\n"

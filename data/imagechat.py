@@ -16,8 +16,9 @@ and keyed by image hash, both under the project's one bad-image rule (ImageFolde
     prepare_captions  BLIP-2 beam-search captions -> <cache>/captions.r<rank>.jsonl + captions.json
 each recording the settings that made it (<cache>/features.meta.json, captions.meta.json) and refusing
 to add entries of other settings (`check_cache_settings`).
-`load_features` / `load_captions` read the caches back for training, `Encoded` / `load_split`
-tokenise a split once; `chat_image` prepares one image as both stages do (--mode chat).
+`load_features` / `load_captions` read the caches back for training (`run_features`: a --use_image
+false run without features reads none), `Encoded` / `load_split` tokenise a split once;
+`chat_image` prepares one image as both stages do (--mode chat).
 `as_trained` / `selected_weights` read back what a checkpoint says of the model and of the best weights.
 `turn_scores` scores one evaluated turn as the release does; `results_rows` (the per-turn
 figures) and `write_report` (<out_dir>/report.html: curves, figures, dialogues) present its runs.
@@ -130,11 +131,16 @@ def all_image_hashes(data_dir):
 
 
 # ---- caches
-def load_features(cache_dir):
-    """All feature parts -> ({hash: row}, (N, 9, D) float32); a missing cache is an error."""
+def feature_parts(cache_dir):
+    """The part files of <cache_dir>/features, sorted (none: no features cache)."""
     folder = os.path.join(cache_dir, "features")
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    parts = sorted(n for n in names if n.endswith(".pt"))
+    return sorted(n for n in names if n.endswith(".pt"))
+
+
+def load_features(cache_dir):
+    """All feature parts -> ({hash: row}, (N, 9, D) float32); a missing cache is an error."""
+    folder, parts = os.path.join(cache_dir, "features"), feature_parts(cache_dir)
     if not parts:
         raise DataError(f"no CLIP features in {folder}: run --mode features first")
     index, rows = {}, []
@@ -145,6 +151,55 @@ def load_features(cache_dir):
                 index[h] = len(rows)
                 rows.append(f)
     return index, torch.stack(rows).float()  # (N, 9, D)
+
+
+class EveryImage(dict):
+    """The feature index of a text-only run without a features cache: it holds every image hash,
+    each at row 0 of a single zero row that the model (no image block) never reads, so Encoded
+    keeps every episode with turns (none lacks a feature)."""
+
+    def __contains__(self, image_hash):
+        return True
+
+    def __missing__(self, image_hash):
+        return 0
+
+
+def run_features(cfg, log):
+    """The (index, (N, grid*grid, D) features) that training and evaluation read: load_features,
+    all zeros with --blank_images.  A --use_image false run (the model has no image block) reads no
+    feature, so without a features cache it takes EveryImage and one zero row instead of stopping
+    for a --mode features pass it does not need (on Image-Chat ~200k images through CLIP).  D is
+    still the features' width, CLIP's projection_dim (its config, no weights:
+    common.hf.published_config): it sizes the unused img_proj and mrm_head, whose random
+    initialisation comes before the segment embedding's (and an --untied_head's), so the model is
+    the one a run with the cache builds, and their checkpoints interchange.  A run with a cache
+    keeps only the episodes whose image was readable (Encoded): its counts can differ from this
+    run's, which the log says."""
+    if cfg.use_image or feature_parts(cfg.cache_dir):
+        index, feats = load_features(cfg.cache_dir)
+    else:
+        from common.hf import published_config
+        dim = published_config(cfg.clip).projection_dim
+        folder = os.path.join(cfg.cache_dir, "features")
+        log.info(f"--use_image false and no CLIP features in {folder}: every episode of each "
+                 "split is kept (no image to be unreadable); a run with a features cache, as every "
+                 "image run, keeps only the episodes whose image was readable, so its counts can "
+                 f"differ from these (feature width {dim}: --clip's projection_dim, {cfg.clip})")
+        index, feats = EveryImage(), torch.zeros(1, cfg.grid ** 2, dim)
+    if cfg.blank_images:
+        feats.zero_()
+    return index, feats
+
+
+def run_captions(cfg):
+    """The captions that training and evaluation read: load_captions, none with --use_caption false;
+    an empty cache is an error naming the stage to run."""
+    caps = load_captions(cfg.cache_dir) if cfg.use_caption else {}
+    if cfg.use_caption and not caps:
+        raise DataError(f"no captions in {cfg.cache_dir}: run --mode captions first (or "
+                        "--use_caption false)")
+    return caps
 
 
 def load_captions(cache_dir):
@@ -181,7 +236,8 @@ def load_captions(cache_dir):
 
 # ---- tokenised episodes (what training and evaluation of imagechat_warmup.py read)
 class Encoded:
-    """Image-Chat episodes tokenised once: caption, per-turn style and utterance ids, feature."""
+    """Image-Chat episodes tokenised once: caption, per-turn style and utterance ids, feature row
+    (feat_index: {hash: row}, or run_features' EveryImage)."""
 
     def __init__(self, episodes, tok, feat_index, captions, cfg, log, name):
         n_empty = sum(not ep["dialog"] for ep in episodes)

@@ -1363,6 +1363,90 @@ def test_training_without_the_features_stops_instead_of_reading_zeros(assets, ca
             assert want in capsys.readouterr().out
 
 
+def _split_hashes(data_dir, split):
+    with open(os.path.join(data_dir, f"{split}.json")) as f:
+        return [ep["image_hash"] for ep in json.load(f) if ep["dialog"]]
+
+
+def _record_splits(monkeypatch):
+    """[(split, episode hashes)] of every split a run tokenises (load_split), in order."""
+    seen, load = [], icw.load_split
+
+    def record(cfg, split, *a, **kw):
+        data = load(cfg, split, *a, **kw)
+        seen.append((split, [ep["hash"] for ep in data.episodes]))
+        return data
+    monkeypatch.setattr(icw, "load_split", record)
+    return seen
+
+
+NO_FEATURES = "--use_image false and no CLIP features in "
+
+
+def test_a_text_only_run_needs_no_features_cache(assets, cached, tmp_path, monkeypatch, capsys):
+    """--use_image false (no image block) reads no feature: without a features cache, fine-tuning and eval run
+    on every episode of each split and say so in one line, instead of asking for --mode features (~200k images
+    through CLIP on Image-Chat).  The model is the one a run with the cache builds (its unused img_proj and
+    mrm_head sized by CLIP's projection_dim, read from the config; their initialisation comes before the segment
+    embedding's): on this slice, whose 64 images all have features, the two train on the same episodes to the
+    same weights, and an eval without the cache loads the cached run's checkpoint, taking --use_image false
+    from it.  --use_image true without features still stops; captions are still required."""
+    _, paths = cached
+    nocache = tmp_path / "nocache"
+    shutil.copytree(paths["cache_dir"], nocache, ignore=shutil.ignore_patterns("features", "features.meta.json"))
+    seen = _record_splits(monkeypatch)
+    args = train_args(assets, "finetune", 2, use_image="false", final_eval="false", report="false")
+    capsys.readouterr()
+    run(args, tmp_path / "with", **paths)
+    assert NO_FEATURES not in capsys.readouterr().out
+    run(args, tmp_path / "without", **{**paths, "cache_dir": nocache})
+    out = capsys.readouterr().out
+    assert out.count(NO_FEATURES) == 1 and "every episode of each split is kept" in out
+    assert "keeps only the episodes whose image was readable" in out
+    train = _split_hashes(paths["data_dir"], "train")
+    assert seen == [("train", train), ("train", train)] and len(train) == 48
+    with_ck, without_ck = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"]
+                           for d in ("with", "without"))
+    width = ic.load_features(str(paths["cache_dir"]))[1].shape[-1]  # the toy CLIP's projection_dim
+    assert with_ck.keys() == without_ck.keys() and without_ck["img_proj.weight"].shape[1] == width
+    for k, v in with_ck.items():
+        assert v.shape == without_ck[k].shape and torch.allclose(v, without_ck[k], rtol=1e-5, atol=1e-7), k
+    seen.clear()
+    res = run(train_args(assets, "eval", 0, init=tmp_path / "with" / "last.pt", eval_max=2, report="false"),
+              tmp_path / "ev", **{**paths, "cache_dir": nocache})
+    assert math.isfinite(res["IC/F1"]) and capsys.readouterr().out.count(NO_FEATURES) == 1
+    assert seen == [("test", _split_hashes(paths["data_dir"], "test"))] and len(seen[0][1]) == 8
+    with pytest.raises(DataError, match=r"no CLIP features in .*nocache.features: run --mode features first"):
+        run(train_args(assets, "finetune", 1, final_eval="false", report="false"), tmp_path / "img",
+            **{**paths, "cache_dir": nocache})
+    for name in os.listdir(nocache):  # captions.json, captions.r0.jsonl, captions.meta.json
+        if name.startswith("captions"):
+            os.remove(nocache / name)
+    with pytest.raises(DataError, match=r"no captions in .*nocache: run --mode captions first"):
+        run(args, tmp_path / "nocap", **{**paths, "cache_dir": nocache})
+
+
+def test_a_text_only_run_with_features_keeps_the_image_runs_episodes(assets, cached, tmp_path, monkeypatch, capsys):
+    """With a features cache present, --use_image false keeps exactly the image run's episodes (those whose image
+    has a feature), so the two stay comparable; without the cache it keeps the whole split."""
+    _, paths = cached
+    index, feats = ic.load_features(str(paths["cache_dir"]))
+    train = _split_hashes(paths["data_dir"], "train")
+    partial, nocache = tmp_path / "partial", tmp_path / "nocache"
+    for cache in (partial, nocache):
+        shutil.copytree(paths["cache_dir"], cache, ignore=shutil.ignore_patterns("features", "features.meta.json"))
+    os.makedirs(partial / "features")
+    kept = [h for h in sorted(index) if h != train[0]]  # one train image without a feature (an unreadable one)
+    torch.save({"hashes": kept, "feats": feats[[index[h] for h in kept]]}, partial / "features" / "part.pt")
+    seen = _record_splits(monkeypatch)
+    for name, use_image, cache in (("img", "true", partial), ("txt", "false", partial), ("all", "false", nocache)):
+        run(train_args(assets, "finetune", 1, use_image=use_image, final_eval="false", report="false"),
+            tmp_path / name, **{**paths, "cache_dir": cache})
+    assert [s for s, _ in seen] == ["train"] * 3
+    assert seen[0][1] == seen[1][1] == train[1:] and seen[2][1] == train
+    assert capsys.readouterr().out.count(NO_FEATURES) == 1
+
+
 def test_a_split_without_any_feature_says_so_whatever_max_missing_frac():
     """--max_missing_frac 1 accepts any share of missing features, but not none kept: the error says all are missing
     (it named the fraction, as if it had been exceeded)."""
