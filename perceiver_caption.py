@@ -63,6 +63,8 @@ class ModelConfig:
     xattn_prefix: str = "raw"      # --bridge xattn: raw (mean CLIP vector as prefix, seed) | none
     mapper: str = "mlp"            # mlp | transformer (seed's mapper_type) | [dev] clipcap_mlp|_tf
     prefix_len: int = 10           # clipcap_*: K GPT-2 tokens per frame (ClipCap README: 10 | 40)
+    clip_len: int = 0              # [dev] clipcap_tf: K' (ClipCap's --prefix_length_clip); 0 = K
+    normalize_prefix: bool = False  # [dev] clipcap_*: the CLIP embedding / its L2 norm (ClipCap)
     mapper_hidden: int = 512       # mlp: Linear -> Tanh -> Linear
     mapper_depth: int = 8          # transformer: nn.TransformerEncoder layers, heads, FFN width
     mapper_heads: int = 8
@@ -210,9 +212,8 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_emb = nn.Parameter(torch.randn(max_time, 1, dim))  # per frame, shared over S
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)])
-            for _ in range(depth))
+        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(dim, heads, dim_head),
+                                                   feed_forward(dim, ff_mult)]) for _ in range(depth))
         self.norm, self.key_mask = nn.LayerNorm(dim), key_mask
 
     def forward(self, feats, frame_mask):
@@ -252,18 +253,17 @@ class GatedXAttnDense(nn.Module):
 
 class ClipCapTransformer(nn.TransformerEncoder):
     """ClipCap's TransformerMapper (arXiv 2111.09734 Sec. 3; CLIP_prefix_caption train.py): a Linear
-    maps the E-d CLIP image embedding to K' tokens of width D (K' = K here: ClipCap's separate
-    --prefix_length_clip is 40 = K in its README), which go with K learned constants through
+    maps the E-d embedding to K' tokens (its --prefix_length_clip) that join K learned constants in
     `depth` pre-LN layers (h heads, MLP ratio 2, ReLU, no dropout or final norm): out at their K."""
 
-    def __init__(self, e, d, k, depth=8, h=8):
+    def __init__(self, e, d, k, k_clip, depth=8, h=8):
         layer = nn.TransformerEncoderLayer(d, h, 2 * d, 0, "relu", batch_first=True, norm_first=True)
         layer.self_attn.in_proj_bias = None  # no bias in ClipCap's q, k, v maps (in its output map)
         super().__init__(layer, depth, enable_nested_tensor=False)
-        self.linear, self.const = nn.Linear(e, k * d), nn.Parameter(torch.randn(k, d))
+        self.linear, self.const = nn.Linear(e, k_clip * d), nn.Parameter(torch.randn(k, d))
 
     def forward(self, emb):  # (N, E) -> (N, K, D)
-        x = self.linear(emb).unflatten(-1, (len(self.const), -1))          # (N, K', D)
+        x = self.linear(emb).unflatten(-1, (-1, self.const.shape[1]))      # (N, K', D)
         x = torch.cat([x, self.const.expand(len(emb), -1, -1)], 1)         # (N, K'+K, D)
         return super().forward(x)[:, -len(self.const):]
 
@@ -277,6 +277,9 @@ class Bridge(nn.Module):
         super().__init__()
         check_choices(cfg, bridge="mapper|xattn|both", xattn_prefix="raw|none",
                       mapper="mlp|transformer|clipcap_mlp|clipcap_tf")
+        for flag, ok in ("clip_len", "clipcap_tf"), ("normalize_prefix", "clipcap_mlp|clipcap_tf"):
+            if getattr(cfg, flag) and cfg.mapper not in ok.split("|"):  # ClipCap's train.py flags
+                raise ValueError(f"--{flag} needs --mapper {ok}, got {cfg.mapper!r}")
         self.use_mapper, self.use_xattn = cfg.bridge in ("mapper", "both"), cfg.bridge in ("xattn", "both")
         self.prefix = "mapper" if self.use_mapper else cfg.xattn_prefix
         self.tf_mapper = self.use_mapper and cfg.mapper == "transformer"
@@ -284,7 +287,7 @@ class Bridge(nn.Module):
             raise ValueError(f"--xattn_prefix raw and --mapper transformer keep the CLIP width, "
                              f"which GPT-2 must share (CLIP {vis_dim}, LM {lm_dim})")
         k, clipcap = cfg.prefix_len, self.use_mapper and cfg.mapper.startswith("clipcap")
-        self.position_fix = cfg.position_fix
+        self.position_fix, self.normalize_prefix = cfg.position_fix, cfg.normalize_prefix
         self.per_frame = 0 if self.prefix == "none" else k if clipcap else 1  # prefix tokens
         self.clip_head = None if not clipcap else copy.deepcopy(nn.Sequential(  # ClipCap's, frozen
             clip.vision_model.post_layernorm, clip.visual_projection)).float().requires_grad_(False)
@@ -293,8 +296,8 @@ class Bridge(nn.Module):
             layer = nn.TransformerEncoderLayer(vis_dim, cfg.mapper_heads, cfg.mapper_ff, batch_first=True)
             self.mapper = nn.TransformerEncoder(layer, cfg.mapper_depth, enable_nested_tensor=False)
         elif clipcap:  # ClipCap train.py: MLP (hidden D*K/2) or TransformerMapper, K tokens a frame
-            e, h = self.clip_head[1].out_features, k * lm_dim // 2
-            self.mapper = (ClipCapTransformer(e, lm_dim, k) if cfg.mapper == "clipcap_tf" else
+            e, h, kc = self.clip_head[1].out_features, k * lm_dim // 2, cfg.clip_len or k  # kc: K'
+            self.mapper = (ClipCapTransformer(e, lm_dim, k, kc) if cfg.mapper == "clipcap_tf" else
                            nn.Sequential(nn.Linear(e, h), nn.Tanh(), nn.Linear(h, k * lm_dim)))
         elif self.use_mapper:
             self.mapper = nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
@@ -318,6 +321,7 @@ class Bridge(nn.Module):
             prefix = feats.new_zeros(*pmask.shape, 1)
         elif self.clip_head is not None:
             emb = self.clip_head(feats[:, :, 0]).flatten(0, 1)   # (B*T, E): CLIP's CLS -> embedding
+            emb = F.normalize(emb, dim=-1) if self.normalize_prefix else emb  # ClipCap: emb/|emb|
             prefix = self.mapper(emb).reshape(*pmask.shape, -1)  # (B*T, K*D | K, D) -> (B, T*K, D)
         else:
             pooled = feats.mean(2)                           # (B, T, Dv): mean of the S CLIP tokens
@@ -483,8 +487,7 @@ def usable(ds, batch):  # adds the batch's image counts (DataLoader workers' cop
 def caption_draws(sampler, records, seed):
     """StepSampler's micro batches of (epoch, index) -> (index, caption): the seed trains on one of
     an image's captions per draw; common.data.draw makes it the same on any rank, after any resume."""
-    for micro in sampler:
-        yield [(i, draw(seed, e, i, len(records[i]["captions"]))) for e, i in micro]
+    return ([(i, draw(seed, e, i, len(records[i]["captions"]))) for e, i in m] for m in sampler)
 
 
 # ================================================================================================ Eval
@@ -498,9 +501,8 @@ def batch_feats(clip, batch, dtype, device):
 
 def batches_of(ds, keys, n):  # the rows of ds under keys, n keys a batch, in order (usable ones)
     keys = [keys[i:i + n] for i in range(0, len(keys), n)]  # pinned on a GPU machine: async copies
-    for batch in make_loader(ds, keys, collate, pin_memory=torch.cuda.is_available()):
-        if usable(ds, batch):
-            yield batch
+    return (b for b in make_loader(ds, keys, collate, pin_memory=torch.cuda.is_available())
+            if usable(ds, b))
 
 
 @torch.no_grad()
@@ -663,8 +665,7 @@ def train_step(cfg, model, bridge, lm, clip, opt, scaler, dtype, d, micros, step
     bridge.train()  # dropout of --mapper transformer; validation and decoding run in eval mode
     lm.train(not cfg.frozen_eval)
     for j, (b, lab) in enumerate(zip(micros, labels)):
-        sync = j == len(micros) - 1 or d.world_size == 1
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with contextlib.nullcontext() if j == len(micros) - 1 or d.world_size == 1 else model.no_sync():
             feats = batch_feats(clip, b, dtype, device)
             with amp.autocast(device, dtype):
                 logits = model(lm, feats, to(b["frame_mask"]), to(b["tokens"]), to(b["tok_mask"]))
@@ -732,8 +733,7 @@ def train(cfg, d, dtype, clip, lm, ctok, bridge, logger):
     start, best_val = resume(cfg, bridge, opt, scaler, logger) if cfg.resume else (0, float("inf"))
     sets = {s: CaptionSet(read_records(getattr(cfg, f"{s}_file"), cfg.task, cfg.image_root),
                           cfg.image_root, clip.config.image_size, cfg.num_frames, ctok, cfg.blank,
-                          cfg.max_bad_frac)
-            for s in ["train", "val"] + ["test"] * cfg.test_after_train}
+                          cfg.max_bad_frac) for s in ["train", "val"] + ["test"] * cfg.test_after_train}
     for ds in sets.values() if cfg.cache_feats else []:
         cache_features(ds, clip, dtype, cfg.eval_batch, d, cfg.workers)
     train_set, micro = sets["train"], cfg.micro_batch  # (main fitted it to the world size)
@@ -830,8 +830,8 @@ def caption_inputs(cfg, d, dtype, clip, lm, ctok, bridge, logger):
 
 # ---- --mode params: trainable parameters per ablation and FLOPs per sample, offline
 def param_counts(cfg, clip_config, lm_config, text_len=20):
-    """Parameters per --bridge and of the frozen backbones, and GFLOPs per training sample (one image:
-    frozen CLIP forward, bridge and GPT-2 forward + backward), all on the meta device."""
+    """Parameters per --bridge and of the frozen backbones, and GFLOPs per training sample (one
+    image: frozen CLIP forward, bridge and GPT-2 forward + backward), all on the meta device."""
     from transformers import CLIPVisionModel, CLIPVisionModelWithProjection, GPT2LMHeadModel
     rows, lm_config._attn_implementation = {}, "eager"  # (SDPA's mask code reads values: none on meta)
     tower = CLIPVisionModelWithProjection if cfg.mapper.startswith("clipcap") else CLIPVisionModel

@@ -3,7 +3,8 @@ padded frames, loss masking, decoding, and train/test/caption/params through mai
 (losses fall, CIDEr above the blank-image baseline, resume equality, 2-process gloo DDP = 1 process), the
 bad-image rule, checkpoint identity and resume-config checks, the seed's HF metrics beside the COCO ones,
 --compile, the report.html of train and test runs (per-layer gate curves, captioned images, video strips), and
-ClipCap's mappers (CLIP's projected embedding in, K tokens a frame, ClipCap's layer and counts, train + test)."""
+ClipCap's mappers (CLIP's projected embedding in, K tokens a frame, ClipCap's layer and counts, train + test) and
+their flags --clip_len (K' clip tokens) and --normalize_prefix (the embedding / its L2 norm) with their errors."""
 import dataclasses
 import json
 import os
@@ -214,13 +215,13 @@ def test_a_short_clip_predicts_its_bos_from_its_own_last_frame(tiny, bridge):
         assert torch.allclose(*loss, atol=1e-4) == fix and loss[0] > 0
 
 
-def _clipcap(tiny, mapper, k=3, bridge="mapper"):
+def _clipcap(tiny, mapper, k=3, bridge="mapper", **kw):
     """A Bridge with ClipCap's `mapper` (K = k) on the tiny CLIP (width 32, projection 16) and GPT-2 (width 32)."""
     from transformers import AutoConfig, CLIPVisionModelWithProjection
     path = str(tiny["gpt_dir"].parent / "clip")
     conf = pc.clip_vision_config(AutoConfig.from_pretrained(path))  # the projection at the model's width
     clip = CLIPVisionModelWithProjection.from_pretrained(path, config=conf).eval()
-    return pc.Bridge(_cfg(bridge=bridge, mapper=mapper, prefix_len=k), 32, 32, 3, clip).eval()
+    return pc.Bridge(_cfg(bridge=bridge, mapper=mapper, prefix_len=k, **kw), 32, 32, 3, clip).eval()
 
 
 @pytest.mark.parametrize("mapper", ["clipcap_mlp", "clipcap_tf"])
@@ -285,6 +286,78 @@ def test_clipcap_transformer_is_clipcaps_transformer_mapper(tiny):
         m.const.add_(0.5)
     assert not torch.allclose(m(emb), out, atol=1e-3)  # the learned constants are inputs
     assert pc.count_params(m) == 8 * (8 * 32 ** 2 + 8 * 32) + (16 * 96 + 96) + 96
+
+
+def test_clipcap_tf_clip_len_sets_the_k_prime_clip_tokens(tiny):
+    """--clip_len K' (ClipCap train.py --prefix_length_clip): clipcap_tf's Linear makes K' tokens (K'*D outputs),
+    which go with the K constants through the layers; the output is the K constants' places, so (N, K, D) whatever
+    K', and it depends on every K' token. 0 (the default) is K' = K. At paper sizes (--mode params) K = 10, K' = 40:
+    8 layers, Linear(512, 40 D) and 10 D constants."""
+    torch.manual_seed(0)
+    m = _clipcap(tiny, "clipcap_tf", clip_len=5).mapper
+    assert m.linear.out_features == 5 * 32 and m.const.shape == (3, 32)
+    assert _clipcap(tiny, "clipcap_tf").mapper.linear.out_features == 3 * 32  # clip_len 0: K' = K
+    emb = torch.randn(2, 16)
+    with torch.no_grad():
+        x = torch.cat([m.linear(emb).view(2, 5, 32), m.const.expand(2, -1, -1)], 1)  # (N, K'+K, D)
+        want = torch.nn.TransformerEncoder.forward(m, x)[:, 5:]
+        out = m(emb)
+        assert out.shape == (2, 3, 32) and torch.allclose(out, want, atol=1e-5)
+        m.linear.bias[4 * 32:] += torch.randn(32)  # only the last of the K' = 5 tokens
+        assert not torch.allclose(m(emb), out, atol=1e-3)
+    bridge = _clipcap(tiny, "clipcap_tf", clip_len=5)
+    prefix, pmask, _ = bridge.visual(_feats(2, 2), torch.ones(2, 2, dtype=torch.bool))
+    assert bridge.per_frame == 3 and prefix.shape == (2, 6, 32) and pmask.shape == (2, 6)
+    tf = pc.main(["--mode", "params", "--preset", "paper", "--mapper", "clipcap_tf", "--clip_len", "40"])
+    assert tf["mapper"]["mapper"] == 8 * (8 * 768 ** 2 + 8 * 768) + 512 * 40 * 768 + 40 * 768 + 10 * 768
+
+
+@pytest.mark.parametrize("mapper", ["clipcap_mlp", "clipcap_tf"])
+def test_normalize_prefix_divides_the_clip_embedding_by_its_norm(tiny, mapper):
+    """--normalize_prefix (ClipCap train.py ClipCocoDataset: the CLIP embedding / its L2 norm) in Bridge.visual, the
+    one path of training, validation and decoding: the prefix is the mapper of emb / |emb|, so the prefix, the
+    teacher-forced logits and the decoded tokens do not change when the embedding is scaled (they do without the
+    flag). A padded frame of zeros (collate's padding, whose tiny-CLIP embedding is 0) stays finite: no 0 / 0."""
+    torch.manual_seed(0)
+    feats, fm = _feats(2, 2), torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    feats[1, 1] = 0
+    tokens = torch.tensor([[2, 4, 5, 3]] * 2)
+    tm = torch.ones_like(tokens, dtype=torch.bool)
+    for norm in (True, False):
+        bridge = _clipcap(tiny, mapper, normalize_prefix=norm)
+        seen = []
+        bridge.mapper.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        runs = []
+        for scale in (1.0, 7.0):
+            hook = bridge.clip_head.register_forward_hook(lambda module, args, out, s=scale: out * s)
+            with torch.no_grad():
+                prefix = bridge.visual(feats, fm)[0]
+                logits = bridge(tiny["lm"], feats, fm, tokens, tm)
+                ids = bridge.generate(tiny["lm"], feats, fm, 2, 3, 0, num_beams=2, max_new_tokens=5)
+            hook.remove()
+            runs.append((prefix, logits, ids))
+            assert torch.isfinite(prefix).all() and torch.isfinite(logits).all()
+        (p1, l1, i1), (p7, l7, i7) = runs
+        if norm:  # what the mapper saw first: ClipCap's emb / |emb| of the 3 real frames, the padded one's 0
+            raw = bridge.clip_head(feats[:, :, 0]).flatten(0, 1)[:3].detach()
+            assert torch.allclose(seen[0][:3], raw / raw.norm(dim=-1, keepdim=True), atol=1e-6)
+            assert not seen[0][3].any()
+            assert torch.allclose(p1, p7, atol=1e-5) and torch.allclose(l1, l7, atol=1e-4) and torch.equal(i1, i7)
+        else:
+            assert not torch.allclose(p1, p7, atol=1e-2) and not torch.allclose(l1, l7, atol=1e-2)
+
+
+def test_clipcap_flags_need_clipcap_mappers(tiny):
+    """--clip_len > 0 needs --mapper clipcap_tf and --normalize_prefix a clipcap_* mapper: a one-line error naming the
+    flag (they would do nothing with the other mappers)."""
+    for mapper in ("mlp", "transformer", "clipcap_mlp"):
+        with pytest.raises(ValueError, match=rf"^--clip_len needs --mapper clipcap_tf, got '{mapper}'$"):
+            pc.Bridge(_cfg(mapper=mapper, clip_len=4), 32, 32, 3)
+    for mapper in ("mlp", "transformer"):
+        with pytest.raises(ValueError, match=rf"^--normalize_prefix needs --mapper clipcap_mlp\|clipcap_tf, got "
+                                             rf"'{mapper}'$"):
+            pc.Bridge(_cfg(mapper=mapper, normalize_prefix=True), 32, 32, 3)
+    assert _clipcap(tiny, "clipcap_mlp", normalize_prefix=True).normalize_prefix
 
 
 def test_clipcap_mappers_read_clips_projected_image_embedding(world):
@@ -1191,11 +1264,13 @@ def test_test_mode_decodes_as_the_checkpoints_run_unless_given():
 
 @pytest.mark.parametrize("mapper,extra", [("clipcap_mlp", []),
                                           ("clipcap_tf", ["--task", "video", "--cache_feats", "false",
-                                                          "--num_frames", "3"])])
+                                                          "--num_frames", "3"]),
+                                          ("clipcap_tf", ["--clip_len", "3", "--normalize_prefix", "true"])])
 def test_clipcap_train_then_test_mode_rebuilds_the_mapper(world, tmp_path, mapper, extra):
     """A short --bridge mapper run with ClipCap's mapper (K = 2; images with cached features, or 3-frame videos: 6
     prefix tokens): only the mapper trains (the checkpoint's CLIP head is the CLIP's own, AdamW holds state for the
-    mapper's tensors alone), and --mode test rebuilds the same mapper from the checkpoint and decodes the same."""
+    mapper's tensors alone), and --mode test rebuilds the same mapper from the checkpoint and decodes the same;
+    --clip_len and --normalize_prefix are model fields: the checkpoint keeps them for --mode test|caption."""
     from transformers import CLIPModel
     m = _run(world, tmp_path, "--bridge", "mapper", "--mapper", mapper, "--prefix_len", "2", "--steps", "6",
              "--global_batch", "8", "--micro_batch", "8", "--eval_every", "3", "--max_eval", "4", "--decode",
@@ -1203,6 +1278,8 @@ def test_clipcap_train_then_test_mode_rebuilds_the_mapper(world, tmp_path, mappe
     assert m["n"] == 4 and m["trainable"] == m["mapper"] > 0 and m["xattn"] == 0 and m["train_loss"] > 0
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (ck["model_config"]["mapper"], ck["model_config"]["prefix_len"]) == (mapper, 2)
+    flags = (ck["model_config"]["clip_len"], ck["model_config"]["normalize_prefix"])
+    assert flags == ((3, True) if "--clip_len" in extra else (0, False))
     ref = CLIPModel.from_pretrained(os.path.join(world, "models", "clip"))
     assert torch.equal(ck["bridge"]["clip_head.0.weight"], ref.vision_model.post_layernorm.weight)
     assert torch.equal(ck["bridge"]["clip_head.1.weight"], ref.visual_projection.weight)
