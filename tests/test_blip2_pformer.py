@@ -34,8 +34,8 @@ def fell(run_dir, key="loss"):
 
 
 def assert_fell(run_dir, key, ratio):
-    """The last third's mean is below `ratio` x the first third's: a margin checked on tiny worlds of seeds 0,
-    1 and 2 (docs/blip2_pformer.md has the values)."""
+    """The last third's mean is below `ratio` x the first third's: a margin checked on tiny worlds of seeds 0-4
+    (docs/blip2_pformer.md has the values)."""
     first, last = fell(run_dir, key)
     assert last < ratio * first, (key, first, last)
 
@@ -795,7 +795,7 @@ def pipeline(toy_root, tmp_path_factory):
     small = ["--train_file", str(root / "pairs_small.jsonl"), "--epochs", "100"]
     run = lambda name, *a: (bp.main(common_args(toy_root, root / name) + list(a)), root / name)
     res = {}
-    s0_args = ["--stage", "0", "--max_steps", "24", "--global_batch", "32", "--micro_batch", "32", "--lr", "1e-3",
+    s0_args = ["--stage", "0", "--max_steps", "48", "--global_batch", "32", "--micro_batch", "32", "--lr", "3e-3",
                "--warmup_steps", "2", "--text_file", str(root / "sentences.txt"), "--epochs", "100"]
     opt = ("--llm_path", os.path.join(toy_root, "models", "opt"))  # OPT: + L_vq, masking
     frozen = ("--lr", "0", "--min_lr", "0", "--warmup_lr", "0")  # control: the same batches, no update
@@ -812,7 +812,7 @@ def pipeline(toy_root, tmp_path_factory):
     res["2"] = run("s2", "--stage", "2", "--max_steps", "12", "--global_batch", "16", "--micro_batch", "8",
                    "--lr", "1e-3", "--warmup_steps", "2", "--init", str(root / "s1" / "checkpoint.pt"),
                    "--pformer_ckpt", s0, "--eval_max", "6", *small)
-    cap = ("--stage", "caption", "--max_steps", "24", "--global_batch", "16", "--micro_batch", "16", "--lr", "1e-3",
+    cap = ("--stage", "caption", "--max_steps", "48", "--global_batch", "16", "--micro_batch", "16", "--lr", "1e-3",
            "--warmup_steps", "1", "--init", str(root / "s2" / "checkpoint.pt"), "--pformer_ckpt", s0, "--eval_max",
            "4", *small)
     res["cap"], res["capctrl"] = run("cap", *cap), run("capctrl", *cap, *frozen, "--report", "false")
@@ -833,8 +833,9 @@ def test_every_stage_writes_a_report(pipeline):
 
 
 def test_stage0_pformer_learns(pipeline):
-    # The LM loss of the frozen LLM prompted by P*: the last third of the 24 steps against a control run that
+    # The LM loss of the frozen LLM prompted by P*: the last third of the 48 steps against a control run that
     # sees the same batches (same masks and prefix splits) without updates; batch-to-batch noise cancels.
+    # (Worst of seeds 0-4: 0.83 OPT, 0.86 T5; docs/blip2_pformer.md.)
     for name in ("0", "0t5"):
         trained, control = fell(pipeline[name][1], "lm")[1], fell(pipeline[name + "ctrl"][1], "lm")[1]
         assert trained < 0.95 * control, (name, trained, control)
@@ -848,7 +849,11 @@ def test_stage0_pformer_learns(pipeline):
 
 def test_stage1_losses_fall_and_retrieval_beats_blank(pipeline):
     metrics, run_dir = pipeline["1"]
-    assert_fell(run_dir, "itc", 0.9)  # ITM only moves once ITC supplies hard negatives (H(1/3) first)
+    # ITC left chance, log(global batch) = log 32 (uniform similarities): its last third at most 0.93 of it (seeds
+    # 0-4: 0.70-0.84).  Not against its own first third: that moves with the step at which the toy features stop
+    # collapsing (38-120 steps, seed-dependent), and an early exit lowered the first third to a ratio of 0.89.
+    last = fell(run_dir, "itc")[1]
+    assert last < 0.93 * math.log(32), ("itc", last)
     assert_fell(run_dir, "itg", 0.85)
     blank = pipeline["1blank"][0]
     # with blank images every image looks the same: retrieval sits at chance (R@1 = 2% of 50); the trained
@@ -873,10 +878,10 @@ def test_stage2_and_caption_run_and_write_predictions(pipeline):
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert "llm_proj.weight" in ck["model"] and not any("word_embeddings" in k for k in ck["model"])
     metrics, run_dir = pipeline["cap"]
-    # 24 steps on the same 16 pairs: the LM loss of the last third against a control run of the same batches
-    # without updates (seeds 0/1/2: 0.795/0.850/0.575; against the run's own first third it was 0.89/0.93/0.69 at 16
-    # steps). (A run on blank images falls as far, 0.81/0.86/0.57: in this many steps the toy Q-Former learns the
-    # captions' prior, not the image, so no blank-image control is asserted.)
+    # 48 steps on the same 16 pairs: the LM loss of the last third against a control run of the same batches
+    # without updates (seeds 0-4: 0.68/0.70/0.52/0.77/0.66). (A run on blank images fell as far at 24 steps,
+    # 0.81/0.86/0.57 on seeds 0-2 against 0.80/0.85/0.57: in this many steps the toy Q-Former learns the captions'
+    # prior, not the image, so no blank-image control is asserted.)
     trained, control = fell(run_dir, "lm")[1], fell(pipeline["capctrl"][1], "lm")[1]
     assert trained < 0.95 * control, (trained, control)
     assert "CIDEr" in metrics and os.path.isfile(run_dir / "captions.json")
