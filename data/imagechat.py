@@ -179,17 +179,23 @@ def run_features(cfg, log):
     if cfg.use_image or feature_parts(cfg.cache_dir):
         index, feats = load_features(cfg.cache_dir)
     else:
-        from common.hf import published_config
-        dim = published_config(cfg.clip).projection_dim
+        index, feats = EveryImage(), unread_features(cfg)
         folder = os.path.join(cfg.cache_dir, "features")
         log.info(f"--use_image false and no CLIP features in {folder}: every episode of each "
                  "split is kept (no image to be unreadable); a run with a features cache, as every "
                  "image run, keeps only the episodes whose image was readable, so its counts can "
-                 f"differ from these (feature width {dim}: --clip's projection_dim, {cfg.clip})")
-        index, feats = EveryImage(), torch.zeros(1, cfg.grid ** 2, dim)
+                 f"differ from these (feature width {feats.shape[-1]}: --clip's projection_dim, "
+                 f"{cfg.clip})")
     if cfg.blank_images:
         feats.zero_()
     return index, feats
+
+
+def unread_features(cfg):
+    """(1, grid*grid, D) zeros: the features of a --use_image false model, which reads none.  D is
+    --clip's projection_dim, from its config alone (common.hf.published_config: no weights)."""
+    from common.hf import published_config
+    return torch.zeros(1, cfg.grid ** 2, published_config(cfg.clip).projection_dim)
 
 
 def run_captions(cfg):
@@ -561,20 +567,23 @@ def chat_styles(data_dir, style, user_style=""):
 def chat_image(cfg, path, dev, dtype, log):
     """(features (1, 9, D), caption or None) of one image, computed as the caches hold them: the
     CLIP of --mode features (fp16-rounded, as load_features reads a part back; a warning where
-    --cache_dir's features were made by another --clip), and --caption when
+    --cache_dir's features were made by another --clip; zeros for a --use_image false model,
+    unread_features), and --caption when
     given (it wins over a preset's --captioner), else BLIP-2's first caption (Encoded's choice) with
     --captioner, else "" with a warning."""
     img = load_image(path)
     if img is None:
         raise DataError(f"--image {path}: missing or unreadable")
     meta = os.path.join(cfg.cache_dir, "features.meta.json")
-    if os.path.isfile(meta):  # the settings of the features training read (check_cache_settings)
-        with open(meta, encoding="utf-8") as f:
+    if cfg.use_image and os.path.isfile(meta):  # the settings of the features training read
+        with open(meta, encoding="utf-8") as f:  # (check_cache_settings)
             made = json.load(f).get("clip")
         if made != model_id(cfg.clip):
             log.info(f"warning: --clip {cfg.clip} is not the CLIP that made the cached features "
                      f"({made}, {meta}): the image's features are not of the kind training read")
-    feats = clip_featurizer(cfg, dev)([img]).half().float().cpu()
+    # a model without the image block (--use_image false) reads no feature: no CLIP to run
+    feats = clip_featurizer(cfg, dev)([img]).half().float().cpu() if cfg.use_image else \
+        unread_features(cfg)
     if not cfg.use_caption:
         return feats, None
     if cfg.caption.strip() or not cfg.captioner:

@@ -1524,6 +1524,36 @@ def test_chat_replies_from_the_history_as_eval_builds_it(assets, cached, tmp_pat
         run(chat[:2] + chat[4:] + ["--style", "Happy"], tmp_path / "x", **paths)  # no --init
 
 
+def test_chat_with_a_text_only_model_runs_no_clip(assets, cached, tmp_path, monkeypatch):
+    """--mode chat with a --use_image false checkpoint: the model has no image block, so the image's CLIP features
+    are not computed (zeros of CLIP's projection width, as run_features gives a text-only run); an image model's
+    chat still runs CLIP."""
+    from common.config import parse_config
+    from common.log import Logger
+    _, paths = cached
+    run(train_args(assets, "finetune", 1, use_image="false", final_eval="false", report="false"), tmp_path / "ft",
+        **paths)
+    with open(os.path.join(paths["data_dir"], "test.json")) as f:
+        h = json.load(f)[0]["image_hash"]
+    chat = ["--mode", "chat", "--init", str(tmp_path / "ft" / "last.pt"), "--image",
+            os.path.join(paths["image_root"], f"{h}.jpg"), "--num_beams", "1", "--max_length", "4", "--caption", "x"]
+    ran = []
+    real = ic.clip_featurizer
+    monkeypatch.setattr(ic, "clip_featurizer", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n"))
+    out = run([*chat, "--style", "happy"], tmp_path / "chat", **paths)
+    assert ran == [] and len(out["turns"]) == 1 and out["turns"][0]["reply"].strip()
+    cfg = icw.check_choices(parse_config(icw.Config, icw.PRESETS, [*chat, "--toy_root", str(paths["toy_root"]),
+                                                                    "--use_image", "false"]))
+    icw.resolve_paths(cfg)
+    feats, _ = ic.chat_image(cfg, cfg.image, torch.device("cpu"), torch.float32, Logger("", False))
+    width = ic.load_features(str(paths["cache_dir"]))[1].shape[-1]
+    assert feats.shape == (1, 9, width) and not feats.any() and ran == []
+    cfg.use_image = True
+    assert ic.chat_image(cfg, cfg.image, torch.device("cpu"), torch.float32, Logger("", False))[0].any()
+    assert ran == [1]
+
+
 def test_a_given_caption_wins_over_the_presets_captioner(assets, tmp_path, monkeypatch):
     """--preset paper --mode chat --caption "...": the preset names a BLIP-2 captioner; the caption given is the
     one read, and no captioner is loaded (a 2.7B model for nothing)."""
