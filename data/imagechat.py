@@ -570,10 +570,13 @@ def chat_image(cfg, path, dev, dtype, log):
     --cache_dir's features were made by another --clip; zeros for a --use_image false model,
     unread_features), and --caption when
     given (it wins over a preset's --captioner), else BLIP-2's first caption (Encoded's choice) with
-    --captioner, else "" with a warning."""
-    img = load_image(path)
-    if img is None:
-        raise DataError(f"--image {path}: missing or unreadable")
+    --captioner, else "" with a warning.  A model that reads neither the image nor a caption made of it
+    needs no --image."""
+    captioned = cfg.use_caption and not cfg.caption.strip() and cfg.captioner
+    img = load_image(path) if cfg.use_image or captioned else None
+    if img is None and (cfg.use_image or captioned):
+        raise DataError(f"--image {path!r}: missing or unreadable (the model reads "
+                        f"{'its CLIP features' if cfg.use_image else 'its caption by --captioner'})")
     meta = os.path.join(cfg.cache_dir, "features.meta.json")
     if cfg.use_image and os.path.isfile(meta):  # the settings of the features training read
         with open(meta, encoding="utf-8") as f:  # (check_cache_settings)

@@ -1543,6 +1543,8 @@ def test_chat_with_a_text_only_model_runs_no_clip(assets, cached, tmp_path, monk
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\n"))
     out = run([*chat, "--style", "happy"], tmp_path / "chat", **paths)
     assert ran == [] and len(out["turns"]) == 1 and out["turns"][0]["reply"].strip()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello again\n"))  # nothing read of the image: none needed
+    assert len(run([*chat[:4], *chat[6:], "--style", "happy"], tmp_path / "chat2", **paths)["turns"]) == 1
     cfg = icw.check_choices(parse_config(icw.Config, icw.PRESETS, [*chat, "--toy_root", str(paths["toy_root"]),
                                                                     "--use_image", "false"]))
     icw.resolve_paths(cfg)
@@ -1550,6 +1552,8 @@ def test_chat_with_a_text_only_model_runs_no_clip(assets, cached, tmp_path, monk
     width = ic.load_features(str(paths["cache_dir"]))[1].shape[-1]
     assert feats.shape == (1, 9, width) and not feats.any() and ran == []
     cfg.use_image = True
+    with pytest.raises(DataError, match="--image '': missing or unreadable .the model reads its CLIP features"):
+        ic.chat_image(cfg, "", torch.device("cpu"), torch.float32, Logger("", False))
     assert ic.chat_image(cfg, cfg.image, torch.device("cpu"), torch.float32, Logger("", False))[0].any()
     assert ran == [1]
 
