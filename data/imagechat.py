@@ -384,8 +384,9 @@ def check_cache_settings(cache_dir, what, settings, cached, is_main, log):
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
+    same = lambda k, v: same_model(saved.get(k), v) if k in ("clip", "captioner") else saved.get(k) == v  # noqa
     differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
-              if saved is not None and saved.get(k) != v]
+              if saved is not None and not same(k, v)]
     if differ and cached:
         raise DataError(f"{cache_dir}: the cached {what} were made with {', '.join(differ)}; use another "
                         f"--cache_dir (or delete its {what} and {path})")
@@ -398,8 +399,30 @@ def check_cache_settings(cache_dir, what, settings, cached, is_main, log):
 
 
 def model_id(path):
-    """A local model folder as its real path (the same folder however named), a hub name as given."""
-    return os.path.realpath(path) if path and os.path.isdir(path) else path
+    """One name per model however it is given: a hub name and its folder in the hub cache
+    (<cache>/models--<org>--<name>/snapshots/<commit>) as "<org>/<name>@<commit>", the commit that
+    from_pretrained(<name>) reads offline; another local folder as its real path (the same folder
+    however named); a hub name not in the cache as given."""
+    if not path:
+        return path
+    if os.path.isdir(path):
+        real = os.path.realpath(path)
+        repo, snapshots, commit = ["", "", *real.split(os.sep)][-3:]
+        if snapshots == "snapshots" and repo.startswith("models--"):  # (hub names hold no "--")
+            return f"{repo[len('models--'):].replace('--', '/')}@{commit}"
+        return real
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(path, "config.json")  # (None: not cached)
+    except ValueError:  # not a hub name (HFValidationError)
+        cached = None
+    return model_id(os.path.dirname(cached)) if isinstance(cached, str) else path
+
+
+def same_model(made, given):
+    """Whether a cache's recorded model (a name model_id gave, maybe before the hub cache named it
+    by commit) is the model given now."""
+    return made == given or (isinstance(made, str) and model_id(made) == model_id(given))
 
 
 def clip_featurizer(cfg, dev):
@@ -581,7 +604,7 @@ def chat_image(cfg, path, dev, dtype, log):
     if cfg.use_image and os.path.isfile(meta):  # the settings of the features training read
         with open(meta, encoding="utf-8") as f:  # (check_cache_settings)
             made = json.load(f).get("clip")
-        if made != model_id(cfg.clip):
+        if not same_model(made, model_id(cfg.clip)):
             log.info(f"warning: --clip {cfg.clip} is not the CLIP that made the cached features "
                      f"({made}, {meta}): the image's features are not of the kind training read")
     # a model without the image block (--use_image false) reads no feature: no CLIP to run

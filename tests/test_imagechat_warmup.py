@@ -513,6 +513,37 @@ def test_reruns_and_resumes_count_the_cached_images_under_the_bad_image_rule(ass
         icw.main([*args, "--max_bad_frac", "0.02", "--out_dir", str(tmp_path / "d")])
 
 
+def test_a_model_is_one_name_given_by_hub_name_or_by_its_hub_cache_folder(tmp_path, monkeypatch):
+    """The caches record the model that made them (model_id): the hub name from_pretrained reads offline from the hub
+    cache and that cache's snapshot folder are one model, "<org>/<name>@<commit>", also against a record an older run
+    wrote (a folder's real path, a hub name); another folder, or another commit, is another model."""
+    import huggingface_hub.constants
+    from common.log import Logger
+    hub = tmp_path / "hub"
+    for commit in ("abc123", "def456"):
+        os.makedirs(hub / "models--openai--clip-vit-base-patch32" / "snapshots" / commit)
+        (hub / "models--openai--clip-vit-base-patch32" / "snapshots" / commit / "config.json").write_text("{}")
+    os.makedirs(hub / "models--openai--clip-vit-base-patch32" / "refs")
+    (hub / "models--openai--clip-vit-base-patch32" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    name, snap = "openai/clip-vit-base-patch32", hub / "models--openai--clip-vit-base-patch32" / "snapshots"
+    os.symlink(snap / "abc123", tmp_path / "my_clip")  # a link to the snapshot: still the hub's model
+    assert ic.model_id(name) == ic.model_id(str(snap / "abc123")) == ic.model_id(str(tmp_path / "my_clip")) \
+        == f"{name}@abc123" != ic.model_id(str(snap / "def456"))
+    assert ic.model_id("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"  # not cached: as given
+    assert ic.model_id("") == "" and ic.model_id(str(tmp_path)) == os.path.realpath(tmp_path)
+    assert ic.model_id("no such/model/x") == "no such/model/x"  # not a hub name
+    cache = tmp_path / "cache"
+    os.makedirs(cache)
+    for old in (str(snap / "abc123"), name):  # what the run that made the cache recorded
+        (cache / "features.meta.json").write_text(json.dumps({"clip": old, "grid": 3}))
+        ic.check_cache_settings(str(cache), "features", {"clip": ic.model_id(name), "grid": 3}, True, True,
+                                Logger("", False))
+        with pytest.raises(DataError, match=r"made with clip .* \(now '" + name + "@def456'\)"):
+            ic.check_cache_settings(str(cache), "features", {"clip": ic.model_id(str(snap / "def456")), "grid": 3},
+                                    True, True, Logger("", False))
+
+
 def test_caches_refuse_other_settings_and_reuse_the_same(assets, tmp_path, capsys):
     """The feature and caption caches are keyed by image hash: a rerun into the same --cache_dir with another --grid
     (or --clip) would count every image as cached (or mix two models, or grids load_features cannot stack), so it
