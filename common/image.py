@@ -65,6 +65,8 @@ def load_image(path):
     converts after its crop, so there a palette image is resized nearest-neighbour.  An EXIF
     orientation tag is not applied, as in LAVIS's and CLIP's loading (transformers' load_image
     helper, image_utils.py, does apply it: a rotated phone photo differs from its image there)."""
+    if not path:  # no file named (Pillow 10 takes "" for a file object and fails with AttributeError)
+        return None
     try:
         with Image.open(path) as im:
             return (_to_8bit(im) or im).convert("RGB")
