@@ -42,7 +42,7 @@ from common.attention import attention, merge_heads, split_heads
 from common.config import check_choices, format_config, given_flags, parse_config, save_config
 from common.data import (DataError, ImageFolderLoader, StepSampler, draw, frame_paths, make_loader,
                          fit_micro, read_pairs, read_video)
-from common.hf import published_config
+from common.hf import clip_vision_config, published_config
 from common.image import ImageTransform, encode_frames, load_image, sample_frames
 from common.log import Logger, progress
 from common.train import (StepTimer, count_flops, count_params, mfu, optimizer_update, param_groups,
@@ -169,8 +169,8 @@ def checkpoint_run(cfg, saved, ran, argv, logger):
     dec = {k: ran[k] for k in DECODING if k in ran and k not in given and ran[k] != getattr(cfg, k)}
     run = dataclasses.replace(cfg, **{**model, **dec, **keep})
     frames, trained = (c.num_frames if c.task == "video" else 1 for c in (run, saved))
-    if frames > trained:
-        raise ValueError(f"--num_frames {frames}: the checkpoint has {trained} trained time rows")
+    if frames > trained and run.bridge != "mapper":  # PerceiverResampler.stretch_time, in main
+        logger.info(f"--num_frames {frames}: the {trained} trained time rows are interpolated")
     if lost := sorted(k for k in given - keep.keys() if k in model and model[k] != getattr(cfg, k)):
         logger.info(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
     if dec:  # the checkpoint's recipe (--preset paper: 5 beams), not this run's preset
@@ -229,6 +229,16 @@ class PerceiverResampler(nn.Module):
             lat = lat + attn(x, lat, mask)
             lat = lat + ff(lat)
         return self.norm(lat)
+
+    @torch.no_grad()
+    def stretch_time(self, trained, frames):
+        """Time rows 0..frames-1 from the `trained` ones, linearly interpolated: Flamingo trains
+        on 8 frames, runs on 30 so (arXiv 2204.14198, App. B.1.2); later rows had no gradient."""
+        frames = min(frames, len(self.time_emb))  # (more: forward says the table is too short)
+        if frames > trained:
+            rows = self.time_emb[:trained, 0].t()[None]                    # (1, D, trained)
+            rows = F.interpolate(rows, frames, mode="linear", align_corners=True)  # (1, D, frames)
+            self.time_emb[:frames] = rows[0].t()[:, None]                  # (frames, 1, D)
 
 
 class GatedXAttnDense(nn.Module):
@@ -595,19 +605,12 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
 def write_report(cfg, metrics, logger):
     """<out_dir>/report.html (common/report.py): curves with each xattn block's tanh gates (Flamingo
     Sec. 2.2), the run's figures, test captions beside their image (a video: its frames' strip)."""
-    from common.report import caption_report
+    from common.report import caption_report, test_predictions
     gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
              "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
-    rows, video = [], cfg.task == "video"
-    if "n" in metrics:  # this run captioned the test split: its predictions_test.json is fresh
-        with open(os.path.join(cfg.out_dir, "predictions_test.json")) as f:
-            rows = json.load(f)
-
-    def frames_of(r):  # the frames the model saw
-        paths = r["sample_path"] if video else [r["sample_path"]]
-        return [x for x in (load_image(os.path.join(cfg.image_root, paths[j]))
-                            for j in sample_frames(len(paths), cfg.num_frames)) if x is not None]
-    title = f"perceiver_caption.py --bridge {cfg.bridge} --task {cfg.task}"
+    video, title = cfg.task == "video", f"{SCRIPT}.py --bridge {cfg.bridge} --task {cfg.task}"
+    rows, frames_of = ([], None) if "n" not in metrics else \
+        test_predictions(cfg.out_dir, cfg.image_root, cfg.num_frames, video)  # this run's, fresh
     path, seconds = caption_report(cfg.out_dir, title, metrics, gates, rows, frames_of, video)
     eval_s = f"; test captioning {metrics['test_seconds']:.2f} s" if "n" in metrics else ""
     logger.info(f"report {path}: {seconds:.2f} s{eval_s}")
@@ -623,12 +626,6 @@ def resolve_paths(cfg, d):
         files["image_root"] = ""  # the toy files' image paths are relative to the toy root
     toy_paths(cfg, {"clip_model": "models/clip", "lm_model": "models/gpt2", **files},
               ["clip", "gpt2"], d.is_main, cdist.barrier)
-
-
-def clip_vision_config(conf):  # a CLIPConfig's vision part, at the model's projection width
-    vision = getattr(conf, "vision_config", conf)  # (which it holds as transformers' default, 512)
-    vision.projection_dim = conf.projection_dim
-    return vision
 
 
 def load_frozen(cfg, device, dtype):
@@ -887,6 +884,9 @@ def main(argv=None):
         logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_params(clip):,} + GPT-2 {count_params(lm):,}")
         if cfg.mode != "train":
             bridge.eval().load_state_dict(ckpt["bridge"])
+            if bridge.resampler is not None:  # a clip longer than trained: stretched time rows
+                trained = saved.num_frames if saved.task == "video" else 1
+                bridge.resampler.stretch_time(trained, cfg.num_frames)
         out = {"train": train, "test": test, "caption": caption_inputs}[cfg.mode](
             cfg, d, dtype, clip, lm, ctok, bridge, logger)
         if cfg.report and d.is_main and cfg.mode != "caption" and not cfg.bench:

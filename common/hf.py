@@ -146,6 +146,14 @@ def published_config(name):
     return getattr(transformers, cls)(**copy.deepcopy(values))  # configs may pop from the sub-config dicts
 
 
+def clip_vision_config(conf):
+    """A CLIPConfig's vision part at the model's projection width (the vision part holds transformers'
+    default, 512, as its own)."""
+    vision = getattr(conf, "vision_config", conf)
+    vision.projection_dim = conf.projection_dim
+    return vision
+
+
 def meta_model(model_class, config):
     """model_class(config) on the meta device (shapes, no memory, no weights), in eval mode as from_pretrained
     returns it, with the LM head untied where the released checkpoint stores its own: T5 v1.1 / Flan-T5

@@ -575,6 +575,20 @@ def caption_report(out_dir, title, metrics, groups=None, rows=(), frames_of=None
     return path, rep.seconds
 
 
+def test_predictions(out_dir, image_root, num_frames, video):
+    """(rows of <out_dir>/predictions_test.json, frames_of(row): the PIL frames the model saw of it,
+    as sample_frames picks them; unreadable ones left out) for caption_report."""
+    from common.image import load_image, sample_frames
+    with open(os.path.join(out_dir, "predictions_test.json"), encoding="utf-8") as f:
+        rows = json.load(f)
+
+    def frames_of(r):
+        paths = r["sample_path"] if video else [r["sample_path"]]
+        return [x for x in (load_image(os.path.join(image_root, paths[j]))
+                            for j in sample_frames(len(paths), num_frames)) if x is not None]
+    return rows, frames_of
+
+
 def grid(cards):
     """Cards side by side, wrapping at the page width."""
     return Html('<div class="grid">' + "".join(cards) + "</div>")

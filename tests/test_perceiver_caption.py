@@ -218,8 +218,9 @@ def test_a_short_clip_predicts_its_bos_from_its_own_last_frame(tiny, bridge):
 def _clipcap(tiny, mapper, k=3, bridge="mapper", **kw):
     """A Bridge with ClipCap's `mapper` (K = k) on the tiny CLIP (width 32, projection 16) and GPT-2 (width 32)."""
     from transformers import AutoConfig, CLIPVisionModelWithProjection
+    from common.hf import clip_vision_config
     path = str(tiny["gpt_dir"].parent / "clip")
-    conf = pc.clip_vision_config(AutoConfig.from_pretrained(path))  # the projection at the model's width
+    conf = clip_vision_config(AutoConfig.from_pretrained(path))  # the projection at the model's width
     clip = CLIPVisionModelWithProjection.from_pretrained(path, config=conf).eval()
     return pc.Bridge(_cfg(bridge=bridge, mapper=mapper, prefix_len=k, **kw), 32, 32, 3, clip).eval()
 
@@ -1223,7 +1224,7 @@ def test_cache_feats_keep_the_encoder_dtype(world, tiny):
 
 def test_test_mode_takes_num_frames_given_and_warns_of_model_flags(world, tmp_path, monkeypatch, capsys):
     """Flamingo (arXiv 2204.14198) trains on 8 frames and runs on more: --mode test|caption take --num_frames
-    (and --task) from the command line, up to the frames the checkpoint's time embeddings were trained on;
+    (and --task) from the command line; beyond the frames the checkpoint trained on, its time rows are stretched;
     a model field given there (--num_latents) is the checkpoint's, with one warning line."""
     _run(world, tmp_path / "v", "--task", "video", "--num_frames", "4", "--steps", "1", "--global_batch", "4",
          "--micro_batch", "4", "--test_after_train", "false")
@@ -1239,8 +1240,30 @@ def test_test_mode_takes_num_frames_given_and_warns_of_model_flags(world, tmp_pa
     items.clear()
     pc.main(ck)  # nothing given: the checkpoint's 4 frames
     assert max(len(x["tried"]) for x in items) == 4 and "warning" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--num_frames 6: the checkpoint has 4 trained time rows"):
-        pc.main(ck + ["--num_frames", "6"])
+    items.clear()  # more frames than trained: Flamingo's interpolated time rows (test_time_rows_stretch_...)
+    stretched, real = [], pc.PerceiverResampler.stretch_time
+    monkeypatch.setattr(pc.PerceiverResampler, "stretch_time", lambda r, *a: stretched.append(a) or real(r, *a))
+    pc.main(ck + ["--num_frames", "6"])
+    assert max(len(x["tried"]) for x in items) == 6 and stretched[-1] == (4, 6)
+    assert "--num_frames 6: the 4 trained time rows are interpolated" in capsys.readouterr().out
+
+
+def test_time_rows_stretch_linearly_over_more_frames():
+    """PerceiverResampler.stretch_time (Flamingo, arXiv 2204.14198: trained on 8 frames, run on 30): rows 0..F-1
+    interpolate the T trained rows linearly, the first and last kept; F <= T, or beyond the table, changes nothing
+    there; an image model's one row is every frame's."""
+    torch.manual_seed(0)
+    r = pc.PerceiverResampler(8, 1, 2, 4, 3, 10, 1)
+    before = r.time_emb.detach().clone()  # (10, 1, 8)
+    r.stretch_time(4, 4)
+    assert torch.equal(r.time_emb, before)
+    r.stretch_time(4, 7)  # row j sits at 3j/6 of the trained rows: 0, 0.5, 1, ..., 3
+    pos = torch.arange(7) * 3 / 6
+    lo, w = pos.floor().long().clamp(max=2), (pos - pos.floor().clamp(max=2))[:, None, None]
+    torch.testing.assert_close(r.time_emb[:7], before[lo] * (1 - w) + before[lo + 1] * w)
+    assert torch.equal(r.time_emb[7:], before[7:]) and r.time_emb.requires_grad
+    r.stretch_time(1, 20)  # all 10 rows: the first
+    assert torch.equal(r.time_emb, before[:1].expand(10, 1, 8))
 
 
 def test_test_mode_decodes_as_the_checkpoints_run_unless_given():
