@@ -605,12 +605,12 @@ def evaluate_captions(bridge, lm, clip, ds, cfg, ctok, dtype, d, logger):
 def write_report(cfg, metrics, logger):
     """<out_dir>/report.html (common/report.py): curves with each xattn block's tanh gates (Flamingo
     Sec. 2.2), the run's figures, test captions beside their image (a video: its frames' strip)."""
-    from common.report import caption_report, test_predictions
+    from common.report import caption_report, read_test_predictions
     gates = {"tanh(attn gate) per xattn block": "gate_attn_", "tanh(FFW gate) per xattn block":
              "gate_ff_", "mean |tanh(gate)|": ["gate_attn", "gate_ff"]}
     video, title = cfg.task == "video", f"{SCRIPT}.py --bridge {cfg.bridge} --task {cfg.task}"
     rows, frames_of = ([], None) if "n" not in metrics else \
-        test_predictions(cfg.out_dir, cfg.image_root, cfg.num_frames, video)  # this run's, fresh
+        read_test_predictions(cfg.out_dir, cfg.image_root, cfg.num_frames, video)  # fresh: this run
     path, seconds = caption_report(cfg.out_dir, title, metrics, gates, rows, frames_of, video)
     eval_s = f"; test captioning {metrics['test_seconds']:.2f} s" if "n" in metrics else ""
     logger.info(f"report {path}: {seconds:.2f} s{eval_s}")

@@ -575,7 +575,7 @@ def caption_report(out_dir, title, metrics, groups=None, rows=(), frames_of=None
     return path, rep.seconds
 
 
-def test_predictions(out_dir, image_root, num_frames, video):
+def read_test_predictions(out_dir, image_root, num_frames, video):
     """(rows of <out_dir>/predictions_test.json, frames_of(row): the PIL frames the model saw of it,
     as sample_frames picks them; unreadable ones left out) for caption_report."""
     from common.image import load_image, sample_frames

@@ -384,7 +384,9 @@ def check_cache_settings(cache_dir, what, settings, cached, is_main, log):
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-    same = lambda k, v: same_model(saved.get(k), v) if k in ("clip", "captioner") else saved.get(k) == v  # noqa
+
+    def same(k, v):  # a model by model_id's rule, against older records too
+        return same_model(saved.get(k), v) if k in ("clip", "captioner") else saved.get(k) == v
     differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
               if saved is not None and not same(k, v)]
     if differ and cached:
