@@ -961,11 +961,19 @@ def eval_set(path, cfg, size):
 
 
 # ================================================================================================ Eval
-def gather_rows(x, n, dist):
+def gather_rows(x, n, dist, via=None, chunk=64):
     """This rank's cdist.shard_indices rows of an (n, ...) tensor -> all n rows on every rank: the
-    shards are contiguous, so the padded, gathered blocks cut at n are the rows in order."""
-    pad = x.new_zeros((-(-n // dist.world_size) - len(x), *x.shape[1:]))
-    return cdist.all_gather_no_grad(torch.cat([x, pad]))[:n]
+    shards are contiguous, so the padded, gathered blocks cut at n are the rows in order.
+    via: x and the result live on the host, `chunk` rows per rank crossing device `via` at a time
+    (the re-ranking's image tokens: GBs for a 5k-image split; BLIP's train_retrieval.py keeps
+    them on the host too)."""
+    x = torch.cat([x, x.new_zeros((-(-n // dist.world_size) - len(x), *x.shape[1:]))])
+    if via is None:
+        return cdist.all_gather_no_grad(x)[:n]
+    world = dist.world_size
+    parts = [cdist.all_gather_no_grad(x[j:j + chunk].to(via)).cpu().unflatten(0, (world, -1))
+             for j in range(0, len(x), chunk)]  # each (world, chunk, ...): rank r's rows j..j+chunk
+    return torch.cat(parts, 1).flatten(0, 1)[:n]
 
 
 @torch.no_grad()
@@ -981,16 +989,18 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     with camp.autocast(device, dtype):
         for i in progress(range(0, len(mine_i), n), dist.is_main, desc="images"):
             e, f = model.image_features(images[mine_i[i:i + n]].to(device))
-            emb.append(e.float()), img_feat.append(f.float())
+            emb.append(e.to("cpu", dtype)), img_feat.append(f.float())  # ITM input: cast anyway
         for i in range(0, len(mine_t), n):
             rows = mine_t[i:i + n]
             txt_feat.append(model.text_features(ids[rows], mask[rows])[1].float())
     c, nv = model.c, (model.c.image_size // model.c.patch_size) ** 2 + 1
     cat = lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=device)  # noqa
-    emb = gather_rows(cat(emb, nv, c.vit_width), len(images), dist)  # (N_img, Nv, Dv)
+    emb = cat(emb, nv, c.vit_width).to("cpu", dtype)
+    emb = gather_rows(emb, len(images), dist, via=device)  # (N_img, Nv, Dv) on the host
     img_feat = gather_rows(cat(img_feat, c.embed_dim), len(images), dist)  # (N_img, E)
     txt_feat = gather_rows(cat(txt_feat, c.embed_dim), len(texts), dist)  # (N_txt, E)
-    sim = img_feat @ txt_feat.T  # (N_img, N_txt)
+    with camp.fp32(device):  # a nearest-neighbour search: no TF32
+        sim = img_feat @ txt_feat.T  # (N_img, N_txt)
     if shown is not None:  # the report's: every text's ITC top-5 images (N_txt, 5)
         shown["top5"] = sim.topk(min(5, sim.shape[0]), dim=0).indices.T.cpu()
     metrics = {f"itc_{k}": v for k, v in retrieval_recall(sim.cpu(), txt2img, img2txts).items()}
@@ -1000,8 +1010,9 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     def itm(i, m, e):
         with camp.autocast(device, dtype):
             return model.itm_logits(i, m, e)[:, 1]
-    i2t = lambda r, c: itm(ids[c], mask[c], emb[[r]].expand(len(c), -1, -1))  # noqa: E731
-    t2i = lambda r, c: itm(ids[[r]].expand(len(c), -1), mask[[r]].expand(len(c), -1), emb[c])
+    i2t = lambda r, c: itm(ids[c], mask[c], emb[[r]].to(device).expand(len(c), -1, -1))  # noqa
+    t2i = lambda r, c: itm(ids[[r]].expand(len(c), -1), mask[[r]].expand(len(c), -1),  # noqa
+                           emb[c.cpu()].to(device))
     return {**metrics, **reranked_recall(sim, i2t, t2i, cfg.k_test, txt2img, img2txts, dist)}
 
 
