@@ -1390,15 +1390,39 @@ def build(cfg, dist):
                 p.requires_grad_(False)
     if ln is not None and not (stage == "1" and cfg.reset_ln_vision and not cfg.hf_import):
         model.ln_vision.load_state_dict(ln)
+    loaded = set()  # what --hf_import and --init filled (check_untrained: what an eval reads)
     if cfg.hf_import:
-        meta["hf_loaded"] = len(import_hf(resolve_local(cfg.hf_import), model))
+        loaded.update(import_hf(resolve_local(cfg.hf_import), model))
+        meta["hf_loaded"] = len(loaded)
     if init:
         meta["init_missing"] = load_init(model, vision, init, cfg.init)
+        loaded.update(model.state_dict().keys() - set(meta["init_missing"]))
         meta.update(init.get("meta", {}))
+    meta["loaded"] = loaded
     if model.vision is None:
         vision.requires_grad_(False).eval().to(fdtype)
     frozen.vision, frozen.vision_tower = (vision if model.vision is None else None), vision
     return model.to(dist.device), frozen, toks, meta
+
+
+def check_untrained(cfg, loaded):
+    """Stop before an evaluation or export reads a part that this run neither trains nor loaded, which
+    would be scored at its random init: the ITC/ITM heads, which stages 2 and caption freeze and a
+    released generation model (Blip2ForConditionalGeneration) lacks; the LLM projection, which a
+    plain stage 1 (no --pformer_ckpt) lacks."""
+    tasks = set(tasks_of(cfg))
+    heads = ["qformer.vision_proj.weight", "qformer.text_proj.weight", "qformer.itm_head.weight"]
+    need = heads if cfg.stage not in ("0", "1") and "retrieval" in tasks else []
+    if cfg.stage == "eval" and (tasks & {"caption", "vqa"} or cfg.hf_export):
+        need.append("llm_proj.weight")
+    if missing := [k for k in need if k not in loaded]:
+        what = " and ".join(f"{f} {p}" for f, p in (("--hf_import", cfg.hf_import), ("--init", cfg.init))
+                            if p) or "a run without --init or --hf_import"
+        uses = ("--eval_tasks retrieval" if missing[0] in heads else "--hf_export" if cfg.hf_export
+                else "--eval_tasks caption/vqa")
+        raise SystemExit(f"{uses}: {what} holds no {', '.join(missing)} and this run trains none (a "
+                         "generation model has no ITC/ITM heads, a plain stage 1 no LLM projection); "
+                         "pass a checkpoint that has them or leave the task out")
 
 
 def make_batch(raw, stage, cfg, toks, frozen, step, micro, device):
@@ -1803,9 +1827,7 @@ def main(argv=None):
         if dist.is_main:
             save_config(cfg, cfg.out_dir)
         logger.info("config:\n" + format_config(cfg))
-        if cfg.stage == "eval" and cfg.hf_export and "llm_proj.weight" in meta.get("init_missing", []):
-            raise SystemExit(f"--hf_export: --init {cfg.init} has no LLM projection (a plain stage 1 "
-                             "trains none); export a stage 2 or caption checkpoint")
+        check_untrained(cfg, meta.get("loaded", ()))  # (stage 0: no BLIP-2 model)
         if meta.get("init_missing"):
             missing = meta["init_missing"]
             logger.info(f"note: --init {cfg.init} lacks {len(missing)} of the model's tensors, e.g. "

@@ -1071,12 +1071,35 @@ def test_frozen_pformer_keeps_fp32_weights_where_frozen_backbones_are_bf16(pipel
 
 def test_eval_of_a_plain_stage1_checkpoint_refuses_to_export_an_untrained_projection(pipeline, toy_root, tmp_path):
     """--stage eval --init <plain stage 1> built a fresh LLM projection (stage 1 trains none) and --hf_export wrote it
-    into the folder as if trained; it is refused before any evaluation, naming the checkpoint."""
+    into the folder as if trained; it is refused before any evaluation, naming the checkpoint. So are captions and
+    VQA answers generated through that random projection."""
     s1 = str(pipeline["1"][1] / "checkpoint.pt")
-    with pytest.raises(SystemExit, match=r"^--hf_export: --init .*checkpoint.pt has no LLM projection"):
+    with pytest.raises(SystemExit, match=r"^--hf_export: --init .*checkpoint.pt holds no llm_proj.weight and this "
+                                         r"run trains none"):
         bp.main(["--stage", "eval", "--init", s1, "--eval_tasks", "", "--hf_export", str(tmp_path / "hf")]
                 + common_args(toy_root, tmp_path / "run"))
     assert not (tmp_path / "hf").exists()
+    with pytest.raises(SystemExit, match=r"^--eval_tasks caption/vqa: --init .*checkpoint.pt holds no llm_proj"):
+        bp.main(["--stage", "eval", "--init", s1, "--eval_tasks", "caption"] + common_args(toy_root, tmp_path / "c"))
+    with pytest.raises(SystemExit, match=r"^--eval_tasks retrieval: a run without --init or --hf_import holds no "
+                                         r"qformer.vision_proj.weight"):  # stage 2 from scratch: frozen random heads
+        bp.main(["--stage", "2", "--eval_tasks", "retrieval"] + common_args(toy_root, tmp_path / "s2"))
+
+
+def test_retrieval_of_a_generation_model_is_refused(hf_folders, tmp_path):
+    """A released Blip2ForConditionalGeneration (blip2-opt-2.7b, -flan-t5-xl) has no ITC/ITM heads: retrieval after
+    --hf_import of one scored random projections as a result; it stops, naming the missing tensors. Its caption
+    evaluation runs (its llm_proj is in the folder)."""
+    from common.dist import Dist
+    (tmp_path / "val.jsonl").write_text("")
+    args = ["--stage", "eval", "--hf_import", hf_folders["opt"], "--bert_path", hf_folders["bert"], "--image_size",
+            "32", "--val_file", str(tmp_path / "val.jsonl"), "--out_dir", str(tmp_path), "--num_workers", "0"]
+    with pytest.raises(SystemExit, match=r"^--eval_tasks retrieval: --hf_import .* holds no qformer.vision_proj.weight"
+                                         r", qformer.text_proj.weight, qformer.itm_head.weight and this run"):
+        bp.main(args + ["--eval_tasks", "retrieval"])
+    from common.config import parse_config
+    cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--eval_tasks", "caption"]))
+    bp.check_untrained(cfg, bp.build(cfg, Dist())[3]["loaded"])
 
 
 def test_retrieval_texts_are_tokenised_at_lavis_eval_length(pipeline, toy_root, tmp_path, monkeypatch):
@@ -1211,9 +1234,14 @@ def test_stage2_with_retrieval_eval_trains_under_ddp(toy_root, tmp_path):
     """Stage 2 with retrieval among its evals builds the Q-Former's text parts, which no stage-2 loss uses: they
     must be frozen before DDP, or its unused-parameter check stops the second step. Its ITM re-ranked retrieval,
     rows split over the two ranks, equals one process's evaluation of the same checkpoint. The toy LLM is T5: its
-    prefix/suffix cuts are each sample's, so the 2 processes' losses are one process's at the same global batch."""
+    prefix/suffix cuts are each sample's, so the 2 processes' losses are one process's at the same global batch.
+    (From a 1-step stage 1: retrieval reads the ITC/ITM heads, which stage 2 freezes; without --init it is refused,
+    test_eval_of_a_plain_stage1_checkpoint_refuses_...)"""
+    bp.main(["--stage", "1", "--max_steps", "1", "--global_batch", "8", "--micro_batch", "8", "--eval_tasks", "",
+             "--report", "false"] + common_args(toy_root, tmp_path / "s1"))
     base = ["--stage", "2", "--max_steps", "3", "--global_batch", "8", "--micro_batch", "4", "--warmup_steps", "1",
-            "--device", "cpu", "--eval_tasks", "retrieval", "--k_test", "3"]
+            "--device", "cpu", "--eval_tasks", "retrieval", "--k_test", "3", "--init", str(tmp_path / "s1" /
+                                                                                           "checkpoint.pt")]
     args = base + common_args(toy_root, tmp_path) + ["--eval_max", "8"]  # after common_args' --eval_max: it wins
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
