@@ -169,7 +169,7 @@ def checkpoint_run(cfg, saved, ran, argv, logger):
     dec = {k: ran[k] for k in DECODING if k in ran and k not in given and ran[k] != getattr(cfg, k)}
     run = dataclasses.replace(cfg, **{**model, **dec, **keep})
     frames, trained = (c.num_frames if c.task == "video" else 1 for c in (run, saved))
-    if frames > trained and run.bridge != "mapper":  # PerceiverResampler.stretch_time, in main
+    if frames > trained and run.bridge != "mapper":  # PerceiverResampler.time_rows
         logger.info(f"--num_frames {frames}: the {trained} trained time rows are interpolated")
     if lost := sorted(k for k in given - keep.keys() if k in model and model[k] != getattr(cfg, k)):
         logger.info(f"warning: the checkpoint's model fields override --{', --'.join(lost)}")
@@ -216,12 +216,10 @@ class PerceiverResampler(nn.Module):
                                                    feed_forward(dim, ff_mult)]) for _ in range(depth))
         self.norm, self.key_mask = nn.LayerNorm(dim), key_mask
 
-    def forward(self, feats, frame_mask):
-        """feats (B, T, S, D), frame_mask (B, T) bool -> Z (B, n, D)."""
+    def forward(self, feats, frame_mask, trained=None):
+        """feats (B, T, S, D), frame_mask (B, T) bool -> Z (B, n, D); trained: see time_rows."""
         b, t, s, d = feats.shape
-        if t > self.time_emb.shape[0]:
-            raise ValueError(f"{t} frames but the time-embedding table has {len(self.time_emb)}")
-        x = feats + self.time_emb[:t] * frame_mask[:, :, None, None].to(feats.dtype)  # pads: none
+        x = feats + self.time_rows(frame_mask, trained) * frame_mask[..., None, None]  # pads: none
         x = x.reshape(b, t * s, d)                                         # (B, T*S, D)
         mask = frame_mask.repeat_interleave(s, 1) if self.key_mask else None    # (B, T*S)
         lat = self.latents.expand(b, -1, -1)
@@ -230,15 +228,19 @@ class PerceiverResampler(nn.Module):
             lat = lat + ff(lat)
         return self.norm(lat)
 
-    @torch.no_grad()
-    def stretch_time(self, trained, frames):
-        """Time rows 0..frames-1 from the `trained` ones, linearly interpolated: Flamingo trains
-        on 8 frames, runs on 30 so (arXiv 2204.14198, App. B.1.2); later rows had no gradient."""
-        frames = min(frames, len(self.time_emb))  # (more: forward says the table is too short)
-        if frames > trained:
-            rows = self.time_emb[:trained, 0].t()[None]                    # (1, D, trained)
-            rows = F.interpolate(rows, frames, mode="linear", align_corners=True)  # (1, D, frames)
-            self.time_emb[:frames] = rows[0].t()[:, None]                  # (frames, 1, D)
+    def time_rows(self, frame_mask, trained=None):
+        """(B, T) -> time embeddings (B or 1, T, 1, D). A clip of n > `trained` real frames (--mode
+        test|caption) spans the trained rows linearly: Flamingo trains on 8 frames, runs on 30
+        (arXiv 2204.14198, App. B.1.2). A clip of n <= trained reads rows 0..n-1, as in training."""
+        t, last = frame_mask.shape[1], (trained or frame_mask.shape[1]) - 1
+        if last >= len(self.time_emb):  # (a test run's extra frames need no rows)
+            raise ValueError(f"{t} frames but the time-embedding table has {len(self.time_emb)}")
+        if t <= last + 1:
+            return self.time_emb[:t][None]                                  # (1, T, 1, D)
+        step = (last / (frame_mask.sum(1, keepdim=True) - 1).clamp(min=1)).clamp(max=1)  # (B, 1)
+        pos = (torch.arange(t, device=step.device) * step).clamp(max=last)  # (B, T)
+        lo, w = pos.floor().long(), (pos - pos.floor())[..., None, None]
+        return self.time_emb[lo] * (1 - w) + self.time_emb[(lo + 1).clamp(max=last)] * w
 
 
 class GatedXAttnDense(nn.Module):
@@ -312,7 +314,7 @@ class Bridge(nn.Module):
         elif self.use_mapper:
             self.mapper = nn.Sequential(nn.Linear(vis_dim, cfg.mapper_hidden), nn.Tanh(),
                                         nn.Linear(cfg.mapper_hidden, lm_dim))
-        self.resampler, self.xattn, self.layer_ids, self._z = None, None, [], None  # _z: `conditioned`
+        self.resampler, self.xattn, self.layer_ids, self._z, self.trained = None, None, [], None, None
         if self.use_xattn:
             self.resampler = PerceiverResampler(
                 vis_dim, cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head,
@@ -337,8 +339,8 @@ class Bridge(nn.Module):
             pooled = feats.mean(2)                           # (B, T, Dv): mean of the S CLIP tokens
             kw = {"src_key_padding_mask": ~frame_mask.bool()} if self.tf_mapper else {}  # True: pad
             prefix = self.mapper(pooled, **kw) if self.use_mapper else pooled      # (B, T, D)
-        prefix = prefix * pmask.to(feats.dtype)[..., None]
-        return prefix, pmask, self.resampler(feats, frame_mask) if self.use_xattn else None
+        z = self.resampler(feats, frame_mask, self.trained) if self.use_xattn else None
+        return prefix * pmask.to(feats.dtype)[..., None], pmask, z
 
     @contextlib.contextmanager
     def conditioned(self, lm, z):
@@ -884,9 +886,7 @@ def main(argv=None):
         logger.info(f"--bridge {cfg.bridge}: {n}; frozen CLIP {count_params(clip):,} + GPT-2 {count_params(lm):,}")
         if cfg.mode != "train":
             bridge.eval().load_state_dict(ckpt["bridge"])
-            if bridge.resampler is not None:  # a clip longer than trained: stretched time rows
-                trained = saved.num_frames if saved.task == "video" else 1
-                bridge.resampler.stretch_time(trained, cfg.num_frames)
+            bridge.trained = saved.num_frames if saved.task == "video" else 1  # time_rows' trained
         out = {"train": train, "test": test, "caption": caption_inputs}[cfg.mode](
             cfg, d, dtype, clip, lm, ctok, bridge, logger)
         if cfg.report and d.is_main and cfg.mode != "caption" and not cfg.bench:

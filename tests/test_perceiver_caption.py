@@ -1241,29 +1241,39 @@ def test_test_mode_takes_num_frames_given_and_warns_of_model_flags(world, tmp_pa
     pc.main(ck)  # nothing given: the checkpoint's 4 frames
     assert max(len(x["tried"]) for x in items) == 4 and "warning" not in capsys.readouterr().out
     items.clear()  # more frames than trained: Flamingo's interpolated time rows (test_time_rows_stretch_...)
-    stretched, real = [], pc.PerceiverResampler.stretch_time
-    monkeypatch.setattr(pc.PerceiverResampler, "stretch_time", lambda r, *a: stretched.append(a) or real(r, *a))
+    seen, real = [], pc.PerceiverResampler.time_rows
+    monkeypatch.setattr(pc.PerceiverResampler, "time_rows", lambda r, m, tr=None: seen.append((m.shape[1], tr))
+                        or real(r, m, tr))
     pc.main(ck + ["--num_frames", "6"])
-    assert max(len(x["tried"]) for x in items) == 6 and stretched[-1] == (4, 6)
+    assert max(len(x["tried"]) for x in items) == 6 and (6, 4) in seen
     assert "--num_frames 6: the 4 trained time rows are interpolated" in capsys.readouterr().out
 
 
 def test_time_rows_stretch_linearly_over_more_frames():
-    """PerceiverResampler.stretch_time (Flamingo, arXiv 2204.14198: trained on 8 frames, run on 30): rows 0..F-1
-    interpolate the T trained rows linearly, the first and last kept; F <= T, or beyond the table, changes nothing
-    there; an image model's one row is every frame's."""
+    """PerceiverResampler.time_rows (Flamingo, arXiv 2204.14198: trained on 8 frames, run on 30): a clip of more
+    real frames than the T trained ones reads the trained rows linearly interpolated over its frames, the first and
+    last kept; a clip of n <= T frames reads rows 0..n-1 as in training, whatever the batch's padded length (it had
+    read squeezed rows: the table was stretched once over --num_frames); an image model's one row is every frame's.
+    Beyond the table: refused only where rows would be read."""
     torch.manual_seed(0)
     r = pc.PerceiverResampler(8, 1, 2, 4, 3, 10, 1)
-    before = r.time_emb.detach().clone()  # (10, 1, 8)
-    r.stretch_time(4, 4)
-    assert torch.equal(r.time_emb, before)
-    r.stretch_time(4, 7)  # row j sits at 3j/6 of the trained rows: 0, 0.5, 1, ..., 3
-    pos = torch.arange(7) * 3 / 6
-    lo, w = pos.floor().long().clamp(max=2), (pos - pos.floor().clamp(max=2))[:, None, None]
-    torch.testing.assert_close(r.time_emb[:7], before[lo] * (1 - w) + before[lo + 1] * w)
-    assert torch.equal(r.time_emb[7:], before[7:]) and r.time_emb.requires_grad
-    r.stretch_time(1, 20)  # all 10 rows: the first
-    assert torch.equal(r.time_emb, before[:1].expand(10, 1, 8))
+    table = r.time_emb.detach().clone()  # (10, 1, 8)
+    mask = lambda *n: torch.arange(7)[None] < torch.tensor(n)[:, None]  # noqa: E731  (B, 7) real frames first
+    assert torch.equal(r.time_rows(mask(4, 2)[:, :4]), table[None, :4])  # training: rows 0..T-1, no `trained`
+    assert torch.equal(r.time_rows(mask(4, 2)[:, :4], 4), table[None, :4])
+    rows = r.time_rows(mask(7, 3, 5), 4)  # (3, 7, 1, 8)
+    for b, n in enumerate((7, 3, 5)):
+        pos = torch.arange(n) * min(1.0, 3 / (n - 1))  # 7 frames: 0, 0.5, ..., 3; 3 frames: 0, 1, 2
+        lo = pos.floor().long().clamp(max=2)
+        w = (pos - lo)[:, None, None]
+        torch.testing.assert_close(rows[b, :n], table[lo] * (1 - w) + table[lo + 1] * w)
+    assert torch.equal(rows[1, :3], table[:3]) and torch.equal(rows[0, [0, 6]], table[[0, 3]])
+    rows.sum().backward()
+    assert r.time_emb.grad[4:].abs().sum() == 0  # nothing read beyond the trained rows
+    assert torch.equal(r.time_rows(mask(7, 1), 1), table[None, :1].expand(2, 7, 1, 8))
+    assert r.time_rows(torch.ones(1, 12, dtype=torch.bool), 4).shape == (1, 12, 1, 8)  # 12 frames, 10 rows
+    with pytest.raises(ValueError, match="12 frames but the time-embedding table has 10"):
+        r.time_rows(torch.ones(1, 12, dtype=torch.bool))
 
 
 def test_test_mode_decodes_as_the_checkpoints_run_unless_given():
