@@ -1412,7 +1412,7 @@ def check_untrained(cfg, loaded):
     plain stage 1 (no --pformer_ckpt) lacks."""
     tasks = set(tasks_of(cfg))
     heads = ["qformer.vision_proj.weight", "qformer.text_proj.weight", "qformer.itm_head.weight"]
-    need = heads if cfg.stage not in ("0", "1") and "retrieval" in tasks else []
+    need = [*heads] if cfg.stage not in ("0", "1") and "retrieval" in tasks else []
     if cfg.stage == "eval" and (tasks & {"caption", "vqa"} or cfg.hf_export):
         need.append("llm_proj.weight")
     if missing := [k for k in need if k not in loaded]:

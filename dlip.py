@@ -989,7 +989,7 @@ def retrieval_eval(model, images, texts, txt2img, img2txts, tok, cfg, dist, devi
     with camp.autocast(device, dtype):
         for i in progress(range(0, len(mine_i), n), dist.is_main, desc="images"):
             e, f = model.image_features(images[mine_i[i:i + n]].to(device))
-            emb.append(e.to("cpu", dtype)), img_feat.append(f.float())  # ITM input: cast anyway
+            emb.append(e.to("cpu", dtype)), img_feat.append(f.float())  # ITM K/V Linear: dtype
         for i in range(0, len(mine_t), n):
             rows = mine_t[i:i + n]
             txt_feat.append(model.text_features(ids[rows], mask[rows])[1].float())

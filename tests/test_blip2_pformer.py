@@ -1100,6 +1100,13 @@ def test_retrieval_of_a_generation_model_is_refused(hf_folders, tmp_path):
     from common.config import parse_config
     cfg = bp.resolve_config(parse_config(bp.Config, bp.PRESETS, args + ["--eval_tasks", "caption"]))
     bp.check_untrained(cfg, bp.build(cfg, Dist())[3]["loaded"])
+    heads = {"qformer.vision_proj.weight", "qformer.text_proj.weight", "qformer.itm_head.weight"}
+    cfg.eval_tasks = "retrieval,caption"  # the heads loaded, the projection not: the message names what reads it
+    with pytest.raises(SystemExit, match=r"^--eval_tasks caption/vqa: --hf_import .* holds no llm_proj.weight and"):
+        bp.check_untrained(cfg, heads)
+    bp.check_untrained(cfg, heads | {"llm_proj.weight"})
+    cfg.stage = "1"  # stage 1 trains the heads itself
+    bp.check_untrained(cfg, set())
 
 
 def test_retrieval_texts_are_tokenised_at_lavis_eval_length(pipeline, toy_root, tmp_path, monkeypatch):
